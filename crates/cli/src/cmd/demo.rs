@@ -1,0 +1,11 @@
+//! `streamfarm demo` (not built yet: see the open issues).
+
+use std::process::ExitCode;
+
+/// Arguments of `streamfarm demo`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {}
+
+pub(crate) async fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`streamfarm demo` is not built yet")
+}

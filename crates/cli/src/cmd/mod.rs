@@ -1,0 +1,10 @@
+//! One module per subcommand: its `Args` and its `run`.
+
+pub(crate) mod demo;
+pub(crate) mod list;
+pub(crate) mod load;
+pub(crate) mod pick;
+pub(crate) mod publish;
+pub(crate) mod serve;
+pub(crate) mod sim;
+pub(crate) mod sub;

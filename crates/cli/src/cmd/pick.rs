@@ -1,0 +1,11 @@
+//! `streamfarm pick` (not built yet: see the open issues).
+
+use std::process::ExitCode;
+
+/// Arguments of `streamfarm pick`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {}
+
+pub(crate) async fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`streamfarm pick` is not built yet")
+}

@@ -1,0 +1,11 @@
+//! `streamfarm sim` (not built yet: see the open issues).
+
+use std::process::ExitCode;
+
+/// Arguments of `streamfarm sim`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {}
+
+pub(crate) async fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("`streamfarm sim` is not built yet")
+}

@@ -1,0 +1,67 @@
+//! `streamfarm`: one binary for every role of the farm.
+//!
+//! Each subcommand lives in its own module under [`cmd`], with its clap `Args` and an async `run`.
+//! The work itself is done by the library crates; this crate parses, prints and exits.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// A farm of real-time push servers whose clients choose their own server.
+#[derive(Debug, Parser)]
+#[command(name = "streamfarm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a farm node: streaming server, list server and farm member.
+    Serve(cmd::serve::Args),
+    /// Show each server of a farm list with its probability under a policy, and pick one.
+    Pick(cmd::pick::Args),
+    /// Simulate selection policies against farm scenarios.
+    Sim(cmd::sim::Args),
+    /// Show the farm list of a service.
+    List(cmd::list::Args),
+    /// Subscribe to topics and print what arrives.
+    Sub(cmd::sub::Args),
+    /// Publish one message to a topic.
+    Pub(cmd::publish::Args),
+    /// Hold many client connections and show how they spread.
+    Load(cmd::load::Args),
+    /// Run a three-node farm with clients, kill a node, show the failover.
+    Demo(cmd::demo::Args),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => cmd::serve::run(args).await,
+        Command::Pick(args) => cmd::pick::run(args).await,
+        Command::Sim(args) => cmd::sim::run(args).await,
+        Command::List(args) => cmd::list::run(args).await,
+        Command::Sub(args) => cmd::sub::run(args).await,
+        Command::Pub(args) => cmd::publish::run(args).await,
+        Command::Load(args) => cmd::load::run(args).await,
+        Command::Demo(args) => cmd::demo::run(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("streamfarm: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

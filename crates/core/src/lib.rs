@@ -1,0 +1,22 @@
+//! The farm as data: what every other streamfarm crate agrees on.
+//!
+//! This crate owns the vocabulary of the system of `DESIGN.md`: a server entry (identity, status,
+//! connected users, priority group, capacity, join rate), the farm list and its encodings, the
+//! frames of the streaming protocol, and client-side server selection. It is pure code — no I/O,
+//! no clock, no global RNG — so the node, the client, the simulator and the CLI all share one
+//! implementation and tests can drive it deterministically.
+//!
+//! # Layout
+//! - [`model`] — [`ServerEntry`], [`Status`], [`FarmList`] and the priority-group order.
+//! - [`selection`] — the policies (`patent`, `random`, `least-users`, `p2c`, …) as pure functions of
+//!   (list, exclusions, RNG), with exact probabilities where a policy has them and an explanation.
+//! - [`protocol`] — the JSON frames exchanged on the streaming WebSocket (see `docs/PROTOCOL.md`).
+//!
+//! It must not touch sockets, files or time: callers pass those in.
+
+pub mod model;
+pub mod protocol;
+pub mod selection;
+
+pub use model::{FarmList, ServerEntry, Status};
+pub use selection::{Choice, Policy, SelectionError};

@@ -1,0 +1,231 @@
+//! The farm model: one [`ServerEntry`] per server, gathered in a [`FarmList`].
+//!
+//! The four facts of the seeds — identity (`url`, plus a short `name`), [`Status`], connected
+//! `users` and `priority` group — are required. `capacity` and `join_rate` are what we add so a
+//! client can choose well from a list that is a second or two old. Fields this crate does not know
+//! are kept in `extra`, so a list passed through one of our tools loses nothing.
+//!
+//! Priority groups are labels; preference is ascending (`A` before `B`), and when every label in a
+//! list is an integer they compare as numbers (`1` before `2` before `10`). See [`group_order`].
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a server takes new clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    /// Serving and accepting new clients: the only live status.
+    Up,
+    /// Not reachable, stopped, or missed its expected status reports.
+    Down,
+    /// Serving its existing clients while moving them elsewhere; takes no new ones.
+    Draining,
+}
+
+impl Status {
+    /// The status as written in every encoding: `UP`, `DOWN` or `DRAINING`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Up => "UP",
+            Status::Down => "DOWN",
+            Status::Draining => "DRAINING",
+        }
+    }
+
+    /// Only an `UP` server may be chosen by a client.
+    pub fn is_live(self) -> bool {
+        self == Status::Up
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The text was not one of `UP`, `DOWN`, `DRAINING`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown status {0:?}: expected UP, DOWN or DRAINING")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for Status {
+    type Err = UnknownStatus;
+
+    /// Case-insensitive, because hand-written lists say `up` as often as `UP`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_uppercase().as_str() {
+            "UP" => Ok(Status::Up),
+            "DOWN" => Ok(Status::Down),
+            "DRAINING" => Ok(Status::Draining),
+            _ => Err(UnknownStatus(s.to_string())),
+        }
+    }
+}
+
+/// One server of the farm as every node and client sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    /// Short node name, unique in the farm (`a`, `node-1`). Lists in the description's text format
+    /// carry no name; parsers then leave it empty.
+    #[serde(default)]
+    pub name: String,
+    /// Where a client connects: the streaming endpoint (`ws://127.0.0.1:7400/stream`).
+    pub url: String,
+    /// Whether the server takes new clients.
+    pub status: Status,
+    /// Users connected now: open streaming connections.
+    pub users: u64,
+    /// Priority group label; lower groups are preferred (see [`group_order`]).
+    pub priority: String,
+    /// Most users the server is configured to hold, when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+    /// Recent arrivals per second, when the server says: lets a client allow for the users that
+    /// will have joined since its list was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_rate: Option<f64>,
+    /// Fields this version does not know, kept so that nothing is lost on the way through.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ServerEntry {
+    /// An entry with the four facts of the seeds and nothing else.
+    pub fn new(
+        name: impl Into<String>,
+        url: impl Into<String>,
+        status: Status,
+        users: u64,
+        priority: impl Into<String>,
+    ) -> Self {
+        ServerEntry {
+            name: name.into(),
+            url: url.into(),
+            status,
+            users,
+            priority: priority.into(),
+            capacity: None,
+            join_rate: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+/// The list of all servers of a farm, as a list server hands it to a client.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FarmList {
+    /// Every server the list server knows of, whatever its status.
+    pub servers: Vec<ServerEntry>,
+    /// When the list server made this list, in milliseconds since the Unix epoch, so a client can
+    /// tell how stale its view is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generated_at_ms: Option<u64>,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl FarmList {
+    /// A list of these servers, with no timestamp.
+    pub fn new(servers: Vec<ServerEntry>) -> Self {
+        FarmList {
+            servers,
+            generated_at_ms: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// The entry with this url, if any.
+    pub fn by_url(&self, url: &str) -> Option<&ServerEntry> {
+        self.servers.iter().find(|s| s.url == url)
+    }
+}
+
+/// Whether every label is an integer, so that the group order is numeric.
+fn all_numeric<'a>(labels: impl IntoIterator<Item = &'a str>) -> bool {
+    labels
+        .into_iter()
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Compares two all-digit labels as numbers of any length: `2` < `10`, `007` == `7`.
+fn compare_numeric(a: &str, b: &str) -> Ordering {
+    let a = a.trim_start_matches('0');
+    let b = b.trim_start_matches('0');
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+/// The comparison that orders priority groups among `labels`, most preferred first.
+///
+/// Numeric when every label is an integer, else plain string order. The choice is made for the
+/// whole set so that the order is total: mixing the two rules pairwise could make `2 < 10 < 1a < 2`.
+pub fn group_comparator<'a>(
+    labels: impl IntoIterator<Item = &'a str>,
+) -> impl Fn(&str, &str) -> Ordering {
+    let numeric = all_numeric(labels);
+    move |a: &str, b: &str| {
+        if numeric {
+            compare_numeric(a, b)
+        } else {
+            a.cmp(b)
+        }
+    }
+}
+
+/// The distinct group labels of `labels`, most preferred first.
+///
+/// ```
+/// use streamfarm_core::model::group_order;
+/// assert_eq!(group_order(["B", "A", "B"]), vec!["A", "B"]);
+/// assert_eq!(group_order(["10", "2", "1"]), vec!["1", "2", "10"]);
+/// ```
+pub fn group_order<'a>(labels: impl IntoIterator<Item = &'a str> + Clone) -> Vec<&'a str> {
+    let compare = group_comparator(labels.clone());
+    let mut groups: Vec<&str> = labels.into_iter().collect();
+    groups.sort_by(|a, b| compare(a, b));
+    groups.dedup_by(|a, b| compare(a, b) == Ordering::Equal);
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_parses_any_case_and_renders_upper() {
+        assert_eq!("up".parse::<Status>().unwrap(), Status::Up);
+        assert_eq!("Draining".parse::<Status>().unwrap(), Status::Draining);
+        assert_eq!(Status::Down.to_string(), "DOWN");
+        assert!("SIDEWAYS".parse::<Status>().is_err());
+    }
+
+    #[test]
+    fn letter_groups_order_alphabetically() {
+        assert_eq!(group_order(["B", "C", "A"]), vec!["A", "B", "C"]);
+    }
+
+    #[test]
+    fn integer_groups_order_numerically_with_leading_zeros_equal() {
+        assert_eq!(group_order(["10", "2", "02", "1"]), vec!["1", "2", "10"]);
+    }
+
+    #[test]
+    fn mixed_labels_fall_back_to_string_order() {
+        assert_eq!(group_order(["2", "10", "x"]), vec!["10", "2", "x"]);
+    }
+
+    #[test]
+    fn json_keeps_unknown_fields() {
+        let text = r#"{"servers":[{"name":"a","url":"ws://a/s","status":"UP","users":1,"priority":"A","zone":"eu"}],"farm":"f1"}"#;
+        let list: FarmList = serde_json::from_str(text).unwrap();
+        assert_eq!(list.servers[0].extra["zone"], "eu");
+        assert_eq!(list.extra["farm"], "f1");
+        let again: FarmList = serde_json::from_str(&serde_json::to_string(&list).unwrap()).unwrap();
+        assert_eq!(again, list);
+    }
+}

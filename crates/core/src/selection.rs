@@ -1,0 +1,381 @@
+//! Client-side server selection: which server of a [`FarmList`] a client connects to.
+//!
+//! Every policy starts with the same step, [`candidates`]: a server is *live* when it is `UP` and
+//! not in the client's exclusions (servers it has just failed to reach); the client keeps to the
+//! most preferred priority group that has a live server. The policies differ only in how they
+//! weigh the live servers of that group:
+//!
+//! - [`Policy::Patent`] — the seeds' weighting, `p_i = (1 - users_i / total) / (live - 1)`: 1 for a
+//!   lone live server, uniform when nobody is connected anywhere.
+//! - [`Policy::Random`] — uniform, what DNS round-robin gives.
+//! - [`Policy::LeastUsers`] — uniform among the servers with the fewest users. Herds on stale lists.
+//! - [`Policy::P2c`] — power of two choices: two distinct live servers at random, the one with fewer
+//!   users wins, a tie is a coin toss.
+//!
+//! Each has exact probabilities ([`probabilities`]); [`choose`] samples them with an injected RNG
+//! and says why ([`Explanation`]). No clock and no global RNG: the same seed gives the same pick.
+//!
+//! ```
+//! use streamfarm_core::{FarmList, ServerEntry, Status, Policy, selection};
+//! let list = FarmList::new(vec![
+//!     ServerEntry::new("a", "ws://a/s", Status::Up, 2963, "A"),
+//!     ServerEntry::new("b", "ws://b/s", Status::Down, 0, "B"),
+//!     ServerEntry::new("n", "ws://n/s", Status::Up, 2979, "A"),
+//! ]);
+//! let p = selection::probabilities(Policy::Patent, &list, &[]).unwrap();
+//! assert!((p[0] - 0.501).abs() < 0.001 && p[1] == 0.0 && (p[2] - 0.499).abs() < 0.001);
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::Rng;
+
+use crate::model::{FarmList, Status, group_comparator};
+
+/// A way of weighing the live servers of the preferred group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Policy {
+    /// The seeds' formula: weighted against connected users. The default.
+    #[default]
+    Patent,
+    /// Uniform over the live servers.
+    Random,
+    /// Uniform over the live servers with the fewest users.
+    LeastUsers,
+    /// Power of two choices.
+    P2c,
+}
+
+impl Policy {
+    /// Every policy, in the order the CLI lists them.
+    pub const ALL: [Policy; 4] = [
+        Policy::Patent,
+        Policy::Random,
+        Policy::LeastUsers,
+        Policy::P2c,
+    ];
+
+    /// The policy's name on the command line and in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Patent => "patent",
+            Policy::Random => "random",
+            Policy::LeastUsers => "least-users",
+            Policy::P2c => "p2c",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = SelectionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| SelectionError::UnknownPolicy(s.to_string()))
+    }
+}
+
+/// Why no server could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SelectionError {
+    /// No server of the list is `UP` and not excluded.
+    #[error(
+        "no server available: {listed} listed, {not_up} not UP, {excluded} excluded by the client"
+    )]
+    NoServerAvailable {
+        /// Servers in the list.
+        listed: usize,
+        /// Servers that are `DOWN` or `DRAINING`.
+        not_up: usize,
+        /// `UP` servers the client excluded.
+        excluded: usize,
+    },
+    /// The policy name is not one we know.
+    #[error("unknown policy {0:?}: expected one of patent, random, least-users, p2c")]
+    UnknownPolicy(String),
+}
+
+impl SelectionError {
+    /// A stable snake-case code, as used by the shared selection vectors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SelectionError::NoServerAvailable { .. } => "no_server_available",
+            SelectionError::UnknownPolicy(_) => "unknown_policy",
+        }
+    }
+}
+
+/// What the first step made of one server of the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Live, in the chosen group: a candidate.
+    Candidate,
+    /// Not `UP`.
+    NotUp(Status),
+    /// `UP`, but the client excluded it (it just failed to reach it).
+    Excluded,
+    /// Live, but in a less preferred group than the chosen one.
+    LessPreferredGroup,
+}
+
+/// Why the candidates are what they are: the group kept and a verdict per server (list order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explanation {
+    /// The priority group the client keeps to: the most preferred with a live server.
+    pub group: String,
+    /// One verdict per server of the list, in list order.
+    pub verdicts: Vec<Verdict>,
+}
+
+/// The live servers of the preferred group: indices into the list, with the explanation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidates {
+    /// Indices into `list.servers` of the candidates, in list order.
+    pub indices: Vec<usize>,
+    /// How every server was judged.
+    pub explanation: Explanation,
+}
+
+/// The first step of every policy: keep the live servers of the most preferred group that has any.
+pub fn candidates(list: &FarmList, exclude: &[String]) -> Result<Candidates, SelectionError> {
+    let is_excluded = |url: &str| exclude.iter().any(|e| e == url);
+    let mut verdicts: Vec<Verdict> = list
+        .servers
+        .iter()
+        .map(|s| {
+            if !s.status.is_live() {
+                Verdict::NotUp(s.status)
+            } else if is_excluded(&s.url) {
+                Verdict::Excluded
+            } else {
+                Verdict::Candidate
+            }
+        })
+        .collect();
+    let compare = group_comparator(list.servers.iter().map(|s| s.priority.as_str()));
+    let best_group = list
+        .servers
+        .iter()
+        .zip(&verdicts)
+        .filter(|(_, v)| **v == Verdict::Candidate)
+        .map(|(s, _)| s.priority.as_str())
+        .min_by(|a, b| compare(a, b));
+    let Some(group) = best_group.map(str::to_string) else {
+        let not_up = verdicts
+            .iter()
+            .filter(|v| matches!(v, Verdict::NotUp(_)))
+            .count();
+        return Err(SelectionError::NoServerAvailable {
+            listed: list.servers.len(),
+            not_up,
+            excluded: list.servers.len() - not_up,
+        });
+    };
+    let mut indices = Vec::new();
+    for (i, (server, verdict)) in list.servers.iter().zip(verdicts.iter_mut()).enumerate() {
+        if *verdict == Verdict::Candidate {
+            if compare(&server.priority, &group).is_eq() {
+                indices.push(i);
+            } else {
+                *verdict = Verdict::LessPreferredGroup;
+            }
+        }
+    }
+    Ok(Candidates {
+        indices,
+        explanation: Explanation { group, verdicts },
+    })
+}
+
+/// The exact probability with which `policy` chooses each server of `list` (list order; 0 for every
+/// server that is not a candidate). The probabilities of the candidates add up to 1.
+pub fn probabilities(
+    policy: Policy,
+    list: &FarmList,
+    exclude: &[String],
+) -> Result<Vec<f64>, SelectionError> {
+    let candidates = candidates(list, exclude)?;
+    Ok(weigh(policy, list, &candidates))
+}
+
+fn weigh(policy: Policy, list: &FarmList, candidates: &Candidates) -> Vec<f64> {
+    let users: Vec<u64> = candidates
+        .indices
+        .iter()
+        .map(|&i| list.servers[i].users)
+        .collect();
+    let weights = match policy {
+        Policy::Patent => patent_weights(&users),
+        Policy::Random => vec![1.0 / users.len() as f64; users.len()],
+        Policy::LeastUsers => least_users_weights(&users),
+        Policy::P2c => p2c_weights(&users),
+    };
+    let mut all = vec![0.0; list.servers.len()];
+    for (&i, w) in candidates.indices.iter().zip(weights) {
+        all[i] = w;
+    }
+    all
+}
+
+/// `p_i = (1 - u_i / total) / (n - 1)`; 1 for a lone server; uniform when `total` is 0.
+fn patent_weights(users: &[u64]) -> Vec<f64> {
+    let n = users.len();
+    let total: u64 = users.iter().sum();
+    if n == 1 {
+        return vec![1.0];
+    }
+    if total == 0 {
+        return vec![1.0 / n as f64; n];
+    }
+    users
+        .iter()
+        .map(|&u| (1.0 - u as f64 / total as f64) / (n - 1) as f64)
+        .collect()
+}
+
+fn least_users_weights(users: &[u64]) -> Vec<f64> {
+    let fewest = users.iter().copied().min().unwrap_or(0);
+    let ties = users.iter().filter(|&&u| u == fewest).count() as f64;
+    users
+        .iter()
+        .map(|&u| if u == fewest { 1.0 / ties } else { 0.0 })
+        .collect()
+}
+
+/// Each of the `n (n - 1) / 2` pairs is equally likely; server `i` wins a pair against a server with
+/// more users, and half of the pairs against one with as many.
+fn p2c_weights(users: &[u64]) -> Vec<f64> {
+    let n = users.len();
+    if n == 1 {
+        return vec![1.0];
+    }
+    let pairs = (n * (n - 1) / 2) as f64;
+    users
+        .iter()
+        .enumerate()
+        .map(|(i, &u)| {
+            let wins: f64 = users
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, &v)| match u.cmp(&v) {
+                    std::cmp::Ordering::Less => 1.0,
+                    std::cmp::Ordering::Equal => 0.5,
+                    std::cmp::Ordering::Greater => 0.0,
+                })
+                .sum();
+            wins / pairs
+        })
+        .collect()
+}
+
+/// A server chosen by a policy, with the reasons.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// Index of the chosen server in `list.servers`.
+    pub index: usize,
+    /// The probability of every server of the list under the policy (list order).
+    pub probabilities: Vec<f64>,
+    /// How each server was judged before weighing.
+    pub explanation: Explanation,
+}
+
+/// Chooses a server of `list` with `policy`, drawing from `rng`.
+pub fn choose<R: Rng + ?Sized>(
+    policy: Policy,
+    list: &FarmList,
+    exclude: &[String],
+    rng: &mut R,
+) -> Result<Choice, SelectionError> {
+    let candidates = candidates(list, exclude)?;
+    let probabilities = weigh(policy, list, &candidates);
+    let index = sample(&probabilities, &candidates.indices, rng);
+    Ok(Choice {
+        index,
+        probabilities,
+        explanation: candidates.explanation,
+    })
+}
+
+/// Draws an index with the given probabilities. `candidates` is non-empty and holds every index
+/// whose probability is positive; rounding that leaves the draw past the last bucket lands on the
+/// last candidate.
+fn sample<R: Rng + ?Sized>(probabilities: &[f64], candidates: &[usize], rng: &mut R) -> usize {
+    let draw: f64 = rng.random();
+    let mut cumulative = 0.0;
+    for &i in candidates {
+        cumulative += probabilities[i];
+        if draw < cumulative {
+            return i;
+        }
+    }
+    *candidates
+        .iter()
+        .rev()
+        .find(|&&i| probabilities[i] > 0.0)
+        .unwrap_or(&candidates[candidates.len() - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServerEntry;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn farm(users: &[u64]) -> FarmList {
+        FarmList::new(
+            users
+                .iter()
+                .enumerate()
+                .map(|(i, &u)| {
+                    ServerEntry::new(format!("s{i}"), format!("ws://s{i}/"), Status::Up, u, "A")
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn p2c_probabilities_match_pair_counting() {
+        // Pairs of {0,10,20}: (0,10)->0, (0,20)->0, (10,20)->10.
+        let p = probabilities(Policy::P2c, &farm(&[0, 10, 20]), &[]).unwrap();
+        assert_eq!(p, vec![2.0 / 3.0, 1.0 / 3.0, 0.0]);
+    }
+
+    #[test]
+    fn least_users_splits_ties() {
+        let p = probabilities(Policy::LeastUsers, &farm(&[5, 3, 3]), &[]).unwrap();
+        assert_eq!(p, vec![0.0, 0.5, 0.5]);
+    }
+
+    #[test]
+    fn sampled_frequencies_follow_probabilities() {
+        let list = farm(&[100, 200, 700]);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut counts = [0u32; 3];
+        for _ in 0..20_000 {
+            counts[choose(Policy::Patent, &list, &[], &mut rng).unwrap().index] += 1;
+        }
+        let expected = [0.45, 0.40, 0.15];
+        for (c, e) in counts.iter().zip(expected) {
+            assert!((*c as f64 / 20_000.0 - e).abs() < 0.015, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_policy_names_the_choices() {
+        let err = "fastest".parse::<Policy>().unwrap_err();
+        assert!(err.to_string().contains("patent, random"));
+    }
+}
