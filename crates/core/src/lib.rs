@@ -8,8 +8,9 @@
 //!
 //! # Layout
 //! - [`model`] — [`ServerEntry`], [`Status`], [`FarmList`] and the priority-group order.
-//! - [`selection`] — the policies (`patent`, `random`, `least-users`, `p2c`, …) as pure functions of
-//!   (list, exclusions, RNG), with exact probabilities where a policy has them and an explanation.
+//! - [`selection`] — the policies (`patent`, `random`, `least-users`, `p2c`, `waterfill`) as pure
+//!   functions of (list, exclusions, RNG, and for `waterfill` the list's age), with exact
+//!   probabilities and an explanation.
 //! - [`protocol`] — the JSON frames exchanged on the streaming WebSocket (see `docs/PROTOCOL.md`).
 //!
 //! It must not touch sockets, files or time: callers pass those in.
