@@ -1,3 +1,54 @@
 //! The client: reach the service, choose a server, keep the connection, fail over.
 //!
-//! (Built under its own issue; this crate is a placeholder in the workspace until then.)
+//! A [`Client`] is what an application embeds to receive a farm's streams. It reaches the farm
+//! through its [`ServiceAddress`], reads the farm list from the first server that answers, picks
+//! a server with a selection [`Policy`] (from `streamfarm_core::selection`, never re-implemented
+//! here), keeps one connection to it with heartbeats, and when that server fails, fails over:
+//! retry once, re-request the list, select again without the servers that just failed, back off
+//! between rounds. Its topics are resubscribed on every new server, and the application hears
+//! about each step as an [`Event`] — including [`Event::MaybeMissed`], the gap a failover leaves.
+//!
+//! ```no_run
+//! use streamfarm_client::{ClientOptions, Event};
+//! # async fn demo() -> Result<(), streamfarm_client::Error> {
+//! let mut client = ClientOptions::new()
+//!     .subscribe(["prices"])
+//!     .start("127.0.0.1:7400,127.0.0.2:7400".parse()?);
+//! while let Some(event) = client.next_event().await {
+//!     if let Event::Message { topic, payload } = event {
+//!         println!("{topic}: {}", String::from_utf8_lossy(&payload));
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`address`] — [`ServiceAddress`] parsing, name resolution (system or a given DNS server).
+//! - [`machine`] — the failover state machine: pure, every transition unit-tested.
+//! - [`backoff`] — capped exponential backoff with full jitter.
+//! - `connection` — one WebSocket: greeting (`hello`, `farm`), subscribing, frame decoding.
+//! - `client` — [`Client`], the handle, and the task that runs the machine over real sockets.
+//! - [`options`] — [`ClientOptions`], the builder.
+//! - `http` — one-shot requests: [`fetch_list`] and [`publish`].
+//! - [`error`] — [`Error`] and [`ErrorKind`].
+//!
+//! It owns no server code: the node and the wire protocol live in `streamfarm-node` and
+//! `streamfarm_core::protocol`.
+
+pub mod address;
+pub mod backoff;
+mod client;
+mod connection;
+pub mod error;
+mod http;
+pub mod machine;
+pub mod options;
+
+pub use address::{Resolver, ServiceAddress};
+pub use backoff::Backoff;
+pub use client::{Client, Event};
+pub use error::{Error, ErrorKind};
+pub use http::{fetch_list, publish};
+pub use machine::{LossCause, RetryMode};
+pub use options::ClientOptions;
+pub use streamfarm_core::Policy;

@@ -8,15 +8,20 @@
 //!
 //! # Layout
 //! - [`model`] — [`ServerEntry`], [`Status`], [`FarmList`] and the priority-group order.
-//! - [`selection`] — the policies (`patent`, `random`, `least-users`, `p2c`, …) as pure functions of
-//!   (list, exclusions, RNG), with exact probabilities where a policy has them and an explanation.
+//! - [`encoding`] — the list's encodings (JSON, text, XML, JavaScript): [`Format`], [`render`](encoding::render),
+//!   [`parse`](encoding::parse), format detection and HTTP `Accept` negotiation.
+//! - [`selection`] — the policies (`patent`, `random`, `least-users`, `p2c`, `waterfill`) as pure
+//!   functions of (list, exclusions, RNG, and for `waterfill` the list's age), with exact
+//!   probabilities and an explanation.
 //! - [`protocol`] — the JSON frames exchanged on the streaming WebSocket (see `docs/PROTOCOL.md`).
 //!
 //! It must not touch sockets, files or time: callers pass those in.
 
+pub mod encoding;
 pub mod model;
 pub mod protocol;
 pub mod selection;
 
+pub use encoding::{Format, ParseError};
 pub use model::{FarmList, ServerEntry, Status};
 pub use selection::{Choice, Policy, SelectionError};

@@ -11,9 +11,18 @@
 //! - [`Policy::LeastUsers`] — uniform among the servers with the fewest users. Herds on stale lists.
 //! - [`Policy::P2c`] — power of two choices: two distinct live servers at random, the one with fewer
 //!   users wins, a tie is a coin toss.
+//! - [`Policy::Waterfill`] — staleness-aware: a list `t` seconds old will have taken about
+//!   `rate × t` more clients by the time they arrive; each pick aims at the water level those
+//!   arrivals would reach, so the emptiest servers fill first without overshoot (see the
+//!   `waterfill` module's doc for the algorithm).
 //!
 //! Each has exact probabilities ([`probabilities`]); [`choose`] samples them with an injected RNG
 //! and says why ([`Explanation`]). No clock and no global RNG: the same seed gives the same pick.
+//!
+//! Only `waterfill` needs more than (list, exclusions, RNG): the age of the list and, when the
+//! client knows it better than the list's `join_rate` fields, the farm's arrival rate. Those come
+//! in a [`Context`], through [`probabilities_with`] and [`choose_with`]; [`probabilities`] and
+//! [`choose`] use [`Context::default`] (a fresh list), under which `waterfill` is least-users.
 //!
 //! ```
 //! use streamfarm_core::{FarmList, ServerEntry, Status, Policy, selection};
@@ -28,10 +37,13 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use rand::Rng;
 
 use crate::model::{FarmList, Status, group_comparator};
+
+mod waterfill;
 
 /// A way of weighing the live servers of the preferred group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -46,15 +58,19 @@ pub enum Policy {
     LeastUsers,
     /// Power of two choices.
     P2c,
+    /// Staleness-aware: fill the emptiest servers towards the level that the arrivals a stale list
+    /// cannot show will reach, in proportion to each server's deficit. Least-users on a fresh list.
+    Waterfill,
 }
 
 impl Policy {
     /// Every policy, in the order the CLI lists them.
-    pub const ALL: [Policy; 4] = [
+    pub const ALL: [Policy; 5] = [
         Policy::Patent,
         Policy::Random,
         Policy::LeastUsers,
         Policy::P2c,
+        Policy::Waterfill,
     ];
 
     /// The policy's name on the command line and in config files.
@@ -64,6 +80,7 @@ impl Policy {
             Policy::Random => "random",
             Policy::LeastUsers => "least-users",
             Policy::P2c => "p2c",
+            Policy::Waterfill => "waterfill",
         }
     }
 }
@@ -102,7 +119,7 @@ pub enum SelectionError {
         excluded: usize,
     },
     /// The policy name is not one we know.
-    #[error("unknown policy {0:?}: expected one of patent, random, least-users, p2c")]
+    #[error("unknown policy {0:?}: expected one of patent, random, least-users, p2c, waterfill")]
     UnknownPolicy(String),
 }
 
@@ -198,6 +215,28 @@ pub fn candidates(list: &FarmList, exclude: &[String]) -> Result<Candidates, Sel
     })
 }
 
+/// What a client knows about its list besides the list itself. Only [`Policy::Waterfill`] uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Context {
+    /// How old the list is: the time since the list server made it (its `generated_at_ms`), plus
+    /// however long the client will take to connect. Zero for a fresh list.
+    pub list_age: Duration,
+    /// Farm-wide arrivals per second (new clients joining the candidates), when the client knows
+    /// better than the list's `join_rate` fields — e.g. a client whose server just died knows
+    /// that server's users are all reconnecting. `None`: the sum of the candidates' `join_rate`.
+    pub arrival_rate: Option<f64>,
+}
+
+impl Context {
+    /// The context of a list this old, with the list's own join rates.
+    pub fn with_age(list_age: Duration) -> Self {
+        Context {
+            list_age,
+            arrival_rate: None,
+        }
+    }
+}
+
 /// The exact probability with which `policy` chooses each server of `list` (list order; 0 for every
 /// server that is not a candidate). The probabilities of the candidates add up to 1.
 pub fn probabilities(
@@ -205,11 +244,21 @@ pub fn probabilities(
     list: &FarmList,
     exclude: &[String],
 ) -> Result<Vec<f64>, SelectionError> {
-    let candidates = candidates(list, exclude)?;
-    Ok(weigh(policy, list, &candidates))
+    probabilities_with(policy, list, exclude, &Context::default())
 }
 
-fn weigh(policy: Policy, list: &FarmList, candidates: &Candidates) -> Vec<f64> {
+/// [`probabilities`] for a list the client knows more about (its age, the farm's arrival rate).
+pub fn probabilities_with(
+    policy: Policy,
+    list: &FarmList,
+    exclude: &[String],
+    context: &Context,
+) -> Result<Vec<f64>, SelectionError> {
+    let candidates = candidates(list, exclude)?;
+    Ok(weigh(policy, list, &candidates, context))
+}
+
+fn weigh(policy: Policy, list: &FarmList, candidates: &Candidates, context: &Context) -> Vec<f64> {
     let users: Vec<u64> = candidates
         .indices
         .iter()
@@ -220,6 +269,7 @@ fn weigh(policy: Policy, list: &FarmList, candidates: &Candidates) -> Vec<f64> {
         Policy::Random => vec![1.0 / users.len() as f64; users.len()],
         Policy::LeastUsers => least_users_weights(&users),
         Policy::P2c => p2c_weights(&users),
+        Policy::Waterfill => waterfill::weights(list, &candidates.indices, context),
     };
     let mut all = vec![0.0; list.servers.len()];
     for (&i, w) in candidates.indices.iter().zip(weights) {
@@ -298,8 +348,19 @@ pub fn choose<R: Rng + ?Sized>(
     exclude: &[String],
     rng: &mut R,
 ) -> Result<Choice, SelectionError> {
+    choose_with(policy, list, exclude, &Context::default(), rng)
+}
+
+/// [`choose`] for a list the client knows more about (its age, the farm's arrival rate).
+pub fn choose_with<R: Rng + ?Sized>(
+    policy: Policy,
+    list: &FarmList,
+    exclude: &[String],
+    context: &Context,
+    rng: &mut R,
+) -> Result<Choice, SelectionError> {
     let candidates = candidates(list, exclude)?;
-    let probabilities = weigh(policy, list, &candidates);
+    let probabilities = weigh(policy, list, &candidates, context);
     let index = sample(&probabilities, &candidates.indices, rng);
     Ok(Choice {
         index,

@@ -1,0 +1,663 @@
+//! [`Client`]: a handle over the task that drives one client's connection.
+//!
+//! The task feeds what happens on the network to the [`Machine`] and carries out the actions it
+//! returns; it also keeps the heartbeats, delivers messages and turns the machine's notices into
+//! [`Event`]s for the application. At most one network operation (fetching a list or connecting)
+//! runs at a time, besides the established connection.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use streamfarm_core::FarmList;
+use streamfarm_core::protocol::{ClientFrame, Encoding, ServerFrame};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
+use tracing::{debug, warn};
+
+use crate::address::{Endpoint, Resolver, ServiceAddress, Target};
+use crate::connection::{self, Conn, Incoming};
+use crate::error::Error;
+use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice};
+use crate::options::ClientOptions;
+
+/// What the client tells the application.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Connected to `server` (its url) with every topic subscribed.
+    Connected {
+        /// The server's url.
+        server: String,
+    },
+    /// The connection to `server` ended; the client is failing over.
+    Disconnected {
+        /// The server's url.
+        server: String,
+        /// Why it ended.
+        cause: LossCause,
+    },
+    /// Connected again after a loss: from `from` to `to` (the same server when its retry
+    /// worked), `took` after the loss.
+    FailedOver {
+        /// The server lost.
+        from: String,
+        /// The server now connected.
+        to: String,
+        /// From the loss to being subscribed again.
+        took: Duration,
+    },
+    /// Messages published on `topics` while the client was away (from `since`, for `away`) may
+    /// not have reached it. Recovery of them is not implemented yet: the gap is only reported.
+    MaybeMissed {
+        /// The topics subscribed during the gap.
+        topics: Vec<String>,
+        /// When the connection was lost (wall clock).
+        since: SystemTime,
+        /// How long the client was away.
+        away: Duration,
+    },
+    /// A round found no server; the client tries again after `delay`.
+    Retrying {
+        /// Why the round failed.
+        reason: String,
+        /// The backoff before the next round.
+        delay: Duration,
+    },
+    /// A message on a subscribed topic.
+    Message {
+        /// The topic.
+        topic: String,
+        /// The payload.
+        payload: Vec<u8>,
+    },
+    /// The connected server refused a frame (e.g. a bad topic name).
+    ServerError {
+        /// The server's url.
+        server: String,
+        /// The stable error code.
+        code: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+enum Command {
+    Subscribe(Vec<String>),
+    Unsubscribe(Vec<String>),
+    Stop,
+}
+
+/// A client of the farm: finds a server, keeps a connection to it, fails over, resubscribes.
+///
+/// Dropping the handle stops the client; [`Client::close`] stops it and waits until the
+/// connection is closed.
+#[derive(Debug)]
+pub struct Client {
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::Receiver<Event>,
+    server: watch::Receiver<Option<String>>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Subscribe(t) => write!(f, "Subscribe({t:?})"),
+            Command::Unsubscribe(t) => write!(f, "Unsubscribe({t:?})"),
+            Command::Stop => f.write_str("Stop"),
+        }
+    }
+}
+
+impl Client {
+    /// Starts a client of `address` on the current Tokio runtime; it connects in the background
+    /// and reports through [`Client::next_event`].
+    pub fn start(address: ServiceAddress, options: ClientOptions) -> Client {
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::channel(options.event_capacity);
+        let (server_tx, server) = watch::channel(None);
+        let seed = options.seed.unwrap_or_else(rand::random);
+        let driver = Driver {
+            machine: Machine::new(options.machine.clone(), seed),
+            rng: StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x5eed),
+            resolver: options.resolver.clone(),
+            topics: options.topics.iter().cloned().collect(),
+            address,
+            options,
+            events: event_tx,
+            server: server_tx,
+            commands: command_rx,
+        };
+        let task = tokio::spawn(driver.run());
+        Client {
+            commands,
+            events,
+            server,
+            task,
+        }
+    }
+
+    /// The next event; `None` once the client has stopped and every event was read.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Subscribes to more topics, now and on every later server.
+    pub fn subscribe<I, T>(&self, topics: I) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        let topics = topics.into_iter().map(Into::into).collect();
+        self.commands
+            .send(Command::Subscribe(topics))
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Stops receiving topics.
+    pub fn unsubscribe<I, T>(&self, topics: I) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        let topics = topics.into_iter().map(Into::into).collect();
+        self.commands
+            .send(Command::Unsubscribe(topics))
+            .map_err(|_| Error::Closed)
+    }
+
+    /// The url of the server the client is connected and subscribed to, if it is.
+    pub fn server(&self) -> Option<String> {
+        self.server.borrow().clone()
+    }
+
+    /// A receiver that sees every change of [`Client::server`].
+    pub fn watch_server(&self) -> watch::Receiver<Option<String>> {
+        self.server.clone()
+    }
+
+    /// Waits until the client is connected, for at most `timeout`, and returns the server's url.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<String, Error> {
+        let mut server = self.server.clone();
+        let wait = server.wait_for(Option::is_some);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(url)) => Ok(url.clone().unwrap_or_default()),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::TimedOut {
+                what: "waiting for a connection",
+                url: "the service".to_string(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Stops the client: closes its connection and waits for its task to end.
+    pub async fn close(self) {
+        let _ = self.commands.send(Command::Stop);
+        drop(self.events);
+        let _ = self.task.await;
+    }
+}
+
+/// The result of the one network operation in flight.
+enum Done {
+    List(Result<Conn, Error>),
+    Connect {
+        server: String,
+        result: Result<(Conn, Vec<ServerFrame>), Error>,
+    },
+}
+
+type Operation = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// The established connection and its heartbeat bookkeeping.
+struct Live {
+    conn: Conn,
+    server: String,
+    last_received: Instant,
+    last_sent: Instant,
+    interval: Duration,
+    timeout: Duration,
+}
+
+/// What happened on the established connection.
+enum LiveEvent {
+    Message(Option<Result<tokio_tungstenite::tungstenite::Message, String>>),
+    TimedOut,
+    SendFailed(String),
+}
+
+struct Driver {
+    machine: Machine,
+    rng: StdRng,
+    resolver: Resolver,
+    topics: BTreeSet<String>,
+    address: ServiceAddress,
+    options: ClientOptions,
+    events: mpsc::Sender<Event>,
+    server: watch::Sender<Option<String>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut actions: VecDeque<Action> = self.machine.handle(Input::Start, now_std()).into();
+        let mut operation: Option<Operation> = None;
+        let mut timer: Option<(u64, Pin<Box<Sleep>>)> = None;
+        let mut list_conn: Option<Conn> = None;
+        let mut live: Option<Live> = None;
+        // Messages that arrived while subscribing, delivered once `Connected` is out.
+        let mut backlog: Vec<ServerFrame> = Vec::new();
+        loop {
+            while let Some(action) = actions.pop_front() {
+                match action {
+                    Action::FetchList(source) => {
+                        let seed = self.rng.random();
+                        operation = Some(Box::pin(fetch_list(
+                            self.address.clone(),
+                            self.resolver.clone(),
+                            source,
+                            self.options.source_address,
+                            self.options.connect_timeout,
+                            seed,
+                        )));
+                    }
+                    Action::Connect {
+                        server,
+                        reuse_list_connection,
+                    } => {
+                        let reused = if reuse_list_connection {
+                            list_conn.take()
+                        } else {
+                            None
+                        };
+                        operation = Some(Box::pin(connect(
+                            server,
+                            reused,
+                            self.topics.iter().cloned().collect(),
+                            self.resolver.clone(),
+                            self.options.source_address,
+                            self.options.connect_timeout,
+                        )));
+                    }
+                    Action::DropListConnection => {
+                        if let Some(conn) = list_conn.take() {
+                            tokio::spawn(connection::close(conn.ws));
+                        }
+                    }
+                    Action::Sleep { delay, timer: id } => {
+                        timer = Some((id, Box::pin(tokio::time::sleep(delay))));
+                    }
+                    Action::Notify(notice) => {
+                        if !self.notify(notice).await {
+                            actions.extend(self.machine.handle(Input::Stop, now_std()));
+                        }
+                    }
+                    Action::Close => {
+                        self.server.send_replace(None);
+                        if let Some(live) = live.take() {
+                            connection::close(live.conn.ws).await;
+                        }
+                        return;
+                    }
+                }
+            }
+            if let Some(live) = &live {
+                for frame in backlog.drain(..) {
+                    if !self.deliver(frame, &live.server).await {
+                        actions.extend(self.machine.handle(Input::Stop, now_std()));
+                    }
+                }
+                if !actions.is_empty() {
+                    continue;
+                }
+            }
+
+            let input = tokio::select! {
+                command = self.commands.recv() => match command {
+                    None | Some(Command::Stop) => Input::Stop,
+                    Some(Command::Subscribe(topics)) => {
+                        self.topics.extend(topics.iter().cloned());
+                        send_on(&mut live, ClientFrame::Sub { topics }).await;
+                        continue;
+                    }
+                    Some(Command::Unsubscribe(topics)) => {
+                        for topic in &topics {
+                            self.topics.remove(topic);
+                        }
+                        send_on(&mut live, ClientFrame::Unsub { topics }).await;
+                        continue;
+                    }
+                },
+                done = run_operation(&mut operation) => {
+                    operation = None;
+                    match done {
+                        Done::List(Ok(conn)) => {
+                            let input = Input::ListFetched {
+                                list: conn.list.clone(),
+                                via: conn.hello.url.clone(),
+                            };
+                            list_conn = Some(conn);
+                            input
+                        }
+                        Done::List(Err(err)) => Input::ListFailed { error: err.to_string() },
+                        Done::Connect { server, result: Ok((conn, early)) } => {
+                            let list = Some(conn.list.clone());
+                            let now = Instant::now();
+                            let timeout = self
+                                .options
+                                .heartbeat_timeout
+                                .unwrap_or(conn.hello.heartbeat_timeout);
+                            live = Some(Live {
+                                interval: conn.hello.heartbeat_interval,
+                                timeout,
+                                conn,
+                                server: server.clone(),
+                                last_received: now,
+                                last_sent: now,
+                            });
+                            backlog = early;
+                            Input::Connected { server, list }
+                        }
+                        Done::Connect { server, result: Err(err) } => Input::ConnectFailed {
+                            server,
+                            error: err.to_string(),
+                        },
+                    }
+                },
+                id = run_timer(&mut timer) => {
+                    timer = None;
+                    Input::TimerFired { timer: id }
+                },
+                event = watch_live(&mut live) => {
+                    let server = live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
+                    match self.on_live_event(event, &mut live).await {
+                        Some(cause) => {
+                            // The connection is over whatever the machine decides: drop it.
+                            live = None;
+                            Input::Lost { server, cause }
+                        }
+                        None => continue,
+                    }
+                },
+            };
+            actions.extend(self.machine.handle(input, now_std()));
+        }
+    }
+
+    /// Handles what the live connection produced; returns the cause when the connection is over.
+    async fn on_live_event(
+        &mut self,
+        event: LiveEvent,
+        live: &mut Option<Live>,
+    ) -> Option<LossCause> {
+        let message = match event {
+            LiveEvent::TimedOut => return Some(LossCause::HeartbeatTimeout),
+            LiveEvent::SendFailed(err) => return Some(LossCause::Broken(err)),
+            LiveEvent::Message(None) => {
+                return Some(LossCause::Broken("connection ended".to_string()));
+            }
+            LiveEvent::Message(Some(Err(err))) => return Some(LossCause::Broken(err)),
+            LiveEvent::Message(Some(Ok(message))) => message,
+        };
+        let server = live.as_ref()?.server.clone();
+        match connection::decode(message) {
+            Incoming::Closed { code, reason } => return Some(LossCause::Closed { code, reason }),
+            Incoming::Nothing => {}
+            Incoming::Invalid(detail) => warn!(server = %server, %detail, "ignored a frame"),
+            Incoming::Frame(ServerFrame::Ping { id }) => {
+                send_on(live, ClientFrame::Pong { id }).await;
+            }
+            Incoming::Frame(ServerFrame::Farm(list)) => self.list_updated(list),
+            Incoming::Frame(frame) => {
+                if !self.deliver(frame, &server).await {
+                    // The application is gone: the closed command channel reads as a stop.
+                    self.commands.close();
+                }
+            }
+        }
+        None
+    }
+
+    fn list_updated(&mut self, list: FarmList) {
+        // A list update never produces actions: the machine only keeps it.
+        let actions = self.machine.handle(Input::ListUpdated(list), now_std());
+        debug_assert!(actions.is_empty());
+    }
+
+    /// Turns a data frame into an event; false when the application is gone.
+    async fn deliver(&mut self, frame: ServerFrame, server: &str) -> bool {
+        let event = match frame {
+            ServerFrame::Msg {
+                topic,
+                data,
+                encoding,
+            } => {
+                let payload = match encoding {
+                    Encoding::Utf8 => data.into_bytes(),
+                    Encoding::Base64 => {
+                        match base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) {
+                            Ok(bytes) => bytes,
+                            Err(err) => {
+                                warn!(server = %server, %topic, %err, "dropped a message with bad base64");
+                                return true;
+                            }
+                        }
+                    }
+                };
+                Event::Message { topic, payload }
+            }
+            ServerFrame::Error { code, message } => Event::ServerError {
+                server: server.to_string(),
+                code,
+                message,
+            },
+            _ => return true,
+        };
+        self.events.send(event).await.is_ok()
+    }
+
+    /// Tells the application; false when it is gone.
+    async fn notify(&mut self, notice: Notice) -> bool {
+        let events = match notice {
+            Notice::Connected { server } => {
+                debug!(server = %server, "connected");
+                self.server.send_replace(Some(server.clone()));
+                vec![Event::Connected { server }]
+            }
+            Notice::Disconnected { server, cause } => {
+                debug!(server = %server, %cause, "disconnected");
+                self.server.send_replace(None);
+                vec![Event::Disconnected { server, cause }]
+            }
+            Notice::FailedOver { from, to, took } => {
+                debug!(from = %from, to = %to, ?took, "failed over");
+                let mut events = vec![Event::FailedOver { from, to, took }];
+                if !self.topics.is_empty() {
+                    events.push(Event::MaybeMissed {
+                        topics: self.topics.iter().cloned().collect(),
+                        since: SystemTime::now() - took,
+                        away: took,
+                    });
+                }
+                events
+            }
+            Notice::Retrying { reason, delay } => {
+                debug!(%reason, ?delay, "retrying");
+                vec![Event::Retrying { reason, delay }]
+            }
+        };
+        for event in events {
+            if self.events.send(event).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The machine's clock: tokio's, so that tests with paused time drive it too.
+fn now_std() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+async fn run_operation(operation: &mut Option<Operation>) -> Done {
+    match operation {
+        Some(op) => op.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_timer(timer: &mut Option<(u64, Pin<Box<Sleep>>)>) -> u64 {
+    match timer {
+        Some((id, sleep)) => {
+            sleep.await;
+            *id
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the next thing on the live connection, sending heartbeats meanwhile.
+async fn watch_live(live: &mut Option<Live>) -> LiveEvent {
+    let Some(live) = live else {
+        return std::future::pending().await;
+    };
+    use futures_util::StreamExt;
+    loop {
+        let deadline = live.last_received + live.timeout;
+        let ping_at = live.last_sent + live.interval;
+        tokio::select! {
+            message = live.conn.ws.next() => {
+                live.last_received = Instant::now();
+                return LiveEvent::Message(message.map(|m| m.map_err(|e| e.to_string())));
+            }
+            _ = tokio::time::sleep_until(deadline) => return LiveEvent::TimedOut,
+            _ = tokio::time::sleep_until(ping_at) => {
+                live.last_sent = Instant::now();
+                if let Err(err) = connection::send(&mut live.conn.ws, &ClientFrame::Ping { id: None }).await {
+                    return LiveEvent::SendFailed(err.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// Sends a frame on the live connection, if there is one. A failure shows up as a broken
+/// connection on the next read, so it is only logged here.
+async fn send_on(live: &mut Option<Live>, frame: ClientFrame) {
+    if let Some(live) = live {
+        live.last_sent = Instant::now();
+        if let Err(err) = connection::send(&mut live.conn.ws, &frame).await {
+            debug!(server = %live.server, %err, "send failed");
+        }
+    }
+}
+
+/// Connects to `server` (or uses the list connection it already has) and subscribes `topics`.
+async fn connect(
+    server: String,
+    reused: Option<Conn>,
+    topics: Vec<String>,
+    resolver: Resolver,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Done {
+    let result = async {
+        let mut conn = match reused {
+            Some(conn) => conn,
+            None => connection::dial_url(&server, &resolver, source, timeout).await?,
+        };
+        let early = tokio::time::timeout(timeout, connection::subscribe(&mut conn, &topics))
+            .await
+            .map_err(|_| Error::TimedOut {
+                what: "subscribing",
+                url: server.clone(),
+                after: timeout,
+            })??;
+        Ok((conn, early))
+    }
+    .await;
+    Done::Connect { server, result }
+}
+
+async fn fetch_list(
+    address: ServiceAddress,
+    resolver: Resolver,
+    source: ListSource,
+    source_ip: Option<IpAddr>,
+    timeout: Duration,
+    seed: u64,
+) -> Done {
+    Done::List(match source {
+        ListSource::ServiceAddress { avoid } => {
+            let mut rng = StdRng::seed_from_u64(seed);
+            discover(&address, &resolver, &avoid, source_ip, timeout, &mut rng).await
+        }
+        ListSource::Servers(urls) => {
+            let mut last = None;
+            let mut found = None;
+            for url in &urls {
+                match connection::dial_url(url, &resolver, source_ip, timeout).await {
+                    Ok(conn) => {
+                        found = Some(conn);
+                        break;
+                    }
+                    Err(err) => last = Some(err),
+                }
+            }
+            found.ok_or_else(|| Error::Unreachable {
+                address: urls.join(","),
+                tried: urls.len(),
+                last: Box::new(last.unwrap_or(Error::Closed)),
+            })
+        }
+    })
+}
+
+/// First contact: a greeted connection to one server of `address`, trying its addresses in a
+/// shuffled order, those of the servers in `avoid` last.
+pub(crate) async fn discover<R: Rng + ?Sized>(
+    address: &ServiceAddress,
+    resolver: &Resolver,
+    avoid: &[String],
+    source_ip: Option<IpAddr>,
+    timeout: Duration,
+    rng: &mut R,
+) -> Result<Conn, Error> {
+    let mut endpoints = resolver.resolve(address, rng).await?;
+    let avoided: Vec<Target> = avoid.iter().filter_map(|u| Target::parse(u).ok()).collect();
+    // A stable sort keeps the shuffled order within each half.
+    endpoints.sort_by_key(|e| avoided.iter().any(|t| is_endpoint_of(e, t)));
+    let tried = endpoints.len();
+    let mut last = None;
+    for endpoint in &endpoints {
+        match connection::dial(endpoint, source_ip, timeout).await {
+            Ok(conn) => return Ok(conn),
+            Err(err) => {
+                debug!(endpoint = %endpoint.addr, %err, "no list here");
+                last = Some(err);
+            }
+        }
+    }
+    Err(Error::Unreachable {
+        address: address.to_string(),
+        tried,
+        last: Box::new(last.unwrap_or(Error::Closed)),
+    })
+}
+
+fn is_endpoint_of(endpoint: &Endpoint, target: &Target) -> bool {
+    endpoint.addr.port() == target.port
+        && match target.host.parse::<IpAddr>() {
+            Ok(ip) => ip == endpoint.addr.ip(),
+            Err(_) => target.host.eq_ignore_ascii_case(&endpoint.target.host),
+        }
+}

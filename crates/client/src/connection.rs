@@ -1,0 +1,447 @@
+//! One WebSocket connection to a node: open it, read its greeting (`hello`, then `farm`),
+//! subscribe, and turn incoming WebSocket messages into protocol frames.
+//!
+//! The greeting and subscription steps are generic over the byte stream, so they are tested over
+//! an in-memory pipe; [`dial`] adds the TCP part (optionally from a chosen source address).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use streamfarm_core::FarmList;
+use streamfarm_core::protocol::{ClientFrame, ServerFrame};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::address::{Endpoint, Resolver, Target};
+use crate::error::Error;
+
+/// What a node said about itself in its `hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hello {
+    /// The node's streaming url, as its farm list names it.
+    pub(crate) url: String,
+    /// The node pings when it has sent nothing for this long; the client does the same.
+    pub(crate) heartbeat_interval: Duration,
+    /// The node closes a connection silent for this long.
+    pub(crate) heartbeat_timeout: Duration,
+}
+
+/// An open, greeted connection.
+#[derive(Debug)]
+pub(crate) struct Conn<S = TcpStream> {
+    pub(crate) ws: WebSocketStream<S>,
+    pub(crate) hello: Hello,
+    /// The list the node sent right after `hello`.
+    pub(crate) list: FarmList,
+}
+
+/// A WebSocket message, decoded.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Incoming {
+    /// A protocol frame.
+    Frame(ServerFrame),
+    /// The node closed the connection.
+    Closed { code: u16, reason: String },
+    /// Nothing for the protocol (a WebSocket-level ping or pong).
+    Nothing,
+    /// A message that is not a frame of the protocol.
+    Invalid(String),
+}
+
+pub(crate) fn decode(message: Message) -> Incoming {
+    match message {
+        Message::Text(text) => match serde_json::from_str::<ServerFrame>(text.as_str()) {
+            Ok(frame) => Incoming::Frame(frame),
+            Err(err) => Incoming::Invalid(format!("bad frame ({err})")),
+        },
+        Message::Close(frame) => {
+            let (code, reason) = frame
+                .map(|f| (u16::from(f.code), f.reason.to_string()))
+                .unwrap_or((1005, String::new()));
+            Incoming::Closed { code, reason }
+        }
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Incoming::Nothing,
+        Message::Binary(_) => Incoming::Invalid("binary message".to_string()),
+    }
+}
+
+pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    frame: &ClientFrame,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let text = serde_json::to_string(frame).expect("client frames always serialize");
+    ws.send(Message::text(text)).await
+}
+
+/// Closes with a normal close frame, not waiting long for the node's answer.
+pub(crate) async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>) {
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), ws.close(Some(frame))).await;
+}
+
+/// Reads the greeting: `hello` first, then `farm`, answering pings on the way.
+pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    mut ws: WebSocketStream<S>,
+    url: &str,
+) -> Result<Conn<S>, Error> {
+    let protocol = |detail: String| Error::Protocol {
+        url: url.to_string(),
+        detail,
+    };
+    let mut hello = None;
+    loop {
+        let frame = match next_frame(&mut ws, url).await? {
+            ServerFrame::Ping { id } => {
+                send(&mut ws, &ClientFrame::Pong { id })
+                    .await
+                    .map_err(|e| ws_error(url, e))?;
+                continue;
+            }
+            frame => frame,
+        };
+        match (frame, hello.take()) {
+            (
+                ServerFrame::Hello {
+                    url: node_url,
+                    heartbeat_interval_ms,
+                    heartbeat_timeout_ms,
+                    ..
+                },
+                None,
+            ) => {
+                hello = Some(Hello {
+                    url: node_url,
+                    heartbeat_interval: Duration::from_millis(heartbeat_interval_ms.max(1)),
+                    heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
+                });
+            }
+            (ServerFrame::Farm(list), Some(hello)) => return Ok(Conn { ws, hello, list }),
+            (frame, None) => return Err(protocol(format!("expected hello first, got {frame:?}"))),
+            (frame, Some(_)) => {
+                return Err(protocol(format!(
+                    "expected farm after hello, got {frame:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// Subscribes `topics` and waits until the node confirms them all. Messages that arrive meanwhile
+/// are returned, in order, for the caller to deliver.
+pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    topics: &[String],
+) -> Result<Vec<ServerFrame>, Error> {
+    let url = conn.hello.url.clone();
+    let mut early = Vec::new();
+    if topics.is_empty() {
+        return Ok(early);
+    }
+    let sub = ClientFrame::Sub {
+        topics: topics.to_vec(),
+    };
+    send(&mut conn.ws, &sub)
+        .await
+        .map_err(|e| ws_error(&url, e))?;
+    let mut missing: Vec<&String> = topics.iter().collect();
+    while !missing.is_empty() {
+        match next_frame(&mut conn.ws, &url).await? {
+            ServerFrame::Subscribed { topics } => missing.retain(|t| !topics.contains(t)),
+            ServerFrame::Ping { id } => send(&mut conn.ws, &ClientFrame::Pong { id })
+                .await
+                .map_err(|e| ws_error(&url, e))?,
+            ServerFrame::Error { code, message } => {
+                return Err(Error::Protocol {
+                    url,
+                    detail: format!("subscribe refused: {code}: {message}"),
+                });
+            }
+            ServerFrame::Farm(list) => conn.list = list,
+            frame @ ServerFrame::Msg { .. } => early.push(frame),
+            _ => {}
+        }
+    }
+    Ok(early)
+}
+
+async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    url: &str,
+) -> Result<ServerFrame, Error> {
+    let protocol = |detail: String| Error::Protocol {
+        url: url.to_string(),
+        detail,
+    };
+    loop {
+        let message = match ws.next().await {
+            Some(Ok(message)) => message,
+            Some(Err(err)) => return Err(ws_error(url, err)),
+            None => return Err(protocol("connection ended".to_string())),
+        };
+        match decode(message) {
+            Incoming::Frame(frame) => return Ok(frame),
+            Incoming::Nothing => {}
+            Incoming::Closed { code, reason } => {
+                return Err(protocol(format!("closed ({code}) {reason}")));
+            }
+            Incoming::Invalid(detail) => return Err(protocol(detail)),
+        }
+    }
+}
+
+fn ws_error(url: &str, source: tokio_tungstenite::tungstenite::Error) -> Error {
+    Error::WebSocket {
+        url: url.to_string(),
+        source: Box::new(source),
+    }
+}
+
+/// Opens a greeted connection to `endpoint` within `timeout`, from `source` when given.
+pub(crate) async fn dial(
+    endpoint: &Endpoint,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<Conn, Error> {
+    let url = endpoint.url();
+    let attempt = async {
+        let stream = tcp_connect(endpoint.addr, source)
+            .await
+            .map_err(|source| Error::Connect {
+                url: url.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (ws, _response) = tokio_tungstenite::client_async(url.as_str(), stream)
+            .await
+            .map_err(|e| ws_error(&url, e))?;
+        greet(ws, &url).await
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| Error::TimedOut {
+            what: "connecting",
+            url: url.clone(),
+            after: timeout,
+        })?
+}
+
+async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
+}
+
+/// Dials a server by its url (as a farm list names it), trying each address its host resolves to.
+pub(crate) async fn dial_url(
+    url: &str,
+    resolver: &Resolver,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<Conn, Error> {
+    let target = Target::parse(url)?;
+    let mut last = None;
+    for addr in resolver.lookup(&target).await? {
+        let endpoint = Endpoint {
+            addr,
+            target: target.clone(),
+        };
+        match dial(&endpoint, source, timeout).await {
+            Ok(conn) => return Ok(conn),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.expect("lookup returns at least one address"))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use streamfarm_core::{ServerEntry, Status};
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    /// Both ends of an in-memory WebSocket: the client's and the node's.
+    pub(crate) async fn pipe() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let node = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        (client, node)
+    }
+
+    pub(crate) async fn node_sends(node: &mut WebSocketStream<DuplexStream>, frame: &ServerFrame) {
+        node.send(Message::text(serde_json::to_string(frame).unwrap()))
+            .await
+            .unwrap();
+    }
+
+    pub(crate) fn hello(url: &str) -> ServerFrame {
+        ServerFrame::Hello {
+            server: "a".into(),
+            url: url.into(),
+            status: Status::Up,
+            heartbeat_interval_ms: 1000,
+            heartbeat_timeout_ms: 3000,
+            max_frame_bytes: 65536,
+        }
+    }
+
+    pub(crate) fn farm(url: &str) -> ServerFrame {
+        ServerFrame::Farm(FarmList::new(vec![ServerEntry::new(
+            "a",
+            url,
+            Status::Up,
+            0,
+            "A",
+        )]))
+    }
+
+    async fn node_reads(node: &mut WebSocketStream<DuplexStream>) -> ClientFrame {
+        loop {
+            if let Message::Text(t) = node.next().await.unwrap().unwrap() {
+                return serde_json::from_str(t.as_str()).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn greeting_is_hello_then_farm_with_pings_answered() {
+        let (client, mut node) = pipe().await;
+        node_sends(&mut node, &ServerFrame::Ping { id: Some(1) }).await;
+        node_sends(&mut node, &hello("ws://a/stream")).await;
+        node_sends(&mut node, &farm("ws://a/stream")).await;
+        let conn = greet(client, "ws://127.0.0.1:1/stream").await.unwrap();
+        assert_eq!(conn.hello.url, "ws://a/stream");
+        assert_eq!(conn.hello.heartbeat_timeout, Duration::from_secs(3));
+        assert_eq!(conn.list.servers.len(), 1);
+        assert_eq!(
+            node_reads(&mut node).await,
+            ClientFrame::Pong { id: Some(1) }
+        );
+    }
+
+    #[tokio::test]
+    async fn greeting_out_of_order_is_a_protocol_error() {
+        let (client, mut node) = pipe().await;
+        node_sends(&mut node, &farm("ws://a/stream")).await;
+        let err = greet(client, "ws://x/stream").await.unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Protocol);
+        assert!(err.to_string().contains("expected hello first"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn close_during_greeting_names_the_code() {
+        let (client, mut node) = pipe().await;
+        node.close(Some(CloseFrame {
+            code: CloseCode::from(4003),
+            reason: "full".into(),
+        }))
+        .await
+        .unwrap();
+        let err = greet(client, "ws://x/stream").await.unwrap_err();
+        assert!(err.to_string().contains("closed (4003) full"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn subscribe_waits_for_every_topic_and_keeps_early_messages() {
+        let (client, mut node) = pipe().await;
+        node_sends(&mut node, &hello("ws://a/stream")).await;
+        node_sends(&mut node, &farm("ws://a/stream")).await;
+        let mut conn = greet(client, "ws://a/stream").await.unwrap();
+        let topics = vec!["t1".to_string(), "t2".to_string()];
+        let node_task = tokio::spawn(async move {
+            let sub = node_reads(&mut node).await;
+            assert_eq!(
+                sub,
+                ClientFrame::Sub {
+                    topics: vec!["t1".into(), "t2".into()]
+                }
+            );
+            node_sends(
+                &mut node,
+                &ServerFrame::Subscribed {
+                    topics: vec!["t1".into()],
+                },
+            )
+            .await;
+            let msg = ServerFrame::Msg {
+                topic: "t1".into(),
+                data: "early".into(),
+                encoding: Default::default(),
+            };
+            node_sends(&mut node, &msg).await;
+            node_sends(
+                &mut node,
+                &ServerFrame::Subscribed {
+                    topics: vec!["t2".into()],
+                },
+            )
+            .await;
+            node
+        });
+        let early = subscribe(&mut conn, &topics).await.unwrap();
+        assert!(matches!(&early[..], [ServerFrame::Msg { data, .. }] if data == "early"));
+        node_task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refused_subscription_is_an_error() {
+        let (client, mut node) = pipe().await;
+        node_sends(&mut node, &hello("ws://a/stream")).await;
+        node_sends(&mut node, &farm("ws://a/stream")).await;
+        let mut conn = greet(client, "ws://a/stream").await.unwrap();
+        node_sends(
+            &mut node,
+            &ServerFrame::Error {
+                code: "bad_topic".into(),
+                message: "empty topic".into(),
+            },
+        )
+        .await;
+        let err = subscribe(&mut conn, &["".to_string()]).await.unwrap_err();
+        assert!(err.to_string().contains("bad_topic"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn dial_to_a_closed_port_is_a_connect_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let endpoint = Endpoint {
+            addr,
+            target: Target::parse(&addr.to_string()).unwrap(),
+        };
+        let err = dial(&endpoint, None, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Connect, "{err}");
+    }
+
+    #[tokio::test]
+    async fn dial_to_a_silent_server_times_out() {
+        // Accepts TCP, never answers the WebSocket handshake: a hung node.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let endpoint = Endpoint {
+            addr,
+            target: Target::parse(&addr.to_string()).unwrap(),
+        };
+        let err = dial(&endpoint, None, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::TimedOut, "{err}");
+        drop(listener);
+    }
+}

@@ -1,0 +1,1020 @@
+//! The failover state machine: what a client does next, as a pure function of what just happened.
+//!
+//! [`Machine::handle`] takes an [`Input`] (a list arrived, a connection opened or broke, a timer
+//! fired…) and the current time, moves to its next [`State`] and returns the [`Action`]s for the
+//! I/O driver to carry out (fetch a list, connect, sleep, tell the application). It does no I/O,
+//! reads no clock and draws from its own seeded RNG, so every transition is unit-tested without
+//! sockets or sleeps.
+//!
+//! # The algorithm (the seeds' client, plus cool-down and backoff)
+//! 1. **Round**: fetch the farm list through the service address; select a server with the policy,
+//!    excluding servers that failed within the cool-down; connect to it. When the list came over a
+//!    connection to the very server picked, that connection is kept (no second connect).
+//! 2. **Retry once**: when a connection attempt fails, or an established connection closes,
+//!    breaks or misses its heartbeats, try the same server once more.
+//!    [`RetryMode::Immediate`] skips this and goes straight to a new round (the seeds'
+//!    alternative embodiment). A server that closes with
+//!    [`RECONNECT_ELSEWHERE`](streamfarm_core::protocol::close::RECONNECT_ELSEWHERE) or
+//!    [`GOING_AWAY`](streamfarm_core::protocol::close::GOING_AWAY) is never retried.
+//! 3. **Re-request**: a server that failed its retry is excluded for the cool-down and a new round
+//!    starts. When the service address gives no list, the other servers of the last list are asked.
+//! 4. **Backoff**: the first round after a good connection starts at once; each further round
+//!    waits a full-jitter [`Backoff`] delay.
+//!
+//! ```
+//! use std::time::Instant;
+//! use streamfarm_client::machine::{Action, Input, Machine, MachineConfig, ListSource};
+//! let mut machine = Machine::new(MachineConfig::default(), 7);
+//! let actions = machine.handle(Input::Start, Instant::now());
+//! assert!(matches!(&actions[..], [Action::FetchList(ListSource::ServiceAddress { .. })]));
+//! ```
+
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use streamfarm_core::protocol::close;
+use streamfarm_core::selection::{self, Policy};
+use streamfarm_core::{FarmList, Status};
+
+use crate::backoff::Backoff;
+
+/// What to do when a connection attempt fails or a connection is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryMode {
+    /// Try the same server once more before re-requesting the list (the seeds' main embodiment).
+    #[default]
+    RetryOnce,
+    /// Re-request the list at once (the seeds' alternative embodiment).
+    Immediate,
+}
+
+/// The knobs of the machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineConfig {
+    /// How to choose among the servers of a list.
+    pub policy: Policy,
+    /// Retry the same server once, or re-request at once.
+    pub retry: RetryMode,
+    /// How long a server that failed stays excluded from selection.
+    pub cool_down: Duration,
+    /// The wait between failed rounds.
+    pub backoff: Backoff,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            policy: Policy::default(),
+            retry: RetryMode::default(),
+            cool_down: Duration::from_secs(10),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Why an established connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LossCause {
+    /// The server closed the connection with this WebSocket close code and reason.
+    Closed {
+        /// The close code (see [`streamfarm_core::protocol::close`]).
+        code: u16,
+        /// The reason text the server gave.
+        reason: String,
+    },
+    /// Nothing arrived from the server within the heartbeat timeout: it is hung or unreachable.
+    HeartbeatTimeout,
+    /// The connection broke without a close frame (reset, end of stream, protocol error).
+    Broken(String),
+}
+
+impl LossCause {
+    /// The server asked the client to go elsewhere: no retry of the same server.
+    pub fn sends_elsewhere(&self) -> bool {
+        matches!(self, LossCause::Closed { code, .. }
+            if *code == close::RECONNECT_ELSEWHERE || *code == close::GOING_AWAY)
+    }
+}
+
+impl std::fmt::Display for LossCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LossCause::Closed { code, reason } if reason.is_empty() => write!(f, "closed ({code})"),
+            LossCause::Closed { code, reason } => write!(f, "closed ({code}: {reason})"),
+            LossCause::HeartbeatTimeout => f.write_str("heartbeat timeout"),
+            LossCause::Broken(detail) => write!(f, "broken ({detail})"),
+        }
+    }
+}
+
+/// Where a list is to be fetched from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListSource {
+    /// Any server of the service address. `avoid` holds the urls of servers that just failed:
+    /// addresses that are theirs are tried last, so a hung server does not cost a timeout first.
+    ServiceAddress {
+        /// Server urls to try last.
+        avoid: Vec<String>,
+    },
+    /// These servers of the last list, in order (the service address gave nothing).
+    Servers(Vec<String>),
+}
+
+/// Something that happened, reported to the machine by the driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The application started the client.
+    Start,
+    /// A list arrived from the server at `via` (its url, from its `hello`); the driver holds the
+    /// connection it came over until told to use or drop it.
+    ListFetched {
+        /// The farm list.
+        list: FarmList,
+        /// Url of the server that sent it.
+        via: String,
+    },
+    /// No source of the last [`Action::FetchList`] gave a list.
+    ListFailed {
+        /// What went wrong, for people.
+        error: String,
+    },
+    /// The connection to `server` is open and every topic is subscribed on it.
+    Connected {
+        /// The server's url.
+        server: String,
+        /// The list the server sent on connecting, if it sent one.
+        list: Option<FarmList>,
+    },
+    /// Connecting (or subscribing) to `server` failed.
+    ConnectFailed {
+        /// The server's url.
+        server: String,
+        /// What went wrong, for people.
+        error: String,
+    },
+    /// The established connection to `server` ended.
+    Lost {
+        /// The server's url.
+        server: String,
+        /// Why.
+        cause: LossCause,
+    },
+    /// The connected server sent a newer list.
+    ListUpdated(FarmList),
+    /// The timer of an [`Action::Sleep`] ran out.
+    TimerFired {
+        /// The `timer` of that action.
+        timer: u64,
+    },
+    /// The application closes the client.
+    Stop,
+}
+
+/// Something for the driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Fetch the farm list (`hello` + `farm` on a new connection), keep that connection, and report
+    /// [`Input::ListFetched`] or [`Input::ListFailed`].
+    FetchList(ListSource),
+    /// Connect to `server` and subscribe every topic; report [`Input::Connected`] or
+    /// [`Input::ConnectFailed`]. With `reuse_list_connection`, the connection the list came over
+    /// is that server's: subscribe on it instead of opening another.
+    Connect {
+        /// The server's url.
+        server: String,
+        /// Use the held list connection.
+        reuse_list_connection: bool,
+    },
+    /// Close the held list connection (its server was not picked, or the round is over).
+    DropListConnection,
+    /// Report [`Input::TimerFired`] with `timer` after `delay`.
+    Sleep {
+        /// How long.
+        delay: Duration,
+        /// Identifies the timer; older timers are stale.
+        timer: u64,
+    },
+    /// Tell the application.
+    Notify(Notice),
+    /// Close the established connection: the client stops.
+    Close,
+}
+
+/// What the application is told about the connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// Connected and subscribed to `server`.
+    Connected {
+        /// The server's url.
+        server: String,
+    },
+    /// The connection to `server` ended.
+    Disconnected {
+        /// The server's url.
+        server: String,
+        /// Why.
+        cause: LossCause,
+    },
+    /// Connected again after a loss, `took` after the loss (`to` may equal `from` when the retry
+    /// of the same server worked). Messages published meanwhile may be missing.
+    FailedOver {
+        /// The server that was lost.
+        from: String,
+        /// The server now connected.
+        to: String,
+        /// From the loss to being subscribed again.
+        took: Duration,
+    },
+    /// A round found no server; the next starts after `delay`.
+    Retrying {
+        /// Why the round failed.
+        reason: String,
+        /// The backoff before the next round.
+        delay: Duration,
+    },
+}
+
+/// Where the machine is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Not started.
+    Idle,
+    /// Waiting for a list.
+    FetchingList {
+        /// From the service address (else from the servers of the last list).
+        from_service_address: bool,
+    },
+    /// Waiting for a connection to `server`.
+    Connecting {
+        /// The server's url.
+        server: String,
+        /// This is the one retry of the same server.
+        retry: bool,
+    },
+    /// Connected and subscribed.
+    Connected {
+        /// The server's url.
+        server: String,
+    },
+    /// Backing off before the next round.
+    Waiting {
+        /// The timer that ends the wait.
+        timer: u64,
+    },
+    /// Stopped for good.
+    Stopped,
+}
+
+/// The failover state machine (see the module documentation).
+#[derive(Debug)]
+pub struct Machine {
+    config: MachineConfig,
+    state: State,
+    rng: StdRng,
+    /// The most recent list, for selection and for asking its servers when the address fails.
+    last_list: Option<FarmList>,
+    /// Servers that failed, with the end of their cool-down.
+    excluded: Vec<(String, Instant)>,
+    /// Failed rounds since the last good connection; the next round's backoff grows with it.
+    round: u32,
+    /// The server lost and when, until connected again: for `FailedOver`.
+    away: Option<(String, Instant)>,
+    /// The driver holds a list connection that is not yet used or dropped.
+    holding_list_connection: bool,
+    next_timer: u64,
+}
+
+impl Machine {
+    /// A machine in [`State::Idle`], drawing from an RNG seeded with `seed`.
+    pub fn new(config: MachineConfig, seed: u64) -> Self {
+        Machine {
+            config,
+            state: State::Idle,
+            rng: StdRng::seed_from_u64(seed),
+            last_list: None,
+            excluded: Vec::new(),
+            round: 0,
+            away: None,
+            holding_list_connection: false,
+            next_timer: 0,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The most recent farm list, if any arrived.
+    pub fn last_list(&self) -> Option<&FarmList> {
+        self.last_list.as_ref()
+    }
+
+    /// Servers excluded from selection at `now`.
+    pub fn excluded(&self, now: Instant) -> Vec<String> {
+        self.excluded
+            .iter()
+            .filter(|(_, until)| *until > now)
+            .map(|(url, _)| url.clone())
+            .collect()
+    }
+
+    /// Takes in what happened at `now` and returns what to do, in order.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        self.excluded.retain(|(_, until)| *until > now);
+        let mut actions = Vec::new();
+        match (std::mem::replace(&mut self.state, State::Stopped), input) {
+            (State::Stopped, _) => {}
+            (_, Input::Stop) => {
+                self.drop_list_connection(&mut actions);
+                actions.push(Action::Close);
+            }
+            (state, Input::ListUpdated(list)) => {
+                self.last_list = Some(list);
+                self.state = state;
+            }
+            (State::Idle, Input::Start) => self.next_round(None, now, &mut actions),
+            (State::FetchingList { .. }, Input::ListFetched { list, via }) => {
+                self.holding_list_connection = true;
+                self.select(list, &via, now, &mut actions);
+            }
+            (
+                State::FetchingList {
+                    from_service_address: true,
+                },
+                Input::ListFailed { error },
+            ) => {
+                let others = self.other_servers(now);
+                if others.is_empty() {
+                    self.next_round(Some(error), now, &mut actions);
+                } else {
+                    self.state = State::FetchingList {
+                        from_service_address: false,
+                    };
+                    actions.push(Action::FetchList(ListSource::Servers(others)));
+                }
+            }
+            (
+                State::FetchingList {
+                    from_service_address: false,
+                },
+                Input::ListFailed { error },
+            ) => self.next_round(Some(error), now, &mut actions),
+            (State::Connecting { server, .. }, Input::Connected { server: done, list })
+                if server == done =>
+            {
+                self.drop_list_connection(&mut actions);
+                if let Some(list) = list {
+                    self.last_list = Some(list);
+                }
+                self.round = 0;
+                actions.push(Action::Notify(Notice::Connected {
+                    server: server.clone(),
+                }));
+                if let Some((from, since)) = self.away.take() {
+                    actions.push(Action::Notify(Notice::FailedOver {
+                        from,
+                        to: server.clone(),
+                        took: now.saturating_duration_since(since),
+                    }));
+                }
+                self.state = State::Connected { server };
+            }
+            (
+                State::Connecting { server, retry },
+                Input::ConnectFailed {
+                    server: failed,
+                    error,
+                },
+            ) if server == failed => {
+                // A reused list connection is gone with the failure; any other is no use now.
+                self.drop_list_connection(&mut actions);
+                if !retry && self.config.retry == RetryMode::RetryOnce {
+                    actions.push(Action::Connect {
+                        server: server.clone(),
+                        reuse_list_connection: false,
+                    });
+                    self.state = State::Connecting {
+                        server,
+                        retry: true,
+                    };
+                } else {
+                    self.exclude(server.clone(), now);
+                    self.next_round(Some(format!("{server}: {error}")), now, &mut actions);
+                }
+            }
+            (
+                State::Connected { server },
+                Input::Lost {
+                    server: lost,
+                    cause,
+                },
+            ) if server == lost => {
+                self.away = Some((server.clone(), now));
+                actions.push(Action::Notify(Notice::Disconnected {
+                    server: server.clone(),
+                    cause: cause.clone(),
+                }));
+                if cause.sends_elsewhere() || self.config.retry == RetryMode::Immediate {
+                    self.exclude(server, now);
+                    self.next_round(None, now, &mut actions);
+                } else {
+                    actions.push(Action::Connect {
+                        server: server.clone(),
+                        reuse_list_connection: false,
+                    });
+                    self.state = State::Connecting {
+                        server,
+                        retry: true,
+                    };
+                }
+            }
+            (State::Waiting { timer }, Input::TimerFired { timer: fired }) if timer == fired => {
+                self.fetch_from_service_address(now, &mut actions);
+            }
+            // Anything else is stale (a timer already superseded, a report about a connection
+            // the machine has moved on from) or cannot happen: ignore it, stay put.
+            (state, _) => self.state = state,
+        }
+        actions
+    }
+
+    /// Picks a server of `list` and connects to it, reusing the list connection when it is the
+    /// pick; or, when no server is available, ends the round.
+    fn select(&mut self, list: FarmList, via: &str, now: Instant, actions: &mut Vec<Action>) {
+        let exclude = self.excluded(now);
+        let choice = selection::choose(self.config.policy, &list, &exclude, &mut self.rng);
+        match choice {
+            Ok(choice) => {
+                let server = list.servers[choice.index].url.clone();
+                let reuse = server == via;
+                if reuse {
+                    // The connection now belongs to the Connect; the driver no longer holds it.
+                    self.holding_list_connection = false;
+                }
+                actions.push(Action::Connect {
+                    server: server.clone(),
+                    reuse_list_connection: reuse,
+                });
+                self.state = State::Connecting {
+                    server,
+                    retry: false,
+                };
+            }
+            Err(err) => {
+                self.drop_list_connection(actions);
+                self.next_round(Some(err.to_string()), now, actions);
+            }
+        }
+        self.last_list = Some(list);
+    }
+
+    /// Starts the next round: at once after a good connection, else after the backoff.
+    /// `failure` says why the previous round failed, if one did.
+    fn next_round(&mut self, failure: Option<String>, now: Instant, actions: &mut Vec<Action>) {
+        let round = self.round;
+        self.round = self.round.saturating_add(1);
+        if round == 0 {
+            self.fetch_from_service_address(now, actions);
+            return;
+        }
+        let delay = self.config.backoff.delay(round - 1, &mut self.rng);
+        let timer = self.next_timer;
+        self.next_timer += 1;
+        actions.push(Action::Notify(Notice::Retrying {
+            reason: failure.unwrap_or_else(|| "no server reached".to_string()),
+            delay,
+        }));
+        actions.push(Action::Sleep { delay, timer });
+        self.state = State::Waiting { timer };
+    }
+
+    fn fetch_from_service_address(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        actions.push(Action::FetchList(ListSource::ServiceAddress {
+            avoid: self.excluded(now),
+        }));
+        self.state = State::FetchingList {
+            from_service_address: true,
+        };
+    }
+
+    /// Servers of the last list that may answer a list request: not `DOWN` (a draining server
+    /// still serves lists) and not excluded.
+    fn other_servers(&self, now: Instant) -> Vec<String> {
+        let exclude = self.excluded(now);
+        self.last_list
+            .iter()
+            .flat_map(|list| &list.servers)
+            .filter(|s| s.status != Status::Down && !exclude.contains(&s.url))
+            .map(|s| s.url.clone())
+            .collect()
+    }
+
+    fn exclude(&mut self, server: String, now: Instant) {
+        self.excluded.retain(|(url, _)| *url != server);
+        self.excluded.push((server, now + self.config.cool_down));
+    }
+
+    fn drop_list_connection(&mut self, actions: &mut Vec<Action>) {
+        if std::mem::take(&mut self.holding_list_connection) {
+            actions.push(Action::DropListConnection);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamfarm_core::ServerEntry;
+
+    const A: &str = "ws://a/stream";
+    const B: &str = "ws://b/stream";
+    const C: &str = "ws://c/stream";
+
+    fn list(servers: &[(&str, Status, u64, &str)]) -> FarmList {
+        FarmList::new(
+            servers
+                .iter()
+                .map(|&(url, status, users, group)| {
+                    ServerEntry::new(url, url, status, users, group)
+                })
+                .collect(),
+        )
+    }
+
+    fn only(url: &str) -> FarmList {
+        list(&[(url, Status::Up, 0, "A")])
+    }
+
+    fn machine(retry: RetryMode) -> Machine {
+        Machine::new(
+            MachineConfig {
+                retry,
+                ..MachineConfig::default()
+            },
+            1,
+        )
+    }
+
+    fn connect(server: &str, reuse: bool) -> Action {
+        Action::Connect {
+            server: server.to_string(),
+            reuse_list_connection: reuse,
+        }
+    }
+
+    fn fetch(avoid: &[&str]) -> Action {
+        Action::FetchList(ListSource::ServiceAddress {
+            avoid: avoid.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    fn fetched(list: FarmList, via: &str) -> Input {
+        Input::ListFetched {
+            list,
+            via: via.to_string(),
+        }
+    }
+
+    fn connected(server: &str) -> Input {
+        Input::Connected {
+            server: server.to_string(),
+            list: None,
+        }
+    }
+
+    fn failed(server: &str) -> Input {
+        Input::ConnectFailed {
+            server: server.to_string(),
+            error: "refused".to_string(),
+        }
+    }
+
+    fn lost(server: &str, cause: LossCause) -> Input {
+        Input::Lost {
+            server: server.to_string(),
+            cause,
+        }
+    }
+
+    fn closed(code: u16) -> LossCause {
+        LossCause::Closed {
+            code,
+            reason: String::new(),
+        }
+    }
+
+    /// A machine connected to `server` (the only server of its first list) at `t0`.
+    fn connected_to(server: &str, retry: RetryMode, t0: Instant) -> Machine {
+        let mut m = machine(retry);
+        m.handle(Input::Start, t0);
+        m.handle(fetched(only(server), server), t0);
+        m.handle(connected(server), t0);
+        assert_eq!(
+            m.state(),
+            &State::Connected {
+                server: server.to_string()
+            }
+        );
+        m
+    }
+
+    fn sleep_of(actions: &[Action]) -> (Duration, u64) {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Sleep { delay, timer } => Some((*delay, *timer)),
+                _ => None,
+            })
+            .expect("a Sleep action")
+    }
+
+    #[test]
+    fn start_fetches_the_list_from_the_service_address() {
+        let mut m = machine(RetryMode::RetryOnce);
+        assert_eq!(m.handle(Input::Start, Instant::now()), vec![fetch(&[])]);
+        assert_eq!(
+            m.state(),
+            &State::FetchingList {
+                from_service_address: true
+            }
+        );
+    }
+
+    #[test]
+    fn list_from_the_picked_server_keeps_that_connection() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        let actions = m.handle(fetched(only(A), A), t0);
+        assert_eq!(actions, vec![connect(A, true)]);
+        // The reused connection is not dropped when it succeeds.
+        let actions = m.handle(connected(A), t0);
+        assert_eq!(
+            actions,
+            vec![Action::Notify(Notice::Connected {
+                server: A.to_string()
+            })]
+        );
+    }
+
+    #[test]
+    fn list_from_another_server_connects_to_the_pick_then_drops_the_first() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        let three = list(&[
+            (A, Status::Up, 10, "A"),
+            (B, Status::Down, 0, "A"),
+            (C, Status::Up, 10, "B"),
+        ]);
+        // Only A is a candidate (B is down, C is in a less preferred group); the list came via C.
+        let actions = m.handle(fetched(three, C), t0);
+        assert_eq!(actions, vec![connect(A, false)]);
+        let actions = m.handle(connected(A), t0);
+        assert_eq!(
+            actions,
+            vec![
+                Action::DropListConnection,
+                Action::Notify(Notice::Connected {
+                    server: A.to_string()
+                })
+            ]
+        );
+        assert_eq!(m.last_list().unwrap().servers.len(), 3);
+    }
+
+    #[test]
+    fn no_server_available_drops_the_list_connection_and_backs_off() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        let actions = m.handle(fetched(list(&[(A, Status::Down, 0, "A")]), A), t0);
+        assert_eq!(actions[0], Action::DropListConnection);
+        assert!(
+            matches!(&actions[1], Action::Notify(Notice::Retrying { reason, .. })
+            if reason.contains("no server available"))
+        );
+        let (delay, timer) = sleep_of(&actions);
+        assert!(delay < Backoff::default().ceiling(0));
+        assert_eq!(m.state(), &State::Waiting { timer });
+    }
+
+    #[test]
+    fn unreachable_service_address_asks_the_servers_of_the_last_list() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::Immediate, t0);
+        m.handle(
+            Input::ListUpdated(list(&[
+                (A, Status::Up, 1, "A"),
+                (B, Status::Draining, 1, "A"),
+                (C, Status::Down, 0, "A"),
+            ])),
+            t0,
+        );
+        m.handle(lost(A, LossCause::HeartbeatTimeout), t0);
+        let actions = m.handle(
+            Input::ListFailed {
+                error: "timed out".into(),
+            },
+            t0,
+        );
+        // A just failed, C is down: only B, draining but still a list server, is asked.
+        assert_eq!(
+            actions,
+            vec![Action::FetchList(ListSource::Servers(vec![B.to_string()]))]
+        );
+        assert_eq!(
+            m.state(),
+            &State::FetchingList {
+                from_service_address: false
+            }
+        );
+        // The list B gives is used like any other.
+        let actions = m.handle(fetched(list(&[(C, Status::Up, 0, "A")]), B), t0);
+        assert_eq!(actions, vec![connect(C, false)]);
+    }
+
+    #[test]
+    fn unreachable_service_address_without_a_list_backs_off() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        let actions = m.handle(
+            Input::ListFailed {
+                error: "refused".into(),
+            },
+            t0,
+        );
+        let (_, timer) = sleep_of(&actions);
+        assert_eq!(m.state(), &State::Waiting { timer });
+    }
+
+    #[test]
+    fn no_list_from_the_other_servers_either_backs_off() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::Immediate, t0);
+        m.handle(
+            Input::ListUpdated(list(&[(A, Status::Up, 1, "A"), (B, Status::Up, 1, "A")])),
+            t0,
+        );
+        m.handle(lost(A, LossCause::Broken("reset".into())), t0);
+        m.handle(Input::ListFailed { error: "x".into() }, t0);
+        let actions = m.handle(Input::ListFailed { error: "y".into() }, t0);
+        let (_, timer) = sleep_of(&actions);
+        assert_eq!(m.state(), &State::Waiting { timer });
+    }
+
+    #[test]
+    fn timer_starts_the_next_round_and_stale_timers_are_ignored() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        let actions = m.handle(Input::ListFailed { error: "x".into() }, t0);
+        let (_, timer) = sleep_of(&actions);
+        assert_eq!(m.handle(Input::TimerFired { timer: timer + 1 }, t0), vec![]);
+        assert_eq!(m.state(), &State::Waiting { timer });
+        assert_eq!(m.handle(Input::TimerFired { timer }, t0), vec![fetch(&[])]);
+    }
+
+    #[test]
+    fn failed_connect_is_retried_once_then_excluded_and_the_next_round_backs_off() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        m.handle(fetched(only(B), C), t0);
+        let actions = m.handle(failed(B), t0);
+        assert_eq!(actions, vec![Action::DropListConnection, connect(B, false)]);
+        assert_eq!(
+            m.state(),
+            &State::Connecting {
+                server: B.to_string(),
+                retry: true
+            }
+        );
+        let actions = m.handle(failed(B), t0);
+        assert!(matches!(
+            &actions[..],
+            [
+                Action::Notify(Notice::Retrying { .. }),
+                Action::Sleep { .. }
+            ]
+        ));
+        assert_eq!(m.excluded(t0), vec![B.to_string()]);
+    }
+
+    #[test]
+    fn retry_that_works_reports_a_failover_to_the_same_server() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::RetryOnce, t0);
+        let actions = m.handle(lost(A, closed(1006)), t0);
+        assert_eq!(
+            actions,
+            vec![
+                Action::Notify(Notice::Disconnected {
+                    server: A.to_string(),
+                    cause: closed(1006)
+                }),
+                connect(A, false)
+            ]
+        );
+        assert_eq!(
+            m.state(),
+            &State::Connecting {
+                server: A.to_string(),
+                retry: true
+            }
+        );
+        let t1 = t0 + Duration::from_millis(40);
+        let actions = m.handle(connected(A), t1);
+        assert_eq!(
+            actions[1],
+            Action::Notify(Notice::FailedOver {
+                from: A.to_string(),
+                to: A.to_string(),
+                took: Duration::from_millis(40)
+            })
+        );
+    }
+
+    #[test]
+    fn lost_connection_whose_retry_fails_re_requests_the_list_at_once() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::RetryOnce, t0);
+        m.handle(lost(A, LossCause::HeartbeatTimeout), t0);
+        let actions = m.handle(failed(A), t0);
+        // The first round after a good connection does not wait.
+        assert_eq!(actions, vec![fetch(&[A])]);
+        assert_eq!(m.excluded(t0), vec![A.to_string()]);
+        // A is excluded: the new list's other server is picked even though A looks emptier.
+        let actions = m.handle(
+            fetched(
+                list(&[(A, Status::Up, 0, "A"), (B, Status::Up, 100, "A")]),
+                B,
+            ),
+            t0,
+        );
+        assert_eq!(actions, vec![connect(B, true)]);
+        let t1 = t0 + Duration::from_millis(250);
+        let actions = m.handle(connected(B), t1);
+        assert!(actions.contains(&Action::Notify(Notice::FailedOver {
+            from: A.to_string(),
+            to: B.to_string(),
+            took: Duration::from_millis(250)
+        })));
+    }
+
+    #[test]
+    fn immediate_mode_re_requests_at_once_without_retrying() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::Immediate, t0);
+        let actions = m.handle(lost(A, closed(1006)), t0);
+        assert_eq!(actions[1], fetch(&[A]));
+        // A failed pick is not retried either.
+        m.handle(fetched(list(&[(B, Status::Up, 0, "A")]), B), t0);
+        let actions = m.handle(failed(B), t0);
+        assert!(matches!(
+            &actions[..],
+            [
+                Action::Notify(Notice::Retrying { .. }),
+                Action::Sleep { .. }
+            ]
+        ));
+    }
+
+    #[test]
+    fn reconnect_elsewhere_and_going_away_are_not_retried() {
+        for code in [close::RECONNECT_ELSEWHERE, close::GOING_AWAY] {
+            let t0 = Instant::now();
+            let mut m = connected_to(A, RetryMode::RetryOnce, t0);
+            let actions = m.handle(lost(A, closed(code)), t0);
+            assert_eq!(actions[1], fetch(&[A]), "code {code}");
+            assert_eq!(m.excluded(t0), vec![A.to_string()]);
+        }
+    }
+
+    #[test]
+    fn cool_down_ends() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::Immediate, t0);
+        m.handle(lost(A, closed(close::GOING_AWAY)), t0);
+        let later = t0 + MachineConfig::default().cool_down;
+        assert!(m.excluded(later).is_empty());
+        // A is the only server: excluded, nothing is available; after the cool-down it is.
+        let actions = m.handle(fetched(only(A), A), t0);
+        assert!(actions.contains(&Action::DropListConnection));
+        let (_, timer) = sleep_of(&actions);
+        assert_eq!(
+            m.handle(Input::TimerFired { timer }, later),
+            vec![fetch(&[])]
+        );
+        assert_eq!(m.handle(fetched(only(A), A), later), vec![connect(A, true)]);
+    }
+
+    #[test]
+    fn backoff_grows_with_failed_rounds_and_resets_on_connect() {
+        let t0 = Instant::now();
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let mut m = Machine::new(
+            MachineConfig {
+                backoff,
+                ..MachineConfig::default()
+            },
+            3,
+        );
+        m.handle(Input::Start, t0);
+        for round in 0..6 {
+            let actions = m.handle(Input::ListFailed { error: "x".into() }, t0);
+            let (delay, timer) = sleep_of(&actions);
+            assert!(delay < backoff.ceiling(round), "round {round}: {delay:?}");
+            m.handle(Input::TimerFired { timer }, t0);
+        }
+        m.handle(fetched(only(A), A), t0);
+        m.handle(connected(A), t0);
+        m.handle(lost(A, closed(close::GOING_AWAY)), t0);
+        // Back to round 0 after the good connection: the re-request is immediate.
+        assert_eq!(
+            m.state(),
+            &State::FetchingList {
+                from_service_address: true
+            }
+        );
+    }
+
+    #[test]
+    fn stop_closes_from_any_state_and_then_ignores_everything() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::RetryOnce, t0);
+        assert_eq!(m.handle(Input::Stop, t0), vec![Action::Close]);
+        assert_eq!(m.state(), &State::Stopped);
+        assert_eq!(m.handle(Input::Start, t0), vec![]);
+        assert_eq!(m.handle(lost(A, closed(1006)), t0), vec![]);
+
+        // Stopping while a list connection is held drops it too.
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        m.handle(fetched(list(&[(B, Status::Up, 0, "A")]), A), t0);
+        assert_eq!(
+            m.handle(Input::Stop, t0),
+            vec![Action::DropListConnection, Action::Close]
+        );
+    }
+
+    #[test]
+    fn list_updates_are_kept_in_any_state() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::RetryOnce, t0);
+        let newer = list(&[(A, Status::Up, 5, "A"), (B, Status::Up, 3, "A")]);
+        assert_eq!(m.handle(Input::ListUpdated(newer.clone()), t0), vec![]);
+        assert_eq!(m.last_list(), Some(&newer));
+        assert!(matches!(m.state(), State::Connected { .. }));
+    }
+
+    #[test]
+    fn connected_carries_a_fresher_list() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        m.handle(fetched(only(A), A), t0);
+        let fresh = list(&[(A, Status::Up, 1, "A"), (B, Status::Up, 0, "A")]);
+        m.handle(
+            Input::Connected {
+                server: A.to_string(),
+                list: Some(fresh.clone()),
+            },
+            t0,
+        );
+        assert_eq!(m.last_list(), Some(&fresh));
+    }
+
+    #[test]
+    fn reports_about_other_servers_or_states_are_ignored() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::RetryOnce, t0);
+        for input in [
+            lost(B, closed(1006)),
+            connected(B),
+            failed(A),
+            Input::ListFailed { error: "x".into() },
+            fetched(only(B), B),
+            Input::TimerFired { timer: 0 },
+            Input::Start,
+        ] {
+            assert_eq!(m.handle(input.clone(), t0), vec![], "{input:?}");
+            assert!(matches!(m.state(), State::Connected { .. }), "{input:?}");
+        }
+        let mut idle = machine(RetryMode::RetryOnce);
+        assert_eq!(idle.handle(connected(A), t0), vec![]);
+        assert_eq!(idle.state(), &State::Idle);
+    }
+
+    #[test]
+    fn loss_causes_say_whether_to_go_elsewhere() {
+        assert!(closed(close::RECONNECT_ELSEWHERE).sends_elsewhere());
+        assert!(closed(close::GOING_AWAY).sends_elsewhere());
+        assert!(!closed(close::HEARTBEAT_TIMEOUT).sends_elsewhere());
+        assert!(!LossCause::HeartbeatTimeout.sends_elsewhere());
+        assert_eq!(closed(4000).to_string(), "closed (4000)");
+    }
+}

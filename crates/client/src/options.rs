@@ -1,0 +1,241 @@
+//! [`ClientOptions`]: how a client selects, retries, times out and where it resolves names.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use streamfarm_core::Policy;
+
+use crate::address::{Resolver, ServiceAddress};
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::machine::{MachineConfig, RetryMode};
+
+/// The options of a [`Client`], built by chaining; every option has a default.
+///
+/// ```
+/// use std::time::Duration;
+/// use streamfarm_client::{ClientOptions, Policy};
+/// let options = ClientOptions::new()
+///     .policy(Policy::P2c)
+///     .connect_timeout(Duration::from_secs(2))
+///     .subscribe(["prices", "news"]);
+/// assert_eq!(options.topics(), ["prices", "news"]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub(crate) machine: MachineConfig,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) heartbeat_timeout: Option<Duration>,
+    /// Shared by every clone of these options, so a thousand clients share one DNS client.
+    pub(crate) resolver: Resolver,
+    pub(crate) source_address: Option<IpAddr>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) topics: Vec<String>,
+    pub(crate) event_capacity: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            machine: MachineConfig::default(),
+            connect_timeout: Duration::from_secs(1),
+            heartbeat_timeout: None,
+            resolver: Resolver::system(),
+            source_address: None,
+            seed: None,
+            topics: Vec::new(),
+            event_capacity: 1024,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// The defaults: `patent` policy, retry once, 10 s cool-down, 100 ms–5 s backoff, 1 s connect
+    /// timeout, the node's heartbeat timeout, the system resolver.
+    ///
+    /// ```
+    /// use streamfarm_client::{ClientOptions, Policy};
+    /// assert_eq!(ClientOptions::new().policy_used(), Policy::Patent);
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The selection policy.
+    ///
+    /// ```
+    /// use streamfarm_client::{ClientOptions, Policy};
+    /// let options = ClientOptions::new().policy(Policy::Random);
+    /// assert_eq!(options.policy_used(), Policy::Random);
+    /// ```
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.machine.policy = policy;
+        self
+    }
+
+    /// The policy these options select with.
+    pub fn policy_used(&self) -> Policy {
+        self.machine.policy
+    }
+
+    /// Retry the same server once before re-requesting the list (the default), or not.
+    ///
+    /// ```
+    /// use streamfarm_client::{ClientOptions, RetryMode};
+    /// let options = ClientOptions::new().retry(RetryMode::Immediate);
+    /// assert_eq!(options.retry_mode(), RetryMode::Immediate);
+    /// ```
+    pub fn retry(mut self, mode: RetryMode) -> Self {
+        self.machine.retry = mode;
+        self
+    }
+
+    /// Shorthand: `true` re-requests the list at once on failure ([`RetryMode::Immediate`]).
+    ///
+    /// ```
+    /// use streamfarm_client::{ClientOptions, RetryMode};
+    /// assert_eq!(ClientOptions::new().immediate(true).retry_mode(), RetryMode::Immediate);
+    /// assert_eq!(ClientOptions::new().immediate(false).retry_mode(), RetryMode::RetryOnce);
+    /// ```
+    pub fn immediate(self, immediate: bool) -> Self {
+        self.retry(if immediate {
+            RetryMode::Immediate
+        } else {
+            RetryMode::RetryOnce
+        })
+    }
+
+    /// The retry mode these options use.
+    pub fn retry_mode(&self) -> RetryMode {
+        self.machine.retry
+    }
+
+    /// How long a server that failed is left out of selection.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().cool_down(Duration::from_secs(30));
+    /// ```
+    pub fn cool_down(mut self, cool_down: Duration) -> Self {
+        self.machine.cool_down = cool_down;
+        self
+    }
+
+    /// The backoff between failed rounds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamfarm_client::{Backoff, ClientOptions};
+    /// let options = ClientOptions::new()
+    ///     .backoff(Backoff::new(Duration::from_millis(50), Duration::from_secs(2)));
+    /// ```
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.machine.backoff = backoff;
+        self
+    }
+
+    /// The limit for opening a connection: TCP, WebSocket handshake and the node's greeting.
+    /// A hung node costs this much per attempt, so keep it short.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().connect_timeout(Duration::from_millis(500));
+    /// ```
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Declare the server dead when nothing arrived from it for this long (default: the timeout
+    /// the node announces in its `hello`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().heartbeat_timeout(Duration::from_secs(2));
+    /// ```
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = Some(timeout);
+        self
+    }
+
+    /// Resolve names through this DNS server instead of the system resolver.
+    ///
+    /// ```
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().dns_server("127.0.0.1:5353".parse().unwrap());
+    /// ```
+    pub fn dns_server(mut self, server: SocketAddr) -> Self {
+        self.resolver = Resolver::with_dns_server(server);
+        self
+    }
+
+    /// Open connections from this local IP address (e.g. one of 127.0.0.x, to hold more
+    /// connections to one node than one source address has ports).
+    ///
+    /// ```
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().source_address("127.0.0.9".parse().unwrap());
+    /// ```
+    pub fn source_address(mut self, ip: IpAddr) -> Self {
+        self.source_address = Some(ip);
+        self
+    }
+
+    /// Seed the client's RNG (selection, jitter, address order), for reproducible runs. Unseeded
+    /// clients draw their seed from the operating system.
+    ///
+    /// ```
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().seed(42);
+    /// ```
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Topics to subscribe from the first connection on (more can be added on the [`Client`]).
+    ///
+    /// ```
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().subscribe(["a"]).subscribe(vec!["b".to_string()]);
+    /// assert_eq!(options.topics(), ["a", "b"]);
+    /// ```
+    pub fn subscribe<I, T>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.topics.extend(topics.into_iter().map(Into::into));
+        self
+    }
+
+    /// The topics to subscribe from the start.
+    pub fn topics(&self) -> &[String] {
+        &self.topics
+    }
+
+    /// How many events wait for the application before the client stops reading from the node
+    /// (a full queue holds the connection back; the node then treats the client as slow).
+    ///
+    /// ```
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().event_capacity(16);
+    /// ```
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = capacity.max(1);
+        self
+    }
+
+    /// The resolver these options call for.
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
+    /// Starts a client of `address` with these options (see [`Client::start`]).
+    pub fn start(self, address: ServiceAddress) -> Client {
+        Client::start(address, self)
+    }
+}
