@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
 use streamfarm_core::Status;
+use streamfarm_core::encoding::{self, Format};
 use streamfarm_core::protocol::{Encoding, close};
 use tracing::info;
 
@@ -105,13 +106,49 @@ async fn farm(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
+    // `?format=` wins over `Accept`; `?callback=` alone asks for JavaScript.
+    let format = match query.get("format") {
+        Some(name) => match Format::from_name(name) {
+            Some(format) => format,
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown format {name:?}: expected json, text, xml or js\n"),
+                )
+                    .into_response();
+            }
+        },
+        None if query.contains_key("callback") => Format::Js,
+        None => {
+            let accept = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            match Format::from_accept(accept) {
+                Some(format) => format,
+                None => {
+                    return (
+                        StatusCode::NOT_ACCEPTABLE,
+                        "acceptable: application/json, text/plain, application/xml, application/javascript\n",
+                    )
+                        .into_response();
+                }
+            }
+        }
+    };
     let list = shared.farm_now();
-    let _ = (&query, &headers);
-    let body = serde_json::to_string(&list).expect("lists always serialize");
+    let body = match (format, query.get("callback")) {
+        (Format::Js, Some(callback)) => match encoding::render_js(&list, callback) {
+            Ok(body) => body,
+            Err(err) => return (StatusCode::BAD_REQUEST, format!("{err}\n")).into_response(),
+        },
+        _ => encoding::render(&list, format),
+    };
     (
         [
-            (header::CONTENT_TYPE, "application/json"),
+            (header::CONTENT_TYPE, format.content_type()),
             (header::CACHE_CONTROL, "no-store"),
+            (header::VARY, "Accept"),
         ],
         body,
     )

@@ -524,3 +524,48 @@ async fn the_farm_list_is_served_over_http_and_the_websocket() {
         .unwrap();
     assert!(metrics.contains("streamfarm_connections 2"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_farm_list_comes_in_every_format() {
+    use streamfarm_core::encoding::{self, Format};
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |_| {}).await;
+    let base = format!("http://{}/farm", nodes[0].listen_addr());
+    let http = reqwest::Client::new();
+    let get = |query: &'static str, accept: &'static str| {
+        let request = http.get(format!("{base}{query}")).header("accept", accept);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            (status, content_type, response.text().await.unwrap())
+        }
+    };
+    for (query, accept, format) in [
+        ("", "", Format::Json),
+        ("?format=text", "", Format::Text),
+        ("?format=xml", "application/json", Format::Xml),
+        ("?format=js", "", Format::Js),
+        ("", "text/plain", Format::Text),
+        ("", "application/xml", Format::Xml),
+    ] {
+        let (status, content_type, body) = get(query, accept).await;
+        assert_eq!(status, 200, "{query} {accept}");
+        assert_eq!(content_type, format.content_type(), "{query} {accept}");
+        let list = encoding::parse(&body, format).unwrap();
+        assert_eq!(
+            entry(&list, "solo").map(|e| e.0),
+            Some(Status::Up),
+            "{body}"
+        );
+    }
+    let (status, _, body) = get("?callback=app.onFarm", "").await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("app.onFarm("), "{body}");
+    assert_eq!(get("?callback=alert(1)", "").await.0, 400);
+    assert_eq!(get("?format=yaml", "").await.0, 400);
+    assert_eq!(get("", "image/png").await.0, 406);
+}
