@@ -275,9 +275,10 @@ fn any_text() -> impl Strategy<Value = String> {
     "\\PC{0,12}"
 }
 
-/// What the text format's positional fields can hold: non-empty, no whitespace, no controls.
+/// What the text format's positional fields can hold: non-empty, no whitespace, no controls,
+/// not starting with `#` or a byte-order mark.
 fn token() -> impl Strategy<Value = String> {
-    "[^\\s\\p{Cc}#][^\\s\\p{Cc}]{0,15}"
+    "[^\\s\\p{Cc}#\u{feff}][^\\s\\p{Cc}]{0,15}"
 }
 
 fn extra_value() -> impl Strategy<Value = Value> {

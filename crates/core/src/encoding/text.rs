@@ -22,7 +22,7 @@
 //!   characters, `%`, `=` and `#` are encoded), so any name and any value survives.
 //! - URL, STATUS, USERS and PRIORITY are verbatim, as in the description: the URL's own `%XX`
 //!   escapes are left alone. So a url or priority cannot be empty or hold whitespace or control
-//!   characters, and a url cannot start with `#`. The renderer writes such characters as `%XX` (the
+//!   characters, and a url cannot start with `#` (or U+FEFF). The renderer writes such characters as `%XX` (the
 //!   URL's own escape for them) and an empty field as `-`: those entries do not round-trip. Servers
 //!   never have such urls or labels.
 
@@ -245,7 +245,11 @@ fn verbatim(s: &str, is_url: bool) -> String {
     }
     let mut out = String::with_capacity(s.len());
     for (i, c) in s.chars().enumerate() {
-        if c.is_whitespace() || c.is_control() || (is_url && i == 0 && c == '#') {
+        // A leading `#` would make a comment, a leading U+FEFF would be read as a byte-order mark.
+        if c.is_whitespace()
+            || c.is_control()
+            || (is_url && i == 0 && matches!(c, '#' | '\u{feff}'))
+        {
             push_escaped(&mut out, c);
         } else {
             out.push(c);

@@ -3,5 +3,6 @@
 
 mod abuse;
 mod dig;
+mod lifecycle;
 mod resolver;
 mod support;
