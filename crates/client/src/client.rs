@@ -341,6 +341,7 @@ impl Driver {
                     match done {
                         Done::List(Ok(conn)) => {
                             let input = Input::ListFetched {
+                                age: list_age(&conn.list),
                                 list: conn.list.clone(),
                                 via: conn.hello.url.clone(),
                             };
@@ -501,6 +502,19 @@ impl Driver {
         }
         true
     }
+}
+
+/// How old a list is by the wall clock, from its `generated_at_ms` (zero when it has none, or
+/// when clocks disagree the other way).
+fn list_age(list: &FarmList) -> Duration {
+    let Some(generated) = list.generated_at_ms else {
+        return Duration::ZERO;
+    };
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Duration::from_millis(now_ms.saturating_sub(generated))
 }
 
 /// The machine's clock: tokio's, so that tests with paused time drive it too.

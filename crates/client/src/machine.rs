@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use streamfarm_core::protocol::close;
-use streamfarm_core::selection::{self, Policy};
+use streamfarm_core::selection::{self, Context, Policy};
 use streamfarm_core::{FarmList, Status};
 
 use crate::backoff::Backoff;
@@ -133,6 +133,9 @@ pub enum Input {
         list: FarmList,
         /// Url of the server that sent it.
         via: String,
+        /// How old the list is (from its `generated_at_ms`; zero when unknown): the `waterfill`
+        /// policy allows for the clients that joined since.
+        age: Duration,
     },
     /// No source of the last [`Action::FetchList`] gave a list.
     ListFailed {
@@ -335,9 +338,9 @@ impl Machine {
                 self.state = state;
             }
             (State::Idle, Input::Start) => self.next_round(None, now, &mut actions),
-            (State::FetchingList { .. }, Input::ListFetched { list, via }) => {
+            (State::FetchingList { .. }, Input::ListFetched { list, via, age }) => {
                 self.holding_list_connection = true;
-                self.select(list, &via, now, &mut actions);
+                self.select(list, &via, age, now, &mut actions);
             }
             (
                 State::FetchingList {
@@ -442,9 +445,18 @@ impl Machine {
 
     /// Picks a server of `list` and connects to it, reusing the list connection when it is the
     /// pick; or, when no server is available, ends the round.
-    fn select(&mut self, list: FarmList, via: &str, now: Instant, actions: &mut Vec<Action>) {
+    fn select(
+        &mut self,
+        list: FarmList,
+        via: &str,
+        age: Duration,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
         let exclude = self.excluded(now);
-        let choice = selection::choose(self.config.policy, &list, &exclude, &mut self.rng);
+        let context = Context::with_age(age);
+        let choice =
+            selection::choose_with(self.config.policy, &list, &exclude, &context, &mut self.rng);
         match choice {
             Ok(choice) => {
                 let server = list.servers[choice.index].url.clone();
@@ -574,6 +586,7 @@ mod tests {
         Input::ListFetched {
             list,
             via: via.to_string(),
+            age: Duration::ZERO,
         }
     }
 

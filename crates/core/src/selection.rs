@@ -235,6 +235,36 @@ impl Context {
             arrival_rate: None,
         }
     }
+
+    /// The context of a client whose server `lost` (a url) just went away, holding a list this old.
+    ///
+    /// Everyone that server had is reconnecting too, spread over the clients' reconnect window
+    /// (their jittered backoff), so the farm's arrival rate is the list's join rate plus the users
+    /// the list still shows on `lost`, over `reconnect_window` (or over the list's age, when that is
+    /// longer: all of them are then in flight). Once the list shows the loss, that
+    /// count is gone from it and the surge shows in the survivors' `join_rate` instead.
+    pub fn reconnecting(
+        list: &FarmList,
+        lost: &str,
+        list_age: Duration,
+        reconnect_window: Duration,
+    ) -> Self {
+        let listed_rate: f64 = list
+            .servers
+            .iter()
+            .filter(|s| s.status.is_live() && s.url != lost)
+            .filter_map(|s| s.join_rate)
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .sum();
+        let orphans = list.by_url(lost).map_or(0, |s| s.users) as f64;
+        // The orphans arrive over the window; a list older than the window misses them all.
+        let spread = reconnect_window.max(list_age).as_secs_f64();
+        let surge = if spread > 0.0 { orphans / spread } else { 0.0 };
+        Context {
+            list_age,
+            arrival_rate: Some(listed_rate + surge),
+        }
+    }
 }
 
 /// The exact probability with which `policy` chooses each server of `list` (list order; 0 for every

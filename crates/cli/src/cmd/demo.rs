@@ -1,11 +1,382 @@
-//! `streamfarm demo` (not built yet: see the open issues).
+//! `streamfarm demo`: a whole farm on this machine in under a minute.
+//!
+//! Three nodes — child processes of this same binary (`streamfarm serve`), on 127.0.0.1, .2 and
+//! .3, priority groups A, A and B — a publisher sending ten messages a second, and a few hundred
+//! clients in this process. The farm table is shown as the clients arrive (they choose the two A
+//! nodes); then the A node holding the most clients is killed with SIGKILL, and its clients fail
+//! over to the other A node. A summary closes: clients per server before and after, failover
+//! times, messages received. Ctrl-C or SIGTERM stops it early, children included.
 
-use std::process::ExitCode;
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::ProgressBar;
+use streamfarm_client::{ClientOptions, ServiceAddress};
+use streamfarm_core::{FarmList, Status};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use super::load::{FarmWatch, LiveTable, Summary, Swarm, millis, server_table, shutdown_signal};
+use super::sub::parse_duration;
+
+/// The topic the demo publishes on and its clients subscribe to.
+const TOPIC: &str = "demo";
 
 /// Arguments of `streamfarm demo`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {}
+pub(crate) struct Args {
+    /// Clients to run in this process.
+    #[arg(long, default_value_t = 300)]
+    clients: usize,
+    /// How long the balanced farm runs before a node is killed.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    hold: Duration,
+    /// Longest wait, after the kill, for every client to be back.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    after: Duration,
+    /// Node heartbeat timeout in milliseconds (a hung node is left after this long).
+    #[arg(long, default_value_t = 1500)]
+    heartbeat_timeout_ms: u64,
+}
 
-pub(crate) async fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`streamfarm demo` is not built yet")
+/// One child node.
+struct Node {
+    name: &'static str,
+    priority: &'static str,
+    listen: SocketAddr,
+    child: Child,
+}
+
+impl Node {
+    fn url(&self) -> String {
+        format!("ws://{}/stream", self.listen)
+    }
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut nodes = Vec::new();
+    let result = tokio::select! {
+        result = demo(&args, &mut nodes) => result,
+        _ = shutdown_signal() => {
+            eprintln!("interrupted: stopping the nodes");
+            Ok(ExitCode::FAILURE)
+        }
+    };
+    for node in &mut nodes {
+        let _ = node.child.start_kill();
+    }
+    for node in &mut nodes {
+        let _ = tokio::time::timeout(Duration::from_secs(5), node.child.wait()).await;
+    }
+    result
+}
+
+async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let terminal = std::io::stdout().is_terminal();
+    println!(
+        "streamfarm demo: 3 nodes (groups A, A, B), a publisher, {} clients",
+        args.clients
+    );
+
+    // 1. The farm.
+    let exe = std::env::current_exe().context("cannot find this program to start the nodes")?;
+    let layout = [("a", "A", 1u8), ("b", "A", 2), ("c", "B", 3)];
+    let mut first_gossip = None;
+    for (name, priority, last_octet) in layout {
+        let ip = IpAddr::from([127, 0, 0, last_octet]);
+        let listen = free_port(ip)
+            .await
+            .with_context(|| format!("no free port on {ip} (is 127.0.0.{last_octet} usable?)"))?;
+        let mut command = Command::new(&exe);
+        command
+            .arg("serve")
+            .args(["--name", name, "--priority", priority])
+            .args(["--listen", &listen.to_string()])
+            .args([
+                "--heartbeat-interval-ms",
+                &(args.heartbeat_timeout_ms / 3).max(1).to_string(),
+            ])
+            .args([
+                "--heartbeat-timeout-ms",
+                &args.heartbeat_timeout_ms.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(seed) = first_gossip {
+            command.args(["--join", &SocketAddr::to_string(&seed)]);
+        }
+        // The gossip address defaults to the listen address over UDP.
+        first_gossip.get_or_insert(listen);
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start node {name}"))?;
+        println!(
+            "  node {name}: group {priority}, ws://{listen}/stream (pid {})",
+            child.id().unwrap_or(0)
+        );
+        nodes.push(Node {
+            name,
+            priority,
+            listen,
+            child,
+        });
+    }
+    let seeds = nodes
+        .iter()
+        .map(|n| n.listen.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let service: ServiceAddress = seeds.parse()?;
+    let options = ClientOptions::new();
+    wait_for_farm(&service, &options, nodes, Duration::from_secs(20)).await?;
+    println!(
+        "  farm up in {:.1} s; service address {service}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // 2. The publisher.
+    let published = Arc::new(AtomicU64::new(0));
+    let publisher = tokio::spawn({
+        let (service, options, published) = (service.clone(), options.clone(), published.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for n in 0u64.. {
+                tick.tick().await;
+                let message = format!("tick {n}").into_bytes();
+                if streamfarm_client::publish(&service, &options, TOPIC, message)
+                    .await
+                    .is_ok()
+                {
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+
+    // 3. The clients arrive.
+    let farm = FarmWatch::start(service.clone(), options.clone());
+    let mut swarm = Swarm::new();
+    let client_options = options.clone().subscribe([TOPIC]);
+    let arrival = Instant::now();
+    swarm
+        .spawn(
+            &service,
+            &client_options,
+            args.clients,
+            1000,
+            0,
+            &ProgressBar::hidden(),
+        )
+        .await;
+    let mut table = LiveTable::default();
+    let everyone = |swarm: &Swarm| swarm.stats.connected() >= args.clients as u64;
+    watch(
+        &swarm,
+        &farm,
+        &mut table,
+        terminal,
+        Duration::from_secs(20),
+        everyone,
+    )
+    .await;
+    if !everyone(&swarm) {
+        bail!(
+            "only {} of {} clients connected",
+            swarm.stats.connected(),
+            args.clients
+        );
+    }
+    println!(
+        "\n{} clients connected in {:.2} s",
+        args.clients,
+        arrival.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(args.hold).await;
+    let before = swarm.stats.per_server();
+    let table_before = server_table(&swarm.stats, farm.latest().as_ref());
+    if !terminal {
+        print!("{table_before}");
+    }
+
+    // 4. Kill the busiest node of group A.
+    let victim = nodes
+        .iter_mut()
+        .filter(|n| n.priority == "A")
+        .max_by_key(|n| before.get(&n.url()).copied().unwrap_or(0))
+        .context("no node in group A")?;
+    let held = before.get(&victim.url()).copied().unwrap_or(0);
+    victim.child.start_kill().context("cannot kill the node")?;
+    let _ = victim.child.wait().await;
+    let killed_url = victim.url();
+    println!(
+        "\nSIGKILL node {} ({killed_url}), which held {held} clients",
+        victim.name
+    );
+    let failovers_before = swarm.stats.failovers();
+    let killed_at = Instant::now();
+    table = LiveTable::default();
+    let recovered = |swarm: &Swarm| {
+        let now = swarm.stats.per_server();
+        now.get(&killed_url).copied().unwrap_or(0) == 0
+            && now.values().sum::<u64>() >= args.clients as u64
+            && swarm.stats.failovers() >= failovers_before + held as usize
+    };
+    watch(&swarm, &farm, &mut table, terminal, args.after, recovered).await;
+    let all_back = recovered(&swarm);
+    let recovery = killed_at.elapsed();
+    // A second of messages on the new servers before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let table_after = server_table(&swarm.stats, farm.latest().as_ref());
+    if !terminal {
+        print!("{table_after}");
+    }
+
+    // 5. Summary.
+    publisher.abort();
+    farm.stop();
+    let summary = swarm.stats.summary();
+    swarm.stop().await;
+    println!();
+    print!(
+        "{}",
+        render_summary(
+            &before,
+            &summary,
+            published.load(Ordering::Relaxed),
+            held,
+            recovery,
+            all_back
+        )
+    );
+    println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(if all_back {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn render_summary(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &Summary,
+    published: u64,
+    held: u64,
+    recovery: Duration,
+    all_back: bool,
+) -> String {
+    let mut out = String::from("summary\n  clients per server   before  after\n");
+    let mut urls: Vec<&String> = before.keys().chain(after.per_server.keys()).collect();
+    urls.sort();
+    urls.dedup();
+    for url in urls {
+        out.push_str(&format!(
+            "  {url:<28}  {:>5}  {:>5}\n",
+            before.get(url).copied().unwrap_or(0),
+            after.per_server.get(url).copied().unwrap_or(0)
+        ));
+    }
+    out.push_str(&format!(
+        "  failovers: {} of the {held} clients of the killed node",
+        after.failovers.len()
+    ));
+    if let (Some(p50), Some(p99), Some(max)) = (
+        after.failover_quantile(0.5),
+        after.failover_quantile(0.99),
+        after.failovers.last(),
+    ) {
+        out.push_str(&format!(
+            "; took p50 {} ms, p99 {} ms, max {} ms",
+            millis(p50),
+            millis(p99),
+            millis(*max)
+        ));
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "  {} back on a live server {} ms after the kill\n",
+        if all_back {
+            "every client"
+        } else {
+            "NOT every client"
+        },
+        millis(recovery)
+    ));
+    out.push_str(&format!(
+        "  messages: {published} published, {} received, {} gaps reported (recovery of missed messages comes later)\n",
+        after.messages, after.gaps
+    ));
+    out
+}
+
+/// Redraws the table (on a terminal) until `done` or `limit`.
+async fn watch(
+    swarm: &Swarm,
+    farm: &FarmWatch,
+    table: &mut LiveTable,
+    terminal: bool,
+    limit: Duration,
+    done: impl Fn(&Swarm) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if terminal {
+            table.draw(&server_table(&swarm.stats, farm.latest().as_ref()));
+        }
+        if done(swarm) || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until a node lists every node UP.
+async fn wait_for_farm(
+    service: &ServiceAddress,
+    options: &ClientOptions,
+    nodes: &mut [Node],
+    limit: Duration,
+) -> anyhow::Result<FarmList> {
+    let deadline = Instant::now() + limit;
+    loop {
+        for node in nodes.iter_mut() {
+            if let Ok(Some(status)) = node.child.try_wait() {
+                bail!("node {} exited early ({status})", node.name);
+            }
+        }
+        if let Ok((list, _)) = streamfarm_client::fetch_list(service, options).await {
+            let up = list
+                .servers
+                .iter()
+                .filter(|s| s.status == Status::Up)
+                .count();
+            if up == nodes.len() {
+                return Ok(list);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the farm did not come up within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A port on `ip` that is free now (TCP; the node's gossip takes the same number over UDP).
+async fn free_port(ip: IpAddr) -> std::io::Result<SocketAddr> {
+    for _ in 0..20 {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
+        let addr = listener.local_addr()?;
+        drop(listener);
+        if std::net::UdpSocket::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    Err(std::io::Error::other("no port free for both TCP and UDP"))
 }

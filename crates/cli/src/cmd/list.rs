@@ -1,11 +1,174 @@
-//! `streamfarm list` (not built yet: see the open issues).
+//! `streamfarm list SERVICE`: the farm list of a service, as a table or in one of the list
+//! encodings. Also home of [`ClientArgs`], the flags every client subcommand shares.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use streamfarm_client::{ClientOptions, Policy, RetryMode, ServiceAddress};
+use streamfarm_core::FarmList;
+use streamfarm_core::encoding::{self, Format};
+
+/// Flags shared by `list`, `sub`, `pub` and `load`: how the client reaches and chooses.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ClientArgs {
+    /// Selection policy: patent, random, least-users, p2c, waterfill.
+    #[arg(long, default_value = "patent", value_parser = parse_policy)]
+    pub(crate) policy: Policy,
+    /// Resolve the service name through this DNS server instead of the system resolver.
+    #[arg(long, value_name = "IP:PORT")]
+    pub(crate) dns_server: Option<SocketAddr>,
+    /// On failure re-request the list at once instead of retrying the same server once.
+    #[arg(long)]
+    pub(crate) immediate: bool,
+    /// Limit for opening one connection (TCP, WebSocket handshake, greeting), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub(crate) connect_timeout_ms: u64,
+}
+
+fn parse_policy(text: &str) -> Result<Policy, String> {
+    text.parse::<Policy>().map_err(|e| e.to_string())
+}
+
+impl ClientArgs {
+    /// The client options these flags ask for.
+    pub(crate) fn options(&self) -> ClientOptions {
+        let mut options = ClientOptions::new()
+            .policy(self.policy)
+            .retry(if self.immediate {
+                RetryMode::Immediate
+            } else {
+                RetryMode::RetryOnce
+            })
+            .connect_timeout(Duration::from_millis(self.connect_timeout_ms.max(1)));
+        if let Some(server) = self.dns_server {
+            options = options.dns_server(server);
+        }
+        options
+    }
+}
 
 /// Arguments of `streamfarm list`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {}
+pub(crate) struct Args {
+    /// The service: a URL, `host:port` (all its addresses), or a comma-separated seed list.
+    service: ServiceAddress,
+    /// `table` (the default), or a list encoding: json, text, xml, js.
+    #[arg(long, default_value = "table", value_parser = parse_format)]
+    format: ListFormat,
+    #[command(flatten)]
+    client: ClientArgs,
+}
 
-pub(crate) async fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`streamfarm list` is not built yet")
+#[derive(Debug, Clone, Copy)]
+enum ListFormat {
+    Table,
+    Encoded(Format),
+}
+
+fn parse_format(text: &str) -> Result<ListFormat, String> {
+    if text.eq_ignore_ascii_case("table") {
+        return Ok(ListFormat::Table);
+    }
+    Format::from_name(text)
+        .map(ListFormat::Encoded)
+        .ok_or_else(|| format!("unknown format {text:?}: expected table, json, text, xml or js"))
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let options = args.client.options();
+    let (list, _from) = streamfarm_client::fetch_list(&args.service, &options).await?;
+    match args.format {
+        ListFormat::Table => print!("{}", table(&list)),
+        ListFormat::Encoded(format) => {
+            let text = encoding::render(&list, format);
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The list as an aligned table, one server per row, with a total line.
+pub(crate) fn table(list: &FarmList) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "URL".to_string(),
+        "STATUS".to_string(),
+        "USERS".to_string(),
+        "PRIORITY".to_string(),
+        "CAPACITY".to_string(),
+    ]];
+    for s in &list.servers {
+        rows.push([
+            s.name.clone(),
+            s.url.clone(),
+            s.status.to_string(),
+            s.users.to_string(),
+            s.priority.clone(),
+            s.capacity
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let total: u64 = list.servers.iter().map(|s| s.users).sum();
+    render_rows(&rows) + &format!("{} servers, {total} users\n", list.servers.len())
+}
+
+/// Left-aligned columns separated by two spaces; numbers are just text here.
+pub(crate) fn render_rows<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamfarm_core::{ServerEntry, Status};
+
+    #[test]
+    fn table_aligns_columns_and_totals_users() {
+        let list = FarmList::new(vec![
+            ServerEntry::new("a", "ws://127.0.0.1:7400/stream", Status::Up, 12, "A"),
+            ServerEntry::new("bb", "ws://127.0.0.2:7400/stream", Status::Down, 0, "B"),
+        ]);
+        let text = table(&list);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME  URL                         STATUS  USERS  PRIORITY  CAPACITY"
+        );
+        assert_eq!(
+            lines[1],
+            "a     ws://127.0.0.1:7400/stream  UP      12     A         -"
+        );
+        assert_eq!(lines[3], "2 servers, 12 users");
+    }
+
+    #[test]
+    fn formats_parse_by_name() {
+        assert!(matches!(parse_format("TABLE"), Ok(ListFormat::Table)));
+        assert!(matches!(
+            parse_format("xml"),
+            Ok(ListFormat::Encoded(Format::Xml))
+        ));
+        assert!(parse_format("yaml").unwrap_err().contains("expected table"));
+    }
 }

@@ -1,11 +1,205 @@
-//! `streamfarm sub` (not built yet: see the open issues).
+//! `streamfarm sub SERVICE TOPIC...`: subscribe and print every message and connection event,
+//! one per line — readable text, or one JSON object per line with `--json`.
 
 use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde_json::json;
+use streamfarm_client::{Client, Event, ServiceAddress};
+
+use super::list::ClientArgs;
+use super::load::shutdown_signal;
 
 /// Arguments of `streamfarm sub`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {}
+pub(crate) struct Args {
+    /// The service: a URL, `host:port` (all its addresses), or a comma-separated seed list.
+    service: ServiceAddress,
+    /// Topics to subscribe to.
+    #[arg(required = true)]
+    topics: Vec<String>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Exit after this many messages.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Exit after this long (e.g. `30s`, `500ms`, `2m`).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
 
-pub(crate) async fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`streamfarm sub` is not built yet")
+pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let options = args.client.options().subscribe(args.topics.iter().cloned());
+    let mut client = Client::start(args.service.clone(), options);
+    let stop = async {
+        match args.duration {
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = shutdown_signal() => {}
+                }
+            }
+            None => shutdown_signal().await,
+        }
+    };
+    tokio::pin!(stop);
+    let mut messages = 0u64;
+    loop {
+        let event = tokio::select! {
+            event = client.next_event() => event,
+            _ = &mut stop => break,
+        };
+        let Some(event) = event else { break };
+        if matches!(event, Event::Message { .. }) {
+            messages += 1;
+        }
+        println!(
+            "{}",
+            if args.json {
+                event_json(&event)
+            } else {
+                event_text(&event)
+            }
+        );
+        if args.count.is_some_and(|n| messages >= n) {
+            break;
+        }
+    }
+    client.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line of text per event: messages as `TOPIC PAYLOAD`, connection events behind `#`.
+pub(crate) fn event_text(event: &Event) -> String {
+    match event {
+        Event::Message { topic, payload } => {
+            format!("{topic} {}", String::from_utf8_lossy(payload))
+        }
+        Event::Connected { server } => format!("# connected {server}"),
+        Event::Disconnected { server, cause } => format!("# disconnected {server}: {cause}"),
+        Event::FailedOver { from, to, took } => {
+            format!("# failed over {from} -> {to} in {} ms", took.as_millis())
+        }
+        Event::MaybeMissed { topics, away, .. } => format!(
+            "# messages on {} may be missing: away {} ms",
+            topics.join(","),
+            away.as_millis()
+        ),
+        Event::Retrying { reason, delay } => {
+            format!("# retrying in {} ms: {reason}", delay.as_millis())
+        }
+        Event::ServerError {
+            server,
+            code,
+            message,
+        } => format!("# error from {server}: {code}: {message}"),
+        other => format!("# {other:?}"),
+    }
+}
+
+/// One JSON object per event, with an `event` field naming it.
+pub(crate) fn event_json(event: &Event) -> String {
+    let value = match event {
+        Event::Message { topic, payload } => match std::str::from_utf8(payload) {
+            Ok(text) => json!({"event": "message", "topic": topic, "data": text}),
+            Err(_) => {
+                use base64::Engine;
+                let data = base64::engine::general_purpose::STANDARD.encode(payload);
+                json!({"event": "message", "topic": topic, "data": data, "encoding": "base64"})
+            }
+        },
+        Event::Connected { server } => json!({"event": "connected", "server": server}),
+        Event::Disconnected { server, cause } => {
+            json!({"event": "disconnected", "server": server, "reason": cause.to_string()})
+        }
+        Event::FailedOver { from, to, took } => json!({
+            "event": "failed_over", "from": from, "to": to, "took_ms": took.as_secs_f64() * 1e3
+        }),
+        Event::MaybeMissed {
+            topics,
+            since,
+            away,
+        } => json!({
+            "event": "maybe_missed",
+            "topics": topics,
+            "since_ms": since.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "away_ms": away.as_secs_f64() * 1e3,
+        }),
+        Event::Retrying { reason, delay } => json!({
+            "event": "retrying", "reason": reason, "delay_ms": delay.as_secs_f64() * 1e3
+        }),
+        Event::ServerError {
+            server,
+            code,
+            message,
+        } => json!({"event": "server_error", "server": server, "code": code, "message": message}),
+        other => json!({"event": "other", "debug": format!("{other:?}")}),
+    };
+    value.to_string()
+}
+
+/// `500ms`, `30s`, `2m`, `1h`, or a bare number of seconds.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("bad duration {text:?}: expected e.g. 500ms, 30s, 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1e3,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "bad duration unit {unit:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("bad duration {text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_every_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2 days").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn events_print_one_line_each() {
+        let msg = Event::Message {
+            topic: "t".into(),
+            payload: b"hi there".to_vec(),
+        };
+        assert_eq!(event_text(&msg), "t hi there");
+        assert_eq!(
+            event_json(&msg),
+            r#"{"data":"hi there","event":"message","topic":"t"}"#
+        );
+        let binary = Event::Message {
+            topic: "t".into(),
+            payload: vec![0xff],
+        };
+        assert!(event_json(&binary).contains(r#""encoding":"base64""#));
+        let over = Event::FailedOver {
+            from: "a".into(),
+            to: "b".into(),
+            took: Duration::from_millis(12),
+        };
+        assert_eq!(event_text(&over), "# failed over a -> b in 12 ms");
+    }
 }

@@ -173,6 +173,25 @@ mod tests {
     }
 
     #[test]
+    fn a_reconnecting_client_counts_the_lost_servers_users_as_arriving() {
+        let mut list = farm(&[1000, 900, 900]);
+        list.servers[1].join_rate = Some(10.0);
+        list.servers[2].join_rate = Some(30.0);
+        let age = Duration::from_secs(2);
+        // 40/s listed + 1000 users over a 4 s window.
+        let context = Context::reconnecting(&list, "ws://s0/", age, Duration::from_secs(4));
+        assert_eq!(context.arrival_rate, Some(290.0));
+        assert_eq!(context.list_age, age);
+        // A window shorter than the list's age: all 1000 are in flight, 1000 / 2 s.
+        let context = Context::reconnecting(&list, "ws://s0/", age, Duration::ZERO);
+        assert_eq!(context.arrival_rate, Some(540.0));
+        // Spread over both survivors rather than herding onto one.
+        let exclude = ["ws://s0/".to_string()];
+        let p = probabilities_with(Policy::Waterfill, &list, &exclude, &context).unwrap();
+        assert!(p[0] == 0.0 && (p[1] - 0.5).abs() < 1e-12, "{p:?}");
+    }
+
+    #[test]
     fn capacities_compare_fill_fractions() {
         let mut list = farm(&[100, 100]);
         list.servers[0].capacity = Some(1000);
