@@ -454,7 +454,12 @@ impl Machine {
         actions: &mut Vec<Action>,
     ) {
         let exclude = self.excluded(now);
-        let context = Context::with_age(age);
+        // A client failing over knows its old server's users are all reconnecting now: the
+        // staleness-aware policy allows for that surge; the others ignore the context.
+        let context = match &self.away {
+            Some((lost, _)) => Context::reconnecting(&list, lost, age, self.config.backoff.base()),
+            None => Context::with_age(age),
+        };
         let choice =
             selection::choose_with(self.config.policy, &list, &exclude, &context, &mut self.rng);
         match choice {
