@@ -338,8 +338,13 @@ impl Machine {
                 self.state = state;
             }
             (State::Idle, Input::Start) => self.next_round(None, now, &mut actions),
-            (State::FetchingList { .. }, Input::ListFetched { list, via, age }) => {
+            (State::FetchingList { .. }, Input::ListFetched { mut list, via, age }) => {
                 self.holding_list_connection = true;
+                // The list server counts the connection the list came over among its users;
+                // that user is this client, which has not chosen yet.
+                if let Some(entry) = list.servers.iter_mut().find(|s| s.url == via) {
+                    entry.users = entry.users.saturating_sub(1);
+                }
                 self.select(list, &via, age, now, &mut actions);
             }
             (
@@ -701,6 +706,19 @@ mod tests {
             ]
         );
         assert_eq!(m.last_list().unwrap().servers.len(), 3);
+    }
+
+    #[test]
+    fn the_list_server_does_not_count_this_client() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        m.handle(
+            fetched(list(&[(A, Status::Up, 1, "A"), (B, Status::Up, 0, "A")]), A),
+            t0,
+        );
+        // A's one user is this client's list connection: both servers are empty.
+        assert_eq!(m.last_list().unwrap().servers[0].users, 0);
     }
 
     #[test]

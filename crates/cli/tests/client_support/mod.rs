@@ -252,6 +252,21 @@ impl Crowd {
         }
     }
 
+    /// Starts `n` clients at `per_second`, as users arrive rather than all in one instant.
+    pub(crate) async fn arrive(
+        &mut self,
+        n: usize,
+        per_second: u32,
+        service: &ServiceAddress,
+        options: &ClientOptions,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
+        for _ in 0..n {
+            tick.tick().await;
+            self.add(1, service, options);
+        }
+    }
+
     /// Starts `n` clients of `service` with `options`.
     pub(crate) fn add(&mut self, n: usize, service: &ServiceAddress, options: &ClientOptions) {
         for _ in 0..n {
