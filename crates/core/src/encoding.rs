@@ -302,6 +302,73 @@ pub(crate) fn quoted(s: &str) -> String {
     }
 }
 
+/// The fields of a server entry that the model names: an unknown (`extra`) field may not use them.
+pub(crate) const SERVER_FIELDS: &[&str] = &[
+    "name",
+    "url",
+    "status",
+    "users",
+    "priority",
+    "capacity",
+    "join_rate",
+];
+
+/// The fields of a list that the model names.
+pub(crate) const LIST_FIELDS: &[&str] = &["servers", "generated_at_ms"];
+
+/// Readers of the typed fields that text and XML spell as strings; `field` names the field in
+/// the error, as the format calls it.
+pub(crate) mod field {
+    use super::{Format, ParseError, quoted};
+    use crate::model::Status;
+
+    /// `UP`, `DOWN` or `DRAINING`, any case.
+    pub(crate) fn status(format: Format, field: &str, value: &str) -> Result<Status, ParseError> {
+        value.trim().parse().map_err(|_| {
+            ParseError::new(format, "a status (UP, DOWN or DRAINING)", quoted(value))
+                .in_field(field)
+        })
+    }
+
+    /// A number of users (`users`, `capacity`).
+    pub(crate) fn count(format: Format, field: &str, value: &str) -> Result<u64, ParseError> {
+        value.trim().parse().map_err(|_| {
+            ParseError::new(format, "a non-negative integer", quoted(value)).in_field(field)
+        })
+    }
+
+    /// A join rate: arrivals per second, finite and not negative.
+    pub(crate) fn rate(format: Format, field: &str, value: &str) -> Result<f64, ParseError> {
+        value
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|r| r.is_finite() && *r >= 0.0)
+            .ok_or_else(|| {
+                ParseError::new(format, "a finite non-negative number", quoted(value))
+                    .in_field(field)
+            })
+    }
+
+    /// The list's `generated_at_ms`.
+    pub(crate) fn timestamp(format: Format, field: &str, value: &str) -> Result<u64, ParseError> {
+        value.trim().parse().map_err(|_| {
+            ParseError::new(format, "milliseconds since the Unix epoch", quoted(value))
+                .in_field(field)
+        })
+    }
+
+    /// A field given twice (or an extra field named like a known one).
+    pub(crate) fn repeated(format: Format, field: &str) -> ParseError {
+        ParseError::new(
+            format,
+            "each field once",
+            format!("{} again", quoted(field)),
+        )
+        .in_field(field)
+    }
+}
+
 /// Writes `list` in `format`. JavaScript uses [`DEFAULT_CALLBACK`]; see [`render_js`] for another.
 pub fn render(list: &FarmList, format: Format) -> String {
     match format {

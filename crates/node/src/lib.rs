@@ -1,3 +1,381 @@
-//! The streaming node: persistent connections, topics, relay, shared farm state, list service, admin.
+//! The streaming node of the farm: `streamfarm serve`.
 //!
-//! (Built under its own issue; this crate is a placeholder in the workspace until then.)
+//! A node holds persistent WebSocket connections (its *users*), pushes every message published to
+//! a topic down the connections subscribed to it — wherever in the farm it was published — shares
+//! its status and user count with every other node over gossip, and serves the farm list.
+//! It owns sockets, tasks and time; the vocabulary (farm list, frames, close codes) is
+//! `streamfarm-core`'s, and DNS is `streamfarm-dns`'s (fed by [`NodeHandle::farm`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), streamfarm_node::NodeError> {
+//! use streamfarm_node::{NodeConfig, NodeHandle};
+//! let mut config = NodeConfig::new("a");
+//! config.listen = "127.0.0.1:0".parse().unwrap();
+//! let node = NodeHandle::start(config).await?;
+//! println!("streaming at {}", node.url());
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`config`] — [`NodeConfig`]: every setting, TOML with named defaults.
+//! - `membership` — gossip (chitchat): advertises this node, builds the live [`FarmList`],
+//!   lists silent peers `DOWN`.
+//! - `hub` — local topics and fan-out: one serialized frame shared by all subscribers, bounded
+//!   per-connection queues, slow consumers closed.
+//! - `relay` — the `Relay` interface and the embedded relay over links between nodes.
+//! - `session` — one WebSocket connection: frames, heartbeats, limits.
+//! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/admin/status`, `/metrics`,
+//!   `/healthz`.
+//! - `drain` — paced, jittered closing for `DRAINING` and shutdown.
+//! - [`metrics`] — counters and their Prometheus rendering.
+//!
+//! # Life cycle
+//! [`NodeHandle::start`] binds the TCP listener and the gossip socket, then runs the HTTP server,
+//! the membership loop and the relay as tasks of one [`TaskTracker`] under one
+//! [`CancellationToken`]. [`NodeHandle::shutdown`] announces `DOWN`, closes the connections paced
+//! over `shutdown_drain_ms` with `GOING_AWAY`, then cancels and joins everything.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use streamfarm_core::protocol::{Encoding, close};
+use streamfarm_core::{FarmList, Status};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub mod config;
+mod drain;
+mod http;
+mod hub;
+mod membership;
+pub mod metrics;
+#[cfg(test)]
+mod protocol_doc;
+mod relay;
+mod session;
+
+pub use config::{ConfigError, NodeConfig};
+pub use metrics::Metrics;
+
+use crate::hub::Hub;
+use crate::relay::{EmbeddedRelay, Relay};
+
+/// How long shutdown waits, after announcing `DOWN`, for the news to spread (in gossip rounds).
+const ANNOUNCE_ROUNDS: u32 = 3;
+/// Extra time shutdown gives connections to finish closing after the drain period.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HTTP/WebSocket listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Gossip could not start (usually: its UDP address is taken).
+    #[error("cannot gossip on {addr}: {message}")]
+    Gossip {
+        /// The gossip address.
+        addr: SocketAddr,
+        /// Why.
+        message: String,
+    },
+}
+
+/// State shared by every task of one node.
+pub(crate) struct Shared {
+    pub(crate) config: NodeConfig,
+    /// This node's streaming url.
+    pub(crate) url: String,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) relay: Arc<dyn Relay>,
+    /// The embedded relay, when that is the relay in use (it accepts links over HTTP).
+    pub(crate) embedded: Option<Arc<EmbeddedRelay>>,
+    pub(crate) status: watch::Sender<Status>,
+    pub(crate) farm_rx: watch::Receiver<FarmList>,
+    pub(crate) connection_limit: Arc<Semaphore>,
+    /// Cancels the drain in progress, if any.
+    pub(crate) drain: Mutex<Option<CancellationToken>>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+impl Shared {
+    /// Publishes a message farm-wide: serialized once, delivered here, forwarded to peers.
+    /// Returns the number of local deliveries.
+    pub(crate) fn publish(&self, topic: &str, data: String, encoding: Encoding) -> usize {
+        metrics::inc(&self.metrics.messages_published);
+        let frame = hub::msg_frame(topic, data, encoding);
+        let local = self.hub.deliver(topic, &frame);
+        self.relay.forward(topic, &frame);
+        local
+    }
+
+    /// The farm list, stamped now.
+    pub(crate) fn farm_now(&self) -> FarmList {
+        let mut list = self.farm_rx.borrow().clone();
+        list.generated_at_ms = Some(now_ms());
+        list
+    }
+
+    /// Sets this node's status. `DRAINING` starts closing connections paced over the drain
+    /// period with `RECONNECT_ELSEWHERE`; any other status stops a drain in progress.
+    pub(crate) fn set_status(&self, status: Status) {
+        let previous = self.status.send_replace(status);
+        if previous != status {
+            info!(from = %previous, to = %status, "status");
+        }
+        let mut drain = self.drain.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(token) = drain.take() {
+            token.cancel();
+        }
+        if status == Status::Draining {
+            let token = self.cancel.child_token();
+            *drain = Some(token.clone());
+            self.tracker.spawn(drain::run(
+                self.hub.sessions(),
+                self.config.drain_period(),
+                close::RECONNECT_ELSEWHERE,
+                "node draining: reconnect elsewhere",
+                token,
+            ));
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A running node. Dropping it stops the node abruptly; [`NodeHandle::shutdown`] stops it
+/// gracefully.
+pub struct NodeHandle {
+    shared: Arc<Shared>,
+    listen_addr: SocketAddr,
+    gossip_addr: SocketAddr,
+    chitchat: Option<chitchat::ChitchatHandle>,
+}
+
+impl NodeHandle {
+    /// Validates `config`, binds the listener and gossip sockets, and starts serving.
+    pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
+        config.validate()?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| NodeError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let listen_addr = listener.local_addr().map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        // Gossip goes over UDP, so by default it shares the listener's port number.
+        let gossip_addr = config.gossip.unwrap_or(listen_addr);
+        let url = config.stream_url(listen_addr);
+        let stream_path = config.stream_path(listen_addr);
+        let me = membership::SelfInfo {
+            name: config.name.clone(),
+            url: url.clone(),
+            relay_url: format!("ws://{listen_addr}{}", http::RELAY_PATH),
+            priority: config.priority.clone(),
+            capacity: config.capacity.unwrap_or(config.max_connections as u64),
+        };
+        let chitchat = membership::start_gossip(&config, &me, gossip_addr)
+            .await
+            .map_err(|message| NodeError::Gossip {
+                addr: gossip_addr,
+                message,
+            })?;
+
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let (status_tx, status_rx) = watch::channel(Status::Up);
+        // Listed at once, before the first gossip round.
+        let initial = FarmList::new(vec![membership::self_entry(&me, Status::Up, 0, 0.0)]);
+        let (farm_tx, farm_rx) = watch::channel(initial);
+        let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
+        let embedded = EmbeddedRelay::start(
+            config.name.clone(),
+            hub.clone(),
+            metrics.clone(),
+            config.relay_queue,
+            peers_rx,
+            cancel.clone(),
+            &tracker,
+        );
+        let membership_loop = membership::Loop {
+            me,
+            chitchat: chitchat.chitchat(),
+            self_id: chitchat.chitchat_id().clone(),
+            metrics: metrics.clone(),
+            status_rx,
+            farm_tx,
+            peers_tx,
+            gossip_interval: config.gossip_interval(),
+            failure_timeout: config.failure_timeout(),
+        };
+        tracker.spawn(membership_loop.run(cancel.clone()));
+
+        let shared = Arc::new(Shared {
+            connection_limit: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            url,
+            metrics,
+            hub,
+            relay: embedded.clone(),
+            embedded: Some(embedded),
+            status: status_tx,
+            farm_rx,
+            drain: Mutex::new(None),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        });
+        let router = http::router(shared.clone(), &stream_path);
+        let serve_cancel = cancel.clone();
+        tracker.spawn(async move {
+            let result = axum::serve(listener, router)
+                .with_graceful_shutdown(serve_cancel.cancelled_owned())
+                .await;
+            if let Err(err) = result {
+                warn!(error = %err, "HTTP server stopped");
+            }
+        });
+        info!(
+            name = %shared.config.name,
+            listen = %listen_addr,
+            gossip = %gossip_addr,
+            url = %shared.url,
+            "node started"
+        );
+        Ok(NodeHandle {
+            shared,
+            listen_addr,
+            gossip_addr,
+            chitchat: Some(chitchat),
+        })
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.config
+    }
+
+    /// The address the HTTP/WebSocket listener is bound to (the actual port when 0 was asked).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    /// The UDP address of gossip.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.gossip_addr
+    }
+
+    /// The streaming url this node advertises.
+    pub fn url(&self) -> &str {
+        &self.shared.url
+    }
+
+    /// The live farm list as this node sees it; changes whenever a member's facts change.
+    pub fn farm(&self) -> watch::Receiver<FarmList> {
+        self.shared.farm_rx.clone()
+    }
+
+    /// This node's status.
+    pub fn status(&self) -> Status {
+        *self.shared.status.borrow()
+    }
+
+    /// Sets this node's status, as `POST /admin/status` does.
+    pub fn set_status(&self, status: Status) {
+        self.shared.set_status(status);
+    }
+
+    /// Open streaming connections.
+    pub fn users(&self) -> u64 {
+        self.shared.metrics.connections.load(Ordering::Relaxed)
+    }
+
+    /// The node's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Publishes a UTF-8 message to `topic` farm-wide, as `POST /publish/{topic}` does; returns
+    /// the number of local deliveries.
+    pub fn publish(&self, topic: &str, message: &str) -> usize {
+        self.shared
+            .publish(topic, message.to_string(), Encoding::Utf8)
+    }
+
+    /// Graceful stop: announce `DOWN`, close connections paced over `shutdown_drain_ms` with
+    /// `GOING_AWAY`, then stop every task.
+    pub async fn shutdown(mut self) {
+        let shared = self.shared.clone();
+        info!(name = %shared.config.name, "shutting down");
+        shared.set_status(Status::Down);
+        tokio::time::sleep(shared.config.gossip_interval() * ANNOUNCE_ROUNDS).await;
+        let period = shared.config.shutdown_drain();
+        drain::run(
+            shared.hub.sessions(),
+            period,
+            close::GOING_AWAY,
+            "node shutting down",
+            shared.cancel.clone(),
+        )
+        .await;
+        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+        while self.users() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shared.cancel.cancel();
+        shared.tracker.close();
+        if tokio::time::timeout(CLOSE_GRACE, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some tasks did not stop in time");
+        }
+        if let Some(chitchat) = self.chitchat.take()
+            && let Err(err) = chitchat.shutdown().await
+        {
+            warn!(error = %err, "gossip did not stop cleanly");
+        }
+        info!(name = %shared.config.name, "stopped");
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+        if let Some(chitchat) = self.chitchat.take() {
+            chitchat.abort();
+        }
+    }
+}

@@ -302,17 +302,10 @@ fn explain(
                     Policy::LeastUsers => format!("more users than the fewest ({fewest})"),
                     Policy::P2c if n == 1 => "the only live server".to_string(),
                     Policy::P2c => {
+                        // p = wins / pairs (core's p2c): show the wins that make it.
                         let pairs = n * (n - 1) / 2;
-                        let wins: f64 = users
-                            .iter()
-                            .zip(&candidates)
-                            .filter(|&(_, &j)| j != i)
-                            .map(|(&u, _)| match server.users.cmp(&u) {
-                                std::cmp::Ordering::Less => 1.0,
-                                std::cmp::Ordering::Equal => 0.5,
-                                std::cmp::Ordering::Greater => 0.0,
-                            })
-                            .sum();
+                        // Wins come in halves (a tie is a coin toss): round off float noise.
+                        let wins = (p * pairs as f64 * 2.0).round() / 2.0;
                         format!("wins {wins} of {pairs} pairs")
                     }
                     _ => "its share of the fill".to_string(),

@@ -1,11 +1,227 @@
-//! `streamfarm serve` (not built yet: see the open issues).
+//! `streamfarm serve`: run a farm node until SIGTERM or Ctrl-C, then stop gracefully.
+//!
+//! Settings come from, in order of precedence: flags, `STREAMFARM_*` environment variables, the
+//! TOML file of `--config`, defaults (see `crates/node/node.example.toml`).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Arguments of `streamfarm serve`.
-#[derive(Debug, clap::Args)]
-pub(crate) struct Args {}
+use anyhow::Context;
+use streamfarm_node::{NodeConfig, NodeHandle};
+use tracing::info;
 
-pub(crate) async fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`streamfarm serve` is not built yet")
+/// Arguments of `streamfarm serve`. Each flag is also `STREAMFARM_<FLAG>` and a key of the file.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    // Boxed: the settings are many, and the subcommand enum keeps its variants small.
+    #[command(flatten)]
+    settings: Box<Settings>,
+}
+
+/// Every setting of `streamfarm serve`.
+#[derive(Debug, clap::Args)]
+struct Settings {
+    /// TOML config file; flags and environment override it.
+    #[arg(long, env = "STREAMFARM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Node name, unique in the farm.
+    #[arg(long, env = "STREAMFARM_NAME")]
+    name: Option<String>,
+    /// HTTP/WebSocket listen address (default 127.0.0.1:7400).
+    #[arg(long, env = "STREAMFARM_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// UDP gossip address (default: the listen address, same port number over UDP).
+    #[arg(long, env = "STREAMFARM_GOSSIP")]
+    gossip: Option<SocketAddr>,
+    /// Gossip address of a node to join through; repeat for several (env: comma-separated).
+    #[arg(long, env = "STREAMFARM_JOIN", value_delimiter = ',')]
+    join: Vec<String>,
+    /// Priority group label (default A).
+    #[arg(long, env = "STREAMFARM_PRIORITY")]
+    priority: Option<String>,
+    /// Streaming url advertised to clients (default ws://LISTEN/stream).
+    #[arg(long, env = "STREAMFARM_URL")]
+    url: Option<String>,
+    /// Cluster name; nodes only gossip within their cluster.
+    #[arg(long, env = "STREAMFARM_CLUSTER")]
+    cluster: Option<String>,
+    /// Users advertised as capacity (default: max connections).
+    #[arg(long, env = "STREAMFARM_CAPACITY")]
+    capacity: Option<u64>,
+    /// Gossip round period, ms.
+    #[arg(long, env = "STREAMFARM_GOSSIP_INTERVAL_MS")]
+    gossip_interval_ms: Option<u64>,
+    /// A peer silent for this long is listed DOWN, ms.
+    #[arg(long, env = "STREAMFARM_FAILURE_TIMEOUT_MS")]
+    failure_timeout_ms: Option<u64>,
+    /// The node pings an idle client after this long, ms.
+    #[arg(long, env = "STREAMFARM_HEARTBEAT_INTERVAL_MS")]
+    heartbeat_interval_ms: Option<u64>,
+    /// The node closes a client silent for this long, ms.
+    #[arg(long, env = "STREAMFARM_HEARTBEAT_TIMEOUT_MS")]
+    heartbeat_timeout_ms: Option<u64>,
+    /// Most streaming connections held at once.
+    #[arg(long, env = "STREAMFARM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Largest frame accepted from a client, bytes.
+    #[arg(long, env = "STREAMFARM_MAX_FRAME_BYTES")]
+    max_frame_bytes: Option<usize>,
+    /// Frames queued toward one client before it is closed as a slow consumer.
+    #[arg(long, env = "STREAMFARM_SEND_QUEUE")]
+    send_queue: Option<usize>,
+    /// Frames queued toward one peer node before its relay link is reset.
+    #[arg(long, env = "STREAMFARM_RELAY_QUEUE")]
+    relay_queue: Option<usize>,
+    /// Whether clients may publish over the WebSocket.
+    #[arg(long, env = "STREAMFARM_ALLOW_CLIENT_PUBLISH")]
+    allow_client_publish: Option<bool>,
+    /// Period over which a DRAINING node closes its connections, ms.
+    #[arg(long, env = "STREAMFARM_DRAIN_PERIOD_MS")]
+    drain_period_ms: Option<u64>,
+    /// Period over which a node shutting down closes its connections, ms.
+    #[arg(long, env = "STREAMFARM_SHUTDOWN_DRAIN_MS")]
+    shutdown_drain_ms: Option<u64>,
+    /// Bearer token for POST /admin/status (admin API disabled without one).
+    #[arg(long, env = "STREAMFARM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+impl Settings {
+    /// The file's config (or defaults) with every given flag or variable laid over it.
+    fn into_config(self) -> anyhow::Result<NodeConfig> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                NodeConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+            }
+            None => {
+                let name = self
+                    .name
+                    .clone()
+                    .context("--name (or STREAMFARM_NAME, or name in --config) is required")?;
+                NodeConfig::new(name)
+            }
+        };
+        macro_rules! overlay {
+            ($($field:ident),*) => {$(
+                if let Some(value) = self.$field {
+                    config.$field = value;
+                }
+            )*};
+        }
+        macro_rules! overlay_option {
+            ($($field:ident),*) => {$(
+                if self.$field.is_some() {
+                    config.$field = self.$field;
+                }
+            )*};
+        }
+        overlay!(
+            name,
+            listen,
+            priority,
+            cluster,
+            gossip_interval_ms,
+            failure_timeout_ms,
+            heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+            max_connections,
+            max_frame_bytes,
+            send_queue,
+            relay_queue,
+            allow_client_publish,
+            drain_period_ms,
+            shutdown_drain_ms
+        );
+        overlay_option!(gossip, url, capacity, admin_token);
+        if !self.join.is_empty() {
+            config.join = self.join;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = args.settings.into_config()?;
+    let node = NodeHandle::start(config).await?;
+    // One line on stdout that scripts can wait for.
+    println!(
+        "streamfarm node {} serving {} (listen {}, gossip {})",
+        node.name(),
+        node.url(),
+        node.listen_addr(),
+        node.gossip_addr()
+    );
+    wait_for_stop_signal().await?;
+    info!("stop signal: shutting down gracefully");
+    node.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(unix)]
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        result = tokio::signal::ctrl_c() => result.context("cannot watch Ctrl-C")?,
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c().await.context("cannot watch Ctrl-C")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("streamfarm-serve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        std::fs::write(
+            &path,
+            "name = \"file\"\npriority = \"B\"\nfailure_timeout_ms = 1500\n",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--name",
+            "flag",
+            "--join",
+            "127.0.0.1:1",
+            "--join",
+            "127.0.0.1:2",
+        ])
+        .unwrap();
+        let config = cli.args.settings.into_config().unwrap();
+        assert_eq!(config.name, "flag");
+        assert_eq!(config.priority, "B");
+        assert_eq!(config.failure_timeout_ms, 1500);
+        assert_eq!(config.join, vec!["127.0.0.1:1", "127.0.0.1:2"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_name_is_required() {
+        let cli = Cli::try_parse_from(["serve"]).unwrap();
+        let err = cli.args.settings.into_config().unwrap_err();
+        assert!(err.to_string().contains("--name"), "{err}");
+    }
 }

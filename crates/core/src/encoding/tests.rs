@@ -315,15 +315,7 @@ fn server() -> impl Strategy<Value = ServerEntry> {
         token(),
         prop::option::of(any::<u64>()),
         prop::option::of(prop_oneof![0.0f64..1e9, Just(0.0), Just(f64::MAX)]),
-        extras(&[
-            "name",
-            "url",
-            "status",
-            "users",
-            "priority",
-            "capacity",
-            "join_rate",
-        ]),
+        extras(SERVER_FIELDS),
     )
         .prop_map(
             |(name, url, status, users, priority, capacity, join_rate, extra)| ServerEntry {
@@ -343,7 +335,7 @@ fn farm_list() -> impl Strategy<Value = FarmList> {
     (
         prop::collection::vec(server(), 0..6),
         prop::option::of(any::<u64>()),
-        extras(&["servers", "generated_at_ms"]),
+        extras(LIST_FIELDS),
     )
         .prop_map(|(servers, generated_at_ms, extra)| FarmList {
             servers,

@@ -31,8 +31,8 @@ use std::fmt::Write as _;
 
 use serde_json::Map;
 
-use super::{Format, ParseError, extra_to_plain, plain_to_extra, quoted};
-use crate::model::{FarmList, ServerEntry, Status};
+use super::{Format, ParseError, extra_to_plain, field, plain_to_extra, quoted};
+use crate::model::{FarmList, ServerEntry};
 
 /// Fields a `key=value` may not name: they are positional (or, for the list, the server lines).
 const POSITIONAL: [&str; 4] = ["url", "status", "users", "priority"];
@@ -105,19 +105,11 @@ fn parse_server(line: &str) -> Result<ServerEntry, ParseError> {
             .ok_or_else(|| error(field, expected, "the end of the line".to_string()))
     };
     let url = next("URL", "a url")?.to_string();
-    let status_text = next("STATUS", "a status (UP, DOWN or DRAINING)")?;
-    let users_text = next("USERS", "a non-negative integer")?;
+    let status = next("STATUS", "a status (UP, DOWN or DRAINING)")?;
+    let users = next("USERS", "a non-negative integer")?;
     let priority = next("PRIORITY", "a priority group label")?.to_string();
-    let status: Status = status_text.parse().map_err(|_| {
-        error(
-            "STATUS",
-            "a status (UP, DOWN or DRAINING)",
-            quoted(status_text),
-        )
-    })?;
-    let users: u64 = users_text
-        .parse()
-        .map_err(|_| error("USERS", "a non-negative integer", quoted(users_text)))?;
+    let status = field::status(Format::Text, "STATUS", status)?;
+    let users = field::count(Format::Text, "USERS", users)?;
     let mut entry = ServerEntry::new("", url, status, users, priority);
     let mut seen = HashSet::new();
     for token in tokens {
@@ -126,32 +118,12 @@ fn parse_server(line: &str) -> Result<ServerEntry, ParseError> {
         }
         let (key, value) = key_value(token)?;
         if POSITIONAL.contains(&key.as_str()) || !seen.insert(key.clone()) {
-            return Err(error(
-                &key,
-                "each field once",
-                format!("{} again", quoted(&key)),
-            ));
+            return Err(field::repeated(Format::Text, &key));
         }
         match key.as_str() {
             "name" => entry.name = value,
-            "capacity" => {
-                entry.capacity = Some(
-                    value
-                        .parse()
-                        .map_err(|_| error(&key, "a non-negative integer", quoted(&value)))?,
-                )
-            }
-            "join_rate" => {
-                entry.join_rate = Some(
-                    value
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|r| r.is_finite() && *r >= 0.0)
-                        .ok_or_else(|| {
-                            error(&key, "a finite non-negative number", quoted(&value))
-                        })?,
-                )
-            }
+            "capacity" => entry.capacity = Some(field::count(Format::Text, &key, &value)?),
+            "join_rate" => entry.join_rate = Some(field::rate(Format::Text, &key, &value)?),
             _ => {
                 entry.extra.insert(key, plain_to_extra(&value));
             }
@@ -165,35 +137,20 @@ fn parse_list_fields(fields: &str, list: &mut FarmList) -> Result<(), ParseError
     for token in fields.split_whitespace() {
         let (key, value) = key_value(token)?;
         if key == "servers" || extra.contains_key(&key) {
-            return Err(error(
-                &key,
-                "each list field once",
-                format!("{} again", quoted(&key)),
-            ));
+            return Err(field::repeated(Format::Text, &key));
         }
         if key == "generated_at_ms" {
             if list.generated_at_ms.is_some() {
-                return Err(error(
-                    &key,
-                    "each list field once",
-                    format!("{} again", quoted(&key)),
-                ));
+                return Err(field::repeated(Format::Text, &key));
             }
-            list.generated_at_ms =
-                Some(value.parse().map_err(|_| {
-                    error(&key, "milliseconds since the Unix epoch", quoted(&value))
-                })?);
+            list.generated_at_ms = Some(field::timestamp(Format::Text, &key, &value)?);
         } else {
             extra.insert(key, plain_to_extra(&value));
         }
     }
     for (key, value) in extra {
         if list.extra.insert(key.clone(), value).is_some() {
-            return Err(error(
-                &key,
-                "each list field once",
-                format!("{} again", quoted(&key)),
-            ));
+            return Err(field::repeated(Format::Text, &key));
         }
     }
     Ok(())

@@ -27,8 +27,10 @@ use quick_xml::XmlVersion;
 use quick_xml::events::{BytesStart, Event};
 use serde_json::{Map, Value};
 
-use super::{Format, ParseError, extra_to_plain, plain_to_extra, quoted};
-use crate::model::{FarmList, ServerEntry, Status};
+use super::{
+    Format, LIST_FIELDS, ParseError, SERVER_FIELDS, extra_to_plain, field, plain_to_extra,
+};
+use crate::model::{FarmList, ServerEntry};
 
 /// Writes `list` as XML.
 pub fn render(list: &FarmList) -> String {
@@ -182,20 +184,6 @@ pub fn parse(input: &str) -> Result<FarmList, ParseError> {
     })
 }
 
-/// Fields of a server that an `<extra>` may not name: they have their own attributes.
-const SERVER_FIELDS: &[&str] = &[
-    "name",
-    "url",
-    "status",
-    "users",
-    "priority",
-    "capacity",
-    "join_rate",
-];
-
-/// Fields of the list that an `<extra>` may not name.
-const LIST_FIELDS: &[&str] = &["servers", "generated_at_ms"];
-
 /// Elements we are inside of.
 enum Element {
     Farm,
@@ -223,14 +211,7 @@ fn attributes<'a>(start: &'a BytesStart<'a>) -> Result<Vec<(String, Cow<'a, str>
 fn read_farm_attributes(start: &BytesStart<'_>, farm: &mut FarmList) -> Result<(), ParseError> {
     for (name, value) in attributes(start)? {
         if name == "generated_at_ms" {
-            farm.generated_at_ms = Some(value.trim().parse().map_err(|_| {
-                ParseError::new(
-                    Format::Xml,
-                    "milliseconds since the Unix epoch",
-                    quoted(&value),
-                )
-                .in_field(&name)
-            })?);
+            farm.generated_at_ms = Some(field::timestamp(Format::Xml, &name, &value)?);
         } else if name != "servers" {
             farm.extra.insert(name, plain_to_extra(&value));
         }
@@ -239,9 +220,6 @@ fn read_farm_attributes(start: &BytesStart<'_>, farm: &mut FarmList) -> Result<(
 }
 
 fn read_server(start: &BytesStart<'_>) -> Result<ServerEntry, ParseError> {
-    let error = |field: &str, expected: &str, found: String| {
-        ParseError::new(Format::Xml, expected, found).in_field(field)
-    };
     let mut name = String::new();
     let mut url = None;
     let mut status = None;
@@ -254,47 +232,18 @@ fn read_server(start: &BytesStart<'_>) -> Result<ServerEntry, ParseError> {
         match key.as_str() {
             "name" => name = value.into_owned(),
             "url" => url = Some(value.into_owned()),
-            "status" => {
-                status =
-                    Some(value.parse::<Status>().map_err(|_| {
-                        error(&key, "a status (UP, DOWN or DRAINING)", quoted(&value))
-                    })?)
-            }
-            "users" => {
-                users = Some(
-                    value
-                        .trim()
-                        .parse::<u64>()
-                        .map_err(|_| error(&key, "a non-negative integer", quoted(&value)))?,
-                )
-            }
+            "status" => status = Some(field::status(Format::Xml, &key, &value)?),
+            "users" => users = Some(field::count(Format::Xml, &key, &value)?),
             "priority" => priority = Some(value.into_owned()),
-            "capacity" => {
-                capacity = Some(
-                    value
-                        .trim()
-                        .parse::<u64>()
-                        .map_err(|_| error(&key, "a non-negative integer", quoted(&value)))?,
-                )
-            }
-            "join_rate" => {
-                join_rate = Some(
-                    value
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|r| r.is_finite() && *r >= 0.0)
-                        .ok_or_else(|| {
-                            error(&key, "a finite non-negative number", quoted(&value))
-                        })?,
-                )
-            }
+            "capacity" => capacity = Some(field::count(Format::Xml, &key, &value)?),
+            "join_rate" => join_rate = Some(field::rate(Format::Xml, &key, &value)?),
             _ => {
                 extra.insert(key, plain_to_extra(&value));
             }
         }
     }
-    let missing = |field: &str| error(field, "the attribute", "nothing".to_string());
+    let missing =
+        |field: &str| ParseError::new(Format::Xml, "the attribute", "nothing").in_field(field);
     let mut entry = ServerEntry::new(
         name,
         url.ok_or_else(|| missing("url"))?,
@@ -328,12 +277,7 @@ fn read_extra(
     let key = key.ok_or_else(|| missing("key"))?;
     let value = value.ok_or_else(|| missing("value"))?;
     if known.contains(&key.as_str()) || extra.contains_key(&key) {
-        return Err(ParseError::new(
-            Format::Xml,
-            "each field once",
-            format!("{} again", quoted(&key)),
-        )
-        .in_field(key));
+        return Err(field::repeated(Format::Xml, &key));
     }
     extra.insert(key, plain_to_extra(&value));
     Ok(())

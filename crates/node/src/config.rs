@@ -1,0 +1,315 @@
+//! Node configuration: one struct, read from TOML, with a named default for every optional field.
+//!
+//! The CLI layers its sources as flag > `STREAMFARM_*` environment > `--config` file > default:
+//! it parses the file with [`NodeConfig::from_toml`] and then overwrites the fields the user gave
+//! on the command line or in the environment. Unknown keys are errors, so a typo in a config file
+//! is reported instead of silently ignored.
+//!
+//! ```
+//! use streamfarm_node::NodeConfig;
+//! let config = NodeConfig::from_toml(r#"
+//!     name = "a"
+//!     listen = "127.0.0.1:7400"
+//!     join = ["127.0.0.1:7500"]
+//! "#).unwrap();
+//! assert_eq!(config.priority, "A");
+//! assert_eq!(config.stream_url(config.listen), "ws://127.0.0.1:7400/stream");
+//! ```
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a node needs to start. Durations are whole milliseconds (`*_ms`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name, unique in the farm; also its gossip identity.
+    pub name: String,
+    /// TCP address of the HTTP/WebSocket listener. Port 0 picks a free port.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// UDP address for gossip. Default: the listen address (same IP and port number, over UDP).
+    #[serde(default)]
+    pub gossip: Option<SocketAddr>,
+    /// Gossip addresses (`host:port`) of nodes to join through; none starts a new farm.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Priority group label (`A` is preferred to `B`).
+    #[serde(default = "default_priority")]
+    pub priority: String,
+    /// Streaming url advertised to clients. Default `ws://LISTEN/stream` (with the actual port).
+    /// Its path is where the node serves the WebSocket.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Farm identity: nodes only gossip with nodes of the same cluster.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Users advertised as capacity. Default: `max_connections`.
+    #[serde(default)]
+    pub capacity: Option<u64>,
+    /// How often the node gossips with its peers.
+    #[serde(default = "default_gossip_interval_ms")]
+    pub gossip_interval_ms: u64,
+    /// A peer whose gossip heartbeat has not advanced for this long is listed `DOWN`.
+    #[serde(default = "default_failure_timeout_ms")]
+    pub failure_timeout_ms: u64,
+    /// The node pings a client it has sent nothing to for this long; clients should do the same.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// The node closes a connection that sent nothing for this long.
+    #[serde(default = "default_heartbeat_timeout_ms")]
+    pub heartbeat_timeout_ms: u64,
+    /// Most streaming connections held at once; more are refused with `SERVER_FULL`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest WebSocket message accepted from a client, in bytes.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// Frames queued toward one client before it is closed as a slow consumer.
+    #[serde(default = "default_send_queue")]
+    pub send_queue: usize,
+    /// Frames queued toward one peer node before that relay link is reset.
+    #[serde(default = "default_relay_queue")]
+    pub relay_queue: usize,
+    /// Whether clients may publish over the WebSocket (`pub` frames).
+    #[serde(default = "default_true")]
+    pub allow_client_publish: bool,
+    /// Period over which a `DRAINING` node closes its connections.
+    #[serde(default = "default_drain_period_ms")]
+    pub drain_period_ms: u64,
+    /// Period over which a node shutting down closes its connections.
+    #[serde(default = "default_shutdown_drain_ms")]
+    pub shutdown_drain_ms: u64,
+    /// Bearer token for `POST /admin/status`; without one the admin API is disabled.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7400))
+}
+fn default_priority() -> String {
+    "A".to_string()
+}
+fn default_cluster() -> String {
+    "streamfarm".to_string()
+}
+fn default_gossip_interval_ms() -> u64 {
+    100
+}
+fn default_failure_timeout_ms() -> u64 {
+    2_000
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    1_000
+}
+fn default_heartbeat_timeout_ms() -> u64 {
+    3_000
+}
+fn default_max_connections() -> usize {
+    100_000
+}
+fn default_max_frame_bytes() -> usize {
+    64 * 1024
+}
+fn default_send_queue() -> usize {
+    1024
+}
+fn default_relay_queue() -> usize {
+    65_536
+}
+fn default_true() -> bool {
+    true
+}
+fn default_drain_period_ms() -> u64 {
+    10_000
+}
+fn default_shutdown_drain_ms() -> u64 {
+    1_000
+}
+
+/// The configuration is not usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The TOML text did not parse or has unknown keys.
+    #[error("config: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A value is out of its range.
+    #[error("config: {field}: {problem}")]
+    Invalid {
+        /// The offending key.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl NodeConfig {
+    /// A config with this name and every other field at its default.
+    pub fn new(name: impl Into<String>) -> Self {
+        NodeConfig {
+            name: name.into(),
+            listen: default_listen(),
+            gossip: None,
+            join: Vec::new(),
+            priority: default_priority(),
+            url: None,
+            cluster: default_cluster(),
+            capacity: None,
+            gossip_interval_ms: default_gossip_interval_ms(),
+            failure_timeout_ms: default_failure_timeout_ms(),
+            heartbeat_interval_ms: default_heartbeat_interval_ms(),
+            heartbeat_timeout_ms: default_heartbeat_timeout_ms(),
+            max_connections: default_max_connections(),
+            max_frame_bytes: default_max_frame_bytes(),
+            send_queue: default_send_queue(),
+            relay_queue: default_relay_queue(),
+            allow_client_publish: true,
+            drain_period_ms: default_drain_period_ms(),
+            shutdown_drain_ms: default_shutdown_drain_ms(),
+            admin_token: None,
+        }
+    }
+
+    /// Parses a TOML config; unknown keys are errors.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Checks the ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                problem: problem.to_string(),
+            })
+        };
+        if self.name.is_empty() {
+            return invalid("name", "must not be empty");
+        }
+        if self.priority.is_empty() || self.priority.contains(char::is_whitespace) {
+            return invalid("priority", "must be a non-empty label without spaces");
+        }
+        if self.gossip_interval_ms == 0 {
+            return invalid("gossip_interval_ms", "must be positive");
+        }
+        if self.failure_timeout_ms < 2 * self.gossip_interval_ms {
+            return invalid(
+                "failure_timeout_ms",
+                "must be at least twice gossip_interval_ms",
+            );
+        }
+        if self.heartbeat_interval_ms == 0
+            || self.heartbeat_timeout_ms <= self.heartbeat_interval_ms
+        {
+            return invalid(
+                "heartbeat_timeout_ms",
+                "must be greater than heartbeat_interval_ms, which must be positive",
+            );
+        }
+        if self.max_frame_bytes < 256 {
+            return invalid("max_frame_bytes", "must be at least 256");
+        }
+        if self.send_queue == 0 || self.relay_queue == 0 {
+            return invalid("send_queue", "queues must hold at least one frame");
+        }
+        if let Some(url) = &self.url
+            && !(url.starts_with("ws://") || url.starts_with("wss://"))
+        {
+            return invalid("url", "must start with ws:// or wss://");
+        }
+        Ok(())
+    }
+
+    /// The streaming url for a node listening on `bound` (the actual address, after port 0).
+    pub fn stream_url(&self, bound: SocketAddr) -> String {
+        match &self.url {
+            Some(url) => url.clone(),
+            None => format!("ws://{bound}/stream"),
+        }
+    }
+
+    /// The HTTP path of the WebSocket: the path of the url, `/stream` by default.
+    pub fn stream_path(&self, bound: SocketAddr) -> String {
+        let url = self.stream_url(bound);
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+        match rest.find('/') {
+            Some(at) => rest[at..].to_string(),
+            None => "/".to_string(),
+        }
+    }
+
+    /// See [`NodeConfig::gossip_interval_ms`].
+    pub fn gossip_interval(&self) -> Duration {
+        Duration::from_millis(self.gossip_interval_ms)
+    }
+    /// See [`NodeConfig::failure_timeout_ms`].
+    pub fn failure_timeout(&self) -> Duration {
+        Duration::from_millis(self.failure_timeout_ms)
+    }
+    /// See [`NodeConfig::heartbeat_interval_ms`].
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    /// See [`NodeConfig::heartbeat_timeout_ms`].
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+    /// See [`NodeConfig::drain_period_ms`].
+    pub fn drain_period(&self) -> Duration {
+        Duration::from_millis(self.drain_period_ms)
+    }
+    /// See [`NodeConfig::shutdown_drain_ms`].
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_config_parses_and_validates() {
+        let text = include_str!("../node.example.toml");
+        let config = NodeConfig::from_toml(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.name, "node-1");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let err =
+            NodeConfig::from_toml("name = \"a\"\nlisten_addr = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = NodeConfig::from_toml("name = \"a\"").unwrap();
+        assert_eq!(config, NodeConfig::new("a"));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn stream_path_follows_the_url() {
+        let mut config = NodeConfig::new("a");
+        let bound: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(config.stream_path(bound), "/stream");
+        config.url = Some("wss://push.example.com/live/ws".into());
+        assert_eq!(config.stream_path(bound), "/live/ws");
+        config.url = Some("ws://push.example.com".into());
+        assert_eq!(config.stream_path(bound), "/");
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let mut config = NodeConfig::new("a");
+        config.failure_timeout_ms = 10;
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("failure_timeout_ms"), "{err}");
+    }
+}

@@ -1,0 +1,242 @@
+//! The node's HTTP surface (axum): the streaming WebSocket, the list service, publishing, admin,
+//! metrics and health.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET <url path>` (default `/stream`) | the streaming WebSocket (`docs/PROTOCOL.md`) |
+//! | `GET /farm` | the farm list: JSON, `?format=text\|xml\|js` (`?callback=` for js), or `Accept` |
+//! | `POST /publish/{topic}` | body = message, published farm-wide |
+//! | `POST /admin/status` | `UP`, `DOWN` or `DRAINING` (bearer token from config) |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /healthz` | `200` with the node's status |
+//! | `GET /internal/relay?node=NAME` | relay link from a peer node (not for clients) |
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use streamfarm_core::Status;
+use streamfarm_core::encoding::{self, Format};
+use streamfarm_core::protocol::{Encoding, close};
+use tracing::info;
+
+use crate::session::{self, check_topic};
+use crate::{Shared, metrics};
+
+/// Path of the relay endpoint on every node.
+pub(crate) const RELAY_PATH: &str = "/internal/relay";
+/// Largest message body accepted by `POST /publish` beyond `max_frame_bytes`: the JSON envelope.
+const ENVELOPE_SLACK: usize = 1024;
+/// tungstenite's read buffer, allocated per connection: small, so idle connections are cheap.
+const READ_BUFFER_BYTES: usize = 1024;
+
+/// The router of one node.
+pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
+    let body_limit = shared.config.max_frame_bytes + ENVELOPE_SLACK;
+    Router::new()
+        .route(stream_path, get(stream))
+        .route(RELAY_PATH, get(relay))
+        .route("/farm", get(farm))
+        .route(
+            "/publish/{topic}",
+            post(publish).layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .route("/admin/status", post(admin_status))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .with_state(shared)
+}
+
+async fn stream(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> Response {
+    // The transport admits up to twice the limit so that a frame just over it is read whole and
+    // answered with an error frame and a clean close; beyond that the transport cuts it off.
+    let max = shared.config.max_frame_bytes * 2 + ENVELOPE_SLACK;
+    let upgrade = upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0);
+    let status = *shared.status.borrow();
+    let refusal = match status {
+        Status::Up => None,
+        Status::Draining => Some("node is draining"),
+        Status::Down => Some("node is down"),
+    };
+    let permit = shared.connection_limit.clone().try_acquire_owned();
+    let tracker = shared.tracker.clone();
+    upgrade.on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            if let Some(reason) = refusal {
+                metrics::inc(&shared.metrics.connections_refused);
+                return session::refuse(socket, close::RECONNECT_ELSEWHERE, reason).await;
+            }
+            let Ok(_permit) = permit else {
+                metrics::inc(&shared.metrics.connections_refused);
+                return session::refuse(socket, close::SERVER_FULL, "server full").await;
+            };
+            session::serve(socket, shared).await
+        })
+    })
+}
+
+async fn relay(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let (Some(relay), Some(peer)) = (shared.embedded.clone(), query.get("node").cloned()) else {
+        return (StatusCode::NOT_FOUND, "no embedded relay here\n").into_response();
+    };
+    let cancel = shared.cancel.clone();
+    let tracker = shared.tracker.clone();
+    upgrade
+        .max_message_size(64 << 20)
+        .on_upgrade(move |socket| tracker.track_future(relay.accept(socket, peer, cancel)))
+}
+
+async fn farm(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    // `?format=` wins over `Accept`; `?callback=` alone asks for JavaScript.
+    let format = match query.get("format") {
+        Some(name) => match Format::from_name(name) {
+            Some(format) => format,
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown format {name:?}: expected json, text, xml or js\n"),
+                )
+                    .into_response();
+            }
+        },
+        None if query.contains_key("callback") => Format::Js,
+        None => {
+            let accept = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            match Format::from_accept(accept) {
+                Some(format) => format,
+                None => {
+                    return (
+                        StatusCode::NOT_ACCEPTABLE,
+                        "acceptable: application/json, text/plain, application/xml, application/javascript\n",
+                    )
+                        .into_response();
+                }
+            }
+        }
+    };
+    let list = shared.farm_now();
+    let body = match (format, query.get("callback")) {
+        (Format::Js, Some(callback)) => match encoding::render_js(&list, callback) {
+            Ok(body) => body,
+            Err(err) => return (StatusCode::BAD_REQUEST, format!("{err}\n")).into_response(),
+        },
+        _ => encoding::render(&list, format),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::VARY, "Accept"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn publish(
+    State(shared): State<Arc<Shared>>,
+    Path(topic): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(problem) = check_topic(&topic) {
+        return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response();
+    }
+    let (data, encoding) = match String::from_utf8(body.to_vec()) {
+        Ok(text) => (text, Encoding::Utf8),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(&body),
+            Encoding::Base64,
+        ),
+    };
+    let local = shared.publish(&topic, data, encoding);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!(
+            "{{\"topic\":{},\"local_deliveries\":{local}}}\n",
+            serde_json::json!(topic)
+        ),
+    )
+        .into_response()
+}
+
+async fn admin_status(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let Some(token) = &shared.config.admin_token else {
+        return (
+            StatusCode::FORBIDDEN,
+            "admin API disabled: no admin_token configured\n",
+        )
+            .into_response();
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented != Some(token.as_str()) {
+        return (StatusCode::UNAUTHORIZED, "bad or missing bearer token\n").into_response();
+    }
+    // Either `{"status":"DRAINING"}` or the bare word.
+    let wanted = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(str::to_string))
+        .unwrap_or_else(|| body.trim().to_string());
+    let status = match wanted.parse::<Status>() {
+        Ok(status) => status,
+        Err(err) => return (StatusCode::BAD_REQUEST, format!("{err}\n")).into_response(),
+    };
+    info!(status = %status, "admin status change");
+    shared.set_status(status);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{{\"status\":\"{status}\"}}\n"),
+    )
+        .into_response()
+}
+
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
+    let (depth, links) = shared.relay.stats();
+    let text = shared
+        .metrics
+        .render(&shared.farm_rx.borrow(), depth, links);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    let status = *shared.status.borrow();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!(
+            "{{\"status\":\"{status}\",\"users\":{}}}\n",
+            shared
+                .metrics
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+        ),
+    )
+        .into_response()
+}

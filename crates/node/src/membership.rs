@@ -1,0 +1,368 @@
+//! Shared farm state over gossip (quickwit's `chitchat`: scuttlebutt reconciliation over UDP).
+//!
+//! Each node advertises, as chitchat keys of its own node state:
+//! `url`, `status` (`UP`/`DOWN`/`DRAINING`), `users`, `priority`, `capacity`, `join_rate` and
+//! `relay` (the url of its relay endpoint). Its chitchat id is `(name, generation, gossip address)`
+//! with the generation = start time in milliseconds, so a restarted node is a new generation and
+//! its old state is superseded.
+//!
+//! A loop ticking twice per gossip interval
+//! 1. writes this node's changed values into its chitchat state (at most once per tick, so a burst
+//!    of connections costs one key update, not one per connection), and
+//! 2. rebuilds the [`FarmList`] and the relay peer list from every node state, publishing them on
+//!    `watch` channels when they change.
+//!
+//! # Liveness
+//! A peer is listed with its advertised status while its gossip heartbeat keeps advancing, and
+//! `DOWN` once the heartbeat has not advanced for `failure_timeout` minus one gossip interval (the
+//! age the last heartbeat may already have had when it arrived) — so a node that dies is listed
+//! `DOWN` within `failure_timeout` (killed, stopped, cut off).
+//! This is a plain timeout rather than chitchat's phi-accrual verdict so that the detection time is
+//! exactly the configured one; chitchat's own detector is tuned to the same scale and still
+//! decides whom it gossips with. A node first seen through a third party is not listed `UP` until
+//! its heartbeat is seen advancing. Of several generations of one name, only the newest is listed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chitchat::transport::UdpTransport;
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
+use streamfarm_core::{FarmList, ServerEntry, Status};
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+
+/// Dead nodes stay listed `DOWN` this long before chitchat forgets them.
+const DEAD_NODE_GRACE: Duration = Duration::from_secs(3600);
+/// Window over which the join rate is measured.
+const JOIN_RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Keys of the node state.
+mod key {
+    pub(super) const URL: &str = "url";
+    pub(super) const STATUS: &str = "status";
+    pub(super) const USERS: &str = "users";
+    pub(super) const PRIORITY: &str = "priority";
+    pub(super) const CAPACITY: &str = "capacity";
+    pub(super) const JOIN_RATE: &str = "join_rate";
+    pub(super) const RELAY: &str = "relay";
+}
+
+/// What this node says about itself.
+#[derive(Debug, Clone)]
+pub(crate) struct SelfInfo {
+    pub(crate) name: String,
+    pub(crate) url: String,
+    pub(crate) relay_url: String,
+    pub(crate) priority: String,
+    pub(crate) capacity: u64,
+}
+
+/// Starts chitchat on `gossip_addr`; the returned handle must be shut down by the caller.
+pub(crate) async fn start_gossip(
+    config: &NodeConfig,
+    me: &SelfInfo,
+    gossip_addr: SocketAddr,
+) -> Result<ChitchatHandle, String> {
+    let generation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let gossip_interval = config.gossip_interval();
+    // Chitchat's phi is "time since last heartbeat / mean interval"; heartbeats arrive about once
+    // per gossip interval, so this threshold puts its verdict near our own timeout.
+    let phi_threshold =
+        (config.failure_timeout_ms as f64 / config.gossip_interval_ms as f64).max(3.0);
+    let chitchat_config = ChitchatConfig {
+        chitchat_id: ChitchatId::new(me.name.clone(), generation, gossip_addr),
+        cluster_id: config.cluster.clone(),
+        gossip_interval,
+        listen_addr: gossip_addr,
+        seed_nodes: config.join.clone(),
+        failure_detector_config: FailureDetectorConfig {
+            phi_threshold,
+            sampling_window_size: 100,
+            max_interval: config.failure_timeout(),
+            initial_interval: gossip_interval,
+            dead_node_grace_period: DEAD_NODE_GRACE,
+        },
+        marked_for_deletion_grace_period: DEAD_NODE_GRACE,
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: chitchat::ProtocolVersion::V0,
+    };
+    let initial = vec![
+        (key::URL.to_string(), me.url.clone()),
+        (key::STATUS.to_string(), Status::Up.as_str().to_string()),
+        (key::USERS.to_string(), "0".to_string()),
+        (key::PRIORITY.to_string(), me.priority.clone()),
+        (key::CAPACITY.to_string(), me.capacity.to_string()),
+        (key::JOIN_RATE.to_string(), "0".to_string()),
+        (key::RELAY.to_string(), me.relay_url.clone()),
+    ];
+    chitchat::spawn_chitchat(chitchat_config, initial, &UdpTransport)
+        .await
+        .map_err(|err| format!("{err:#}"))
+}
+
+/// Everything the membership loop reads and writes.
+pub(crate) struct Loop {
+    pub(crate) me: SelfInfo,
+    pub(crate) chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    pub(crate) self_id: ChitchatId,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) status_rx: watch::Receiver<Status>,
+    pub(crate) farm_tx: watch::Sender<FarmList>,
+    pub(crate) peers_tx: watch::Sender<BTreeMap<String, String>>,
+    pub(crate) gossip_interval: Duration,
+    pub(crate) failure_timeout: Duration,
+}
+
+/// Last heartbeat seen of one node generation, and when it last advanced.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    heartbeat: u64,
+    advanced_at: Option<Instant>,
+}
+
+impl Loop {
+    /// Runs until `cancel` fires.
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        // Twice per gossip round, so news and verdicts wait at most half a round here.
+        let mut tick = tokio::time::interval(self.gossip_interval / 2);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut seen: HashMap<ChitchatId, Seen> = HashMap::new();
+        let mut joins: VecDeque<(Instant, u64)> = VecDeque::new();
+        let mut advertised: BTreeMap<&'static str, String> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+                // A status change goes out at once, not at the next tick.
+                changed = self.status_rx.changed() => if changed.is_err() { return },
+            }
+            let now = Instant::now();
+            let status = *self.status_rx.borrow_and_update();
+            let users = self.metrics.connections.load(Ordering::Relaxed);
+            let join_rate = join_rate(
+                &mut joins,
+                now,
+                self.metrics.connections_accepted.load(Ordering::Relaxed),
+            );
+            let mine = [
+                (key::STATUS, status.as_str().to_string()),
+                (key::USERS, users.to_string()),
+                (key::JOIN_RATE, format!("{join_rate:.2}")),
+            ];
+            let mut chitchat = self.chitchat.lock().await;
+            for (key, value) in mine {
+                if advertised.get(key) != Some(&value) {
+                    chitchat.self_node_state().set(key, &value);
+                    advertised.insert(key, value);
+                }
+            }
+            let states: Vec<(ChitchatId, Entry)> = chitchat
+                .node_states()
+                .iter()
+                .filter(|(id, _)| **id != self.self_id)
+                .map(|(id, state)| (id.clone(), Entry::read(state)))
+                .collect();
+            drop(chitchat);
+
+            let mut list = vec![self_entry(&self.me, status, users, join_rate)];
+            let mut peers = BTreeMap::new();
+            // Newest generation per name.
+            let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
+            for (id, _) in &states {
+                let slot = newest.entry(&*id.node_id).or_insert(id);
+                if id.generation_id > slot.generation_id {
+                    *slot = id;
+                }
+            }
+            seen.retain(|id, _| states.iter().any(|(s, _)| s == id));
+            for (id, entry) in &states {
+                let record = seen.entry(id.clone()).or_insert(Seen {
+                    heartbeat: entry.heartbeat,
+                    advanced_at: None,
+                });
+                if entry.heartbeat > record.heartbeat {
+                    record.heartbeat = entry.heartbeat;
+                    record.advanced_at = Some(now);
+                }
+                if newest.get(&*id.node_id) != Some(&id) || *id.node_id == *self.me.name {
+                    continue;
+                }
+                // The heartbeat we saw last was sent up to a gossip round before it reached us:
+                // allow for that round so that the verdict comes within `failure_timeout` of
+                // the peer's last heartbeat, not later.
+                let alive = record.advanced_at.is_some_and(|at| {
+                    now.duration_since(at) + self.gossip_interval < self.failure_timeout
+                });
+                let Some(mut server) = entry.server(&id.node_id) else {
+                    continue;
+                };
+                if !alive {
+                    server.status = Status::Down;
+                }
+                if alive && let Some(relay) = &entry.relay {
+                    peers.insert(id.node_id.to_string(), relay.clone());
+                }
+                list.push(server);
+            }
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            let stamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            self.farm_tx.send_if_modified(|current| {
+                if current.servers == list {
+                    return false;
+                }
+                for server in &list {
+                    let before = current.servers.iter().find(|s| s.name == server.name);
+                    if before.map(|b| b.status) != Some(server.status) {
+                        info!(server = %server.name, status = %server.status, "farm member status");
+                    }
+                }
+                current.servers = list;
+                current.generated_at_ms = Some(stamp);
+                true
+            });
+            self.peers_tx.send_if_modified(|current| {
+                if *current == peers {
+                    return false;
+                }
+                *current = peers;
+                true
+            });
+        }
+    }
+}
+
+/// The keys of one node state, as read under the chitchat lock.
+#[derive(Debug, Clone)]
+struct Entry {
+    heartbeat: u64,
+    url: Option<String>,
+    status: Option<String>,
+    users: Option<String>,
+    priority: Option<String>,
+    capacity: Option<String>,
+    join_rate: Option<String>,
+    relay: Option<String>,
+}
+
+impl Entry {
+    fn read(state: &NodeState) -> Self {
+        let get = |key: &str| state.get(key).map(str::to_string);
+        Entry {
+            heartbeat: state.heartbeat().into(),
+            url: get(key::URL),
+            status: get(key::STATUS),
+            users: get(key::USERS),
+            priority: get(key::PRIORITY),
+            capacity: get(key::CAPACITY),
+            join_rate: get(key::JOIN_RATE),
+            relay: get(key::RELAY),
+        }
+    }
+
+    /// The list entry a peer advertises; `None` until its url has arrived.
+    fn server(&self, name: &str) -> Option<ServerEntry> {
+        let url = self.url.clone()?;
+        let status = match self.status.as_deref().map(str::parse::<Status>) {
+            Some(Ok(status)) => status,
+            Some(Err(err)) => {
+                warn!(server = name, error = %err, "peer advertises a bad status");
+                Status::Down
+            }
+            None => Status::Down,
+        };
+        let mut server = ServerEntry::new(
+            name,
+            url,
+            status,
+            self.users
+                .as_deref()
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(0),
+            self.priority.clone().unwrap_or_else(|| "A".to_string()),
+        );
+        server.capacity = self.capacity.as_deref().and_then(|c| c.parse().ok());
+        server.join_rate = self.join_rate.as_deref().and_then(|r| r.parse().ok());
+        Some(server)
+    }
+}
+
+pub(crate) fn self_entry(me: &SelfInfo, status: Status, users: u64, join_rate: f64) -> ServerEntry {
+    let mut server = ServerEntry::new(&me.name, &me.url, status, users, &me.priority);
+    server.capacity = Some(me.capacity);
+    server.join_rate = Some((join_rate * 100.0).round() / 100.0);
+    server
+}
+
+/// Arrivals per second over the last [`JOIN_RATE_WINDOW`], from samples of the accept counter.
+fn join_rate(samples: &mut VecDeque<(Instant, u64)>, now: Instant, accepted: u64) -> f64 {
+    samples.push_back((now, accepted));
+    while samples
+        .front()
+        .is_some_and(|(at, _)| now.duration_since(*at) > JOIN_RATE_WINDOW)
+    {
+        samples.pop_front();
+    }
+    let (first_at, first) = samples.front().copied().unwrap_or((now, accepted));
+    let elapsed = now.duration_since(first_at).as_secs_f64();
+    if elapsed < 0.5 {
+        return 0.0;
+    }
+    let rate = (accepted - first) as f64 / elapsed;
+    (rate * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn join_rate_counts_recent_arrivals_per_second() {
+        let mut samples = VecDeque::new();
+        let start = Instant::now();
+        assert_eq!(join_rate(&mut samples, start, 0), 0.0);
+        assert_eq!(
+            join_rate(&mut samples, start + Duration::from_secs(2), 20),
+            10.0
+        );
+        // Old samples leave the window.
+        assert_eq!(
+            join_rate(&mut samples, start + Duration::from_secs(8), 20),
+            0.0
+        );
+    }
+
+    #[test]
+    fn peer_entry_reads_every_key() {
+        let entry = Entry {
+            heartbeat: 3,
+            url: Some("ws://b/stream".into()),
+            status: Some("DRAINING".into()),
+            users: Some("12".into()),
+            priority: Some("B".into()),
+            capacity: Some("100".into()),
+            join_rate: Some("1.5".into()),
+            relay: None,
+        };
+        let server = entry.server("b").unwrap();
+        assert_eq!(server.status, Status::Draining);
+        assert_eq!(server.users, 12);
+        assert_eq!(server.priority, "B");
+        assert_eq!(server.capacity, Some(100));
+        assert_eq!(server.join_rate, Some(1.5));
+        let no_url = Entry { url: None, ..entry };
+        assert!(no_url.server("b").is_none());
+    }
+}

@@ -1,0 +1,217 @@
+//! Counters and gauges of one node, rendered as Prometheus text on `GET /metrics`.
+//!
+//! Plain atomics rather than a metrics framework: the hot paths (fan-out, accept) only add to a
+//! relaxed counter, and the exposition format is a few lines of text.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use streamfarm_core::{FarmList, Status};
+
+/// Every number the node exports. All counters are monotonic; gauges say so.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Gauge: open streaming connections (the node's users).
+    pub connections: AtomicU64,
+    /// Streaming connections accepted since start.
+    pub connections_accepted: AtomicU64,
+    /// Streaming connections refused (full, draining, down).
+    pub connections_refused: AtomicU64,
+    /// Gauge: (connection, topic) subscriptions held.
+    pub subscriptions: AtomicU64,
+    /// Messages published on this node (HTTP or WebSocket).
+    pub messages_published: AtomicU64,
+    /// Messages received from peer nodes over the relay.
+    pub relay_messages_in: AtomicU64,
+    /// Messages sent to peer nodes over the relay.
+    pub relay_messages_out: AtomicU64,
+    /// Relay links reset because a peer could not keep up.
+    pub relay_drops: AtomicU64,
+    /// Message frames queued to local clients.
+    pub messages_delivered: AtomicU64,
+    /// Clients closed because their send queue was full.
+    pub slow_consumers: AtomicU64,
+    /// Client frames that could not be parsed or served.
+    pub bad_frames: AtomicU64,
+    /// Client frames over the size limit.
+    pub oversized_frames: AtomicU64,
+    /// Connections closed for heartbeat timeout.
+    pub heartbeat_timeouts: AtomicU64,
+}
+
+/// Adds one to a counter.
+pub(crate) fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n` to a counter.
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Subtracts one from a gauge.
+pub(crate) fn dec(gauge: &AtomicU64) {
+    gauge.fetch_sub(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Prometheus text exposition of these metrics, the relay queue depth and the farm as this
+    /// node sees it.
+    pub fn render(&self, farm: &FarmList, relay_queue_depth: u64, relay_links: u64) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP streamfarm_{name} {help}");
+            let _ = writeln!(out, "# TYPE streamfarm_{name} {kind}");
+            let _ = writeln!(out, "streamfarm_{name} {value}");
+        };
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        metric(
+            "connections",
+            "gauge",
+            "Open streaming connections.",
+            get(&self.connections),
+        );
+        metric(
+            "connections_accepted_total",
+            "counter",
+            "Streaming connections accepted.",
+            get(&self.connections_accepted),
+        );
+        metric(
+            "connections_refused_total",
+            "counter",
+            "Streaming connections refused (full, draining or down).",
+            get(&self.connections_refused),
+        );
+        metric(
+            "subscriptions",
+            "gauge",
+            "Subscriptions held (connection x topic).",
+            get(&self.subscriptions),
+        );
+        metric(
+            "messages_published_total",
+            "counter",
+            "Messages published on this node.",
+            get(&self.messages_published),
+        );
+        metric(
+            "messages_delivered_total",
+            "counter",
+            "Message frames queued to local clients.",
+            get(&self.messages_delivered),
+        );
+        metric(
+            "relay_messages_in_total",
+            "counter",
+            "Messages received from peer nodes.",
+            get(&self.relay_messages_in),
+        );
+        metric(
+            "relay_messages_out_total",
+            "counter",
+            "Messages sent to peer nodes.",
+            get(&self.relay_messages_out),
+        );
+        metric(
+            "relay_drops_total",
+            "counter",
+            "Relay links reset because the peer could not keep up.",
+            get(&self.relay_drops),
+        );
+        metric(
+            "relay_queue_depth",
+            "gauge",
+            "Messages queued toward peer nodes and not yet written (relay lag).",
+            relay_queue_depth,
+        );
+        metric(
+            "relay_links",
+            "gauge",
+            "Relay links from peer nodes currently open.",
+            relay_links,
+        );
+        metric(
+            "slow_consumers_total",
+            "counter",
+            "Clients closed because their send queue was full.",
+            get(&self.slow_consumers),
+        );
+        metric(
+            "bad_frames_total",
+            "counter",
+            "Client frames that could not be parsed or served.",
+            get(&self.bad_frames),
+        );
+        metric(
+            "oversized_frames_total",
+            "counter",
+            "Client frames over max_frame_bytes.",
+            get(&self.oversized_frames),
+        );
+        metric(
+            "heartbeat_timeouts_total",
+            "counter",
+            "Connections closed because the client sent nothing within the heartbeat timeout.",
+            get(&self.heartbeat_timeouts),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP streamfarm_farm_servers Servers in this node's farm list, by status."
+        );
+        let _ = writeln!(out, "# TYPE streamfarm_farm_servers gauge");
+        for status in [Status::Up, Status::Draining, Status::Down] {
+            let count = farm.servers.iter().filter(|s| s.status == status).count();
+            let _ = writeln!(
+                out,
+                "streamfarm_farm_servers{{status=\"{status}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP streamfarm_farm_users Users of every server in this node's farm list."
+        );
+        let _ = writeln!(out, "# TYPE streamfarm_farm_users gauge");
+        for server in &farm.servers {
+            let _ = writeln!(
+                out,
+                "streamfarm_farm_users{{server=\"{}\",status=\"{}\"}} {}",
+                escape_label(&server.name),
+                server.status,
+                server.users
+            );
+        }
+        out
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamfarm_core::ServerEntry;
+
+    #[test]
+    fn render_is_prometheus_text() {
+        let metrics = Metrics::default();
+        inc(&metrics.connections);
+        let farm = FarmList::new(vec![ServerEntry::new(
+            "a\"",
+            "ws://a/s",
+            Status::Up,
+            3,
+            "A",
+        )]);
+        let text = metrics.render(&farm, 0, 0);
+        assert!(text.contains("streamfarm_connections 1\n"));
+        assert!(text.contains("streamfarm_farm_servers{status=\"UP\"} 1\n"));
+        assert!(text.contains("streamfarm_farm_users{server=\"a\\\"\",status=\"UP\"} 3\n"));
+    }
+}

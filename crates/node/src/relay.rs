@@ -1,0 +1,424 @@
+//! Relay: messages published on one node reach the subscribers of every other node.
+//!
+//! The rest of the node sees only the [`Relay`] trait: `forward` a message published here,
+//! `sync_interest` before confirming a subscription. Delivery of what arrives from elsewhere goes
+//! through the [`Hub`], like a local publish. A broker-backed relay (NATS: publish on a subject per
+//! topic, subscribe to the topics of the hub's interest, skip messages of our own origin) fits the
+//! same trait and is chosen at start-up without touching sessions, HTTP or membership.
+//!
+//! # The embedded relay
+//! [`EmbeddedRelay`] needs nothing but the nodes. Every node dials a *relay link* — a WebSocket
+//! to the peer's `/internal/relay` endpoint, learned from gossip — to every live peer. On the link
+//! it dials, a node sends its **interest** (the topics its clients subscribe to, as versioned
+//! add/remove deltas) and receives the peer's messages on exactly those topics, each `msg` frame
+//! byte-for-byte the one the peer's own subscribers get.
+//!
+//! Why it is exactly once and in order: a message travels only from the node where it was
+//! published straight to each interested peer (never forwarded again), over one link per peer
+//! (a newer link from the same peer replaces the older one), and each link is one ordered TCP
+//! stream written from one queue. A link whose queue fills is reset and counted
+//! (`relay_drops_total`): messages are lost on that link, never duplicated.
+//!
+//! The link frames are internal (node to node) and documented in `docs/PROTOCOL.md`:
+//! dialer → acceptor `{"type":"interest","version":3,"add":["t"],"remove":[]}`;
+//! acceptor → dialer `{"type":"interest_ack","version":3}` and `msg` frames.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::hub::{Closer, Hub};
+use crate::metrics::{self, Metrics};
+
+/// How long a subscription waits for peers to acknowledge the new interest.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
+/// Timeout to establish a relay link.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Delay before redialing a peer after a failed or lost link (with jitter up to twice this).
+const REDIAL_DELAY: Duration = Duration::from_millis(200);
+
+/// What the node needs from a relay. See the module docs.
+pub(crate) trait Relay: Send + Sync + 'static {
+    /// A message was published on this node: send it to every other node that wants `topic`.
+    fn forward(&self, topic: &str, frame: &Utf8Bytes);
+    /// Resolves once every reachable peer knows this node's current interest, or after a bounded
+    /// wait.
+    fn sync_interest(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Messages queued toward peers and not yet written, and open links from peers.
+    fn stats(&self) -> (u64, u64);
+}
+
+/// Frames a dialer sends on a relay link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum LinkUp {
+    /// Topics to start and stop sending, as of interest `version`.
+    Interest {
+        version: u64,
+        #[serde(default)]
+        add: Vec<String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+}
+
+/// Frames an acceptor sends on a relay link (besides `msg` frames, which it sends pre-serialized).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum LinkDown {
+    /// The acceptor now sends by interest `version`.
+    InterestAck { version: u64 },
+    /// A message; only the topic is read here, the frame itself is delivered unchanged.
+    Msg { topic: String },
+}
+
+/// A link a peer opened to us: we send it the messages it wants.
+#[derive(Debug)]
+struct Inbound {
+    interest: RwLock<HashSet<String>>,
+    tx: mpsc::Sender<Message>,
+    closer: Closer,
+}
+
+/// The embedded relay of the module docs.
+#[derive(Debug)]
+pub(crate) struct EmbeddedRelay {
+    name: String,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    queue: usize,
+    /// Links from peers, by peer name.
+    inbound: RwLock<HashMap<String, Arc<Inbound>>>,
+    /// Our links to peers: the interest version each acknowledged (absent: not connected).
+    acked: Mutex<HashMap<String, u64>>,
+    /// Ticks whenever `acked` changes.
+    progress: watch::Sender<u64>,
+}
+
+impl EmbeddedRelay {
+    /// Starts dialing the peers `peers` lists (name → relay url) for as long as `cancel` allows.
+    pub(crate) fn start(
+        name: String,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        queue: usize,
+        peers: watch::Receiver<BTreeMap<String, String>>,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Arc<Self> {
+        let relay = Arc::new(EmbeddedRelay {
+            name,
+            hub,
+            metrics,
+            queue,
+            inbound: RwLock::new(HashMap::new()),
+            acked: Mutex::new(HashMap::new()),
+            progress: watch::channel(0).0,
+        });
+        tracker.spawn(manage_links(relay.clone(), peers, cancel, tracker.clone()));
+        relay
+    }
+
+    fn lock_acked(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.acked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_acked(&self, peer: &str, version: Option<u64>) {
+        {
+            let mut acked = self.lock_acked();
+            match version {
+                Some(version) => acked.insert(peer.to_string(), version),
+                None => acked.remove(peer),
+            };
+        }
+        self.progress.send_modify(|tick| *tick += 1);
+    }
+
+    /// Serves a link a peer opened to us, until it closes or `cancel` fires.
+    pub(crate) async fn accept(
+        self: Arc<Self>,
+        socket: WebSocket,
+        peer: String,
+        cancel: CancellationToken,
+    ) {
+        let (tx, mut rx) = mpsc::channel(self.queue);
+        let link = Arc::new(Inbound {
+            interest: RwLock::new(HashSet::new()),
+            tx,
+            closer: Closer::default(),
+        });
+        let replaced = self
+            .inbound
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer.clone(), link.clone());
+        if let Some(old) = replaced {
+            // One link per peer, or a message would reach that peer twice.
+            old.closer.close(1000, "replaced by a newer link");
+        }
+        info!(peer = %peer, "relay link accepted");
+        let (mut sink, mut stream) = socket.split();
+        let reader = async {
+            loop {
+                let next = tokio::select! {
+                    _ = link.closer.closed() => break,
+                    _ = cancel.cancelled() => break,
+                    next = stream.next() => next,
+                };
+                let text = match next {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue,
+                };
+                match serde_json::from_str::<LinkUp>(&text) {
+                    Ok(LinkUp::Interest {
+                        version,
+                        add,
+                        remove,
+                    }) => {
+                        {
+                            let mut interest =
+                                link.interest.write().unwrap_or_else(|e| e.into_inner());
+                            for topic in remove {
+                                interest.remove(&topic);
+                            }
+                            interest.extend(add);
+                        }
+                        let ack = serde_json::to_string(&LinkDown::InterestAck { version })
+                            .expect("frames always serialize");
+                        if link.tx.try_send(Message::Text(ack.into())).is_err() {
+                            break;
+                        }
+                    }
+                    Err(err) => warn!(peer = %peer, error = %err, "bad relay frame"),
+                }
+            }
+            link.closer.close(1000, "");
+        };
+        let writer = async {
+            loop {
+                let message = tokio::select! {
+                    _ = link.closer.closed() => break,
+                    message = rx.recv() => match message {
+                        Some(message) => message,
+                        None => break,
+                    },
+                };
+                let sent = tokio::select! {
+                    sent = sink.send(message) => sent,
+                    _ = link.closer.closed() => break,
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+            link.closer.close(1000, "");
+            let _ = sink.close().await;
+        };
+        tokio::join!(reader, writer);
+        let mut inbound = self.inbound.write().unwrap_or_else(|e| e.into_inner());
+        if inbound.get(&peer).is_some_and(|l| Arc::ptr_eq(l, &link)) {
+            inbound.remove(&peer);
+        }
+        info!(peer = %peer, "relay link from peer closed");
+    }
+}
+
+impl Relay for EmbeddedRelay {
+    fn forward(&self, topic: &str, frame: &Utf8Bytes) {
+        let inbound = self.inbound.read().unwrap_or_else(|e| e.into_inner());
+        for (peer, link) in inbound.iter() {
+            let wanted = link
+                .interest
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(topic);
+            if !wanted {
+                continue;
+            }
+            match link.tx.try_send(Message::Text(frame.clone())) {
+                Ok(()) => metrics::inc(&self.metrics.relay_messages_out),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if !link.closer.is_closed() {
+                        metrics::inc(&self.metrics.relay_drops);
+                        warn!(peer = %peer, "relay link queue full: resetting the link");
+                        link.closer.close(1000, "relay queue full");
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+
+    fn sync_interest(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let target = self.hub.interest().0;
+            let deadline = Instant::now() + SYNC_TIMEOUT;
+            let mut progress = self.progress.subscribe();
+            loop {
+                if self.lock_acked().values().all(|acked| *acked >= target) {
+                    return;
+                }
+                if timeout_at(deadline, progress.changed()).await.is_err() {
+                    debug!(target, "peers did not all acknowledge interest in time");
+                    return;
+                }
+            }
+        })
+    }
+
+    fn stats(&self) -> (u64, u64) {
+        let inbound = self.inbound.read().unwrap_or_else(|e| e.into_inner());
+        let depth = inbound
+            .values()
+            .map(|l| (l.tx.max_capacity() - l.tx.capacity()) as u64)
+            .sum();
+        (depth, inbound.len() as u64)
+    }
+}
+
+/// Keeps one dialing task per live peer, following the membership's peer list.
+async fn manage_links(
+    relay: Arc<EmbeddedRelay>,
+    mut peers: watch::Receiver<BTreeMap<String, String>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut links: HashMap<String, (String, CancellationToken)> = HashMap::new();
+    loop {
+        let wanted = peers.borrow_and_update().clone();
+        links.retain(|name, (url, token)| {
+            let keep = wanted.get(name) == Some(url);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        for (name, url) in wanted {
+            if links.contains_key(&name) {
+                continue;
+            }
+            let token = cancel.child_token();
+            tracker.spawn(dial(
+                relay.clone(),
+                name.clone(),
+                url.clone(),
+                token.clone(),
+            ));
+            links.insert(name, (url, token));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = peers.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Dials one peer again and again until `cancel` fires.
+async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: CancellationToken) {
+    let target = format!("{url}?node={}", relay.name);
+    while !cancel.is_cancelled() {
+        let connect =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(&target));
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => break,
+            connected = connect => connected,
+        };
+        match connected {
+            Ok(Ok((socket, _))) => {
+                info!(peer = %peer, url = %url, "relay link open");
+                relay.set_acked(&peer, Some(0));
+                run_link(&relay, &peer, socket, &cancel).await;
+                relay.set_acked(&peer, None);
+                info!(peer = %peer, "relay link to peer closed");
+            }
+            Ok(Err(err)) => debug!(peer = %peer, error = %err, "relay dial failed"),
+            Err(_) => debug!(peer = %peer, "relay dial timed out"),
+        }
+        let jitter = rand::random_range(0..=REDIAL_DELAY.as_millis() as u64);
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(REDIAL_DELAY + Duration::from_millis(jitter)) => {}
+        }
+    }
+}
+
+type ClientSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One established link we dialed: send interest, receive messages.
+async fn run_link(
+    relay: &Arc<EmbeddedRelay>,
+    peer: &str,
+    socket: ClientSocket,
+    cancel: &CancellationToken,
+) {
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let (mut sink, mut stream) = socket.split();
+    let mut interest_rx = relay.hub.interest_watch();
+    let mut sent: HashSet<String> = HashSet::new();
+    // The whole interest goes out first; afterwards only deltas.
+    let mut dirty = true;
+    loop {
+        if dirty {
+            dirty = false;
+            interest_rx.mark_unchanged();
+            let (version, now) = relay.hub.interest();
+            let add: Vec<String> = now.difference(&sent).cloned().collect();
+            let remove: Vec<String> = sent.difference(&now).cloned().collect();
+            sent = now;
+            let frame = serde_json::to_string(&LinkUp::Interest {
+                version,
+                add,
+                remove,
+            })
+            .expect("frames always serialize");
+            if sink.send(WsMessage::text(frame)).await.is_err() {
+                return;
+            }
+        }
+        let next = tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = sink.close().await;
+                return;
+            }
+            changed = interest_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                dirty = true;
+                continue;
+            }
+            next = stream.next() => next,
+        };
+        let text = match next {
+            Some(Ok(WsMessage::Text(text))) => text,
+            Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+            Some(Ok(_)) => continue,
+        };
+        match serde_json::from_str::<LinkDown>(&text) {
+            Ok(LinkDown::Msg { topic }) => {
+                metrics::inc(&relay.metrics.relay_messages_in);
+                match Utf8Bytes::try_from(bytes::Bytes::from(text)) {
+                    Ok(frame) => {
+                        relay.hub.deliver(&topic, &frame);
+                    }
+                    Err(err) => warn!(error = %err, "relay frame is not UTF-8"),
+                }
+            }
+            Ok(LinkDown::InterestAck { version }) => relay.set_acked(peer, Some(version)),
+            Err(err) => warn!(peer, error = %err, "bad relay frame"),
+        }
+    }
+}

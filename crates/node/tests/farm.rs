@@ -1,0 +1,571 @@
+//! Nodes in this process on 127.0.0.1 / .2 / .3 with real sockets: membership, users, relay,
+//! limits, draining. Every wait polls a condition against a deadline.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use streamfarm_core::protocol::{ClientFrame, ServerFrame, close};
+use streamfarm_core::{FarmList, Status};
+use streamfarm_node::{NodeConfig, NodeHandle};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A config for a test node on `ip`, port 0 (gossip shares the port number), fast timers.
+fn config(name: &str, ip: [u8; 4], join: &[SocketAddr]) -> NodeConfig {
+    let mut config = NodeConfig::new(name);
+    config.listen = SocketAddr::from((ip, 0));
+    config.join = join.iter().map(|a| a.to_string()).collect();
+    config.gossip_interval_ms = 50;
+    config.failure_timeout_ms = 1_000;
+    config.shutdown_drain_ms = 100;
+    config
+}
+
+async fn farm_of(ip_names: &[(&str, [u8; 4])], tweak: impl Fn(&mut NodeConfig)) -> Vec<NodeHandle> {
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    for (name, ip) in ip_names {
+        let seeds: Vec<SocketAddr> = nodes.first().map(|n| n.gossip_addr()).into_iter().collect();
+        let mut config = config(name, *ip, &seeds);
+        tweak(&mut config);
+        nodes.push(NodeHandle::start(config).await.expect("node starts"));
+    }
+    nodes
+}
+
+async fn three_nodes(tweak: impl Fn(&mut NodeConfig)) -> Vec<NodeHandle> {
+    farm_of(
+        &[
+            ("n1", [127, 0, 0, 1]),
+            ("n2", [127, 0, 0, 2]),
+            ("n3", [127, 0, 0, 3]),
+        ],
+        tweak,
+    )
+    .await
+}
+
+/// Polls `check` until it holds or `within` passes; returns how long it took.
+async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn entry(list: &FarmList, name: &str) -> Option<(Status, u64)> {
+    list.servers
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| (s.status, s.users))
+}
+
+fn all_up(list: &FarmList, names: &[&str]) -> bool {
+    list.servers.len() == names.len()
+        && names
+            .iter()
+            .all(|n| entry(list, n).is_some_and(|(s, _)| s == Status::Up))
+}
+
+async fn wait_all_up(nodes: &[NodeHandle]) {
+    let names: Vec<&str> = nodes.iter().map(|n| n.name()).collect();
+    for node in nodes {
+        let farm = node.farm();
+        eventually(Duration::from_secs(5), "every node UP", || {
+            all_up(&farm.borrow(), &names)
+        })
+        .await;
+    }
+}
+
+async fn connect(node: &NodeHandle) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(node.url())
+        .await
+        .expect("connects");
+    ws
+}
+
+/// Next server frame, skipping pings (answered) and farm updates unless asked for.
+async fn next_frame(ws: &mut Ws) -> ServerFrame {
+    loop {
+        let message = timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5 s")
+            .expect("stream open")
+            .expect("no error");
+        match message {
+            Message::Text(text) => {
+                let frame: ServerFrame = serde_json::from_str(&text).expect("valid server frame");
+                if let ServerFrame::Ping { id } = frame {
+                    send(ws, &ClientFrame::Pong { id }).await;
+                    continue;
+                }
+                return frame;
+            }
+            Message::Close(frame) => panic!("closed: {frame:?}"),
+            _ => continue,
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, frame: &ClientFrame) {
+    ws.send(Message::text(serde_json::to_string(frame).unwrap()))
+        .await
+        .expect("send");
+}
+
+/// Connects, reads hello + farm, subscribes to `topic` and waits for `subscribed`.
+async fn subscriber(node: &NodeHandle, topic: &str) -> Ws {
+    let mut ws = connect(node).await;
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        ServerFrame::Hello { .. }
+    ));
+    assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
+    send(
+        &mut ws,
+        &ClientFrame::Sub {
+            topics: vec![topic.into()],
+        },
+    )
+    .await;
+    assert_eq!(
+        next_frame(&mut ws).await,
+        ServerFrame::Subscribed {
+            topics: vec![topic.into()]
+        }
+    );
+    ws
+}
+
+/// The close code the server ends the stream with, skipping other frames.
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let next = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("closed within 5 s");
+        match next {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code.into()),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_find_each_other_from_one_seed() {
+    let nodes = three_nodes(|_| {}).await;
+    wait_all_up(&nodes).await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_users_show_in_another_nodes_list_within_a_second() {
+    let nodes = three_nodes(|_| {}).await;
+    wait_all_up(&nodes).await;
+    let far = nodes[2].farm();
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(connect(&nodes[0]).await);
+    }
+    let took = eventually(Duration::from_secs(1), "users:30 on n1 seen by n3", || {
+        entry(&far.borrow(), "n1") == Some((Status::Up, 30))
+    })
+    .await;
+    eprintln!("users 0 -> 30 seen by n3 after {took:?}");
+    drop(clients);
+    let took = eventually(Duration::from_secs(1), "users:0 on n1 seen by n3", || {
+        entry(&far.borrow(), "n1") == Some((Status::Up, 0))
+    })
+    .await;
+    eprintln!("users 30 -> 0 seen by n3 after {took:?}");
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_on_one_node_reaches_every_node_once() {
+    let nodes = three_nodes(|_| {}).await;
+    wait_all_up(&nodes).await;
+    let mut subs = Vec::new();
+    for node in &nodes {
+        subs.push(subscriber(node, "prices").await);
+        subs.push(subscriber(node, "prices").await);
+    }
+    let mut other = subscriber(&nodes[1], "other").await;
+    // Published in order by one publisher: HTTP on n1, then the WebSocket of a client on n1.
+    let http = reqwest::Client::new();
+    for i in 0..5 {
+        let response = http
+            .post(format!("http://{}/publish/prices", nodes[0].listen_addr()))
+            .body(format!("m{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+    let mut publisher = connect(&nodes[0]).await;
+    for i in 5..10 {
+        send(
+            &mut publisher,
+            &ClientFrame::Pub {
+                topic: "prices".into(),
+                data: format!("m{i}"),
+                encoding: Default::default(),
+            },
+        )
+        .await;
+    }
+    for ws in &mut subs {
+        for i in 0..10 {
+            match next_frame(ws).await {
+                ServerFrame::Msg { topic, data, .. } => {
+                    assert_eq!((topic.as_str(), data), ("prices", format!("m{i}")));
+                }
+                other => panic!("expected msg m{i}, got {other:?}"),
+            }
+        }
+    }
+    // Exactly once: nothing more arrives, on any subscriber (a ping round trip proves the
+    // connection has caught up with everything queued before it).
+    for ws in subs.iter_mut().chain([&mut other]) {
+        send(ws, &ClientFrame::Ping { id: Some(99) }).await;
+        assert_eq!(next_frame(ws).await, ServerFrame::Pong { id: Some(99) });
+    }
+    assert_eq!(
+        nodes[0]
+            .metrics()
+            .relay_messages_out
+            .load(std::sync::atomic::Ordering::Relaxed),
+        20,
+        "10 messages to each of 2 peers, none to a peer without subscribers of the topic"
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_closed_and_the_others_keep_receiving() {
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| c.send_queue = 16).await;
+    let node = &nodes[0];
+    let mut fast = subscriber(node, "t").await;
+    // The slow client subscribes, then never reads again.
+    let mut slow = subscriber(node, "t").await;
+    let payload = "x".repeat(32 * 1024);
+    let fast_reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < 500 {
+            if let ServerFrame::Msg { .. } = next_frame(&mut fast).await {
+                got += 1;
+            }
+        }
+        (got, fast)
+    });
+    for _ in 0..500 {
+        node.publish("t", &payload);
+        tokio::task::yield_now().await;
+    }
+    let (got, _fast) = fast_reader.await.unwrap();
+    assert_eq!(got, 500, "the fast client got every message");
+    let slow_consumers = &node.metrics().slow_consumers;
+    eventually(Duration::from_secs(5), "slow consumer closed", || {
+        slow_consumers.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(close_code(&mut slow).await, Some(close::SLOW_CONSUMER));
+    eventually(
+        Duration::from_secs(2),
+        "slow client no longer a user",
+        || node.users() == 1,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_errors_and_the_node_keeps_serving() {
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| c.max_frame_bytes = 1024).await;
+    let node = &nodes[0];
+    let mut ws = subscriber(node, "t").await;
+    for bad in [
+        "{not json",
+        r#"{"type":"dance"}"#,
+        r#"{"type":"sub","topics":"t"}"#,
+    ] {
+        ws.send(Message::text(bad)).await.unwrap();
+        match next_frame(&mut ws).await {
+            ServerFrame::Error { code, .. } => assert_eq!(code, "bad_frame", "for {bad}"),
+            other => panic!("expected an error frame for {bad}, got {other:?}"),
+        }
+    }
+    ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    assert!(
+        matches!(next_frame(&mut ws).await, ServerFrame::Error { code, .. } if code == "bad_frame")
+    );
+    send(
+        &mut ws,
+        &ClientFrame::Sub {
+            topics: vec!["has space".into()],
+        },
+    )
+    .await;
+    assert!(
+        matches!(next_frame(&mut ws).await, ServerFrame::Error { code, .. } if code == "bad_topic")
+    );
+    // Still serving this connection.
+    send(&mut ws, &ClientFrame::Ping { id: Some(1) }).await;
+    assert_eq!(next_frame(&mut ws).await, ServerFrame::Pong { id: Some(1) });
+
+    // An oversized frame: error frame, then close 1009.
+    let mut big = subscriber(node, "t").await;
+    big.send(Message::text(format!(
+        r#"{{"type":"pub","topic":"t","data":"{}"}}"#,
+        "y".repeat(1500)
+    )))
+    .await
+    .unwrap();
+    let mut saw_error = false;
+    let code = loop {
+        match timeout(Duration::from_secs(5), big.next())
+            .await
+            .expect("answer")
+        {
+            Some(Ok(Message::Text(text))) => {
+                if let Ok(ServerFrame::Error { code, .. }) = serde_json::from_str(&text) {
+                    assert_eq!(code, "too_big");
+                    saw_error = true;
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert_eq!(code, Some(close::MESSAGE_TOO_BIG));
+    assert!(saw_error, "an error frame precedes the close");
+    // The node still serves: the first connection still receives messages.
+    node.publish("t", "after");
+    assert!(matches!(next_frame(&mut ws).await, ServerFrame::Msg { data, .. } if data == "after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_closed_for_heartbeat_timeout() {
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| {
+        c.heartbeat_interval_ms = 100;
+        c.heartbeat_timeout_ms = 300;
+    })
+    .await;
+    let mut ws = connect(&nodes[0]).await;
+    // Read without ever answering: the node pings, then gives up.
+    let mut pings = 0;
+    let code = loop {
+        match timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("frames")
+        {
+            Some(Ok(Message::Text(text))) => {
+                if let Ok(ServerFrame::Ping { .. }) = serde_json::from_str(&text) {
+                    pings += 1;
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert_eq!(code, Some(close::HEARTBEAT_TIMEOUT));
+    assert!(pings >= 1, "the node pinged the idle client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_moves_clients_away_and_refuses_new_ones() {
+    let nodes = three_nodes(|c| {
+        c.drain_period_ms = 300;
+        c.admin_token = Some("secret".into());
+    })
+    .await;
+    wait_all_up(&nodes).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut ws = connect(&nodes[0]).await;
+        assert!(matches!(
+            next_frame(&mut ws).await,
+            ServerFrame::Hello { .. }
+        ));
+        clients.push(ws);
+    }
+    let http = reqwest::Client::new();
+    let admin = format!("http://{}/admin/status", nodes[0].listen_addr());
+    let denied = http.post(&admin).body("DRAINING").send().await.unwrap();
+    assert_eq!(denied.status(), 401);
+    let ok = http
+        .post(&admin)
+        .bearer_auth("secret")
+        .body(r#"{"status":"DRAINING"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(ok.status().is_success());
+    for ws in &mut clients {
+        assert_eq!(close_code(ws).await, Some(close::RECONNECT_ELSEWHERE));
+    }
+    let mut late = connect(&nodes[0]).await;
+    assert_eq!(
+        close_code(&mut late).await,
+        Some(close::RECONNECT_ELSEWHERE)
+    );
+    let far = nodes[2].farm();
+    eventually(Duration::from_secs(1), "n1 DRAINING in n3's list", || {
+        entry(&far.borrow(), "n1").is_some_and(|(s, _)| s == Status::Draining)
+    })
+    .await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_maximum_are_refused_as_server_full() {
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| c.max_connections = 2).await;
+    let _a = connect(&nodes[0]).await;
+    let _b = connect(&nodes[0]).await;
+    let mut c = connect(&nodes[0]).await;
+    assert_eq!(close_code(&mut c).await, Some(close::SERVER_FULL));
+    assert_eq!(nodes[0].users(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutting_down_is_listed_down_and_closes_with_going_away() {
+    let nodes = three_nodes(|_| {}).await;
+    wait_all_up(&nodes).await;
+    let mut ws = connect(&nodes[0]).await;
+    let mut nodes = nodes.into_iter();
+    let first = nodes.next().unwrap();
+    let rest: Vec<NodeHandle> = nodes.collect();
+    let far = rest[1].farm();
+    let shutdown = tokio::spawn(first.shutdown());
+    eventually(Duration::from_secs(1), "n1 DOWN in n3's list", || {
+        entry(&far.borrow(), "n1").is_some_and(|(s, _)| s == Status::Down)
+    })
+    .await;
+    assert_eq!(close_code(&mut ws).await, Some(close::GOING_AWAY));
+    shutdown.await.unwrap();
+    for node in rest {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_farm_list_is_served_over_http_and_the_websocket() {
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |_| {}).await;
+    let node = &nodes[0];
+    let body = reqwest::get(format!("http://{}/farm", node.listen_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let list: FarmList = serde_json::from_str(&body).unwrap();
+    assert_eq!(entry(&list, "solo"), Some((Status::Up, 0)));
+    assert_eq!(list.servers[0].url, node.url());
+    let mut ws = connect(node).await;
+    match next_frame(&mut ws).await {
+        ServerFrame::Hello {
+            server,
+            url,
+            status,
+            ..
+        } => {
+            assert_eq!(
+                (server.as_str(), url.as_str(), status),
+                ("solo", node.url(), Status::Up)
+            );
+        }
+        other => panic!("expected hello, got {other:?}"),
+    }
+    assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
+    // Watching: a second client changes the users, and the update arrives unasked.
+    send(&mut ws, &ClientFrame::List { watch: true }).await;
+    assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
+    let _other = connect(node).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        assert!(Instant::now() < deadline, "no farm update with users:2");
+        if let ServerFrame::Farm(list) = next_frame(&mut ws).await
+            && entry(&list, "solo") == Some((Status::Up, 2))
+        {
+            break;
+        }
+    }
+    let health = reqwest::get(format!("http://{}/healthz", node.listen_addr()))
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    let metrics = reqwest::get(format!("http://{}/metrics", node.listen_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("streamfarm_connections 2"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_farm_list_comes_in_every_format() {
+    use streamfarm_core::encoding::{self, Format};
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |_| {}).await;
+    let base = format!("http://{}/farm", nodes[0].listen_addr());
+    let http = reqwest::Client::new();
+    let get = |query: &'static str, accept: &'static str| {
+        let request = http.get(format!("{base}{query}")).header("accept", accept);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            (status, content_type, response.text().await.unwrap())
+        }
+    };
+    for (query, accept, format) in [
+        ("", "", Format::Json),
+        ("?format=text", "", Format::Text),
+        ("?format=xml", "application/json", Format::Xml),
+        ("?format=js", "", Format::Js),
+        ("", "text/plain", Format::Text),
+        ("", "application/xml", Format::Xml),
+    ] {
+        let (status, content_type, body) = get(query, accept).await;
+        assert_eq!(status, 200, "{query} {accept}");
+        assert_eq!(content_type, format.content_type(), "{query} {accept}");
+        let list = encoding::parse(&body, format).unwrap();
+        assert_eq!(
+            entry(&list, "solo").map(|e| e.0),
+            Some(Status::Up),
+            "{body}"
+        );
+    }
+    let (status, _, body) = get("?callback=app.onFarm", "").await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("app.onFarm("), "{body}");
+    assert_eq!(get("?callback=alert(1)", "").await.0, 400);
+    assert_eq!(get("?format=yaml", "").await.0, 400);
+    assert_eq!(get("", "image/png").await.0, 406);
+}
