@@ -59,6 +59,8 @@ mod http;
 mod hub;
 mod membership;
 pub mod metrics;
+#[cfg(test)]
+mod protocol_doc;
 mod relay;
 mod session;
 

@@ -6,7 +6,7 @@
 //! with the generation = start time in milliseconds, so a restarted node is a new generation and
 //! its old state is superseded.
 //!
-//! A loop ticking every gossip interval
+//! A loop ticking twice per gossip interval
 //! 1. writes this node's changed values into its chitchat state (at most once per tick, so a burst
 //!    of connections costs one key update, not one per connection), and
 //! 2. rebuilds the [`FarmList`] and the relay peer list from every node state, publishing them on
@@ -14,7 +14,9 @@
 //!
 //! # Liveness
 //! A peer is listed with its advertised status while its gossip heartbeat keeps advancing, and
-//! `DOWN` once the heartbeat has not advanced for `failure_timeout` (killed, stopped, cut off).
+//! `DOWN` once the heartbeat has not advanced for `failure_timeout` minus one gossip interval (the
+//! age the last heartbeat may already have had when it arrived) — so a node that dies is listed
+//! `DOWN` within `failure_timeout` (killed, stopped, cut off).
 //! This is a plain timeout rather than chitchat's phi-accrual verdict so that the detection time is
 //! exactly the configured one; chitchat's own detector is tuned to the same scale and still
 //! decides whom it gossips with. A node first seen through a third party is not listed `UP` until
@@ -132,7 +134,8 @@ struct Seen {
 impl Loop {
     /// Runs until `cancel` fires.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(self.gossip_interval);
+        // Twice per gossip round, so news and verdicts wait at most half a round here.
+        let mut tick = tokio::time::interval(self.gossip_interval / 2);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seen: HashMap<ChitchatId, Seen> = HashMap::new();
         let mut joins: VecDeque<(Instant, u64)> = VecDeque::new();
@@ -195,9 +198,12 @@ impl Loop {
                 if newest.get(&*id.node_id) != Some(&id) || *id.node_id == *self.me.name {
                     continue;
                 }
-                let alive = record
-                    .advanced_at
-                    .is_some_and(|at| now.duration_since(at) < self.failure_timeout);
+                // The heartbeat we saw last was sent up to a gossip round before it reached us:
+                // allow for that round so that the verdict comes within `failure_timeout` of
+                // the peer's last heartbeat, not later.
+                let alive = record.advanced_at.is_some_and(|at| {
+                    now.duration_since(at) + self.gossip_interval < self.failure_timeout
+                });
                 let Some(mut server) = entry.server(&id.node_id) else {
                     continue;
                 };
