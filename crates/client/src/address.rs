@@ -9,7 +9,9 @@
 //! spread over the farm even when the DNS server hands every client the same order.
 //!
 //! Names resolve through the system resolver, or through one DNS server given by address
-//! ([`Resolver::with_dns_server`], e.g. the farm's own responder).
+//! ([`Resolver::with_dns_server`], e.g. the farm's own responder). With a DNS server, a name given
+//! without a port is first looked up as SRV (`_streamfarm._tcp.NAME`), so servers on different
+//! ports share one service name; without SRV records, its A/AAAA records with the default port.
 //!
 //! ```
 //! use streamfarm_client::ServiceAddress;
@@ -44,6 +46,9 @@ pub struct Target {
     pub host: String,
     /// The TCP port.
     pub port: u16,
+    /// The port was written in the address (else `port` is the default, and a DNS server that
+    /// has SRV records for the name gives each server's own port).
+    pub explicit_port: bool,
     /// The WebSocket path, starting with `/`.
     pub path: String,
 }
@@ -101,6 +106,7 @@ impl Target {
         Ok(Target {
             host,
             port: port.unwrap_or(default_port),
+            explicit_port: port.is_some(),
             path,
         })
     }
@@ -253,13 +259,23 @@ impl Resolver {
             detail,
         };
         let addrs: Vec<SocketAddr> = match &self.dns {
-            Some(dns) => dns
-                .lookup_ip(target.host.as_str())
-                .await
-                .map_err(|e| resolve_error(e.to_string()))?
-                .iter()
-                .map(|ip| SocketAddr::new(ip, target.port))
-                .collect(),
+            Some(dns) => {
+                let by_srv = if target.explicit_port {
+                    Vec::new()
+                } else {
+                    srv_addresses(dns, &target.host).await
+                };
+                if by_srv.is_empty() {
+                    dns.lookup_ip(target.host.as_str())
+                        .await
+                        .map_err(|e| resolve_error(e.to_string()))?
+                        .iter()
+                        .map(|ip| SocketAddr::new(ip, target.port))
+                        .collect()
+                } else {
+                    by_srv
+                }
+            }
             None => tokio::net::lookup_host((target.host.as_str(), target.port))
                 .await
                 .map_err(|e| resolve_error(e.to_string()))?
@@ -298,6 +314,26 @@ impl Resolver {
         endpoints.shuffle(rng);
         Ok(endpoints)
     }
+}
+
+/// The servers of `_streamfarm._tcp.NAME` SRV records (each target's addresses with the record's
+/// port); empty when there are none or the lookup fails, so the caller falls back to A/AAAA.
+async fn srv_addresses(dns: &TokioResolver, host: &str) -> Vec<SocketAddr> {
+    use hickory_resolver::proto::rr::RData;
+    let name = format!("_streamfarm._tcp.{}", host.trim_end_matches('.'));
+    let Ok(lookup) = dns.srv_lookup(name.as_str()).await else {
+        return Vec::new();
+    };
+    let mut addrs = Vec::new();
+    for record in lookup.answers() {
+        let RData::SRV(srv) = &record.data else {
+            continue;
+        };
+        if let Ok(ips) = dns.lookup_ip(srv.target.clone()).await {
+            addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, srv.port)));
+        }
+    }
+    addrs
 }
 
 #[cfg(test)]

@@ -369,6 +369,7 @@ impl Driver {
                         }
                         Done::Connect { server, result: Err(err) } => Input::ConnectFailed {
                             server,
+                            elsewhere: err.sends_elsewhere(),
                             error: err.to_string(),
                         },
                     }

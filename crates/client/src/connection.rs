@@ -190,7 +190,11 @@ async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
             Incoming::Frame(frame) => return Ok(frame),
             Incoming::Nothing => {}
             Incoming::Closed { code, reason } => {
-                return Err(protocol(format!("closed ({code}) {reason}")));
+                return Err(Error::Refused {
+                    url: url.to_string(),
+                    code,
+                    reason,
+                });
             }
             Incoming::Invalid(detail) => return Err(protocol(detail)),
         }
@@ -352,6 +356,8 @@ pub(crate) mod tests {
         .unwrap();
         let err = greet(client, "ws://x/stream").await.unwrap_err();
         assert!(err.to_string().contains("closed (4003) full"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::Refused);
+        assert!(err.sends_elsewhere());
     }
 
     #[tokio::test]

@@ -63,6 +63,16 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// The server closed the connection before it was ready (draining, full, …).
+    #[error("{url} refused the connection: closed ({code}) {reason}")]
+    Refused {
+        /// The server's url.
+        url: String,
+        /// The close code (see `streamfarm_core::protocol::close`).
+        code: u16,
+        /// The reason the server gave.
+        reason: String,
+    },
     /// No server of the service address answered.
     #[error("no server of {address} answered ({tried} tried); last error: {last}")]
     Unreachable {
@@ -105,6 +115,8 @@ pub enum ErrorKind {
     TimedOut,
     /// See [`Error::Protocol`].
     Protocol,
+    /// See [`Error::Refused`].
+    Refused,
     /// See [`Error::Unreachable`].
     Unreachable,
     /// See [`Error::Selection`].
@@ -116,6 +128,11 @@ pub enum ErrorKind {
 }
 
 impl Error {
+    /// The server refused with a close code that sends clients to another server.
+    pub fn sends_elsewhere(&self) -> bool {
+        matches!(self, Error::Refused { code, .. } if crate::machine::sends_elsewhere(*code))
+    }
+
     /// The category of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -124,6 +141,7 @@ impl Error {
             Error::Connect { .. } | Error::WebSocket { .. } => ErrorKind::Connect,
             Error::TimedOut { .. } => ErrorKind::TimedOut,
             Error::Protocol { .. } => ErrorKind::Protocol,
+            Error::Refused { .. } => ErrorKind::Refused,
             Error::Unreachable { .. } => ErrorKind::Unreachable,
             Error::Selection(_) => ErrorKind::NoServerAvailable,
             Error::Http { .. } => ErrorKind::Http,

@@ -15,7 +15,8 @@
 //!    [`RetryMode::Immediate`] skips this and goes straight to a new round (the seeds'
 //!    alternative embodiment). A server that closes with
 //!    [`RECONNECT_ELSEWHERE`](streamfarm_core::protocol::close::RECONNECT_ELSEWHERE) or
-//!    [`GOING_AWAY`](streamfarm_core::protocol::close::GOING_AWAY) is never retried.
+//!    [`GOING_AWAY`](streamfarm_core::protocol::close::GOING_AWAY) (or refuses as full) is never
+//!    retried: see [`sends_elsewhere`].
 //! 3. **Re-request**: a server that failed its retry is excluded for the cool-down and a new round
 //!    starts. When the service address gives no list, the other servers of the last list are asked.
 //! 4. **Backoff**: the first round after a good connection starts at once; each further round
@@ -89,11 +90,23 @@ pub enum LossCause {
     Broken(String),
 }
 
+/// Whether a close code tells the client to go to another server rather than retry this one:
+/// draining or rebalancing (`4000`), shutting down (`1001`), full (`4003`), or a transport-level
+/// policy violation (`1008`), as `docs/PROTOCOL.md` says.
+pub fn sends_elsewhere(code: u16) -> bool {
+    matches!(
+        code,
+        close::RECONNECT_ELSEWHERE
+            | close::GOING_AWAY
+            | close::SERVER_FULL
+            | close::POLICY_VIOLATION
+    )
+}
+
 impl LossCause {
     /// The server asked the client to go elsewhere: no retry of the same server.
     pub fn sends_elsewhere(&self) -> bool {
-        matches!(self, LossCause::Closed { code, .. }
-            if *code == close::RECONNECT_ELSEWHERE || *code == close::GOING_AWAY)
+        matches!(self, LossCause::Closed { code, .. } if sends_elsewhere(*code))
     }
 }
 
@@ -155,6 +168,9 @@ pub enum Input {
         server: String,
         /// What went wrong, for people.
         error: String,
+        /// The server refused with a close code that sends clients elsewhere (draining, full):
+        /// no retry of it.
+        elsewhere: bool,
     },
     /// The established connection to `server` ended.
     Lost {
@@ -338,8 +354,13 @@ impl Machine {
                 self.state = state;
             }
             (State::Idle, Input::Start) => self.next_round(None, now, &mut actions),
-            (State::FetchingList { .. }, Input::ListFetched { list, via, age }) => {
+            (State::FetchingList { .. }, Input::ListFetched { mut list, via, age }) => {
                 self.holding_list_connection = true;
+                // The list server counts the connection the list came over among its users;
+                // that user is this client, which has not chosen yet.
+                if let Some(entry) = list.servers.iter_mut().find(|s| s.url == via) {
+                    entry.users = entry.users.saturating_sub(1);
+                }
                 self.select(list, &via, age, now, &mut actions);
             }
             (
@@ -389,11 +410,12 @@ impl Machine {
                 Input::ConnectFailed {
                     server: failed,
                     error,
+                    elsewhere,
                 },
             ) if server == failed => {
                 // A reused list connection is gone with the failure; any other is no use now.
                 self.drop_list_connection(&mut actions);
-                if !retry && self.config.retry == RetryMode::RetryOnce {
+                if !retry && !elsewhere && self.config.retry == RetryMode::RetryOnce {
                     actions.push(Action::Connect {
                         server: server.clone(),
                         reuse_list_connection: false,
@@ -454,7 +476,12 @@ impl Machine {
         actions: &mut Vec<Action>,
     ) {
         let exclude = self.excluded(now);
-        let context = Context::with_age(age);
+        // A client failing over knows its old server's users are all reconnecting now: the
+        // staleness-aware policy allows for that surge; the others ignore the context.
+        let context = match &self.away {
+            Some((lost, _)) => Context::reconnecting(&list, lost, age, self.config.backoff.base()),
+            None => Context::with_age(age),
+        };
         let choice =
             selection::choose_with(self.config.policy, &list, &exclude, &context, &mut self.rng);
         match choice {
@@ -601,6 +628,7 @@ mod tests {
         Input::ConnectFailed {
             server: server.to_string(),
             error: "refused".to_string(),
+            elsewhere: false,
         }
     }
 
@@ -696,6 +724,19 @@ mod tests {
             ]
         );
         assert_eq!(m.last_list().unwrap().servers.len(), 3);
+    }
+
+    #[test]
+    fn the_list_server_does_not_count_this_client() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        m.handle(
+            fetched(list(&[(A, Status::Up, 1, "A"), (B, Status::Up, 0, "A")]), A),
+            t0,
+        );
+        // A's one user is this client's list connection: both servers are empty.
+        assert_eq!(m.last_list().unwrap().servers[0].users, 0);
     }
 
     #[test]
@@ -814,6 +855,24 @@ mod tests {
                 Action::Sleep { .. }
             ]
         ));
+        assert_eq!(m.excluded(t0), vec![B.to_string()]);
+    }
+
+    #[test]
+    fn a_server_refusing_with_an_elsewhere_code_is_not_retried() {
+        let t0 = Instant::now();
+        let mut m = machine(RetryMode::RetryOnce);
+        m.handle(Input::Start, t0);
+        m.handle(fetched(only(B), C), t0);
+        let actions = m.handle(
+            Input::ConnectFailed {
+                server: B.to_string(),
+                error: "closed (4003) full".into(),
+                elsewhere: true,
+            },
+            t0,
+        );
+        assert!(!actions.iter().any(|a| matches!(a, Action::Connect { .. })));
         assert_eq!(m.excluded(t0), vec![B.to_string()]);
     }
 
@@ -1026,7 +1085,10 @@ mod tests {
     fn loss_causes_say_whether_to_go_elsewhere() {
         assert!(closed(close::RECONNECT_ELSEWHERE).sends_elsewhere());
         assert!(closed(close::GOING_AWAY).sends_elsewhere());
+        assert!(closed(close::SERVER_FULL).sends_elsewhere());
+        assert!(closed(close::POLICY_VIOLATION).sends_elsewhere());
         assert!(!closed(close::HEARTBEAT_TIMEOUT).sends_elsewhere());
+        assert!(!closed(close::SLOW_CONSUMER).sends_elsewhere());
         assert!(!LossCause::HeartbeatTimeout.sends_elsewhere());
         assert_eq!(closed(4000).to_string(), "closed (4000)");
     }

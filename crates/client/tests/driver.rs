@@ -355,3 +355,38 @@ async fn nothing_reachable_backs_off_and_reports_it() {
     assert!(delay < streamfarm_client::Backoff::default().ceiling(0));
     client.close().await;
 }
+
+#[tokio::test]
+async fn service_name_resolves_through_the_farm_dns_with_srv_ports() {
+    let (a, b) = two_nodes().await;
+    let list = FarmList::new(vec![
+        ServerEntry::new("a", &a.url, Status::Up, 0, "A"),
+        ServerEntry::new("b", &b.url, Status::Up, 0, "A"),
+    ]);
+    let (_farm_tx, farm_rx) = tokio::sync::watch::channel(list);
+    let config = streamfarm_dns::DnsConfig::new("127.0.0.1:0".parse().unwrap(), "farm.test");
+    let dns = streamfarm_dns::DnsServer::start(config, farm_rx)
+        .await
+        .unwrap();
+
+    // The two nodes listen on different ports: only the SRV records can say which.
+    let options = ClientOptions::new().dns_server(dns.local_addr()).seed(8);
+    let address: ServiceAddress = "farm.test".parse().unwrap();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let mut endpoints: Vec<SocketAddr> = options
+        .resolver()
+        .resolve(&address, &mut rng)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.addr)
+        .collect();
+    endpoints.sort();
+    assert_eq!(endpoints, vec![a.addr, b.addr]);
+
+    let mut client = options.subscribe(["t"]).start(address);
+    let server = connected(&mut client).await;
+    assert!(server == a.url || server == b.url);
+    client.close().await;
+    dns.shutdown().await;
+}

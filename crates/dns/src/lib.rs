@@ -204,6 +204,13 @@ fn parse_service_name(service_name: &str) -> Result<Name, DnsError> {
         return Err(invalid("wildcards are not allowed".to_string()));
     }
     name.set_fqdn(true);
+    // The zone's longest owner names must fit in a domain name too.
+    let longest = name
+        .prepend_label(zone::SRV_LABELS[1])
+        .and_then(|n| n.prepend_label(zone::SRV_LABELS[0]));
+    if let Err(e) = longest {
+        return Err(invalid(format!("too long to hold _streamfarm._tcp: {e}")));
+    }
     Ok(name.to_lowercase())
 }
 
@@ -284,7 +291,8 @@ mod tests {
             parse_service_name("farm.test.").unwrap().to_string(),
             "farm.test."
         );
-        for bad in [".", "", "*.farm.test", "a..b"] {
+        let long = vec!["x".repeat(60); 4].join(".");
+        for bad in [".", "", "*.farm.test", "a..b", long.as_str()] {
             let error = parse_service_name(bad).unwrap_err();
             assert!(
                 matches!(error, DnsError::InvalidServiceName { .. }),

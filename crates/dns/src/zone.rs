@@ -20,13 +20,14 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 use streamfarm_core::model::{group_comparator, group_order};
 use streamfarm_core::{FarmList, ServerEntry, Status};
-use tracing::debug;
+use tracing::warn;
 
 /// The label pair that, prepended to the service name, gives the RFC 2782 SRV owner name.
 pub(crate) const SRV_LABELS: [&str; 2] = ["_streamfarm", "_tcp"];
@@ -58,14 +59,16 @@ impl ZoneKey {
 /// counter would then advance by two each lookup (and never rotate a two-server farm).
 #[derive(Debug, Default)]
 pub(crate) struct Rotation {
-    pub(crate) a: std::sync::atomic::AtomicUsize,
-    pub(crate) aaaa: std::sync::atomic::AtomicUsize,
-    pub(crate) srv: std::sync::atomic::AtomicUsize,
+    a: AtomicUsize,
+    aaaa: AtomicUsize,
+    srv: AtomicUsize,
 }
 
 impl Rotation {
-    fn next(counter: &std::sync::atomic::AtomicUsize) -> usize {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    /// The counter's value, moved on by one. Relaxed: the counters order nothing else, and two
+    /// concurrent answers starting at different places is all rotation needs.
+    fn next(counter: &AtomicUsize) -> usize {
+        counter.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -76,12 +79,13 @@ struct NodeRecords {
     aaaa: Vec<Record>,
 }
 
-/// An SRV record with the address records of its target, for the additional section.
+/// An SRV record (under both owner names) with the address record of its target, for the
+/// additional section.
 #[derive(Debug)]
 struct SrvRecord {
     at_apex: Record,
     at_service: Record,
-    glue: Vec<Record>,
+    glue: Record,
 }
 
 /// One answer: response code and the records of each section, borrowed from the zone.
@@ -206,11 +210,12 @@ impl Zone {
         for server in servers {
             let endpoint = url_endpoint(&server.url);
             if endpoint.is_none() {
-                debug!(server = %server.name, url = %server.url, "no IP address in the url; left out of DNS");
+                // Once per zone rebuild (a farm change), not per query: worth an operator's eye.
+                warn!(server = %server.name, url = %server.url, "no IP address in the url; left out of DNS");
             }
             let node_name = node_name(apex, &server.name);
             if node_name.is_none() && !server.name.is_empty() {
-                debug!(server = %server.name, "name is not a DNS label; no NODE.SERVICE name");
+                warn!(server = %server.name, "name is not a DNS label; no NODE.SERVICE name");
             }
             let address = endpoint.map(|(ip, _)| ip);
 
@@ -240,15 +245,10 @@ impl Zone {
                     .unwrap_or(groups.len());
                 let priority = u16::try_from(priority).unwrap_or(u16::MAX);
                 let rdata = RData::SRV(SRV::new(priority, 1, port, target.clone()));
-                let mut glue = Vec::new();
-                push_address(&mut glue, &mut Vec::new(), target, ttl, ip);
-                let mut glue6 = Vec::new();
-                push_address(&mut Vec::new(), &mut glue6, target, ttl, ip);
-                glue.append(&mut glue6);
                 zone.srv.push(SrvRecord {
                     at_apex: Record::from_rdata(apex.clone(), ttl, rdata.clone()),
                     at_service: Record::from_rdata(srv_owner.clone(), ttl, rdata),
-                    glue,
+                    glue: Record::from_rdata(target.clone(), ttl, address_rdata(ip)),
                 });
             }
         }
@@ -315,7 +315,7 @@ impl Zone {
             })
             .collect();
         let mut answer = Answer::records(answers, self);
-        answer.additionals = order.iter().flat_map(|s| s.glue.iter()).collect();
+        answer.additionals = order.iter().map(|s| &s.glue).collect();
         answer
     }
 }
@@ -332,12 +332,18 @@ fn rotated<T>(items: &[T], start: usize) -> Vec<&T> {
 /// Appends an A or AAAA record for `ip` under `owner`, unless the set already has that address
 /// (several servers on one host differ only in port; an RRset must not repeat a record).
 fn push_address(a: &mut Vec<Record>, aaaa: &mut Vec<Record>, owner: &Name, ttl: u32, ip: IpAddr) {
-    let (set, rdata) = match ip {
-        IpAddr::V4(v4) => (a, RData::A(A(v4))),
-        IpAddr::V6(v6) => (aaaa, RData::AAAA(AAAA(v6))),
-    };
+    let set = if ip.is_ipv4() { a } else { aaaa };
+    let rdata = address_rdata(ip);
     if set.iter().all(|r| r.data != rdata) {
         set.push(Record::from_rdata(owner.clone(), ttl, rdata));
+    }
+}
+
+/// The A or AAAA data of an address.
+fn address_rdata(ip: IpAddr) -> RData {
+    match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
     }
 }
 

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Everything a node needs to start. Durations are whole milliseconds (`*_ms`).
+/// Everything a node needs to start. Durations are whole milliseconds (`*_ms`), except the DNS
+/// TTL, which DNS counts in whole seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -85,6 +86,15 @@ pub struct NodeConfig {
     /// Bearer token for `POST /admin/status`; without one the admin API is disabled.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// UDP and TCP address of the built-in DNS responder (`docs/DNS.md`); none runs none.
+    #[serde(default)]
+    pub dns: Option<SocketAddr>,
+    /// The service name the DNS responder answers (`farm.example.com`); required with `dns`.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// TTL of the DNS answers, in whole seconds: short, so a node that goes DOWN leaves caches soon.
+    #[serde(default = "default_dns_ttl")]
+    pub dns_ttl: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -129,6 +139,13 @@ fn default_drain_period_ms() -> u64 {
 fn default_shutdown_drain_ms() -> u64 {
     1_000
 }
+fn default_dns_ttl() -> u64 {
+    streamfarm_dns::DEFAULT_TTL.as_secs()
+}
+
+/// Longest DNS TTL accepted, seconds: longer would let caches hand out dead nodes for minutes
+/// (and a value in milliseconds by mistake would be caught).
+const MAX_DNS_TTL: u64 = 300;
 
 /// The configuration is not usable.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +188,9 @@ impl NodeConfig {
             drain_period_ms: default_drain_period_ms(),
             shutdown_drain_ms: default_shutdown_drain_ms(),
             admin_token: None,
+            dns: None,
+            service_name: None,
+            dns_ttl: default_dns_ttl(),
         }
     }
 
@@ -221,6 +241,12 @@ impl NodeConfig {
         {
             return invalid("url", "must start with ws:// or wss://");
         }
+        if self.dns.is_some() && self.service_name.as_deref().is_none_or(str::is_empty) {
+            return invalid("service_name", "is required when dns is set");
+        }
+        if self.dns_ttl > MAX_DNS_TTL {
+            return invalid("dns_ttl", "must be at most 300 (whole seconds)");
+        }
         Ok(())
     }
 
@@ -265,6 +291,14 @@ impl NodeConfig {
     /// See [`NodeConfig::shutdown_drain_ms`].
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_millis(self.shutdown_drain_ms)
+    }
+    /// The DNS responder's settings, when `dns` is set.
+    pub fn dns_config(&self) -> Option<streamfarm_dns::DnsConfig> {
+        Some(streamfarm_dns::DnsConfig {
+            listen: self.dns?,
+            service_name: self.service_name.clone().unwrap_or_default(),
+            ttl: Duration::from_secs(self.dns_ttl),
+        })
     }
 }
 
@@ -311,5 +345,20 @@ mod tests {
         config.failure_timeout_ms = 10;
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("failure_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn dns_needs_a_service_name_and_a_short_ttl() {
+        let mut config = NodeConfig::from_toml("name = \"a\"\ndns = \"127.0.0.1:8600\"").unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("service_name"), "{err}");
+        config.service_name = Some("farm.test".into());
+        config.validate().unwrap();
+        let dns = config.dns_config().unwrap();
+        assert_eq!(dns.ttl, streamfarm_dns::DEFAULT_TTL);
+        config.dns_ttl = 2000;
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("dns_ttl"), "{err}");
+        assert!(NodeConfig::new("a").dns_config().is_none());
     }
 }

@@ -29,6 +29,8 @@
 //!   `/healthz`.
 //! - `drain` — paced, jittered closing for `DRAINING` and shutdown.
 //! - [`metrics`] — counters and their Prometheus rendering.
+//! - DNS: with `dns` set, a `streamfarm_dns::DnsServer` answers the service name from the live
+//!   farm list; the handle owns it and stops it last.
 //!
 //! # Life cycle
 //! [`NodeHandle::start`] binds the TCP listener and the gossip socket, then runs the HTTP server,
@@ -44,6 +46,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use streamfarm_core::protocol::{Encoding, close};
 use streamfarm_core::{FarmList, Status};
+use streamfarm_dns::DnsServer;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -95,6 +98,9 @@ pub enum NodeError {
         /// Why.
         message: String,
     },
+    /// The DNS responder (`dns`) could not start.
+    #[error(transparent)]
+    Dns(#[from] streamfarm_dns::DnsError),
 }
 
 /// State shared by every task of one node.
@@ -172,6 +178,8 @@ pub struct NodeHandle {
     listen_addr: SocketAddr,
     gossip_addr: SocketAddr,
     chitchat: Option<chitchat::ChitchatHandle>,
+    /// The DNS responder, answering from `farm_rx`, when `dns` is configured.
+    dns: Option<DnsServer>,
 }
 
 impl NodeHandle {
@@ -215,6 +223,16 @@ impl NodeHandle {
         // Listed at once, before the first gossip round.
         let initial = FarmList::new(vec![membership::self_entry(&me, Status::Up, 0, 0.0)]);
         let (farm_tx, farm_rx) = watch::channel(initial);
+        let dns = match config.dns_config() {
+            Some(dns_config) => match DnsServer::start(dns_config, farm_rx.clone()).await {
+                Ok(dns) => Some(dns),
+                Err(err) => {
+                    chitchat.abort();
+                    return Err(err.into());
+                }
+            },
+            None => None,
+        };
         let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
         let embedded = EmbeddedRelay::start(
             config.name.clone(),
@@ -274,6 +292,7 @@ impl NodeHandle {
             listen_addr,
             gossip_addr,
             chitchat: Some(chitchat),
+            dns,
         })
     }
 
@@ -295,6 +314,11 @@ impl NodeHandle {
     /// The UDP address of gossip.
     pub fn gossip_addr(&self) -> SocketAddr {
         self.gossip_addr
+    }
+
+    /// The address the DNS responder answers on (UDP and TCP), when `dns` is configured.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().map(DnsServer::local_addr)
     }
 
     /// The streaming url this node advertises.
@@ -361,6 +385,9 @@ impl NodeHandle {
             .is_err()
         {
             warn!("some tasks did not stop in time");
+        }
+        if let Some(dns) = self.dns.take() {
+            dns.shutdown().await;
         }
         if let Some(chitchat) = self.chitchat.take()
             && let Err(err) = chitchat.shutdown().await

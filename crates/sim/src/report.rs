@@ -39,8 +39,8 @@ fn table(out: &mut String, scenario: &Scenario, group: &[Outcome]) {
     let mut rule = String::from("|---|---:|---:|---:|---:|---:|---:|---:|");
     match kind {
         ScenarioKind::ScaleOut => {
-            head.push_str(" new/mean at end | new ≥ 0.95·mean at (s) |");
-            rule.push_str("---:|---:|");
+            head.push_str(" new/mean at end | new ≥ 0.95·mean at (s) | new/mean peak |");
+            rule.push_str("---:|---:|---:|");
         }
         ScenarioKind::Failure | ScenarioKind::Rolling => {
             head.push_str(" failed picks per reconnect |");
@@ -68,7 +68,11 @@ fn table(out: &mut String, scenario: &Scenario, group: &[Outcome]) {
                 let reached = new
                     .reached_95_at
                     .map_or_else(|| "never".to_string(), |t| format!("{t:.1}"));
-                let _ = write!(out, " {:.3} | {reached} |", new.share_at_end);
+                let _ = write!(
+                    out,
+                    " {:.3} | {reached} | {:.3} |",
+                    new.share_at_end, new.peak_share
+                );
             }
             (ScenarioKind::Failure | ScenarioKind::Rolling, _) => {
                 let c = o.trace.counts;

@@ -61,6 +61,8 @@ pub struct NewServer {
     pub share_at_end: f64,
     /// When it first held 95 % of the mean (seconds), if it did.
     pub reached_95_at: Option<f64>,
+    /// The most it held over the mean at any sample: above 1, it overshot.
+    pub peak_share: f64,
 }
 
 /// The figures of one run, as the tables show them.
@@ -107,6 +109,7 @@ impl Summary {
                     .iter()
                     .find(|s| s.up[new] && share(s) >= 0.95)
                     .map(|s| s.time),
+                peak_share: trace.samples.iter().map(share).fold(0.0, f64::max),
             }
         });
         Summary {

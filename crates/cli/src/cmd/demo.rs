@@ -64,7 +64,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         result = demo(&args, &mut nodes) => result,
         _ = shutdown_signal() => {
             eprintln!("interrupted: stopping the nodes");
-            Ok(ExitCode::FAILURE)
+            // The shell's convention for a run ended by SIGINT.
+            Ok(ExitCode::from(130))
         }
     };
     for node in &mut nodes {
@@ -232,8 +233,19 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
     watch(&swarm, &farm, &mut table, terminal, args.after, recovered).await;
     let all_back = recovered(&swarm);
     let recovery = killed_at.elapsed();
-    // A second of messages on the new servers before counting.
+    // Let the farm notice the dead node (its status report goes missing) and the clients take
+    // a second of messages on their new servers before the final table.
+    let noticed = Instant::now() + Duration::from_secs(5);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    while Instant::now() < noticed && !listed_down(farm.latest().as_ref(), &killed_url) {
+        if terminal {
+            table.draw(&server_table(&swarm.stats, farm.latest().as_ref()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if terminal {
+        table.draw(&server_table(&swarm.stats, farm.latest().as_ref()));
+    }
     let table_after = server_table(&swarm.stats, farm.latest().as_ref());
     if !terminal {
         print!("{table_after}");
@@ -314,6 +326,11 @@ fn render_summary(
         after.messages, after.gaps
     ));
     out
+}
+
+fn listed_down(list: Option<&FarmList>, url: &str) -> bool {
+    list.and_then(|l| l.by_url(url))
+        .is_some_and(|s| s.status == Status::Down)
 }
 
 /// Redraws the table (on a terminal) until `done` or `limit`.

@@ -85,6 +85,15 @@ struct Settings {
     /// Bearer token for POST /admin/status (admin API disabled without one).
     #[arg(long, env = "STREAMFARM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// UDP and TCP address of the built-in DNS responder (see docs/DNS.md); none runs none.
+    #[arg(long, env = "STREAMFARM_DNS", value_name = "IP:PORT")]
+    dns: Option<SocketAddr>,
+    /// The service name the DNS responder answers (`farm.example.com`); required with --dns.
+    #[arg(long, env = "STREAMFARM_SERVICE_NAME", value_name = "NAME")]
+    service_name: Option<String>,
+    /// TTL of the DNS answers, whole seconds (default 2).
+    #[arg(long, env = "STREAMFARM_DNS_TTL", value_name = "SECONDS")]
+    dns_ttl: Option<u64>,
 }
 
 impl Settings {
@@ -133,9 +142,10 @@ impl Settings {
             relay_queue,
             allow_client_publish,
             drain_period_ms,
-            shutdown_drain_ms
+            shutdown_drain_ms,
+            dns_ttl
         );
-        overlay_option!(gossip, url, capacity, admin_token);
+        overlay_option!(gossip, url, capacity, admin_token, dns, service_name);
         if !self.join.is_empty() {
             config.join = self.join;
         }
@@ -155,6 +165,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         node.listen_addr(),
         node.gossip_addr()
     );
+    if let Some(dns) = node.dns_addr() {
+        println!(
+            "streamfarm dns answering {} on {dns} (UDP and TCP)",
+            node.config().service_name.as_deref().unwrap_or_default()
+        );
+    }
     wait_for_stop_signal().await?;
     info!("stop signal: shutting down gracefully");
     node.shutdown().await;
@@ -223,5 +239,35 @@ mod tests {
         let cli = Cli::try_parse_from(["serve"]).unwrap();
         let err = cli.args.settings.into_config().unwrap_err();
         assert!(err.to_string().contains("--name"), "{err}");
+    }
+
+    #[test]
+    fn dns_flags_configure_the_responder() {
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--name",
+            "a",
+            "--dns",
+            "127.0.0.1:8600",
+            "--service-name",
+            "farm.test",
+            "--dns-ttl",
+            "5",
+        ])
+        .unwrap();
+        let dns = cli
+            .args
+            .settings
+            .into_config()
+            .unwrap()
+            .dns_config()
+            .unwrap();
+        assert_eq!(dns.listen, "127.0.0.1:8600".parse().unwrap());
+        assert_eq!(dns.service_name, "farm.test");
+        assert_eq!(dns.ttl, std::time::Duration::from_secs(5));
+
+        let cli = Cli::try_parse_from(["serve", "--name", "a", "--dns", "127.0.0.1:8600"]).unwrap();
+        let err = cli.args.settings.into_config().unwrap_err();
+        assert!(err.to_string().contains("service_name"), "{err}");
     }
 }

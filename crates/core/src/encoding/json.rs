@@ -34,6 +34,16 @@ pub(crate) fn from_serde(err: serde_json::Error) -> ParseError {
     error
 }
 
+/// serde's Rust type names in words a list writer knows.
+fn plain_type(expected: &str) -> &str {
+    match expected {
+        "u64" => "a non-negative integer",
+        "f64" => "a number",
+        "a string" | "string" => "a string",
+        other => other,
+    }
+}
+
 fn describe(message: &str) -> ParseError {
     let between = |s: &str| s.split('`').nth(1).map(str::to_string);
     if let Some(rest) = message.strip_prefix("missing field ") {
@@ -57,7 +67,7 @@ fn describe(message: &str) -> ParseError {
         if let Some(rest) = message.strip_prefix(prefix)
             && let Some((found, expected)) = rest.split_once(", expected ")
         {
-            return ParseError::new(Format::Json, expected, found);
+            return ParseError::new(Format::Json, plain_type(expected), found);
         }
     }
     if let Some(what) = message.strip_prefix("EOF while parsing ") {

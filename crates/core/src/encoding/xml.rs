@@ -242,8 +242,9 @@ fn read_server(start: &BytesStart<'_>) -> Result<ServerEntry, ParseError> {
             }
         }
     }
-    let missing =
-        |field: &str| ParseError::new(Format::Xml, "the attribute", "nothing").in_field(field);
+    let missing = |field: &str| {
+        ParseError::new(Format::Xml, format!("a `{field}` attribute"), "none").in_field(field)
+    };
     let mut entry = ServerEntry::new(
         name,
         url.ok_or_else(|| missing("url"))?,
@@ -272,7 +273,12 @@ fn read_extra(
         }
     }
     let missing = |field: &str| {
-        ParseError::new(Format::Xml, "the attribute", "nothing").in_field(format!("extra {field}"))
+        ParseError::new(
+            Format::Xml,
+            format!("a `{field}` attribute on <extra>"),
+            "none",
+        )
+        .in_field(format!("extra {field}"))
     };
     let key = key.ok_or_else(|| missing("key"))?;
     let value = value.ok_or_else(|| missing("value"))?;

@@ -12,12 +12,25 @@
 //! 3. Choose server `i` with probability `max(0, L − u_i) / (A + 1)`: the emptiest servers get the
 //!    most, servers above the level get nothing, and the expected arrivals bring every server they
 //!    touch to the same level at once.
+
+//! 4. **Overshoot guard.** Step 3 assumes the `A` clients in flight were spread the way this pick
+//!    is. When the farm changes fast (a new server filling during a flash crowd) they were not:
+//!    older lists showed the new server emptier still, so they all went there. A server's own
+//!    `join_rate` says how many it has been taking: its projected load `û_i = u_i + join_rate_i·t`.
+//!    Each deficit is capped at `w_i·(L + m) − û_i`, with a margin `m = 2(A + 1)/Σw` (two fair
+//!    shares of the water per unit of weight), so a server projected past the level by more than
+//!    that gets no more clients. In steady state the projections sit within a share of the level
+//!    and the cap never binds; it only cuts the overshoot. (If it would leave nobody, it is
+//!    dropped.) Projecting every server always, without the margin, was tried and is worse: a
+//!    join rate is a noisy count, late by the list's age, and steering on it oscillates.
 //!
 //! When every candidate states a capacity `c_i`, loads are compared as fractions: the level solves
-//! `Σ max(0, c_i·L − u_i) = A + 1`, and the deficit `c_i·L − u_i` is counted in users.
+//! `Σ max(0, c_i·L − u_i) = A + 1`, and the deficit `c_i·L − u_i` is counted in users (`w_i = c_i`
+//! above; otherwise `w_i = 1`).
 //!
-//! With a fresh list (`A = 0`) the level sits 1/k above the k least-loaded servers, so waterfill is
-//! exactly least-users; the staler the list and the busier the farm, the wider it spreads.
+//! With a fresh list (`A = 0`, `t = 0`) the level sits 1/k above the k least-loaded servers and the
+//! guard cannot bind, so waterfill is exactly least-users; the staler the list and the busier the
+//! farm, the wider it spreads. `BALANCE.md` has what it achieves in the simulator.
 
 use super::Context;
 use crate::model::FarmList;
@@ -28,7 +41,8 @@ pub(super) fn weights(list: &FarmList, indices: &[usize], context: &Context) -> 
     let rate = context
         .arrival_rate
         .unwrap_or_else(|| servers.iter().filter_map(|s| s.join_rate).map(sane).sum());
-    let in_flight = sane(rate) * context.list_age.as_secs_f64();
+    let age = context.list_age.as_secs_f64();
+    let water = sane(rate) * age + 1.0;
     let by_capacity = servers.iter().all(|s| s.capacity.is_some_and(|c| c > 0));
     let loads: Vec<Load> = servers
         .iter()
@@ -39,22 +53,42 @@ pub(super) fn weights(list: &FarmList, indices: &[usize], context: &Context) -> 
             } else {
                 1.0
             },
+            projected: s.users as f64 + s.join_rate.map_or(0.0, sane) * age,
         })
         .collect();
-    let deficits = deficits(&loads, in_flight + 1.0);
-    let total: f64 = deficits.iter().sum();
-    deficits.iter().map(|d| d / total).collect()
+    let (level, open) = deficits(&loads, water);
+    let margin = GUARD_SHARES * water / loads.iter().map(|l| l.weight).sum::<f64>();
+    let guarded: Vec<f64> = loads
+        .iter()
+        .zip(&open)
+        .map(|(l, d)| d.min(l.weight * (level + margin) - l.projected).max(0.0))
+        .collect();
+    let chosen = if guarded.iter().sum::<f64>() > 0.0 {
+        guarded
+    } else {
+        open
+    };
+    let total: f64 = chosen.iter().sum();
+    chosen.iter().map(|d| d / total).collect()
 }
+
+/// How many fair shares of the water a server's projected load may exceed the level by before
+/// the guard stops sending it clients. Chosen with the simulator: 1 already binds in steady state
+/// (and costs balance there), 2 and 3 leave steady state untouched; 2 cuts the flash-crowd
+/// overshoot more.
+const GUARD_SHARES: f64 = 2.0;
 
 /// A negative, NaN or infinite rate from a list (or a confused client) counts as 0.
 fn sane(x: f64) -> f64 {
     if x.is_finite() && x > 0.0 { x } else { 0.0 }
 }
 
-/// One candidate's load: users, and the weight its level is measured against (capacity, or 1).
+/// One candidate's load: users, the weight its level is measured against (capacity, or 1), and
+/// its users projected over the list's age at its own join rate.
 struct Load {
     users: f64,
     weight: f64,
+    projected: f64,
 }
 
 impl Load {
@@ -63,11 +97,12 @@ impl Load {
     }
 }
 
-/// `max(0, w_i·L − u_i)` for the level `L` at which these deficits add up to `water` (> 0).
+/// The level `L` at which the deficits `max(0, w_i·L − u_i)` add up to `water` (> 0), and those
+/// deficits.
 ///
 /// Servers are filled in order of level: with the `k` lowest under water, `L = (water + Σu) / Σw`
 /// over those `k`, and `k` grows while the next server's level is below `L`.
-fn deficits(loads: &[Load], water: f64) -> Vec<f64> {
+fn deficits(loads: &[Load], water: f64) -> (f64, Vec<f64>) {
     let mut order: Vec<usize> = (0..loads.len()).collect();
     order.sort_by(|&a, &b| loads[a].level().total_cmp(&loads[b].level()));
     let (mut users, mut weight) = (0.0, 0.0);
@@ -81,10 +116,11 @@ fn deficits(loads: &[Load], water: f64) -> Vec<f64> {
             _ => break,
         }
     }
-    loads
+    let deficits = loads
         .iter()
         .map(|l| (l.weight * level - l.users).max(0.0))
-        .collect()
+        .collect();
+    (level, deficits)
 }
 
 #[cfg(test)]
@@ -189,6 +225,32 @@ mod tests {
         let exclude = ["ws://s0/".to_string()];
         let p = probabilities_with(Policy::Waterfill, &list, &exclude, &context).unwrap();
         assert!(p[0] == 0.0 && (p[1] - 0.5).abs() < 1e-12, "{p:?}");
+    }
+
+    #[test]
+    fn the_guard_holds_back_a_server_that_took_the_in_flight_clients() {
+        // 0.5 s at 10 000/s: 5000 in flight + 1 over 8000, 10000, 10000 → level 11000.33, open
+        // deficits 3000.33, 1000.33, 1000.33. But s0 took all 10 000/s: projected 13000, above
+        // the level by more than the margin 2·5001/3 = 3334 allows, so it is capped at 1334.33.
+        let mut list = farm(&[8000, 10_000, 10_000]);
+        list.servers[0].join_rate = Some(10_000.0);
+        list.servers[1].join_rate = Some(0.0);
+        list.servers[2].join_rate = Some(0.0);
+        let context = Context::with_age(Duration::from_millis(500));
+        let p = probabilities_with(Policy::Waterfill, &list, &[], &context).unwrap();
+        let capped = 11_000.0 + 1.0 / 3.0 + 2.0 * 5001.0 / 3.0 - 13_000.0;
+        let others = 1000.0 + 1.0 / 3.0;
+        let total = capped + 2.0 * others;
+        assert!(
+            close(&p, &[capped / total, others / total, others / total]),
+            "{p:?}"
+        );
+        // Spread evenly, the same joins leave the guard idle: the open deficits decide.
+        for s in &mut list.servers {
+            s.join_rate = Some(10_000.0 / 3.0);
+        }
+        let p = probabilities_with(Policy::Waterfill, &list, &[], &context).unwrap();
+        assert!((p[0] - (3000.0 + 1.0 / 3.0) / 5001.0).abs() < 1e-9, "{p:?}");
     }
 
     #[test]

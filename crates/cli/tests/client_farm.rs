@@ -1,0 +1,238 @@
+//! The client library against real nodes (`streamfarm serve` child processes on 127.0.0.x):
+//! spread, failover on SIGKILL and SIGSTOP, priority groups, drain.
+
+mod client_support;
+
+use std::time::Duration;
+
+use client_support::{Crowd, Farm, SERIAL, eventually, publish};
+use streamfarm_client::{ClientOptions, RetryMode, ServiceAddress};
+use streamfarm_core::Status;
+use tokio::time::Instant;
+
+const TOPIC: &str = "t";
+
+fn options() -> ClientOptions {
+    ClientOptions::new().subscribe([TOPIC])
+}
+
+/// The url holding the most clients.
+fn busiest(crowd: &Crowd) -> (String, usize) {
+    crowd
+        .per_server()
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .expect("clients connected")
+}
+
+/// Publishes `message` through `via` until every client has it (publishing again covers a
+/// subscription that was confirmed to the client but not yet relayed between nodes).
+async fn everyone_receives(crowd: &Crowd, farm: &Farm, via: usize, message: &str) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        publish(&farm.nodes[via], TOPIC, message).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        crowd
+            .snapshot()
+            .iter()
+            .all(|s| s.messages.iter().any(|m| m == message))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_clients_through_one_seed_spread_over_three_nodes() {
+    let _serial = SERIAL.lock().await;
+    let farm = Farm::start(&[("a", "A"), ("b", "A"), ("c", "A")]).await;
+    let one_seed: ServiceAddress = farm.nodes[0].listen.to_string().parse().unwrap();
+    let mut crowd = Crowd::new();
+    // Users arrive over 1.5 s: spread depends on the lists clients see, not on 300 list
+    // connections landing on the seed node in the same millisecond.
+    crowd.arrive(300, 200, &one_seed, &options()).await;
+    assert!(crowd.all_connected(Duration::from_secs(30)).await);
+    let spread = crowd.per_server();
+    eprintln!("300 clients through one seed: {spread:?}");
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    for (server, n) in &spread {
+        assert!((70..=130).contains(n), "{server} holds {n}: {spread:?}");
+    }
+    crowd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_clients_resubscribe_elsewhere_within_5s() {
+    let _serial = SERIAL.lock().await;
+    let mut farm = Farm::start(&[("a", "A"), ("b", "A"), ("c", "A")]).await;
+    let seeds = farm.seeds();
+    let mut crowd = Crowd::new();
+    // Half retry the same server once, half re-request at once: both must get through.
+    crowd.add(150, &seeds, &options());
+    crowd.add(150, &seeds, &options().retry(RetryMode::Immediate));
+    assert!(crowd.all_connected(Duration::from_secs(30)).await);
+    let (victim, held) = busiest(&crowd);
+    assert!(held >= 70, "{:?}", crowd.per_server());
+    let killed_at = Instant::now();
+    farm.node(&victim).kill();
+    let moved = eventually(Duration::from_secs(5), || async {
+        crowd
+            .snapshot()
+            .iter()
+            .all(|s| s.server.as_ref().is_some_and(|url| *url != victim))
+    })
+    .await;
+    let took = killed_at.elapsed();
+    assert!(
+        moved,
+        "not every client moved within 5 s: {:?}",
+        crowd.per_server()
+    );
+    let seen = crowd.snapshot();
+    let failed_over: Vec<_> = seen
+        .iter()
+        .flat_map(|s| &s.failovers)
+        .filter(|(from, to, _)| *from == victim && *to != victim)
+        .collect();
+    assert_eq!(
+        failed_over.len(),
+        held,
+        "every client of the killed node failed over once"
+    );
+    assert_eq!(
+        seen.iter().map(|s| s.gaps as usize).sum::<usize>(),
+        held,
+        "each reported its gap"
+    );
+    eprintln!("{held} clients of a SIGKILLed node resubscribed elsewhere within {took:?}");
+    let survivor = farm.nodes.iter().position(|n| n.url() != victim).unwrap();
+    assert!(everyone_receives(&crowd, &farm, survivor, "after the kill").await);
+    crowd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_node_is_left_within_heartbeat_timeout_plus_2s() {
+    let _serial = SERIAL.lock().await;
+    let mut farm = Farm::start(&[("a", "A"), ("b", "A"), ("c", "A")]).await;
+    let mut crowd = Crowd::new();
+    crowd.add(90, &farm.seeds(), &options());
+    assert!(crowd.all_connected(Duration::from_secs(30)).await);
+    let (victim, _) = busiest(&crowd);
+    let stopped_at = Instant::now();
+    farm.node(&victim).signal("STOP");
+    // The nodes announce a 1 s heartbeat timeout (client_support::NODE_FLAGS).
+    let left = eventually(Duration::from_millis(3000), || async {
+        crowd
+            .snapshot()
+            .iter()
+            .all(|s| s.server.as_ref().is_some_and(|url| *url != victim))
+    })
+    .await;
+    let took = stopped_at.elapsed();
+    farm.node(&victim).signal("CONT");
+    assert!(
+        left,
+        "clients still on the stopped node after 3 s: {:?}",
+        crowd.per_server()
+    );
+    eprintln!("clients left a SIGSTOPped node within {took:?}");
+    crowd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_a_down_sends_clients_to_b_and_a_back_takes_new_clients() {
+    let _serial = SERIAL.lock().await;
+    let mut farm = Farm::start(&[("a", "A"), ("b", "A"), ("c", "B")]).await;
+    let seeds = farm.seeds();
+    let c_url = farm.nodes[2].url();
+    let c_listen = farm.nodes[2].listen;
+
+    let mut early = Crowd::new();
+    early.add(20, &seeds, &options());
+    assert!(early.all_connected(Duration::from_secs(20)).await);
+    assert!(
+        early.per_server().keys().all(|url| *url != c_url),
+        "group A is preferred while it is up: {:?}",
+        early.per_server()
+    );
+
+    farm.nodes[0].kill();
+    farm.nodes[1].kill();
+    let c = &farm.nodes[2];
+    let a_down = eventually(Duration::from_secs(10), || async {
+        c.farm().await.is_some_and(|list| {
+            list.servers
+                .iter()
+                .filter(|s| s.priority == "A")
+                .all(|s| s.status == Status::Down)
+        })
+    })
+    .await;
+    assert!(a_down, "c never listed group A down");
+    let mut during = Crowd::new();
+    during.add(20, &seeds, &options());
+    assert!(during.all_connected(Duration::from_secs(20)).await);
+    assert_eq!(during.per_server().keys().collect::<Vec<_>>(), vec![&c_url]);
+    // The early clients failed over to B as well.
+    assert!(early.all_connected(Duration::from_secs(10)).await);
+    assert_eq!(early.per_server().keys().collect::<Vec<_>>(), vec![&c_url]);
+
+    farm.nodes[0].restart(c_listen);
+    let a_url = farm.nodes[0].url();
+    let c = &farm.nodes[2];
+    let a_up = eventually(Duration::from_secs(15), || async {
+        c.farm()
+            .await
+            .is_some_and(|list| list.by_url(&a_url).is_some_and(|s| s.status == Status::Up))
+    })
+    .await;
+    assert!(a_up, "c never listed a up again");
+    let mut after = Crowd::new();
+    after.add(20, &seeds, &options());
+    assert!(after.all_connected(Duration::from_secs(20)).await);
+    assert_eq!(after.per_server().keys().collect::<Vec<_>>(), vec![&a_url]);
+    for crowd in [early, during, after] {
+        crowd.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_node_empties_over_its_drain_period_without_failures() {
+    let _serial = SERIAL.lock().await;
+    let farm = Farm::start(&[("a", "A"), ("b", "A"), ("c", "A")]).await;
+    let mut crowd = Crowd::new();
+    crowd.add(90, &farm.seeds(), &options());
+    assert!(crowd.all_connected(Duration::from_secs(30)).await);
+    let (victim, held) = busiest(&crowd);
+    let node = farm.nodes.iter().find(|n| n.url() == victim).unwrap();
+    let started = Instant::now();
+    node.set_status("DRAINING").await;
+    // Drain period 1 s (client_support::NODE_FLAGS), plus slack for a loaded CI box.
+    let emptied = eventually(Duration::from_secs(4), || async {
+        crowd
+            .snapshot()
+            .iter()
+            .all(|s| s.server.as_ref().is_some_and(|url| *url != victim))
+    })
+    .await;
+    assert!(
+        emptied,
+        "the draining node kept clients: {:?}",
+        crowd.per_server()
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500),
+        "paced, not all at once: {took:?}"
+    );
+    let seen = crowd.snapshot();
+    assert_eq!(
+        seen.iter().map(|s| s.retries).sum::<u32>(),
+        0,
+        "no client failed a round"
+    );
+    let moved = seen
+        .iter()
+        .flat_map(|s| &s.failovers)
+        .filter(|(from, to, _)| *from == victim && *to != victim)
+        .count();
+    assert_eq!(moved, held);
+    crowd.stop().await;
+}

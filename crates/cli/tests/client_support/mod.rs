@@ -1,0 +1,353 @@
+//! Shared by the client tests of the `streamfarm` binary: real nodes as child processes
+//! (`streamfarm serve`) on 127.0.0.x, and a crowd of library clients that records what each saw.
+
+#![allow(dead_code)] // Each test binary uses part of it.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use streamfarm_client::{Client, ClientOptions, Event, ServiceAddress};
+use streamfarm_core::{FarmList, Status};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// One real-node test at a time per test binary: the CI box has two cores.
+pub(crate) static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Node timings short enough for tests: heartbeat 300/1000 ms, failure detection 1 s, drain 1 s.
+pub(crate) const NODE_FLAGS: &[&str] = &[
+    "--heartbeat-interval-ms",
+    "300",
+    "--heartbeat-timeout-ms",
+    "1000",
+    "--failure-timeout-ms",
+    "1000",
+    "--drain-period-ms",
+    "1000",
+    "--admin-token",
+    "test-token",
+];
+
+pub(crate) fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_streamfarm")
+}
+
+/// A node process; killed when dropped.
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) priority: String,
+    pub(crate) listen: SocketAddr,
+    join: Option<SocketAddr>,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub(crate) fn start(
+        name: &str,
+        listen: SocketAddr,
+        priority: &str,
+        join: Option<SocketAddr>,
+    ) -> Node {
+        let mut node = Node {
+            name: name.to_string(),
+            priority: priority.to_string(),
+            listen,
+            join,
+            child: None,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(exe());
+        command
+            .arg("serve")
+            .args(["--name", &self.name, "--priority", &self.priority])
+            .args(["--listen", &self.listen.to_string()])
+            .args(NODE_FLAGS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if std::env::var_os("STREAMFARM_TEST_NODE_LOGS").is_none() {
+            command.stderr(Stdio::null());
+        }
+        if let Some(join) = self.join {
+            command.args(["--join", &join.to_string()]);
+        }
+        self.child = Some(command.spawn().expect("start streamfarm serve"));
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("ws://{}/stream", self.listen)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, and reap.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the node again, same name and address, joining the farm through `join`.
+    pub(crate) fn restart(&mut self, join: SocketAddr) {
+        self.kill();
+        self.join = Some(join);
+        self.spawn();
+    }
+
+    pub(crate) fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Sets the node's status through its admin API.
+    pub(crate) async fn set_status(&self, status: &str) {
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/admin/status", self.listen))
+            .bearer_auth("test-token")
+            .body(status.to_string())
+            .send()
+            .await
+            .expect("admin request");
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+
+    /// The farm list as this node serves it.
+    pub(crate) async fn farm(&self) -> Option<FarmList> {
+        let address: ServiceAddress = self.listen.to_string().parse().unwrap();
+        streamfarm_client::fetch_list(&address, &ClientOptions::new())
+            .await
+            .ok()
+            .map(|(list, _)| list)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A stopped process must be continued to die promptly on some systems.
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// A port free for TCP and UDP on `ip` (the node gossips on the same number over UDP).
+pub(crate) fn free_addr(ip: [u8; 4]) -> SocketAddr {
+    for _ in 0..50 {
+        let listener = std::net::TcpListener::bind((IpAddr::from(ip), 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        if std::net::UdpSocket::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port on {ip:?}");
+}
+
+/// Polls `condition` every 50 ms until it holds or `limit` passes; true when it held.
+pub(crate) async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A farm of nodes; node `i` listens on 127.0.0.(i+1) and joins the first.
+pub(crate) struct Farm {
+    pub(crate) nodes: Vec<Node>,
+}
+
+impl Farm {
+    /// Starts one node per `(name, priority)` and waits until every node lists all of them UP.
+    pub(crate) async fn start(spec: &[(&str, &str)]) -> Farm {
+        let mut nodes: Vec<Node> = Vec::new();
+        for (i, (name, priority)) in spec.iter().enumerate() {
+            let listen = free_addr([127, 0, 0, i as u8 + 1]);
+            let join = nodes.first().map(|n| n.listen);
+            nodes.push(Node::start(name, listen, priority, join));
+        }
+        let farm = Farm { nodes };
+        let ready = eventually(Duration::from_secs(20), || {
+            farm.all_see(spec.len(), Status::Up)
+        })
+        .await;
+        assert!(ready, "the farm did not come up");
+        farm
+    }
+
+    /// Every running node lists `n` servers with `status`.
+    async fn all_see(&self, n: usize, status: Status) -> bool {
+        for node in &self.nodes {
+            match node.farm().await {
+                Some(list) if list.servers.iter().filter(|s| s.status == status).count() == n => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    pub(crate) fn seeds(&self) -> ServiceAddress {
+        let seeds: Vec<String> = self.nodes.iter().map(|n| n.listen.to_string()).collect();
+        seeds.join(",").parse().unwrap()
+    }
+
+    pub(crate) fn node(&mut self, url: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.url() == url)
+            .expect("a node of the farm")
+    }
+}
+
+/// What one client saw.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Seen {
+    pub(crate) server: Option<String>,
+    pub(crate) messages: Vec<String>,
+    pub(crate) failovers: Vec<(String, String, Duration)>,
+    pub(crate) retries: u32,
+    pub(crate) gaps: u32,
+}
+
+/// Library clients in this process, each in a task recording what it saw.
+pub(crate) struct Crowd {
+    pub(crate) seen: Vec<Arc<Mutex<Seen>>>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Crowd {
+    pub(crate) fn new() -> Crowd {
+        Crowd {
+            seen: Vec::new(),
+            stop: watch::channel(false).0,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Starts `n` clients at `per_second`, as users arrive rather than all in one instant.
+    pub(crate) async fn arrive(
+        &mut self,
+        n: usize,
+        per_second: u32,
+        service: &ServiceAddress,
+        options: &ClientOptions,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
+        for _ in 0..n {
+            tick.tick().await;
+            self.add(1, service, options);
+        }
+    }
+
+    /// Starts `n` clients of `service` with `options`.
+    pub(crate) fn add(&mut self, n: usize, service: &ServiceAddress, options: &ClientOptions) {
+        for _ in 0..n {
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            self.seen.push(seen.clone());
+            let mut client = Client::start(service.clone(), options.clone());
+            let mut stop = self.stop.subscribe();
+            self.tasks.spawn(async move {
+                loop {
+                    let event = tokio::select! {
+                        event = client.next_event() => event,
+                        _ = stop.wait_for(|s| *s) => break,
+                    };
+                    let Some(event) = event else { break };
+                    let mut seen = seen.lock().unwrap();
+                    match event {
+                        Event::Connected { server } => seen.server = Some(server),
+                        Event::Disconnected { .. } => seen.server = None,
+                        Event::FailedOver { from, to, took } => {
+                            seen.failovers.push((from, to, took))
+                        }
+                        Event::Message { payload, .. } => seen
+                            .messages
+                            .push(String::from_utf8_lossy(&payload).into_owned()),
+                        Event::Retrying { .. } => seen.retries += 1,
+                        Event::MaybeMissed { .. } => seen.gaps += 1,
+                        _ => {}
+                    }
+                }
+                client.close().await;
+            });
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<Seen> {
+        self.seen
+            .iter()
+            .map(|s| s.lock().unwrap().clone())
+            .collect()
+    }
+
+    /// Clients connected now, per server url.
+    pub(crate) fn per_server(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for seen in self.snapshot() {
+            if let Some(server) = seen.server {
+                *counts.entry(server).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Waits until all clients are connected.
+    pub(crate) async fn all_connected(&self, limit: Duration) -> bool {
+        eventually(limit, || async {
+            self.snapshot().iter().all(|s| s.server.is_some())
+        })
+        .await
+    }
+
+    pub(crate) async fn stop(mut self) {
+        self.stop.send_replace(true);
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+        }
+    }
+}
+
+/// Publishes `message` on `topic` through `node`.
+pub(crate) async fn publish(node: &Node, topic: &str, message: &str) {
+    let address: ServiceAddress = node.listen.to_string().parse().unwrap();
+    streamfarm_client::publish(
+        &address,
+        &ClientOptions::new(),
+        topic,
+        message.as_bytes().to_vec(),
+    )
+    .await
+    .expect("publish");
+}
