@@ -6,6 +6,10 @@
 //! nodes); then the A node holding the most clients is killed with SIGKILL, and its clients fail
 //! over to the other A node. A summary closes: clients per server before and after, failover
 //! times, messages received. Ctrl-C or SIGTERM stops it early, children included.
+//!
+//! The clients reach the farm as the seeds describe: through one service name
+//! (`demo.streamfarm`), which node c's built-in DNS responder answers with the UP servers (SRV
+//! records carry each node's port); the demo's clients resolve it through that responder.
 
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +30,8 @@ use super::sub::parse_duration;
 
 /// The topic the demo publishes on and its clients subscribe to.
 const TOPIC: &str = "demo";
+/// The farm's service name, answered by node c's DNS responder.
+const SERVICE_NAME: &str = "demo.streamfarm";
 
 /// Arguments of `streamfarm demo`.
 #[derive(Debug, clap::Args)]
@@ -89,6 +95,10 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find this program to start the nodes")?;
     let layout = [("a", "A", 1u8), ("b", "A", 2), ("c", "B", 3)];
     let mut first_gossip = None;
+    // Node c (group B, never the one killed) answers the service name.
+    let dns = free_port(IpAddr::from([127, 0, 0, 3]))
+        .await
+        .context("no free port for the DNS responder")?;
     for (name, priority, last_octet) in layout {
         let ip = IpAddr::from([127, 0, 0, last_octet]);
         let listen = free_port(ip)
@@ -114,6 +124,9 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
         if let Some(seed) = first_gossip {
             command.args(["--join", &SocketAddr::to_string(&seed)]);
         }
+        if name == "c" {
+            command.args(["--dns", &dns.to_string(), "--service-name", SERVICE_NAME]);
+        }
         // The gossip address defaults to the listen address over UDP.
         first_gossip.get_or_insert(listen);
         let child = command
@@ -135,11 +148,19 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
         .map(|n| n.listen.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let service: ServiceAddress = seeds.parse()?;
-    let options = ClientOptions::new();
-    wait_for_farm(&service, &options, nodes, Duration::from_secs(20)).await?;
+    let seeds: ServiceAddress = seeds.parse()?;
+    wait_for_farm(
+        &seeds,
+        &ClientOptions::new(),
+        nodes,
+        Duration::from_secs(20),
+    )
+    .await?;
+    // From here on everything goes through the service name.
+    let service: ServiceAddress = SERVICE_NAME.parse()?;
+    let options = ClientOptions::new().dns_server(dns);
     println!(
-        "  farm up in {:.1} s; service address {service}",
+        "  farm up in {:.1} s; service address {SERVICE_NAME} (DNS on {dns})",
         started.elapsed().as_secs_f64()
     );
 
