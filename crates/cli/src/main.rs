@@ -35,6 +35,8 @@ enum Command {
     Load(cmd::load::Args),
     /// Run a three-node farm with clients, kill a node, show the failover.
     Demo(cmd::demo::Args),
+    /// Benchmarks beside nats-server: idle, fanout, cross-node, failover, convergence, connect-cost.
+    Bench(cmd::bench::Args),
 }
 
 #[tokio::main]
@@ -56,6 +58,7 @@ async fn main() -> ExitCode {
         Command::Pub(args) => cmd::publish::run(args).await,
         Command::Load(args) => cmd::load::run(args).await,
         Command::Demo(args) => cmd::demo::run(args).await,
+        Command::Bench(args) => cmd::bench::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,6 @@
 //! One module per subcommand: its `Args` and its `run`.
 
+pub(crate) mod bench;
 pub(crate) mod demo;
 pub(crate) mod list;
 pub(crate) mod load;

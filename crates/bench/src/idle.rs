@@ -1,0 +1,168 @@
+//! Idle connections: C connections, each subscribed to one topic, held open on one server; the
+//! server's RSS per connection and the connect rate.
+//!
+//! The node runs with heartbeats of 30 s / 90 s so that idle clients need not answer pings during
+//! the run (nats-server's own default is a ping every 2 minutes). Connections come from
+//! 127.0.0.2–127.0.0.9 in turn, so no source address runs out of ephemeral ports.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::nats::NatsProc;
+use crate::proc::{NodeProc, NodeSpec, free_port, raise_nofile};
+use crate::report::{RowBuilder, Section};
+use crate::wire::{Nats, ws_connect, ws_subscribe};
+use crate::{NATS, Options, STREAMFARM, ratio};
+
+/// Connects in flight at once.
+const IN_FLIGHT: usize = 256;
+/// File descriptors kept for everything else (listeners, gossip, children's pipes).
+const FD_RESERVE: u64 = 300;
+/// Time the server is given to settle (allocator, lazy buffers) before its RSS is read.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+fn source(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 8) as u8))
+}
+
+pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
+    let limit = raise_nofile();
+    let connections = options
+        .connections
+        .min(limit.saturating_sub(FD_RESERVE) as usize);
+    let mut section = Section::default();
+    if connections < options.connections {
+        section.notes.push(format!(
+            "asked for {} connections; RLIMIT_NOFILE here is {limit} (hard), so {connections} were opened \
+             (the server and this process each hold one descriptor per connection)",
+            options.connections
+        ));
+    }
+    let setting = format!("C={connections}");
+    let mut sf = RowBuilder::default();
+    for _ in 0..options.repeats {
+        let (rss, base, rate) = streamfarm_once(options, connections).await?;
+        sf.add("rss_per_conn_bytes", rss as f64 / connections as f64);
+        sf.add(
+            "rss_delta_per_conn_bytes",
+            rss.saturating_sub(base) as f64 / connections as f64,
+        );
+        sf.add("rss_total_mib", rss as f64 / 1048576.0);
+        sf.add("connects_per_s", rate);
+    }
+    section.rows.push(sf.build(STREAMFARM, &setting));
+    if let Some(nats) = &options.nats {
+        let mut row = RowBuilder::default();
+        for _ in 0..options.repeats {
+            let (rss, base, rate) = nats_once(&nats.path, connections).await?;
+            row.add("rss_per_conn_bytes", rss as f64 / connections as f64);
+            row.add(
+                "rss_delta_per_conn_bytes",
+                rss.saturating_sub(base) as f64 / connections as f64,
+            );
+            row.add("rss_total_mib", rss as f64 / 1048576.0);
+            row.add("connects_per_s", rate);
+        }
+        section.rows.push(row.build(NATS, &setting));
+    }
+    let get = |sys, fig| section.median(sys, &setting, fig);
+    let per_conn = get(STREAMFARM, "rss_per_conn_bytes");
+    section.notes.push(format!(
+        "RSS/connection streamfarm/nats = {}; connects/s streamfarm/nats = {}; target <= 4096 B/conn: {}",
+        ratio(per_conn, get(NATS, "rss_per_conn_bytes")),
+        ratio(get(STREAMFARM, "connects_per_s"), get(NATS, "connects_per_s")),
+        match per_conn {
+            Some(b) if b <= 4096.0 => "met",
+            Some(_) => "NOT met",
+            None => "n/a",
+        }
+    ));
+    Ok(section)
+}
+
+/// One streamfarm run: (RSS with C connections, RSS with none, connects/s).
+async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<(u64, u64, f64)> {
+    let mut spec = NodeSpec::new("idle", free_port(SERVER_IP.into())?);
+    spec.extra = [
+        "--heartbeat-interval-ms",
+        "30000",
+        "--heartbeat-timeout-ms",
+        "90000",
+        "--max-connections",
+        &(c + 100).to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let node = NodeProc::start(&options.exe, &spec).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = node.guard.rss_bytes()?;
+    let addr = node.listen;
+    let (held, rate) = open_all(c, move |i| async move {
+        let mut ws = ws_connect(addr, Some(source(i)), 4096).await?;
+        ws_subscribe(&mut ws, "idle").await?;
+        anyhow::Ok(ws)
+    })
+    .await?;
+    tokio::time::sleep(SETTLE).await;
+    let users = node.metric("streamfarm_connections").await?;
+    anyhow::ensure!(
+        users as usize == c,
+        "node holds {users} connections, expected {c}"
+    );
+    let rss = node.guard.rss_bytes()?;
+    drop(held);
+    Ok((rss, base, rate))
+}
+
+/// One nats-server run: (RSS with C connections, RSS with none, connects/s).
+async fn nats_once(bin: &std::path::Path, c: usize) -> anyhow::Result<(u64, u64, f64)> {
+    let server = NatsProc::start(bin, SERVER_IP.into()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = server.guard.rss_bytes()?;
+    let addr = server.addr;
+    let (held, rate) = open_all(c, move |i| async move {
+        let mut nats = Nats::connect(addr, Some(source(i))).await?;
+        nats.subscribe("idle", 1).await?;
+        anyhow::Ok(nats)
+    })
+    .await?;
+    tokio::time::sleep(SETTLE).await;
+    let rss = server.guard.rss_bytes()?;
+    drop(held);
+    Ok((rss, base, rate))
+}
+
+/// Opens `c` connections with `connect(i)`, `IN_FLIGHT` at a time; returns them and the rate.
+async fn open_all<T, F, Fut>(c: usize, connect: F) -> anyhow::Result<(Vec<T>, f64)>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    let started = Instant::now();
+    for i in 0..c {
+        let permit = permits.clone().acquire_owned().await?;
+        let fut = connect(i);
+        tasks.spawn(async move {
+            let result = fut.await;
+            drop(permit);
+            result
+        });
+    }
+    let mut held = Vec::with_capacity(c);
+    while let Some(result) = tasks.join_next().await {
+        held.push(result?.context("idle connection")?);
+    }
+    let rate = c as f64 / started.elapsed().as_secs_f64();
+    Ok((held, rate))
+}

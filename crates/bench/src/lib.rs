@@ -1,0 +1,191 @@
+//! Benchmarks of a streamfarm farm beside a peer, nats-server, on this machine and in the same
+//! run: `streamfarm bench <what>`.
+//!
+//! Every benchmark starts its own servers as child processes — `streamfarm serve` (the same
+//! binary) and `nats-server` — on 127.0.0.x addresses, drives them from this process, and kills
+//! them when done (or when it fails: see [`proc`](crate)'s drop guard). Every load loop is bounded
+//! in count and in time. Results are medians over repeats with their spread ([`Figure`]), printed
+//! as tables and returned as a [`Report`] that serializes to JSON.
+//!
+//! It owns no server or client code: it drives the node through its documented interfaces
+//! (`docs/PROTOCOL.md`), the failover through `streamfarm-client`, and nats-server through its
+//! text protocol.
+//!
+//! # Layout
+//! - [`report`] — [`Figure`], [`Row`], [`Section`], [`Report`], [`Machine`]: results and tables.
+//! - `proc` — child processes with drop guards, RSS from /proc, tiny HTTP, RLIMIT_NOFILE.
+//! - `wire` — the minimal streamfarm WebSocket and NATS clients, timestamped payloads.
+//! - [`nats`] — finding/installing nats-server, single servers and routed clusters.
+//! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost` — one module
+//!   per benchmark, each `run(&Options) -> Section`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+mod connect_cost;
+mod convergence;
+mod failover;
+mod fanout;
+mod idle;
+pub mod nats;
+mod proc;
+pub mod report;
+mod wire;
+
+pub use nats::{NatsServer, find_nats};
+pub use report::{Figure, Machine, Report, Row, Section};
+
+/// One benchmark, or all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// Idle connections: RSS per connection, connect rate.
+    Idle,
+    /// One node, S subscribers, one publisher: deliveries/s, latency at half load.
+    Fanout,
+    /// Publisher on node 1, subscribers on nodes 2 and 3.
+    CrossNode,
+    /// A node with C clients SIGKILLed: time to resubscribed, attempts, peak connect rate.
+    Failover,
+    /// Farm state reaching every node, for 3 to 100 nodes; failure detection.
+    Convergence,
+    /// Connect to the service → subscribed: list then chosen server, against direct.
+    ConnectCost,
+    /// Every benchmark above, in that order.
+    All,
+}
+
+impl Which {
+    /// The benchmarks `self` stands for, with their section names.
+    pub fn expand(self) -> Vec<(Which, &'static str)> {
+        let all = [
+            (Which::Idle, "idle"),
+            (Which::Fanout, "fanout"),
+            (Which::CrossNode, "cross-node"),
+            (Which::Failover, "failover"),
+            (Which::Convergence, "convergence"),
+            (Which::ConnectCost, "connect-cost"),
+        ];
+        all.into_iter()
+            .filter(|(w, _)| self == Which::All || *w == self)
+            .collect()
+    }
+}
+
+/// Sizes and settings of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `streamfarm` binary whose `serve` runs the nodes.
+    pub exe: PathBuf,
+    /// The peer, if found.
+    pub nats: Option<NatsServer>,
+    /// Smoke mode: tiny sizes, seconds in all; figures meaningless.
+    pub quick: bool,
+    /// Repeats of each measurement.
+    pub repeats: usize,
+    /// Idle connections (capped by RLIMIT_NOFILE).
+    pub connections: usize,
+    /// Fan-out subscribers on one node.
+    pub subscribers: usize,
+    /// Cross-node subscribers on each of nodes 2 and 3.
+    pub cross_subscribers: usize,
+    /// Message sizes of fan-out, bytes.
+    pub message_sizes: Vec<usize>,
+    /// How long each throughput or latency phase runs.
+    pub phase: Duration,
+    /// Clients on the node killed in the failover benchmark.
+    pub failover_clients: usize,
+    /// Farm sizes of the convergence benchmark.
+    pub farm_sizes: Vec<usize>,
+    /// Samples of the connect-cost benchmark.
+    pub connect_samples: usize,
+}
+
+impl Options {
+    /// The full-size run described in BENCHMARKS.md.
+    pub fn full(exe: PathBuf, nats: Option<NatsServer>) -> Options {
+        Options {
+            exe,
+            nats,
+            quick: false,
+            repeats: 3,
+            connections: 50_000,
+            subscribers: 1000,
+            cross_subscribers: 50,
+            message_sizes: vec![64, 1024],
+            phase: Duration::from_secs(4),
+            failover_clients: 2000,
+            farm_sizes: vec![3, 10, 50, 100],
+            connect_samples: 200,
+        }
+    }
+
+    /// The smoke run: every code path, tiny sizes.
+    pub fn quick(exe: PathBuf, nats: Option<NatsServer>) -> Options {
+        Options {
+            exe,
+            nats,
+            quick: true,
+            repeats: 1,
+            connections: 200,
+            subscribers: 10,
+            cross_subscribers: 3,
+            message_sizes: vec![64],
+            phase: Duration::from_millis(300),
+            failover_clients: 20,
+            farm_sizes: vec![3],
+            connect_samples: 5,
+        }
+    }
+}
+
+/// Runs `which`, printing each section's table as it completes. A benchmark that fails leaves a
+/// section with a note saying why, and the others still run.
+pub async fn run(which: Which, options: &Options) -> Report {
+    let mut report = Report {
+        machine: Machine::detect(),
+        nats_server: options.nats.as_ref().map(|n| n.version.clone()),
+        quick: options.quick,
+        sections: Default::default(),
+    };
+    println!(
+        "machine: {} cores, {} MiB, load {}; nats-server: {}",
+        report.machine.cores,
+        report.machine.memory_kib / 1024,
+        report.machine.loadavg_at_start,
+        report.nats_server.as_deref().unwrap_or("not found")
+    );
+    for (bench, name) in which.expand() {
+        let result = match bench {
+            Which::Idle => idle::run(options).await,
+            Which::Fanout => fanout::run(options, fanout::Shape::OneNode).await,
+            Which::CrossNode => fanout::run(options, fanout::Shape::CrossNode).await,
+            Which::Failover => failover::run(options).await,
+            Which::Convergence => convergence::run(options).await,
+            Which::ConnectCost => connect_cost::run(options).await,
+            Which::All => unreachable!("expand() lists single benchmarks"),
+        };
+        let mut section = result.unwrap_or_else(|err| Section {
+            rows: Vec::new(),
+            notes: vec![format!("failed: {err:#}")],
+        });
+        if options.nats.is_none() {
+            section.notes.push("nats-server: not found".to_string());
+        }
+        println!("{}", section.render(name));
+        report.sections.insert(name.to_string(), section);
+    }
+    report
+}
+
+/// `a / b` as a note-ready ratio, or `n/a`.
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".to_string(),
+    }
+}
+
+/// The name under which a system's rows appear.
+pub(crate) const STREAMFARM: &str = "streamfarm";
+/// The name under which the peer's rows appear.
+pub(crate) const NATS: &str = "nats-server";

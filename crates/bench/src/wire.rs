@@ -1,0 +1,281 @@
+//! The two wire clients the benchmarks drive, kept minimal so the bench process spends little CPU
+//! beside the servers it measures: a raw streamfarm WebSocket client (frames of
+//! `docs/PROTOCOL.md`, no failover — that is the client library's job, measured separately) and a
+//! NATS TCP client speaking the text protocol (`INFO`, `CONNECT`, `SUB`, `PUB`, `MSG`,
+//! `PING`/`PONG`). Plus the timestamped payload both carry.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// How long one connect-and-greet may take before it counts as failed.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Nanoseconds since the first call in this process: the clock in the payloads (publisher and
+/// subscribers share the process, so one monotonic clock serves both ends).
+pub(crate) fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A payload of `size` bytes (at least 32): the sequence number and the send time as 16 hex digits
+/// each, padded with `x` (plain ASCII, so it travels unchanged in a JSON string and a NATS `MSG`).
+pub(crate) fn payload(seq: u64, size: usize) -> String {
+    let mut text = format!("{seq:016x}{:016x}", now_ns());
+    while text.len() < size {
+        text.push('x');
+    }
+    text
+}
+
+/// The (sequence, send time) at the start of a payload, or `None`.
+pub(crate) fn parse_payload(bytes: &[u8]) -> Option<(u64, u64)> {
+    let hex = |b: &[u8]| u64::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok();
+    if bytes.len() < 32 {
+        return None;
+    }
+    Some((hex(&bytes[..16])?, hex(&bytes[16..32])?))
+}
+
+/// The payload inside a streamfarm `msg` frame's `data` (no JSON parse: the bench's payloads have
+/// no escapes), or `None` for another frame.
+pub(crate) fn msg_data(frame: &str) -> Option<&[u8]> {
+    let start = frame.find("\"data\":\"")? + 8;
+    frame.as_bytes().get(start..)
+}
+
+/// A TCP connection to `server`, from `source` when given (to spread ports over 127.0.0.x).
+pub(crate) async fn tcp(server: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A streamfarm WebSocket.
+pub(crate) type Ws = WebSocketStream<TcpStream>;
+
+/// Opens the streaming WebSocket of the node at `server` and reads its greeting (`hello`, `farm`).
+/// `read_buffer` is the client's read buffer (tungstenite's default, 128 KiB, would make the
+/// bench process, not the node, the memory hog of the idle benchmark).
+pub(crate) async fn ws_connect(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    read_buffer: usize,
+) -> anyhow::Result<Ws> {
+    let greet = async {
+        let stream = tcp(server, source).await?;
+        let config = WebSocketConfig::default().read_buffer_size(read_buffer);
+        let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+            format!("ws://{server}/stream"),
+            stream,
+            Some(config),
+        )
+        .await?;
+        for expected in ["\"hello\"", "\"farm\""] {
+            let text = ws_text(&mut ws).await?;
+            if !text.contains(expected) {
+                bail!("expected {expected} from {server}, got {text:.80}");
+            }
+        }
+        anyhow::Ok(ws)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, greet)
+        .await
+        .with_context(|| format!("connect to {server}: timed out"))?
+}
+
+/// Subscribes to `topic` and waits for `subscribed`.
+pub(crate) async fn ws_subscribe(ws: &mut Ws, topic: &str) -> anyhow::Result<()> {
+    let frame = serde_json::json!({"type": "sub", "topics": [topic]}).to_string();
+    ws.send(Message::text(frame)).await?;
+    let wait = async {
+        loop {
+            let text = ws_text(ws).await?;
+            if text.contains("\"subscribed\"") {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, wait)
+        .await
+        .context("subscribed: timed out")?
+}
+
+/// The next text frame, answering the node's pings on the way.
+pub(crate) async fn ws_text(ws: &mut Ws) -> anyhow::Result<String> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                if text.contains("\"type\":\"ping\"") {
+                    let pong = text.replace("\"ping\"", "\"pong\"");
+                    ws.send(Message::text(pong)).await?;
+                    continue;
+                }
+                return Ok(text.as_str().to_string());
+            }
+            Some(Ok(Message::Close(frame))) => bail!("closed by the node: {frame:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(err)) => return Err(err.into()),
+            None => bail!("connection ended"),
+        }
+    }
+}
+
+/// A `pub` frame.
+pub(crate) fn ws_pub_frame(topic: &str, data: &str) -> Message {
+    Message::text(format!(
+        "{{\"type\":\"pub\",\"topic\":\"{topic}\",\"data\":\"{data}\"}}"
+    ))
+}
+
+/// A NATS connection: the reading half buffered, the writing half raw.
+#[derive(Debug)]
+pub(crate) struct Nats {
+    pub(crate) reader: BufReader<OwnedReadHalf>,
+    pub(crate) writer: OwnedWriteHalf,
+    /// Client urls of the cluster's servers, as the last `INFO` gave them (`connect_urls`).
+    pub(crate) connect_urls: Vec<String>,
+    line: String,
+}
+
+/// What a NATS connection read.
+#[derive(Debug, PartialEq)]
+pub(crate) enum NatsEvent {
+    /// A `MSG`; its payload is in the buffer given to [`Nats::next`].
+    Msg,
+    /// An `INFO` (its `connect_urls` are now in [`Nats::connect_urls`]).
+    Info,
+    /// `PONG`.
+    Pong,
+}
+
+impl Nats {
+    /// Connects, reads `INFO`, sends `CONNECT` and `PING`, waits for `PONG`.
+    pub(crate) async fn connect(
+        server: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> anyhow::Result<Nats> {
+        let greet = async {
+            let (read, writer) = tcp(server, source).await?.into_split();
+            let mut nats = Nats {
+                reader: BufReader::with_capacity(64 * 1024, read),
+                writer,
+                connect_urls: Vec::new(),
+                line: String::new(),
+            };
+            let mut scratch = Vec::new();
+            if nats.next(&mut scratch).await? != NatsEvent::Info {
+                bail!("nats-server at {server} did not start with INFO");
+            }
+            nats.writer
+                .write_all(
+                    b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1}\r\nPING\r\n",
+                )
+                .await?;
+            nats.until_pong().await?;
+            anyhow::Ok(nats)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, greet)
+            .await
+            .with_context(|| format!("connect to nats-server {server}: timed out"))?
+    }
+
+    /// Subscribes (`SUB`) and waits until the server has it (a `PING` answered after it).
+    pub(crate) async fn subscribe(&mut self, subject: &str, sid: u64) -> anyhow::Result<()> {
+        self.writer
+            .write_all(format!("SUB {subject} {sid}\r\nPING\r\n").as_bytes())
+            .await?;
+        self.until_pong().await
+    }
+
+    async fn until_pong(&mut self) -> anyhow::Result<()> {
+        let mut scratch = Vec::new();
+        loop {
+            if self.next(&mut scratch).await? == NatsEvent::Pong {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads until a `MSG` (payload into `payload`), `INFO` or `PONG`; answers `PING`s.
+    pub(crate) async fn next(&mut self, payload: &mut Vec<u8>) -> anyhow::Result<NatsEvent> {
+        loop {
+            self.line.clear();
+            if self.reader.read_line(&mut self.line).await? == 0 {
+                bail!("nats-server closed the connection");
+            }
+            let line = self.line.trim_end();
+            if let Some(rest) = line.strip_prefix("MSG ") {
+                // MSG <subject> <sid> [reply-to] <#bytes>
+                let size: usize = rest
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("bad MSG line {line:?}"))?;
+                payload.resize(size + 2, 0);
+                self.reader.read_exact(payload).await?;
+                payload.truncate(size);
+                return Ok(NatsEvent::Msg);
+            } else if let Some(info) = line.strip_prefix("INFO ") {
+                let info: serde_json::Value = serde_json::from_str(info)?;
+                if let Some(urls) = info.get("connect_urls").and_then(|u| u.as_array()) {
+                    self.connect_urls = urls
+                        .iter()
+                        .filter_map(|u| u.as_str().map(str::to_string))
+                        .collect();
+                }
+                return Ok(NatsEvent::Info);
+            } else if line == "PING" {
+                self.writer.write_all(b"PONG\r\n").await?;
+            } else if line == "PONG" {
+                return Ok(NatsEvent::Pong);
+            } else if line.starts_with("-ERR") {
+                bail!("nats-server: {line}");
+            }
+        }
+    }
+}
+
+/// A NATS `PUB` command.
+pub(crate) fn nats_pub(buf: &mut Vec<u8>, subject: &str, data: &str) {
+    buf.extend_from_slice(format!("PUB {subject} {}\r\n", data.len()).as_bytes());
+    buf.extend_from_slice(data.as_bytes());
+    buf.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trips_and_has_its_size() {
+        let p = payload(42, 64);
+        assert_eq!(p.len(), 64);
+        let (seq, t) = parse_payload(p.as_bytes()).unwrap();
+        assert_eq!(seq, 42);
+        assert!(t <= now_ns());
+        assert_eq!(payload(1, 1024).len(), 1024);
+        assert!(parse_payload(b"short").is_none());
+    }
+
+    #[test]
+    fn msg_data_finds_the_payload() {
+        let frame = r#"{"type":"msg","topic":"f","data":"00000000000000010000000000000002xx"}"#;
+        assert_eq!(parse_payload(msg_data(frame).unwrap()), Some((1, 2)));
+        assert!(msg_data(r#"{"type":"pong"}"#).is_none());
+    }
+}

@@ -1,0 +1,122 @@
+//! `streamfarm bench`: benchmarks beside nats-server (see `BENCHMARKS.md` and `streamfarm-bench`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use streamfarm_bench::{Options, Which, find_nats};
+
+/// Arguments of `streamfarm bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// What to measure.
+    #[arg(value_enum)]
+    what: What,
+    /// Tiny sizes, seconds in all: a smoke test, figures meaningless.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON results (default bench/results/<what>-<unix time>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Repeats of each measurement (default 3, 1 with --quick).
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Idle connections (default 50000; capped by RLIMIT_NOFILE).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Fan-out subscribers (default 1000).
+    #[arg(long)]
+    subscribers: Option<usize>,
+    /// Failover clients (default 2000).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Convergence farm sizes, comma-separated (default 3,10,50,100).
+    #[arg(long, value_delimiter = ',')]
+    farm_sizes: Vec<usize>,
+    /// Seconds per throughput or latency phase (default 4).
+    #[arg(long)]
+    phase_secs: Option<f64>,
+    /// Do not install nats-server with apt-get when it is not on PATH.
+    #[arg(long)]
+    no_install: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum What {
+    Idle,
+    Fanout,
+    CrossNode,
+    Failover,
+    Convergence,
+    ConnectCost,
+    All,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find the streamfarm binary")?;
+    // The smoke run never installs anything; a full run finds or installs the peer.
+    let nats = find_nats(!args.quick && !args.no_install);
+    let mut options = if args.quick {
+        Options::quick(exe, nats)
+    } else {
+        Options::full(exe, nats)
+    };
+    if let Some(r) = args.repeats {
+        options.repeats = r.max(1);
+    }
+    if let Some(c) = args.connections {
+        options.connections = c;
+    }
+    if let Some(s) = args.subscribers {
+        options.subscribers = s.max(1);
+    }
+    if let Some(c) = args.clients {
+        options.failover_clients = c.max(1);
+    }
+    if !args.farm_sizes.is_empty() {
+        options.farm_sizes = args.farm_sizes.clone();
+    }
+    if let Some(secs) = args.phase_secs {
+        options.phase = std::time::Duration::from_secs_f64(secs.max(0.05));
+    }
+    let which = match args.what {
+        What::Idle => Which::Idle,
+        What::Fanout => Which::Fanout,
+        What::CrossNode => Which::CrossNode,
+        What::Failover => Which::Failover,
+        What::Convergence => Which::Convergence,
+        What::ConnectCost => Which::ConnectCost,
+        What::All => Which::All,
+    };
+    let report = streamfarm_bench::run(which, &options).await;
+    let out = match args.out {
+        Some(path) => path,
+        None => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let name = which.expand().first().map_or("all", |(_, n)| *n);
+            let name = if matches!(which, Which::All) {
+                "all"
+            } else {
+                name
+            };
+            PathBuf::from(format!("bench/results/{name}-{stamp}.json"))
+        }
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    println!("results: {}", out.display());
+    let failed = report
+        .sections
+        .values()
+        .any(|s| s.notes.iter().any(|n| n.starts_with("failed:")));
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
