@@ -24,6 +24,7 @@
 //! - `hub` — local topics and fan-out: one serialized frame shared by all subscribers, bounded
 //!   per-connection queues, slow consumers closed.
 //! - `relay` — the `Relay` interface and the embedded relay over links between nodes.
+//! - `queue` — the bounded per-connection send queue.
 //! - `session` — one WebSocket connection: frames, heartbeats, limits.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/admin/status`, `/metrics`,
 //!   `/healthz`.
@@ -61,6 +62,7 @@ mod membership;
 pub mod metrics;
 #[cfg(test)]
 mod protocol_doc;
+mod queue;
 mod relay;
 mod session;
 

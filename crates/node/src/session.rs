@@ -19,13 +19,13 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
 use streamfarm_core::protocol::{ClientFrame, Encoding, ServerFrame, close};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info};
 
 use crate::Shared;
 use crate::hub::{Closer, ConnId, Outlet};
 use crate::metrics;
+use crate::queue::SendQueue;
 
 /// Longest topic name accepted, in bytes.
 pub(crate) const MAX_TOPIC_BYTES: usize = 256;
@@ -70,9 +70,9 @@ pub(crate) async fn refuse(mut socket: WebSocket, code: u16, reason: &'static st
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let closer = Closer::default();
     let id = shared.hub.register(closer.clone());
-    let (tx, rx) = mpsc::channel(shared.config.send_queue);
+    let queue = Arc::new(SendQueue::new(shared.config.send_queue));
     let outlet = Outlet {
-        tx,
+        queue: queue.clone(),
         closer: closer.clone(),
     };
     debug!(conn = id, "connection open");
@@ -96,12 +96,13 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         },
         write(
             sink,
-            rx,
+            &queue,
             closer.clone(),
             shared.config.heartbeat_interval(),
             shared.config.heartbeat_timeout()
         )
     );
+    queue.close();
     let (code, reason) = closer.reason().unwrap_or((NORMAL, String::new()));
     // We closed first: read until the client's close so that unread input does not make the
     // kernel reset the connection before the client has read our close frame.
@@ -334,7 +335,7 @@ impl Reader {
 /// The writing half: queue → socket, pings when idle, and the close frame at the end.
 async fn write(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Message>,
+    queue: &SendQueue<Message>,
     closer: Closer,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
@@ -345,7 +346,7 @@ async fn write(
         let message = tokio::select! {
             biased;
             _ = closer.closed() => break,
-            message = rx.recv() => match message {
+            message = queue.pop() => match message {
                 Some(message) => message,
                 None => break,
             },
@@ -378,7 +379,7 @@ async fn write(
         // A slow consumer gets nothing more; anyone else gets what was queued before the close
         // (an error frame explaining it, the last messages).
         if code != close::SLOW_CONSUMER {
-            while let Ok(message) = rx.try_recv() {
+            while let Some(message) = queue.try_pop() {
                 if sink.feed(message).await.is_err() {
                     return;
                 }
