@@ -301,6 +301,15 @@ impl Reader {
             self.error("bad_topic", problem);
             return;
         }
+        let max = self.shared.config.max_subscriptions;
+        let new = topics.iter().filter(|t| !self.topics.contains(*t)).count();
+        if self.topics.len() + new > max {
+            self.error(
+                "too_many_topics",
+                format!("a connection may subscribe to at most {max} topics"),
+            );
+            return;
+        }
         self.shared
             .hub
             .subscribe(self.id, &self.outlet, topics.iter().map(String::as_str));

@@ -569,3 +569,31 @@ async fn the_farm_list_comes_in_every_format() {
     assert_eq!(get("?format=yaml", "").await.0, 400);
     assert_eq!(get("", "image/png").await.0, 406);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_connection_are_capped() {
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| c.max_subscriptions = 2).await;
+    let mut ws = subscriber(&nodes[0], "a").await;
+    send(
+        &mut ws,
+        &ClientFrame::Sub {
+            topics: vec!["b".into(), "c".into()],
+        },
+    )
+    .await;
+    assert!(
+        matches!(next_frame(&mut ws).await, ServerFrame::Error { code, .. } if code == "too_many_topics")
+    );
+    // Re-subscribing to held topics costs nothing; one more still fits.
+    send(
+        &mut ws,
+        &ClientFrame::Sub {
+            topics: vec!["a".into(), "b".into()],
+        },
+    )
+    .await;
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        ServerFrame::Subscribed { .. }
+    ));
+}
