@@ -1127,10 +1127,10 @@ mod tests {
                 for (input, step_ms) in inputs {
                     now += Duration::from_millis(step_ms);
                     let was_stopped = *m.state() == State::Stopped;
-                    if let Input::ListFetched { .. } = &input {
-                        if matches!(m.state(), State::FetchingList { .. }) {
-                            holding = true;
-                        }
+                    if matches!(input, Input::ListFetched { .. })
+                        && matches!(m.state(), State::FetchingList { .. })
+                    {
+                        holding = true;
                     }
                     let actions = m.handle(input, now);
                     if was_stopped {
