@@ -211,8 +211,17 @@ enum Done {
     List(Result<Conn, Error>),
     Connect {
         server: String,
-        result: Result<(Conn, Vec<ServerFrame>), Error>,
+        result: Result<Subscribed, Error>,
     },
+}
+
+/// A connection with its topics subscribed.
+struct Subscribed {
+    conn: Conn,
+    /// The topics subscribed on it: those of the client when the connect began.
+    topics: Vec<String>,
+    /// Messages that arrived while subscribing.
+    early: Vec<ServerFrame>,
 }
 
 type Operation = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -349,7 +358,7 @@ impl Driver {
                             input
                         }
                         Done::List(Err(err)) => Input::ListFailed { error: err.to_string() },
-                        Done::Connect { server, result: Ok((conn, early)) } => {
+                        Done::Connect { server, result: Ok(Subscribed { conn, topics, early }) } => {
                             let list = Some(conn.list.clone());
                             let now = Instant::now();
                             let timeout = self
@@ -365,6 +374,18 @@ impl Driver {
                                 last_sent: now,
                             });
                             backlog = early;
+                            // The application may have changed its topics while this connection
+                            // was being made.
+                            let added: Vec<String> =
+                                self.topics.iter().filter(|t| !topics.contains(t)).cloned().collect();
+                            let removed: Vec<String> =
+                                topics.into_iter().filter(|t| !self.topics.contains(t)).collect();
+                            if !added.is_empty() {
+                                send_on(&mut live, ClientFrame::Sub { topics: added }).await;
+                            }
+                            if !removed.is_empty() {
+                                send_on(&mut live, ClientFrame::Unsub { topics: removed }).await;
+                            }
                             Input::Connected { server, list }
                         }
                         Done::Connect { server, result: Err(err) } => Input::ConnectFailed {
@@ -597,7 +618,11 @@ async fn connect(
                 url: server.clone(),
                 after: timeout,
             })??;
-        Ok((conn, early))
+        Ok(Subscribed {
+            conn,
+            topics,
+            early,
+        })
     }
     .await;
     Done::Connect { server, result }
