@@ -88,6 +88,8 @@ pub enum Event {
     },
 }
 
+/// What the handle asks of the driver task.
+#[derive(Debug)]
 enum Command {
     Subscribe(Vec<String>),
     Unsubscribe(Vec<String>),
@@ -104,16 +106,6 @@ pub struct Client {
     events: mpsc::Receiver<Event>,
     server: watch::Receiver<Option<String>>,
     task: JoinHandle<()>,
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Command::Subscribe(t) => write!(f, "Subscribe({t:?})"),
-            Command::Unsubscribe(t) => write!(f, "Unsubscribe({t:?})"),
-            Command::Stop => f.write_str("Stop"),
-        }
-    }
 }
 
 impl Client {
