@@ -30,6 +30,8 @@
 //!   `/healthz`.
 //! - `drain` — paced, jittered closing for `DRAINING` and shutdown.
 //! - [`metrics`] — counters and their Prometheus rendering.
+//! - `protocol_doc` (tests only) — checks every example of `docs/PROTOCOL.md` against the frames.
+//! - `examples/` — `idle_clients` (memory per idle connection) and `fanout` (deliveries per second).
 //! - DNS: with `dns` set, a `streamfarm_dns::DnsServer` answers the service name from the live
 //!   farm list; the handle owns it and stops it last.
 //!

@@ -604,3 +604,40 @@ async fn subscriptions_per_connection_are_capped() {
         ServerFrame::Subscribed { .. }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_gets_each_message_once_over_its_new_link() {
+    let mut nodes = farm_of(&[("n1", [127, 0, 0, 1]), ("n2", [127, 0, 0, 2])], |_| {}).await;
+    wait_all_up(&nodes).await;
+    let seed = nodes[0].gossip_addr();
+    let old = nodes.pop().unwrap();
+    let old_url = old.url().to_string();
+    old.shutdown().await;
+    // Same name, new process (new port, new generation).
+    nodes.push(
+        NodeHandle::start(config("n2", [127, 0, 0, 2], &[seed]))
+            .await
+            .expect("restarts"),
+    );
+    let near = nodes[0].farm();
+    let new_url = nodes[1].url().to_string();
+    eventually(Duration::from_secs(5), "n1 lists the new n2 UP", || {
+        near.borrow()
+            .servers
+            .iter()
+            .any(|s| s.name == "n2" && s.url == new_url && s.status == Status::Up)
+    })
+    .await;
+    assert_ne!(old_url, new_url);
+    let mut sub = subscriber(&nodes[1], "t").await;
+    nodes[0].publish("t", "once");
+    assert!(matches!(next_frame(&mut sub).await, ServerFrame::Msg { data, .. } if data == "once"));
+    send(&mut sub, &ClientFrame::Ping { id: Some(5) }).await;
+    assert_eq!(
+        next_frame(&mut sub).await,
+        ServerFrame::Pong { id: Some(5) }
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
