@@ -130,8 +130,10 @@ fn default_max_frame_bytes() -> usize {
 fn default_max_subscriptions() -> usize {
     1024
 }
+/// Frames, not bytes: a queued frame is a pointer to a buffer shared with every other
+/// subscriber, so a deep queue costs little, and a publisher's burst must fit in it.
 fn default_send_queue() -> usize {
-    1024
+    8192
 }
 fn default_relay_queue() -> usize {
     65_536

@@ -45,6 +45,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::serve::ListenerExt;
 use streamfarm_core::protocol::{Encoding, close};
 use streamfarm_core::{FarmList, Status};
 use streamfarm_dns::DnsServer;
@@ -275,6 +276,12 @@ impl NodeHandle {
         let router = http::router(shared.clone(), &stream_path);
         let serve_cancel = cancel.clone();
         tracker.spawn(async move {
+            // Frames are small and latency matters: no Nagle delay.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(err) = tcp.set_nodelay(true) {
+                    warn!(error = %err, "cannot set TCP_NODELAY");
+                }
+            });
             let result = axum::serve(listener, router)
                 .with_graceful_shutdown(serve_cancel.cancelled_owned())
                 .await;

@@ -31,6 +31,8 @@ use crate::queue::SendQueue;
 pub(crate) const MAX_TOPIC_BYTES: usize = 256;
 /// Normal closure (RFC 6455).
 const NORMAL: u16 = 1000;
+/// Most frames written between two flushes.
+const WRITE_BURST: usize = 64;
 /// How long the writer may take to flush queued frames and the close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -364,8 +366,18 @@ async fn write(
                 encode(&ServerFrame::Ping { id: Some(ping_id) })
             }
         };
+        // Write what is queued behind this frame too, then flush once: one syscall per burst
+        // rather than per frame.
+        let burst = async {
+            sink.feed(message).await?;
+            for _ in 1..WRITE_BURST {
+                let Some(next) = queue.try_pop() else { break };
+                sink.feed(next).await?;
+            }
+            sink.flush().await
+        };
         let sent = tokio::select! {
-            sent = sink.send(message) => sent,
+            sent = burst => sent,
             _ = closer.closed() => break,
         };
         if sent.is_err() {

@@ -268,18 +268,25 @@ async fn a_slow_client_is_closed_and_the_others_keep_receiving() {
     // The slow client subscribes, then never reads again.
     let mut slow = subscriber(node, "t").await;
     let payload = "x".repeat(32 * 1024);
+    // The fast client reads everything; the publisher stays at most a few messages ahead of
+    // it, so only the slow client can fall a whole queue behind.
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
     let fast_reader = tokio::spawn(async move {
         let mut got = 0;
         while got < 500 {
             if let ServerFrame::Msg { .. } = next_frame(&mut fast).await {
                 got += 1;
+                progress_tx.send_replace(got);
             }
         }
         (got, fast)
     });
-    for _ in 0..500 {
+    for i in 0..500 {
+        progress
+            .wait_for(|got| got + 4 >= i)
+            .await
+            .expect("fast reader alive");
         node.publish("t", &payload);
-        tokio::task::yield_now().await;
     }
     let (got, _fast) = fast_reader.await.unwrap();
     assert_eq!(got, 500, "the fast client got every message");
