@@ -223,6 +223,11 @@ impl Hub {
         (version, map.keys().cloned().collect())
     }
 
+    /// The current interest version (see [`Hub::interest`]).
+    pub(crate) fn interest_version(&self) -> u64 {
+        *self.interest_tx.borrow()
+    }
+
     /// Watches the interest version.
     pub(crate) fn interest_watch(&self) -> watch::Receiver<u64> {
         self.interest_tx.subscribe()

@@ -397,13 +397,22 @@ impl NodeHandle {
         {
             warn!("some tasks did not stop in time");
         }
-        if let Some(dns) = self.dns.take() {
-            dns.shutdown().await;
-        }
-        if let Some(chitchat) = self.chitchat.take()
-            && let Err(err) = chitchat.shutdown().await
+        if let Some(dns) = self.dns.take()
+            && tokio::time::timeout(CLOSE_GRACE, dns.shutdown())
+                .await
+                .is_err()
         {
-            warn!(error = %err, "gossip did not stop cleanly");
+            warn!("DNS responder did not stop in time");
+        }
+        if let Some(chitchat) = self.chitchat.take() {
+            // Bounded: a gossip loop that does not answer is aborted rather than waited for.
+            let _ = chitchat.initiate_shutdown();
+            match tokio::time::timeout(CLOSE_GRACE, chitchat.termination_watcher()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => warn!(error = %err, "gossip did not stop cleanly"),
+                Err(_) => warn!("gossip did not stop in time: aborted"),
+            }
+            chitchat.abort();
         }
         info!(name = %shared.config.name, "stopped");
     }

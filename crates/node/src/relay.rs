@@ -274,7 +274,7 @@ impl Relay for EmbeddedRelay {
 
     fn sync_interest(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            let target = self.hub.interest().0;
+            let target = self.hub.interest_version();
             let deadline = Instant::now() + SYNC_TIMEOUT;
             let mut progress = self.progress.subscribe();
             loop {
