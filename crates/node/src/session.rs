@@ -31,6 +31,8 @@ use crate::metrics;
 pub(crate) const MAX_TOPIC_BYTES: usize = 256;
 /// Normal closure (RFC 6455).
 const NORMAL: u16 = 1000;
+/// Most frames the writer takes from the send queue for one flush to the socket.
+const WRITE_BATCH: usize = 64;
 /// How long the writer may take to flush queued frames and the close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -354,8 +356,20 @@ async fn write(
                 encode(&ServerFrame::Ping { id: Some(ping_id) })
             }
         };
+        // Everything already queued behind this frame goes out with it in one flush: a fan-out
+        // burst costs one socket write per connection instead of one per frame (profiled: the
+        // per-frame `send` syscall was two thirds of the node's time under fan-out).
         let sent = tokio::select! {
-            sent = sink.send(message) => sent,
+            sent = async {
+                sink.feed(message).await?;
+                for _ in 1..WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(more) => sink.feed(more).await?,
+                        Err(_) => break,
+                    }
+                }
+                sink.flush().await
+            } => sent,
             _ = closer.closed() => break,
         };
         if sent.is_err() {
