@@ -125,6 +125,9 @@ async fn load_holds_clients_and_summarises_them() {
         "t",
         "--duration",
         "1s",
+        // From two extra loopback source addresses, as for more clients than one has ports.
+        "--source-ips",
+        "2",
     ])
     .await;
     assert!(output.status.success(), "{output:?}");

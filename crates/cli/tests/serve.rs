@@ -203,6 +203,9 @@ fn a_killed_node_is_listed_down_in_time_and_up_after_restart() {
         seen_as(&[&nodes[0], &nodes[2]], "n2", Status::Down)
     });
     eprintln!("SIGKILL → listed DOWN after {took:?} (failure timeout {FAILURE_TIMEOUT_MS} ms)");
+    let list = farm(nodes[0].listen).unwrap();
+    let dead = list.servers.iter().find(|s| s.name == "n2").unwrap();
+    assert_eq!(dead.users, 0, "a dead node holds nobody");
     nodes[1].restart();
     let took = eventually(Duration::from_secs(5), "n2 UP again", || {
         seen_as(&[&nodes[0], &nodes[2]], "n2", Status::Up)
@@ -210,6 +213,7 @@ fn a_killed_node_is_listed_down_in_time_and_up_after_restart() {
     eprintln!("restart → listed UP after {took:?}");
     // The restarted node is one entry, not two generations.
     let list = farm(nodes[0].listen).unwrap();
+    assert_eq!(list.servers.len(), 3);
     assert_eq!(list.servers.iter().filter(|s| s.name == "n2").count(), 1);
 }
 

@@ -88,6 +88,8 @@ pub enum Event {
     },
 }
 
+/// What the handle asks of the driver task.
+#[derive(Debug)]
 enum Command {
     Subscribe(Vec<String>),
     Unsubscribe(Vec<String>),
@@ -104,16 +106,6 @@ pub struct Client {
     events: mpsc::Receiver<Event>,
     server: watch::Receiver<Option<String>>,
     task: JoinHandle<()>,
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Command::Subscribe(t) => write!(f, "Subscribe({t:?})"),
-            Command::Unsubscribe(t) => write!(f, "Unsubscribe({t:?})"),
-            Command::Stop => f.write_str("Stop"),
-        }
-    }
 }
 
 impl Client {
@@ -211,8 +203,17 @@ enum Done {
     List(Result<Conn, Error>),
     Connect {
         server: String,
-        result: Result<(Conn, Vec<ServerFrame>), Error>,
+        result: Result<Subscribed, Error>,
     },
+}
+
+/// A connection with its topics subscribed.
+struct Subscribed {
+    conn: Conn,
+    /// The topics subscribed on it: those of the client when the connect began.
+    topics: Vec<String>,
+    /// Messages that arrived while subscribing.
+    early: Vec<ServerFrame>,
 }
 
 type Operation = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -349,7 +350,7 @@ impl Driver {
                             input
                         }
                         Done::List(Err(err)) => Input::ListFailed { error: err.to_string() },
-                        Done::Connect { server, result: Ok((conn, early)) } => {
+                        Done::Connect { server, result: Ok(Subscribed { conn, topics, early }) } => {
                             let list = Some(conn.list.clone());
                             let now = Instant::now();
                             let timeout = self
@@ -365,6 +366,18 @@ impl Driver {
                                 last_sent: now,
                             });
                             backlog = early;
+                            // The application may have changed its topics while this connection
+                            // was being made.
+                            let added: Vec<String> =
+                                self.topics.iter().filter(|t| !topics.contains(t)).cloned().collect();
+                            let removed: Vec<String> =
+                                topics.into_iter().filter(|t| !self.topics.contains(t)).collect();
+                            if !added.is_empty() {
+                                send_on(&mut live, ClientFrame::Sub { topics: added }).await;
+                            }
+                            if !removed.is_empty() {
+                                send_on(&mut live, ClientFrame::Unsub { topics: removed }).await;
+                            }
                             Input::Connected { server, list }
                         }
                         Done::Connect { server, result: Err(err) } => Input::ConnectFailed {
@@ -597,7 +610,11 @@ async fn connect(
                 url: server.clone(),
                 after: timeout,
             })??;
-        Ok((conn, early))
+        Ok(Subscribed {
+            conn,
+            topics,
+            early,
+        })
     }
     .await;
     Done::Connect { server, result }

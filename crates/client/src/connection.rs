@@ -14,8 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
 use crate::address::{Endpoint, Resolver, Target};
 use crate::error::Error;
@@ -223,9 +223,10 @@ pub(crate) async fn dial(
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        let (ws, _response) = tokio_tungstenite::client_async(url.as_str(), stream)
-            .await
-            .map_err(|e| ws_error(&url, e))?;
+        let (ws, _response) =
+            tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(ws_config()))
+                .await
+                .map_err(|e| ws_error(&url, e))?;
         greet(ws, &url).await
     };
     tokio::time::timeout(timeout, attempt)
@@ -235,6 +236,15 @@ pub(crate) async fn dial(
             url: url.clone(),
             after: timeout,
         })?
+}
+
+/// Small buffers: a process may hold thousands of idle connections (`streamfarm load`), and
+/// tungstenite's default 128 KiB read buffer, allocated up front, would cost 128 KiB each.
+/// Frames are small; a bigger message just takes more reads.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
 }
 
 async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {

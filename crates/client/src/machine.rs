@@ -1081,6 +1081,98 @@ mod tests {
         assert_eq!(idle.state(), &State::Idle);
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Inputs about servers A, B and C in any order, including nonsense for the state.
+        fn input() -> impl Strategy<Value = Input> {
+            let server = prop_oneof![Just(A), Just(B), Just(C)];
+            let status = prop_oneof![Just(Status::Up), Just(Status::Down), Just(Status::Draining)];
+            prop_oneof![
+                Just(Input::Start),
+                (server.clone(), status, server.clone()).prop_map(|(s, st, via)| fetched(
+                    list(&[(s, st, 1, "A"), (B, Status::Up, 2, "B")]),
+                    via
+                )),
+                Just(Input::ListFailed { error: "x".into() }),
+                server.clone().prop_map(connected),
+                (server.clone(), any::<bool>()).prop_map(|(s, elsewhere)| Input::ConnectFailed {
+                    server: s.to_string(),
+                    error: "x".into(),
+                    elsewhere
+                }),
+                (
+                    server,
+                    prop_oneof![Just(1006u16), Just(4000), Just(1001), Just(4002)]
+                )
+                    .prop_map(|(s, code)| lost(s, closed(code))),
+                (0u64..4).prop_map(|timer| Input::TimerFired { timer }),
+                Just(Input::Stop),
+            ]
+        }
+
+        proptest! {
+            /// Whatever happens, the driver is never asked to run two things at once, never to
+            /// drop a list connection it does not hold, and nothing follows a stop.
+            #[test]
+            fn the_machine_asks_for_one_thing_at_a_time(
+                inputs in proptest::collection::vec((input(), 0u64..3000), 1..60),
+                immediate in any::<bool>(),
+            ) {
+                let mut m = machine(if immediate { RetryMode::Immediate } else { RetryMode::RetryOnce });
+                let t0 = Instant::now();
+                let mut now = t0;
+                let mut holding = false;
+                for (input, step_ms) in inputs {
+                    now += Duration::from_millis(step_ms);
+                    let was_stopped = *m.state() == State::Stopped;
+                    if matches!(input, Input::ListFetched { .. })
+                        && matches!(m.state(), State::FetchingList { .. })
+                    {
+                        holding = true;
+                    }
+                    let actions = m.handle(input, now);
+                    if was_stopped {
+                        prop_assert!(actions.is_empty());
+                    }
+                    let started = actions
+                        .iter()
+                        .filter(|a| matches!(a, Action::FetchList(_) | Action::Connect { .. } | Action::Sleep { .. }))
+                        .count();
+                    prop_assert!(started <= 1, "{actions:?}");
+                    for action in &actions {
+                        match action {
+                            Action::DropListConnection => {
+                                prop_assert!(holding, "dropped a list connection not held");
+                                holding = false;
+                            }
+                            Action::Connect { reuse_list_connection: true, .. } => {
+                                prop_assert!(holding, "reused a list connection not held");
+                                holding = false;
+                            }
+                            _ => {}
+                        }
+                    }
+                    // Each waiting or working state was entered with the action that ends it.
+                    let entered_with_its_action = match m.state() {
+                        State::Waiting { timer } => actions
+                            .iter()
+                            .any(|a| matches!(a, Action::Sleep { timer: t, .. } if t == timer)),
+                        State::FetchingList { .. } => {
+                            actions.iter().any(|a| matches!(a, Action::FetchList(_)))
+                        }
+                        State::Connecting { server, .. } => actions
+                            .iter()
+                            .any(|a| matches!(a, Action::Connect { server: s, .. } if s == server)),
+                        _ => true,
+                    };
+                    prop_assert!(started == 0 || entered_with_its_action, "{actions:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn loss_causes_say_whether_to_go_elsewhere() {
         assert!(closed(close::RECONNECT_ELSEWHERE).sends_elsewhere());

@@ -390,3 +390,19 @@ async fn service_name_resolves_through_the_farm_dns_with_srv_ports() {
     client.close().await;
     dns.shutdown().await;
 }
+
+#[tokio::test]
+async fn topics_changed_while_connecting_are_applied_once_connected() {
+    let (a, b) = two_nodes().await;
+    let mut client = ClientOptions::new()
+        .subscribe(["old"])
+        .seed(9)
+        .start(seeds(&a, &b));
+    // Most likely while the first connection is being made.
+    client.subscribe(["t"]).unwrap();
+    client.unsubscribe(["old"]).unwrap();
+    let server = connected(&mut client).await;
+    let (on, _) = node_of(&server, &a, &b);
+    message_arrives(&mut client, on, "late topic").await;
+    client.close().await;
+}

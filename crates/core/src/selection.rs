@@ -13,8 +13,8 @@
 //!   users wins, a tie is a coin toss.
 //! - [`Policy::Waterfill`] — staleness-aware: a list `t` seconds old will have taken about
 //!   `rate × t` more clients by the time they arrive; each pick aims at the water level those
-//!   arrivals would reach, so the emptiest servers fill first without overshoot (see the
-//!   `waterfill` module's doc for the algorithm).
+//!   arrivals would reach, so the emptiest servers fill first without overshoot (the algorithm is
+//!   on [`Policy::Waterfill`]).
 //!
 //! Each has exact probabilities ([`probabilities`]); [`choose`] samples them with an injected RNG
 //! and says why ([`Explanation`]). No clock and no global RNG: the same seed gives the same pick.
@@ -60,6 +60,14 @@ pub enum Policy {
     P2c,
     /// Staleness-aware: fill the emptiest servers towards the level that the arrivals a stale list
     /// cannot show will reach, in proportion to each server's deficit. Least-users on a fresh list.
+    ///
+    /// With `A = rate × list_age` clients in flight ([`Context`]; the rate defaults to the sum of
+    /// the candidates' `join_rate`), the level `L` solves `Σ max(0, L − u_i) = A + 1` and server
+    /// `i` is chosen with probability `∝ max(0, L − u_i)` — over fill fractions `u_i / capacity_i`
+    /// when every candidate states a capacity. An overshoot guard caps the share of a server
+    /// whose own join rate projects it more than two fair shares of `A` above the level. The
+    /// derivation, and what it achieves in the simulator, are in
+    /// `crates/core/src/selection/waterfill.rs` and `BALANCE.md`.
     Waterfill,
 }
 

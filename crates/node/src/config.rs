@@ -71,6 +71,9 @@ pub struct NodeConfig {
     /// Frames queued toward one client before it is closed as a slow consumer.
     #[serde(default = "default_send_queue")]
     pub send_queue: usize,
+    /// Most topics one connection may subscribe to at once.
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: usize,
     /// Frames queued toward one peer node before that relay link is reset.
     #[serde(default = "default_relay_queue")]
     pub relay_queue: usize,
@@ -124,8 +127,13 @@ fn default_max_connections() -> usize {
 fn default_max_frame_bytes() -> usize {
     64 * 1024
 }
-fn default_send_queue() -> usize {
+fn default_max_subscriptions() -> usize {
     1024
+}
+/// Frames, not bytes: a queued frame is a pointer to a buffer shared with every other
+/// subscriber, so a deep queue costs little, and a publisher's burst must fit in it.
+fn default_send_queue() -> usize {
+    8192
 }
 fn default_relay_queue() -> usize {
     65_536
@@ -183,6 +191,7 @@ impl NodeConfig {
             max_connections: default_max_connections(),
             max_frame_bytes: default_max_frame_bytes(),
             send_queue: default_send_queue(),
+            max_subscriptions: default_max_subscriptions(),
             relay_queue: default_relay_queue(),
             allow_client_publish: true,
             drain_period_ms: default_drain_period_ms(),

@@ -35,7 +35,7 @@ pub(crate) const RELAY_PATH: &str = "/internal/relay";
 /// Largest message body accepted by `POST /publish` beyond `max_frame_bytes`: the JSON envelope.
 const ENVELOPE_SLACK: usize = 1024;
 /// tungstenite's read buffer, allocated per connection: small, so idle connections are cheap.
-const READ_BUFFER_BYTES: usize = 1024;
+const READ_BUFFER_BYTES: usize = 256;
 
 /// The router of one node.
 pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {

@@ -18,11 +18,12 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use streamfarm_core::protocol::{Encoding, ServerFrame, close};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::{self, Metrics};
+use crate::queue::{PushError, SendQueue};
 
 /// Identifies one streaming connection within this node.
 pub(crate) type ConnId = u64;
@@ -68,7 +69,7 @@ impl Closer {
 /// What the hub holds of one connection: where to queue frames and how to close it.
 #[derive(Debug, Clone)]
 pub(crate) struct Outlet {
-    pub(crate) tx: mpsc::Sender<Message>,
+    pub(crate) queue: Arc<SendQueue<Message>>,
     pub(crate) closer: Closer,
 }
 
@@ -76,9 +77,9 @@ impl Outlet {
     /// Queues a frame without waiting; a full queue closes the connection as a slow consumer.
     /// Returns whether the frame was queued.
     pub(crate) fn offer(&self, frame: Message, metrics: &Metrics) -> bool {
-        match self.tx.try_send(frame) {
+        match self.queue.push(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Full) => {
                 if !self.closer.is_closed() {
                     metrics::inc(&metrics.slow_consumers);
                     warn!("closing slow consumer: send queue full");
@@ -87,7 +88,7 @@ impl Outlet {
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(PushError::Closed) => false,
         }
     }
 }
@@ -246,22 +247,22 @@ pub(crate) fn msg_frame(topic: &str, data: String, encoding: Encoding) -> Utf8By
 mod tests {
     use super::*;
 
-    fn outlet(capacity: usize) -> (Outlet, mpsc::Receiver<Message>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    fn outlet(capacity: usize) -> (Outlet, Arc<SendQueue<Message>>) {
+        let queue = Arc::new(SendQueue::new(capacity));
         (
             Outlet {
-                tx,
+                queue: queue.clone(),
                 closer: Closer::default(),
             },
-            rx,
+            queue,
         )
     }
 
     #[test]
     fn one_serialized_frame_reaches_every_subscriber() {
         let hub = Hub::new(Arc::default());
-        let (a, mut a_rx) = outlet(4);
-        let (b, mut b_rx) = outlet(4);
+        let (a, a_rx) = outlet(4);
+        let (b, b_rx) = outlet(4);
         let a_id = hub.register(a.closer.clone());
         let b_id = hub.register(b.closer.clone());
         hub.subscribe(a_id, &a, ["t"]);
@@ -270,7 +271,7 @@ mod tests {
         assert_eq!(hub.deliver("t", &frame), 2);
         assert_eq!(hub.deliver("nobody", &frame), 0);
         let (Message::Text(got_a), Message::Text(got_b)) =
-            (a_rx.try_recv().unwrap(), b_rx.try_recv().unwrap())
+            (a_rx.try_pop().unwrap(), b_rx.try_pop().unwrap())
         else {
             panic!("text frames expected")
         };
@@ -283,7 +284,7 @@ mod tests {
     fn full_queue_closes_only_the_slow_subscriber() {
         let hub = Hub::new(Arc::default());
         let (slow, _slow_rx) = outlet(1);
-        let (fast, mut fast_rx) = outlet(8);
+        let (fast, fast_rx) = outlet(8);
         let slow_id = hub.register(slow.closer.clone());
         let fast_id = hub.register(fast.closer.clone());
         hub.subscribe(slow_id, &slow, ["t"]);
@@ -296,7 +297,7 @@ mod tests {
             Some(close::SLOW_CONSUMER)
         );
         assert!(!fast.closer.is_closed());
-        assert!(fast_rx.try_recv().is_ok() && fast_rx.try_recv().is_ok());
+        assert!(fast_rx.try_pop().is_some() && fast_rx.try_pop().is_some());
         assert_eq!(hub.metrics().slow_consumers.load(Ordering::Relaxed), 1);
     }
 

@@ -24,11 +24,14 @@
 //! - `hub` — local topics and fan-out: one serialized frame shared by all subscribers, bounded
 //!   per-connection queues, slow consumers closed.
 //! - `relay` — the `Relay` interface and the embedded relay over links between nodes.
+//! - `queue` — the bounded per-connection send queue.
 //! - `session` — one WebSocket connection: frames, heartbeats, limits.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/admin/status`, `/metrics`,
 //!   `/healthz`.
 //! - `drain` — paced, jittered closing for `DRAINING` and shutdown.
 //! - [`metrics`] — counters and their Prometheus rendering.
+//! - `protocol_doc` (tests only) — checks every example of `docs/PROTOCOL.md` against the frames.
+//! - `examples/` — `idle_clients` (memory per idle connection) and `fanout` (deliveries per second).
 //! - DNS: with `dns` set, a `streamfarm_dns::DnsServer` answers the service name from the live
 //!   farm list; the handle owns it and stops it last.
 //!
@@ -44,6 +47,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use axum::serve::ListenerExt;
 use streamfarm_core::protocol::{Encoding, close};
 use streamfarm_core::{FarmList, Status};
 use streamfarm_dns::DnsServer;
@@ -61,6 +65,7 @@ mod membership;
 pub mod metrics;
 #[cfg(test)]
 mod protocol_doc;
+mod queue;
 mod relay;
 mod session;
 
@@ -273,6 +278,12 @@ impl NodeHandle {
         let router = http::router(shared.clone(), &stream_path);
         let serve_cancel = cancel.clone();
         tracker.spawn(async move {
+            // Frames are small and latency matters: no Nagle delay.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(err) = tcp.set_nodelay(true) {
+                    warn!(error = %err, "cannot set TCP_NODELAY");
+                }
+            });
             let result = axum::serve(listener, router)
                 .with_graceful_shutdown(serve_cancel.cancelled_owned())
                 .await;

@@ -208,7 +208,10 @@ impl Loop {
                     continue;
                 };
                 if !alive {
+                    // Its connections are gone with it: a silent node holds nobody.
                     server.status = Status::Down;
+                    server.users = 0;
+                    server.join_rate = None;
                 }
                 if alive && let Some(relay) = &entry.relay {
                     peers.insert(id.node_id.to_string(), relay.clone());

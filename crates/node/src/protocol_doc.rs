@@ -113,7 +113,13 @@ fn every_close_code_and_error_code_is_documented() {
             "close code {code} missing from the table"
         );
     }
-    for code in ["bad_frame", "bad_topic", "not_allowed", "too_big"] {
+    for code in [
+        "bad_frame",
+        "bad_topic",
+        "not_allowed",
+        "too_big",
+        "too_many_topics",
+    ] {
         assert!(
             PAGE.contains(&format!("| `{code}` |")),
             "error code {code} missing from the table"

@@ -45,6 +45,8 @@ use crate::metrics::{self, Metrics};
 const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 /// Timeout to establish a relay link.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most frames written to a link between two flushes.
+const WRITE_BURST: usize = 256;
 /// Delay before redialing a peer after a failed or lost link (with jitter up to twice this).
 const REDIAL_DELAY: Duration = Duration::from_millis(200);
 
@@ -215,8 +217,17 @@ impl EmbeddedRelay {
                         None => break,
                     },
                 };
+                // One flush per burst of queued frames.
+                let burst = async {
+                    sink.feed(message).await?;
+                    for _ in 1..WRITE_BURST {
+                        let Ok(next) = rx.try_recv() else { break };
+                        sink.feed(next).await?;
+                    }
+                    sink.flush().await
+                };
                 let sent = tokio::select! {
-                    sent = sink.send(message) => sent,
+                    sent = burst => sent,
                     _ = link.closer.closed() => break,
                 };
                 if sent.is_err() {
@@ -329,8 +340,10 @@ async fn manage_links(
 async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: CancellationToken) {
     let target = format!("{url}?node={}", relay.name);
     while !cancel.is_cancelled() {
-        let connect =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(&target));
+        let connect = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async_with_config(&target, None, true),
+        );
         let connected = tokio::select! {
             _ = cancel.cancelled() => break,
             connected = connect => connected,

@@ -268,18 +268,25 @@ async fn a_slow_client_is_closed_and_the_others_keep_receiving() {
     // The slow client subscribes, then never reads again.
     let mut slow = subscriber(node, "t").await;
     let payload = "x".repeat(32 * 1024);
+    // The fast client reads everything; the publisher stays at most a few messages ahead of
+    // it, so only the slow client can fall a whole queue behind.
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
     let fast_reader = tokio::spawn(async move {
         let mut got = 0;
         while got < 500 {
             if let ServerFrame::Msg { .. } = next_frame(&mut fast).await {
                 got += 1;
+                progress_tx.send_replace(got);
             }
         }
         (got, fast)
     });
-    for _ in 0..500 {
+    for i in 0..500 {
+        progress
+            .wait_for(|got| got + 4 >= i)
+            .await
+            .expect("fast reader alive");
         node.publish("t", &payload);
-        tokio::task::yield_now().await;
     }
     let (got, _fast) = fast_reader.await.unwrap();
     assert_eq!(got, 500, "the fast client got every message");
@@ -568,4 +575,69 @@ async fn the_farm_list_comes_in_every_format() {
     assert_eq!(get("?callback=alert(1)", "").await.0, 400);
     assert_eq!(get("?format=yaml", "").await.0, 400);
     assert_eq!(get("", "image/png").await.0, 406);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_connection_are_capped() {
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| c.max_subscriptions = 2).await;
+    let mut ws = subscriber(&nodes[0], "a").await;
+    send(
+        &mut ws,
+        &ClientFrame::Sub {
+            topics: vec!["b".into(), "c".into()],
+        },
+    )
+    .await;
+    assert!(
+        matches!(next_frame(&mut ws).await, ServerFrame::Error { code, .. } if code == "too_many_topics")
+    );
+    // Re-subscribing to held topics costs nothing; one more still fits.
+    send(
+        &mut ws,
+        &ClientFrame::Sub {
+            topics: vec!["a".into(), "b".into()],
+        },
+    )
+    .await;
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        ServerFrame::Subscribed { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_gets_each_message_once_over_its_new_link() {
+    let mut nodes = farm_of(&[("n1", [127, 0, 0, 1]), ("n2", [127, 0, 0, 2])], |_| {}).await;
+    wait_all_up(&nodes).await;
+    let seed = nodes[0].gossip_addr();
+    let old = nodes.pop().unwrap();
+    let old_url = old.url().to_string();
+    old.shutdown().await;
+    // Same name, new process (new port, new generation).
+    nodes.push(
+        NodeHandle::start(config("n2", [127, 0, 0, 2], &[seed]))
+            .await
+            .expect("restarts"),
+    );
+    let near = nodes[0].farm();
+    let new_url = nodes[1].url().to_string();
+    eventually(Duration::from_secs(5), "n1 lists the new n2 UP", || {
+        near.borrow()
+            .servers
+            .iter()
+            .any(|s| s.name == "n2" && s.url == new_url && s.status == Status::Up)
+    })
+    .await;
+    assert_ne!(old_url, new_url);
+    let mut sub = subscriber(&nodes[1], "t").await;
+    nodes[0].publish("t", "once");
+    assert!(matches!(next_frame(&mut sub).await, ServerFrame::Msg { data, .. } if data == "once"));
+    send(&mut sub, &ClientFrame::Ping { id: Some(5) }).await;
+    assert_eq!(
+        next_frame(&mut sub).await,
+        ServerFrame::Pong { id: Some(5) }
+    );
+    for node in nodes {
+        node.shutdown().await;
+    }
 }

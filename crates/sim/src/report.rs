@@ -43,7 +43,7 @@ fn table(out: &mut String, scenario: &Scenario, group: &[Outcome]) {
             rule.push_str("---:|---:|---:|");
         }
         ScenarioKind::Failure | ScenarioKind::Rolling => {
-            head.push_str(" failed picks per reconnect |");
+            head.push_str(" failed picks / disconnected |");
             rule.push_str("---:|");
         }
         ScenarioKind::Steady | ScenarioKind::Churn => {}

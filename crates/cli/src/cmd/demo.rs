@@ -320,17 +320,8 @@ fn render_summary(
         "  failovers: {} of the {held} clients of the killed node",
         after.failovers.len()
     ));
-    if let (Some(p50), Some(p99), Some(max)) = (
-        after.failover_quantile(0.5),
-        after.failover_quantile(0.99),
-        after.failovers.last(),
-    ) {
-        out.push_str(&format!(
-            "; took p50 {} ms, p99 {} ms, max {} ms",
-            millis(p50),
-            millis(p99),
-            millis(*max)
-        ));
+    if let Some(times) = after.failover_times() {
+        out.push_str(&format!("; took {times}"));
     }
     out.push('\n');
     out.push_str(&format!(

@@ -66,17 +66,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => 0,
     };
     let terminal = std::io::stdout().is_terminal();
-    let stop = async {
-        match args.duration {
-            Some(d) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = shutdown_signal() => {}
-                }
-            }
-            None => shutdown_signal().await,
-        }
-    };
+    let stop = stop_after(args.duration);
     tokio::pin!(stop);
 
     let mut swarm = Swarm::new();
@@ -136,6 +126,19 @@ fn progress_bar(total: u64) -> ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+/// Resolves after `duration` (if given), or on Ctrl-C or SIGTERM.
+pub(crate) async fn stop_after(duration: Option<Duration>) {
+    match duration {
+        Some(duration) => {
+            tokio::select! {
+                _ = tokio::time::sleep(duration) => {}
+                _ = shutdown_signal() => {}
+            }
+        }
+        None => shutdown_signal().await,
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -263,6 +266,21 @@ impl Summary {
         quantile(&self.failovers, q)
     }
 
+    /// `p50 … ms, p99 … ms, max … ms` of the failover durations, if there were failovers.
+    pub(crate) fn failover_times(&self) -> Option<String> {
+        let (p50, p99, max) = (
+            self.failover_quantile(0.5)?,
+            self.failover_quantile(0.99)?,
+            self.failovers.last()?,
+        );
+        Some(format!(
+            "p50 {} ms, p99 {} ms, max {} ms",
+            millis(p50),
+            millis(p99),
+            millis(*max)
+        ))
+    }
+
     pub(crate) fn render(&self) -> String {
         let mut out = String::from("clients per server:\n");
         for (server, n) in &self.per_server {
@@ -276,17 +294,8 @@ impl Summary {
             self.retries
         ));
         out.push_str(&format!("failovers {}", self.failovers.len()));
-        if let (Some(p50), Some(p99), Some(max)) = (
-            self.failover_quantile(0.5),
-            self.failover_quantile(0.99),
-            self.failovers.last(),
-        ) {
-            out.push_str(&format!(
-                ": p50 {} ms, p99 {} ms, max {} ms",
-                millis(p50),
-                millis(p99),
-                millis(*max)
-            ));
+        if let Some(times) = self.failover_times() {
+            out.push_str(&format!(": {times}"));
         }
         out.push('\n');
         out.push_str(&format!(

@@ -70,6 +70,9 @@ struct Settings {
     /// Frames queued toward one client before it is closed as a slow consumer.
     #[arg(long, env = "STREAMFARM_SEND_QUEUE")]
     send_queue: Option<usize>,
+    /// Most topics one connection may subscribe to at once.
+    #[arg(long, env = "STREAMFARM_MAX_SUBSCRIPTIONS")]
+    max_subscriptions: Option<usize>,
     /// Frames queued toward one peer node before its relay link is reset.
     #[arg(long, env = "STREAMFARM_RELAY_QUEUE")]
     relay_queue: Option<usize>,
@@ -139,6 +142,7 @@ impl Settings {
             max_connections,
             max_frame_bytes,
             send_queue,
+            max_subscriptions,
             relay_queue,
             allow_client_publish,
             drain_period_ms,

@@ -28,7 +28,7 @@ pub(crate) struct Args {
     #[arg(long)]
     servers: Option<usize>,
     /// New clients: arrivals of steady (default 100000) and scale-out (20000); the steady
-    /// population of churn (50000).
+    /// population of churn (50000). The scale-out defaults are DESIGN.md's quick model.
     #[arg(long)]
     clients: Option<u64>,
     /// Users per server at the start of scale-out, failure and rolling. Default 10000.
@@ -51,10 +51,10 @@ pub(crate) struct Args {
     /// Draw users per server over time into this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// The policy of the plotted run. Default: waterfill.
+    /// The policy of the plotted run.
     #[arg(long, default_value = "waterfill")]
     plot_policy: Policy,
-    /// The scenario of the plotted run. Default: scale-out.
+    /// The scenario of the plotted run.
     #[arg(long, default_value = "scale-out")]
     plot_scenario: ScenarioKind,
     /// Print the results as JSON instead of tables.

@@ -8,7 +8,7 @@ use serde_json::json;
 use streamfarm_client::{Client, Event, ServiceAddress};
 
 use super::list::ClientArgs;
-use super::load::shutdown_signal;
+use super::load::stop_after;
 
 /// Arguments of `streamfarm sub`.
 #[derive(Debug, clap::Args)]
@@ -34,17 +34,7 @@ pub(crate) struct Args {
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let options = args.client.options().subscribe(args.topics.iter().cloned());
     let mut client = Client::start(args.service.clone(), options);
-    let stop = async {
-        match args.duration {
-            Some(d) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = shutdown_signal() => {}
-                }
-            }
-            None => shutdown_signal().await,
-        }
-    };
+    let stop = stop_after(args.duration);
     tokio::pin!(stop);
     let mut messages = 0u64;
     loop {
