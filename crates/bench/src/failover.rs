@@ -8,9 +8,9 @@
 //! each tries the learned urls in random order with the lost one last, as nats.go does
 //! (reconnect at once to another server; wait 2 s only before retrying one already tried).
 //!
-//! Attempts: after the kill, the victim's address is taken over by a listener that resets
-//! (RST) every connection and counts it, so attempts on the dead server are counted like the
-//! refused connections they stand for; attempts on the survivors are their accepted-connection
+//! Attempts: after the kill, the victim's address is taken over by a listener (on its own thread,
+//! so it answers at once) that closes every connection and counts it, so attempts on the dead
+//! server are counted like the refused connections they stand for; attempts on the survivors are their accepted-connection
 //! counters (`streamfarm_connections_accepted_total`, `/varz` `total_connections`), sampled every
 //! 100 ms, which also give the peak connections/s per survivor.
 
@@ -22,7 +22,6 @@ use std::time::Duration;
 use anyhow::Context;
 use rand::seq::SliceRandom;
 use streamfarm_client::{ClientOptions, Event, ServiceAddress};
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -105,23 +104,46 @@ fn verdict(value: Option<f64>, at_most: f64) -> &'static str {
     }
 }
 
-/// Takes over a dead server's address: resets and counts every connection.
-async fn black_hole(
-    addr: SocketAddr,
-) -> anyhow::Result<(Arc<AtomicU64>, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot take over {addr}"))?;
-    let count = Arc::new(AtomicU64::new(0));
-    let counter = count.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::Relaxed);
-            let _ = stream.set_zero_linger();
-            drop(stream);
-        }
-    });
-    Ok((count, task))
+/// Takes over a dead server's address and counts every connection attempt on it, closing each at
+/// once. It runs on its own OS thread, not on the runtime the thousands of clients share: a
+/// connection the kernel completed but nobody closed promptly would leave its client waiting up
+/// to its connect timeout, where a dead server refuses at once.
+struct BlackHole {
+    count: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlackHole {
+    fn start(addr: SocketAddr) -> anyhow::Result<BlackHole> {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot take over {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (counter, stopped) = (count.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        });
+        Ok(BlackHole { count, stop })
+    }
+
+    fn attempts(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Samples `counter` of each survivor every [`SAMPLE`] until `done`; returns the total increase
@@ -270,7 +292,7 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<Run> {
     tokio::time::sleep(SAMPLE * 2).await;
     let _ = killed_at.set(Instant::now());
     victim.guard.kill();
-    let (dead_attempts, hole) = black_hole(addrs[0]).await?;
+    let hole = BlackHole::start(addrs[0])?;
     let _ = poll(
         "every client back",
         RECOVERY,
@@ -285,12 +307,13 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<Run> {
     tokio::time::sleep(SAMPLE * 3).await;
     done.notify_one();
     let (accepted, peak) = watcher.await?;
-    hole.abort();
+    let dead_attempts = hole.attempts();
+    drop(hole);
     clients.abort_all();
     let times_ms = times.lock().map(|t| t.clone()).unwrap_or_default();
     Ok(Run {
         times_ms,
-        attempts: accepted + dead_attempts.load(Ordering::Relaxed) as f64,
+        attempts: accepted + dead_attempts as f64,
         peak_per_s: peak,
         clients: c,
     })
@@ -378,7 +401,7 @@ async fn nats_once(bin: &std::path::Path, c: usize) -> anyhow::Result<Run> {
     tokio::time::sleep(SAMPLE * 2).await;
     let _ = killed_at.set(Instant::now());
     servers[0].guard.kill();
-    let (dead_attempts, hole) = black_hole(victim_addr).await?;
+    let hole = BlackHole::start(victim_addr)?;
     let _ = poll(
         "every client back",
         RECOVERY,
@@ -392,12 +415,13 @@ async fn nats_once(bin: &std::path::Path, c: usize) -> anyhow::Result<Run> {
     tokio::time::sleep(SAMPLE * 3).await;
     done.notify_one();
     let (accepted, peak) = watcher.await?;
-    hole.abort();
+    let dead_attempts = hole.attempts();
+    drop(hole);
     clients.abort_all();
     let times_ms = times.lock().map(|t| t.clone()).unwrap_or_default();
     Ok(Run {
         times_ms,
-        attempts: accepted + dead_attempts.load(Ordering::Relaxed) as f64,
+        attempts: accepted + dead_attempts as f64,
         peak_per_s: peak,
         clients: c,
     })

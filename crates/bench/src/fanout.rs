@@ -140,6 +140,10 @@ struct Run {
     p50_ms: f64,
     p99_ms: f64,
     closed: u64,
+    /// Server CPU (all servers of the run) per delivery during saturation, nanoseconds.
+    server_cpu_ns_per_delivery: f64,
+    /// Server CPU during saturation, in cores.
+    server_cores: f64,
 }
 
 /// Servers of one system for one run: where to publish, where the subscribers go, and the guards
@@ -147,8 +151,19 @@ struct Run {
 struct Servers {
     publish_at: SocketAddr,
     subscribe_at: Vec<SocketAddr>,
+    /// Process ids of the servers, for their CPU time.
+    pids: Vec<u32>,
     _nodes: Vec<NodeProc>,
     _nats: Vec<NatsProc>,
+}
+
+impl Servers {
+    fn cpu_seconds(&self) -> f64 {
+        self.pids
+            .iter()
+            .filter_map(|p| crate::proc::cpu_seconds(*p).ok())
+            .sum()
+    }
 }
 
 fn ip(last: u8) -> IpAddr {
@@ -196,6 +211,7 @@ async fn streamfarm_servers(options: &Options, shape: Shape) -> anyhow::Result<S
         } else {
             addrs[1..].to_vec()
         },
+        pids: nodes.iter().map(|n| n.guard.pid()).collect(),
         _nodes: nodes,
         _nats: Vec::new(),
     })
@@ -216,6 +232,7 @@ async fn nats_servers(bin: &std::path::Path, shape: Shape) -> anyhow::Result<Ser
         } else {
             addrs[1..].to_vec()
         },
+        pids: servers.iter().map(|s| s.guard.pid()).collect(),
         _nodes: Vec::new(),
         _nats: servers,
     })
@@ -249,6 +266,8 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
                 row.add("msgs_per_s", run.msgs_per_s);
                 row.add("half_load_p50_ms", run.p50_ms);
                 row.add("half_load_p99_ms", run.p99_ms);
+                row.add("server_cpu_ns_per_delivery", run.server_cpu_ns_per_delivery);
+                row.add("server_cores_at_saturation", run.server_cores);
                 closed += run.closed;
             }
             if closed > 0 {
@@ -370,6 +389,7 @@ async fn run_once(
     let s = subscribers as u64;
 
     // Saturation: a window of messages in flight.
+    let cpu_before = servers.cpu_seconds();
     let started = Instant::now();
     let mut sent = 0u64;
     while started.elapsed() < phase {
@@ -392,6 +412,7 @@ async fn run_once(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let delivered = counters.delivered.load(Ordering::Relaxed);
+    let server_cpu = servers.cpu_seconds() - cpu_before;
     let deliveries_per_s = delivered as f64 / elapsed;
     let msgs_per_s = deliveries_per_s / s as f64;
 
@@ -433,5 +454,7 @@ async fn run_once(
         p50_ms: p(0.5),
         p99_ms: p(0.99),
         closed,
+        server_cpu_ns_per_delivery: server_cpu * 1e9 / delivered.max(1) as f64,
+        server_cores: server_cpu / elapsed,
     })
 }

@@ -85,8 +85,20 @@ impl NatsProc {
     }
 
     /// Starts one server per ip, routed to each other (a full mesh of routes), and waits until
-    /// every server greets a client and knows all the others' client urls.
+    /// every server greets a client and knows all the others' client urls. Tries three times:
+    /// a port found free may be taken by another process before the server binds it.
     pub(crate) async fn cluster(bin: &Path, ips: &[IpAddr]) -> anyhow::Result<Vec<NatsProc>> {
+        let mut last = None;
+        for _ in 0..3 {
+            match NatsProc::cluster_once(bin, ips).await {
+                Ok(servers) => return Ok(servers),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("nats-server did not start")))
+    }
+
+    async fn cluster_once(bin: &Path, ips: &[IpAddr]) -> anyhow::Result<Vec<NatsProc>> {
         let mut plan = Vec::new();
         for ip in ips {
             plan.push((free_port(*ip)?, free_port(*ip)?, free_port(*ip)?));

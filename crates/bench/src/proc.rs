@@ -76,6 +76,20 @@ impl Drop for Guard {
     }
 }
 
+/// CPU time (user + system) a process has used so far, seconds, from /proc/PID/stat (clock ticks
+/// of 1/100 s, Linux's `USER_HZ` on every common architecture).
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3; utime is 14.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
 /// VmRSS of a process, bytes.
 pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -289,6 +303,13 @@ mod tests {
         assert_eq!(prometheus_value(text, "a_total"), Some(12.0));
         assert_eq!(prometheus_value(text, "a"), Some(3.0));
         assert_eq!(prometheus_value(text, "b"), None);
+    }
+
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let spin = (0..2_000_000u64).fold(0u64, |a, b| a.wrapping_add(b * b));
+        assert!(spin > 0);
+        assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub(crate) struct Args {
     /// Do not install nats-server with apt-get when it is not on PATH.
     #[arg(long)]
     no_install: bool,
+    /// The binary whose `serve` runs the nodes (default: this one); for before/after comparisons
+    /// of a node change with the same harness.
+    #[arg(long)]
+    node_exe: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -53,7 +57,10 @@ enum What {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let exe = std::env::current_exe().context("cannot find the streamfarm binary")?;
+    let exe = match args.node_exe.clone() {
+        Some(exe) => exe,
+        None => std::env::current_exe().context("cannot find the streamfarm binary")?,
+    };
     // The smoke run never installs anything; a full run finds or installs the peer.
     let nats = find_nats(!args.quick && !args.no_install);
     let mut options = if args.quick {
