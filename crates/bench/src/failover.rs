@@ -10,9 +10,18 @@
 //!
 //! Attempts: after the kill, the victim's address is taken over by a listener (on its own thread,
 //! so it answers at once) that closes every connection and counts it, so attempts on the dead
-//! server are counted like the refused connections they stand for; attempts on the survivors are their accepted-connection
-//! counters (`streamfarm_connections_accepted_total`, `/varz` `total_connections`), sampled every
-//! 100 ms, which also give the peak connections/s per survivor.
+//! server are counted like the refused connections they stand for; attempts on the survivors are
+//! their accepted-connection counters (`streamfarm_connections_accepted_total`, `/varz`
+//! `total_connections`), sampled every 100 ms, which also give the peak connections/s per
+//! survivor. Both are reported apart (`dead_attempts_per_client`,
+//! `survivor_attempts_per_client`) besides their sum: an attempt on a dead address costs the
+//! survivors nothing. The streamfarm clients also count their own dials by purpose
+//! ([`streamfarm_client::Dials`]): list fetches, connects to the chosen server, and lists whose
+//! connection was kept (`client_*` figures, from the kill until each client is back; and
+//! `first_contact_dials_per_client` before it).
+//!
+//! streamfarm runs twice: in the default retry-once mode (setting `C=N`) and in `immediate` mode
+//! (`C=N immediate`), which re-requests the list at once instead of retrying the dead server.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rand::seq::SliceRandom;
-use streamfarm_client::{ClientOptions, Event, ServiceAddress};
+use streamfarm_client::{ClientOptions, Dials, Event, RetryMode, ServiceAddress};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -49,9 +58,34 @@ fn source(i: usize) -> IpAddr {
 struct Run {
     /// Kill → subscribed on a survivor, per client that made it, ms.
     times_ms: Vec<f64>,
-    attempts: f64,
+    /// Connections the dead address took over from the victim saw.
+    dead_attempts: f64,
+    /// Connections the survivors accepted.
+    survivor_attempts: f64,
+    /// The streamfarm clients' own counts: before the kill, and from the kill until back.
+    dials: Option<(Dials, Dials)>,
     peak_per_s: f64,
     clients: usize,
+}
+
+/// Adds `b` to `a`, field by field.
+fn add_dials(a: &mut Dials, b: &Dials) {
+    a.list += b.list;
+    a.list_failed += b.list_failed;
+    a.stream += b.stream;
+    a.stream_failed += b.stream_failed;
+    a.reused += b.reused;
+}
+
+/// `b - a`, field by field.
+fn dials_since(a: &Dials, b: &Dials) -> Dials {
+    Dials {
+        list: b.list - a.list,
+        list_failed: b.list_failed - a.list_failed,
+        stream: b.stream - a.stream,
+        stream_failed: b.stream_failed - a.stream_failed,
+        reused: b.reused - a.reused,
+    }
 }
 
 pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
@@ -59,18 +93,23 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
     let c = options.failover_clients;
     let setting = format!("C={c}");
     let mut section = Section::default();
-    let mut systems = vec![STREAMFARM];
+    let immediate = format!("C={c} immediate");
+    let mut systems = vec![
+        (STREAMFARM, RetryMode::RetryOnce, setting.clone()),
+        (STREAMFARM, RetryMode::Immediate, immediate.clone()),
+    ];
     if options.nats.is_some() {
-        systems.push(NATS);
+        systems.push((NATS, RetryMode::default(), setting.clone()));
     }
-    for system in systems {
+    for (system, retry, label) in systems {
         let mut row = RowBuilder::default();
         for _ in 0..options.repeats {
             let run = match (system, &options.nats) {
                 (NATS, Some(nats)) => nats_once(&nats.path, c).await,
-                _ => streamfarm_once(options, c).await,
+                _ => streamfarm_once(options, c, retry).await,
             }
-            .with_context(|| format!("{system} failover"))?;
+            .with_context(|| format!("{system} failover ({label})"))?;
+            let per_client = |n: f64| n / run.clients as f64;
             let mut times = run.times_ms;
             times.sort_by(f64::total_cmp);
             let q = |p| quantile(&times, p).unwrap_or(f64::NAN);
@@ -78,21 +117,40 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
             row.add("resubscribed_p99_ms", q(0.99));
             row.add("resubscribed_max_ms", q(1.0));
             row.add("back_fraction", times.len() as f64 / run.clients as f64);
-            row.add("attempts_per_client", run.attempts / run.clients as f64);
+            let total = run.dead_attempts + run.survivor_attempts;
+            row.add("attempts_per_client", per_client(total));
+            row.add("dead_attempts_per_client", per_client(run.dead_attempts));
+            row.add("survivor_attempts_per_client", per_client(run.survivor_attempts));
+            if let Some((first, failover)) = &run.dials {
+                let n = |v: u64| per_client(v as f64);
+                row.add("first_contact_dials_per_client", n(first.list + first.stream));
+                row.add("client_list_dials_per_client", n(failover.list));
+                row.add("client_list_failed_per_client", n(failover.list_failed));
+                row.add("client_stream_dials_per_client", n(failover.stream));
+                row.add("client_stream_failed_per_client", n(failover.stream_failed));
+                row.add("client_list_kept_per_client", n(failover.reused));
+            }
             row.add("survivor_peak_conn_per_s", run.peak_per_s);
         }
-        section.rows.push(row.build(system, &setting));
+        section.rows.push(row.build(system, &label));
     }
-    let get = |sys, fig| section.median(sys, &setting, fig);
-    let p99 = get(STREAMFARM, "resubscribed_p99_ms");
-    let attempts = get(STREAMFARM, "attempts_per_client");
-    section.notes.push(format!(
-        "p99 streamfarm/nats = {}, attempts streamfarm/nats = {}; target p99 <= 1000 ms: {}; target <= 1.2 attempts/client: {}",
-        ratio(p99, get(NATS, "resubscribed_p99_ms")),
-        ratio(attempts, get(NATS, "attempts_per_client")),
-        verdict(p99, 1000.0),
-        verdict(attempts, 1.2),
-    ));
+    let mut notes = Vec::new();
+    let get = |sys, setting: &str, fig| section.median(sys, setting, fig);
+    for label in [&setting, &immediate] {
+        let p99 = get(STREAMFARM, label, "resubscribed_p99_ms");
+        let attempts = get(STREAMFARM, label, "attempts_per_client");
+        let survivors = get(STREAMFARM, label, "survivor_attempts_per_client");
+        notes.push(format!(
+            "{label}: p99 streamfarm/nats = {}, attempts streamfarm/nats = {} (survivors only: {}); target p99 <= 1000 ms: {}; target <= 1.2 attempts/client: {} (survivors only: {})",
+            ratio(p99, get(NATS, &setting, "resubscribed_p99_ms")),
+            ratio(attempts, get(NATS, &setting, "attempts_per_client")),
+            ratio(survivors, get(NATS, &setting, "survivor_attempts_per_client")),
+            verdict(p99, 1000.0),
+            verdict(attempts, 1.2),
+            verdict(survivors, 1.2),
+        ));
+    }
+    section.notes.extend(notes);
     Ok(section)
 }
 
@@ -188,7 +246,7 @@ where
     (total, peak)
 }
 
-async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<Run> {
+async fn streamfarm_once(options: &Options, c: usize, retry: RetryMode) -> anyhow::Result<Run> {
     let addrs = [free_port(ip(1))?, free_port(ip(2))?, free_port(ip(3))?];
     let mut victim = NodeProc::start(&options.exe, &NodeSpec::new("v", addrs[0])).await?;
     let victim_url = victim.url();
@@ -201,21 +259,26 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<Run> {
         .context("service address")?;
     let killed_at: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let times = Arc::new(Mutex::new(Vec::new()));
+    // Dials before the kill, and from the kill until back, summed over the clients.
+    let dials = Arc::new(Mutex::new((Dials::default(), Dials::default())));
     let (connected_tx, mut connected_rx) = tokio::sync::mpsc::channel(c);
     let mut clients = JoinSet::new();
     for i in 0..c {
         let client_options = ClientOptions::new()
             .subscribe([TOPIC])
             .source_address(source(i))
+            .retry(retry)
             .seed(i as u64 + 1);
         let mut client = streamfarm_client::Client::start(service.clone(), client_options);
-        let (killed_at, times, connected, victim_url) = (
+        let (killed_at, times, dials, connected, victim_url) = (
             killed_at.clone(),
             times.clone(),
+            dials.clone(),
             connected_tx.clone(),
             victim_url.clone(),
         );
         clients.spawn(async move {
+            let mut before = Dials::default();
             while let Some(event) = client.next_event().await {
                 let server = match event {
                     Event::Connected { server } => server,
@@ -224,11 +287,16 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<Run> {
                 };
                 match killed_at.get() {
                     None => {
+                        before = client.dials();
                         let _ = connected.send(()).await;
                     }
                     Some(at) if server != victim_url => {
                         if let Ok(mut t) = times.lock() {
                             t.push(at.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        if let Ok(mut d) = dials.lock() {
+                            add_dials(&mut d.0, &before);
+                            add_dials(&mut d.1, &dials_since(&before, &client.dials()));
                         }
                         break;
                     }
@@ -311,9 +379,12 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<Run> {
     drop(hole);
     clients.abort_all();
     let times_ms = times.lock().map(|t| t.clone()).unwrap_or_default();
+    let dials = dials.lock().map(|d| *d).ok();
     Ok(Run {
         times_ms,
-        attempts: accepted + dead_attempts as f64,
+        dead_attempts: dead_attempts as f64,
+        survivor_attempts: accepted,
+        dials,
         peak_per_s: peak,
         clients: c,
     })
@@ -421,7 +492,9 @@ async fn nats_once(bin: &std::path::Path, c: usize) -> anyhow::Result<Run> {
     let times_ms = times.lock().map(|t| t.clone()).unwrap_or_default();
     Ok(Run {
         times_ms,
-        attempts: accepted + dead_attempts as f64,
+        dead_attempts: dead_attempts as f64,
+        survivor_attempts: accepted,
+        dials: None,
         peak_per_s: peak,
         clients: c,
     })

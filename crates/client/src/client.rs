@@ -9,6 +9,8 @@ use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -88,6 +90,56 @@ pub enum Event {
     },
 }
 
+/// The connections a client has opened, by purpose, since it started (see [`Client::dials`]).
+/// One dial is one attempt at a url or at one address of the service address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dials {
+    /// Dials to fetch a list (each server or address tried counts).
+    pub list: u64,
+    /// Those of them that failed.
+    pub list_failed: u64,
+    /// Dials to a chosen server (its list connection could not be kept).
+    pub stream: u64,
+    /// Those of them that failed (connect, greeting or subscribing).
+    pub stream_failed: u64,
+    /// Chosen servers subscribed on the connection their list came over: no dial.
+    pub reused: u64,
+}
+
+/// The counters behind [`Dials`], shared by the handle and the driver.
+#[derive(Debug, Default)]
+struct DialCounters {
+    list: AtomicU64,
+    list_failed: AtomicU64,
+    stream: AtomicU64,
+    stream_failed: AtomicU64,
+    reused: AtomicU64,
+}
+
+impl DialCounters {
+    fn count<T, E>(&self, list: bool, result: &Result<T, E>) {
+        let (dials, failed) = if list {
+            (&self.list, &self.list_failed)
+        } else {
+            (&self.stream, &self.stream_failed)
+        };
+        dials.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> Dials {
+        Dials {
+            list: self.list.load(Ordering::Relaxed),
+            list_failed: self.list_failed.load(Ordering::Relaxed),
+            stream: self.stream.load(Ordering::Relaxed),
+            stream_failed: self.stream_failed.load(Ordering::Relaxed),
+            reused: self.reused.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// What the handle asks of the driver task.
 #[derive(Debug)]
 enum Command {
@@ -105,6 +157,7 @@ pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
     events: mpsc::Receiver<Event>,
     server: watch::Receiver<Option<String>>,
+    dials: Arc<DialCounters>,
     task: JoinHandle<()>,
 }
 
@@ -116,7 +169,9 @@ impl Client {
         let (event_tx, events) = mpsc::channel(options.event_capacity);
         let (server_tx, server) = watch::channel(None);
         let seed = options.seed.unwrap_or_else(rand::random);
+        let dials = Arc::new(DialCounters::default());
         let driver = Driver {
+            dials: dials.clone(),
             machine: Machine::new(options.machine.clone(), seed),
             rng: StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x5eed),
             resolver: options.resolver.clone(),
@@ -132,6 +187,7 @@ impl Client {
             commands,
             events,
             server,
+            dials,
             task,
         }
     }
@@ -168,6 +224,11 @@ impl Client {
     /// The url of the server the client is connected and subscribed to, if it is.
     pub fn server(&self) -> Option<String> {
         self.server.borrow().clone()
+    }
+
+    /// The connections opened so far, by purpose: what a failover cost (the benchmarks read it).
+    pub fn dials(&self) -> Dials {
+        self.dials.snapshot()
     }
 
     /// A receiver that sees every change of [`Client::server`].
@@ -237,6 +298,7 @@ enum LiveEvent {
 
 struct Driver {
     machine: Machine,
+    dials: Arc<DialCounters>,
     rng: StdRng,
     resolver: Resolver,
     topics: BTreeSet<String>,
@@ -262,6 +324,7 @@ impl Driver {
                     Action::FetchList(source) => {
                         let seed = self.rng.random();
                         operation = Some(Box::pin(fetch_list(
+                            self.dials.clone(),
                             self.address.clone(),
                             self.resolver.clone(),
                             source,
@@ -280,6 +343,7 @@ impl Driver {
                             None
                         };
                         operation = Some(Box::pin(connect(
+                            self.dials.clone(),
                             server,
                             reused,
                             self.topics.iter().cloned().collect(),
@@ -591,6 +655,7 @@ async fn send_on(live: &mut Option<Live>, frame: ClientFrame) {
 
 /// Connects to `server` (or uses the list connection it already has) and subscribes `topics`.
 async fn connect(
+    dials: Arc<DialCounters>,
     server: String,
     reused: Option<Conn>,
     topics: Vec<String>,
@@ -598,9 +663,13 @@ async fn connect(
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> Done {
+    let was_reused = reused.is_some();
     let result = async {
         let mut conn = match reused {
-            Some(conn) => conn,
+            Some(conn) => {
+                dials.reused.fetch_add(1, Ordering::Relaxed);
+                conn
+            }
             None => connection::dial_url(&server, &resolver, source, timeout).await?,
         };
         let early = tokio::time::timeout(timeout, connection::subscribe(&mut conn, &topics))
@@ -617,10 +686,14 @@ async fn connect(
         })
     }
     .await;
+    if !was_reused {
+        dials.count(false, &result);
+    }
     Done::Connect { server, result }
 }
 
 async fn fetch_list(
+    dials: Arc<DialCounters>,
     address: ServiceAddress,
     resolver: Resolver,
     source: ListSource,
@@ -631,13 +704,16 @@ async fn fetch_list(
     Done::List(match source {
         ListSource::ServiceAddress { avoid } => {
             let mut rng = StdRng::seed_from_u64(seed);
-            discover(&address, &resolver, &avoid, source_ip, timeout, &mut rng).await
+            let count = |result: &Result<Conn, Error>| dials.count(true, result);
+            discover(&address, &resolver, &avoid, source_ip, timeout, &mut rng, count).await
         }
         ListSource::Servers(urls) => {
             let mut last = None;
             let mut found = None;
             for url in &urls {
-                match connection::dial_url(url, &resolver, source_ip, timeout).await {
+                let result = connection::dial_url(url, &resolver, source_ip, timeout).await;
+                dials.count(true, &result);
+                match result {
                     Ok(conn) => {
                         found = Some(conn);
                         break;
@@ -655,7 +731,7 @@ async fn fetch_list(
 }
 
 /// First contact: a greeted connection to one server of `address`, trying its addresses in a
-/// shuffled order, those of the servers in `avoid` last.
+/// shuffled order, those of the servers in `avoid` last. `counted` sees every attempt's result.
 pub(crate) async fn discover<R: Rng + ?Sized>(
     address: &ServiceAddress,
     resolver: &Resolver,
@@ -663,6 +739,7 @@ pub(crate) async fn discover<R: Rng + ?Sized>(
     source_ip: Option<IpAddr>,
     timeout: Duration,
     rng: &mut R,
+    mut counted: impl FnMut(&Result<Conn, Error>),
 ) -> Result<Conn, Error> {
     let mut endpoints = resolver.resolve(address, rng).await?;
     let avoided: Vec<Target> = avoid.iter().filter_map(|u| Target::parse(u).ok()).collect();
@@ -671,7 +748,9 @@ pub(crate) async fn discover<R: Rng + ?Sized>(
     let tried = endpoints.len();
     let mut last = None;
     for endpoint in &endpoints {
-        match connection::dial(endpoint, source_ip, timeout).await {
+        let result = connection::dial(endpoint, source_ip, timeout).await;
+        counted(&result);
+        match result {
             Ok(conn) => return Ok(conn),
             Err(err) => {
                 debug!(endpoint = %endpoint.addr, %err, "no list here");

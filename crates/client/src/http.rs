@@ -27,6 +27,7 @@ pub async fn fetch_list(
         options.source_address,
         options.connect_timeout,
         &mut rng,
+        |_| {},
     )
     .await?;
     let result = (conn.list, conn.hello.url);

@@ -46,7 +46,7 @@ pub mod options;
 
 pub use address::{Resolver, ServiceAddress};
 pub use backoff::Backoff;
-pub use client::{Client, Event};
+pub use client::{Client, Dials, Event};
 pub use error::{Error, ErrorKind};
 pub use http::{fetch_list, publish};
 pub use machine::{LossCause, RetryMode};

@@ -18,7 +18,15 @@
 //!    [`GOING_AWAY`](streamfarm_core::protocol::close::GOING_AWAY) (or refuses as full) is never
 //!    retried: see [`sends_elsewhere`].
 //! 3. **Re-request**: a server that failed its retry is excluded for the cool-down and a new round
-//!    starts. When the service address gives no list, the other servers of the last list are asked.
+//!    starts. A client that has a list asks a server of it first — the one the policy picks from
+//!    that list, without the excluded ones, then the others — and the service address only when
+//!    none of them answers (the address may still resolve to the dead server, and each attempt there
+//!    is wasted). The pick on the fresh list replays the random draw of the pick on the last list
+//!    (the same seed, so the same point of the cumulative distribution): its probabilities are
+//!    exactly the policy's on the fresh list, and when the two lists are alike it lands on the
+//!    server that sent the list, whose connection is then kept. A failover then costs the
+//!    survivors one connection in the common case. A client without a list (first contact) asks
+//!    the service address, then the other servers of the last list if it has one.
 //! 4. **Backoff**: the first round after a good connection starts at once; each further round
 //!    waits a full-jitter [`Backoff`] delay.
 //!
@@ -32,8 +40,9 @@
 
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use streamfarm_core::protocol::close;
 use streamfarm_core::selection::{self, Context, Policy};
 use streamfarm_core::{FarmList, Status};
@@ -263,6 +272,8 @@ pub enum State {
     FetchingList {
         /// From the service address (else from the servers of the last list).
         from_service_address: bool,
+        /// The other source is still to be asked when this one gives nothing.
+        fallback: bool,
     },
     /// Waiting for a connection to `server`.
     Connecting {
@@ -301,6 +312,9 @@ pub struct Machine {
     away: Option<(String, Instant)>,
     /// The driver holds a list connection that is not yet used or dropped.
     holding_list_connection: bool,
+    /// The seed of the draw that picked, from the last list, the server asked for a new one: the
+    /// pick on the new list replays it (see the module documentation).
+    draw: Option<u64>,
     next_timer: u64,
 }
 
@@ -316,6 +330,7 @@ impl Machine {
             round: 0,
             away: None,
             holding_list_connection: false,
+            draw: None,
             next_timer: 0,
         }
     }
@@ -365,23 +380,31 @@ impl Machine {
             }
             (
                 State::FetchingList {
-                    from_service_address: true,
+                    from_service_address,
+                    fallback: true,
                 },
                 Input::ListFailed { error },
             ) => {
-                let others = self.other_servers(now);
-                if others.is_empty() {
-                    self.next_round(Some(error), now, &mut actions);
+                // The draw was for the servers of the last list; the fallback's list is new.
+                self.draw = None;
+                if from_service_address {
+                    let others = self.other_servers(now);
+                    if others.is_empty() {
+                        self.next_round(Some(error), now, &mut actions);
+                    } else {
+                        self.state = State::FetchingList {
+                            from_service_address: false,
+                            fallback: false,
+                        };
+                        actions.push(Action::FetchList(ListSource::Servers(others)));
+                    }
                 } else {
-                    self.state = State::FetchingList {
-                        from_service_address: false,
-                    };
-                    actions.push(Action::FetchList(ListSource::Servers(others)));
+                    self.fetch_from_service_address(false, now, &mut actions);
                 }
             }
             (
                 State::FetchingList {
-                    from_service_address: false,
+                    fallback: false, ..
                 },
                 Input::ListFailed { error },
             ) => self.next_round(Some(error), now, &mut actions),
@@ -456,7 +479,7 @@ impl Machine {
                 }
             }
             (State::Waiting { timer }, Input::TimerFired { timer: fired }) if timer == fired => {
-                self.fetch_from_service_address(now, &mut actions);
+                self.request_list(now, &mut actions);
             }
             // Anything else is stale (a timer already superseded, a report about a connection
             // the machine has moved on from) or cannot happen: ignore it, stay put.
@@ -475,15 +498,17 @@ impl Machine {
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
-        let exclude = self.excluded(now);
-        // A client failing over knows its old server's users are all reconnecting now: the
-        // staleness-aware policy allows for that surge; the others ignore the context.
-        let context = match &self.away {
-            Some((lost, _)) => Context::reconnecting(&list, lost, age, self.config.backoff.base()),
-            None => Context::with_age(age),
+        // The pick on the last list that sent the client here drew from this seed: the same
+        // draw on the fresh list keeps the pick where the lists agree.
+        let (exclude, context) = (self.excluded(now), self.context(&list, age));
+        let policy = self.config.policy;
+        let choice = match self.draw.take() {
+            Some(seed) => {
+                let mut replay = StdRng::seed_from_u64(seed);
+                selection::choose_with(policy, &list, &exclude, &context, &mut replay)
+            }
+            None => selection::choose_with(policy, &list, &exclude, &context, &mut self.rng),
         };
-        let choice =
-            selection::choose_with(self.config.policy, &list, &exclude, &context, &mut self.rng);
         match choice {
             Ok(choice) => {
                 let server = list.servers[choice.index].url.clone();
@@ -509,13 +534,23 @@ impl Machine {
         self.last_list = Some(list);
     }
 
+    /// What the policy is told besides `list` (this old).
+    fn context(&self, list: &FarmList, age: Duration) -> Context {
+        // A client failing over knows its old server's users are all reconnecting now: the
+        // staleness-aware policy allows for that surge; the others ignore the context.
+        match &self.away {
+            Some((lost, _)) => Context::reconnecting(list, lost, age, self.config.backoff.base()),
+            None => Context::with_age(age),
+        }
+    }
+
     /// Starts the next round: at once after a good connection, else after the backoff.
     /// `failure` says why the previous round failed, if one did.
     fn next_round(&mut self, failure: Option<String>, now: Instant, actions: &mut Vec<Action>) {
         let round = self.round;
         self.round = self.round.saturating_add(1);
         if round == 0 {
-            self.fetch_from_service_address(now, actions);
+            self.request_list(now, actions);
             return;
         }
         let delay = self.config.backoff.delay(round - 1, &mut self.rng);
@@ -529,12 +564,54 @@ impl Machine {
         self.state = State::Waiting { timer };
     }
 
-    fn fetch_from_service_address(&mut self, now: Instant, actions: &mut Vec<Action>) {
+    /// Asks for a list: from the server the policy picks on the last list (then the other
+    /// servers of that list, in a random order), with the service address as the fallback; or,
+    /// without a list or a candidate on it, from the service address first.
+    fn request_list(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let seed: u64 = self.rng.random();
+        let exclude = self.excluded(now);
+        let pick = self.last_list.as_ref().and_then(|list| {
+            let context = self.context(list, Duration::ZERO);
+            let mut draw = StdRng::seed_from_u64(seed);
+            selection::choose_with(self.config.policy, list, &exclude, &context, &mut draw)
+                .ok()
+                .map(|choice| list.servers[choice.index].url.clone())
+        });
+        let Some(pick) = pick else {
+            self.draw = None;
+            self.fetch_from_service_address(true, now, actions);
+            return;
+        };
+        let mut others: Vec<String> = self
+            .other_servers(now)
+            .into_iter()
+            .filter(|url| *url != pick)
+            .collect();
+        // Clients whose pick does not answer spread over the rest rather than all asking the
+        // first of the list.
+        others.shuffle(&mut self.rng);
+        let mut urls = vec![pick];
+        urls.extend(others);
+        self.draw = Some(seed);
+        actions.push(Action::FetchList(ListSource::Servers(urls)));
+        self.state = State::FetchingList {
+            from_service_address: false,
+            fallback: true,
+        };
+    }
+
+    fn fetch_from_service_address(
+        &mut self,
+        fallback: bool,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
         actions.push(Action::FetchList(ListSource::ServiceAddress {
             avoid: self.excluded(now),
         }));
         self.state = State::FetchingList {
             from_service_address: true,
+            fallback,
         };
     }
 
@@ -609,6 +686,12 @@ mod tests {
         })
     }
 
+    fn servers(urls: &[&str]) -> Action {
+        Action::FetchList(ListSource::Servers(
+            urls.iter().map(|s| s.to_string()).collect(),
+        ))
+    }
+
     fn fetched(list: FarmList, via: &str) -> Input {
         Input::ListFetched {
             list,
@@ -678,7 +761,8 @@ mod tests {
         assert_eq!(
             m.state(),
             &State::FetchingList {
-                from_service_address: true
+                from_service_address: true,
+                fallback: true
             }
         );
     }
@@ -782,12 +866,157 @@ mod tests {
         assert_eq!(
             m.state(),
             &State::FetchingList {
-                from_service_address: false
+                from_service_address: false,
+                fallback: false
             }
         );
         // The list B gives is used like any other.
         let actions = m.handle(fetched(list(&[(C, Status::Up, 0, "A")]), B), t0);
         assert_eq!(actions, vec![connect(C, false)]);
+    }
+
+    /// A machine connected to A whose last list is A, B and C, all UP with these users.
+    fn connected_in_three(retry: RetryMode, seed: u64, users: [u64; 3], t0: Instant) -> Machine {
+        let mut m = Machine::new(
+            MachineConfig {
+                retry,
+                ..MachineConfig::default()
+            },
+            seed,
+        );
+        m.handle(Input::Start, t0);
+        m.handle(fetched(only(A), A), t0);
+        m.handle(connected(A), t0);
+        m.handle(Input::ListUpdated(three_up(users)), t0);
+        m
+    }
+
+    fn three_up(users: [u64; 3]) -> FarmList {
+        list(&[
+            (A, Status::Up, users[0], "A"),
+            (B, Status::Up, users[1], "A"),
+            (C, Status::Up, users[2], "A"),
+        ])
+    }
+
+    /// The urls of the `Servers` fetch in `actions`.
+    fn asked(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::FetchList(ListSource::Servers(urls)) => Some(urls.clone()),
+                _ => None,
+            })
+            .expect("a FetchList from servers")
+    }
+
+    #[test]
+    fn failover_asks_the_pick_of_the_last_list_then_the_others_then_the_service_address() {
+        let t0 = Instant::now();
+        let mut m = connected_in_three(RetryMode::Immediate, 1, [100, 0, 0], t0);
+        let actions = m.handle(lost(A, closed(1006)), t0);
+        // A is excluded; B and C are both asked, the pick first; the service address is not.
+        let mut urls = asked(&actions);
+        assert_eq!(urls.len(), 2, "{urls:?}");
+        urls.sort();
+        assert_eq!(urls, vec![B.to_string(), C.to_string()]);
+        assert_eq!(
+            m.state(),
+            &State::FetchingList {
+                from_service_address: false,
+                fallback: true
+            }
+        );
+        // Neither answers: the service address is the fallback, A's addresses last.
+        let actions = m.handle(Input::ListFailed { error: "x".into() }, t0);
+        assert_eq!(actions, vec![fetch(&[A])]);
+        assert_eq!(
+            m.state(),
+            &State::FetchingList {
+                from_service_address: true,
+                fallback: false
+            }
+        );
+        // Nothing there either: the round is over.
+        let actions = m.handle(Input::ListFailed { error: "y".into() }, t0);
+        let (_, timer) = sleep_of(&actions);
+        assert_eq!(m.state(), &State::Waiting { timer });
+    }
+
+    #[test]
+    fn retry_once_then_asks_the_pick_of_the_last_list() {
+        let t0 = Instant::now();
+        let mut m = connected_in_three(RetryMode::RetryOnce, 2, [100, 0, 0], t0);
+        let actions = m.handle(lost(A, LossCause::Broken("reset".into())), t0);
+        assert_eq!(actions[1], connect(A, false));
+        let actions = m.handle(failed(A), t0);
+        let urls = asked(&actions);
+        assert!(!urls.contains(&A.to_string()), "{urls:?}");
+        assert_eq!(m.excluded(t0), vec![A.to_string()]);
+    }
+
+    #[test]
+    fn the_pick_on_an_unchanged_list_keeps_the_connection_it_came_over() {
+        let t0 = Instant::now();
+        for seed in 0..64 {
+            let mut m = connected_in_three(RetryMode::Immediate, seed, [100, 30, 10], t0);
+            let actions = m.handle(lost(A, closed(1006)), t0);
+            let pick = asked(&actions)[0].clone();
+            // The list the pick sends counts this client's list connection among its users.
+            let mut fresh = three_up([100, 30, 10]);
+            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().users += 1;
+            let actions = m.handle(fetched(fresh, &pick), t0);
+            assert_eq!(actions, vec![connect(&pick, true)], "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn the_pick_follows_the_fresh_list_when_it_differs() {
+        let t0 = Instant::now();
+        for seed in 0..16 {
+            let mut m = connected_in_three(RetryMode::Immediate, seed, [100, 0, 0], t0);
+            let actions = m.handle(lost(A, closed(1006)), t0);
+            let pick = asked(&actions)[0].clone();
+            let other = if pick == B { C } else { B };
+            // The server asked says it is draining: the other one is picked, the list
+            // connection is dropped once the other is connected.
+            let mut fresh = three_up([0, 0, 0]);
+            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().status = Status::Draining;
+            let actions = m.handle(fetched(fresh, &pick), t0);
+            assert_eq!(actions, vec![connect(other, false)], "seed {seed}");
+            let actions = m.handle(connected(other), t0);
+            assert_eq!(actions[0], Action::DropListConnection);
+        }
+    }
+
+    #[test]
+    fn the_replayed_draw_picks_with_the_policy_probabilities_of_the_fresh_list() {
+        // Last list: B and C equal (one half each). Fresh list: B 300 users, C 100, so the
+        // patent policy gives B (1 - 300/400) / 1 = 0.25 and C 0.75, whichever server sent it.
+        let t0 = Instant::now();
+        let runs = 4000;
+        let (mut to_b, mut kept) = (0, 0);
+        for seed in 0..runs {
+            let mut m = connected_in_three(RetryMode::Immediate, seed, [100, 0, 0], t0);
+            let actions = m.handle(lost(A, closed(1006)), t0);
+            let pick = asked(&actions)[0].clone();
+            let mut fresh = three_up([0, 300, 100]);
+            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().users += 1;
+            let actions = m.handle(fetched(fresh, &pick), t0);
+            match &actions[..] {
+                [Action::Connect { server, reuse_list_connection }] => {
+                    to_b += usize::from(server == B);
+                    kept += usize::from(*reuse_list_connection);
+                    assert_eq!(*reuse_list_connection, *server == pick);
+                }
+                other => panic!("seed {seed}: {other:?}"),
+            }
+        }
+        let share_b = to_b as f64 / runs as f64;
+        assert!((share_b - 0.25).abs() < 0.03, "B got {share_b}");
+        // The draws that fall where both lists agree keep their connection: 1 - |0.5 - 0.25|.
+        let share_kept = kept as f64 / runs as f64;
+        assert!((share_kept - 0.75).abs() < 0.03, "kept {share_kept}");
     }
 
     #[test]
@@ -977,9 +1206,10 @@ mod tests {
         let actions = m.handle(fetched(only(A), A), t0);
         assert!(actions.contains(&Action::DropListConnection));
         let (_, timer) = sleep_of(&actions);
+        // The last list names A, no longer excluded: A itself is asked for a list.
         assert_eq!(
             m.handle(Input::TimerFired { timer }, later),
-            vec![fetch(&[])]
+            vec![servers(&[A])]
         );
         assert_eq!(m.handle(fetched(only(A), A), later), vec![connect(A, true)]);
     }
@@ -1009,7 +1239,8 @@ mod tests {
         assert_eq!(
             m.state(),
             &State::FetchingList {
-                from_service_address: true
+                from_service_address: true,
+                fallback: true
             }
         );
     }

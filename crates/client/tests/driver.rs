@@ -219,6 +219,11 @@ async fn connects_through_a_seed_list_and_receives_messages() {
     let server = connected(&mut client).await;
     assert!(server == a.url || server == b.url);
     assert_eq!(client.server(), Some(server.clone()));
+    // First contact: one list connection, kept when it is the pick, else one more dial.
+    let dials = client.dials();
+    assert_eq!(dials.list, 1, "{dials:?}");
+    assert_eq!(dials.reused + dials.stream, 1, "{dials:?}");
+    assert_eq!(a.accepted() + b.accepted(), 1 + dials.stream as usize);
     let (on, _) = node_of(&server, &a, &b);
     message_arrives(&mut client, on, "hello").await;
     client.close().await;
@@ -233,6 +238,7 @@ async fn killed_server_fails_over_resubscribes_and_reports_the_gap() {
         .start(seeds(&a, &b));
     let server = connected(&mut client).await;
     let (on, other) = node_of(&server, &a, &b);
+    let (dials_before, other_before) = (client.dials(), other.accepted());
     on.kill();
     let cause = expect(&mut client, "disconnection", |e| match e {
         Event::Disconnected { cause, .. } => Some(cause.clone()),
@@ -245,6 +251,15 @@ async fn killed_server_fails_over_resubscribes_and_reports_the_gap() {
         (from.as_str(), to.as_str()),
         (on.url.as_str(), other.url.as_str())
     );
+    // What it cost: the retry of the dead server (refused), then one connection to the
+    // survivor, asked for the list as the pick of the last list and kept.
+    let dials = client.dials();
+    assert_eq!(other.accepted() - other_before, 1, "{dials:?}");
+    assert_eq!(dials.stream - dials_before.stream, 1, "{dials:?}");
+    assert_eq!(dials.stream_failed - dials_before.stream_failed, 1, "{dials:?}");
+    assert_eq!(dials.list - dials_before.list, 1, "{dials:?}");
+    assert_eq!(dials.list_failed, dials_before.list_failed, "{dials:?}");
+    assert_eq!(dials.reused - dials_before.reused, 1, "{dials:?}");
     let topics = expect(&mut client, "gap report", |e| match e {
         Event::MaybeMissed { topics, .. } => Some(topics.clone()),
         _ => None,
