@@ -18,15 +18,15 @@
 //!    [`GOING_AWAY`](streamfarm_core::protocol::close::GOING_AWAY) (or refuses as full) is never
 //!    retried: see [`sends_elsewhere`].
 //! 3. **Re-request**: a server that failed its retry is excluded for the cool-down and a new round
-//!    starts. A client that has a list asks a server of it first — the one the policy picks from
-//!    that list, without the excluded ones, then the others — and the service address only when
-//!    none of them answers (the address may still resolve to the dead server, and each attempt there
-//!    is wasted). The pick on the fresh list replays the random draw of the pick on the last list
-//!    (the same seed, so the same point of the cumulative distribution): its probabilities are
-//!    exactly the policy's on the fresh list, and when the two lists are alike it lands on the
-//!    server that sent the list, whose connection is then kept. A failover then costs the
-//!    survivors one connection in the common case. A client without a list (first contact) asks
-//!    the service address, then the other servers of the last list if it has one.
+//!    starts. A client that has a list (the one its server kept pushing until the loss) selects
+//!    on it with the policy, without the excluded servers, and asks its pick for the fresh list —
+//!    then the other servers of that list, and the service address only when none of them answers
+//!    (the address may still resolve to the dead server, and each attempt there is wasted). When
+//!    the fresh list comes from the pick and still shows it as a candidate (live, in the most
+//!    preferred group that has any, not excluded), the pick stands and the connection the list
+//!    came over is kept: a failover costs the survivors one connection. Otherwise the client
+//!    selects again on the fresh list. A client without a list, or without a candidate on it,
+//!    asks the service address first, then the other servers of its last list.
 //! 4. **Backoff**: the first round after a good connection starts at once; each further round
 //!    waits a full-jitter [`Backoff`] delay.
 //!
@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use streamfarm_core::protocol::close;
 use streamfarm_core::selection::{self, Context, Policy};
 use streamfarm_core::{FarmList, Status};
@@ -312,9 +312,9 @@ pub struct Machine {
     away: Option<(String, Instant)>,
     /// The driver holds a list connection that is not yet used or dropped.
     holding_list_connection: bool,
-    /// The seed of the draw that picked, from the last list, the server asked for a new one: the
-    /// pick on the new list replays it (see the module documentation).
-    draw: Option<u64>,
+    /// The server picked on the last list and asked for a new one: it stays the pick if the new
+    /// list still shows it as a candidate (see the module documentation).
+    asked: Option<String>,
     next_timer: u64,
 }
 
@@ -330,7 +330,7 @@ impl Machine {
             round: 0,
             away: None,
             holding_list_connection: false,
-            draw: None,
+            asked: None,
             next_timer: 0,
         }
     }
@@ -385,8 +385,8 @@ impl Machine {
                 },
                 Input::ListFailed { error },
             ) => {
-                // The draw was for the servers of the last list; the fallback's list is new.
-                self.draw = None;
+                // The pick did not answer: whatever list comes next is selected on afresh.
+                self.asked = None;
                 if from_service_address {
                     let others = self.other_servers(now);
                     if others.is_empty() {
@@ -498,20 +498,30 @@ impl Machine {
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
-        // The pick on the last list that sent the client here drew from this seed: the same
-        // draw on the fresh list keeps the pick where the lists agree.
-        let (exclude, context) = (self.excluded(now), self.context(&list, age));
-        let policy = self.config.policy;
-        let choice = match self.draw.take() {
-            Some(seed) => {
-                let mut replay = StdRng::seed_from_u64(seed);
-                selection::choose_with(policy, &list, &exclude, &context, &mut replay)
+        let exclude = self.excluded(now);
+        // The pick made on the last list stands if its own fresh list still has it as a
+        // candidate: selecting again would move the client off a good connection only because
+        // the list server counts its own new users at once and the others' a gossip round late.
+        let asked = self.asked.take().filter(|pick| *pick == via);
+        let stands = asked.and_then(|pick| {
+            let candidates = selection::candidates(&list, &exclude).ok()?;
+            candidates
+                .indices
+                .into_iter()
+                .find(|&i| list.servers[i].url == pick)
+        });
+        let choice = match stands {
+            Some(index) => Ok(index),
+            None => {
+                let context = self.context(&list, age);
+                let policy = self.config.policy;
+                selection::choose_with(policy, &list, &exclude, &context, &mut self.rng)
+                    .map(|choice| choice.index)
             }
-            None => selection::choose_with(policy, &list, &exclude, &context, &mut self.rng),
         };
         match choice {
-            Ok(choice) => {
-                let server = list.servers[choice.index].url.clone();
+            Ok(index) => {
+                let server = list.servers[index].url.clone();
                 let reuse = server == via;
                 if reuse {
                     // The connection now belongs to the Connect; the driver no longer holds it.
@@ -568,17 +578,19 @@ impl Machine {
     /// servers of that list, in a random order), with the service address as the fallback; or,
     /// without a list or a candidate on it, from the service address first.
     fn request_list(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let seed: u64 = self.rng.random();
         let exclude = self.excluded(now);
-        let pick = self.last_list.as_ref().and_then(|list| {
-            let context = self.context(list, Duration::ZERO);
-            let mut draw = StdRng::seed_from_u64(seed);
-            selection::choose_with(self.config.policy, list, &exclude, &context, &mut draw)
-                .ok()
-                .map(|choice| list.servers[choice.index].url.clone())
-        });
+        let pick = match &self.last_list {
+            Some(list) => {
+                let context = self.context(list, Duration::ZERO);
+                let policy = self.config.policy;
+                selection::choose_with(policy, list, &exclude, &context, &mut self.rng)
+                    .ok()
+                    .map(|choice| list.servers[choice.index].url.clone())
+            }
+            None => None,
+        };
         let Some(pick) = pick else {
-            self.draw = None;
+            self.asked = None;
             self.fetch_from_service_address(true, now, actions);
             return;
         };
@@ -590,9 +602,9 @@ impl Machine {
         // Clients whose pick does not answer spread over the rest rather than all asking the
         // first of the list.
         others.shuffle(&mut self.rng);
-        let mut urls = vec![pick];
+        let mut urls = vec![pick.clone()];
         urls.extend(others);
-        self.draw = Some(seed);
+        self.asked = Some(pick);
         actions.push(Action::FetchList(ListSource::Servers(urls)));
         self.state = State::FetchingList {
             from_service_address: false,
@@ -956,22 +968,61 @@ mod tests {
     }
 
     #[test]
-    fn the_pick_on_an_unchanged_list_keeps_the_connection_it_came_over() {
+    fn the_pick_stands_while_its_fresh_list_still_has_it_as_a_candidate() {
         let t0 = Instant::now();
-        for seed in 0..64 {
+        for seed in 0..32 {
             let mut m = connected_in_three(RetryMode::Immediate, seed, [100, 30, 10], t0);
             let actions = m.handle(lost(A, closed(1006)), t0);
             let pick = asked(&actions)[0].clone();
-            // The list the pick sends counts this client's list connection among its users.
-            let mut fresh = three_up([100, 30, 10]);
-            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().users += 1;
+            // The pick's own list shows it far busier than the other (it counts its own new
+            // users at once): it stays the pick, on the connection the list came over.
+            let mut fresh = three_up([0, 0, 0]);
+            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().users = 900;
             let actions = m.handle(fetched(fresh, &pick), t0);
             assert_eq!(actions, vec![connect(&pick, true)], "seed {seed}");
+            let actions = m.handle(connected(&pick), t0);
+            assert!(!actions.contains(&Action::DropListConnection));
         }
     }
 
     #[test]
-    fn the_pick_follows_the_fresh_list_when_it_differs() {
+    fn the_pick_on_the_last_list_follows_the_policy() {
+        // B 300 users, C 100, A lost: the patent policy gives B (1 - 300/400) / 1 = 0.25.
+        let t0 = Instant::now();
+        let runs = 4000;
+        let mut to_b = 0;
+        for seed in 0..runs {
+            let mut m = connected_in_three(RetryMode::Immediate, seed, [100, 300, 100], t0);
+            let actions = m.handle(lost(A, closed(1006)), t0);
+            to_b += usize::from(asked(&actions)[0] == B);
+        }
+        let share_b = to_b as f64 / runs as f64;
+        assert!((share_b - 0.25).abs() < 0.03, "B got {share_b}");
+    }
+
+    #[test]
+    fn a_list_from_another_server_than_the_pick_is_selected_on_afresh() {
+        let t0 = Instant::now();
+        let mut chosen = std::collections::BTreeSet::new();
+        for seed in 0..32 {
+            let mut m = connected_in_three(RetryMode::Immediate, seed, [100, 0, 0], t0);
+            let actions = m.handle(lost(A, closed(1006)), t0);
+            let urls = asked(&actions);
+            // The pick did not answer; the next server did, and its list still shows the pick.
+            let actions = m.handle(fetched(three_up([0, 0, 0]), &urls[1]), t0);
+            let [Action::Connect { server, reuse_list_connection }] = &actions[..] else {
+                panic!("seed {seed}: {actions:?}");
+            };
+            assert_ne!(server, A);
+            assert_eq!(*reuse_list_connection, *server == urls[1], "seed {seed}");
+            chosen.insert(server.clone());
+        }
+        // A fresh selection draws again: over the seeds both servers are chosen.
+        assert_eq!(chosen.len(), 2);
+    }
+
+    #[test]
+    fn the_pick_follows_the_fresh_list_when_it_is_no_longer_a_candidate() {
         let t0 = Instant::now();
         for seed in 0..16 {
             let mut m = connected_in_three(RetryMode::Immediate, seed, [100, 0, 0], t0);
@@ -990,33 +1041,26 @@ mod tests {
     }
 
     #[test]
-    fn the_replayed_draw_picks_with_the_policy_probabilities_of_the_fresh_list() {
-        // Last list: B and C equal (one half each). Fresh list: B 300 users, C 100, so the
-        // patent policy gives B (1 - 300/400) / 1 = 0.25 and C 0.75, whichever server sent it.
+    fn the_pick_is_forgotten_when_it_gives_no_list() {
         let t0 = Instant::now();
-        let runs = 4000;
-        let (mut to_b, mut kept) = (0, 0);
-        for seed in 0..runs {
+        let mut moved = 0;
+        for seed in 0..32 {
             let mut m = connected_in_three(RetryMode::Immediate, seed, [100, 0, 0], t0);
             let actions = m.handle(lost(A, closed(1006)), t0);
             let pick = asked(&actions)[0].clone();
-            let mut fresh = three_up([0, 300, 100]);
-            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().users += 1;
+            // Neither the pick nor the other answered; the service address then reached the
+            // pick after all. Its list is selected on afresh, where the pick weighs 0.25.
+            m.handle(Input::ListFailed { error: "x".into() }, t0);
+            let mut fresh = three_up([0, 100, 100]);
+            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().users = 301;
             let actions = m.handle(fetched(fresh, &pick), t0);
-            match &actions[..] {
-                [Action::Connect { server, reuse_list_connection }] => {
-                    to_b += usize::from(server == B);
-                    kept += usize::from(*reuse_list_connection);
-                    assert_eq!(*reuse_list_connection, *server == pick);
-                }
-                other => panic!("seed {seed}: {other:?}"),
-            }
+            let [Action::Connect { server, reuse_list_connection }] = &actions[..] else {
+                panic!("seed {seed}: {actions:?}");
+            };
+            assert_eq!(*reuse_list_connection, *server == pick, "seed {seed}");
+            moved += usize::from(*server != pick);
         }
-        let share_b = to_b as f64 / runs as f64;
-        assert!((share_b - 0.25).abs() < 0.03, "B got {share_b}");
-        // The draws that fall where both lists agree keep their connection: 1 - |0.5 - 0.25|.
-        let share_kept = kept as f64 / runs as f64;
-        assert!((share_kept - 0.75).abs() < 0.03, "kept {share_kept}");
+        assert!(moved > 0 && moved < 32, "{moved} of 32 moved");
     }
 
     #[test]
