@@ -20,6 +20,9 @@
 //! connection was kept (`client_*` figures, from the kill until each client is back; and
 //! `first_contact_dials_per_client` before it).
 //!
+//! The streamfarm clients are given [`LEARN_THE_FARM`] after the survivors join to refresh their
+//! lists (as they do on their heartbeats) before the kill.
+//!
 //! streamfarm runs twice: in the default retry-once mode (setting `C=N`) and in `immediate` mode
 //! (`C=N immediate`), which re-requests the list at once instead of retrying the dead server.
 
@@ -42,6 +45,10 @@ use crate::{NATS, Options, STREAMFARM, ratio};
 
 /// Longest wait for every client to be back.
 const RECOVERY: Duration = Duration::from_secs(30);
+/// After the farm is whole, how long the streamfarm clients are given to learn it: their list
+/// refresh (5 s by default, on a heartbeat of 1 s) plus a margin. Clients in a real farm have
+/// held their connections far longer than that when a node dies.
+const LEARN_THE_FARM: Duration = Duration::from_millis(6500);
 /// Survivors' counters are sampled this often.
 const SAMPLE: Duration = Duration::from_millis(100);
 const TOPIC: &str = "fo";
@@ -334,6 +341,7 @@ async fn streamfarm_once(options: &Options, c: usize, retry: RetryMode) -> anyho
     .await?;
     let users = victim.metric("streamfarm_connections").await?;
     anyhow::ensure!(users as usize == c, "victim holds {users} of {c} clients");
+    tokio::time::sleep(LEARN_THE_FARM).await;
 
     let done = Arc::new(tokio::sync::Notify::new());
     let survivor_addrs: Vec<SocketAddr> = survivors.iter().map(|s| s.listen).collect();

@@ -287,6 +287,10 @@ struct Live {
     last_sent: Instant,
     interval: Duration,
     timeout: Duration,
+    /// The list is asked for again, in place of a ping, when older than this.
+    list_refresh: Option<Duration>,
+    /// When the last list arrived on this connection.
+    list_at: Instant,
 }
 
 /// What happened on the established connection.
@@ -424,6 +428,8 @@ impl Driver {
                             live = Some(Live {
                                 interval: conn.hello.heartbeat_interval,
                                 timeout,
+                                list_refresh: self.options.list_refresh,
+                                list_at: now,
                                 conn,
                                 server: server.clone(),
                                 last_received: now,
@@ -494,7 +500,12 @@ impl Driver {
             Incoming::Frame(ServerFrame::Ping { id }) => {
                 send_on(live, ClientFrame::Pong { id }).await;
             }
-            Incoming::Frame(ServerFrame::Farm(list)) => self.list_updated(list),
+            Incoming::Frame(ServerFrame::Farm(list)) => {
+                if let Some(live) = live.as_mut() {
+                    live.list_at = Instant::now();
+                }
+                self.list_updated(list);
+            }
             Incoming::Frame(frame) => {
                 if !self.deliver(frame, &server).await {
                     // The application is gone: the closed command channel reads as a stop.
@@ -633,8 +644,16 @@ async fn watch_live(live: &mut Option<Live>) -> LiveEvent {
             }
             _ = tokio::time::sleep_until(deadline) => return LiveEvent::TimedOut,
             _ = tokio::time::sleep_until(ping_at) => {
-                live.last_sent = Instant::now();
-                if let Err(err) = connection::send(&mut live.conn.ws, &ClientFrame::Ping { id: None }).await {
+                let now = Instant::now();
+                live.last_sent = now;
+                // A list request is answered like a ping, with the list instead of a pong.
+                let list_due = live.list_refresh.is_some_and(|every| now >= live.list_at + every);
+                let frame = if list_due {
+                    ClientFrame::List { watch: false }
+                } else {
+                    ClientFrame::Ping { id: None }
+                };
+                if let Err(err) = connection::send(&mut live.conn.ws, &frame).await {
                     return LiveEvent::SendFailed(err.to_string());
                 }
             }

@@ -26,6 +26,7 @@ pub struct ClientOptions {
     pub(crate) machine: MachineConfig,
     pub(crate) connect_timeout: Duration,
     pub(crate) heartbeat_timeout: Option<Duration>,
+    pub(crate) list_refresh: Option<Duration>,
     /// Shared by every clone of these options, so a thousand clients share one DNS client.
     pub(crate) resolver: Resolver,
     pub(crate) source_address: Option<IpAddr>,
@@ -40,6 +41,7 @@ impl Default for ClientOptions {
             machine: MachineConfig::default(),
             connect_timeout: Duration::from_secs(1),
             heartbeat_timeout: None,
+            list_refresh: Some(Duration::from_secs(5)),
             resolver: Resolver::system(),
             source_address: None,
             seed: None,
@@ -158,6 +160,21 @@ impl ClientOptions {
     /// ```
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
         self.heartbeat_timeout = Some(timeout);
+        self
+    }
+
+    /// How old the farm list may grow while connected (default 5 s; `None`: never refreshed).
+    /// When the list is older, the client's next heartbeat asks for the list instead of a pong:
+    /// no extra frame, and on failover the client knows the survivors and asks one of them
+    /// directly (see [`crate::machine`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().list_refresh(Some(Duration::from_secs(30)));
+    /// ```
+    pub fn list_refresh(mut self, every: Option<Duration>) -> Self {
+        self.list_refresh = every;
         self
     }
 

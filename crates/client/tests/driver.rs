@@ -34,6 +34,8 @@ struct FakeNode {
     addr: SocketAddr,
     control: broadcast::Sender<Control>,
     accepted: Arc<AtomicUsize>,
+    /// `list` requests answered.
+    lists: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -44,8 +46,10 @@ impl FakeNode {
         let url = format!("ws://{addr}/stream");
         let (control, _) = broadcast::channel(64);
         let accepted = Arc::new(AtomicUsize::new(0));
+        let lists = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn({
-            let (url, control, accepted) = (url.clone(), control.clone(), accepted.clone());
+            let (url, control, accepted, lists) =
+                (url.clone(), control.clone(), accepted.clone(), lists.clone());
             async move {
                 let mut connections = tokio::task::JoinSet::new();
                 loop {
@@ -54,7 +58,8 @@ impl FakeNode {
                     };
                     accepted.fetch_add(1, Ordering::SeqCst);
                     let rx = control.subscribe();
-                    connections.spawn(serve(stream, url.clone(), farm.clone(), rx));
+                    let served = (farm.clone(), lists.clone());
+                    connections.spawn(serve(stream, url.clone(), served, rx));
                 }
             }
         });
@@ -63,6 +68,7 @@ impl FakeNode {
             addr,
             control,
             accepted,
+            lists,
             task,
         }
     }
@@ -84,7 +90,7 @@ impl FakeNode {
 async fn serve(
     stream: tokio::net::TcpStream,
     url: String,
-    farm: Arc<Mutex<FarmList>>,
+    (farm, lists): (Arc<Mutex<FarmList>>, Arc<AtomicUsize>),
     mut control: broadcast::Receiver<Control>,
 ) {
     let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
@@ -116,6 +122,11 @@ async fn serve(
                     }
                     Ok(ClientFrame::Ping { id }) => {
                         let _ = ws.send(send(ServerFrame::Pong { id })).await;
+                    }
+                    Ok(ClientFrame::List { .. }) => {
+                        let list = farm.lock().unwrap().clone();
+                        lists.fetch_add(1, Ordering::SeqCst);
+                        let _ = ws.send(send(ServerFrame::Farm(list))).await;
                     }
                     _ => {}
                 }
@@ -267,6 +278,48 @@ async fn killed_server_fails_over_resubscribes_and_reports_the_gap() {
     .await;
     assert_eq!(topics, vec!["t".to_string()]);
     message_arrives(&mut client, other, "after").await;
+    client.close().await;
+}
+
+#[tokio::test]
+async fn the_list_refreshed_on_heartbeats_lets_a_failover_ask_a_survivor_directly() {
+    // A is alone when the client connects (through A's address only); B joins later.
+    let farm = Arc::new(Mutex::new(FarmList::default()));
+    let a = FakeNode::start("127.0.0.1", farm.clone()).await;
+    let b = FakeNode::start("127.0.0.2", farm.clone()).await;
+    let entry = |name: &str, node: &FakeNode| ServerEntry::new(name, &node.url, Status::Up, 0, "A");
+    *farm.lock().unwrap() = FarmList::new(vec![entry("a", &a)]);
+    let mut client = ClientOptions::new()
+        .subscribe(["t"])
+        .list_refresh(Some(Duration::from_millis(200)))
+        .seed(9)
+        .start(a.addr.to_string().parse().unwrap());
+    assert_eq!(connected(&mut client).await, a.url);
+    *farm.lock().unwrap() = FarmList::new(vec![entry("a", &a), entry("b", &b)]);
+    // Wait until A has answered a list request made after the change.
+    let asked_before = a.lists.load(Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.lists.load(Ordering::SeqCst) < asked_before + 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no list request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The answer is in flight or read; one more heartbeat round makes sure it was read.
+    while a.lists.load(Ordering::SeqCst) < asked_before + 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no second list request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = client.dials();
+    a.kill();
+    let (from, to, _) = failed_over(&mut client).await;
+    assert_eq!((from.as_str(), to.as_str()), (a.url.as_str(), b.url.as_str()));
+    // B came from the refreshed list: asked directly, its connection kept, the service
+    // address (A's, dead) never asked for a list.
+    let dials = client.dials();
+    assert_eq!(dials.list - before.list, 1, "{dials:?}");
+    assert_eq!(dials.list_failed, before.list_failed, "{dials:?}");
+    assert_eq!(dials.reused - before.reused, 1, "{dials:?}");
+    assert_eq!(b.accepted(), 1);
+    message_arrives(&mut client, &b, "via the refreshed list").await;
     client.close().await;
 }
 
