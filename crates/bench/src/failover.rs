@@ -127,10 +127,16 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
             let total = run.dead_attempts + run.survivor_attempts;
             row.add("attempts_per_client", per_client(total));
             row.add("dead_attempts_per_client", per_client(run.dead_attempts));
-            row.add("survivor_attempts_per_client", per_client(run.survivor_attempts));
+            row.add(
+                "survivor_attempts_per_client",
+                per_client(run.survivor_attempts),
+            );
             if let Some((first, failover)) = &run.dials {
                 let n = |v: u64| per_client(v as f64);
-                row.add("first_contact_dials_per_client", n(first.list + first.stream));
+                row.add(
+                    "first_contact_dials_per_client",
+                    n(first.list + first.stream),
+                );
                 row.add("client_list_dials_per_client", n(failover.list));
                 row.add("client_list_failed_per_client", n(failover.list_failed));
                 row.add("client_stream_dials_per_client", n(failover.stream));
@@ -180,8 +186,19 @@ struct BlackHole {
 
 impl BlackHole {
     fn start(addr: SocketAddr) -> anyhow::Result<BlackHole> {
-        let listener = std::net::TcpListener::bind(addr)
+        // A backlog as deep as the kernel allows (`somaxconn`): thousands of clients retry at
+        // once, and with std's 128 the kernel would drop their SYNs and each would wait out the
+        // 1 s SYN retransmission, where a dead server's address refuses at once.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(addr)
             .with_context(|| format!("cannot take over {addr}"))?;
+        let listener = socket.listen(4096)?.into_std()?;
         listener.set_nonblocking(true)?;
         let count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -368,7 +385,12 @@ async fn streamfarm_once(options: &Options, c: usize, retry: RetryMode) -> anyho
     tokio::time::sleep(SAMPLE * 2).await;
     let _ = killed_at.set(Instant::now());
     victim.guard.kill();
-    let hole = BlackHole::start(addrs[0])?;
+    // `STREAMFARM_BENCH_NO_BLACK_HOLE=1`: leave the dead address refusing (RST at once), as a
+    // killed process on a live host does; attempts on it are then not counted.
+    let hole = match std::env::var_os("STREAMFARM_BENCH_NO_BLACK_HOLE") {
+        Some(_) => None,
+        None => Some(BlackHole::start(addrs[0])?),
+    };
     let _ = poll(
         "every client back",
         RECOVERY,
@@ -383,7 +405,7 @@ async fn streamfarm_once(options: &Options, c: usize, retry: RetryMode) -> anyho
     tokio::time::sleep(SAMPLE * 3).await;
     done.notify_one();
     let (accepted, peak) = watcher.await?;
-    let dead_attempts = hole.attempts();
+    let dead_attempts = hole.as_ref().map_or(0, BlackHole::attempts);
     drop(hole);
     clients.abort_all();
     let times_ms = times.lock().map(|t| t.clone()).unwrap_or_default();

@@ -724,7 +724,10 @@ async fn fetch_list(
         ListSource::ServiceAddress { avoid } => {
             let mut rng = StdRng::seed_from_u64(seed);
             let count = |result: &Result<Conn, Error>| dials.count(true, result);
-            discover(&address, &resolver, &avoid, source_ip, timeout, &mut rng, count).await
+            discover(
+                &address, &resolver, &avoid, source_ip, timeout, &mut rng, count,
+            )
+            .await
         }
         ListSource::Servers(urls) => {
             let mut last = None;

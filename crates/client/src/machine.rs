@@ -40,9 +40,9 @@
 
 use std::time::{Duration, Instant};
 
+use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use streamfarm_core::protocol::close;
 use streamfarm_core::selection::{self, Context, Policy};
 use streamfarm_core::{FarmList, Status};
@@ -977,7 +977,12 @@ mod tests {
             // The pick's own list shows it far busier than the other (it counts its own new
             // users at once): it stays the pick, on the connection the list came over.
             let mut fresh = three_up([0, 0, 0]);
-            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().users = 900;
+            fresh
+                .servers
+                .iter_mut()
+                .find(|s| s.url == pick)
+                .unwrap()
+                .users = 900;
             let actions = m.handle(fetched(fresh, &pick), t0);
             assert_eq!(actions, vec![connect(&pick, true)], "seed {seed}");
             let actions = m.handle(connected(&pick), t0);
@@ -1010,7 +1015,13 @@ mod tests {
             let urls = asked(&actions);
             // The pick did not answer; the next server did, and its list still shows the pick.
             let actions = m.handle(fetched(three_up([0, 0, 0]), &urls[1]), t0);
-            let [Action::Connect { server, reuse_list_connection }] = &actions[..] else {
+            let [
+                Action::Connect {
+                    server,
+                    reuse_list_connection,
+                },
+            ] = &actions[..]
+            else {
                 panic!("seed {seed}: {actions:?}");
             };
             assert_ne!(server, A);
@@ -1032,7 +1043,12 @@ mod tests {
             // The server asked says it is draining: the other one is picked, the list
             // connection is dropped once the other is connected.
             let mut fresh = three_up([0, 0, 0]);
-            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().status = Status::Draining;
+            fresh
+                .servers
+                .iter_mut()
+                .find(|s| s.url == pick)
+                .unwrap()
+                .status = Status::Draining;
             let actions = m.handle(fetched(fresh, &pick), t0);
             assert_eq!(actions, vec![connect(other, false)], "seed {seed}");
             let actions = m.handle(connected(other), t0);
@@ -1052,9 +1068,20 @@ mod tests {
             // pick after all. Its list is selected on afresh, where the pick weighs 0.25.
             m.handle(Input::ListFailed { error: "x".into() }, t0);
             let mut fresh = three_up([0, 100, 100]);
-            fresh.servers.iter_mut().find(|s| s.url == pick).unwrap().users = 301;
+            fresh
+                .servers
+                .iter_mut()
+                .find(|s| s.url == pick)
+                .unwrap()
+                .users = 301;
             let actions = m.handle(fetched(fresh, &pick), t0);
-            let [Action::Connect { server, reuse_list_connection }] = &actions[..] else {
+            let [
+                Action::Connect {
+                    server,
+                    reuse_list_connection,
+                },
+            ] = &actions[..]
+            else {
                 panic!("seed {seed}: {actions:?}");
             };
             assert_eq!(*reuse_list_connection, *server == pick, "seed {seed}");

@@ -48,8 +48,12 @@ impl FakeNode {
         let accepted = Arc::new(AtomicUsize::new(0));
         let lists = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn({
-            let (url, control, accepted, lists) =
-                (url.clone(), control.clone(), accepted.clone(), lists.clone());
+            let (url, control, accepted, lists) = (
+                url.clone(),
+                control.clone(),
+                accepted.clone(),
+                lists.clone(),
+            );
             async move {
                 let mut connections = tokio::task::JoinSet::new();
                 loop {
@@ -267,7 +271,11 @@ async fn killed_server_fails_over_resubscribes_and_reports_the_gap() {
     let dials = client.dials();
     assert_eq!(other.accepted() - other_before, 1, "{dials:?}");
     assert_eq!(dials.stream - dials_before.stream, 1, "{dials:?}");
-    assert_eq!(dials.stream_failed - dials_before.stream_failed, 1, "{dials:?}");
+    assert_eq!(
+        dials.stream_failed - dials_before.stream_failed,
+        1,
+        "{dials:?}"
+    );
     assert_eq!(dials.list - dials_before.list, 1, "{dials:?}");
     assert_eq!(dials.list_failed, dials_before.list_failed, "{dials:?}");
     assert_eq!(dials.reused - dials_before.reused, 1, "{dials:?}");
@@ -305,13 +313,19 @@ async fn the_list_refreshed_on_heartbeats_lets_a_failover_ask_a_survivor_directl
     }
     // The answer is in flight or read; one more heartbeat round makes sure it was read.
     while a.lists.load(Ordering::SeqCst) < asked_before + 2 {
-        assert!(tokio::time::Instant::now() < deadline, "no second list request");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no second list request"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = client.dials();
     a.kill();
     let (from, to, _) = failed_over(&mut client).await;
-    assert_eq!((from.as_str(), to.as_str()), (a.url.as_str(), b.url.as_str()));
+    assert_eq!(
+        (from.as_str(), to.as_str()),
+        (a.url.as_str(), b.url.as_str())
+    );
     // B came from the refreshed list: asked directly, its connection kept, the service
     // address (A's, dead) never asked for a list.
     let dials = client.dials();
