@@ -41,7 +41,6 @@
 //! [`CancellationToken`]. [`NodeHandle::shutdown`] announces `DOWN`, closes the connections paced
 //! over `shutdown_drain_ms` with `GOING_AWAY`, then cancels and joins everything.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -238,7 +237,7 @@ impl NodeHandle {
             },
             None => None,
         };
-        let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
+        let (peers_tx, peers_rx) = watch::channel(relay::Peers::default());
         let embedded = EmbeddedRelay::start(
             config.name.clone(),
             hub.clone(),
@@ -258,6 +257,7 @@ impl NodeHandle {
             peers_tx,
             gossip_interval: config.gossip_interval(),
             failure_timeout: config.failure_timeout(),
+            alone: config.join.is_empty(),
         };
         tracker.spawn(membership_loop.run(cancel.clone()));
 

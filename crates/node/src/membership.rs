@@ -21,6 +21,11 @@
 //! exactly the configured one; chitchat's own detector is tuned to the same scale and still
 //! decides whom it gossips with. A node first seen through a third party is not listed `UP` until
 //! its heartbeat is seen advancing. Of several generations of one name, only the newest is listed.
+//!
+//! The relay's peer list ([`Peers`]) holds the live peers and, for `failure_timeout` after they are
+//! first seen, the not-yet-judged ones, so that a just-started node links to a live farm before it
+//! confirms subscriptions; it is `settled` once any peer has been heard of (or there is no seed,
+//! or `failure_timeout` has passed).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -38,6 +43,7 @@ use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
+use crate::relay::Peers;
 
 /// Dead nodes stay listed `DOWN` this long before chitchat forgets them.
 const DEAD_NODE_GRACE: Duration = Duration::from_secs(3600);
@@ -119,15 +125,18 @@ pub(crate) struct Loop {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) status_rx: watch::Receiver<Status>,
     pub(crate) farm_tx: watch::Sender<FarmList>,
-    pub(crate) peers_tx: watch::Sender<BTreeMap<String, String>>,
+    pub(crate) peers_tx: watch::Sender<Peers>,
     pub(crate) gossip_interval: Duration,
     pub(crate) failure_timeout: Duration,
+    /// No seeds to join: there is no farm to hear from first.
+    pub(crate) alone: bool,
 }
 
 /// Last heartbeat seen of one node generation, and when it last advanced.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     heartbeat: u64,
+    first_seen: Instant,
     advanced_at: Option<Instant>,
 }
 
@@ -140,6 +149,7 @@ impl Loop {
         let mut seen: HashMap<ChitchatId, Seen> = HashMap::new();
         let mut joins: VecDeque<(Instant, u64)> = VecDeque::new();
         let mut advertised: BTreeMap<&'static str, String> = BTreeMap::new();
+        let started = Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -176,7 +186,7 @@ impl Loop {
             drop(chitchat);
 
             let mut list = vec![self_entry(&self.me, status, users, join_rate)];
-            let mut peers = BTreeMap::new();
+            let mut relays = BTreeMap::new();
             // Newest generation per name.
             let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
             for (id, _) in &states {
@@ -189,6 +199,7 @@ impl Loop {
             for (id, entry) in &states {
                 let record = seen.entry(id.clone()).or_insert(Seen {
                     heartbeat: entry.heartbeat,
+                    first_seen: now,
                     advanced_at: None,
                 });
                 if entry.heartbeat > record.heartbeat {
@@ -213,8 +224,16 @@ impl Loop {
                     server.users = 0;
                     server.join_rate = None;
                 }
-                if alive && let Some(relay) = &entry.relay {
-                    peers.insert(id.node_id.to_string(), relay.clone());
+                // Not judged yet: just seen, heartbeat not yet seen advancing. It is linked to
+                // meanwhile (a failed dial costs nothing), so that a peer which is in fact live —
+                // a peer found at start, or one just restarted — gets this node's interest
+                // before this node confirms a subscription (see `Peers`).
+                let unjudged = record.advanced_at.is_none()
+                    && now.duration_since(record.first_seen) < self.failure_timeout;
+                if (alive || unjudged)
+                    && let Some(relay) = &entry.relay
+                {
+                    relays.insert(id.node_id.to_string(), relay.clone());
                 }
                 list.push(server);
             }
@@ -236,6 +255,13 @@ impl Loop {
                 current.generated_at_ms = Some(stamp);
                 true
             });
+            // Settled once a peer has been heard of, or when there is nobody to hear from.
+            let peers = Peers {
+                settled: self.alone
+                    || !states.is_empty()
+                    || now.duration_since(started) >= self.failure_timeout,
+                relays,
+            };
             self.peers_tx.send_if_modified(|current| {
                 if *current == peers {
                     return false;
