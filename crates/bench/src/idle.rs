@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::nats::NatsProc;
-use crate::proc::{NodeProc, NodeSpec, free_port, raise_nofile};
+use crate::proc::{NodeProc, NodeSpec, free_port, raise_nofile, rss_bytes};
 use crate::report::{RowBuilder, Section};
 use crate::wire::{Nats, ws_connect, ws_subscribe};
 use crate::{NATS, Options, STREAMFARM, ratio};
@@ -103,7 +103,7 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<(u64, u6
     .to_vec();
     let node = NodeProc::start(&options.exe, &spec).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let base = node.guard.rss_bytes()?;
+    let base = rss_bytes(node.guard.pid())?;
     let addr = node.listen;
     let (held, rate) = open_all(c, move |i| async move {
         let mut ws = ws_connect(addr, Some(source(i)), 4096).await?;
@@ -117,7 +117,7 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<(u64, u6
         users as usize == c,
         "node holds {users} connections, expected {c}"
     );
-    let rss = node.guard.rss_bytes()?;
+    let rss = rss_bytes(node.guard.pid())?;
     drop(held);
     Ok((rss, base, rate))
 }
@@ -126,7 +126,7 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<(u64, u6
 async fn nats_once(bin: &std::path::Path, c: usize) -> anyhow::Result<(u64, u64, f64)> {
     let server = NatsProc::start(bin, SERVER_IP.into()).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let base = server.guard.rss_bytes()?;
+    let base = rss_bytes(server.guard.pid())?;
     let addr = server.addr;
     let (held, rate) = open_all(c, move |i| async move {
         let mut nats = Nats::connect(addr, Some(source(i))).await?;
@@ -135,7 +135,7 @@ async fn nats_once(bin: &std::path::Path, c: usize) -> anyhow::Result<(u64, u64,
     })
     .await?;
     tokio::time::sleep(SETTLE).await;
-    let rss = server.guard.rss_bytes()?;
+    let rss = rss_bytes(server.guard.pid())?;
     drop(held);
     Ok((rss, base, rate))
 }

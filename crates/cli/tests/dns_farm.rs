@@ -2,12 +2,12 @@
 //! 127.0.0.1/.2/.3; `dig` at one of them returns the three addresses, rotated; a SIGKILLed node
 //! leaves the answers within the failure-detection time and comes back when restarted.
 
-use std::net::SocketAddr;
-use std::process::Stdio;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use streamfarm_localfarm::{NodeProcess, NodeSpec, free_port};
+use tokio::process::Command;
 use tokio::time::{Instant, timeout};
 
 const SERVICE: &str = "farm.test";
@@ -17,63 +17,44 @@ const FAILURE_TIMEOUT_MS: u64 = 1_000;
 /// Time for the farm to form, or a restarted node to be back, on a loaded machine.
 const SETTLE: Duration = Duration::from_secs(20);
 
-/// A `streamfarm serve` child process, killed when dropped.
+/// A `streamfarm serve --dns` child process (killed when dropped) and its DNS address.
 struct Node {
-    child: Child,
-    gossip: SocketAddr,
+    process: NodeProcess,
     dns: SocketAddr,
 }
 
 impl Node {
-    /// Starts node `name` on 127.0.0.`n`, port 0, with DNS on port 0, joining `join`; returns
-    /// once both start-up lines are printed.
+    /// Starts node `name` on 127.0.0.`n` with its DNS responder there too, joining `join`, and
+    /// waits until it serves.
     async fn start(name: &str, n: u8, join: Option<SocketAddr>) -> Node {
-        let ip = format!("127.0.0.{n}");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_streamfarm"));
-        command
-            .args(["serve", "--name", name, "--listen", &format!("{ip}:0")])
-            .args(["--dns", &format!("{ip}:0"), "--service-name", SERVICE])
-            .args(["--dns-ttl", "1"])
-            .args(["--gossip-interval-ms", &GOSSIP_INTERVAL_MS.to_string()])
-            .args(["--failure-timeout-ms", &FAILURE_TIMEOUT_MS.to_string()])
-            .args(["--shutdown-drain-ms", "100"])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if let Some(join) = join {
-            command.args(["--join", &join.to_string()]);
-        }
-        let mut child = command.spawn().expect("streamfarm runs");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut gossip, mut dns) = (None, None);
-        let read = async {
-            while gossip.is_none() || dns.is_none() {
-                let line = lines.next_line().await.unwrap().expect("node exited early");
-                if let Some(rest) = line.split(", gossip ").nth(1) {
-                    gossip = Some(rest.trim_end_matches(')').parse().unwrap());
-                }
-                if line.starts_with("streamfarm dns answering") {
-                    let addr = line
-                        .split(" on ")
-                        .nth(1)
-                        .unwrap()
-                        .split(' ')
-                        .next()
-                        .unwrap();
-                    dns = Some(addr.parse().unwrap());
-                }
-            }
-        };
-        timeout(SETTLE, read).await.expect("node start-up lines");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Node {
-            child,
-            gossip: gossip.unwrap(),
-            dns: dns.unwrap(),
-        }
+        let ip = IpAddr::from([127, 0, 0, n]);
+        let dns = free_port(ip).unwrap();
+        let mut spec = NodeSpec::new(name, free_port(ip).unwrap()).flags([
+            "--dns",
+            &dns.to_string(),
+            "--service-name",
+            SERVICE,
+            "--dns-ttl",
+            "1",
+            "--gossip-interval-ms",
+            &GOSSIP_INTERVAL_MS.to_string(),
+            "--failure-timeout-ms",
+            &FAILURE_TIMEOUT_MS.to_string(),
+            "--shutdown-drain-ms",
+            "100",
+        ]);
+        spec.join.extend(join);
+        let exe = Path::new(env!("CARGO_BIN_EXE_streamfarm"));
+        let process = timeout(SETTLE, NodeProcess::start(exe, &spec))
+            .await
+            .expect("node starts in time")
+            .expect("node starts");
+        Node { process, dns }
+    }
+
+    /// The node's gossip address: its listen address, over UDP.
+    fn gossip(&self) -> SocketAddr {
+        self.process.listen
     }
 }
 
@@ -127,8 +108,8 @@ async fn dig_until(
 async fn dig_follows_the_farm_through_a_kill_and_a_restart() {
     let all = vec!["127.0.0.1", "127.0.0.2", "127.0.0.3"];
     let a = Node::start("a", 1, None).await;
-    let _b = Node::start("b", 2, Some(a.gossip)).await;
-    let mut c = Node::start("c", 3, Some(a.gossip)).await;
+    let _b = Node::start("b", 2, Some(a.gossip())).await;
+    let mut c = Node::start("c", 3, Some(a.gossip())).await;
 
     dig_until(a.dns, SETTLE, "the three nodes answered", |answer| {
         sorted(answer.to_vec()) == all
@@ -147,8 +128,7 @@ async fn dig_follows_the_farm_through_a_kill_and_a_restart() {
     .await;
 
     // SIGKILL: no goodbye, only the failure detector can tell.
-    c.child.start_kill().unwrap();
-    c.child.wait().await.unwrap();
+    c.process.kill();
     let gone = dig_until(
         a.dns,
         Duration::from_millis(FAILURE_TIMEOUT_MS) + Duration::from_secs(4),
@@ -164,7 +144,8 @@ async fn dig_follows_the_farm_through_a_kill_and_a_restart() {
         assert_eq!(sorted(dig(a.dns).await), ["127.0.0.1", "127.0.0.2"]);
     }
 
-    let _c = Node::start("c", 3, Some(a.gossip)).await;
+    c.process.restart(None).unwrap();
+    c.process.wait_ready(SETTLE).await.unwrap();
     let back = dig_until(
         a.dns,
         SETTLE,

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 use streamfarm_core::encoding::{self, Format};
 
 /// The description's worked example, in its own text format.
-const EXAMPLE: &str = "http://serverA.caplin.com UP 2963 A\n\
-                       http://serverB.caplin.com DOWN 0 B\n\
-                       http://serverN.caplin.com UP 2979 A\n";
+/// The description's example list, as shipped for the README's `pick` command.
+const EXAMPLE: &str = include_str!("../../../examples/farm.txt");
 
 /// A scratch file that removes itself.
 struct TempFile(PathBuf);

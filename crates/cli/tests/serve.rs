@@ -3,133 +3,47 @@
 //! again once restarted or continued; SIGTERM announces DOWN and exits cleanly; settings come from
 //! the environment.
 //!
-//! Each test picks a port number free on all three addresses (TCP and UDP); every child process
-//! is killed when its guard drops, so a failing test leaves nothing running.
+//! Each node takes a port free on its address (TCP and UDP: it gossips on the same number); every
+//! child process is killed when its guard drops, so a failing test leaves nothing running.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use streamfarm_core::{FarmList, Status};
+use streamfarm_localfarm::{NodeProcess, NodeSpec, ProcessGuard, Signal, free_port};
 
 const GOSSIP_INTERVAL_MS: u64 = 100;
 const FAILURE_TIMEOUT_MS: u64 = 1_000;
-const IPS: [[u8; 4]; 3] = [[127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 3]];
 
-/// A port number free for TCP and UDP on the three test addresses.
-fn free_port() -> u16 {
-    for _ in 0..50 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let free = IPS.iter().all(|ip| {
-            let addr = SocketAddr::from((*ip, port));
-            TcpListener::bind(addr).is_ok() && UdpSocket::bind(addr).is_ok()
-        });
-        if free {
-            return port;
-        }
-    }
-    panic!("no port free on 127.0.0.1-3");
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_streamfarm"))
 }
 
-/// A running `streamfarm serve`; killed (and reaped) on drop.
-struct Node {
-    name: String,
-    listen: SocketAddr,
-    args: Vec<String>,
-    child: Child,
+/// Starts node `name` on 127.0.0.`last_octet` (a free port), joining `join`, and waits until it
+/// answers `/farm`.
+fn start(name: &str, last_octet: u8, join: Option<SocketAddr>) -> NodeProcess {
+    let listen = free_port(IpAddr::from([127, 0, 0, last_octet])).unwrap();
+    let mut spec = NodeSpec::new(name, listen).flags([
+        "--gossip-interval-ms",
+        &GOSSIP_INTERVAL_MS.to_string(),
+        "--failure-timeout-ms",
+        &FAILURE_TIMEOUT_MS.to_string(),
+        "--shutdown-drain-ms",
+        "100",
+    ]);
+    spec.join.extend(join);
+    let node = NodeProcess::spawn(exe(), &spec).unwrap();
+    wait_serving(&node);
+    node
 }
 
-impl Node {
-    fn start(name: &str, listen: SocketAddr, join: Option<SocketAddr>, extra: &[&str]) -> Node {
-        let mut args: Vec<String> = [
-            "serve",
-            "--name",
-            name,
-            "--listen",
-            &listen.to_string(),
-            "--gossip-interval-ms",
-            &GOSSIP_INTERVAL_MS.to_string(),
-            "--failure-timeout-ms",
-            &FAILURE_TIMEOUT_MS.to_string(),
-            "--shutdown-drain-ms",
-            "100",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if let Some(seed) = join {
-            args.extend(["--join".to_string(), seed.to_string()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = spawn(&args, &[]);
-        let node = Node {
-            name: name.to_string(),
-            listen,
-            args,
-            child,
-        };
-        node.wait_serving();
-        node
-    }
-
-    fn wait_serving(&self) {
-        eventually(Duration::from_secs(10), "node answers /farm", || {
-            farm(self.listen).is_some()
-        });
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {signal} failed");
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.child = spawn(&self.args, &[]);
-        self.wait_serving();
-    }
-
-    fn kill(&mut self) {
-        // A stopped process must be continued to die promptly.
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.pid()])
-            .stderr(Stdio::null())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn spawn(args: &[String], env: &[(&str, String)]) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_streamfarm"));
-    command
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command.spawn().expect("streamfarm binary runs")
+fn wait_serving(node: &NodeProcess) {
+    eventually(Duration::from_secs(10), "node answers /farm", || {
+        farm(node.listen).is_some()
+    });
 }
 
 /// `GET /farm` over a plain socket; `None` while the node does not answer.
@@ -164,19 +78,17 @@ fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) -> 
     }
 }
 
-fn seen_as(observers: &[&Node], name: &str, status: Status) -> bool {
+fn seen_as(observers: &[&NodeProcess], name: &str, status: Status) -> bool {
     observers
         .iter()
         .all(|o| farm(o.listen).is_some_and(|l| status_of(&l, name) == Some(status)))
 }
 
-fn three_nodes() -> Vec<Node> {
-    let port = free_port();
-    let addrs: Vec<SocketAddr> = IPS.iter().map(|ip| SocketAddr::from((*ip, port))).collect();
-    let first = Node::start("n1", addrs[0], None, &[]);
+fn three_nodes() -> Vec<NodeProcess> {
+    let first = start("n1", 1, None);
     // Gossip shares the listen port number, so n1's listen address is also its gossip address.
-    let second = Node::start("n2", addrs[1], Some(addrs[0]), &[]);
-    let third = Node::start("n3", addrs[2], Some(addrs[0]), &[]);
+    let second = start("n2", 2, Some(first.listen));
+    let third = start("n3", 3, Some(first.listen));
     let nodes = vec![first, second, third];
     for node in &nodes {
         eventually(Duration::from_secs(10), "all three UP", || {
@@ -197,8 +109,7 @@ fn detection_bound() -> Duration {
 #[test]
 fn a_killed_node_is_listed_down_in_time_and_up_after_restart() {
     let mut nodes = three_nodes();
-    nodes[1].child.kill().unwrap();
-    let _ = nodes[1].child.wait();
+    nodes[1].kill();
     let took = eventually(detection_bound(), "n2 DOWN on n1 and n3", || {
         seen_as(&[&nodes[0], &nodes[2]], "n2", Status::Down)
     });
@@ -206,7 +117,8 @@ fn a_killed_node_is_listed_down_in_time_and_up_after_restart() {
     let list = farm(nodes[0].listen).unwrap();
     let dead = list.servers.iter().find(|s| s.name == "n2").unwrap();
     assert_eq!(dead.users, 0, "a dead node holds nobody");
-    nodes[1].restart();
+    nodes[1].restart(None).unwrap();
+    wait_serving(&nodes[1]);
     let took = eventually(Duration::from_secs(5), "n2 UP again", || {
         seen_as(&[&nodes[0], &nodes[2]], "n2", Status::Up)
     });
@@ -220,12 +132,12 @@ fn a_killed_node_is_listed_down_in_time_and_up_after_restart() {
 #[test]
 fn a_stopped_node_is_listed_down_in_time_and_up_after_continue() {
     let nodes = three_nodes();
-    nodes[2].signal("-STOP");
+    nodes[2].signal(Signal::STOP).unwrap();
     let took = eventually(detection_bound(), "n3 DOWN on n1 and n2", || {
         seen_as(&[&nodes[0], &nodes[1]], "n3", Status::Down)
     });
     eprintln!("SIGSTOP → listed DOWN after {took:?} (failure timeout {FAILURE_TIMEOUT_MS} ms)");
-    nodes[2].signal("-CONT");
+    nodes[2].signal(Signal::CONT).unwrap();
     let took = eventually(Duration::from_secs(5), "n3 UP again", || {
         seen_as(&[&nodes[0], &nodes[1]], "n3", Status::Up)
     });
@@ -236,7 +148,7 @@ fn a_stopped_node_is_listed_down_in_time_and_up_after_continue() {
 fn sigterm_announces_down_and_exits_cleanly() {
     let mut nodes = three_nodes();
     let start = Instant::now();
-    nodes[0].signal("-TERM");
+    nodes[0].signal(Signal::TERM).unwrap();
     // Announced, not detected: well before the failure timeout.
     eventually(
         Duration::from_millis(FAILURE_TIMEOUT_MS - 200),
@@ -250,7 +162,7 @@ fn sigterm_announces_down_and_exits_cleanly() {
         },
     );
     let exit = loop {
-        if let Some(status) = nodes[0].child.try_wait().unwrap() {
+        if let Some(status) = nodes[0].guard.exited() {
             break status;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "n1 did not exit");
@@ -261,8 +173,7 @@ fn sigterm_announces_down_and_exits_cleanly() {
 
 #[test]
 fn settings_come_from_the_environment_and_the_example_config() {
-    let port = free_port();
-    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let listen = free_port(IpAddr::from([127, 0, 0, 1])).unwrap();
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../node/node.example.toml");
     let args: Vec<String> = ["serve", "--config", example, "--join", "127.0.0.1:1"]
         .iter()
@@ -275,7 +186,9 @@ fn settings_come_from_the_environment_and_the_example_config() {
         ("STREAMFARM_URL", format!("ws://{listen}/stream")),
         ("STREAMFARM_PRIORITY", "B".to_string()),
     ];
-    let mut child = spawn(&args, &env);
+    let mut command = Command::new(exe());
+    command.args(&args).envs(env);
+    let mut child = ProcessGuard::spawn(command, "node from-env").unwrap();
     let found = (|| {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
@@ -286,8 +199,7 @@ fn settings_come_from_the_environment_and_the_example_config() {
         }
         None
     })();
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill();
     let list = found.expect("node from env answers /farm");
     let me = &list.servers[0];
     assert_eq!((me.name.as_str(), me.priority.as_str()), ("from-env", "B"));

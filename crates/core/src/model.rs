@@ -192,6 +192,20 @@ pub fn group_order<'a>(labels: impl IntoIterator<Item = &'a str> + Clone) -> Vec
     groups
 }
 
+/// The tests' farm: `UP` servers `s0`, `s1`, … (url `ws://sN/`) in group `A` with these users.
+#[cfg(test)]
+pub(crate) fn test_farm(users: &[u64]) -> FarmList {
+    FarmList::new(
+        users
+            .iter()
+            .enumerate()
+            .map(|(i, &u)| {
+                ServerEntry::new(format!("s{i}"), format!("ws://s{i}/"), Status::Up, u, "A")
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

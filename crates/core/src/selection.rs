@@ -429,21 +429,9 @@ fn sample<R: Rng + ?Sized>(probabilities: &[f64], candidates: &[usize], rng: &mu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ServerEntry;
+    use crate::model::test_farm as farm;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
-
-    fn farm(users: &[u64]) -> FarmList {
-        FarmList::new(
-            users
-                .iter()
-                .enumerate()
-                .map(|(i, &u)| {
-                    ServerEntry::new(format!("s{i}"), format!("ws://s{i}/"), Status::Up, u, "A")
-                })
-                .collect(),
-        )
-    }
 
     #[test]
     fn p2c_probabilities_match_pair_counting() {

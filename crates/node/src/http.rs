@@ -8,11 +8,12 @@
 //! | `POST /publish/{topic}` | body = message, published farm-wide |
 //! | `POST /admin/status` | `UP`, `DOWN` or `DRAINING` (bearer token from config) |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /healthz` | `200` with the node's status |
+//! | `GET /healthz` | the node's status; `503` while its gossip is down |
 //! | `GET /internal/relay?node=NAME` | relay link from a peer node (not for clients) |
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -228,15 +229,37 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let status = *shared.status.borrow();
+    let users = shared.metrics.connections.load(Ordering::Relaxed);
+    let gossip_up = shared.metrics.gossip_up.load(Ordering::Relaxed) == 1;
+    let (code, body) = health(status, users, gossip_up);
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `/healthz`: `503` while gossip is down — the farm no longer hears from this node, whatever it
+/// still serves — else `200`.
+fn health(status: Status, users: u64, gossip_up: bool) -> (StatusCode, String) {
+    let (code, gossip) = if gossip_up {
+        (StatusCode::OK, "up")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "down")
+    };
     (
-        [(header::CONTENT_TYPE, "application/json")],
-        format!(
-            "{{\"status\":\"{status}\",\"users\":{}}}\n",
-            shared
-                .metrics
-                .connections
-                .load(std::sync::atomic::Ordering::Relaxed)
-        ),
+        code,
+        format!("{{\"status\":\"{status}\",\"users\":{users},\"gossip\":\"{gossip}\"}}\n"),
     )
-        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_while_gossip_is_down() {
+        let (code, body) = health(Status::Up, 12, true);
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body, "{\"status\":\"UP\",\"users\":12,\"gossip\":\"up\"}\n");
+        let (code, body) = health(Status::Up, 12, false);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("\"gossip\":\"down\""), "{body}");
+    }
 }

@@ -39,9 +39,10 @@
 //! [`NodeHandle::start`] binds the TCP listener and the gossip socket, then runs the HTTP server,
 //! the membership loop and the relay as tasks of one [`TaskTracker`] under one
 //! [`CancellationToken`]. [`NodeHandle::shutdown`] announces `DOWN`, closes the connections paced
-//! over `shutdown_drain_ms` with `GOING_AWAY`, then cancels and joins everything.
+//! over `shutdown_drain_ms` with `GOING_AWAY`, then cancels and joins everything. The membership
+//! task owns gossip: it restarts it if it dies (`/healthz` is 503 meanwhile, see `membership`)
+//! and stops it on cancel.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -182,7 +183,6 @@ pub struct NodeHandle {
     shared: Arc<Shared>,
     listen_addr: SocketAddr,
     gossip_addr: SocketAddr,
-    chitchat: Option<chitchat::ChitchatHandle>,
     /// The DNS responder, answering from `farm_rx`, when `dns` is configured.
     dns: Option<DnsServer>,
 }
@@ -213,13 +213,6 @@ impl NodeHandle {
             priority: config.priority.clone(),
             capacity: config.capacity.unwrap_or(config.max_connections as u64),
         };
-        let chitchat = membership::start_gossip(&config, &me, gossip_addr)
-            .await
-            .map_err(|message| NodeError::Gossip {
-                addr: gossip_addr,
-                message,
-            })?;
-
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
@@ -228,17 +221,35 @@ impl NodeHandle {
         // Listed at once, before the first gossip round.
         let initial = FarmList::new(vec![membership::self_entry(&me, Status::Up, 0, 0.0)]);
         let (farm_tx, farm_rx) = watch::channel(initial);
-        let dns = match config.dns_config() {
-            Some(dns_config) => match DnsServer::start(dns_config, farm_rx.clone()).await {
-                Ok(dns) => Some(dns),
-                Err(err) => {
-                    chitchat.abort();
-                    return Err(err.into());
-                }
+        let (peers_tx, peers_rx) = watch::channel(relay::Peers::default());
+        let membership_loop = membership::Loop {
+            setup: membership::GossipSetup {
+                config: config.clone(),
+                me,
+                addr: gossip_addr,
+                transport: Arc::new(chitchat::transport::UdpTransport),
             },
+            metrics: metrics.clone(),
+            status_rx,
+            farm_tx,
+            peers_tx,
+            gossip_interval: config.gossip_interval(),
+            failure_timeout: config.failure_timeout(),
+            alone: config.join.is_empty(),
+        };
+        // Gossip runs from here; dropping `membership` (an early return) stops it.
+        let membership = membership_loop
+            .start(cancel.clone())
+            .await
+            .map_err(|message| NodeError::Gossip {
+                addr: gossip_addr,
+                message,
+            })?;
+        let dns = match config.dns_config() {
+            Some(dns_config) => Some(DnsServer::start(dns_config, farm_rx.clone()).await?),
             None => None,
         };
-        let (peers_tx, peers_rx) = watch::channel(BTreeMap::new());
+        tracker.spawn(membership);
         let embedded = EmbeddedRelay::start(
             config.name.clone(),
             hub.clone(),
@@ -248,18 +259,6 @@ impl NodeHandle {
             cancel.clone(),
             &tracker,
         );
-        let membership_loop = membership::Loop {
-            me,
-            chitchat: chitchat.chitchat(),
-            self_id: chitchat.chitchat_id().clone(),
-            metrics: metrics.clone(),
-            status_rx,
-            farm_tx,
-            peers_tx,
-            gossip_interval: config.gossip_interval(),
-            failure_timeout: config.failure_timeout(),
-        };
-        tracker.spawn(membership_loop.run(cancel.clone()));
 
         let shared = Arc::new(Shared {
             connection_limit: Arc::new(Semaphore::new(config.max_connections)),
@@ -302,7 +301,6 @@ impl NodeHandle {
             shared,
             listen_addr,
             gossip_addr,
-            chitchat: Some(chitchat),
             dns,
         })
     }
@@ -404,25 +402,13 @@ impl NodeHandle {
         {
             warn!("DNS responder did not stop in time");
         }
-        if let Some(chitchat) = self.chitchat.take() {
-            // Bounded: a gossip loop that does not answer is aborted rather than waited for.
-            let _ = chitchat.initiate_shutdown();
-            match tokio::time::timeout(CLOSE_GRACE, chitchat.termination_watcher()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => warn!(error = %err, "gossip did not stop cleanly"),
-                Err(_) => warn!("gossip did not stop in time: aborted"),
-            }
-            chitchat.abort();
-        }
         info!(name = %shared.config.name, "stopped");
     }
 }
 
 impl Drop for NodeHandle {
     fn drop(&mut self) {
+        // The membership task stops gossip; if the runtime is gone, dropping it aborts gossip.
         self.shared.cancel.cancel();
-        if let Some(chitchat) = self.chitchat.take() {
-            chitchat.abort();
-        }
     }
 }

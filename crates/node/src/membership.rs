@@ -12,6 +12,11 @@
 //! 2. rebuilds the [`FarmList`] and the relay peer list from every node state, publishing them on
 //!    `watch` channels when they change.
 //!
+//! The loop also watches the chitchat task: if it ends on its own (a fatal socket error, a panic),
+//! it logs an error, sets `gossip_up` to 0 (and `/healthz` to 503), counts `gossip_failures`, and
+//! restarts chitchat on the same address as a new generation (peers hold the old generation's
+//! versions, so the same id would not be heard), with a growing delay while that fails.
+//!
 //! # Liveness
 //! A peer is listed with its advertised status while its gossip heartbeat keeps advancing, and
 //! `DOWN` once the heartbeat has not advanced for `failure_timeout` minus one gossip interval (the
@@ -21,26 +26,38 @@
 //! exactly the configured one; chitchat's own detector is tuned to the same scale and still
 //! decides whom it gossips with. A node first seen through a third party is not listed `UP` until
 //! its heartbeat is seen advancing. Of several generations of one name, only the newest is listed.
+//!
+//! The relay's peer list ([`Peers`]) holds the live peers and, for `failure_timeout` after they are
+//! first seen, the not-yet-judged ones, so that a just-started node links to a live farm before it
+//! confirms subscriptions; it is `settled` once any peer has been heard of (or there is no seed,
+//! or `failure_timeout` has passed).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chitchat::transport::UdpTransport;
+use chitchat::transport::Transport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
 use streamfarm_core::{FarmList, ServerEntry, Status};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::NodeConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
+use crate::relay::Peers;
 
 /// Dead nodes stay listed `DOWN` this long before chitchat forgets them.
 const DEAD_NODE_GRACE: Duration = Duration::from_secs(3600);
+/// Longest wait between two attempts to restart gossip.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(5);
+/// How long stopping waits for the gossip task before aborting it.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 /// Window over which the join rate is measured.
 const JOIN_RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -65,15 +82,36 @@ pub(crate) struct SelfInfo {
     pub(crate) capacity: u64,
 }
 
-/// Starts chitchat on `gossip_addr`; the returned handle must be shut down by the caller.
-pub(crate) async fn start_gossip(
-    config: &NodeConfig,
-    me: &SelfInfo,
-    gossip_addr: SocketAddr,
-) -> Result<ChitchatHandle, String> {
-    let generation = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+/// A running chitchat instance (its server task), aborted when dropped.
+struct Gossip {
+    handle: ChitchatHandle,
+    /// Resolves when the server task ends, on its own (a fatal socket error, a panic) or not.
+    ended: Pin<Box<dyn Future<Output = Result<(), String>> + Send>>,
+}
+
+impl Drop for Gossip {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// Where and how this node gossips: what a (re)start of chitchat needs.
+pub(crate) struct GossipSetup {
+    pub(crate) config: NodeConfig,
+    pub(crate) me: SelfInfo,
+    pub(crate) addr: SocketAddr,
+    /// The datagram transport: UDP, or a test's.
+    pub(crate) transport: Arc<dyn Transport>,
+}
+
+/// Starts chitchat as generation `generation`, advertising `mine` (status, users, join rate) from
+/// the first round.
+async fn start_gossip(
+    setup: &GossipSetup,
+    generation: u64,
+    mine: &[(&'static str, String)],
+) -> Result<Gossip, String> {
+    let (config, me, gossip_addr) = (&setup.config, &setup.me, setup.addr);
     let gossip_interval = config.gossip_interval();
     // Chitchat's phi is "time since last heartbeat / mean interval"; heartbeats arrive about once
     // per gossip interval, so this threshold puts its verdict near our own timeout.
@@ -97,55 +135,113 @@ pub(crate) async fn start_gossip(
         extra_liveness_predicate: None,
         protocol_version: chitchat::ProtocolVersion::V0,
     };
-    let initial = vec![
+    let mut initial = vec![
         (key::URL.to_string(), me.url.clone()),
-        (key::STATUS.to_string(), Status::Up.as_str().to_string()),
-        (key::USERS.to_string(), "0".to_string()),
         (key::PRIORITY.to_string(), me.priority.clone()),
         (key::CAPACITY.to_string(), me.capacity.to_string()),
-        (key::JOIN_RATE.to_string(), "0".to_string()),
         (key::RELAY.to_string(), me.relay_url.clone()),
     ];
-    chitchat::spawn_chitchat(chitchat_config, initial, &UdpTransport)
+    initial.extend(mine.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let handle = chitchat::spawn_chitchat(chitchat_config, initial, &*setup.transport)
         .await
-        .map_err(|err| format!("{err:#}"))
+        .map_err(|err| format!("{err:#}"))?;
+    let ended = handle.termination_watcher();
+    let ended = Box::pin(async move { ended.await.map_err(|err| format!("{err:#}")) });
+    Ok(Gossip { handle, ended })
+}
+
+/// A generation number for a chitchat start now: milliseconds since the epoch, above `after`.
+fn next_generation(after: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.max(after + 1)
 }
 
 /// Everything the membership loop reads and writes.
 pub(crate) struct Loop {
-    pub(crate) me: SelfInfo,
-    pub(crate) chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
-    pub(crate) self_id: ChitchatId,
+    pub(crate) setup: GossipSetup,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) status_rx: watch::Receiver<Status>,
     pub(crate) farm_tx: watch::Sender<FarmList>,
-    pub(crate) peers_tx: watch::Sender<BTreeMap<String, String>>,
+    pub(crate) peers_tx: watch::Sender<Peers>,
     pub(crate) gossip_interval: Duration,
     pub(crate) failure_timeout: Duration,
+    /// No seeds to join: there is no farm to hear from first.
+    pub(crate) alone: bool,
 }
 
 /// Last heartbeat seen of one node generation, and when it last advanced.
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     heartbeat: u64,
+    first_seen: Instant,
     advanced_at: Option<Instant>,
 }
 
+/// The values of this node that change: status, users, join rate.
+fn mine(status: Status, users: u64, join_rate: f64) -> [(&'static str, String); 3] {
+    [
+        (key::STATUS, status.as_str().to_string()),
+        (key::USERS, users.to_string()),
+        (key::JOIN_RATE, format!("{join_rate:.2}")),
+    ]
+}
+
 impl Loop {
-    /// Runs until `cancel` fires.
-    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+    /// Starts gossip (a first generation, advertising `UP` and no users), then runs until
+    /// `cancel` fires, watching the gossip task and restarting it if it ever stops.
+    pub(crate) async fn start(
+        self,
+        cancel: CancellationToken,
+    ) -> Result<impl Future<Output = ()> + Send, String> {
+        let first =
+            start_gossip(&self.setup, next_generation(0), &mine(Status::Up, 0, 0.0)).await?;
+        self.metrics.gossip_up.store(1, Ordering::Relaxed);
+        Ok(self.watch(first, cancel))
+    }
+
+    async fn watch(mut self, first: Gossip, cancel: CancellationToken) {
+        let mut chitchat = first.handle.chitchat();
+        let mut self_id = first.handle.chitchat_id().clone();
+        let mut gossip = Some(first);
+        let mut restart_delay = self.gossip_interval;
+        let mut restart_at = Instant::now();
         // Twice per gossip round, so news and verdicts wait at most half a round here.
         let mut tick = tokio::time::interval(self.gossip_interval / 2);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seen: HashMap<ChitchatId, Seen> = HashMap::new();
         let mut joins: VecDeque<(Instant, u64)> = VecDeque::new();
         let mut advertised: BTreeMap<&'static str, String> = BTreeMap::new();
+        let started = Instant::now();
         loop {
+            let ended = async {
+                match gossip.as_mut() {
+                    Some(gossip) => (&mut gossip.ended).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
                 // A status change goes out at once, not at the next tick.
-                changed = self.status_rx.changed() => if changed.is_err() { return },
+                changed = self.status_rx.changed() => if changed.is_err() { break },
+                // Not asked to stop: whatever the reason, this node has left the farm.
+                result = ended => {
+                    let reason = match result {
+                        Ok(()) => "it ended".to_string(),
+                        Err(err) => err,
+                    };
+                    error!(
+                        reason = %reason,
+                        generation = self_id.generation_id,
+                        "gossip stopped: the farm no longer hears from this node; restarting it"
+                    );
+                    self.metrics.gossip_up.store(0, Ordering::Relaxed);
+                    metrics::inc(&self.metrics.gossip_failures);
+                    gossip = None;
+                    restart_at = Instant::now();
+                }
             }
             let now = Instant::now();
             let status = *self.status_rx.borrow_and_update();
@@ -155,28 +251,47 @@ impl Loop {
                 now,
                 self.metrics.connections_accepted.load(Ordering::Relaxed),
             );
-            let mine = [
-                (key::STATUS, status.as_str().to_string()),
-                (key::USERS, users.to_string()),
-                (key::JOIN_RATE, format!("{join_rate:.2}")),
-            ];
-            let mut chitchat = self.chitchat.lock().await;
+            let mine = mine(status, users, join_rate);
+            if gossip.is_none() && now >= restart_at {
+                // A new generation: peers hold the old one's versions, so a restart under the
+                // same id would not be heard.
+                let generation = next_generation(self_id.generation_id);
+                match start_gossip(&self.setup, generation, &mine).await {
+                    Ok(restarted) => {
+                        info!(generation, "gossip restarted");
+                        chitchat = restarted.handle.chitchat();
+                        self_id = restarted.handle.chitchat_id().clone();
+                        gossip = Some(restarted);
+                        advertised = mine.iter().cloned().collect();
+                        restart_delay = self.gossip_interval;
+                        self.metrics.gossip_up.store(1, Ordering::Relaxed);
+                    }
+                    Err(err) => {
+                        error!(error = %err, retry_in = ?restart_delay, "gossip cannot restart");
+                        restart_at = now + restart_delay;
+                        restart_delay = (restart_delay * 2).min(MAX_RESTART_DELAY);
+                    }
+                }
+            }
+            // While gossip is down, the last state it held is read: peers fall silent in it and
+            // are listed `DOWN` in time, which is this node's true view.
+            let mut guard = chitchat.lock().await;
             for (key, value) in mine {
                 if advertised.get(key) != Some(&value) {
-                    chitchat.self_node_state().set(key, &value);
+                    guard.self_node_state().set(key, &value);
                     advertised.insert(key, value);
                 }
             }
-            let states: Vec<(ChitchatId, Entry)> = chitchat
+            let states: Vec<(ChitchatId, Entry)> = guard
                 .node_states()
                 .iter()
-                .filter(|(id, _)| **id != self.self_id)
+                .filter(|(id, _)| **id != self_id)
                 .map(|(id, state)| (id.clone(), Entry::read(state)))
                 .collect();
-            drop(chitchat);
+            drop(guard);
 
-            let mut list = vec![self_entry(&self.me, status, users, join_rate)];
-            let mut peers = BTreeMap::new();
+            let mut list = vec![self_entry(&self.setup.me, status, users, join_rate)];
+            let mut relays = BTreeMap::new();
             // Newest generation per name.
             let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
             for (id, _) in &states {
@@ -189,13 +304,14 @@ impl Loop {
             for (id, entry) in &states {
                 let record = seen.entry(id.clone()).or_insert(Seen {
                     heartbeat: entry.heartbeat,
+                    first_seen: now,
                     advanced_at: None,
                 });
                 if entry.heartbeat > record.heartbeat {
                     record.heartbeat = entry.heartbeat;
                     record.advanced_at = Some(now);
                 }
-                if newest.get(&*id.node_id) != Some(&id) || *id.node_id == *self.me.name {
+                if newest.get(&*id.node_id) != Some(&id) || *id.node_id == *self.setup.me.name {
                     continue;
                 }
                 // The heartbeat we saw last was sent up to a gossip round before it reached us:
@@ -213,8 +329,16 @@ impl Loop {
                     server.users = 0;
                     server.join_rate = None;
                 }
-                if alive && let Some(relay) = &entry.relay {
-                    peers.insert(id.node_id.to_string(), relay.clone());
+                // Not judged yet: just seen, heartbeat not yet seen advancing. It is linked to
+                // meanwhile (a failed dial costs nothing), so that a peer which is in fact live —
+                // a peer found at start, or one just restarted — gets this node's interest
+                // before this node confirms a subscription (see `Peers`).
+                let unjudged = record.advanced_at.is_none()
+                    && now.duration_since(record.first_seen) < self.failure_timeout;
+                if (alive || unjudged)
+                    && let Some(relay) = &entry.relay
+                {
+                    relays.insert(id.node_id.to_string(), relay.clone());
                 }
                 list.push(server);
             }
@@ -236,6 +360,13 @@ impl Loop {
                 current.generated_at_ms = Some(stamp);
                 true
             });
+            // Settled once a peer has been heard of, or when there is nobody to hear from.
+            let peers = Peers {
+                settled: self.alone
+                    || !states.is_empty()
+                    || now.duration_since(started) >= self.failure_timeout,
+                relays,
+            };
             self.peers_tx.send_if_modified(|current| {
                 if *current == peers {
                     return false;
@@ -243,6 +374,16 @@ impl Loop {
                 *current = peers;
                 true
             });
+        }
+        if let Some(mut gossip) = gossip {
+            // Bounded: a gossip task that does not answer is aborted (on drop) rather than
+            // waited for.
+            let _ = gossip.handle.initiate_shutdown();
+            match tokio::time::timeout(STOP_GRACE, &mut gossip.ended).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => warn!(error = %err, "gossip did not stop cleanly"),
+                Err(_) => warn!("gossip did not stop in time: aborted"),
+            }
         }
     }
 }
@@ -330,6 +471,161 @@ fn join_rate(samples: &mut VecDeque<(Instant, u64)>, now: Instant, accepted: u64
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
+    use chitchat::ChitchatEnvelope;
+    use chitchat::transport::{RecvOutcome, SendOutcome, Socket, UdpTransport};
+
+    /// Real UDP whose sockets the test can break: once a socket's token is cancelled, its `recv`
+    /// fails the way a broken socket does (chitchat's gossip task then ends).
+    #[derive(Default)]
+    struct BreakableUdp {
+        opened: std::sync::Mutex<Vec<CancellationToken>>,
+    }
+
+    impl BreakableUdp {
+        fn opened(&self) -> Vec<CancellationToken> {
+            self.opened.lock().unwrap().clone()
+        }
+    }
+
+    struct Breakable {
+        inner: Box<dyn Socket>,
+        broken: CancellationToken,
+    }
+
+    #[async_trait]
+    impl Transport for BreakableUdp {
+        async fn open(&self, addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+            let inner = UdpTransport.open(addr).await?;
+            let broken = CancellationToken::new();
+            self.opened.lock().unwrap().push(broken.clone());
+            Ok(Box::new(Breakable { inner, broken }))
+        }
+    }
+
+    #[async_trait]
+    impl Socket for Breakable {
+        fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+            self.inner.local_addr()
+        }
+
+        async fn send(
+            &mut self,
+            to: SocketAddr,
+            envelope: ChitchatEnvelope,
+        ) -> anyhow::Result<SendOutcome> {
+            self.inner.send(to, envelope).await
+        }
+
+        async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+            tokio::select! {
+                _ = self.broken.cancelled() => Err(anyhow::anyhow!("injected: socket broken")),
+                received = self.inner.recv() => received,
+            }
+        }
+    }
+
+    /// A free UDP address on loopback (bound, then released for chitchat to bind).
+    fn free_addr() -> SocketAddr {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    }
+
+    struct TestNode {
+        metrics: Arc<Metrics>,
+        status: watch::Sender<Status>,
+        farm: watch::Receiver<FarmList>,
+    }
+
+    async fn node(
+        name: &str,
+        addr: SocketAddr,
+        join: Option<SocketAddr>,
+        transport: Arc<dyn Transport>,
+        cancel: &CancellationToken,
+    ) -> TestNode {
+        let mut config = NodeConfig::new(name);
+        config.join = join.iter().map(ToString::to_string).collect();
+        config.gossip_interval_ms = 50;
+        config.failure_timeout_ms = 1_000;
+        let me = SelfInfo {
+            name: name.into(),
+            url: format!("ws://{addr}/stream"),
+            relay_url: format!("ws://{addr}/internal/relay"),
+            priority: "A".into(),
+            capacity: 10,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let (status, status_rx) = watch::channel(Status::Up);
+        let (farm_tx, farm) = watch::channel(FarmList::new(Vec::new()));
+        let run = Loop {
+            setup: GossipSetup {
+                me,
+                addr,
+                transport,
+                config: config.clone(),
+            },
+            metrics: metrics.clone(),
+            status_rx,
+            farm_tx,
+            peers_tx: watch::channel(Peers::default()).0,
+            gossip_interval: config.gossip_interval(),
+            failure_timeout: config.failure_timeout(),
+            alone: join.is_none(),
+        }
+        .start(cancel.clone())
+        .await
+        .expect("gossip starts");
+        tokio::spawn(run);
+        TestNode {
+            metrics,
+            status,
+            farm,
+        }
+    }
+
+    async fn until(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn listed(farm: &watch::Receiver<FarmList>, name: &str) -> Option<Status> {
+        let list = farm.borrow();
+        list.servers
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.status)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_that_dies_is_reported_and_restarted_as_a_new_generation() {
+        let cancel = CancellationToken::new();
+        let (a_addr, b_addr) = (free_addr(), free_addr());
+        let udp = Arc::new(BreakableUdp::default());
+        let b = node("b", b_addr, None, Arc::new(UdpTransport), &cancel).await;
+        let a = node("a", a_addr, Some(b_addr), udp.clone(), &cancel).await;
+        until("b lists a UP", || listed(&b.farm, "a") == Some(Status::Up)).await;
+        assert_eq!(a.metrics.gossip_up.load(Ordering::Relaxed), 1);
+
+        udp.opened()[0].cancel();
+        until("a's gossip restarted", || {
+            a.metrics.gossip_failures.load(Ordering::Relaxed) == 1
+                && a.metrics.gossip_up.load(Ordering::Relaxed) == 1
+                && udp.opened().len() == 2
+        })
+        .await;
+        // Only the new generation can carry news now: b hears it.
+        a.status.send_replace(Status::Draining);
+        until("b lists a DRAINING", || {
+            listed(&b.farm, "a") == Some(Status::Draining)
+        })
+        .await;
+        assert_eq!(b.metrics.gossip_up.load(Ordering::Relaxed), 1);
+        cancel.cancel();
+    }
 
     #[tokio::test(start_paused = true)]
     async fn join_rate_counts_recent_arrivals_per_second() {

@@ -37,6 +37,11 @@ pub struct Metrics {
     pub oversized_frames: AtomicU64,
     /// Connections closed for heartbeat timeout.
     pub heartbeat_timeouts: AtomicU64,
+    /// Gauge: 1 while the gossip task runs, 0 while it is down (the farm does not hear from this
+    /// node; `/healthz` answers 503).
+    pub gossip_up: AtomicU64,
+    /// Times the gossip task stopped on its own (a fatal socket error, a panic) and was restarted.
+    pub gossip_failures: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -154,6 +159,18 @@ impl Metrics {
             "counter",
             "Connections closed because the client sent nothing within the heartbeat timeout.",
             get(&self.heartbeat_timeouts),
+        );
+        metric(
+            "gossip_up",
+            "gauge",
+            "1 while this node gossips with the farm, 0 while its gossip is down.",
+            get(&self.gossip_up),
+        );
+        metric(
+            "gossip_failures_total",
+            "counter",
+            "Times gossip stopped on its own (socket error, panic) and was restarted.",
+            get(&self.gossip_failures),
         );
         let _ = writeln!(
             out,

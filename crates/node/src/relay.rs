@@ -13,6 +13,12 @@
 //! add/remove deltas) and receives the peer's messages on exactly those topics, each `msg` frame
 //! byte-for-byte the one the peer's own subscribers get.
 //!
+//! A subscription is confirmed (`sync_interest`) once every peer of the membership's [`Peers`]
+//! list has acknowledged the new interest — peers not linked yet included, since a peer that was
+//! just seen or just restarted would otherwise miss it — and, on a node that has just started,
+//! once the membership has heard from the farm; a peer that does not answer delays it at most
+//! [`SYNC_TIMEOUT`].
+//!
 //! Why it is exactly once and in order: a message travels only from the node where it was
 //! published straight to each interested peer (never forwarded again), over one link per peer
 //! (a newer link from the same peer replaces the older one), and each link is one ordered TCP
@@ -61,6 +67,16 @@ pub(crate) trait Relay: Send + Sync + 'static {
     fn stats(&self) -> (u64, u64);
 }
 
+/// The peers the relay should link to, as the membership sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Peers {
+    /// The membership has heard from the farm (or given up waiting): until then a just-started
+    /// node does not know whom to link to, and confirms no subscription.
+    pub(crate) settled: bool,
+    /// Peer name → relay url, for every peer that is live or may be (seen but not yet judged).
+    pub(crate) relays: BTreeMap<String, String>,
+}
+
 /// Frames a dialer sends on a relay link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -106,6 +122,8 @@ pub(crate) struct EmbeddedRelay {
     acked: Mutex<HashMap<String, u64>>,
     /// Ticks whenever `acked` changes.
     progress: watch::Sender<u64>,
+    /// The membership's peer list: `sync_interest` waits for each of them.
+    peers: watch::Receiver<Peers>,
 }
 
 impl EmbeddedRelay {
@@ -115,7 +133,7 @@ impl EmbeddedRelay {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         queue: usize,
-        peers: watch::Receiver<BTreeMap<String, String>>,
+        peers: watch::Receiver<Peers>,
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) -> Arc<Self> {
@@ -127,6 +145,7 @@ impl EmbeddedRelay {
             inbound: RwLock::new(HashMap::new()),
             acked: Mutex::new(HashMap::new()),
             progress: watch::channel(0).0,
+            peers: peers.clone(),
         });
         tracker.spawn(manage_links(relay.clone(), peers, cancel, tracker.clone()));
         relay
@@ -277,13 +296,37 @@ impl Relay for EmbeddedRelay {
             let target = self.hub.interest_version();
             let deadline = Instant::now() + SYNC_TIMEOUT;
             let mut progress = self.progress.subscribe();
+            let mut peers = self.peers.clone();
             loop {
-                if self.lock_acked().values().all(|acked| *acked >= target) {
+                // Every peer the membership lists, linked or not yet: a peer just seen (or just
+                // restarted) is not linked yet, and confirming before it knows our interest
+                // would let its next messages miss this subscription.
+                let synced = {
+                    let peers = peers.borrow_and_update();
+                    let acked = self.lock_acked();
+                    peers.settled
+                        && peers
+                            .relays
+                            .keys()
+                            .all(|peer| acked.get(peer).is_some_and(|v| *v >= target))
+                };
+                if synced {
                     return;
                 }
-                if timeout_at(deadline, progress.changed()).await.is_err() {
-                    debug!(target, "peers did not all acknowledge interest in time");
-                    return;
+                // `false`: the node is stopping (the membership is gone).
+                let changed = async {
+                    tokio::select! {
+                        changed = progress.changed() => changed.is_ok(),
+                        changed = peers.changed() => changed.is_ok(),
+                    }
+                };
+                match timeout_at(deadline, changed).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(_) => {
+                        debug!(target, "peers did not all acknowledge interest in time");
+                        return;
+                    }
                 }
             }
         })
@@ -302,13 +345,13 @@ impl Relay for EmbeddedRelay {
 /// Keeps one dialing task per live peer, following the membership's peer list.
 async fn manage_links(
     relay: Arc<EmbeddedRelay>,
-    mut peers: watch::Receiver<BTreeMap<String, String>>,
+    mut peers: watch::Receiver<Peers>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
     let mut links: HashMap<String, (String, CancellationToken)> = HashMap::new();
     loop {
-        let wanted = peers.borrow_and_update().clone();
+        let wanted = peers.borrow_and_update().relays.clone();
         links.retain(|name, (url, token)| {
             let keep = wanted.get(name) == Some(url);
             if !keep {
@@ -433,5 +476,71 @@ async fn run_link(
             Ok(LinkDown::InterestAck { version }) => relay.set_acked(peer, Some(version)),
             Err(err) => warn!(peer, error = %err, "bad relay frame"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relay whose peer list the test drives; no peer it lists ever answers.
+    fn relay(peers: watch::Receiver<Peers>) -> (Arc<EmbeddedRelay>, CancellationToken) {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let cancel = CancellationToken::new();
+        let relay = EmbeddedRelay::start(
+            "me".into(),
+            hub,
+            metrics,
+            8,
+            peers,
+            cancel.clone(),
+            &TaskTracker::new(),
+        );
+        (relay, cancel)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_settled_node_without_peers_confirms_at_once() {
+        let (_tx, rx) = watch::channel(Peers {
+            settled: true,
+            relays: BTreeMap::new(),
+        });
+        let (relay, cancel) = relay(rx);
+        let start = Instant::now();
+        relay.sync_interest().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listed_peer_without_a_link_is_waited_for() {
+        // Port 1 on loopback refuses: the peer is listed but never linked, never acknowledges.
+        let relays = BTreeMap::from([("p".to_string(), "ws://127.0.0.1:1/r".to_string())]);
+        let (_tx, rx) = watch::channel(Peers {
+            settled: true,
+            relays,
+        });
+        let (relay, cancel) = relay(rx);
+        let start = Instant::now();
+        relay.sync_interest().await;
+        assert_eq!(start.elapsed(), SYNC_TIMEOUT);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_has_not_heard_from_the_farm_waits_until_it_has() {
+        let (tx, rx) = watch::channel(Peers::default());
+        let (relay, cancel) = relay(rx);
+        let start = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send_modify(|peers| peers.settled = true);
+            // Kept open: a closed membership would end the wait too.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        relay.sync_interest().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        cancel.cancel();
     }
 }

@@ -12,8 +12,8 @@
 //! records carry each node's port); the demo's clients resolve it through that responder.
 
 use std::io::IsTerminal;
-use std::net::{IpAddr, SocketAddr};
-use std::process::{ExitCode, Stdio};
+use std::net::IpAddr;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use indicatif::ProgressBar;
 use streamfarm_client::{ClientOptions, ServiceAddress};
 use streamfarm_core::{FarmList, Status};
-use tokio::process::{Child, Command};
+use streamfarm_localfarm::{NodeProcess, NodeSpec, free_port};
 use tokio::time::Instant;
 
 use super::load::{FarmWatch, LiveTable, Summary, Swarm, millis, server_table, shutdown_signal};
@@ -50,18 +50,10 @@ pub(crate) struct Args {
     heartbeat_timeout_ms: u64,
 }
 
-/// One child node.
+/// One child node and its priority group.
 struct Node {
-    name: &'static str,
     priority: &'static str,
-    listen: SocketAddr,
-    child: Child,
-}
-
-impl Node {
-    fn url(&self) -> String {
-        format!("ws://{}/stream", self.listen)
-    }
+    process: NodeProcess,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -74,12 +66,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(130))
         }
     };
-    for node in &mut nodes {
-        let _ = node.child.start_kill();
-    }
-    for node in &mut nodes {
-        let _ = tokio::time::timeout(Duration::from_secs(5), node.child.wait()).await;
-    }
+    // Dropping the nodes kills and reaps them.
+    drop(nodes);
     result
 }
 
@@ -96,56 +84,39 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
     let layout = [("a", "A", 1u8), ("b", "A", 2), ("c", "B", 3)];
     let mut first_gossip = None;
     // Node c (group B, never the one killed) answers the service name.
-    let dns = free_port(IpAddr::from([127, 0, 0, 3]))
-        .await
-        .context("no free port for the DNS responder")?;
+    let dns =
+        free_port(IpAddr::from([127, 0, 0, 3])).context("no free port for the DNS responder")?;
     for (name, priority, last_octet) in layout {
         let ip = IpAddr::from([127, 0, 0, last_octet]);
         let listen = free_port(ip)
-            .await
             .with_context(|| format!("no free port on {ip} (is 127.0.0.{last_octet} usable?)"))?;
-        let mut command = Command::new(&exe);
-        command
-            .arg("serve")
-            .args(["--name", name, "--priority", priority])
-            .args(["--listen", &listen.to_string()])
-            .args([
-                "--heartbeat-interval-ms",
-                &(args.heartbeat_timeout_ms / 3).max(1).to_string(),
-            ])
-            .args([
-                "--heartbeat-timeout-ms",
-                &args.heartbeat_timeout_ms.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
+        let mut spec = NodeSpec::new(name, listen).flags([
+            "--priority",
+            priority,
+            "--heartbeat-interval-ms",
+            &(args.heartbeat_timeout_ms / 3).max(1).to_string(),
+            "--heartbeat-timeout-ms",
+            &args.heartbeat_timeout_ms.to_string(),
+        ]);
         if let Some(seed) = first_gossip {
-            command.args(["--join", &SocketAddr::to_string(&seed)]);
+            spec = spec.join(seed);
         }
         if name == "c" {
-            command.args(["--dns", &dns.to_string(), "--service-name", SERVICE_NAME]);
+            spec = spec.flags(["--dns", &dns.to_string(), "--service-name", SERVICE_NAME]);
         }
         // The gossip address defaults to the listen address over UDP.
         first_gossip.get_or_insert(listen);
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start node {name}"))?;
+        let process = NodeProcess::spawn(&exe, &spec)?;
         println!(
-            "  node {name}: group {priority}, ws://{listen}/stream (pid {})",
-            child.id().unwrap_or(0)
+            "  node {name}: group {priority}, {} (pid {})",
+            process.url(),
+            process.guard.pid()
         );
-        nodes.push(Node {
-            name,
-            priority,
-            listen,
-            child,
-        });
+        nodes.push(Node { priority, process });
     }
     let seeds = nodes
         .iter()
-        .map(|n| n.listen.to_string())
+        .map(|n| n.process.listen.to_string())
         .collect::<Vec<_>>()
         .join(",");
     let seeds: ServiceAddress = seeds.parse()?;
@@ -232,15 +203,14 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
     let victim = nodes
         .iter_mut()
         .filter(|n| n.priority == "A")
-        .max_by_key(|n| before.get(&n.url()).copied().unwrap_or(0))
+        .max_by_key(|n| before.get(&n.process.url()).copied().unwrap_or(0))
         .context("no node in group A")?;
-    let held = before.get(&victim.url()).copied().unwrap_or(0);
-    victim.child.start_kill().context("cannot kill the node")?;
-    let _ = victim.child.wait().await;
-    let killed_url = victim.url();
+    let held = before.get(&victim.process.url()).copied().unwrap_or(0);
+    victim.process.guard.kill();
+    let killed_url = victim.process.url();
     println!(
         "\nSIGKILL node {} ({killed_url}), which held {held} clients",
-        victim.name
+        victim.process.name
     );
     let failovers_before = swarm.stats.failovers();
     let killed_at = Instant::now();
@@ -376,9 +346,7 @@ async fn wait_for_farm(
     let deadline = Instant::now() + limit;
     loop {
         for node in nodes.iter_mut() {
-            if let Ok(Some(status)) = node.child.try_wait() {
-                bail!("node {} exited early ({status})", node.name);
-            }
+            node.process.guard.check_alive()?;
         }
         if let Ok((list, _)) = streamfarm_client::fetch_list(service, options).await {
             let up = list
@@ -395,17 +363,4 @@ async fn wait_for_farm(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// A port on `ip` that is free now (TCP; the node's gossip takes the same number over UDP).
-async fn free_port(ip: IpAddr) -> std::io::Result<SocketAddr> {
-    for _ in 0..20 {
-        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
-        let addr = listener.local_addr()?;
-        drop(listener);
-        if std::net::UdpSocket::bind(addr).is_ok() {
-            return Ok(addr);
-        }
-    }
-    Err(std::io::Error::other("no port free for both TCP and UDP"))
 }

@@ -5,12 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use streamfarm_client::{Client, ClientOptions, Event, ServiceAddress};
 use streamfarm_core::{FarmList, Status};
+use streamfarm_localfarm::{NodeProcess, NodeSpec, Signal, free_port};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -36,81 +38,55 @@ pub(crate) fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_streamfarm")
 }
 
-/// A node process; killed when dropped.
-pub(crate) struct Node {
-    pub(crate) name: String,
-    pub(crate) priority: String,
-    pub(crate) listen: SocketAddr,
-    join: Option<SocketAddr>,
-    child: Option<Child>,
+/// A node process with [`NODE_FLAGS`]; killed when dropped. The rest of its interface is
+/// [`NodeProcess`]'s (`name`, `listen`, `url()`, `kill()`, …).
+pub(crate) struct Node(NodeProcess);
+
+impl Deref for Node {
+    type Target = NodeProcess;
+    fn deref(&self) -> &NodeProcess {
+        &self.0
+    }
+}
+
+impl DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut NodeProcess {
+        &mut self.0
+    }
 }
 
 impl Node {
+    /// Starts the node without waiting for it.
     pub(crate) fn start(
         name: &str,
         listen: SocketAddr,
         priority: &str,
         join: Option<SocketAddr>,
     ) -> Node {
-        let mut node = Node {
-            name: name.to_string(),
-            priority: priority.to_string(),
-            listen,
-            join,
-            child: None,
-        };
-        node.spawn();
-        node
-    }
-
-    fn spawn(&mut self) {
-        let mut command = Command::new(exe());
-        command
-            .arg("serve")
-            .args(["--name", &self.name, "--priority", &self.priority])
-            .args(["--listen", &self.listen.to_string()])
-            .args(NODE_FLAGS)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        if std::env::var_os("STREAMFARM_TEST_NODE_LOGS").is_none() {
-            command.stderr(Stdio::null());
-        }
-        if let Some(join) = self.join {
-            command.args(["--join", &join.to_string()]);
-        }
-        self.child = Some(command.spawn().expect("start streamfarm serve"));
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("ws://{}/stream", self.listen)
-    }
-
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// SIGKILL, and reap.
-    pub(crate) fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let mut spec = NodeSpec::new(name, listen)
+            .flags(["--priority", priority])
+            .flags(NODE_FLAGS);
+        spec.join.extend(join);
+        Node(NodeProcess::spawn(Path::new(exe()), &spec).expect("start streamfarm serve"))
     }
 
     /// Starts the node again, same name and address, joining the farm through `join`.
     pub(crate) fn restart(&mut self, join: SocketAddr) {
-        self.kill();
-        self.join = Some(join);
-        self.spawn();
+        self.0
+            .restart(Some(join))
+            .expect("restart streamfarm serve");
     }
 
+    /// Sends `SIGSTOP`, `SIGCONT`, … by name (`"STOP"`).
     pub(crate) fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed");
+        let signal = match signal {
+            "STOP" => Signal::STOP,
+            "CONT" => Signal::CONT,
+            "TERM" => Signal::TERM,
+            "KILL" => Signal::KILL,
+            other => panic!("no signal {other} in the tests"),
+        };
+        self.0.signal(signal).expect("signal the node");
     }
 
     /// Sets the node's status through its admin API.
@@ -135,30 +111,9 @@ impl Node {
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            // A stopped process must be continued to die promptly on some systems.
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(child.id().to_string())
-                .status();
-        }
-        self.kill();
-    }
-}
-
 /// A port free for TCP and UDP on `ip` (the node gossips on the same number over UDP).
 pub(crate) fn free_addr(ip: [u8; 4]) -> SocketAddr {
-    for _ in 0..50 {
-        let listener = std::net::TcpListener::bind((IpAddr::from(ip), 0)).unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        if std::net::UdpSocket::bind(addr).is_ok() {
-            return addr;
-        }
-    }
-    panic!("no free port on {ip:?}");
+    free_port(IpAddr::from(ip)).expect("a free port")
 }
 
 /// Polls `condition` every 50 ms until it holds or `limit` passes; true when it held.

@@ -127,20 +127,8 @@ fn deficits(loads: &[Load], water: f64) -> (f64, Vec<f64>) {
 mod tests {
     use std::time::Duration;
 
-    use crate::model::{FarmList, ServerEntry, Status};
+    use crate::model::test_farm as farm;
     use crate::selection::{Context, Policy, probabilities, probabilities_with};
-
-    fn farm(users: &[u64]) -> FarmList {
-        FarmList::new(
-            users
-                .iter()
-                .enumerate()
-                .map(|(i, &u)| {
-                    ServerEntry::new(format!("s{i}"), format!("ws://s{i}/"), Status::Up, u, "A")
-                })
-                .collect(),
-        )
-    }
 
     fn stale(seconds: f64, rate: f64) -> Context {
         Context {
