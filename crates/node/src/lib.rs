@@ -132,11 +132,24 @@ impl Shared {
     /// Publishes a message farm-wide: serialized once, delivered here, forwarded to peers.
     /// Returns the number of local deliveries.
     pub(crate) fn publish(&self, topic: &str, data: String, encoding: Encoding) -> usize {
+        let mut wakes = hub::FrameWakes::default();
+        self.publish_batched(topic, data, encoding, &mut wakes)
+    }
+
+    /// [`Shared::publish`], with the local subscribers' writers woken by `wakes` (see
+    /// [`Hub::deliver_batched`]).
+    pub(crate) fn publish_batched(
+        &self,
+        topic: &str,
+        data: String,
+        encoding: Encoding,
+        wakes: &mut hub::FrameWakes,
+    ) -> usize {
         metrics::inc(&self.metrics.messages_published);
         let frame = hub::msg_frame(topic, data, encoding);
-        let local = self.hub.deliver(topic, &frame);
+        // Peers first: their subscribers wait on a network hop, ours only on the local queues.
         self.relay.forward(topic, &frame);
-        local
+        self.hub.deliver_batched(topic, &frame, wakes)
     }
 
     /// The farm list, stamped now.
