@@ -62,6 +62,12 @@ pub struct NodeConfig {
     /// The node closes a connection that sent nothing for this long.
     #[serde(default = "default_heartbeat_timeout_ms")]
     pub heartbeat_timeout_ms: u64,
+    /// Connections the kernel may hold ready for the listener before it accepts them (the listen
+    /// backlog). After a mass failover every client of a dead node dials the survivors at once;
+    /// a full queue drops their SYNs, and each dropped client waits a 1 s SYN retry. Linux caps it
+    /// at `net.core.somaxconn`.
+    #[serde(default = "default_listen_backlog")]
+    pub listen_backlog: u32,
     /// Most streaming connections held at once; more are refused with `SERVER_FULL`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -120,6 +126,9 @@ fn default_heartbeat_interval_ms() -> u64 {
 }
 fn default_heartbeat_timeout_ms() -> u64 {
     3_000
+}
+fn default_listen_backlog() -> u32 {
+    4096
 }
 fn default_max_connections() -> usize {
     100_000
@@ -188,6 +197,7 @@ impl NodeConfig {
             failure_timeout_ms: default_failure_timeout_ms(),
             heartbeat_interval_ms: default_heartbeat_interval_ms(),
             heartbeat_timeout_ms: default_heartbeat_timeout_ms(),
+            listen_backlog: default_listen_backlog(),
             max_connections: default_max_connections(),
             max_frame_bytes: default_max_frame_bytes(),
             send_queue: default_send_queue(),
@@ -238,6 +248,9 @@ impl NodeConfig {
                 "heartbeat_timeout_ms",
                 "must be greater than heartbeat_interval_ms, which must be positive",
             );
+        }
+        if self.listen_backlog == 0 || self.listen_backlog > i32::MAX as u32 {
+            return invalid("listen_backlog", "must be between 1 and 2147483647");
         }
         if self.max_frame_bytes < 256 {
             return invalid("max_frame_bytes", "must be at least 256");
@@ -328,6 +341,17 @@ mod tests {
         let err =
             NodeConfig::from_toml("name = \"a\"\nlisten_addr = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn listen_backlog_defaults_to_4096_and_is_read() {
+        assert_eq!(NodeConfig::new("a").listen_backlog, 4096);
+        let config = NodeConfig::from_toml("name = \"a\"\nlisten_backlog = 16384").unwrap();
+        assert_eq!(config.listen_backlog, 16384);
+        let mut config = NodeConfig::new("a");
+        config.listen_backlog = 0;
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("listen_backlog"), "{err}");
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub(crate) const RELAY_PATH: &str = "/internal/relay";
 const ENVELOPE_SLACK: usize = 1024;
 /// tungstenite's read buffer, allocated per connection: small, so idle connections are cheap.
 const READ_BUFFER_BYTES: usize = 256;
+/// Frames tungstenite gathers before it writes to the socket by itself; the session's writer
+/// flushes after each burst anyway. Not 0: with 0, tungstenite writes every frame with its own
+/// `send` syscall, whatever the writer's bursts, and that was three quarters of the node's CPU
+/// under fan-out (BENCHMARKS.md, profiling round 2). The buffer grows only as far as a burst
+/// needs it, so an idle connection pays nothing for it.
+const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// The router of one node.
 pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
@@ -63,7 +69,7 @@ async fn stream(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) ->
         .max_message_size(max)
         .max_frame_size(max)
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0);
+        .write_buffer_size(WRITE_BUFFER_BYTES);
     let status = *shared.status.borrow();
     let refusal = match status {
         Status::Up => None,

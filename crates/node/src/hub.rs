@@ -2,7 +2,10 @@
 //!
 //! Each message is serialized once into a `msg` frame ([`Utf8Bytes`], a reference-counted
 //! buffer) and the same buffer is queued to every subscriber: fan-out costs one atomic increment
-//! and one `try_send` per subscriber, never a copy or a re-serialization.
+//! and one queue push per subscriber, never a copy or a re-serialization. A publisher that reads
+//! several messages at once delivers them with [`Hub::deliver_batched`], which wakes each
+//! subscriber's writer once for the whole batch (see [`crate::queue`]'s deferred wake-ups), so
+//! the writer sends the batch in one syscall.
 //!
 //! Every connection has a bounded send queue. A subscriber whose queue is full is not waited for:
 //! it is closed with `SLOW_CONSUMER` (4001) and counted, so one slow client never slows the others
@@ -23,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::{self, Metrics};
-use crate::queue::{PushError, SendQueue};
+use crate::queue::{PushError, SendQueue, Wakes};
+
+/// Writers to wake once a publisher's batch of messages is queued.
+pub(crate) type FrameWakes = Wakes<Message>;
 
 /// Identifies one streaming connection within this node.
 pub(crate) type ConnId = u64;
@@ -77,8 +83,19 @@ impl Outlet {
     /// Queues a frame without waiting; a full queue closes the connection as a slow consumer.
     /// Returns whether the frame was queued.
     pub(crate) fn offer(&self, frame: Message, metrics: &Metrics) -> bool {
-        match self.queue.push(frame) {
-            Ok(()) => true,
+        let mut wakes = FrameWakes::default();
+        self.offer_deferred(frame, metrics, &mut wakes)
+    }
+
+    /// [`Outlet::offer`], leaving the writer's wake-up to `wakes`.
+    fn offer_deferred(&self, frame: Message, metrics: &Metrics, wakes: &mut FrameWakes) -> bool {
+        match self.queue.push_deferred(frame) {
+            Ok(wake) => {
+                if wake {
+                    wakes.add(&self.queue);
+                }
+                true
+            }
             Err(PushError::Full) => {
                 if !self.closer.is_closed() {
                     metrics::inc(&metrics.slow_consumers);
@@ -197,18 +214,37 @@ impl Hub {
         }
     }
 
-    /// Queues a `msg` frame to every local subscriber of `topic`; returns how many got it.
+    /// Queues a `msg` frame to every local subscriber of `topic` and wakes their writers;
+    /// returns how many got it.
+    #[cfg(test)]
     pub(crate) fn deliver(&self, topic: &str, frame: &Utf8Bytes) -> usize {
-        let map = self.topics.read().unwrap_or_else(|e| e.into_inner());
-        let Some(subscribers) = map.get(topic) else {
-            return 0;
-        };
-        let mut delivered = 0;
-        for outlet in subscribers.values() {
-            if outlet.offer(Message::Text(frame.clone()), &self.metrics) {
-                delivered += 1;
+        let mut wakes = FrameWakes::default();
+        self.deliver_batched(topic, frame, &mut wakes)
+    }
+
+    /// Queues a `msg` frame to every local subscriber of `topic`; returns how many got it. Their
+    /// writers are woken by `wakes`: at the latest once it holds [`Wakes::MAX_MESSAGES`]
+    /// messages, or when the caller wakes or drops it.
+    pub(crate) fn deliver_batched(
+        &self,
+        topic: &str,
+        frame: &Utf8Bytes,
+        wakes: &mut FrameWakes,
+    ) -> usize {
+        let delivered = {
+            let map = self.topics.read().unwrap_or_else(|e| e.into_inner());
+            let Some(subscribers) = map.get(topic) else {
+                return 0;
+            };
+            let mut delivered = 0;
+            for outlet in subscribers.values() {
+                if outlet.offer_deferred(Message::Text(frame.clone()), &self.metrics, wakes) {
+                    delivered += 1;
+                }
             }
-        }
+            delivered
+        };
+        wakes.message_done();
         metrics::add(&self.metrics.messages_delivered, delivered as u64);
         debug!(topic, delivered, "delivered");
         delivered
@@ -236,6 +272,27 @@ impl Hub {
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Closer>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The next item of `stream`; whenever none is ready yet, first wakes the writers of what was
+/// delivered so far. A publisher's reader awaits this, so the messages it can read at once are
+/// delivered as one batch (see [`crate::queue`]'s deferred wake-ups), and no writer waits while
+/// the reader itself waits for input.
+pub(crate) fn next_or_wake<'a, S>(
+    stream: &'a mut S,
+    wakes: &'a mut FrameWakes,
+) -> impl std::future::Future<Output = Option<S::Item>> + 'a
+where
+    S: futures_util::Stream + Unpin,
+{
+    use futures_util::StreamExt;
+    std::future::poll_fn(move |cx| {
+        let next = stream.poll_next_unpin(cx);
+        if next.is_pending() {
+            wakes.wake_all();
+        }
+        next
+    })
 }
 
 /// Serializes a `msg` frame once, for every subscriber and peer node.
@@ -304,6 +361,24 @@ mod tests {
         assert!(!fast.closer.is_closed());
         assert!(fast_rx.try_pop().is_some() && fast_rx.try_pop().is_some());
         assert_eq!(hub.metrics().slow_consumers.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_batch_wakes_each_writer_once() {
+        let hub = Hub::new(Arc::default());
+        let (a, a_rx) = outlet(8);
+        let a_id = hub.register(a.closer.clone());
+        hub.subscribe(a_id, &a, ["t"]);
+        let frame = msg_frame("t", "x".into(), Encoding::Utf8);
+        let mut wakes = FrameWakes::default();
+        for _ in 0..3 {
+            assert_eq!(hub.deliver_batched("t", &frame, &mut wakes), 1);
+        }
+        // One wake for the queue that went from empty to not empty, none for the others.
+        assert_eq!(wakes.pending(), 1);
+        wakes.wake_all();
+        assert_eq!(wakes.pending(), 0);
+        assert!((0..3).all(|_| a_rx.try_pop().is_some()));
     }
 
     #[test]

@@ -52,7 +52,7 @@ use axum::serve::ListenerExt;
 use streamfarm_core::protocol::{Encoding, close};
 use streamfarm_core::{FarmList, Status};
 use streamfarm_dns::DnsServer;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -132,11 +132,24 @@ impl Shared {
     /// Publishes a message farm-wide: serialized once, delivered here, forwarded to peers.
     /// Returns the number of local deliveries.
     pub(crate) fn publish(&self, topic: &str, data: String, encoding: Encoding) -> usize {
+        let mut wakes = hub::FrameWakes::default();
+        self.publish_batched(topic, data, encoding, &mut wakes)
+    }
+
+    /// [`Shared::publish`], with the local subscribers' writers woken by `wakes` (see
+    /// [`Hub::deliver_batched`]).
+    pub(crate) fn publish_batched(
+        &self,
+        topic: &str,
+        data: String,
+        encoding: Encoding,
+        wakes: &mut hub::FrameWakes,
+    ) -> usize {
         metrics::inc(&self.metrics.messages_published);
         let frame = hub::msg_frame(topic, data, encoding);
-        let local = self.hub.deliver(topic, &frame);
+        // Peers first: their subscribers wait on a network hop, ours only on the local queues.
         self.relay.forward(topic, &frame);
-        local
+        self.hub.deliver_batched(topic, &frame, wakes)
     }
 
     /// The farm list, stamped now.
@@ -171,6 +184,32 @@ impl Shared {
     }
 }
 
+/// Binds the HTTP/WebSocket listener with room for `backlog` connections not yet accepted.
+fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does on Unix: a restarted node rebinds at once despite TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    #[cfg(target_os = "linux")]
+    if let Some(cap) = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        && cap < backlog
+    {
+        warn!(
+            listen_backlog = backlog,
+            somaxconn = cap,
+            "the kernel caps the listen backlog at net.core.somaxconn"
+        );
+    }
+    socket.listen(backlog)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -191,13 +230,12 @@ impl NodeHandle {
     /// Validates `config`, binds the listener and gossip sockets, and starts serving.
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         config.validate()?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| NodeError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind_listener(config.listen, config.listen_backlog).map_err(|source| {
+            NodeError::Listen {
+                addr: config.listen,
+                source,
+            }
+        })?;
         let listen_addr = listener.local_addr().map_err(|source| NodeError::Listen {
             addr: config.listen,
             source,
@@ -410,5 +448,42 @@ impl Drop for NodeHandle {
     fn drop(&mut self) {
         // The membership task stops gossip; if the runtime is gone, dropping it aborts gossip.
         self.shared.cancel.cancel();
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// The listen backlog the kernel applies to `listener`, as `ss` reports it (its `Send-Q`
+    /// column, for a listening socket). `ss` is iproute2's, on every Linux with `ip`.
+    fn kernel_backlog(listener: &TcpListener) -> u32 {
+        let port = listener.local_addr().unwrap().port();
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("ss lists :{port}: {text:?}"));
+        // State Recv-Q Send-Q Local Peer
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_configured_backlog_reaches_the_listening_socket() {
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let default = NodeConfig::new("a").listen_backlog;
+        for backlog in [7, 300, default] {
+            let listener = bind_listener(addr, backlog).unwrap();
+            assert_eq!(kernel_backlog(&listener), backlog.min(somaxconn));
+        }
     }
 }

@@ -4,11 +4,20 @@
 //! Why not `tokio::sync::mpsc`: a bounded mpsc channel allocates its slots in blocks of 32, about
 //! 1.3 KiB per connection before anything is queued — a third of the memory budget of an idle
 //! connection. This queue is a `VecDeque` behind a mutex that holds only what is queued, and gives
-//! its buffer back when a burst has drained. Producers never wait: [`SendQueue::push`] fails when
+//! its buffer back when a burst has drained. Producers never wait: [`SendQueue::push_deferred`] fails when
 //! the queue is full, and the caller decides (the hub closes the connection as a slow consumer).
+//!
+//! # Deferred wake-ups
+//! Fan-out can push without waking the consumer ([`SendQueue::push_deferred`]) and collect the
+//! queues to wake in a [`Wakes`] batch, woken together once the producer has handled every
+//! message it could read at once. Why: a writer woken for each message writes each frame with its
+//! own `send` syscall, which was three quarters of the node's CPU under fan-out (see
+//! BENCHMARKS.md, profiling round 2). Woken once per batch, it writes the whole batch in one.
+//! Only a push into an empty queue needs a wake: a consumer waits only after it found the queue
+//! empty.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -56,20 +65,32 @@ impl<T> SendQueue<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `item` without waiting.
+    /// Queues `item` without waiting, and wakes the consumer.
+    #[cfg(test)]
     pub(crate) fn push(&self, item: T) -> Result<(), PushError> {
-        {
-            let mut state = self.lock();
-            if state.closed {
-                return Err(PushError::Closed);
-            }
-            if state.items.len() >= self.capacity {
-                return Err(PushError::Full);
-            }
-            state.items.push_back(item);
-        }
+        self.push_deferred(item)?;
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Queues `item` without waiting and without waking the consumer; returns whether the
+    /// consumer needs a [`SendQueue::wake`] (the queue was empty, so it may be waiting).
+    pub(crate) fn push_deferred(&self, item: T) -> Result<bool, PushError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(PushError::Closed);
+        }
+        if state.items.len() >= self.capacity {
+            return Err(PushError::Full);
+        }
+        let was_empty = state.items.is_empty();
+        state.items.push_back(item);
+        Ok(was_empty)
+    }
+
+    /// Wakes the consumer (after [`SendQueue::push_deferred`]).
+    pub(crate) fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// The next item without waiting, if any.
@@ -100,6 +121,64 @@ impl<T> SendQueue<T> {
     pub(crate) fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_one();
+    }
+}
+
+/// Queues pushed to with [`SendQueue::push_deferred`] whose consumers still need a wake. See the
+/// module docs. Dropping the batch wakes them, so no wake-up is ever lost.
+#[derive(Debug)]
+pub(crate) struct Wakes<T> {
+    queues: Vec<Arc<SendQueue<T>>>,
+    /// Messages delivered since the last [`Wakes::wake_all`].
+    messages: usize,
+}
+
+impl<T> Default for Wakes<T> {
+    fn default() -> Self {
+        Wakes {
+            queues: Vec::new(),
+            messages: 0,
+        }
+    }
+}
+
+impl<T> Wakes<T> {
+    /// Most messages a batch holds back before it wakes its consumers anyway: bounds the delay
+    /// a busy publisher adds to the first of them.
+    pub(crate) const MAX_MESSAGES: usize = 32;
+
+    /// Remembers that `queue`'s consumer needs a wake.
+    pub(crate) fn add(&mut self, queue: &Arc<SendQueue<T>>) {
+        self.queues.push(queue.clone());
+    }
+
+    /// Counts one message delivered into the batch; wakes everyone once it holds
+    /// [`Wakes::MAX_MESSAGES`].
+    pub(crate) fn message_done(&mut self) {
+        self.messages += 1;
+        if self.messages >= Self::MAX_MESSAGES {
+            self.wake_all();
+        }
+    }
+
+    /// Consumers waiting for [`Wakes::wake_all`].
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Wakes every consumer collected so far.
+    pub(crate) fn wake_all(&mut self) {
+        self.messages = 0;
+        for queue in self.queues.drain(..) {
+            queue.wake();
+        }
+    }
+}
+
+impl<T> Drop for Wakes<T> {
+    fn drop(&mut self) {
+        self.wake_all();
     }
 }
 
@@ -139,6 +218,32 @@ mod tests {
         }
         queue.close();
         assert_eq!(consumer.await.unwrap(), vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn deferred_pushes_wake_the_consumer_once_the_batch_wakes() {
+        let queue = Arc::new(SendQueue::new(8));
+        let consumer = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.pop().await })
+        };
+        // Current-thread runtime: one yield lets the consumer find the queue empty and wait.
+        tokio::task::yield_now().await;
+        assert!(!consumer.is_finished());
+        let mut wakes = Wakes::default();
+        assert_eq!(queue.push_deferred(1), Ok(true));
+        wakes.add(&queue);
+        assert_eq!(
+            queue.push_deferred(2),
+            Ok(false),
+            "not empty: no wake needed"
+        );
+        tokio::task::yield_now().await;
+        assert!(!consumer.is_finished(), "woken before the batch woke it");
+        wakes.wake_all();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), consumer).await;
+        assert_eq!(got.expect("woken").unwrap(), Some(1));
+        assert_eq!(queue.try_pop(), Some(2));
     }
 
     #[test]

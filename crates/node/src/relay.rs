@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::hub::{Closer, Hub};
+use crate::hub::{Closer, FrameWakes, Hub, next_or_wake};
 use crate::metrics::{self, Metrics};
 
 /// How long a subscription waits for peers to acknowledge the new interest.
@@ -424,11 +424,14 @@ async fn run_link(
     let (mut sink, mut stream) = socket.split();
     let mut interest_rx = relay.hub.interest_watch();
     let mut sent: HashSet<String> = HashSet::new();
+    // Messages read at once from the link are delivered as one batch (see `next_or_wake`).
+    let mut wakes = FrameWakes::default();
     // The whole interest goes out first; afterwards only deltas.
     let mut dirty = true;
     loop {
         if dirty {
             dirty = false;
+            wakes.wake_all();
             interest_rx.mark_unchanged();
             let (version, now) = relay.hub.interest();
             let add: Vec<String> = now.difference(&sent).cloned().collect();
@@ -456,7 +459,7 @@ async fn run_link(
                 dirty = true;
                 continue;
             }
-            next = stream.next() => next,
+            next = next_or_wake(&mut stream, &mut wakes) => next,
         };
         let text = match next {
             Some(Ok(WsMessage::Text(text))) => text,
@@ -468,7 +471,7 @@ async fn run_link(
                 metrics::inc(&relay.metrics.relay_messages_in);
                 match Utf8Bytes::try_from(bytes::Bytes::from(text)) {
                     Ok(frame) => {
-                        relay.hub.deliver(&topic, &frame);
+                        relay.hub.deliver_batched(&topic, &frame, &mut wakes);
                     }
                     Err(err) => warn!(error = %err, "relay frame is not UTF-8"),
                 }

@@ -23,7 +23,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info};
 
 use crate::Shared;
-use crate::hub::{Closer, ConnId, Outlet};
+use crate::hub::{Closer, ConnId, FrameWakes, Outlet, next_or_wake};
 use crate::metrics;
 use crate::queue::SendQueue;
 
@@ -85,6 +85,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         outlet,
         topics: HashSet::new(),
         watching_farm: false,
+        wakes: FrameWakes::default(),
     };
     reader.greet();
     let hub = shared.hub.clone();
@@ -132,6 +133,9 @@ struct Reader {
     topics: HashSet<String>,
     /// Whether the client asked for farm list updates.
     watching_farm: bool,
+    /// Subscribers' writers to wake for the messages this connection published and that are
+    /// not yet woken: woken once no more input is ready (see [`next_or_wake`]).
+    wakes: FrameWakes,
 }
 
 impl Reader {
@@ -164,6 +168,16 @@ impl Reader {
     /// Reads until the connection ends; returns the stream if it is still open (we are closing).
     async fn run(
         &mut self,
+        stream: futures_util::stream::SplitStream<WebSocket>,
+    ) -> Option<futures_util::stream::SplitStream<WebSocket>> {
+        let stream = self.read(stream).await;
+        self.wakes.wake_all();
+        stream
+    }
+
+    /// [`Reader::run`] without the last wake-up.
+    async fn read(
+        &mut self,
         mut stream: futures_util::stream::SplitStream<WebSocket>,
     ) -> Option<futures_util::stream::SplitStream<WebSocket>> {
         let closer = self.outlet.closer.clone();
@@ -185,7 +199,7 @@ impl Reader {
                     let list = farm_rx.borrow_and_update().clone();
                     self.send(&ServerFrame::Farm(list));
                 }
-                next = timeout(heartbeat_timeout, stream.next()) => match next {
+                next = timeout(heartbeat_timeout, next_or_wake(&mut stream, &mut self.wakes)) => match next {
                     Err(_) => {
                         metrics::inc(&self.shared.metrics.heartbeat_timeouts);
                         info!(conn = self.id, "closing: heartbeat timeout");
@@ -299,6 +313,8 @@ impl Reader {
     }
 
     async fn subscribe(&mut self, topics: Vec<String>) {
+        // Nothing of ours waits while we wait for the peers.
+        self.wakes.wake_all();
         if let Some(problem) = topics.iter().find_map(|t| check_topic(t).err()) {
             self.error("bad_topic", problem);
             return;
@@ -322,7 +338,7 @@ impl Reader {
         self.send(&ServerFrame::Subscribed { topics });
     }
 
-    fn publish(&self, topic: String, data: String, encoding: Encoding) {
+    fn publish(&mut self, topic: String, data: String, encoding: Encoding) {
         if !self.shared.config.allow_client_publish {
             self.error("not_allowed", "this node does not accept pub frames");
             return;
@@ -339,7 +355,8 @@ impl Reader {
             self.error("bad_frame", "data is not valid base64");
             return;
         }
-        self.shared.publish(&topic, data, encoding);
+        self.shared
+            .publish_batched(&topic, data, encoding, &mut self.wakes);
     }
 }
 

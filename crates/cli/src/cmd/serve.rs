@@ -61,6 +61,10 @@ struct Settings {
     /// The node closes a client silent for this long, ms.
     #[arg(long, env = "STREAMFARM_HEARTBEAT_TIMEOUT_MS")]
     heartbeat_timeout_ms: Option<u64>,
+    /// Connections the kernel queues for the listener before they are accepted (default 4096;
+    /// Linux caps it at net.core.somaxconn).
+    #[arg(long, env = "STREAMFARM_LISTEN_BACKLOG")]
+    listen_backlog: Option<u32>,
     /// Most streaming connections held at once.
     #[arg(long, env = "STREAMFARM_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -139,6 +143,7 @@ impl Settings {
             failure_timeout_ms,
             heartbeat_interval_ms,
             heartbeat_timeout_ms,
+            listen_backlog,
             max_connections,
             max_frame_bytes,
             send_queue,
@@ -236,6 +241,31 @@ mod tests {
         assert_eq!(config.failure_timeout_ms, 1500);
         assert_eq!(config.join, vec!["127.0.0.1:1", "127.0.0.1:2"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_listen_backlog_comes_from_the_file_or_a_flag() {
+        let dir = std::env::temp_dir().join(format!("streamfarm-backlog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        std::fs::write(&path, "name = \"a\"\nlisten_backlog = 8192\n").unwrap();
+        let from_file = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--config", path.to_str().unwrap()];
+            argv.extend(extra);
+            Cli::try_parse_from(argv)
+                .unwrap()
+                .args
+                .settings
+                .into_config()
+                .unwrap()
+                .listen_backlog
+        };
+        assert_eq!(from_file(&[]), 8192);
+        assert_eq!(from_file(&["--listen-backlog", "16384"]), 16384);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let cli = Cli::try_parse_from(["serve", "--name", "a", "--listen-backlog", "0"]).unwrap();
+        let err = cli.args.settings.into_config().unwrap_err();
+        assert!(err.to_string().contains("listen_backlog"), "{err}");
     }
 
     #[test]
