@@ -672,6 +672,9 @@ async fn send_on(live: &mut Option<Live>, frame: ClientFrame) {
     }
 }
 
+/// Subscribing may take this many connect timeouts.
+const SUBSCRIBE_TIMEOUT_FACTOR: u32 = 3;
+
 /// Connects to `server` (or uses the list connection it already has) and subscribes `topics`.
 async fn connect(
     dials: Arc<DialCounters>,
@@ -691,12 +694,17 @@ async fn connect(
             }
             None => connection::dial_url(&server, &resolver, source, timeout).await?,
         };
-        let early = tokio::time::timeout(timeout, connection::subscribe(&mut conn, &topics))
+        // A node confirms a subscription once its peers hold the interest, and a peer that does
+        // not answer (one just killed, still listed) holds that up to a second
+        // (`docs/PROTOCOL.md`): give subscribing more room than a connect, or a failover storm
+        // turns that wait into a failed server and another attempt.
+        let allowed = timeout.saturating_mul(SUBSCRIBE_TIMEOUT_FACTOR);
+        let early = tokio::time::timeout(allowed, connection::subscribe(&mut conn, &topics))
             .await
             .map_err(|_| Error::TimedOut {
                 what: "subscribing",
                 url: server.clone(),
-                after: timeout,
+                after: allowed,
             })??;
         Ok(Subscribed {
             conn,
