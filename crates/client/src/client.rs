@@ -340,6 +340,7 @@ impl Driver {
                     Action::Connect {
                         server,
                         reuse_list_connection,
+                        retry,
                     } => {
                         let reused = if reuse_list_connection {
                             list_conn.take()
@@ -353,7 +354,11 @@ impl Driver {
                             self.topics.iter().cloned().collect(),
                             self.resolver.clone(),
                             self.options.source_address,
-                            self.options.connect_timeout,
+                            if retry {
+                                self.options.retry_timeout.min(self.options.connect_timeout)
+                            } else {
+                                self.options.connect_timeout
+                            },
                         )));
                     }
                     Action::DropListConnection => {

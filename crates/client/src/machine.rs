@@ -213,6 +213,10 @@ pub enum Action {
         server: String,
         /// Use the held list connection.
         reuse_list_connection: bool,
+        /// This is the retry of a server just lost or refused: the driver gives it a shorter
+        /// connect timeout (a server that was fine a moment ago answers at once or not at all;
+        /// a dying one can leave a SYN unanswered until the timeout).
+        retry: bool,
     },
     /// Close the held list connection (its server was not picked, or the round is over).
     DropListConnection,
@@ -442,6 +446,7 @@ impl Machine {
                     actions.push(Action::Connect {
                         server: server.clone(),
                         reuse_list_connection: false,
+                        retry: true,
                     });
                     self.state = State::Connecting {
                         server,
@@ -471,6 +476,7 @@ impl Machine {
                     actions.push(Action::Connect {
                         server: server.clone(),
                         reuse_list_connection: false,
+                        retry: true,
                     });
                     self.state = State::Connecting {
                         server,
@@ -530,6 +536,7 @@ impl Machine {
                 actions.push(Action::Connect {
                     server: server.clone(),
                     reuse_list_connection: reuse,
+                    retry: false,
                 });
                 self.state = State::Connecting {
                     server,
@@ -689,6 +696,15 @@ mod tests {
         Action::Connect {
             server: server.to_string(),
             reuse_list_connection: reuse,
+            retry: false,
+        }
+    }
+
+    fn retry_of(server: &str) -> Action {
+        Action::Connect {
+            server: server.to_string(),
+            reuse_list_connection: false,
+            retry: true,
         }
     }
 
@@ -960,7 +976,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m = connected_in_three(RetryMode::RetryOnce, 2, [100, 0, 0], t0);
         let actions = m.handle(lost(A, LossCause::Broken("reset".into())), t0);
-        assert_eq!(actions[1], connect(A, false));
+        assert_eq!(actions[1], retry_of(A));
         let actions = m.handle(failed(A), t0);
         let urls = asked(&actions);
         assert!(!urls.contains(&A.to_string()), "{urls:?}");
@@ -1019,6 +1035,7 @@ mod tests {
                 Action::Connect {
                     server,
                     reuse_list_connection,
+                    ..
                 },
             ] = &actions[..]
             else {
@@ -1079,6 +1096,7 @@ mod tests {
                 Action::Connect {
                     server,
                     reuse_list_connection,
+                    ..
                 },
             ] = &actions[..]
             else {
@@ -1139,7 +1157,7 @@ mod tests {
         m.handle(Input::Start, t0);
         m.handle(fetched(only(B), C), t0);
         let actions = m.handle(failed(B), t0);
-        assert_eq!(actions, vec![Action::DropListConnection, connect(B, false)]);
+        assert_eq!(actions, vec![Action::DropListConnection, retry_of(B)]);
         assert_eq!(
             m.state(),
             &State::Connecting {
@@ -1188,7 +1206,7 @@ mod tests {
                     server: A.to_string(),
                     cause: closed(1006)
                 }),
-                connect(A, false)
+                retry_of(A)
             ]
         );
         assert_eq!(

@@ -27,6 +27,7 @@ pub struct ClientOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) heartbeat_timeout: Option<Duration>,
     pub(crate) list_refresh: Option<Duration>,
+    pub(crate) retry_timeout: Duration,
     /// Shared by every clone of these options, so a thousand clients share one DNS client.
     pub(crate) resolver: Resolver,
     pub(crate) source_address: Option<IpAddr>,
@@ -42,6 +43,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(1),
             heartbeat_timeout: None,
             list_refresh: Some(Duration::from_secs(5)),
+            retry_timeout: Duration::from_millis(250),
             resolver: Resolver::system(),
             source_address: None,
             seed: None,
@@ -175,6 +177,20 @@ impl ClientOptions {
     /// ```
     pub fn list_refresh(mut self, every: Option<Duration>) -> Self {
         self.list_refresh = every;
+        self
+    }
+
+    /// The connect timeout of the one retry of a server just lost or refused (default 250 ms,
+    /// never more than the connect timeout). A server that was fine a moment ago answers at once
+    /// or, dying, may leave the connect hanging: after this the client re-requests the list.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().retry_timeout(Duration::from_millis(500));
+    /// ```
+    pub fn retry_timeout(mut self, timeout: Duration) -> Self {
+        self.retry_timeout = timeout;
         self
     }
 
