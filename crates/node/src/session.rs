@@ -33,6 +33,11 @@ pub(crate) const MAX_TOPIC_BYTES: usize = 256;
 const NORMAL: u16 = 1000;
 /// Most frames written between two flushes.
 const WRITE_BURST: usize = 64;
+/// Frames every connection starts with (`hello`, `farm`), written one flush each. tungstenite's
+/// write buffer keeps the capacity of the largest burst it ever held, and for an idle connection
+/// the greeting is its only burst: written together, the two frames would keep a buffer of
+/// their summed size (rounded up) alive for the connection's life, about 200 bytes more.
+const GREETING_FRAMES: usize = 2;
 /// How long the writer may take to flush queued frames and the close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -92,6 +97,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let (stream, ()) = tokio::join!(
         async {
             let stream = reader.run(stream).await;
+            reader.wakes.wake_all();
             // No longer a user from the moment it is closing, even while the writer still
             // flushes the close frame.
             hub.unregister(id, &reader.topics);
@@ -166,17 +172,8 @@ impl Reader {
     }
 
     /// Reads until the connection ends; returns the stream if it is still open (we are closing).
+    /// The caller wakes what is left in [`Reader::wakes`].
     async fn run(
-        &mut self,
-        stream: futures_util::stream::SplitStream<WebSocket>,
-    ) -> Option<futures_util::stream::SplitStream<WebSocket>> {
-        let stream = self.read(stream).await;
-        self.wakes.wake_all();
-        stream
-    }
-
-    /// [`Reader::run`] without the last wake-up.
-    async fn read(
         &mut self,
         mut stream: futures_util::stream::SplitStream<WebSocket>,
     ) -> Option<futures_util::stream::SplitStream<WebSocket>> {
@@ -370,6 +367,7 @@ async fn write(
 ) {
     let mut next_ping = Instant::now() + heartbeat_interval;
     let mut ping_id = 0u64;
+    let mut greeting_left = GREETING_FRAMES;
     loop {
         let message = tokio::select! {
             biased;
@@ -385,9 +383,15 @@ async fn write(
         };
         // Write what is queued behind this frame too, then flush once: one syscall per burst
         // rather than per frame.
+        let most = if greeting_left > 0 {
+            greeting_left -= 1;
+            1
+        } else {
+            WRITE_BURST
+        };
         let burst = async {
             sink.feed(message).await?;
-            for _ in 1..WRITE_BURST {
+            for _ in 1..most {
                 let Some(next) = queue.try_pop() else { break };
                 sink.feed(next).await?;
             }
