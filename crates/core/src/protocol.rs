@@ -7,9 +7,98 @@
 //! Payloads are UTF-8 text in `data`; a payload that is not valid UTF-8 travels base64-encoded with
 //! `"encoding":"base64"`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{FarmList, Status};
+
+/// Identifies one run of a topic's offsets: a topic keeps its epoch for as long as its history
+/// survives, and starts a new one only when it was truly lost (every node that held it is gone).
+///
+/// On the wire an epoch is a string of 16 hexadecimal digits (a JSON number could not carry 64
+/// bits into JavaScript); clients compare epochs only for equality. Nodes make a new epoch from
+/// the wall clock's milliseconds and random low bits, so a newer epoch compares greater.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(pub u64);
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for Epoch {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.is_empty() || text.len() > 16 {
+            return Err(format!("epoch {text:?} is not 1 to 16 hexadecimal digits"));
+        }
+        u64::from_str_radix(text, 16)
+            .map(Epoch)
+            .map_err(|_| format!("epoch {text:?} is not hexadecimal"))
+    }
+}
+
+impl Serialize for Epoch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Epoch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a message stands in its topic: the same on every node of the farm, so a client can
+/// resume on any node. Offsets count from 1 within an epoch; offset 0 is "before the first
+/// message".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct Position {
+    /// The run of offsets this one belongs to.
+    pub epoch: Epoch,
+    /// The message's number within the epoch.
+    pub offset: u64,
+}
+
+impl Position {
+    /// The position `offset` of `epoch`.
+    pub fn new(epoch: Epoch, offset: u64) -> Self {
+        Position { epoch, offset }
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.offset)
+    }
+}
+
+/// Why messages of a topic cannot be delivered (a [`ServerFrame::Gap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapReason {
+    /// The messages are older than the history the farm keeps (its size or age limit).
+    HistoryExceeded,
+    /// The topic's history was lost with the nodes that held it: a new epoch started.
+    EpochLost,
+    /// The node could not reach the topic's history in time (a partition, an overloaded farm).
+    Unavailable,
+}
+
+impl GapReason {
+    /// The name used on the wire.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GapReason::HistoryExceeded => "history_exceeded",
+            GapReason::EpochLost => "epoch_lost",
+            GapReason::Unavailable => "unavailable",
+        }
+    }
+}
 
 /// WebSocket close codes the node uses, with what a client should do on each.
 pub mod close {
@@ -54,6 +143,10 @@ pub enum ClientFrame {
     Sub {
         /// Topic names.
         topics: Vec<String>,
+        /// Per topic, the position of the last message the client holds: the node sends what
+        /// came after it before any live message (see `docs/PROTOCOL.md`, recovery).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        positions: BTreeMap<String, Position>,
     },
     /// Stop receiving topics. The node answers with [`ServerFrame::Unsubscribed`].
     Unsub {
@@ -115,6 +208,10 @@ pub enum ServerFrame {
     Subscribed {
         /// Topic names.
         topics: Vec<String>,
+        /// Per topic, the position of the last message published before live delivery to this
+        /// connection starts (offset 0: none yet in that epoch).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        positions: BTreeMap<String, Position>,
     },
     /// Topics are no longer subscribed.
     Unsubscribed {
@@ -130,6 +227,27 @@ pub enum ServerFrame {
         /// How `data` is encoded.
         #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
         encoding: Encoding,
+        /// The epoch of the message's position (absent only from nodes older than positions).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
+        /// The offset of the message's position within `epoch`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+    },
+    /// Messages of `topic` that will never be delivered: offsets `from..=to` of `epoch` (`to`
+    /// absent: to the end of that epoch). Sent in place of them, before what follows them.
+    Gap {
+        /// The topic.
+        topic: String,
+        /// The epoch the missing messages belong to.
+        epoch: Epoch,
+        /// First missing offset.
+        from: u64,
+        /// Last missing offset; absent when the rest of the epoch is gone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<u64>,
+        /// Why.
+        reason: GapReason,
     },
     /// A frame could not be served; the connection stays open unless a close follows.
     Error {
@@ -152,6 +270,20 @@ pub enum ServerFrame {
     },
 }
 
+impl ServerFrame {
+    /// The position of a `msg` frame, when it carries one.
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            ServerFrame::Msg {
+                epoch: Some(epoch),
+                offset: Some(offset),
+                ..
+            } => Some(Position::new(*epoch, *offset)),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +292,7 @@ mod tests {
     fn frames_are_tagged_json() {
         let frame = ClientFrame::Sub {
             topics: vec!["prices".into()],
+            positions: BTreeMap::new(),
         };
         assert_eq!(
             serde_json::to_string(&frame).unwrap(),
@@ -172,9 +305,40 @@ mod tests {
             ServerFrame::Msg {
                 topic: "t".into(),
                 data: "hi".into(),
-                encoding: Encoding::Utf8
+                encoding: Encoding::Utf8,
+                epoch: None,
+                offset: None,
             }
         );
+    }
+
+    #[test]
+    fn positions_travel_as_hex_epochs_and_integer_offsets() {
+        let frame = ServerFrame::Msg {
+            topic: "t".into(),
+            data: "hi".into(),
+            encoding: Encoding::Utf8,
+            epoch: Some(Epoch(0x5f3a)),
+            offset: Some(17),
+        };
+        let text = serde_json::to_string(&frame).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"msg","topic":"t","data":"hi","epoch":"0000000000005f3a","offset":17}"#
+        );
+        let back: ServerFrame = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.position(), Some(Position::new(Epoch(0x5f3a), 17)));
+        let sub: ClientFrame = serde_json::from_str(
+            r#"{"type":"sub","topics":["t"],"positions":{"t":{"epoch":"5f3a","offset":17}}}"#,
+        )
+        .unwrap();
+        let ClientFrame::Sub { positions, .. } = sub else {
+            panic!("a sub frame")
+        };
+        assert_eq!(positions["t"], Position::new(Epoch(0x5f3a), 17));
+        assert!("xyz".parse::<Epoch>().is_err());
+        assert!("".parse::<Epoch>().is_err());
+        assert!("12345678901234567".parse::<Epoch>().is_err());
     }
 
     #[test]

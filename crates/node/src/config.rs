@@ -83,6 +83,17 @@ pub struct NodeConfig {
     /// Frames queued toward one peer node before that relay link is reset.
     #[serde(default = "default_relay_queue")]
     pub relay_queue: usize,
+    /// Most bytes of history kept per topic (on its sequencer, its replica, and every node
+    /// delivering it), for clients that resume after a failover.
+    #[serde(default = "default_history_bytes")]
+    pub history_bytes: usize,
+    /// Messages older than this are dropped from a topic's history.
+    #[serde(default = "default_history_age_ms")]
+    pub history_age_ms: u64,
+    /// How long a publish may wait for its topic's sequencer and replica before it is given up
+    /// (`POST /publish` answers `504`); it covers a sequencer's failure and detection.
+    #[serde(default = "default_publish_timeout_ms")]
+    pub publish_timeout_ms: u64,
     /// Whether clients may publish over the WebSocket (`pub` frames).
     #[serde(default = "default_true")]
     pub allow_client_publish: bool,
@@ -147,6 +158,16 @@ fn default_send_queue() -> usize {
 fn default_relay_queue() -> usize {
     65_536
 }
+/// 1 MiB: about 10 000 small messages, or a few seconds of a busy topic.
+fn default_history_bytes() -> usize {
+    1 << 20
+}
+fn default_history_age_ms() -> u64 {
+    300_000
+}
+fn default_publish_timeout_ms() -> u64 {
+    10_000
+}
 fn default_true() -> bool {
     true
 }
@@ -203,6 +224,9 @@ impl NodeConfig {
             send_queue: default_send_queue(),
             max_subscriptions: default_max_subscriptions(),
             relay_queue: default_relay_queue(),
+            history_bytes: default_history_bytes(),
+            history_age_ms: default_history_age_ms(),
+            publish_timeout_ms: default_publish_timeout_ms(),
             allow_client_publish: true,
             drain_period_ms: default_drain_period_ms(),
             shutdown_drain_ms: default_shutdown_drain_ms(),
@@ -258,6 +282,9 @@ impl NodeConfig {
         if self.send_queue == 0 || self.relay_queue == 0 {
             return invalid("send_queue", "queues must hold at least one frame");
         }
+        if self.publish_timeout_ms < 100 {
+            return invalid("publish_timeout_ms", "must be at least 100");
+        }
         if let Some(url) = &self.url
             && !(url.starts_with("ws://") || url.starts_with("wss://"))
         {
@@ -305,6 +332,19 @@ impl NodeConfig {
     /// See [`NodeConfig::heartbeat_timeout_ms`].
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+    /// How much history a topic keeps: [`NodeConfig::history_bytes`] and
+    /// [`NodeConfig::history_age_ms`].
+    pub(crate) fn history_limits(&self) -> crate::broker::log::Limits {
+        crate::broker::log::Limits {
+            bytes: self.history_bytes,
+            age: Duration::from_millis(self.history_age_ms),
+        }
+    }
+
+    /// See [`NodeConfig::publish_timeout_ms`].
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
     }
     /// See [`NodeConfig::drain_period_ms`].
     pub fn drain_period(&self) -> Duration {

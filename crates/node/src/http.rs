@@ -28,6 +28,8 @@ use streamfarm_core::encoding::{self, Format};
 use streamfarm_core::protocol::{Encoding, close};
 use tracing::info;
 
+use crate::broker::PublishError;
+use crate::relay::Relay;
 use crate::session::{self, check_topic};
 use crate::{Shared, metrics};
 
@@ -177,15 +179,20 @@ async fn publish(
             Encoding::Base64,
         ),
     };
-    let local = shared.publish(&topic, data, encoding);
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        format!(
-            "{{\"topic\":{},\"local_deliveries\":{local}}}\n",
-            serde_json::json!(topic)
-        ),
-    )
-        .into_response()
+    match shared.broker.publish(&topic, data, encoding).await {
+        Ok(position) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!(
+                "{}\n",
+                serde_json::json!({"topic": topic, "epoch": position.epoch, "offset": position.offset})
+            ),
+        )
+            .into_response(),
+        Err(err @ PublishError::TimedOut(_)) => {
+            (StatusCode::GATEWAY_TIMEOUT, format!("{err}\n")).into_response()
+        }
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")).into_response(),
+    }
 }
 
 async fn admin_status(
@@ -226,7 +233,10 @@ async fn admin_status(
 }
 
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
-    let (depth, links) = shared.relay.stats();
+    let (depth, links) = shared
+        .embedded
+        .as_ref()
+        .map_or((0, 0), |relay| relay.stats());
     let text = shared
         .metrics
         .render(&shared.farm_rx.borrow(), depth, links);

@@ -15,16 +15,21 @@
 //! to — and bumps a version whenever that set changes, so the relay can tell peer nodes which
 //! topics to send here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use axum::extract::ws::{Message, Utf8Bytes};
-use streamfarm_core::protocol::{Encoding, ServerFrame, close};
+use streamfarm_core::protocol::{
+    Encoding, Epoch, GapReason, Position, ServerFrame, close,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
+use crate::broker::log::{Entry, Limits, Log, Offered};
+use crate::broker::wire::{LogState, WireEntry};
 use crate::metrics::{self, Metrics};
 use crate::queue::{PushError, SendQueue, Wakes};
 
@@ -88,7 +93,7 @@ impl Outlet {
     }
 
     /// [`Outlet::offer`], leaving the writer's wake-up to `wakes`.
-    fn offer_deferred(&self, frame: Message, metrics: &Metrics, wakes: &mut FrameWakes) -> bool {
+    pub(crate) fn offer_deferred(&self, frame: Message, metrics: &Metrics, wakes: &mut FrameWakes) -> bool {
         match self.queue.push_deferred(frame) {
             Ok(wake) => {
                 if wake {
@@ -110,27 +115,78 @@ impl Outlet {
     }
 }
 
+/// One topic as this node delivers it: who receives it, and the stream they receive.
+#[derive(Debug, Default)]
+struct Topic {
+    /// Connections receiving the topic live.
+    subscribers: HashMap<ConnId, Outlet>,
+    /// Connections subscribing but not yet receiving (their missed messages are being fetched):
+    /// they count in the node's interest already, so that nothing published meanwhile is lost.
+    joining: HashSet<ConnId>,
+    stream: Mutex<Stream>,
+}
+
+impl Topic {
+    fn is_empty(&self) -> bool {
+        self.subscribers.is_empty() && self.joining.is_empty()
+    }
+}
+
+/// The messages of a topic this node has delivered, in order, and those that came early.
+#[derive(Debug, Default)]
+struct Stream {
+    /// What was delivered (and is kept for recovery); `None` until the position is known.
+    log: Option<Log>,
+    /// Messages that arrived ahead of a hole, by offset, until the hole is filled.
+    early: BTreeMap<u64, (Epoch, Entry)>,
+}
+
+/// Most messages held back behind one hole of one topic; beyond, the newest are dropped (and
+/// fetched again once the hole is filled).
+const MAX_EARLY: usize = 4096;
+
+/// What [`Hub::deliver`] did with a message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Delivered {
+    /// Connections that were queued a message (counting each message).
+    pub(crate) count: usize,
+    /// Messages are missing before this one: the stream's position, to fetch what follows it.
+    pub(crate) missing_after: Option<Position>,
+}
+
+/// What a connection asks of one topic when it subscribes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// Live messages only.
+    Live,
+    /// The messages after this position first.
+    After(Position),
+}
+
 /// Topics, subscribers and open connections of this node.
 #[derive(Debug)]
 pub(crate) struct Hub {
-    /// topic → subscribers. Read-locked by every publish, write-locked by (un)subscribe.
-    topics: RwLock<HashMap<String, HashMap<ConnId, Outlet>>>,
+    /// topic → its subscribers and stream. Read-locked by every delivery, write-locked by
+    /// (un)subscribing, so that a connection joins a topic's stream between two messages.
+    topics: RwLock<HashMap<String, Topic>>,
     /// Every open connection, so drain and shutdown can close them.
     sessions: Mutex<HashMap<ConnId, Closer>>,
     next_id: AtomicU64,
     /// Bumped whenever the set of subscribed topics changes.
     interest_tx: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    limits: Limits,
 }
 
 impl Hub {
-    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>, limits: Limits) -> Self {
         Hub {
             topics: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             interest_tx: watch::channel(0).0,
             metrics,
+            limits,
         }
     }
 
@@ -160,31 +216,128 @@ impl Hub {
         self.lock_sessions().values().cloned().collect()
     }
 
-    /// Subscribes a connection; returns the topics that were new for it.
-    pub(crate) fn subscribe<'a>(
-        &self,
-        id: ConnId,
-        outlet: &Outlet,
-        topics: impl IntoIterator<Item = &'a str>,
-    ) -> usize {
-        let mut added = 0;
+    /// Open connections (the node's users).
+    pub(crate) fn users(&self) -> u64 {
+        self.lock_sessions().len() as u64
+    }
+
+    fn write_topics(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Topic>> {
+        self.topics.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Topic>> {
+        self.topics.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// First step of subscribing: the topics join the node's interest for connection `id`,
+    /// which receives nothing of them until [`Hub::join`].
+    pub(crate) fn reserve<'a>(&self, id: ConnId, topics: impl IntoIterator<Item = &'a str>) {
         let mut interest_changed = false;
         {
-            let mut map = self.topics.write().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.write_topics();
             for topic in topics {
-                let subscribers = map.entry(topic.to_string()).or_insert_with(|| {
+                let entry = map.entry(topic.to_string()).or_insert_with(|| {
                     interest_changed = true;
-                    HashMap::new()
+                    Topic::default()
                 });
-                if subscribers.insert(id, outlet.clone()).is_none() {
-                    added += 1;
+                if !entry.subscribers.contains_key(&id) {
+                    entry.joining.insert(id);
                 }
             }
         }
-        metrics::add(&self.metrics.subscriptions, added as u64);
         if interest_changed {
             self.interest_tx.send_modify(|v| *v += 1);
         }
+    }
+
+    /// Whether the stream of `topic` cannot serve `resume` from what this node holds: its
+    /// position is unknown, or the messages asked for are older than its history.
+    pub(crate) fn needs_fetch(&self, topic: &str, resume: Resume) -> bool {
+        let map = self.read_topics();
+        let Some(entry) = map.get(topic) else {
+            return true;
+        };
+        let stream = lock(&entry.stream);
+        match (&stream.log, resume) {
+            (None, _) => true,
+            (Some(_), Resume::Live) => false,
+            (Some(log), Resume::After(p)) => {
+                p.epoch != log.epoch() || p.offset + 1 < log.first()
+            }
+        }
+    }
+
+    /// Second step of subscribing: queues the `subscribed` frame (with each topic's position),
+    /// then per topic what `resume` asks for — a `gap` for what is gone, the missed messages —
+    /// and makes the connection a live subscriber, all between two messages of each topic.
+    /// Returns the number of subscriptions added.
+    pub(crate) fn join(
+        &self,
+        id: ConnId,
+        outlet: &Outlet,
+        topics: &[(String, Resume)],
+        wakes: &mut FrameWakes,
+    ) -> usize {
+        let mut map = self.write_topics();
+        let mut positions = BTreeMap::new();
+        let mut backlog: Vec<Message> = Vec::new();
+        for (topic, resume) in topics {
+            let Some(entry) = map.get(topic) else {
+                continue;
+            };
+            let stream = lock(&entry.stream);
+            let Some(log) = &stream.log else {
+                // The position could not be learnt: say so for what the client holds.
+                if let Resume::After(p) = resume {
+                    backlog.push(gap_frame(topic, p.epoch, p.offset + 1, None, GapReason::Unavailable));
+                }
+                continue;
+            };
+            positions.insert(topic.clone(), log.position());
+            let Resume::After(p) = *resume else {
+                continue;
+            };
+            let from = if p.epoch == log.epoch() {
+                p.offset
+            } else {
+                // The client's epoch is gone: the rest of it is lost; this one's is all new.
+                backlog.push(gap_frame(topic, p.epoch, p.offset + 1, None, GapReason::EpochLost));
+                0
+            };
+            if from + 1 < log.first() {
+                backlog.push(gap_frame(
+                    topic,
+                    log.epoch(),
+                    from + 1,
+                    Some(log.first() - 1),
+                    GapReason::HistoryExceeded,
+                ));
+            }
+            backlog.extend(log.after(from).map(|e| Message::Text(e.frame.clone())));
+        }
+        outlet.offer_deferred(
+            encode(&ServerFrame::Subscribed {
+                topics: topics.iter().map(|(t, _)| t.clone()).collect(),
+                positions,
+            }),
+            &self.metrics,
+            wakes,
+        );
+        let recovered = backlog.len();
+        for frame in backlog {
+            outlet.offer_deferred(frame, &self.metrics, wakes);
+        }
+        metrics::add(&self.metrics.messages_recovered, recovered as u64);
+        let mut added = 0;
+        for (topic, _) in topics {
+            let entry = map.entry(topic.clone()).or_default();
+            entry.joining.remove(&id);
+            if entry.subscribers.insert(id, outlet.clone()).is_none() {
+                added += 1;
+            }
+        }
+        drop(map);
+        metrics::add(&self.metrics.subscriptions, added as u64);
         added
     }
 
@@ -193,14 +346,18 @@ impl Hub {
         let mut removed = 0u64;
         let mut interest_changed = false;
         {
-            let mut map = self.topics.write().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.write_topics();
             for topic in topics {
-                if let Some(subscribers) = map.get_mut(topic) {
-                    if subscribers.remove(&id).is_some() {
+                if let Some(entry) = map.get_mut(topic) {
+                    if entry.subscribers.remove(&id).is_some() {
                         removed += 1;
                     }
-                    if subscribers.is_empty() {
-                        map.remove(topic);
+                    entry.joining.remove(&id);
+                    if entry.is_empty() {
+                        if let Some(gone) = map.remove(topic) {
+                            let bytes = lock(&gone.stream).log.as_ref().map_or(0, Log::bytes);
+                            self.metrics.history_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
+                        }
                         interest_changed = true;
                     }
                 }
@@ -214,45 +371,157 @@ impl Hub {
         }
     }
 
-    /// Queues a `msg` frame to every local subscriber of `topic` and wakes their writers;
-    /// returns how many got it.
-    #[cfg(test)]
-    pub(crate) fn deliver(&self, topic: &str, frame: &Utf8Bytes) -> usize {
-        let mut wakes = FrameWakes::default();
-        self.deliver_batched(topic, frame, &mut wakes)
-    }
-
-    /// Queues a `msg` frame to every local subscriber of `topic`; returns how many got it. Their
-    /// writers are woken by `wakes`: at the latest once it holds [`Wakes::MAX_MESSAGES`]
-    /// messages, or when the caller wakes or drops it.
-    pub(crate) fn deliver_batched(
+    /// Delivers the message at `offset` of `epoch` (its client frame `frame`) to every local
+    /// subscriber of `topic`, in order: a duplicate is dropped, a message ahead of a hole is
+    /// held until the hole is filled ([`Hub::merge`]). Writers are woken by `wakes`: at the
+    /// latest once it holds [`Wakes::MAX_MESSAGES`] messages, or when the caller wakes or drops it.
+    pub(crate) fn deliver(
         &self,
         topic: &str,
-        frame: &Utf8Bytes,
+        epoch: Epoch,
+        entry: Entry,
         wakes: &mut FrameWakes,
-    ) -> usize {
-        let delivered = {
-            let map = self.topics.read().unwrap_or_else(|e| e.into_inner());
-            let Some(subscribers) = map.get(topic) else {
-                return 0;
-            };
-            let mut delivered = 0;
-            for outlet in subscribers.values() {
-                if outlet.offer_deferred(Message::Text(frame.clone()), &self.metrics, wakes) {
-                    delivered += 1;
+    ) -> Delivered {
+        let map = self.read_topics();
+        let Some(topic_entry) = map.get(topic) else {
+            return Delivered::default();
+        };
+        let mut stream = lock(&topic_entry.stream);
+        let mut delivered = Delivered::default();
+        let stream = &mut *stream;
+        let log = stream
+            .log
+            .get_or_insert_with(|| Log::new(epoch, entry.offset - 1));
+        let bytes_before = log.bytes();
+        match log.offer(epoch, entry.clone()) {
+            Offered::Appended => {
+                delivered.count += fan_out(&topic_entry.subscribers, &entry.frame, &self.metrics, wakes);
+                // What came early and now follows on.
+                while let Some(next) = stream.early.first_entry() {
+                    let (next_epoch, next_entry) = next.get().clone();
+                    if next_epoch != log.epoch() || *next.key() > log.position().offset + 1 {
+                        break;
+                    }
+                    next.remove();
+                    if log.offer(next_epoch, next_entry.clone()) == Offered::Appended {
+                        delivered.count +=
+                            fan_out(&topic_entry.subscribers, &next_entry.frame, &self.metrics, wakes);
+                    }
+                }
+                if !stream.early.is_empty() {
+                    delivered.missing_after = Some(log.position());
                 }
             }
-            delivered
-        };
+            Offered::Duplicate => {}
+            Offered::Gap { .. } | Offered::OtherEpoch => {
+                if epoch >= log.epoch() && stream.early.len() < MAX_EARLY {
+                    stream.early.insert(entry.offset, (epoch, entry));
+                }
+                delivered.missing_after = Some(log.position());
+            }
+        }
+        log.trim(self.limits, Instant::now());
+        self.account(bytes_before, log.bytes());
         wakes.message_done();
-        metrics::add(&self.metrics.messages_delivered, delivered as u64);
-        debug!(topic, delivered, "delivered");
+        metrics::add(&self.metrics.messages_delivered, delivered.count as u64);
         delivered
+    }
+
+    /// Takes in what a fetch brought for `topic`: sets the stream's position if it had none,
+    /// adds older history, and delivers to the live subscribers what they had not been sent —
+    /// with a `gap` first for what the farm no longer holds, or a whole epoch that was lost.
+    pub(crate) fn merge(&self, topic: &str, state: &LogState, wakes: &mut FrameWakes) {
+        let map = self.read_topics();
+        let Some(topic_entry) = map.get(topic) else {
+            return;
+        };
+        let mut stream = lock(&topic_entry.stream);
+        let stream = &mut *stream;
+        let entries: Vec<Entry> = state
+            .entries
+            .iter()
+            .map(|e| entry_from_wire(topic, state.epoch, e))
+            .collect();
+        let subscribers = &topic_entry.subscribers;
+        let mut count = 0;
+        let bytes_before = stream.log.as_ref().map_or(0, Log::bytes);
+        let log = match &mut stream.log {
+            Some(log) if log.epoch() == state.epoch => log,
+            Some(log) if log.epoch() > state.epoch => return,
+            other => {
+                if let Some(old) = other.as_ref() {
+                    let frame = gap_frame(topic, old.epoch(), old.position().offset + 1, None, GapReason::EpochLost);
+                    for outlet in subscribers.values() {
+                        outlet.offer_deferred(frame.clone(), &self.metrics, wakes);
+                    }
+                }
+                // Delivered from the start of what the state holds: it is all new here.
+                let base = if other.is_some() { state.first() - 1 } else { state.last };
+                *other = Some(Log::new(state.epoch, base));
+                other.as_mut().expect("just set")
+            }
+        };
+        let known = log.position().offset;
+        log.prepend(&entries);
+        if state.first() > known + 1 && state.last > known {
+            // The farm no longer holds what lies between: tell, then go on after it.
+            let frame = gap_frame(topic, state.epoch, known + 1, Some(state.first() - 1), GapReason::HistoryExceeded);
+            for outlet in subscribers.values() {
+                outlet.offer_deferred(frame.clone(), &self.metrics, wakes);
+            }
+            *log = Log::new(state.epoch, state.first() - 1);
+        }
+        let ahead = stream.early.split_off(&0);
+        for entry in entries.into_iter().chain(
+            ahead
+                .into_values()
+                .filter(|(e, _)| *e == state.epoch)
+                .map(|(_, entry)| entry),
+        ) {
+            if log.offer(state.epoch, entry.clone()) == Offered::Appended {
+                count += fan_out(subscribers, &entry.frame, &self.metrics, wakes);
+            }
+        }
+        log.trim(self.limits, Instant::now());
+        let bytes_after = log.bytes();
+        self.account(bytes_before, bytes_after);
+        wakes.message_done();
+        metrics::add(&self.metrics.messages_delivered, count as u64);
+    }
+
+    /// What this node holds of `topic` (for a claim), if it knows the topic's position.
+    pub(crate) fn state(&self, topic: &str, after: Option<u64>) -> Option<LogState> {
+        let map = self.read_topics();
+        let stream = lock(&map.get(topic)?.stream);
+        stream.log.as_ref().map(|log| LogState::of(log, after))
+    }
+
+    /// Drops history beyond the age limit in every stream.
+    pub(crate) fn trim(&self, now: Instant) {
+        let map = self.read_topics();
+        for entry in map.values() {
+            let mut stream = lock(&entry.stream);
+            if let Some(log) = &mut stream.log {
+                let before = log.bytes();
+                log.trim(self.limits, now);
+                self.account(before, log.bytes());
+            }
+        }
+    }
+
+    fn account(&self, before: usize, after: usize) {
+        if after >= before {
+            metrics::add(&self.metrics.history_bytes, (after - before) as u64);
+        } else {
+            self.metrics
+                .history_bytes
+                .fetch_sub((before - after) as u64, Ordering::Relaxed);
+        }
     }
 
     /// The topics some local connection subscribes to, with the interest version they belong to.
     pub(crate) fn interest(&self) -> (u64, HashSet<String>) {
-        let map = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.read_topics();
         // Read the version under the lock: writers bump it after releasing the lock, so the
         // version read here is never newer than the set.
         let version = *self.interest_tx.borrow();
@@ -271,6 +540,55 @@ impl Hub {
 
     fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Closer>> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Queues `frame` to every subscriber; returns how many took it.
+fn fan_out(
+    subscribers: &HashMap<ConnId, Outlet>,
+    frame: &Utf8Bytes,
+    metrics: &Metrics,
+    wakes: &mut FrameWakes,
+) -> usize {
+    subscribers
+        .values()
+        .filter(|outlet| outlet.offer_deferred(Message::Text(frame.clone()), metrics, wakes))
+        .count()
+}
+
+fn gap_frame(topic: &str, epoch: Epoch, from: u64, to: Option<u64>, reason: GapReason) -> Message {
+    encode(&ServerFrame::Gap {
+        topic: topic.to_string(),
+        epoch,
+        from,
+        to,
+        reason,
+    })
+}
+
+/// Serializes a server frame (never fails for our types).
+pub(crate) fn encode(frame: &ServerFrame) -> Message {
+    Message::Text(Utf8Bytes::from(
+        serde_json::to_string(frame).expect("frames always serialize"),
+    ))
+}
+
+/// A message of `topic` received from a peer, as a history entry with its client frame.
+pub(crate) fn entry_from_wire(topic: &str, epoch: Epoch, wire: &WireEntry) -> Entry {
+    Entry {
+        offset: wire.offset,
+        id: wire.id.clone(),
+        frame: msg_frame(
+            topic,
+            wire.data.clone(),
+            wire.encoding,
+            Some(Position::new(epoch, wire.offset)),
+        ),
+        stored: Instant::now(),
     }
 }
 
@@ -296,11 +614,18 @@ where
 }
 
 /// Serializes a `msg` frame once, for every subscriber and peer node.
-pub(crate) fn msg_frame(topic: &str, data: String, encoding: Encoding) -> Utf8Bytes {
+pub(crate) fn msg_frame(
+    topic: &str,
+    data: String,
+    encoding: Encoding,
+    position: Option<Position>,
+) -> Utf8Bytes {
     let frame = ServerFrame::Msg {
         topic: topic.to_string(),
         data,
         encoding,
+        epoch: position.map(|p| p.epoch),
+        offset: position.map(|p| p.offset),
     };
     Utf8Bytes::from(serde_json::to_string(&frame).expect("frames always serialize"))
 }
@@ -308,6 +633,19 @@ pub(crate) fn msg_frame(topic: &str, data: String, encoding: Encoding) -> Utf8By
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::log::PublishId;
+
+    const E: Epoch = Epoch(9);
+
+    fn hub() -> Hub {
+        Hub::new(
+            Arc::default(),
+            Limits {
+                bytes: 1 << 20,
+                age: std::time::Duration::from_secs(60),
+            },
+        )
+    }
 
     fn outlet(capacity: usize) -> (Outlet, Arc<SendQueue<Message>>) {
         let queue = Arc::new(SendQueue::new(capacity));
@@ -320,18 +658,51 @@ mod tests {
         )
     }
 
+    fn entry(topic: &str, offset: u64) -> Entry {
+        Entry {
+            offset,
+            id: PublishId::default(),
+            frame: msg_frame(
+                topic,
+                format!("m{offset}"),
+                Encoding::Utf8,
+                Some(Position::new(E, offset)),
+            ),
+            stored: Instant::now(),
+        }
+    }
+
+    /// Subscribes connection `id` live (no history asked for) and drains the `subscribed` frame.
+    fn subscribe(hub: &Hub, id: ConnId, outlet: &Outlet, queue: &SendQueue<Message>, topics: &[&str]) {
+        hub.reserve(id, topics.iter().copied());
+        let wanted: Vec<(String, Resume)> =
+            topics.iter().map(|t| (t.to_string(), Resume::Live)).collect();
+        hub.join(id, outlet, &wanted, &mut FrameWakes::default());
+        assert!(text(queue.try_pop().unwrap()).contains("subscribed"));
+    }
+
+    fn text(message: Message) -> String {
+        match message {
+            Message::Text(text) => text.as_str().to_string(),
+            other => panic!("a text frame expected, got {other:?}"),
+        }
+    }
+
+    fn deliver(hub: &Hub, topic: &str, offset: u64) -> Delivered {
+        hub.deliver(topic, E, entry(topic, offset), &mut FrameWakes::default())
+    }
+
     #[test]
     fn one_serialized_frame_reaches_every_subscriber() {
-        let hub = Hub::new(Arc::default());
+        let hub = hub();
         let (a, a_rx) = outlet(4);
         let (b, b_rx) = outlet(4);
         let a_id = hub.register(a.closer.clone());
         let b_id = hub.register(b.closer.clone());
-        hub.subscribe(a_id, &a, ["t"]);
-        hub.subscribe(b_id, &b, ["t", "u"]);
-        let frame = msg_frame("t", "hi".into(), Encoding::Utf8);
-        assert_eq!(hub.deliver("t", &frame), 2);
-        assert_eq!(hub.deliver("nobody", &frame), 0);
+        subscribe(&hub, a_id, &a, &a_rx, &["t"]);
+        subscribe(&hub, b_id, &b, &b_rx, &["t", "u"]);
+        assert_eq!(deliver(&hub, "t", 1).count, 2);
+        assert_eq!(deliver(&hub, "nobody", 1).count, 0);
         let (Message::Text(got_a), Message::Text(got_b)) =
             (a_rx.try_pop().unwrap(), b_rx.try_pop().unwrap())
         else {
@@ -339,40 +710,143 @@ mod tests {
         };
         // Same buffer, not a copy.
         assert_eq!(got_a.as_str().as_ptr(), got_b.as_str().as_ptr());
-        assert_eq!(got_a.as_str(), r#"{"type":"msg","topic":"t","data":"hi"}"#);
+        assert_eq!(
+            got_a.as_str(),
+            r#"{"type":"msg","topic":"t","data":"m1","epoch":"0000000000000009","offset":1}"#
+        );
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_a_hole_holds_back_what_follows() {
+        let hub = hub();
+        let (a, a_rx) = outlet(16);
+        let id = hub.register(a.closer.clone());
+        subscribe(&hub, id, &a, &a_rx, &["t"]);
+        assert_eq!(deliver(&hub, "t", 1).count, 1);
+        assert_eq!(deliver(&hub, "t", 1).count, 0, "a duplicate");
+        let held = deliver(&hub, "t", 4);
+        assert_eq!(held.count, 0);
+        assert_eq!(held.missing_after, Some(Position::new(E, 1)));
+        // The hole is filled by a fetch: 2 and 3, then 4 follows on.
+        let fetched = LogState {
+            epoch: E,
+            last: 3,
+            entries: (2..=3)
+                .map(|o| WireEntry {
+                    offset: o,
+                    id: PublishId::default(),
+                    data: format!("m{o}"),
+                    encoding: Encoding::Utf8,
+                })
+                .collect(),
+        };
+        hub.merge("t", &fetched, &mut FrameWakes::default());
+        let got: Vec<String> = std::iter::from_fn(|| a_rx.try_pop()).map(text).collect();
+        let offsets: Vec<bool> = (1..=4)
+            .map(|o| got.iter().filter(|f| f.contains(&format!("\"offset\":{o}}}"))).count() == 1)
+            .collect();
+        assert_eq!(offsets, vec![true; 4], "{got:?}");
+        assert_eq!(got.len(), 4);
+    }
+
+    #[test]
+    fn a_resuming_connection_gets_what_it_missed_then_live() {
+        let hub = hub();
+        let (first, first_rx) = outlet(16);
+        let first_id = hub.register(first.closer.clone());
+        subscribe(&hub, first_id, &first, &first_rx, &["t"]);
+        for offset in 1..=5 {
+            deliver(&hub, "t", offset);
+        }
+        let (late, late_rx) = outlet(16);
+        let late_id = hub.register(late.closer.clone());
+        hub.reserve(late_id, ["t"]);
+        let resume = Resume::After(Position::new(E, 3));
+        assert!(!hub.needs_fetch("t", resume));
+        assert!(hub.needs_fetch("other", Resume::Live));
+        hub.join(late_id, &late, &[("t".into(), resume)], &mut FrameWakes::default());
+        deliver(&hub, "t", 6);
+        let got: Vec<String> = std::iter::from_fn(|| late_rx.try_pop()).map(text).collect();
+        assert!(got[0].contains(r#""positions":{"t":{"epoch":"0000000000000009","offset":5}}"#), "{}", got[0]);
+        assert!(got[1].contains(r#""offset":4"#) && got[2].contains(r#""offset":5"#));
+        assert!(got[3].contains(r#""offset":6"#));
+        assert_eq!(got.len(), 4);
+    }
+
+    #[test]
+    fn what_history_no_longer_holds_is_reported_as_a_gap() {
+        let hub = Hub::new(
+            Arc::default(),
+            Limits {
+                bytes: entry("t", 10).bytes() * 2,
+                age: std::time::Duration::from_secs(60),
+            },
+        );
+        let (first, first_rx) = outlet(64);
+        let first_id = hub.register(first.closer.clone());
+        subscribe(&hub, first_id, &first, &first_rx, &["t"]);
+        for offset in 1..=10 {
+            deliver(&hub, "t", offset);
+        }
+        let (late, late_rx) = outlet(16);
+        let late_id = hub.register(late.closer.clone());
+        hub.reserve(late_id, ["t"]);
+        hub.join(
+            late_id,
+            &late,
+            &[("t".into(), Resume::After(Position::new(E, 2)))],
+            &mut FrameWakes::default(),
+        );
+        let got: Vec<String> = std::iter::from_fn(|| late_rx.try_pop()).map(text).collect();
+        assert!(
+            got[1].contains(r#""type":"gap","topic":"t","epoch":"0000000000000009","from":3,"to":8,"reason":"history_exceeded""#),
+            "{got:?}"
+        );
+        assert!(got[2].contains(r#""offset":9"#) && got[3].contains(r#""offset":10"#));
+        // Another epoch than the node's: the rest of it is lost.
+        let (other, other_rx) = outlet(16);
+        let other_id = hub.register(other.closer.clone());
+        hub.reserve(other_id, ["t"]);
+        hub.join(
+            other_id,
+            &other,
+            &[("t".into(), Resume::After(Position::new(Epoch(3), 7)))],
+            &mut FrameWakes::default(),
+        );
+        let got: Vec<String> = std::iter::from_fn(|| other_rx.try_pop()).map(text).collect();
+        assert!(got[1].contains(r#""from":8,"reason":"epoch_lost""#), "{got:?}");
     }
 
     #[test]
     fn full_queue_closes_only_the_slow_subscriber() {
-        let hub = Hub::new(Arc::default());
-        let (slow, _slow_rx) = outlet(1);
+        let hub = hub();
+        let (slow, slow_rx) = outlet(2);
         let (fast, fast_rx) = outlet(8);
         let slow_id = hub.register(slow.closer.clone());
         let fast_id = hub.register(fast.closer.clone());
-        hub.subscribe(slow_id, &slow, ["t"]);
-        hub.subscribe(fast_id, &fast, ["t"]);
-        let frame = msg_frame("t", "x".into(), Encoding::Utf8);
-        hub.deliver("t", &frame);
-        hub.deliver("t", &frame);
+        subscribe(&hub, slow_id, &slow, &slow_rx, &["t"]);
+        subscribe(&hub, fast_id, &fast, &fast_rx, &["t"]);
+        for offset in 1..=3 {
+            deliver(&hub, "t", offset);
+        }
         assert_eq!(
             slow.closer.reason().map(|r| r.0),
             Some(close::SLOW_CONSUMER)
         );
         assert!(!fast.closer.is_closed());
-        assert!(fast_rx.try_pop().is_some() && fast_rx.try_pop().is_some());
+        assert_eq!((0..3).filter(|_| fast_rx.try_pop().is_some()).count(), 3);
         assert_eq!(hub.metrics().slow_consumers.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn a_batch_wakes_each_writer_once() {
-        let hub = Hub::new(Arc::default());
+        let hub = hub();
         let (a, a_rx) = outlet(8);
         let a_id = hub.register(a.closer.clone());
-        hub.subscribe(a_id, &a, ["t"]);
-        let frame = msg_frame("t", "x".into(), Encoding::Utf8);
+        subscribe(&hub, a_id, &a, &a_rx, &["t"]);
         let mut wakes = FrameWakes::default();
-        for _ in 0..3 {
-            assert_eq!(hub.deliver_batched("t", &frame, &mut wakes), 1);
+        for offset in 1..=3 {
+            assert_eq!(hub.deliver("t", E, entry("t", offset), &mut wakes).count, 1);
         }
         // One wake for the queue that went from empty to not empty, none for the others.
         assert_eq!(wakes.pending(), 1);
@@ -383,22 +857,22 @@ mod tests {
 
     #[test]
     fn interest_changes_only_when_the_topic_set_changes() {
-        let hub = Hub::new(Arc::default());
-        let (a, _a_rx) = outlet(1);
-        let (b, _b_rx) = outlet(1);
+        let hub = hub();
+        let (a, a_rx) = outlet(4);
+        let (b, b_rx) = outlet(4);
         let a_id = hub.register(a.closer.clone());
         let b_id = hub.register(b.closer.clone());
-        hub.subscribe(a_id, &a, ["t"]);
+        subscribe(&hub, a_id, &a, &a_rx, &["t"]);
         let (v1, topics) = hub.interest();
         assert_eq!(topics, HashSet::from(["t".to_string()]));
-        hub.subscribe(b_id, &b, ["t"]);
+        subscribe(&hub, b_id, &b, &b_rx, &["t"]);
         assert_eq!(hub.interest().0, v1);
         hub.unregister(a_id, &HashSet::from(["t".to_string()]));
         assert_eq!(hub.interest().0, v1);
         hub.unregister(b_id, &HashSet::from(["t".to_string()]));
         let (v2, topics) = hub.interest();
         assert!(v2 > v1 && topics.is_empty());
-        assert_eq!(hub.metrics().connections.load(Ordering::Relaxed), 0);
+        assert_eq!(hub.users(), 0);
         assert_eq!(hub.metrics().subscriptions.load(Ordering::Relaxed), 0);
     }
 }

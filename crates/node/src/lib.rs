@@ -59,6 +59,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub mod config;
+mod broker;
 mod drain;
 mod http;
 mod hub;
@@ -73,8 +74,9 @@ mod session;
 pub use config::{ConfigError, NodeConfig};
 pub use metrics::Metrics;
 
+use crate::broker::Broker;
 use crate::hub::Hub;
-use crate::relay::{EmbeddedRelay, Relay};
+use crate::relay::EmbeddedRelay;
 
 /// How long shutdown waits, after announcing `DOWN`, for the news to spread (in gossip rounds).
 const ANNOUNCE_ROUNDS: u32 = 3;
@@ -115,8 +117,10 @@ pub(crate) struct Shared {
     /// This node's streaming url.
     pub(crate) url: String,
     pub(crate) metrics: Arc<Metrics>,
+    /// Local connections and topics (the broker's, shared for drain and counts).
     pub(crate) hub: Arc<Hub>,
-    pub(crate) relay: Arc<dyn Relay>,
+    /// Publishing and subscribing.
+    pub(crate) broker: Arc<Broker>,
     /// The embedded relay, when that is the relay in use (it accepts links over HTTP).
     pub(crate) embedded: Option<Arc<EmbeddedRelay>>,
     pub(crate) status: watch::Sender<Status>,
@@ -129,29 +133,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Publishes a message farm-wide: serialized once, delivered here, forwarded to peers.
-    /// Returns the number of local deliveries.
-    pub(crate) fn publish(&self, topic: &str, data: String, encoding: Encoding) -> usize {
-        let mut wakes = hub::FrameWakes::default();
-        self.publish_batched(topic, data, encoding, &mut wakes)
-    }
-
-    /// [`Shared::publish`], with the local subscribers' writers woken by `wakes` (see
-    /// [`Hub::deliver_batched`]).
-    pub(crate) fn publish_batched(
-        &self,
-        topic: &str,
-        data: String,
-        encoding: Encoding,
-        wakes: &mut hub::FrameWakes,
-    ) -> usize {
-        metrics::inc(&self.metrics.messages_published);
-        let frame = hub::msg_frame(topic, data, encoding);
-        // Peers first: their subscribers wait on a network hop, ours only on the local queues.
-        self.relay.forward(topic, &frame);
-        self.hub.deliver_batched(topic, &frame, wakes)
-    }
-
     /// The farm list, stamped now.
     pub(crate) fn farm_now(&self) -> FarmList {
         let mut list = self.farm_rx.borrow().clone();
@@ -254,7 +235,7 @@ impl NodeHandle {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::new(metrics.clone(), config.history_limits()));
         let (status_tx, status_rx) = watch::channel(Status::Up);
         // Listed at once, before the first gossip round.
         let initial = FarmList::new(vec![membership::self_entry(&me, Status::Up, 0, 0.0)]);
@@ -288,9 +269,11 @@ impl NodeHandle {
             None => None,
         };
         tracker.spawn(membership);
+        let (broker_input, broker_inbox) = Broker::channel();
         let embedded = EmbeddedRelay::start(
             config.name.clone(),
             hub.clone(),
+            broker_input.clone(),
             metrics.clone(),
             config.relay_queue,
             peers_rx,
@@ -298,13 +281,25 @@ impl NodeHandle {
             &tracker,
         );
 
+        let broker = Broker::start(
+            config.name.clone(),
+            (broker_input, broker_inbox),
+            hub.clone(),
+            metrics.clone(),
+            embedded.clone(),
+            farm_rx.clone(),
+            config.history_limits(),
+            config.publish_timeout(),
+            cancel.clone(),
+            &tracker,
+        );
         let shared = Arc::new(Shared {
             connection_limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
             url,
             metrics,
             hub,
-            relay: embedded.clone(),
+            broker,
             embedded: Some(embedded),
             status: status_tx,
             farm_rx,
@@ -398,11 +393,18 @@ impl NodeHandle {
         &self.shared.metrics
     }
 
-    /// Publishes a UTF-8 message to `topic` farm-wide, as `POST /publish/{topic}` does; returns
-    /// the number of local deliveries.
-    pub fn publish(&self, topic: &str, message: &str) -> usize {
+    /// Publishes a UTF-8 message to `topic` farm-wide, as `POST /publish/{topic}` does, and
+    /// waits until it is stored and sent out; returns its position.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        message: &str,
+    ) -> Result<streamfarm_core::protocol::Position, String> {
         self.shared
+            .broker
             .publish(topic, message.to_string(), Encoding::Utf8)
+            .await
+            .map_err(|err| err.to_string())
     }
 
     /// Graceful stop: announce `DOWN`, close connections paced over `shutdown_drain_ms` with

@@ -29,6 +29,12 @@ pub struct Metrics {
     pub relay_drops: AtomicU64,
     /// Message frames queued to local clients.
     pub messages_delivered: AtomicU64,
+    /// Messages sent to resuming clients from history (missed while they were away).
+    pub messages_recovered: AtomicU64,
+    /// Publishes given up: not acknowledged in time, or refused while too many were waiting.
+    pub publish_failures: AtomicU64,
+    /// Gauge: bytes of topic history this node holds for delivery and recovery.
+    pub history_bytes: AtomicU64,
     /// Clients closed because their send queue was full.
     pub slow_consumers: AtomicU64,
     /// Client frames that could not be parsed or served.
@@ -105,6 +111,24 @@ impl Metrics {
             "counter",
             "Message frames queued to local clients.",
             get(&self.messages_delivered),
+        );
+        metric(
+            "messages_recovered_total",
+            "counter",
+            "Messages sent to resuming clients from history.",
+            get(&self.messages_recovered),
+        );
+        metric(
+            "publish_failures_total",
+            "counter",
+            "Publishes given up (not acknowledged in time, or too many waiting).",
+            get(&self.publish_failures),
+        );
+        metric(
+            "history_bytes",
+            "gauge",
+            "Bytes of topic history held for delivery and recovery.",
+            get(&self.history_bytes),
         );
         metric(
             "relay_messages_in_total",

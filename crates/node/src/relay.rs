@@ -45,8 +45,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::broker::log::{Entry, PublishId};
+use crate::broker::wire::PeerFrame;
+use crate::broker::{self, BrokerInput};
 use crate::hub::{Closer, FrameWakes, Hub, next_or_wake};
 use crate::metrics::{self, Metrics};
+use streamfarm_core::protocol::Epoch;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// How long a subscription waits for peers to acknowledge the new interest.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
@@ -62,8 +67,12 @@ const REDIAL_DELAY: Duration = Duration::from_millis(200);
 
 /// What the node needs from a relay. See the module docs.
 pub(crate) trait Relay: Send + Sync + 'static {
-    /// A message was published on this node: send it to every other node that wants `topic`.
-    fn forward(&self, topic: &str, frame: &Utf8Bytes);
+    /// A message this node sends out as its topic's replica: send it to every other node that
+    /// wants `topic`.
+    fn fanout(&self, topic: &str, frame: &Utf8Bytes);
+    /// Sends a frame of the broker (see [`crate::broker::wire`]) to node `peer`; false when no
+    /// link to it is open now.
+    fn send(&self, peer: &str, frame: Utf8Bytes) -> bool;
     /// Resolves once every reachable peer knows this node's current interest, or after a bounded
     /// wait.
     fn sync_interest(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
@@ -93,6 +102,9 @@ pub(crate) enum LinkUp {
         #[serde(default)]
         remove: Vec<String>,
     },
+    /// A frame of the broker (parsed again as a [`PeerFrame`]).
+    #[serde(other)]
+    Broker,
 }
 
 /// Frames an acceptor sends on a relay link (besides `msg` frames, which it sends pre-serialized).
@@ -101,16 +113,30 @@ pub(crate) enum LinkUp {
 pub(crate) enum LinkDown {
     /// The acceptor now sends by interest `version`.
     InterestAck { version: u64 },
-    /// A message; only the topic is read here, the frame itself is delivered unchanged.
-    Msg { topic: String },
+    /// A message as clients receive it; only the topic and position are read here, the frame
+    /// itself is delivered unchanged.
+    Msg {
+        topic: String,
+        epoch: Epoch,
+        offset: u64,
+    },
+    /// A frame of the broker (parsed again as a [`PeerFrame`]).
+    #[serde(other)]
+    Broker,
 }
 
-/// A link a peer opened to us: we send it the messages it wants.
+/// A link a peer opened to us: we send it the messages it wants, and broker frames.
 #[derive(Debug)]
 struct Inbound {
     interest: RwLock<HashSet<String>>,
     tx: mpsc::Sender<Message>,
     closer: Closer,
+}
+
+/// A link we opened to a peer: we may send it broker frames too.
+#[derive(Debug)]
+struct Outbound {
+    tx: mpsc::Sender<WsMessage>,
 }
 
 /// The embedded relay of the module docs.
@@ -122,6 +148,10 @@ pub(crate) struct EmbeddedRelay {
     queue: usize,
     /// Links from peers, by peer name.
     inbound: RwLock<HashMap<String, Arc<Inbound>>>,
+    /// Links to peers, by peer name.
+    outbound: RwLock<HashMap<String, Arc<Outbound>>>,
+    /// Where frames for the broker go.
+    broker: BrokerInput,
     /// Our links to peers: the interest version each acknowledged (absent: not connected).
     acked: Mutex<HashMap<String, u64>>,
     /// Ticks whenever `acked` changes.
@@ -132,9 +162,11 @@ pub(crate) struct EmbeddedRelay {
 
 impl EmbeddedRelay {
     /// Starts dialing the peers `peers` lists (name → relay url) for as long as `cancel` allows.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         name: String,
         hub: Arc<Hub>,
+        broker: BrokerInput,
         metrics: Arc<Metrics>,
         queue: usize,
         peers: watch::Receiver<Peers>,
@@ -147,6 +179,8 @@ impl EmbeddedRelay {
             metrics,
             queue,
             inbound: RwLock::new(HashMap::new()),
+            outbound: RwLock::new(HashMap::new()),
+            broker,
             acked: Mutex::new(HashMap::new()),
             progress: watch::channel(0).0,
             peers: peers.clone(),
@@ -168,6 +202,15 @@ impl EmbeddedRelay {
             };
         }
         self.progress.send_modify(|tick| *tick += 1);
+    }
+
+    /// A link whose queue is full is reset (its peer fetches what it misses, by position).
+    fn reset_full(&self, peer: &str, link: &Inbound) {
+        if !link.closer.is_closed() {
+            metrics::inc(&self.metrics.relay_drops);
+            warn!(peer = %peer, "relay link queue full: resetting the link");
+            link.closer.close(1000, "relay queue full");
+        }
     }
 
     /// Serves a link a peer opened to us, until it closes or `cancel` fires.
@@ -207,6 +250,10 @@ impl EmbeddedRelay {
                     Some(Ok(_)) => continue,
                 };
                 match serde_json::from_str::<LinkUp>(&text) {
+                    Ok(LinkUp::Broker) => match serde_json::from_str::<PeerFrame>(&text) {
+                        Ok(frame) => self.broker.peer(&peer, frame).await,
+                        Err(err) => warn!(peer = %peer, error = %err, "bad relay frame"),
+                    },
                     Ok(LinkUp::Interest {
                         version,
                         add,
@@ -270,7 +317,37 @@ impl EmbeddedRelay {
 }
 
 impl Relay for EmbeddedRelay {
-    fn forward(&self, topic: &str, frame: &Utf8Bytes) {
+    fn send(&self, peer: &str, frame: Utf8Bytes) -> bool {
+        // The link the peer opened to us, else the one we opened to it.
+        let inbound = self
+            .inbound
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .cloned();
+        if let Some(link) = inbound {
+            return match link.tx.try_send(Message::Text(frame)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.reset_full(peer, &link);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            };
+        }
+        let outbound = self
+            .outbound
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .cloned();
+        match outbound {
+            Some(link) => link.tx.try_send(WsMessage::Text(frame.as_str().into())).is_ok(),
+            None => false,
+        }
+    }
+
+    fn fanout(&self, topic: &str, frame: &Utf8Bytes) {
         let inbound = self.inbound.read().unwrap_or_else(|e| e.into_inner());
         for (peer, link) in inbound.iter() {
             let wanted = link
@@ -283,13 +360,7 @@ impl Relay for EmbeddedRelay {
             }
             match link.tx.try_send(Message::Text(frame.clone())) {
                 Ok(()) => metrics::inc(&self.metrics.relay_messages_out),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    if !link.closer.is_closed() {
-                        metrics::inc(&self.metrics.relay_drops);
-                        warn!(peer = %peer, "relay link queue full: resetting the link");
-                        link.closer.close(1000, "relay queue full");
-                    }
-                }
+                Err(mpsc::error::TrySendError::Full(_)) => self.reset_full(peer, link),
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
@@ -302,9 +373,9 @@ impl Relay for EmbeddedRelay {
             let mut progress = self.progress.subscribe();
             let mut peers = self.peers.clone();
             loop {
-                // Every peer the membership lists, linked or not yet: a peer just seen (or just
-                // restarted) is not linked yet, and confirming before it knows our interest
-                // would let its next messages miss this subscription.
+                // Every peer linked now. A peer whose link is down (dead, hung, cut off, or
+                // just seen and not linked yet) is not waited for: whatever it sends once
+                // linked carries positions, and a hole is fetched (see `crate::broker`).
                 let synced = {
                     let peers = peers.borrow_and_update();
                     let acked = self.lock_acked();
@@ -312,7 +383,8 @@ impl Relay for EmbeddedRelay {
                         && peers
                             .relays
                             .keys()
-                            .all(|peer| acked.get(peer).is_some_and(|v| *v >= target))
+                            .filter_map(|peer| acked.get(peer))
+                            .all(|v| *v >= target)
                 };
                 if synced {
                     return;
@@ -428,8 +500,32 @@ async fn run_link(
     socket: ClientSocket,
     cancel: &CancellationToken,
 ) {
-    use tokio_tungstenite::tungstenite::Message as WsMessage;
     let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<WsMessage>(relay.queue);
+    let outbound = Arc::new(Outbound { tx });
+    relay
+        .outbound
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(peer.to_string(), outbound.clone());
+    run_link_io(relay, peer, &mut sink, &mut stream, &mut rx, cancel).await;
+    let mut links = relay.outbound.write().unwrap_or_else(|e| e.into_inner());
+    if links.get(peer).is_some_and(|l| Arc::ptr_eq(l, &outbound)) {
+        links.remove(peer);
+    }
+}
+
+type LinkSink = futures_util::stream::SplitSink<ClientSocket, WsMessage>;
+type LinkStream = futures_util::stream::SplitStream<ClientSocket>;
+
+async fn run_link_io(
+    relay: &Arc<EmbeddedRelay>,
+    peer: &str,
+    sink: &mut LinkSink,
+    stream: &mut LinkStream,
+    rx: &mut mpsc::Receiver<WsMessage>,
+    cancel: &CancellationToken,
+) {
     let mut interest_rx = relay.hub.interest_watch();
     let mut sent: HashSet<String> = HashSet::new();
     // Messages read at once from the link are delivered as one batch (see `next_or_wake`).
@@ -467,7 +563,14 @@ async fn run_link(
                 dirty = true;
                 continue;
             }
-            next = next_or_wake(&mut stream, &mut wakes) => next,
+            out = rx.recv() => {
+                let Some(out) = out else { return };
+                if sink.send(out).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            next = next_or_wake(stream, &mut wakes) => next,
         };
         let text = match next {
             Some(Ok(WsMessage::Text(text))) => text,
@@ -475,16 +578,40 @@ async fn run_link(
             Some(Ok(_)) => continue,
         };
         match serde_json::from_str::<LinkDown>(&text) {
-            Ok(LinkDown::Msg { topic }) => {
+            Ok(LinkDown::Msg {
+                topic,
+                epoch,
+                offset,
+            }) => {
                 metrics::inc(&relay.metrics.relay_messages_in);
                 match Utf8Bytes::try_from(bytes::Bytes::from(text)) {
                     Ok(frame) => {
-                        relay.hub.deliver_batched(&topic, &frame, &mut wakes);
+                        let entry = Entry {
+                            offset,
+                            id: PublishId::default(),
+                            frame,
+                            stored: std::time::Instant::now(),
+                        };
+                        broker::deliver_from_peer(
+                            &relay.hub,
+                            &relay.broker,
+                            &topic,
+                            epoch,
+                            entry,
+                            &mut wakes,
+                        );
                     }
                     Err(err) => warn!(error = %err, "relay frame is not UTF-8"),
                 }
             }
             Ok(LinkDown::InterestAck { version }) => relay.set_acked(peer, Some(version)),
+            Ok(LinkDown::Broker) => match serde_json::from_str::<PeerFrame>(&text) {
+                Ok(frame) => {
+                    wakes.wake_all();
+                    relay.broker.peer(peer, frame).await;
+                }
+                Err(err) => warn!(peer, error = %err, "bad relay frame"),
+            },
             Err(err) => warn!(peer, error = %err, "bad relay frame"),
         }
     }
@@ -497,11 +624,15 @@ mod tests {
     /// A relay whose peer list the test drives; no peer it lists ever answers.
     fn relay(peers: watch::Receiver<Peers>) -> (Arc<EmbeddedRelay>, CancellationToken) {
         let metrics = Arc::new(Metrics::default());
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::new(
+            metrics.clone(),
+            crate::NodeConfig::new("me").history_limits(),
+        ));
         let cancel = CancellationToken::new();
         let relay = EmbeddedRelay::start(
             "me".into(),
             hub,
+            crate::broker::Broker::channel().0,
             metrics,
             8,
             peers,
@@ -525,7 +656,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_listed_peer_without_a_link_is_waited_for() {
+    async fn a_listed_peer_without_a_link_is_not_waited_for() {
         // Port 1 on loopback refuses: the peer is listed but never linked, never acknowledges.
         let relays = BTreeMap::from([("p".to_string(), "ws://127.0.0.1:1/r".to_string())]);
         let (_tx, rx) = watch::channel(Peers {
@@ -535,7 +666,7 @@ mod tests {
         let (relay, cancel) = relay(rx);
         let start = Instant::now();
         relay.sync_interest().await;
-        assert_eq!(start.elapsed(), SYNC_TIMEOUT);
+        assert_eq!(start.elapsed(), Duration::ZERO);
         cancel.cancel();
     }
 

@@ -11,19 +11,19 @@
 //! shutdown) goes through the session's [`Closer`], which carries the close code the writer sends.
 //! The session counts as a user from the moment it is registered until it returns.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use streamfarm_core::protocol::{ClientFrame, Encoding, ServerFrame, close};
+use streamfarm_core::protocol::{ClientFrame, Encoding, Position, ServerFrame, close};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info};
 
 use crate::Shared;
-use crate::hub::{Closer, ConnId, FrameWakes, Outlet, next_or_wake};
+use crate::hub::{Closer, ConnId, FrameWakes, Outlet, Resume, encode, next_or_wake};
 use crate::metrics;
 use crate::queue::SendQueue;
 
@@ -40,13 +40,6 @@ const WRITE_BURST: usize = 64;
 const GREETING_FRAMES: usize = 2;
 /// How long the writer may take to flush queued frames and the close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
-
-/// Serializes a server frame (never fails for our types).
-pub(crate) fn encode(frame: &ServerFrame) -> Message {
-    Message::Text(Utf8Bytes::from(
-        serde_json::to_string(frame).expect("frames always serialize"),
-    ))
-}
 
 /// Checks a topic name: non-empty, at most [`MAX_TOPIC_BYTES`], no whitespace or control characters.
 pub(crate) fn check_topic(topic: &str) -> Result<(), String> {
@@ -284,10 +277,10 @@ impl Reader {
             }
         };
         match frame {
-            ClientFrame::Sub { topics } => self.subscribe(topics).await,
+            ClientFrame::Sub { topics, positions } => self.subscribe(topics, positions).await,
             ClientFrame::Unsub { topics } => {
                 self.shared
-                    .hub
+                    .broker
                     .unsubscribe(self.id, topics.iter().map(String::as_str));
                 for topic in &topics {
                     self.topics.remove(topic);
@@ -298,7 +291,7 @@ impl Reader {
                 topic,
                 data,
                 encoding,
-            } => self.publish(topic, data, encoding),
+            } => self.publish(topic, data, encoding).await,
             ClientFrame::List { watch } => {
                 self.watching_farm = watch;
                 self.send(&ServerFrame::Farm(self.shared.farm_rx.borrow().clone()));
@@ -309,7 +302,7 @@ impl Reader {
         true
     }
 
-    async fn subscribe(&mut self, topics: Vec<String>) {
+    async fn subscribe(&mut self, topics: Vec<String>, positions: BTreeMap<String, Position>) {
         // Nothing of ours waits while we wait for the peers.
         self.wakes.wake_all();
         if let Some(problem) = topics.iter().find_map(|t| check_topic(t).err()) {
@@ -325,17 +318,23 @@ impl Reader {
             );
             return;
         }
-        self.shared
-            .hub
-            .subscribe(self.id, &self.outlet, topics.iter().map(String::as_str));
         self.topics.extend(topics.iter().cloned());
-        // Answer only once peer nodes know this node wants the topics, so that a message
-        // published anywhere after `subscribed` arrives here.
-        self.shared.relay.sync_interest().await;
-        self.send(&ServerFrame::Subscribed { topics });
+        let wanted: Vec<(String, Resume)> = topics
+            .into_iter()
+            .map(|topic| {
+                let resume = positions.get(&topic).map_or(Resume::Live, |p| Resume::After(*p));
+                (topic, resume)
+            })
+            .collect();
+        // The broker answers `subscribed` (with positions), then what was missed, then live.
+        self.shared
+            .broker
+            .subscribe(self.id, &self.outlet, &wanted, &mut self.wakes)
+            .await;
+        self.wakes.wake_all();
     }
 
-    fn publish(&mut self, topic: String, data: String, encoding: Encoding) {
+    async fn publish(&mut self, topic: String, data: String, encoding: Encoding) {
         if !self.shared.config.allow_client_publish {
             self.error("not_allowed", "this node does not accept pub frames");
             return;
@@ -353,7 +352,9 @@ impl Reader {
             return;
         }
         self.shared
-            .publish_batched(&topic, data, encoding, &mut self.wakes);
+            .broker
+            .publish_unconfirmed(&topic, data, encoding)
+            .await;
     }
 }
 

@@ -1,0 +1,1262 @@
+//! The broker: the one owner of publishing and subscribing on a node, and of message positions.
+//!
+//! Sessions and HTTP talk only to [`Broker`]: [`Broker::publish`], [`Broker::subscribe`] (with
+//! its confirmation and recovery), [`Broker::unsubscribe`]. Below it, the [`Hub`] holds the local
+//! subscribers and each topic's delivery stream, and the [`Relay`] carries frames between nodes.
+//!
+//! # Positions: one sequencer and one replica per topic
+//! Every message of a topic gets a position — an [`Epoch`] and an offset — that is the same on
+//! every node. The live nodes of the farm list rank themselves per topic by rendezvous hashing
+//! ([`placement`]): the first is the topic's **sequencer**, the second its **replica**. A message
+//! published on any node (its *origin*) goes:
+//!
+//! ```text
+//! origin ──pub──▶ sequencer ──repl──▶ replica ──msg──▶ every node with subscribers (and itself)
+//!    ▲                                   │
+//!    └───────────────ack─────────────────┘
+//! ```
+//!
+//! The sequencer gives the next offset and keeps the message in its log; the replica stores it,
+//! then sends it out and acknowledges it to the origin. Nothing reaches a client before the
+//! replica holds it, so losing any one node loses no message that a client may have seen:
+//! - the **replica** dies: the sequencer sends its whole log to the next replica (`sync`), which
+//!   sends on the newest message; nodes that see a hole fetch it;
+//! - the **sequencer** dies: its replica is, by rendezvous hashing, the new sequencer, and already
+//!   holds every message that went out. It **claims** the topic: every live node stops accepting
+//!   the topic from older sequencers (a *term*) and sends back what it holds; the claimant
+//!   continues from the newest log in the same epoch. Publishes sent to the dead sequencer were
+//!   never acknowledged: their origins send them again to the new one, which recognizes those it
+//!   already sequenced by their [`PublishId`] and does not number them twice;
+//! - a node **returns** or **joins** and ranks first: it claims the topic the same way, from the
+//!   node that sequenced it meanwhile.
+//!
+//! A new epoch starts only when a claim finds no node holding the topic: its history is truly
+//! gone. Cost on the publish path: up to three hops between nodes (origin → sequencer →
+//! replica → subscribers' node) instead of one, measured in BENCHMARKS.md.
+//!
+//! # Delivery, holes and recovery
+//! Each node delivers a topic from one stream ([`Hub`]): in offset order, duplicates dropped,
+//! messages after a hole held back while the hole is fetched from the replica — so a link reset
+//! between nodes is repaired without a client noticing. A client that subscribes with the
+//! position it holds is sent, between two live messages, what it missed: from the node's own
+//! stream, or fetched from the replica first; what the farm no longer holds is named in a `gap`.
+//!
+//! # Layout
+//! - [`log`] — one topic's bounded history ([`log::Log`]).
+//! - [`placement`] — the sequencer and replica of a topic.
+//! - [`wire`] — the frames between nodes about topics.
+//! - this module — the broker task: sequencing, replication, claims, fetches, retries.
+
+pub(crate) mod log;
+pub(crate) mod placement;
+pub(crate) mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::Utf8Bytes;
+use streamfarm_core::FarmList;
+use streamfarm_core::protocol::{Encoding, Epoch, Position, ServerFrame};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::hub::{self, ConnId, Delivered, FrameWakes, Hub, Outlet, Resume};
+use crate::metrics::{self, Metrics};
+use crate::relay::Relay;
+use log::{Entry, Limits, Log, Offered, PublishId};
+use placement::{Placement, live_nodes, place};
+use wire::{LogState, PeerFrame, WireEntry};
+
+/// How often the broker task retries, times out and trims.
+const TICK: Duration = Duration::from_millis(50);
+/// A publish not acknowledged this long after it was sent is sent again (to the sequencer of
+/// the moment; the sequencer does not number a publish twice).
+const RESEND_AFTER: Duration = Duration::from_millis(300);
+/// How long a claim waits for the live nodes' answers before it goes on with those it has.
+const CLAIM_WAIT: Duration = Duration::from_millis(500);
+/// How long a fetch waits for its answer.
+pub(crate) const FETCH_WAIT: Duration = Duration::from_secs(2);
+/// Most bytes of publishes this node holds unacknowledged; beyond, publishing is refused.
+const MAX_PENDING_BYTES: usize = 64 << 20;
+/// Depth of the broker task's input queue: sessions and relay links wait when it is full.
+const INPUT_QUEUE: usize = 4096;
+
+/// Why a publish did not go through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PublishError {
+    /// No sequencer acknowledged it in time: it may or may not be delivered.
+    #[error("not acknowledged within {0:?}: it may or may not have been delivered")]
+    TimedOut(Duration),
+    /// Too many publishes are waiting for their acknowledgement.
+    #[error("too many publishes waiting for acknowledgement; try again")]
+    Overloaded,
+    /// The node is stopping.
+    #[error("the node is stopping")]
+    Stopping,
+}
+
+/// What the broker task is asked to do.
+#[derive(Debug)]
+enum Input {
+    Publish {
+        topic: String,
+        data: String,
+        encoding: Encoding,
+        done: Option<oneshot::Sender<Result<Position, PublishError>>>,
+    },
+    /// A frame from a peer (or from this node to itself).
+    Peer { from: String, frame: PeerFrame },
+    /// Fetch what follows `after` into the hub's stream of `topic`; `done` when merged.
+    Fetch {
+        topic: String,
+        after: Option<Position>,
+        done: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// The broker's handle: what sessions, HTTP and the relay call.
+pub(crate) struct Broker {
+    pub(crate) hub: Arc<Hub>,
+    relay: Arc<dyn Relay>,
+    input: mpsc::Sender<Input>,
+    publish_timeout: Duration,
+}
+
+impl Broker {
+    /// Starts the broker task of node `me`; it runs until `cancel`.
+    /// The channel into the broker task: its sending end goes to the relay before the broker
+    /// starts (the broker sends through the relay, the relay delivers to the broker).
+    pub(crate) fn channel() -> (BrokerInput, BrokerInbox) {
+        let (input, inbox) = mpsc::channel(INPUT_QUEUE);
+        (BrokerInput(input), BrokerInbox(inbox))
+    }
+
+    /// Starts the broker task of node `me` on `inbox`; it runs until `cancel`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start(
+        me: String,
+        (input, inbox): (BrokerInput, BrokerInbox),
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        relay: Arc<dyn Relay>,
+        farm: watch::Receiver<FarmList>,
+        limits: Limits,
+        publish_timeout: Duration,
+        cancel: CancellationToken,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Arc<Broker> {
+        let run = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let live = live_nodes(&farm.borrow());
+        let core = Core {
+            me,
+            run,
+            metrics,
+            hub: hub.clone(),
+            relay: relay.clone(),
+            limits,
+            live,
+            farm,
+            chains: HashMap::new(),
+            pending: HashMap::new(),
+            pending_bytes: 0,
+            next_seq: 0,
+            fetches: HashMap::new(),
+            filling: HashMap::new(),
+            next_request: 0,
+            to_self: Vec::new(),
+            wakes: FrameWakes::default(),
+            publish_timeout,
+        };
+        tracker.spawn(core.run(inbox.0, cancel));
+        Arc::new(Broker {
+            hub,
+            relay,
+            input: input.0,
+            publish_timeout,
+        })
+    }
+
+    /// Publishes a message farm-wide and waits until it is stored on its topic's replica and
+    /// sent out: returns its position.
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        data: String,
+        encoding: Encoding,
+    ) -> Result<Position, PublishError> {
+        let (done, rx) = oneshot::channel();
+        self.send_input(Input::Publish {
+            topic: topic.to_string(),
+            data,
+            encoding,
+            done: Some(done),
+        })
+        .await?;
+        match tokio::time::timeout(self.publish_timeout + TICK * 2, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PublishError::Stopping),
+            Err(_) => Err(PublishError::TimedOut(self.publish_timeout)),
+        }
+    }
+
+    /// Publishes without waiting for the acknowledgement (a client's `pub` frame); waits only
+    /// while the broker's queue is full.
+    pub(crate) async fn publish_unconfirmed(&self, topic: &str, data: String, encoding: Encoding) {
+        let _ = self
+            .send_input(Input::Publish {
+                topic: topic.to_string(),
+                data,
+                encoding,
+                done: None,
+            })
+            .await;
+    }
+
+    async fn send_input(&self, input: Input) -> Result<(), PublishError> {
+        self.input
+            .send(input)
+            .await
+            .map_err(|_| PublishError::Stopping)
+    }
+
+    /// Subscribes connection `id` to `topics`, each live or resuming after a position: the
+    /// node's peers learn its interest, missing history is fetched, and then — between two
+    /// messages of each topic — the `subscribed` frame, any `gap`, the missed messages, and
+    /// from then on the live ones are queued to `outlet`. Returns the subscriptions added.
+    pub(crate) async fn subscribe(
+        &self,
+        id: ConnId,
+        outlet: &Outlet,
+        topics: &[(String, Resume)],
+        wakes: &mut FrameWakes,
+    ) -> usize {
+        self.hub.reserve(id, topics.iter().map(|(t, _)| t.as_str()));
+        // Peers that are linked learn the interest before anything else: what they send from
+        // then on reaches this node.
+        self.relay.sync_interest().await;
+        let mut waits = Vec::new();
+        for (topic, resume) in topics {
+            if self.hub.needs_fetch(topic, *resume) {
+                let (done, rx) = oneshot::channel();
+                let after = match resume {
+                    Resume::Live => None,
+                    Resume::After(p) => Some(*p),
+                };
+                if self
+                    .send_input(Input::Fetch {
+                        topic: topic.clone(),
+                        after,
+                        done: Some(done),
+                    })
+                    .await
+                    .is_ok()
+                {
+                    waits.push(rx);
+                }
+            }
+        }
+        for rx in waits {
+            let _ = tokio::time::timeout(FETCH_WAIT + TICK * 2, rx).await;
+        }
+        self.hub.join(id, outlet, topics, wakes)
+    }
+
+    /// Unsubscribes connection `id` from `topics`.
+    pub(crate) fn unsubscribe<'a>(&self, id: ConnId, topics: impl IntoIterator<Item = &'a str>) {
+        self.hub.unsubscribe(id, topics);
+    }
+}
+
+/// The relay's way into the broker: frames from peers, holes to fill.
+#[derive(Clone, Debug)]
+pub(crate) struct BrokerInput(mpsc::Sender<Input>);
+
+/// The broker task's end of [`Broker::channel`].
+pub(crate) struct BrokerInbox(mpsc::Receiver<Input>);
+
+impl BrokerInput {
+    /// A frame from peer `from`. Waits while the broker is busy: the link slows down rather than
+    /// anything being dropped.
+    pub(crate) async fn peer(&self, from: &str, frame: PeerFrame) {
+        let _ = self
+            .0
+            .send(Input::Peer {
+                from: from.to_string(),
+                frame,
+            })
+            .await;
+    }
+
+    /// The stream of `topic` has a hole after `after`: fetch it (once at a time per topic).
+    pub(crate) fn fill(&self, topic: &str, after: Position) {
+        let _ = self.0.try_send(Input::Fetch {
+            topic: topic.to_string(),
+            after: Some(after),
+            done: None,
+        });
+    }
+}
+
+/// Delivers a message received from a replica into the hub, and asks for what is missing.
+pub(crate) fn deliver_from_peer(
+    hub: &Hub,
+    input: &BrokerInput,
+    topic: &str,
+    epoch: Epoch,
+    entry: Entry,
+    wakes: &mut FrameWakes,
+) -> Delivered {
+    let delivered = hub.deliver(topic, epoch, entry, wakes);
+    if let Some(after) = delivered.missing_after {
+        input.fill(topic, after);
+    }
+    delivered
+}
+
+/// A publish made on this node, until its acknowledgement.
+struct Pending {
+    topic: String,
+    data: String,
+    encoding: Encoding,
+    /// The sequencer it was last sent to, and when.
+    sent_to: String,
+    sent_at: Instant,
+    deadline: Instant,
+    done: Option<oneshot::Sender<Result<Position, PublishError>>>,
+}
+
+/// A fetch this node is waiting for.
+struct FetchWait {
+    topic: String,
+    after: Option<Position>,
+    sent_to: String,
+    deadline: Instant,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// What this node sequences of a topic.
+struct Sequencing {
+    term: u64,
+    log: Log,
+    /// The replica that was last sent the whole log.
+    synced: Option<String>,
+}
+
+/// A claim in progress.
+struct Claim {
+    term: u64,
+    waiting: HashSet<String>,
+    best: Option<LogState>,
+    deadline: Instant,
+}
+
+/// A fetch that reached this node as replica before it had the topic's log.
+struct HeldFetch {
+    from: String,
+    request: u64,
+    after: Option<Position>,
+    deadline: Instant,
+}
+
+/// This node's part in one topic's chain.
+#[derive(Default)]
+struct Chain {
+    /// Highest claim term seen: sequencers below it are refused.
+    fenced: u64,
+    /// Set while this node sequences the topic.
+    seq: Option<Sequencing>,
+    claim: Option<Claim>,
+    /// Publishes waiting for this node's claim to finish.
+    queued: Vec<(String, PublishId, String, Encoding)>,
+    /// What this node stored as the topic's replica.
+    stored: Option<Log>,
+    held: Vec<HeldFetch>,
+}
+
+/// The broker task's state (see the module docs).
+struct Core {
+    me: String,
+    run: u64,
+    metrics: Arc<Metrics>,
+    hub: Arc<Hub>,
+    relay: Arc<dyn Relay>,
+    limits: Limits,
+    farm: watch::Receiver<FarmList>,
+    /// Live nodes of the farm list, this one included while it is not `DOWN`.
+    live: Vec<String>,
+    chains: HashMap<String, Chain>,
+    pending: HashMap<PublishId, Pending>,
+    pending_bytes: usize,
+    next_seq: u64,
+    fetches: HashMap<u64, FetchWait>,
+    /// Topics whose hole is being fetched, until when.
+    filling: HashMap<String, Instant>,
+    next_request: u64,
+    /// Frames this node sends itself (it is the sequencer, replica or origin of its own).
+    to_self: Vec<PeerFrame>,
+    wakes: FrameWakes,
+    publish_timeout: Duration,
+}
+
+/// A new epoch: the wall clock's milliseconds with random low bits, so newer compares greater.
+fn new_epoch() -> Epoch {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Epoch((ms << 16) | u64::from(rand::random::<u16>()))
+}
+
+/// A log entry as it travels between nodes (its payload read back from its client frame).
+pub(crate) fn entry_to_wire(entry: &Entry) -> WireEntry {
+    let (data, encoding) = match serde_json::from_str::<ServerFrame>(&entry.frame) {
+        Ok(ServerFrame::Msg { data, encoding, .. }) => (data, encoding),
+        _ => (String::new(), Encoding::Utf8),
+    };
+    WireEntry {
+        offset: entry.offset,
+        id: entry.id.clone(),
+        data,
+        encoding,
+    }
+}
+
+/// A log holding `state`.
+fn log_from_state(topic: &str, state: &LogState) -> Log {
+    let mut log = Log::new(state.epoch, state.first() - 1);
+    for wire in &state.entries {
+        let entry = hub::entry_from_wire(topic, state.epoch, wire);
+        if log.offer(state.epoch, entry) != Offered::Appended {
+            break;
+        }
+    }
+    log
+}
+
+/// The newer of two states: a later epoch, then a later offset.
+fn newer(a: Option<LogState>, b: Option<LogState>) -> Option<LogState> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            if (b.epoch, b.last) > (a.epoch, a.last) {
+                Some(b)
+            } else {
+                Some(a)
+            }
+        }
+        (a, b) => a.or(b),
+    }
+}
+
+impl Core {
+    async fn run(mut self, mut input: mpsc::Receiver<Input>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inputs = ReceiverStream(&mut input);
+        loop {
+            // Inputs read at once are handled as one batch: the subscribers' writers are woken
+            // once for all of it (see `hub::next_or_wake`).
+            let next = tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => { self.tick(); None }
+                changed = self.farm.changed() => {
+                    if changed.is_err() { break }
+                    self.view_changed();
+                    None
+                }
+                next = hub::next_or_wake(&mut inputs, &mut self.wakes) => match next {
+                    Some(next) => Some(next),
+                    None => break,
+                },
+            };
+            if let Some(next) = next {
+                self.handle(next);
+            }
+            self.drain_self();
+        }
+        for (_, pending) in self.pending.drain() {
+            if let Some(done) = pending.done {
+                let _ = done.send(Err(PublishError::Stopping));
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Publish {
+                topic,
+                data,
+                encoding,
+                done,
+            } => self.publish(topic, data, encoding, done),
+            Input::Peer { from, frame } => self.peer_frame(from, frame),
+            Input::Fetch { topic, after, done } => self.fetch(topic, after, done),
+        }
+    }
+
+    /// Handles the frames this node sent itself, until none is left.
+    fn drain_self(&mut self) {
+        while !self.to_self.is_empty() {
+            let frames = std::mem::take(&mut self.to_self);
+            for frame in frames {
+                let me = self.me.clone();
+                self.peer_frame(me, frame);
+            }
+        }
+    }
+
+    /// Sends `frame` to node `to` (this node included); false when there is no link to it now.
+    fn send(&mut self, to: &str, frame: PeerFrame) -> bool {
+        if to == self.me {
+            self.to_self.push(frame);
+            return true;
+        }
+        let text = serde_json::to_string(&frame).expect("frames always serialize");
+        self.relay.send(to, Utf8Bytes::from(text))
+    }
+
+    fn placement(&self, topic: &str) -> Placement {
+        place(topic, &self.live).unwrap_or_else(|| Placement {
+            sequencer: self.me.clone(),
+            replica: self.me.clone(),
+        })
+    }
+
+    fn publish(
+        &mut self,
+        topic: String,
+        data: String,
+        encoding: Encoding,
+        done: Option<oneshot::Sender<Result<Position, PublishError>>>,
+    ) {
+        if self.pending_bytes + data.len() > MAX_PENDING_BYTES {
+            metrics::inc(&self.metrics.publish_failures);
+            if let Some(done) = done {
+                let _ = done.send(Err(PublishError::Overloaded));
+            }
+            return;
+        }
+        metrics::inc(&self.metrics.messages_published);
+        self.next_seq += 1;
+        let id = PublishId {
+            origin: self.me.clone(),
+            seq: self.next_seq,
+            run: self.run,
+        };
+        let to = self.placement(&topic).sequencer;
+        let now = Instant::now();
+        self.pending_bytes += data.len();
+        self.send(
+            &to,
+            PeerFrame::Pub {
+                topic: topic.clone(),
+                id: id.clone(),
+                data: data.clone(),
+                encoding,
+            },
+        );
+        self.pending.insert(
+            id,
+            Pending {
+                topic,
+                data,
+                encoding,
+                sent_to: to,
+                sent_at: now,
+                deadline: now + self.publish_timeout,
+                done,
+            },
+        );
+    }
+
+    fn peer_frame(&mut self, from: String, frame: PeerFrame) {
+        match frame {
+            PeerFrame::Pub {
+                topic,
+                id,
+                data,
+                encoding,
+            } => self.on_pub(from, topic, id, data, encoding),
+            PeerFrame::Repl {
+                topic,
+                term,
+                epoch,
+                entry,
+            } => self.on_repl(from, topic, term, epoch, entry),
+            PeerFrame::Sync { topic, term, state } => self.on_sync(from, topic, term, state),
+            PeerFrame::Ack {
+                topic: _,
+                id,
+                epoch,
+                offset,
+            } => {
+                if let Some(pending) = self.pending.remove(&id) {
+                    self.pending_bytes -= pending.data.len();
+                    if let Some(done) = pending.done {
+                        let _ = done.send(Ok(Position::new(epoch, offset)));
+                    }
+                }
+            }
+            PeerFrame::Nack { topic: _, id } => {
+                // Sent again at the next tick, to the sequencer of the moment.
+                if let Some(pending) = self.pending.get_mut(&id) {
+                    pending.sent_at = Instant::now() - RESEND_AFTER + TICK;
+                }
+            }
+            PeerFrame::Fenced { topic, term } => {
+                let chain = self.chains.entry(topic.clone()).or_default();
+                chain.fenced = chain.fenced.max(term);
+                if chain.seq.as_ref().is_some_and(|s| s.term < term) {
+                    info!(%topic, term, "a newer sequencer claimed the topic: no longer sequencing it");
+                    chain.seq = None;
+                }
+            }
+            PeerFrame::Prime { topic } => {
+                let chain = self.chains.entry(topic.clone()).or_default();
+                if let Some(seq) = &mut chain.seq {
+                    seq.synced = None;
+                    self.sync_replica(&topic);
+                } else if self.placement(&topic).sequencer == self.me {
+                    self.ensure_active(&topic);
+                }
+            }
+            PeerFrame::Claim { topic, term } => self.on_claim(from, topic, term),
+            PeerFrame::ClaimReply {
+                topic,
+                term,
+                granted,
+                state,
+            } => self.on_claim_reply(from, topic, term, granted, state),
+            PeerFrame::Fetch {
+                topic,
+                request,
+                after,
+            } => self.on_fetch(from, topic, request, after),
+            PeerFrame::FetchReply {
+                topic,
+                request,
+                state,
+            } => self.on_fetch_reply(topic, request, state),
+        }
+    }
+
+    /// As sequencer: number the publish, or queue it while the claim runs.
+    fn on_pub(&mut self, from: String, topic: String, id: PublishId, data: String, encoding: Encoding) {
+        if self.placement(&topic).sequencer != self.me {
+            self.send(&from, PeerFrame::Nack { topic, id });
+            return;
+        }
+        let chain = self.chains.entry(topic.clone()).or_default();
+        if chain.seq.is_none() {
+            chain.queued.push((from, id, data, encoding));
+            self.ensure_active(&topic);
+            return;
+        }
+        self.sequence(&topic, id, data, encoding);
+    }
+
+    fn sequence(&mut self, topic: &str, id: PublishId, data: String, encoding: Encoding) {
+        if self.chains.get(topic).and_then(|c| c.seq.as_ref()).and_then(|s| s.synced.as_ref())
+            != Some(&self.placement(topic).replica)
+        {
+            self.sync_replica(topic);
+        }
+        let replica = self.placement(topic).replica;
+        let limits = self.limits;
+        let Some(seq) = self.chains.get_mut(topic).and_then(|c| c.seq.as_mut()) else {
+            return;
+        };
+        let epoch = seq.log.epoch();
+        let wire = match seq.log.offset_of(&id) {
+            // Sequenced before (a retry): the replica is sent it again, and acknowledges it.
+            Some(offset) => WireEntry {
+                offset,
+                id,
+                data,
+                encoding,
+            },
+            None => {
+                let offset = seq.log.position().offset + 1;
+                let frame = hub::msg_frame(topic, data.clone(), encoding, Some(Position::new(epoch, offset)));
+                seq.log.push(Entry {
+                    offset,
+                    id: id.clone(),
+                    frame,
+                    stored: Instant::now().into_std(),
+                });
+                seq.log.trim(limits, std::time::Instant::now());
+                WireEntry {
+                    offset,
+                    id,
+                    data,
+                    encoding,
+                }
+            }
+        };
+        let term = seq.term;
+        self.send(
+            &replica,
+            PeerFrame::Repl {
+                topic: topic.to_string(),
+                term,
+                epoch,
+                entry: wire,
+            },
+        );
+    }
+
+    /// Sends the replica the whole log of a topic this node sequences.
+    fn sync_replica(&mut self, topic: &str) {
+        let replica = self.placement(topic).replica;
+        let Some(seq) = self.chains.get_mut(topic).and_then(|c| c.seq.as_mut()) else {
+            return;
+        };
+        let frame = PeerFrame::Sync {
+            topic: topic.to_string(),
+            term: seq.term,
+            state: LogState::of(&seq.log, None),
+        };
+        seq.synced = Some(replica.clone());
+        if !self.send(&replica, frame)
+            && let Some(seq) = self.chains.get_mut(topic).and_then(|c| c.seq.as_mut())
+        {
+            // Not linked yet: tried again with the next publish.
+            seq.synced = None;
+        }
+    }
+
+    /// As replica: store, then send out and acknowledge.
+    fn on_repl(&mut self, from: String, topic: String, term: u64, epoch: Epoch, wire: WireEntry) {
+        let chain = self.chains.entry(topic.clone()).or_default();
+        if term < chain.fenced {
+            let fenced = chain.fenced;
+            self.send(&from, PeerFrame::Fenced { topic, term: fenced });
+            return;
+        }
+        chain.fenced = term;
+        let entry = hub::entry_from_wire(&topic, epoch, &wire);
+        let stored = match &mut chain.stored {
+            Some(log) if log.epoch() == epoch => log,
+            Some(log) if log.epoch() > epoch => return,
+            slot => {
+                if wire.offset != 1 {
+                    // Not the start and not the log this replica holds: ask for all of it.
+                    self.send(&from, PeerFrame::Prime { topic });
+                    return;
+                }
+                slot.insert(Log::new(epoch, 0))
+            }
+        };
+        let limits = self.limits;
+        match stored.offer(epoch, entry.clone()) {
+            Offered::Appended => {
+                stored.trim(limits, std::time::Instant::now());
+                self.send_out(&topic, epoch, entry);
+                self.ack(&topic, wire.id, epoch, wire.offset);
+            }
+            Offered::Duplicate => self.ack(&topic, wire.id, epoch, wire.offset),
+            Offered::Gap { .. } => {
+                self.send(&from, PeerFrame::Prime { topic });
+            }
+            Offered::OtherEpoch => {}
+        }
+    }
+
+    fn ack(&mut self, topic: &str, id: PublishId, epoch: Epoch, offset: u64) {
+        let origin = id.origin.clone();
+        self.send(
+            &origin,
+            PeerFrame::Ack {
+                topic: topic.to_string(),
+                id,
+                epoch,
+                offset,
+            },
+        );
+    }
+
+    /// As replica: sends a stored message to every node that wants it, this one included.
+    fn send_out(&mut self, topic: &str, epoch: Epoch, entry: Entry) {
+        self.relay.fanout(topic, &entry.frame);
+        let delivered = self.hub.deliver(topic, epoch, entry, &mut self.wakes);
+        if let Some(after) = delivered.missing_after {
+            self.fetch(topic.to_string(), Some(after), None);
+        }
+    }
+
+    fn on_sync(&mut self, from: String, topic: String, term: u64, state: LogState) {
+        let chain = self.chains.entry(topic.clone()).or_default();
+        if term < chain.fenced {
+            let fenced = chain.fenced;
+            self.send(&from, PeerFrame::Fenced { topic, term: fenced });
+            return;
+        }
+        chain.fenced = term;
+        let current = chain.stored.as_ref().map(|log| LogState::of(log, None));
+        let take = current
+            .as_ref()
+            .is_none_or(|c| (state.epoch, state.last) >= (c.epoch, c.last));
+        if take {
+            chain.stored = Some(log_from_state(&topic, &state));
+        }
+        let held = std::mem::take(&mut chain.held);
+        // The newest message goes out again: a node that missed what came before sees the hole
+        // and fetches it; one that has it drops the copy.
+        let newest = chain
+            .stored
+            .as_ref()
+            .and_then(|log| log.after(log.position().offset.saturating_sub(1)).next().cloned());
+        let epoch = chain.stored.as_ref().map(Log::epoch);
+        if let (Some(entry), Some(epoch)) = (newest, epoch) {
+            self.send_out(&topic, epoch, entry);
+        }
+        for fetch in held {
+            self.answer_fetch(&fetch.from, &topic, fetch.request, fetch.after);
+        }
+    }
+
+    /// Starts a claim of `topic` unless this node sequences it already or is claiming it.
+    fn ensure_active(&mut self, topic: &str) {
+        let peers: Vec<String> = self.live.iter().filter(|n| **n != self.me).cloned().collect();
+        let chain = self.chains.entry(topic.to_string()).or_default();
+        if chain.seq.is_some() || chain.claim.is_some() {
+            return;
+        }
+        let term = chain.fenced + 1;
+        chain.fenced = term;
+        chain.claim = Some(Claim {
+            term,
+            waiting: HashSet::new(),
+            best: None,
+            deadline: Instant::now() + CLAIM_WAIT,
+        });
+        let mut waiting = HashSet::new();
+        for peer in peers {
+            let frame = PeerFrame::Claim {
+                topic: topic.to_string(),
+                term,
+            };
+            if self.send(&peer, frame) {
+                waiting.insert(peer);
+            }
+        }
+        debug!(%topic, term, peers = waiting.len(), "claiming");
+        let empty = waiting.is_empty();
+        if let Some(claim) = self.chains.get_mut(topic).and_then(|c| c.claim.as_mut()) {
+            claim.waiting = waiting;
+        }
+        if empty {
+            self.finish_claim(topic);
+        }
+    }
+
+    /// What this node holds of `topic`: its sequencer log, its replica log, its stream.
+    fn best_state(&self, topic: &str) -> Option<LogState> {
+        let chain = self.chains.get(topic);
+        let seq = chain
+            .and_then(|c| c.seq.as_ref())
+            .map(|s| LogState::of(&s.log, None));
+        let stored = chain
+            .and_then(|c| c.stored.as_ref())
+            .map(|log| LogState::of(log, None));
+        newer(newer(seq, stored), self.hub.state(topic, None))
+    }
+
+    fn on_claim(&mut self, from: String, topic: String, term: u64) {
+        let state = self.best_state(&topic);
+        let chain = self.chains.entry(topic.clone()).or_default();
+        let granted = term > chain.fenced;
+        if granted {
+            chain.fenced = term;
+            if chain.seq.take().is_some() {
+                info!(%topic, claimant = %from, "topic claimed by another node: no longer sequencing it");
+            }
+            chain.claim = None;
+        }
+        let queued = if granted {
+            std::mem::take(&mut chain.queued)
+        } else {
+            Vec::new()
+        };
+        let fenced = chain.fenced;
+        self.send(
+            &from,
+            PeerFrame::ClaimReply {
+                topic: topic.clone(),
+                term: if granted { term } else { fenced },
+                granted,
+                state: if granted { state } else { None },
+            },
+        );
+        for (origin, id, _, _) in queued {
+            self.send(
+                &origin,
+                PeerFrame::Nack {
+                    topic: topic.clone(),
+                    id,
+                },
+            );
+        }
+    }
+
+    fn on_claim_reply(
+        &mut self,
+        from: String,
+        topic: String,
+        term: u64,
+        granted: bool,
+        state: Option<LogState>,
+    ) {
+        let Some(chain) = self.chains.get_mut(&topic) else {
+            return;
+        };
+        let Some(claim) = &mut chain.claim else {
+            return;
+        };
+        if !granted {
+            if term >= claim.term {
+                // Someone claimed higher: this claim is over; a later publish starts another.
+                chain.fenced = chain.fenced.max(term);
+                chain.claim = None;
+            }
+            return;
+        }
+        if term != claim.term {
+            return;
+        }
+        claim.best = newer(claim.best.take(), state);
+        claim.waiting.remove(&from);
+        if claim.waiting.is_empty() {
+            self.finish_claim(&topic);
+        }
+    }
+
+    /// Ends a claim: sequences from the newest log found (a new epoch if none), syncs the
+    /// replica, and numbers the publishes that waited.
+    fn finish_claim(&mut self, topic: &str) {
+        let own = self.best_state(topic);
+        let Some(chain) = self.chains.get_mut(topic) else {
+            return;
+        };
+        let Some(claim) = chain.claim.take() else {
+            return;
+        };
+        let log = match newer(claim.best, own) {
+            Some(state) => log_from_state(topic, &state),
+            None => {
+                let epoch = new_epoch();
+                info!(%topic, %epoch, "no node holds the topic: a new epoch");
+                Log::new(epoch, 0)
+            }
+        };
+        info!(%topic, term = claim.term, position = %log.position(), "sequencing");
+        chain.seq = Some(Sequencing {
+            term: claim.term,
+            log,
+            synced: None,
+        });
+        let queued = std::mem::take(&mut chain.queued);
+        self.sync_replica(topic);
+        for (_, id, data, encoding) in queued {
+            self.sequence(topic, id, data, encoding);
+        }
+    }
+
+    /// Asks the topic's replica for what follows `after` in the hub's stream of `topic`.
+    fn fetch(&mut self, topic: String, after: Option<Position>, done: Option<oneshot::Sender<()>>) {
+        let now = Instant::now();
+        if done.is_none() {
+            // A hole: one fetch at a time per topic.
+            if self.filling.get(&topic).is_some_and(|until| *until > now) {
+                return;
+            }
+            self.filling.insert(topic.clone(), now + FETCH_WAIT);
+        }
+        self.next_request += 1;
+        let request = self.next_request;
+        let to = self.placement(&topic).replica;
+        self.send(
+            &to,
+            PeerFrame::Fetch {
+                topic: topic.clone(),
+                request,
+                after,
+            },
+        );
+        self.fetches.insert(
+            request,
+            FetchWait {
+                topic,
+                after,
+                sent_to: to,
+                deadline: now + FETCH_WAIT,
+                done,
+            },
+        );
+    }
+
+    fn on_fetch(&mut self, from: String, topic: String, request: u64, after: Option<Position>) {
+        let placement = self.placement(&topic);
+        let chain = self.chains.entry(topic.clone()).or_default();
+        if chain.stored.is_none() && placement.replica == self.me {
+            // The topic's replica has no log yet (nothing published since it became replica):
+            // the sequencer sends it one, then the fetch is answered.
+            chain.held.push(HeldFetch {
+                from,
+                request,
+                after,
+                deadline: Instant::now() + FETCH_WAIT,
+            });
+            self.send(&placement.sequencer, PeerFrame::Prime { topic });
+            return;
+        }
+        self.answer_fetch(&from, &topic, request, after);
+    }
+
+    /// Answers a fetch from the replica log, or else the stream this node delivers.
+    fn answer_fetch(&mut self, to: &str, topic: &str, request: u64, after: Option<Position>) {
+        let of = |log: &Log| {
+            let from = match after {
+                Some(p) if p.epoch == log.epoch() => Some(p.offset),
+                Some(_) => None,
+                None => Some(log.position().offset),
+            };
+            LogState::of(log, from)
+        };
+        let state = match self.chains.get(topic).and_then(|c| c.stored.as_ref()) {
+            Some(log) => Some(of(log)),
+            None => self.hub.state(topic, None).map(|s| {
+                let log = log_from_state(topic, &s);
+                of(&log)
+            }),
+        };
+        self.send(
+            to,
+            PeerFrame::FetchReply {
+                topic: topic.to_string(),
+                request,
+                state,
+            },
+        );
+    }
+
+    fn on_fetch_reply(&mut self, topic: String, request: u64, state: Option<LogState>) {
+        let Some(wait) = self.fetches.remove(&request) else {
+            return;
+        };
+        if wait.done.is_none() {
+            self.filling.remove(&topic);
+        }
+        match state {
+            Some(state) => self.hub.merge(&topic, &state, &mut self.wakes),
+            None => debug!(%topic, "fetch found no history"),
+        }
+        if let Some(done) = wait.done {
+            let _ = done.send(());
+        }
+    }
+
+    /// The farm list changed: follow the new placements.
+    fn view_changed(&mut self) {
+        let live = live_nodes(&self.farm.borrow_and_update());
+        if live == self.live {
+            return;
+        }
+        self.live = live;
+        let topics: Vec<String> = self.chains.keys().cloned().collect();
+        for topic in topics {
+            let placement = self.placement(&topic);
+            let Some(chain) = self.chains.get_mut(&topic) else {
+                continue;
+            };
+            if placement.sequencer != self.me {
+                if chain.seq.take().is_some() {
+                    info!(%topic, sequencer = %placement.sequencer, "no longer sequencing the topic");
+                }
+                if let Some(claim) = chain.claim.take() {
+                    debug!(%topic, term = claim.term, "claim abandoned");
+                }
+            } else if let Some(seq) = &chain.seq {
+                if seq.synced.as_ref() != Some(&placement.replica) {
+                    self.sync_replica(&topic);
+                }
+            } else if let Some(claim) = &mut chain.claim {
+                claim.waiting.retain(|peer| self.live.contains(peer));
+                if claim.waiting.is_empty() {
+                    self.finish_claim(&topic);
+                }
+            }
+        }
+        // Publishes and fetches sent to a node that is no longer the one: again, now.
+        let moved: Vec<PublishId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| place(&p.topic, &self.live).is_none_or(|pl| pl.sequencer != p.sent_to))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in moved {
+            self.resend(&id);
+        }
+        let refetch: Vec<u64> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| place(&f.topic, &self.live).is_none_or(|pl| pl.replica != f.sent_to))
+            .map(|(request, _)| *request)
+            .collect();
+        for request in refetch {
+            if let Some(wait) = self.fetches.remove(&request) {
+                if wait.done.is_none() {
+                    self.filling.remove(&wait.topic);
+                }
+                self.fetch(wait.topic, wait.after, wait.done);
+            }
+        }
+    }
+
+    fn resend(&mut self, id: &PublishId) {
+        let Some(pending) = self.pending.get(id) else {
+            return;
+        };
+        let to = self.placement(&pending.topic).sequencer;
+        let frame = PeerFrame::Pub {
+            topic: pending.topic.clone(),
+            id: id.clone(),
+            data: pending.data.clone(),
+            encoding: pending.encoding,
+        };
+        self.send(&to, frame);
+        if let Some(pending) = self.pending.get_mut(id) {
+            pending.sent_to = to;
+            pending.sent_at = Instant::now();
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        // Publishes: retried, or given up at their deadline.
+        let mut expired = Vec::new();
+        let mut again = Vec::new();
+        for (id, pending) in &self.pending {
+            if now >= pending.deadline {
+                expired.push(id.clone());
+            } else if now.duration_since(pending.sent_at) >= RESEND_AFTER {
+                again.push(id.clone());
+            }
+        }
+        for id in expired {
+            if let Some(pending) = self.pending.remove(&id) {
+                self.pending_bytes -= pending.data.len();
+                metrics::inc(&self.metrics.publish_failures);
+                warn!(topic = %pending.topic, "publish not acknowledged in time");
+                if let Some(done) = pending.done {
+                    let _ = done.send(Err(PublishError::TimedOut(self.publish_timeout)));
+                }
+            }
+        }
+        for id in again {
+            self.resend(&id);
+        }
+        // Claims that waited long enough go on with the answers they have.
+        let due: Vec<String> = self
+            .chains
+            .iter()
+            .filter(|(_, c)| c.claim.as_ref().is_some_and(|claim| now >= claim.deadline))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in due {
+            self.finish_claim(&topic);
+        }
+        // Publishes queued for a claim that was abandoned: claim again, or send them back.
+        let stalled: Vec<String> = self
+            .chains
+            .iter()
+            .filter(|(_, c)| !c.queued.is_empty() && c.seq.is_none() && c.claim.is_none())
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in stalled {
+            if self.placement(&topic).sequencer == self.me {
+                self.ensure_active(&topic);
+            } else if let Some(chain) = self.chains.get_mut(&topic) {
+                for (origin, id, _, _) in std::mem::take(&mut chain.queued) {
+                    self.send(
+                        &origin,
+                        PeerFrame::Nack {
+                            topic: topic.clone(),
+                            id,
+                        },
+                    );
+                }
+            }
+        }
+        // Fetches past their deadline.
+        let late: Vec<u64> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| now >= f.deadline)
+            .map(|(r, _)| *r)
+            .collect();
+        for request in late {
+            if let Some(wait) = self.fetches.remove(&request) {
+                debug!(topic = %wait.topic, "fetch not answered in time");
+                if wait.done.is_none() {
+                    self.filling.remove(&wait.topic);
+                }
+            }
+        }
+        let mut unanswered = Vec::new();
+        for (topic, chain) in &mut self.chains {
+            let (late, kept): (Vec<HeldFetch>, Vec<HeldFetch>) =
+                chain.held.drain(..).partition(|f| now >= f.deadline);
+            chain.held = kept;
+            unanswered.extend(late.into_iter().map(|f| (topic.clone(), f)));
+        }
+        for (topic, fetch) in unanswered {
+            self.send(
+                &fetch.from,
+                PeerFrame::FetchReply {
+                    topic,
+                    request: fetch.request,
+                    state: None,
+                },
+            );
+        }
+        // History beyond its age; chains this node no longer has a part in.
+        let std_now = std::time::Instant::now();
+        let limits = self.limits;
+        let placements: HashMap<String, Placement> = self
+            .chains
+            .keys()
+            .map(|t| (t.clone(), self.placement(t)))
+            .collect();
+        let me = self.me.clone();
+        self.chains.retain(|topic, chain| {
+            if let Some(seq) = &mut chain.seq {
+                seq.log.trim(limits, std_now);
+            }
+            if let Some(log) = &mut chain.stored {
+                log.trim(limits, std_now);
+            }
+            let placement = &placements[topic];
+            let involved = placement.sequencer == me || placement.replica == me;
+            involved || chain.seq.is_some() || chain.claim.is_some() || !chain.queued.is_empty()
+                || chain.stored.as_ref().is_some_and(|l| l.bytes() > 0)
+        });
+        self.hub.trim(std_now);
+    }
+}
+
+/// A `Stream` over an mpsc receiver, for [`hub::next_or_wake`].
+struct ReceiverStream<'a, T>(&'a mut mpsc::Receiver<T>);
+
+impl<T> futures_util::Stream for ReceiverStream<'_, T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}

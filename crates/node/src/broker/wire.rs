@@ -1,0 +1,115 @@
+//! The frames nodes send each other about topics: publishing, replication, claims and fetches.
+//!
+//! They travel on the relay links (see [`crate::relay`]) as JSON text messages beside the
+//! `interest`/`interest_ack`/`msg` frames; `docs/PROTOCOL.md` section 8 lists them.
+
+use serde::{Deserialize, Serialize};
+use streamfarm_core::protocol::{Encoding, Epoch, Position};
+
+use super::log::{Log, PublishId};
+
+/// A message of a log as it travels between nodes: its payload, not the client frame (the
+/// receiver rebuilds that once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct WireEntry {
+    pub(crate) offset: u64,
+    pub(crate) id: PublishId,
+    pub(crate) data: String,
+    #[serde(default)]
+    pub(crate) encoding: Encoding,
+}
+
+/// A log as it travels between nodes: its position and the entries it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LogState {
+    pub(crate) epoch: Epoch,
+    /// Offset of the newest message (the entries end there, when there are any).
+    pub(crate) last: u64,
+    #[serde(default)]
+    pub(crate) entries: Vec<WireEntry>,
+}
+
+impl LogState {
+    /// Offset of the oldest message carried (`last + 1` when none is).
+    pub(crate) fn first(&self) -> u64 {
+        self.entries.first().map_or(self.last + 1, |e| e.offset)
+    }
+}
+
+/// Frames between nodes about topics (see the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum PeerFrame {
+    /// Origin → sequencer: give this message an offset.
+    Pub {
+        topic: String,
+        id: PublishId,
+        data: String,
+        #[serde(default)]
+        encoding: Encoding,
+    },
+    /// Sequencer → replica: store this message, then send it out.
+    Repl {
+        topic: String,
+        term: u64,
+        epoch: Epoch,
+        entry: WireEntry,
+    },
+    /// Sequencer → replica: the whole log, when the replica is new to it.
+    Sync {
+        topic: String,
+        term: u64,
+        state: LogState,
+    },
+    /// Replica → origin: the message is stored and sent out at this position.
+    Ack {
+        topic: String,
+        id: PublishId,
+        epoch: Epoch,
+        offset: u64,
+    },
+    /// Sequencer → origin: not sequenced here (not the sequencer, or no longer): try again.
+    Nack { topic: String, id: PublishId },
+    /// Replica → sequencer: a newer sequencer has claimed the topic; stop sequencing it.
+    Fenced { topic: String, term: u64 },
+    /// Replica → sequencer: I have no log of this topic yet; send me one.
+    Prime { topic: String },
+    /// New sequencer → every live node: stop sequencing `topic` below `term`, send me your log.
+    Claim { topic: String, term: u64 },
+    /// Answer to a claim: granted with what the node holds, or refused (a higher term fenced it).
+    ClaimReply {
+        topic: String,
+        term: u64,
+        granted: bool,
+        #[serde(default)]
+        state: Option<LogState>,
+    },
+    /// Any node → replica: the messages after `after` (none: only the current position).
+    Fetch {
+        topic: String,
+        request: u64,
+        #[serde(default)]
+        after: Option<Position>,
+    },
+    /// Answer to a fetch; no state: the topic's history cannot be reached from here now.
+    FetchReply {
+        topic: String,
+        request: u64,
+        #[serde(default)]
+        state: Option<LogState>,
+    },
+}
+
+impl LogState {
+    /// A log's state with the entries after `after` (all when `None`).
+    pub(crate) fn of(log: &Log, after: Option<u64>) -> Self {
+        LogState {
+            epoch: log.epoch(),
+            last: log.position().offset,
+            entries: log
+                .after(after.unwrap_or(0))
+                .map(super::entry_to_wire)
+                .collect(),
+        }
+    }
+}
