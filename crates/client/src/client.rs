@@ -5,7 +5,7 @@
 //! [`Event`]s for the application. At most one network operation (fetching a list or connecting)
 //! runs at a time, besides the established connection.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -17,7 +17,7 @@ use base64::Engine;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use streamfarm_core::FarmList;
-use streamfarm_core::protocol::{ClientFrame, Encoding, ServerFrame};
+use streamfarm_core::protocol::{ClientFrame, Encoding, Epoch, Position, ServerFrame};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
@@ -28,6 +28,7 @@ use crate::connection::{self, Conn, Incoming};
 use crate::error::Error;
 use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice};
 use crate::options::ClientOptions;
+use crate::topics::TopicNotice;
 
 /// What the client tells the application.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,15 +56,30 @@ pub enum Event {
         /// From the loss to being subscribed again.
         took: Duration,
     },
-    /// Messages published on `topics` while the client was away (from `since`, for `away`) may
-    /// not have reached it. Recovery of them is not implemented yet: the gap is only reported.
-    MaybeMissed {
-        /// The topics subscribed during the gap.
-        topics: Vec<String>,
-        /// When the connection was lost (wall clock).
-        since: SystemTime,
-        /// How long the client was away.
-        away: Duration,
+    /// After a failover (or any resubscription), every message of `topic` published while the
+    /// client was away has been received: `count` of them, in order, before any newer one. A
+    /// count of 0 says that nothing was missed.
+    Recovered {
+        /// The topic.
+        topic: String,
+        /// Messages received from the farm's history.
+        count: u64,
+    },
+    /// Messages of `topic` that will never arrive: offsets `from..=to` of `epoch` (`to` absent:
+    /// the rest of that epoch), and why. Nothing is ever missed without this event.
+    Gap {
+        /// The topic.
+        topic: String,
+        /// The epoch of the missing messages.
+        epoch: Epoch,
+        /// First missing offset.
+        from: u64,
+        /// Last missing offset, when known.
+        to: Option<u64>,
+        /// `history_exceeded` (older than the farm keeps), `epoch_lost` (the topic's history was
+        /// lost with the nodes that held it), `unavailable` (the history could not be reached),
+        /// or `unannounced` (offsets jumped without a `gap` frame).
+        reason: String,
     },
     /// A round found no server; the client tries again after `delay`.
     Retrying {
@@ -78,6 +94,8 @@ pub enum Event {
         topic: String,
         /// The payload.
         payload: Vec<u8>,
+        /// Its position in the topic (none from a node without positions).
+        position: Option<Position>,
     },
     /// The connected server refused a frame (e.g. a bad topic name).
     ServerError {
@@ -170,12 +188,15 @@ impl Client {
         let (server_tx, server) = watch::channel(None);
         let seed = options.seed.unwrap_or_else(rand::random);
         let dials = Arc::new(DialCounters::default());
+        let mut machine = Machine::new(options.machine.clone(), seed);
+        machine
+            .topics_mut()
+            .subscribe(options.topics.iter().cloned());
         let driver = Driver {
             dials: dials.clone(),
-            machine: Machine::new(options.machine.clone(), seed),
+            machine,
             rng: StdRng::seed_from_u64(seed.rotate_left(17) ^ 0x5eed),
             resolver: options.resolver.clone(),
-            topics: options.topics.iter().cloned().collect(),
             address,
             options,
             events: event_tx,
@@ -273,7 +294,7 @@ struct Subscribed {
     conn: Conn,
     /// The topics subscribed on it: those of the client when the connect began.
     topics: Vec<String>,
-    /// Messages that arrived while subscribing.
+    /// The `subscribed` frame, then messages that arrived while subscribing.
     early: Vec<ServerFrame>,
 }
 
@@ -305,7 +326,6 @@ struct Driver {
     dials: Arc<DialCounters>,
     rng: StdRng,
     resolver: Resolver,
-    topics: BTreeSet<String>,
     address: ServiceAddress,
     options: ClientOptions,
     events: mpsc::Sender<Event>,
@@ -351,7 +371,8 @@ impl Driver {
                             self.dials.clone(),
                             server,
                             reused,
-                            self.topics.iter().cloned().collect(),
+                            self.machine.topics().names(),
+                            self.machine.topics().positions(),
                             self.resolver.clone(),
                             self.options.source_address,
                             if retry {
@@ -398,15 +419,17 @@ impl Driver {
                 command = self.commands.recv() => match command {
                     None | Some(Command::Stop) => Input::Stop,
                     Some(Command::Subscribe(topics)) => {
-                        self.topics.extend(topics.iter().cloned());
-                        send_on(&mut live, ClientFrame::Sub { topics }).await;
+                        let topics = self.machine.topics_mut().subscribe(topics);
+                        if !topics.is_empty() {
+                            send_on(&mut live, ClientFrame::Sub { topics, positions: BTreeMap::new() }).await;
+                        }
                         continue;
                     }
                     Some(Command::Unsubscribe(topics)) => {
-                        for topic in &topics {
-                            self.topics.remove(topic);
+                        let topics = self.machine.topics_mut().unsubscribe(topics);
+                        if !topics.is_empty() {
+                            send_on(&mut live, ClientFrame::Unsub { topics }).await;
                         }
-                        send_on(&mut live, ClientFrame::Unsub { topics }).await;
                         continue;
                     }
                 },
@@ -443,12 +466,13 @@ impl Driver {
                             backlog = early;
                             // The application may have changed its topics while this connection
                             // was being made.
+                            let now_topics = self.machine.topics();
                             let added: Vec<String> =
-                                self.topics.iter().filter(|t| !topics.contains(t)).cloned().collect();
+                                now_topics.names().into_iter().filter(|t| !topics.contains(t)).collect();
                             let removed: Vec<String> =
-                                topics.into_iter().filter(|t| !self.topics.contains(t)).collect();
+                                topics.into_iter().filter(|t| !now_topics.contains(t)).collect();
                             if !added.is_empty() {
-                                send_on(&mut live, ClientFrame::Sub { topics: added }).await;
+                                send_on(&mut live, ClientFrame::Sub { topics: added, positions: BTreeMap::new() }).await;
                             }
                             if !removed.is_empty() {
                                 send_on(&mut live, ClientFrame::Unsub { topics: removed }).await;
@@ -527,14 +551,20 @@ impl Driver {
         debug_assert!(actions.is_empty());
     }
 
-    /// Turns a data frame into an event; false when the application is gone.
+    /// Turns a data frame into events; false when the application is gone.
     async fn deliver(&mut self, frame: ServerFrame, server: &str) -> bool {
+        let position = frame.position();
         let event = match frame {
             ServerFrame::Msg {
                 topic,
                 data,
                 encoding,
+                ..
             } => {
+                let verdict = self.machine.topics_mut().on_message(&topic, position);
+                if !verdict.deliver {
+                    return true;
+                }
                 let payload = match encoding {
                     Encoding::Utf8 => data.into_bytes(),
                     Encoding::Base64 => {
@@ -547,7 +577,39 @@ impl Driver {
                         }
                     }
                 };
-                Event::Message { topic, payload }
+                let message = Event::Message {
+                    topic,
+                    payload,
+                    position,
+                };
+                // A gap comes before the message that follows it; a recovery after the message
+                // that completes it.
+                return match verdict.notice {
+                    Some(notice @ TopicNotice::Gap { .. }) => {
+                        self.tell(notice_event(notice)).await && self.tell(message).await
+                    }
+                    Some(notice) => {
+                        self.tell(message).await && self.tell(notice_event(notice)).await
+                    }
+                    None => self.tell(message).await,
+                };
+            }
+            ServerFrame::Subscribed { positions, .. } => {
+                let notices = self.machine.topics_mut().on_subscribed(&positions);
+                return self.tell_all(notices).await;
+            }
+            ServerFrame::Gap {
+                topic,
+                epoch,
+                from,
+                to,
+                reason,
+            } => {
+                let notices = self
+                    .machine
+                    .topics_mut()
+                    .on_gap(&topic, epoch, from, to, reason);
+                return self.tell_all(notices).await;
             }
             ServerFrame::Error { code, message } => Event::ServerError {
                 server: server.to_string(),
@@ -556,7 +618,21 @@ impl Driver {
             },
             _ => return true,
         };
+        self.tell(event).await
+    }
+
+    /// Gives the application an event; false when it is gone.
+    async fn tell(&mut self, event: Event) -> bool {
         self.events.send(event).await.is_ok()
+    }
+
+    async fn tell_all(&mut self, notices: Vec<TopicNotice>) -> bool {
+        for notice in notices {
+            if !self.tell(notice_event(notice)).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Tells the application; false when it is gone.
@@ -574,15 +650,7 @@ impl Driver {
             }
             Notice::FailedOver { from, to, took } => {
                 debug!(from = %from, to = %to, ?took, "failed over");
-                let mut events = vec![Event::FailedOver { from, to, took }];
-                if !self.topics.is_empty() {
-                    events.push(Event::MaybeMissed {
-                        topics: self.topics.iter().cloned().collect(),
-                        since: SystemTime::now() - took,
-                        away: took,
-                    });
-                }
-                events
+                vec![Event::FailedOver { from, to, took }]
             }
             Notice::Retrying { reason, delay } => {
                 debug!(%reason, ?delay, "retrying");
@@ -595,6 +663,26 @@ impl Driver {
             }
         }
         true
+    }
+}
+
+/// A notice of the topics' positions as an event.
+fn notice_event(notice: TopicNotice) -> Event {
+    match notice {
+        TopicNotice::Recovered { topic, count } => Event::Recovered { topic, count },
+        TopicNotice::Gap {
+            topic,
+            epoch,
+            from,
+            to,
+            reason,
+        } => Event::Gap {
+            topic,
+            epoch,
+            from,
+            to,
+            reason,
+        },
     }
 }
 
@@ -686,6 +774,7 @@ async fn connect(
     server: String,
     reused: Option<Conn>,
     topics: Vec<String>,
+    positions: BTreeMap<String, Position>,
     resolver: Resolver,
     source: Option<IpAddr>,
     timeout: Duration,
@@ -704,13 +793,16 @@ async fn connect(
         // (`docs/PROTOCOL.md`): give subscribing more room than a connect, or a failover storm
         // turns that wait into a failed server and another attempt.
         let allowed = timeout.saturating_mul(SUBSCRIBE_TIMEOUT_FACTOR);
-        let early = tokio::time::timeout(allowed, connection::subscribe(&mut conn, &topics))
-            .await
-            .map_err(|_| Error::TimedOut {
-                what: "subscribing",
-                url: server.clone(),
-                after: allowed,
-            })??;
+        let early = tokio::time::timeout(
+            allowed,
+            connection::subscribe(&mut conn, &topics, &positions),
+        )
+        .await
+        .map_err(|_| Error::TimedOut {
+            what: "subscribing",
+            url: server.clone(),
+            after: allowed,
+        })??;
         Ok(Subscribed {
             conn,
             topics,

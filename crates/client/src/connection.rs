@@ -4,12 +4,13 @@
 //! The greeting and subscription steps are generic over the byte stream, so they are tested over
 //! an in-memory pipe; [`dial`] adds the TCP part (optionally from a chosen source address).
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use streamfarm_core::FarmList;
-use streamfarm_core::protocol::{ClientFrame, ServerFrame};
+use streamfarm_core::protocol::{ClientFrame, Position, ServerFrame};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -134,11 +135,14 @@ pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Subscribes `topics` and waits until the node confirms them all. Messages that arrive meanwhile
-/// are returned, in order, for the caller to deliver.
+/// Subscribes `topics` (resuming those with a position in `positions`), asks the node to push
+/// the farm list as it changes, and waits until the node confirms every topic. Returns the
+/// `subscribed` frames, then the messages that arrived meanwhile, in order, for the caller to
+/// deliver.
 pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     topics: &[String],
+    positions: &BTreeMap<String, Position>,
 ) -> Result<Vec<ServerFrame>, Error> {
     let url = conn.hello.url.clone();
     let mut early = Vec::new();
@@ -147,14 +151,28 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let sub = ClientFrame::Sub {
         topics: topics.to_vec(),
+        positions: positions
+            .iter()
+            .filter(|(topic, _)| topics.contains(topic))
+            .map(|(topic, p)| (topic.clone(), *p))
+            .collect(),
     };
     send(&mut conn.ws, &sub)
+        .await
+        .map_err(|e| ws_error(&url, e))?;
+    // A connected client keeps its list current: the node pushes it when the farm changes.
+    send(&mut conn.ws, &ClientFrame::List { watch: true })
         .await
         .map_err(|e| ws_error(&url, e))?;
     let mut missing: Vec<&String> = topics.iter().collect();
     while !missing.is_empty() {
         match next_frame(&mut conn.ws, &url).await? {
-            ServerFrame::Subscribed { topics } => missing.retain(|t| !topics.contains(t)),
+            frame @ ServerFrame::Subscribed { .. } => {
+                if let ServerFrame::Subscribed { topics, .. } = &frame {
+                    missing.retain(|t| !topics.contains(t));
+                }
+                early.push(frame);
+            }
             ServerFrame::Ping { id } => send(&mut conn.ws, &ClientFrame::Pong { id })
                 .await
                 .map_err(|e| ws_error(&url, e))?,
@@ -371,24 +389,31 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn subscribe_waits_for_every_topic_and_keeps_early_messages() {
+    async fn subscribe_resumes_waits_for_every_topic_and_keeps_early_frames() {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
         let mut conn = greet(client, "ws://a/stream").await.unwrap();
         let topics = vec!["t1".to_string(), "t2".to_string()];
+        let at = Position::new(streamfarm_core::protocol::Epoch(3), 9);
         let node_task = tokio::spawn(async move {
             let sub = node_reads(&mut node).await;
             assert_eq!(
                 sub,
                 ClientFrame::Sub {
-                    topics: vec!["t1".into(), "t2".into()]
+                    topics: vec!["t1".into(), "t2".into()],
+                    positions: BTreeMap::from([("t2".to_string(), at)]),
                 }
+            );
+            assert_eq!(
+                node_reads(&mut node).await,
+                ClientFrame::List { watch: true }
             );
             node_sends(
                 &mut node,
                 &ServerFrame::Subscribed {
                     topics: vec!["t1".into()],
+                    positions: BTreeMap::new(),
                 },
             )
             .await;
@@ -396,19 +421,27 @@ pub(crate) mod tests {
                 topic: "t1".into(),
                 data: "early".into(),
                 encoding: Default::default(),
+                epoch: None,
+                offset: None,
             };
             node_sends(&mut node, &msg).await;
             node_sends(
                 &mut node,
                 &ServerFrame::Subscribed {
                     topics: vec!["t2".into()],
+                    positions: BTreeMap::new(),
                 },
             )
             .await;
             node
         });
-        let early = subscribe(&mut conn, &topics).await.unwrap();
-        assert!(matches!(&early[..], [ServerFrame::Msg { data, .. }] if data == "early"));
+        // A position for a topic not subscribed here is not sent.
+        let positions = BTreeMap::from([("t2".to_string(), at), ("gone".to_string(), at)]);
+        let early = subscribe(&mut conn, &topics, &positions).await.unwrap();
+        assert!(
+            matches!(&early[..], [ServerFrame::Subscribed { .. }, ServerFrame::Msg { data, .. }, ServerFrame::Subscribed { .. }] if data == "early"),
+            "{early:?}"
+        );
         node_task.await.unwrap();
     }
 
@@ -426,7 +459,9 @@ pub(crate) mod tests {
             },
         )
         .await;
-        let err = subscribe(&mut conn, &["".to_string()]).await.unwrap_err();
+        let err = subscribe(&mut conn, &["".to_string()], &BTreeMap::new())
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("bad_topic"), "{err}");
     }
 

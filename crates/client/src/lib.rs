@@ -43,6 +43,7 @@ pub mod error;
 mod http;
 pub mod machine;
 pub mod options;
+pub mod topics;
 
 pub use address::{Resolver, ServiceAddress};
 pub use backoff::Backoff;
@@ -52,3 +53,5 @@ pub use http::{fetch_list, publish};
 pub use machine::{LossCause, RetryMode};
 pub use options::ClientOptions;
 pub use streamfarm_core::Policy;
+pub use streamfarm_core::protocol::{Epoch, Position};
+pub use topics::TopicNotice;

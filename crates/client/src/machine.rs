@@ -48,6 +48,7 @@ use streamfarm_core::selection::{self, Context, Policy};
 use streamfarm_core::{FarmList, Status};
 
 use crate::backoff::Backoff;
+use crate::topics::Topics;
 
 /// What to do when a connection attempt fails or a connection is lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -320,7 +321,16 @@ pub struct Machine {
     /// list still shows it as a candidate (see the module documentation).
     asked: Option<String>,
     next_timer: u64,
+    /// Every server url seen in a list, newest last (at most [`MAX_KNOWN`]): when neither the
+    /// last list nor the service address gives a server, these are tried too, so that a client
+    /// is never stranded while any server it ever heard of is up.
+    known: Vec<String>,
+    /// The topics and the position held in each.
+    topics: Topics,
 }
+
+/// Most server urls a machine remembers beyond its last list.
+const MAX_KNOWN: usize = 256;
 
 impl Machine {
     /// A machine in [`State::Idle`], drawing from an RNG seeded with `seed`.
@@ -336,6 +346,32 @@ impl Machine {
             holding_list_connection: false,
             asked: None,
             next_timer: 0,
+            known: Vec::new(),
+            topics: Topics::default(),
+        }
+    }
+
+    /// The topics and the position held in each.
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// The topics, to subscribe, unsubscribe and take in messages, `subscribed` and `gap` frames.
+    pub fn topics_mut(&mut self) -> &mut Topics {
+        &mut self.topics
+    }
+
+    /// Remembers the servers of `list`.
+    fn learn(&mut self, list: &FarmList) {
+        for server in &list.servers {
+            if let Some(at) = self.known.iter().position(|u| *u == server.url) {
+                self.known.remove(at);
+            }
+            self.known.push(server.url.clone());
+        }
+        if self.known.len() > MAX_KNOWN {
+            let extra = self.known.len() - MAX_KNOWN;
+            self.known.drain(..extra);
         }
     }
 
@@ -369,12 +405,14 @@ impl Machine {
                 actions.push(Action::Close);
             }
             (state, Input::ListUpdated(list)) => {
+                self.learn(&list);
                 self.last_list = Some(list);
                 self.state = state;
             }
             (State::Idle, Input::Start) => self.next_round(None, now, &mut actions),
             (State::FetchingList { .. }, Input::ListFetched { mut list, via, age }) => {
                 self.holding_list_connection = true;
+                self.learn(&list);
                 // The list server counts the connection the list came over among its users;
                 // that user is this client, which has not chosen yet.
                 if let Some(entry) = list.servers.iter_mut().find(|s| s.url == via) {
@@ -417,6 +455,7 @@ impl Machine {
             {
                 self.drop_list_connection(&mut actions);
                 if let Some(list) = list {
+                    self.learn(&list);
                     self.last_list = Some(list);
                 }
                 self.round = 0;
@@ -465,6 +504,7 @@ impl Machine {
                 },
             ) if server == lost => {
                 self.away = Some((server.clone(), now));
+                self.topics.on_lost();
                 actions.push(Action::Notify(Notice::Disconnected {
                     server: server.clone(),
                     cause: cause.clone(),
@@ -601,16 +641,14 @@ impl Machine {
             self.fetch_from_service_address(true, now, actions);
             return;
         };
-        let mut others: Vec<String> = self
-            .other_servers(now)
-            .into_iter()
-            .filter(|url| *url != pick)
-            .collect();
+        let (mut listed, known) = self.other_servers_apart(now);
+        listed.retain(|url| *url != pick);
         // Clients whose pick does not answer spread over the rest rather than all asking the
         // first of the list.
-        others.shuffle(&mut self.rng);
+        listed.shuffle(&mut self.rng);
         let mut urls = vec![pick.clone()];
-        urls.extend(others);
+        urls.extend(listed);
+        urls.extend(known.into_iter().filter(|url| *url != pick));
         self.asked = Some(pick);
         actions.push(Action::FetchList(ListSource::Servers(urls)));
         self.state = State::FetchingList {
@@ -634,16 +672,33 @@ impl Machine {
         };
     }
 
-    /// Servers of the last list that may answer a list request: not `DOWN` (a draining server
-    /// still serves lists) and not excluded.
+    /// Servers that may answer a list request, not excluded: those of the last list that are not
+    /// `DOWN` (a draining server still serves lists), then every other server ever known, most
+    /// recently seen first (a list can be stale, or come from a node cut off from the farm).
     fn other_servers(&self, now: Instant) -> Vec<String> {
+        let (mut listed, known) = self.other_servers_apart(now);
+        listed.extend(known);
+        listed
+    }
+
+    /// [`Machine::other_servers`] in its two parts: from the last list, and known besides.
+    fn other_servers_apart(&self, now: Instant) -> (Vec<String>, Vec<String>) {
         let exclude = self.excluded(now);
-        self.last_list
+        let listed: Vec<String> = self
+            .last_list
             .iter()
             .flat_map(|list| &list.servers)
             .filter(|s| s.status != Status::Down && !exclude.contains(&s.url))
             .map(|s| s.url.clone())
-            .collect()
+            .collect();
+        let known = self
+            .known
+            .iter()
+            .rev()
+            .filter(|url| !exclude.contains(url) && !listed.contains(url))
+            .cloned()
+            .collect();
+        (listed, known)
     }
 
     fn exclude(&mut self, server: String, now: Instant) {

@@ -34,6 +34,7 @@ async fn main() {
         tokio::spawn(async move {
             let (mut sink, mut stream) = ws.split();
             let sub = ClientFrame::Sub {
+                positions: Default::default(),
                 topics: vec![TOPIC.into()],
             };
             sink.send(Message::text(serde_json::to_string(&sub).unwrap()))

@@ -245,7 +245,7 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let status = *shared.status.borrow();
-    let users = shared.metrics.connections.load(Ordering::Relaxed);
+    let users = shared.hub.users();
     let gossip_up = shared.metrics.gossip_up.load(Ordering::Relaxed) == 1;
     let (code, body) = health(status, users, gossip_up);
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()

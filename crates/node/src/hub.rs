@@ -21,9 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::extract::ws::{Message, Utf8Bytes};
-use streamfarm_core::protocol::{
-    Encoding, Epoch, GapReason, Position, ServerFrame, close,
-};
+use streamfarm_core::protocol::{Encoding, Epoch, GapReason, Position, ServerFrame, close};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -93,7 +91,12 @@ impl Outlet {
     }
 
     /// [`Outlet::offer`], leaving the writer's wake-up to `wakes`.
-    pub(crate) fn offer_deferred(&self, frame: Message, metrics: &Metrics, wakes: &mut FrameWakes) -> bool {
+    pub(crate) fn offer_deferred(
+        &self,
+        frame: Message,
+        metrics: &Metrics,
+        wakes: &mut FrameWakes,
+    ) -> bool {
         match self.queue.push_deferred(frame) {
             Ok(wake) => {
                 if wake {
@@ -221,6 +224,11 @@ impl Hub {
         self.lock_sessions().len() as u64
     }
 
+    /// Connections accepted since the node started.
+    pub(crate) fn accepted(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed) - 1
+    }
+
     fn write_topics(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Topic>> {
         self.topics.write().unwrap_or_else(|e| e.into_inner())
     }
@@ -261,9 +269,7 @@ impl Hub {
         match (&stream.log, resume) {
             (None, _) => true,
             (Some(_), Resume::Live) => false,
-            (Some(log), Resume::After(p)) => {
-                p.epoch != log.epoch() || p.offset + 1 < log.first()
-            }
+            (Some(log), Resume::After(p)) => p.epoch != log.epoch() || p.offset + 1 < log.first(),
         }
     }
 
@@ -289,7 +295,13 @@ impl Hub {
             let Some(log) = &stream.log else {
                 // The position could not be learnt: say so for what the client holds.
                 if let Resume::After(p) = resume {
-                    backlog.push(gap_frame(topic, p.epoch, p.offset + 1, None, GapReason::Unavailable));
+                    backlog.push(gap_frame(
+                        topic,
+                        p.epoch,
+                        p.offset + 1,
+                        None,
+                        GapReason::Unavailable,
+                    ));
                 }
                 continue;
             };
@@ -301,7 +313,13 @@ impl Hub {
                 p.offset
             } else {
                 // The client's epoch is gone: the rest of it is lost; this one's is all new.
-                backlog.push(gap_frame(topic, p.epoch, p.offset + 1, None, GapReason::EpochLost));
+                backlog.push(gap_frame(
+                    topic,
+                    p.epoch,
+                    p.offset + 1,
+                    None,
+                    GapReason::EpochLost,
+                ));
                 0
             };
             if from + 1 < log.first() {
@@ -356,7 +374,9 @@ impl Hub {
                     if entry.is_empty() {
                         if let Some(gone) = map.remove(topic) {
                             let bytes = lock(&gone.stream).log.as_ref().map_or(0, Log::bytes);
-                            self.metrics.history_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
+                            self.metrics
+                                .history_bytes
+                                .fetch_sub(bytes as u64, Ordering::Relaxed);
                         }
                         interest_changed = true;
                     }
@@ -395,7 +415,8 @@ impl Hub {
         let bytes_before = log.bytes();
         match log.offer(epoch, entry.clone()) {
             Offered::Appended => {
-                delivered.count += fan_out(&topic_entry.subscribers, &entry.frame, &self.metrics, wakes);
+                delivered.count +=
+                    fan_out(&topic_entry.subscribers, &entry.frame, &self.metrics, wakes);
                 // What came early and now follows on.
                 while let Some(next) = stream.early.first_entry() {
                     let (next_epoch, next_entry) = next.get().clone();
@@ -404,8 +425,12 @@ impl Hub {
                     }
                     next.remove();
                     if log.offer(next_epoch, next_entry.clone()) == Offered::Appended {
-                        delivered.count +=
-                            fan_out(&topic_entry.subscribers, &next_entry.frame, &self.metrics, wakes);
+                        delivered.count += fan_out(
+                            &topic_entry.subscribers,
+                            &next_entry.frame,
+                            &self.metrics,
+                            wakes,
+                        );
                     }
                 }
                 if !stream.early.is_empty() {
@@ -450,13 +475,23 @@ impl Hub {
             Some(log) if log.epoch() > state.epoch => return,
             other => {
                 if let Some(old) = other.as_ref() {
-                    let frame = gap_frame(topic, old.epoch(), old.position().offset + 1, None, GapReason::EpochLost);
+                    let frame = gap_frame(
+                        topic,
+                        old.epoch(),
+                        old.position().offset + 1,
+                        None,
+                        GapReason::EpochLost,
+                    );
                     for outlet in subscribers.values() {
                         outlet.offer_deferred(frame.clone(), &self.metrics, wakes);
                     }
                 }
                 // Delivered from the start of what the state holds: it is all new here.
-                let base = if other.is_some() { state.first() - 1 } else { state.last };
+                let base = if other.is_some() {
+                    state.first() - 1
+                } else {
+                    state.last
+                };
                 *other = Some(Log::new(state.epoch, base));
                 other.as_mut().expect("just set")
             }
@@ -465,7 +500,13 @@ impl Hub {
         log.prepend(&entries);
         if state.first() > known + 1 && state.last > known {
             // The farm no longer holds what lies between: tell, then go on after it.
-            let frame = gap_frame(topic, state.epoch, known + 1, Some(state.first() - 1), GapReason::HistoryExceeded);
+            let frame = gap_frame(
+                topic,
+                state.epoch,
+                known + 1,
+                Some(state.first() - 1),
+                GapReason::HistoryExceeded,
+            );
             for outlet in subscribers.values() {
                 outlet.offer_deferred(frame.clone(), &self.metrics, wakes);
             }
@@ -673,10 +714,18 @@ mod tests {
     }
 
     /// Subscribes connection `id` live (no history asked for) and drains the `subscribed` frame.
-    fn subscribe(hub: &Hub, id: ConnId, outlet: &Outlet, queue: &SendQueue<Message>, topics: &[&str]) {
+    fn subscribe(
+        hub: &Hub,
+        id: ConnId,
+        outlet: &Outlet,
+        queue: &SendQueue<Message>,
+        topics: &[&str],
+    ) {
         hub.reserve(id, topics.iter().copied());
-        let wanted: Vec<(String, Resume)> =
-            topics.iter().map(|t| (t.to_string(), Resume::Live)).collect();
+        let wanted: Vec<(String, Resume)> = topics
+            .iter()
+            .map(|t| (t.to_string(), Resume::Live))
+            .collect();
         hub.join(id, outlet, &wanted, &mut FrameWakes::default());
         assert!(text(queue.try_pop().unwrap()).contains("subscribed"));
     }
@@ -743,7 +792,12 @@ mod tests {
         hub.merge("t", &fetched, &mut FrameWakes::default());
         let got: Vec<String> = std::iter::from_fn(|| a_rx.try_pop()).map(text).collect();
         let offsets: Vec<bool> = (1..=4)
-            .map(|o| got.iter().filter(|f| f.contains(&format!("\"offset\":{o}}}"))).count() == 1)
+            .map(|o| {
+                got.iter()
+                    .filter(|f| f.contains(&format!("\"offset\":{o}}}")))
+                    .count()
+                    == 1
+            })
             .collect();
         assert_eq!(offsets, vec![true; 4], "{got:?}");
         assert_eq!(got.len(), 4);
@@ -764,10 +818,19 @@ mod tests {
         let resume = Resume::After(Position::new(E, 3));
         assert!(!hub.needs_fetch("t", resume));
         assert!(hub.needs_fetch("other", Resume::Live));
-        hub.join(late_id, &late, &[("t".into(), resume)], &mut FrameWakes::default());
+        hub.join(
+            late_id,
+            &late,
+            &[("t".into(), resume)],
+            &mut FrameWakes::default(),
+        );
         deliver(&hub, "t", 6);
         let got: Vec<String> = std::iter::from_fn(|| late_rx.try_pop()).map(text).collect();
-        assert!(got[0].contains(r#""positions":{"t":{"epoch":"0000000000000009","offset":5}}"#), "{}", got[0]);
+        assert!(
+            got[0].contains(r#""positions":{"t":{"epoch":"0000000000000009","offset":5}}"#),
+            "{}",
+            got[0]
+        );
         assert!(got[1].contains(r#""offset":4"#) && got[2].contains(r#""offset":5"#));
         assert!(got[3].contains(r#""offset":6"#));
         assert_eq!(got.len(), 4);
@@ -813,8 +876,13 @@ mod tests {
             &[("t".into(), Resume::After(Position::new(Epoch(3), 7)))],
             &mut FrameWakes::default(),
         );
-        let got: Vec<String> = std::iter::from_fn(|| other_rx.try_pop()).map(text).collect();
-        assert!(got[1].contains(r#""from":8,"reason":"epoch_lost""#), "{got:?}");
+        let got: Vec<String> = std::iter::from_fn(|| other_rx.try_pop())
+            .map(text)
+            .collect();
+        assert!(
+            got[1].contains(r#""from":8,"reason":"epoch_lost""#),
+            "{got:?}"
+        );
     }
 
     #[test]

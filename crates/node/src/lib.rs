@@ -44,7 +44,6 @@
 //! and stops it on cancel.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,8 +57,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub mod config;
 mod broker;
+pub mod config;
 mod drain;
 mod http;
 mod hub;
@@ -249,6 +248,7 @@ impl NodeHandle {
                 transport: Arc::new(chitchat::transport::UdpTransport),
             },
             metrics: metrics.clone(),
+            hub: hub.clone(),
             status_rx,
             farm_tx,
             peers_tx,
@@ -385,7 +385,7 @@ impl NodeHandle {
 
     /// Open streaming connections.
     pub fn users(&self) -> u64 {
-        self.shared.metrics.connections.load(Ordering::Relaxed)
+        self.shared.hub.users()
     }
 
     /// The node's counters.

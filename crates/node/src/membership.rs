@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::NodeConfig;
+use crate::hub::Hub;
 use crate::metrics::{self, Metrics};
 use crate::relay::Peers;
 
@@ -162,6 +163,8 @@ fn next_generation(after: u64) -> u64 {
 pub(crate) struct Loop {
     pub(crate) setup: GossipSetup,
     pub(crate) metrics: Arc<Metrics>,
+    /// The node's connections: their count is the `users` fact, their arrivals the join rate.
+    pub(crate) hub: Arc<Hub>,
     pub(crate) status_rx: watch::Receiver<Status>,
     pub(crate) farm_tx: watch::Sender<FarmList>,
     pub(crate) peers_tx: watch::Sender<Peers>,
@@ -245,12 +248,9 @@ impl Loop {
             }
             let now = Instant::now();
             let status = *self.status_rx.borrow_and_update();
-            let users = self.metrics.connections.load(Ordering::Relaxed);
-            let join_rate = join_rate(
-                &mut joins,
-                now,
-                self.metrics.connections_accepted.load(Ordering::Relaxed),
-            );
+            // The load the farm sees is the broker's own count, not a metric.
+            let users = self.hub.users();
+            let join_rate = join_rate(&mut joins, now, self.hub.accepted());
             let mine = mine(status, users, join_rate);
             if gossip.is_none() && now >= restart_at {
                 // A new generation: peers hold the old one's versions, so a restart under the
@@ -566,6 +566,7 @@ mod tests {
                 config: config.clone(),
             },
             metrics: metrics.clone(),
+            hub: Arc::new(Hub::new(metrics.clone(), config.history_limits())),
             status_rx,
             farm_tx,
             peers_tx: watch::channel(Peers::default()).0,

@@ -342,7 +342,10 @@ impl Relay for EmbeddedRelay {
             .get(peer)
             .cloned();
         match outbound {
-            Some(link) => link.tx.try_send(WsMessage::Text(frame.as_str().into())).is_ok(),
+            Some(link) => link
+                .tx
+                .try_send(WsMessage::Text(frame.as_str().into()))
+                .is_ok(),
             None => false,
         }
     }

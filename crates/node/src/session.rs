@@ -322,7 +322,9 @@ impl Reader {
         let wanted: Vec<(String, Resume)> = topics
             .into_iter()
             .map(|topic| {
-                let resume = positions.get(&topic).map_or(Resume::Live, |p| Resume::After(*p));
+                let resume = positions
+                    .get(&topic)
+                    .map_or(Resume::Live, |p| Resume::After(*p));
                 (topic, resume)
             })
             .collect();

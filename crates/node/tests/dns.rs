@@ -51,6 +51,7 @@ async fn subscriber(node: &NodeHandle, topic: &str) -> Ws {
         .await
         .expect("connects");
     let sub = ClientFrame::Sub {
+        positions: Default::default(),
         topics: vec![topic.into()],
     };
     ws.send(Message::text(serde_json::to_string(&sub).unwrap()))

@@ -146,15 +146,20 @@ async fn subscriber(node: &NodeHandle, topic: &str) -> Ws {
         &mut ws,
         &ClientFrame::Sub {
             topics: vec![topic.into()],
+            positions: Default::default(),
         },
     )
     .await;
-    assert_eq!(
-        next_frame(&mut ws).await,
-        ServerFrame::Subscribed {
-            topics: vec![topic.into()]
+    match next_frame(&mut ws).await {
+        ServerFrame::Subscribed { topics, positions } => {
+            assert_eq!(topics, vec![topic.to_string()]);
+            assert!(
+                positions.contains_key(topic),
+                "a position even before any message"
+            );
         }
-    );
+        other => panic!("expected subscribed, got {other:?}"),
+    }
     ws
 }
 
@@ -256,14 +261,17 @@ async fn a_message_published_on_one_node_reaches_every_node_once() {
         send(ws, &ClientFrame::Ping { id: Some(99) }).await;
         assert_eq!(next_frame(ws).await, ServerFrame::Pong { id: Some(99) });
     }
-    assert_eq!(
-        nodes[0]
-            .metrics()
-            .relay_messages_out
-            .load(std::sync::atomic::Ordering::Relaxed),
-        20,
-        "10 messages to each of 2 peers, none to a peer without subscribers of the topic"
-    );
+    // The topic's replica sends each message out: to each of the 2 other nodes, and to none
+    // without subscribers of the topic.
+    let sent_out: u64 = nodes
+        .iter()
+        .map(|n| {
+            n.metrics()
+                .relay_messages_out
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(sent_out, 20, "10 messages to each of 2 peers");
     for node in nodes {
         node.shutdown().await;
     }
@@ -295,7 +303,7 @@ async fn a_slow_client_is_closed_and_the_others_keep_receiving() {
             .wait_for(|got| got + 4 >= i)
             .await
             .expect("fast reader alive");
-        node.publish("t", &payload);
+        node.publish("t", &payload).await.expect("published");
     }
     let (got, _fast) = fast_reader.await.unwrap();
     assert_eq!(got, 500, "the fast client got every message");
@@ -337,6 +345,7 @@ async fn bad_frames_get_errors_and_the_node_keeps_serving() {
         &mut ws,
         &ClientFrame::Sub {
             topics: vec!["has space".into()],
+            positions: Default::default(),
         },
     )
     .await;
@@ -375,7 +384,7 @@ async fn bad_frames_get_errors_and_the_node_keeps_serving() {
     assert_eq!(code, Some(close::MESSAGE_TOO_BIG));
     assert!(saw_error, "an error frame precedes the close");
     // The node still serves: the first connection still receives messages.
-    node.publish("t", "after");
+    node.publish("t", "after").await.expect("published");
     assert!(matches!(next_frame(&mut ws).await, ServerFrame::Msg { data, .. } if data == "after"));
 }
 
@@ -594,6 +603,7 @@ async fn subscriptions_per_connection_are_capped() {
         &mut ws,
         &ClientFrame::Sub {
             topics: vec!["b".into(), "c".into()],
+            positions: Default::default(),
         },
     )
     .await;
@@ -605,6 +615,7 @@ async fn subscriptions_per_connection_are_capped() {
         &mut ws,
         &ClientFrame::Sub {
             topics: vec!["a".into(), "b".into()],
+            positions: Default::default(),
         },
     )
     .await;
@@ -644,7 +655,7 @@ async fn a_restarted_peer_gets_each_message_once_over_its_new_link() {
     .await;
     assert_ne!(old_url, new_url);
     let mut sub = step("subscribe on the new n2", subscriber(&nodes[1], "t")).await;
-    nodes[0].publish("t", "once");
+    nodes[0].publish("t", "once").await.expect("published");
     assert!(matches!(next_frame(&mut sub).await, ServerFrame::Msg { data, .. } if data == "once"));
     send(&mut sub, &ClientFrame::Ping { id: Some(5) }).await;
     assert_eq!(

@@ -173,9 +173,62 @@ pub(crate) struct Stats {
     messages: AtomicU64,
     disconnects: AtomicU64,
     retries: AtomicU64,
+    /// `Gap` events: messages the clients were told they will never get.
     gaps: AtomicU64,
+    /// Messages the clients recovered from history after a failover.
+    recovered: AtomicU64,
     /// How long each failover took, from loss to resubscribed.
     failovers: Mutex<Vec<Duration>>,
+    /// What each finished client received, by the sequence numbers of the payloads.
+    tallies: Mutex<Vec<Tally>>,
+}
+
+/// What one client received of a publisher whose payloads end in a sequence number
+/// (`tick 17`): which numbers, how often, and in what order — counted from the payloads, not
+/// from positions, so that it checks the positions too.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Tally {
+    /// Times each number was received.
+    pub(crate) received: BTreeMap<u64, u32>,
+    /// Messages whose number was lower than one received before.
+    pub(crate) out_of_order: u64,
+    /// The client failed over at least once.
+    pub(crate) failed_over: bool,
+    highest: Option<u64>,
+}
+
+impl Tally {
+    fn record(&mut self, payload: &[u8]) {
+        let Some(n) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|text| text.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            return;
+        };
+        if self.highest.is_some_and(|h| n < h) {
+            self.out_of_order += 1;
+        }
+        self.highest = self.highest.max(Some(n));
+        *self.received.entry(n).or_default() += 1;
+    }
+
+    /// Numbers of `published` (sorted) from the first this client received on, up to `until`,
+    /// that it never received.
+    pub(crate) fn lost(&self, published: &[u64], until: u64) -> u64 {
+        let Some(first) = self.received.keys().next() else {
+            return 0;
+        };
+        published
+            .iter()
+            .filter(|n| **n >= *first && **n <= until && !self.received.contains_key(n))
+            .count() as u64
+    }
+
+    /// Messages received more than once (each extra copy counts).
+    pub(crate) fn duplicated(&self) -> u64 {
+        self.received.values().map(|c| u64::from(c - 1)).sum()
+    }
 }
 
 impl Stats {
@@ -224,8 +277,11 @@ impl Stats {
             Event::Retrying { .. } => {
                 self.retries.fetch_add(1, Ordering::Relaxed);
             }
-            Event::MaybeMissed { .. } => {
+            Event::Gap { .. } => {
                 self.gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Recovered { count, .. } => {
+                self.recovered.fetch_add(*count, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -242,7 +298,9 @@ impl Stats {
             disconnects: self.disconnects.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             gaps: self.gaps.load(Ordering::Relaxed),
+            recovered: self.recovered.load(Ordering::Relaxed),
             failovers,
+            tallies: self.tallies.lock().expect("stats lock").clone(),
         }
     }
 }
@@ -256,8 +314,11 @@ pub(crate) struct Summary {
     pub(crate) disconnects: u64,
     pub(crate) retries: u64,
     pub(crate) gaps: u64,
+    pub(crate) recovered: u64,
     /// Sorted.
     pub(crate) failovers: Vec<Duration>,
+    /// One per client that has finished (see [`Swarm::stop`]).
+    pub(crate) tallies: Vec<Tally>,
 }
 
 impl Summary {
@@ -299,8 +360,8 @@ impl Summary {
         }
         out.push('\n');
         out.push_str(&format!(
-            "messages received {}; gaps reported {}\n",
-            self.messages, self.gaps
+            "messages received {}; recovered after failovers {}; gaps reported {}\n",
+            self.messages, self.recovered, self.gaps
         ));
         out
     }
@@ -342,6 +403,7 @@ impl Swarm {
         self.tasks.spawn(async move {
             let mut client = Client::start(address, options);
             let mut connected_once = false;
+            let mut tally = Tally::default();
             loop {
                 tokio::select! {
                     event = client.next_event() => {
@@ -350,11 +412,17 @@ impl Swarm {
                             connected_once = true;
                             stats.ever_connected.fetch_add(1, Ordering::Relaxed);
                         }
+                        match &event {
+                            Event::Message { payload, .. } => tally.record(payload),
+                            Event::FailedOver { .. } => tally.failed_over = true,
+                            _ => {}
+                        }
                         stats.record(&event);
                     }
                     _ = stop.wait_for(|stop| *stop) => break,
                 }
             }
+            stats.tallies.lock().expect("stats lock").push(tally);
             client.close().await;
         });
     }

@@ -2,7 +2,7 @@
 //! one per line — readable text, or one JSON object per line with `--json`.
 
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::json;
 use streamfarm_client::{Client, Event, ServiceAddress};
@@ -65,19 +65,34 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// One line of text per event: messages as `TOPIC PAYLOAD`, connection events behind `#`.
 pub(crate) fn event_text(event: &Event) -> String {
     match event {
-        Event::Message { topic, payload } => {
-            format!("{topic} {}", String::from_utf8_lossy(payload))
+        Event::Message {
+            topic,
+            payload,
+            position,
+        } => match position {
+            Some(at) => format!("{topic} {} {}", at.offset, String::from_utf8_lossy(payload)),
+            None => format!("{topic} {}", String::from_utf8_lossy(payload)),
+        },
+        Event::Recovered { topic, count } => {
+            format!("# recovered {count} messages of {topic}")
         }
+        Event::Gap {
+            topic,
+            epoch,
+            from,
+            to,
+            reason,
+        } => match to {
+            Some(to) => {
+                format!("# gap in {topic}: offsets {from}..={to} of epoch {epoch} lost ({reason})")
+            }
+            None => format!("# gap in {topic}: offsets {from}.. of epoch {epoch} lost ({reason})"),
+        },
         Event::Connected { server } => format!("# connected {server}"),
         Event::Disconnected { server, cause } => format!("# disconnected {server}: {cause}"),
         Event::FailedOver { from, to, took } => {
             format!("# failed over {from} -> {to} in {} ms", took.as_millis())
         }
-        Event::MaybeMissed { topics, away, .. } => format!(
-            "# messages on {} may be missing: away {} ms",
-            topics.join(","),
-            away.as_millis()
-        ),
         Event::Retrying { reason, delay } => {
             format!("# retrying in {} ms: {reason}", delay.as_millis())
         }
@@ -93,30 +108,44 @@ pub(crate) fn event_text(event: &Event) -> String {
 /// One JSON object per event, with an `event` field naming it.
 pub(crate) fn event_json(event: &Event) -> String {
     let value = match event {
-        Event::Message { topic, payload } => match std::str::from_utf8(payload) {
-            Ok(text) => json!({"event": "message", "topic": topic, "data": text}),
-            Err(_) => {
-                use base64::Engine;
-                let data = base64::engine::general_purpose::STANDARD.encode(payload);
-                json!({"event": "message", "topic": topic, "data": data, "encoding": "base64"})
+        Event::Message {
+            topic,
+            payload,
+            position,
+        } => {
+            let mut value = match std::str::from_utf8(payload) {
+                Ok(text) => json!({"event": "message", "topic": topic, "data": text}),
+                Err(_) => {
+                    use base64::Engine;
+                    let data = base64::engine::general_purpose::STANDARD.encode(payload);
+                    json!({"event": "message", "topic": topic, "data": data, "encoding": "base64"})
+                }
+            };
+            if let Some(at) = position {
+                value["epoch"] = json!(at.epoch.to_string());
+                value["offset"] = json!(at.offset);
             }
-        },
+            value
+        }
+        Event::Recovered { topic, count } => {
+            json!({"event": "recovered", "topic": topic, "count": count})
+        }
+        Event::Gap {
+            topic,
+            epoch,
+            from,
+            to,
+            reason,
+        } => json!({
+            "event": "gap", "topic": topic, "epoch": epoch.to_string(), "from": from, "to": to,
+            "reason": reason
+        }),
         Event::Connected { server } => json!({"event": "connected", "server": server}),
         Event::Disconnected { server, cause } => {
             json!({"event": "disconnected", "server": server, "reason": cause.to_string()})
         }
         Event::FailedOver { from, to, took } => json!({
             "event": "failed_over", "from": from, "to": to, "took_ms": took.as_secs_f64() * 1e3
-        }),
-        Event::MaybeMissed {
-            topics,
-            since,
-            away,
-        } => json!({
-            "event": "maybe_missed",
-            "topics": topics,
-            "since_ms": since.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-            "away_ms": away.as_secs_f64() * 1e3,
         }),
         Event::Retrying { reason, delay } => json!({
             "event": "retrying", "reason": reason, "delay_ms": delay.as_secs_f64() * 1e3
@@ -174,15 +203,20 @@ mod tests {
         let msg = Event::Message {
             topic: "t".into(),
             payload: b"hi there".to_vec(),
+            position: Some(streamfarm_client::Position::new(
+                streamfarm_client::Epoch(0xab),
+                7,
+            )),
         };
-        assert_eq!(event_text(&msg), "t hi there");
+        assert_eq!(event_text(&msg), "t 7 hi there");
         assert_eq!(
             event_json(&msg),
-            r#"{"data":"hi there","event":"message","topic":"t"}"#
+            r#"{"data":"hi there","epoch":"00000000000000ab","event":"message","offset":7,"topic":"t"}"#
         );
         let binary = Event::Message {
             topic: "t".into(),
             payload: vec![0xff],
+            position: None,
         };
         assert!(event_json(&binary).contains(r#""encoding":"base64""#));
         let over = Event::FailedOver {
@@ -191,5 +225,21 @@ mod tests {
             took: Duration::from_millis(12),
         };
         assert_eq!(event_text(&over), "# failed over a -> b in 12 ms");
+        let recovered = Event::Recovered {
+            topic: "t".into(),
+            count: 3,
+        };
+        assert_eq!(event_text(&recovered), "# recovered 3 messages of t");
+        let gap = Event::Gap {
+            topic: "t".into(),
+            epoch: streamfarm_client::Epoch(1),
+            from: 4,
+            to: Some(9),
+            reason: "history_exceeded".into(),
+        };
+        assert_eq!(
+            event_text(&gap),
+            "# gap in t: offsets 4..=9 of epoch 0000000000000001 lost (history_exceeded)"
+        );
     }
 }

@@ -188,6 +188,9 @@ pub(crate) struct Seen {
     pub(crate) messages: Vec<String>,
     pub(crate) failovers: Vec<(String, String, Duration)>,
     pub(crate) retries: u32,
+    /// `Recovered` events (one per topic per resubscription).
+    pub(crate) recovered: u32,
+    /// `Gap` events.
     pub(crate) gaps: u32,
 }
 
@@ -247,7 +250,8 @@ impl Crowd {
                             .messages
                             .push(String::from_utf8_lossy(&payload).into_owned()),
                         Event::Retrying { .. } => seen.retries += 1,
-                        Event::MaybeMissed { .. } => seen.gaps += 1,
+                        Event::Recovered { .. } => seen.recovered += 1,
+                        Event::Gap { .. } => seen.gaps += 1,
                         _ => {}
                     }
                 }

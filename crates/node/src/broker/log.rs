@@ -250,7 +250,10 @@ pub(crate) mod tests {
             },
             start,
         );
-        assert_eq!((log.first(), log.position().offset, log.bytes()), (21, 20, 0));
+        assert_eq!(
+            (log.first(), log.position().offset, log.bytes()),
+            (21, 20, 0)
+        );
         // `after` an offset older than what is held gives what is held.
         assert_eq!(log.after(3).count(), 0);
     }

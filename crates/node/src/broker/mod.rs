@@ -644,7 +644,14 @@ impl Core {
     }
 
     /// As sequencer: number the publish, or queue it while the claim runs.
-    fn on_pub(&mut self, from: String, topic: String, id: PublishId, data: String, encoding: Encoding) {
+    fn on_pub(
+        &mut self,
+        from: String,
+        topic: String,
+        id: PublishId,
+        data: String,
+        encoding: Encoding,
+    ) {
         if self.placement(&topic).sequencer != self.me {
             self.send(&from, PeerFrame::Nack { topic, id });
             return;
@@ -659,7 +666,11 @@ impl Core {
     }
 
     fn sequence(&mut self, topic: &str, id: PublishId, data: String, encoding: Encoding) {
-        if self.chains.get(topic).and_then(|c| c.seq.as_ref()).and_then(|s| s.synced.as_ref())
+        if self
+            .chains
+            .get(topic)
+            .and_then(|c| c.seq.as_ref())
+            .and_then(|s| s.synced.as_ref())
             != Some(&self.placement(topic).replica)
         {
             self.sync_replica(topic);
@@ -680,7 +691,12 @@ impl Core {
             },
             None => {
                 let offset = seq.log.position().offset + 1;
-                let frame = hub::msg_frame(topic, data.clone(), encoding, Some(Position::new(epoch, offset)));
+                let frame = hub::msg_frame(
+                    topic,
+                    data.clone(),
+                    encoding,
+                    Some(Position::new(epoch, offset)),
+                );
                 seq.log.push(Entry {
                     offset,
                     id: id.clone(),
@@ -733,7 +749,13 @@ impl Core {
         let chain = self.chains.entry(topic.clone()).or_default();
         if term < chain.fenced {
             let fenced = chain.fenced;
-            self.send(&from, PeerFrame::Fenced { topic, term: fenced });
+            self.send(
+                &from,
+                PeerFrame::Fenced {
+                    topic,
+                    term: fenced,
+                },
+            );
             return;
         }
         chain.fenced = term;
@@ -791,7 +813,13 @@ impl Core {
         let chain = self.chains.entry(topic.clone()).or_default();
         if term < chain.fenced {
             let fenced = chain.fenced;
-            self.send(&from, PeerFrame::Fenced { topic, term: fenced });
+            self.send(
+                &from,
+                PeerFrame::Fenced {
+                    topic,
+                    term: fenced,
+                },
+            );
             return;
         }
         chain.fenced = term;
@@ -805,10 +833,11 @@ impl Core {
         let held = std::mem::take(&mut chain.held);
         // The newest message goes out again: a node that missed what came before sees the hole
         // and fetches it; one that has it drops the copy.
-        let newest = chain
-            .stored
-            .as_ref()
-            .and_then(|log| log.after(log.position().offset.saturating_sub(1)).next().cloned());
+        let newest = chain.stored.as_ref().and_then(|log| {
+            log.after(log.position().offset.saturating_sub(1))
+                .next()
+                .cloned()
+        });
         let epoch = chain.stored.as_ref().map(Log::epoch);
         if let (Some(entry), Some(epoch)) = (newest, epoch) {
             self.send_out(&topic, epoch, entry);
@@ -820,7 +849,12 @@ impl Core {
 
     /// Starts a claim of `topic` unless this node sequences it already or is claiming it.
     fn ensure_active(&mut self, topic: &str) {
-        let peers: Vec<String> = self.live.iter().filter(|n| **n != self.me).cloned().collect();
+        let peers: Vec<String> = self
+            .live
+            .iter()
+            .filter(|n| **n != self.me)
+            .cloned()
+            .collect();
         let chain = self.chains.entry(topic.to_string()).or_default();
         if chain.seq.is_some() || chain.claim.is_some() {
             return;
@@ -1241,7 +1275,10 @@ impl Core {
             }
             let placement = &placements[topic];
             let involved = placement.sequencer == me || placement.replica == me;
-            involved || chain.seq.is_some() || chain.claim.is_some() || !chain.queued.is_empty()
+            involved
+                || chain.seq.is_some()
+                || chain.claim.is_some()
+                || !chain.queued.is_empty()
                 || chain.stored.as_ref().is_some_and(|l| l.bytes() > 0)
         });
         self.hub.trim(std_now);

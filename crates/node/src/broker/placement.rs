@@ -95,7 +95,10 @@ mod tests {
             *counts.entry(p.sequencer).or_insert(0) += 1;
         }
         for (node, count) in counts {
-            assert!((800..1200).contains(&count), "{node} sequences {count} of 3000");
+            assert!(
+                (800..1200).contains(&count),
+                "{node} sequences {count} of 3000"
+            );
         }
     }
 
