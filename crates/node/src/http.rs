@@ -6,6 +6,7 @@
 //! | `GET <url path>` (default `/stream`) | the streaming WebSocket (`docs/PROTOCOL.md`) |
 //! | `GET /farm` | the farm list: JSON, `?format=text\|xml\|js` (`?callback=` for js), or `Accept` |
 //! | `POST /publish/{topic}` | body = message, published farm-wide |
+//! | `GET /topics/{topic}` | the topic's sequencer, replica and (when delivered here) position |
 //! | `POST /admin/status` | `UP`, `DOWN` or `DRAINING` (bearer token from config) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | the node's status; `503` while its gossip is down |
@@ -28,7 +29,7 @@ use streamfarm_core::encoding::{self, Format};
 use streamfarm_core::protocol::{Encoding, close};
 use tracing::info;
 
-use crate::broker::PublishError;
+use crate::broker::{PublishError, placement};
 use crate::relay::Relay;
 use crate::session::{self, check_topic};
 use crate::{Shared, metrics};
@@ -57,6 +58,7 @@ pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
             "/publish/{topic}",
             post(publish).layer(DefaultBodyLimit::max(body_limit)),
         )
+        .route("/topics/{topic}", get(topic_info))
         .route("/admin/status", post(admin_status))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
@@ -193,6 +195,31 @@ async fn publish(
         }
         Err(err) => (StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")).into_response(),
     }
+}
+
+/// Where a topic lives: its sequencer and replica as this node sees the farm, and its position
+/// when this node delivers it.
+async fn topic_info(State(shared): State<Arc<Shared>>, Path(topic): Path<String>) -> Response {
+    if let Err(problem) = check_topic(&topic) {
+        return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response();
+    }
+    let live = placement::live_nodes(&shared.farm_rx.borrow());
+    let placed = placement::place(&topic, &live);
+    let position = shared
+        .hub
+        .state(&topic, None)
+        .map(|s| serde_json::json!({"epoch": s.epoch, "offset": s.last}));
+    let body = serde_json::json!({
+        "topic": topic,
+        "sequencer": placed.as_ref().map(|p| &p.sequencer),
+        "replica": placed.as_ref().map(|p| &p.replica),
+        "position": position,
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response()
 }
 
 async fn admin_status(

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use streamfarm_core::protocol::{ClientFrame, ServerFrame, close};
+use streamfarm_core::protocol::{ClientFrame, Position, ServerFrame, close};
 use streamfarm_core::{FarmList, Status};
 use streamfarm_node::{NodeConfig, NodeHandle};
 use tokio::net::TcpStream;
@@ -665,4 +665,224 @@ async fn a_restarted_peer_gets_each_message_once_over_its_new_link() {
     for node in nodes {
         step("shutdown", node.shutdown()).await;
     }
+}
+
+/// Subscribes on `node` to `topic` resuming after `after` (none: live); returns the connection
+/// and the position `subscribed` gave.
+async fn resume(node: &NodeHandle, topic: &str, after: Option<Position>) -> (Ws, Position) {
+    let mut ws = connect(node).await;
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        ServerFrame::Hello { .. }
+    ));
+    assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
+    let positions = after.map(|p| (topic.to_string(), p)).into_iter().collect();
+    send(
+        &mut ws,
+        &ClientFrame::Sub {
+            topics: vec![topic.into()],
+            positions,
+        },
+    )
+    .await;
+    match next_frame(&mut ws).await {
+        ServerFrame::Subscribed { positions, .. } => {
+            let at = positions[topic];
+            (ws, at)
+        }
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+}
+
+/// The next `msg` frame's payload and position.
+async fn next_msg(ws: &mut Ws) -> (String, Position) {
+    loop {
+        match next_frame(ws).await {
+            frame @ ServerFrame::Msg { .. } => {
+                let at = frame.position().expect("messages carry positions");
+                let ServerFrame::Msg { data, .. } = frame else {
+                    unreachable!()
+                };
+                return (data, at);
+            }
+            ServerFrame::Farm(_) => continue,
+            other => panic!("expected a msg, got {other:?}"),
+        }
+    }
+}
+
+/// Nothing more is queued for `ws`: a ping round trip comes back first.
+async fn nothing_more(ws: &mut Ws) {
+    send(ws, &ClientFrame::Ping { id: Some(77) }).await;
+    assert_eq!(next_frame(ws).await, ServerFrame::Pong { id: Some(77) });
+}
+
+/// The sequencer and replica of `topic` as `node` sees the farm (`GET /topics/{topic}`).
+async fn placement(node: &NodeHandle, topic: &str) -> (String, String) {
+    let text = reqwest::get(format!("http://{}/topics/{topic}", node.listen_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    (
+        body["sequencer"].as_str().unwrap().to_string(),
+        body["replica"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_node_from_its_position() {
+    let nodes = three_nodes(|_| {}).await;
+    wait_all_up(&nodes).await;
+    let (mut first, start) = step("subscribe on n1", resume(&nodes[0], "r", None)).await;
+    assert_eq!(
+        start.offset, 0,
+        "nothing published yet, and still a position"
+    );
+    for i in 1..=3 {
+        nodes[1]
+            .publish("r", &format!("m{i}"))
+            .await
+            .expect("published");
+    }
+    let mut held = start;
+    for i in 1..=3 {
+        let (data, at) = next_msg(&mut first).await;
+        assert_eq!((data, at), (format!("m{i}"), Position::new(start.epoch, i)));
+        held = at;
+    }
+    drop(first);
+    for i in 4..=6 {
+        nodes[2]
+            .publish("r", &format!("m{i}"))
+            .await
+            .expect("published");
+    }
+    // On another node, from where it was: what it missed, in order, then live.
+    let (mut again, now) = step("resume on n3", resume(&nodes[2], "r", Some(held))).await;
+    assert_eq!(now, Position::new(start.epoch, 6));
+    for i in 4..=6 {
+        assert_eq!(next_msg(&mut again).await.0, format!("m{i}"));
+    }
+    nodes[0].publish("r", "m7").await.expect("published");
+    assert_eq!(
+        next_msg(&mut again).await,
+        ("m7".into(), Position::new(start.epoch, 7))
+    );
+    nothing_more(&mut again).await;
+    for node in nodes {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_the_history_are_reported_as_a_gap_with_their_range() {
+    // Room for about three 100-byte messages.
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| c.history_bytes = 700).await;
+    let node = &nodes[0];
+    let (first, start) = resume(node, "h", None).await;
+    drop(first);
+    // A subscriber that stays keeps the topic's stream on this node.
+    let (_stay, _) = resume(node, "h", None).await;
+    let payload = |i: u64| format!("{i:0>100}");
+    for i in 1..=10 {
+        node.publish("h", &payload(i)).await.expect("published");
+    }
+    let (mut again, now) = resume(node, "h", Some(start)).await;
+    assert_eq!(now.offset, 10);
+    let first_kept = match next_frame(&mut again).await {
+        ServerFrame::Gap {
+            topic,
+            epoch,
+            from,
+            to,
+            reason,
+        } => {
+            assert_eq!((topic.as_str(), epoch, from), ("h", start.epoch, 1));
+            assert_eq!(
+                reason,
+                streamfarm_core::protocol::GapReason::HistoryExceeded
+            );
+            let to = to.expect("a bounded range");
+            assert!(
+                (5..10).contains(&to),
+                "kept only the newest few: gap to {to}"
+            );
+            to + 1
+        }
+        other => panic!("expected a gap, got {other:?}"),
+    };
+    for i in first_kept..=10 {
+        assert_eq!(
+            next_msg(&mut again).await,
+            (payload(i), Position::new(start.epoch, i))
+        );
+    }
+    nothing_more(&mut again).await;
+    let history = node
+        .metrics()
+        .history_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        history > 0 && history <= 3 * 700,
+        "history bytes bounded: {history}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_sequencer_keeps_the_epoch_and_loses_nothing() {
+    let mut nodes = three_nodes(|_| {}).await;
+    wait_all_up(&nodes).await;
+    // A topic whose sequencer is not n1 (n1 publishes and survives in every case below).
+    let mut topic = String::new();
+    let mut roles = (String::new(), String::new());
+    for i in 0.. {
+        topic = format!("seq{i}");
+        roles = placement(&nodes[0], &topic).await;
+        if roles.0 != "n1" {
+            break;
+        }
+    }
+    let (sequencer, replica) = roles;
+    // The subscriber is on the node that is neither, or on n1.
+    let watcher = nodes
+        .iter()
+        .position(|n| n.name() != sequencer && n.name() != replica)
+        .unwrap_or(0);
+    let (mut sub, start) = resume(&nodes[watcher], &topic, None).await;
+    for i in 1..=5 {
+        nodes[0]
+            .publish(&topic, &format!("m{i}"))
+            .await
+            .expect("published");
+    }
+    let victim = nodes.iter().position(|n| n.name() == sequencer).unwrap();
+    drop(nodes.remove(victim));
+    // Published while the farm still lists the dead sequencer: held by n1 and sent again to
+    // the next sequencer (the replica) once the dead one is listed DOWN.
+    let dropped = Instant::now();
+    for i in 6..=10 {
+        step("publish", nodes[0].publish(&topic, &format!("m{i}")))
+            .await
+            .expect("published");
+    }
+    eprintln!(
+        "sequencer {sequencer} lost: 5 publishes acknowledged {:?} later (failure timeout 1 s)",
+        dropped.elapsed()
+    );
+    for i in 1..=10 {
+        assert_eq!(
+            next_msg(&mut sub).await,
+            (format!("m{i}"), Position::new(start.epoch, i)),
+            "message {i}: same epoch, next offset"
+        );
+    }
+    nothing_more(&mut sub).await;
+    assert_eq!(
+        placement(&nodes[0], &topic).await.0,
+        replica,
+        "the replica took over"
+    );
 }
