@@ -130,7 +130,8 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    fn is_utf8(&self) -> bool {
+    /// Whether this is the default, [`Encoding::Utf8`] (left out of frames).
+    pub fn is_utf8(&self) -> bool {
         *self == Encoding::Utf8
     }
 }

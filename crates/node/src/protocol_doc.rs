@@ -1,5 +1,6 @@
 //! `docs/PROTOCOL.md` matches the code: every JSON example on the page, tagged with the direction
-//! it travels (`json client`, `json server`, `json farm-list`, `json relay-up`, `json relay-down`),
+//! it travels (`json client`, `json server`, `json farm-list`, `json relay-up`, `json relay-down`,
+//! `json peer` for the broker's frames between nodes),
 //! parses as that direction's frame type and serializes back to the same JSON; and every close code
 //! and error code of the code appears on the page.
 
@@ -9,6 +10,7 @@ use serde_json::Value;
 use streamfarm_core::FarmList;
 use streamfarm_core::protocol::{ClientFrame, ServerFrame, close};
 
+use crate::broker::wire::PeerFrame;
 use crate::relay::{LinkDown, LinkUp};
 
 const PAGE: &str = include_str!("../../../docs/PROTOCOL.md");
@@ -49,8 +51,9 @@ fn every_example_frame_round_trips_through_the_code() {
             "farm-list" => round_trips::<FarmList>(tag, body),
             "relay-up" => round_trips::<LinkUp>(tag, body),
             "relay-down" => round_trips::<LinkDown>(tag, body),
+            "peer" => round_trips::<PeerFrame>(tag, body),
             other => panic!(
-                "json block tagged {other:?}: tag it client, server, farm-list, relay-up or relay-down"
+                "json block tagged {other:?}: tag it client, server, farm-list, relay-up, relay-down or peer"
             ),
         }
         *counts.entry(tag.as_str()).or_insert(0) += 1;
@@ -67,6 +70,7 @@ fn every_frame_type_is_documented() {
         "subscribed",
         "unsubscribed",
         "msg",
+        "gap",
         "error",
         "ping",
         "pong",
@@ -83,6 +87,17 @@ fn every_frame_type_is_documented() {
     };
     let client = documented("client");
     let server = documented("server");
+    let peer = documented("peer");
+    for t in ["pub", "repl", "ack", "claim", "claim_reply", "fetch", "fetch_reply"] {
+        assert!(peer.iter().any(|d| d == t), "peer frame {t} has no example");
+    }
+    let table = PAGE.split("## 9.").nth(1).unwrap_or("");
+    for t in [
+        "pub", "repl", "sync", "ack", "nack", "fenced", "prime", "claim", "claim_reply", "fetch",
+        "fetch_reply",
+    ] {
+        assert!(table.contains(&format!("| `{t}` |")), "peer frame {t} not in the table");
+    }
     for t in client_types {
         assert!(
             client.iter().any(|d| d == t),

@@ -1,7 +1,7 @@
 //! The frames nodes send each other about topics: publishing, replication, claims and fetches.
 //!
 //! They travel on the relay links (see [`crate::relay`]) as JSON text messages beside the
-//! `interest`/`interest_ack`/`msg` frames; `docs/PROTOCOL.md` section 8 lists them.
+//! `interest`/`interest_ack`/`msg` frames; `docs/PROTOCOL.md` section 9 lists them.
 
 use serde::{Deserialize, Serialize};
 use streamfarm_core::protocol::{Encoding, Epoch, Position};
@@ -15,7 +15,7 @@ pub(crate) struct WireEntry {
     pub(crate) offset: u64,
     pub(crate) id: PublishId,
     pub(crate) data: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
     pub(crate) encoding: Encoding,
 }
 
@@ -45,7 +45,7 @@ pub(crate) enum PeerFrame {
         topic: String,
         id: PublishId,
         data: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
         encoding: Encoding,
     },
     /// Sequencer → replica: store this message, then send it out.
