@@ -1,19 +1,27 @@
-//! Local topic subscriptions and fan-out to the connections of this node.
+//! Local topic subscriptions, each topic's delivery stream, and fan-out to the connections of
+//! this node.
 //!
 //! Each message is serialized once into a `msg` frame ([`Utf8Bytes`], a reference-counted
 //! buffer) and the same buffer is queued to every subscriber: fan-out costs one atomic increment
-//! and one queue push per subscriber, never a copy or a re-serialization. A publisher that reads
-//! several messages at once delivers them with [`Hub::deliver_batched`], which wakes each
+//! and one queue push per subscriber, never a copy or a re-serialization. A reader that gets
+//! several messages at once delivers them with one [`FrameWakes`] batch, which wakes each
 //! subscriber's writer once for the whole batch (see [`crate::queue`]'s deferred wake-ups), so
 //! the writer sends the batch in one syscall.
+//!
+//! Each topic has one **stream** ([`Hub::deliver`]): messages are delivered in offset order,
+//! a duplicate is dropped, and messages after a hole are held back until the broker has fetched
+//! the hole ([`Hub::merge`]). The stream keeps the topic's recent history (a [`Log`]), from
+//! which a connection that subscribes with a position is sent what it missed: it **joins**
+//! ([`Hub::join`]) under the write lock, between two messages of the stream, so it gets every
+//! message after its position exactly once.
 //!
 //! Every connection has a bounded send queue. A subscriber whose queue is full is not waited for:
 //! it is closed with `SLOW_CONSUMER` (4001) and counted, so one slow client never slows the others
 //! nor grows the node's memory.
 //!
 //! The hub also owns the node's *interest* — the set of topics some local connection subscribes
-//! to — and bumps a version whenever that set changes, so the relay can tell peer nodes which
-//! topics to send here.
+//! to (or is subscribing to) — and bumps a version whenever that set changes, so the relay can
+//! tell peer nodes which topics to send here; and the node's users, the count the farm sees.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

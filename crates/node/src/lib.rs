@@ -21,13 +21,15 @@
 //! - [`config`] — [`NodeConfig`]: every setting, TOML with named defaults.
 //! - `membership` — gossip (chitchat): advertises this node, builds the live [`FarmList`],
 //!   lists silent peers `DOWN`.
-//! - `hub` — local topics and fan-out: one serialized frame shared by all subscribers, bounded
-//!   per-connection queues, slow consumers closed.
+//! - `broker` — the one owner of publishing and subscribing: positions (a sequencer and a replica
+//!   per topic), history, recovery, claims and retries across node failures.
+//! - `hub` — local topics, their delivery streams in offset order, and fan-out: one serialized
+//!   frame shared by all subscribers, bounded per-connection queues, slow consumers closed.
 //! - `relay` — the `Relay` interface and the embedded relay over links between nodes.
 //! - `queue` — the bounded per-connection send queue.
 //! - `session` — one WebSocket connection: frames, heartbeats, limits.
-//! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/admin/status`, `/metrics`,
-//!   `/healthz`.
+//! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/topics/{topic}`,
+//!   `/admin/status`, `/metrics`, `/healthz`.
 //! - `drain` — paced, jittered closing for `DRAINING` and shutdown.
 //! - [`metrics`] — counters and their Prometheus rendering.
 //! - `protocol_doc` (tests only) — checks every example of `docs/PROTOCOL.md` against the frames.
@@ -37,7 +39,7 @@
 //!
 //! # Life cycle
 //! [`NodeHandle::start`] binds the TCP listener and the gossip socket, then runs the HTTP server,
-//! the membership loop and the relay as tasks of one [`TaskTracker`] under one
+//! the membership loop, the relay and the broker as tasks of one [`TaskTracker`] under one
 //! [`CancellationToken`]. [`NodeHandle::shutdown`] announces `DOWN`, closes the connections paced
 //! over `shutdown_drain_ms` with `GOING_AWAY`, then cancels and joins everything. The membership
 //! task owns gossip: it restarts it if it dies (`/healthz` is 503 meanwhile, see `membership`)

@@ -1,33 +1,35 @@
-//! Relay: messages published on one node reach the subscribers of every other node.
+//! Relay: the links between nodes, over which a topic's messages reach every node with
+//! subscribers, and the broker's frames travel.
 //!
-//! The rest of the node sees only the [`Relay`] trait: `forward` a message published here,
-//! `sync_interest` before confirming a subscription. Delivery of what arrives from elsewhere goes
-//! through the [`Hub`], like a local publish. A broker-backed relay (NATS: publish on a subject per
-//! topic, subscribe to the topics of the hub's interest, skip messages of our own origin) fits the
-//! same trait and is chosen at start-up without touching sessions, HTTP or membership.
+//! The rest of the node sees only the [`Relay`] trait: `fanout` a message this node sends out as
+//! its topic's replica, `send` a broker frame to a named peer, `sync_interest` before confirming a
+//! subscription. What arrives goes to the [`Hub`] (messages, in order by position) or to the
+//! broker (its frames). A broker-backed relay (NATS: a subject per topic for the replicas'
+//! messages, one per node for the broker's frames) fits the same trait and is chosen at start-up
+//! without touching sessions, HTTP or membership.
 //!
 //! # The embedded relay
 //! [`EmbeddedRelay`] needs nothing but the nodes. Every node dials a *relay link* — a WebSocket
 //! to the peer's `/internal/relay` endpoint, learned from gossip — to every live peer. On the link
 //! it dials, a node sends its **interest** (the topics its clients subscribe to, as versioned
 //! add/remove deltas) and receives the peer's messages on exactly those topics, each `msg` frame
-//! byte-for-byte the one the peer's own subscribers get.
+//! byte-for-byte the one the peer's own subscribers get. Broker frames go both ways on either
+//! link (the one the receiving node dialed first).
 //!
-//! A subscription is confirmed (`sync_interest`) once every peer of the membership's [`Peers`]
-//! list has acknowledged the new interest — peers not linked yet included, since a peer that was
-//! just seen or just restarted would otherwise miss it — and, on a node that has just started,
-//! once the membership has heard from the farm; a peer that does not answer delays it at most
-//! [`SYNC_TIMEOUT`].
+//! A subscription is confirmed (`sync_interest`) once every peer linked now has acknowledged the
+//! new interest and, on a node that has just started, once the membership has heard from the
+//! farm; a peer that does not answer delays it at most [`SYNC_TIMEOUT`]. A peer not linked is not
+//! waited for: its messages carry positions, and the hub fetches a hole (see `crate::broker`).
 //!
-//! Why it is exactly once and in order: a message travels only from the node where it was
-//! published straight to each interested peer (never forwarded again), over one link per peer
-//! (a newer link from the same peer replaces the older one), and each link is one ordered TCP
-//! stream written from one queue. A link whose queue fills is reset and counted
-//! (`relay_drops_total`): messages are lost on that link, never duplicated.
+//! Delivery is exactly once and in order per topic because of positions, not of the links: the
+//! hub drops what it already delivered and holds back what comes after a hole until the hole is
+//! fetched. A link whose queue fills is reset and counted (`relay_drops_total`); the messages it
+//! dropped are fetched again by position.
 //!
 //! The link frames are internal (node to node) and documented in `docs/PROTOCOL.md`:
 //! dialer → acceptor `{"type":"interest","version":3,"add":["t"],"remove":[]}`;
-//! acceptor → dialer `{"type":"interest_ack","version":3}` and `msg` frames.
+//! acceptor → dialer `{"type":"interest_ack","version":3}` and `msg` frames; both ways the
+//! broker's frames ([`PeerFrame`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
