@@ -5,7 +5,7 @@ mod client_support;
 
 use std::time::Duration;
 
-use client_support::{Crowd, Farm, SERIAL, Seen, eventually, publish};
+use client_support::{Crowd, Farm, Publisher, SERIAL, Seen, eventually, losses, publish};
 use streamfarm_client::{ClientOptions, RetryMode, ServiceAddress};
 use streamfarm_core::Status;
 use tokio::time::Instant;
@@ -100,7 +100,13 @@ async fn killed_node_clients_resubscribe_elsewhere_within_5s() {
     };
     assert!(
         eventually(Duration::from_secs(2), reported).await,
-        "every client of the killed node failed over once and recovered its topic, no gap"
+        "every client of the killed node failed over once and recovered its topic, no gap: {:?}",
+        crowd
+            .snapshot()
+            .iter()
+            .filter(|s| s.failovers.iter().any(|(from, _, _)| *from == victim))
+            .map(|s| (s.failovers.len(), s.recovered, s.gaps, s.losses.clone()))
+            .collect::<Vec<_>>()
     );
     eprintln!("{held} clients of a SIGKILLed node resubscribed elsewhere within {took:?}");
     let survivor = farm.nodes.iter().position(|n| n.url() != victim).unwrap();
@@ -248,4 +254,90 @@ async fn draining_node_empties_over_its_drain_period_without_failures() {
     let retries: u32 = crowd.snapshot().iter().map(|s| s.retries).sum();
     assert_eq!(retries, 0, "no client failed a round");
     crowd.stop().await;
+}
+
+/// The topic's sequencer as `node` sees the farm (`GET /topics/{topic}`).
+async fn sequencer_of(farm: &Farm, topic: &str) -> String {
+    let text = reqwest::get(format!("http://{}/topics/{topic}", farm.nodes[0].listen))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let name = body["sequencer"].as_str().unwrap().to_string();
+    farm.nodes.iter().find(|n| n.name == name).unwrap().url()
+}
+
+/// Kills (`KILL`) or stops (`STOP`, then `CONT` once its clients left) the node that sequences
+/// the topic and holds clients, while messages flow; every client must get every acknowledged
+/// message once, in order, with no gap.
+async fn no_message_lost_when(signal: &str) {
+    let mut farm = Farm::start(&[("a", "A"), ("b", "A"), ("c", "A")]).await;
+    let mut crowd = Crowd::new();
+    crowd.add(60, &farm.seeds(), &options());
+    assert!(crowd.all_connected(Duration::from_secs(30)).await);
+    let victim = sequencer_of(&farm, TOPIC).await;
+    let others: Vec<_> = farm
+        .nodes
+        .iter()
+        .filter(|n| n.url() != victim)
+        .map(|n| n.listen)
+        .collect();
+    let publisher = Publisher::start(others, TOPIC, Duration::from_millis(10));
+    let flowing = eventually(Duration::from_secs(10), || async {
+        crowd.snapshot().iter().all(|s| s.messages.len() >= 20)
+    })
+    .await;
+    assert!(flowing, "messages reach every client");
+    let held = crowd.per_server().get(&victim).copied().unwrap_or(0);
+    farm.node(&victim).signal(signal);
+    let moved = eventually(Duration::from_secs(5), || async {
+        crowd
+            .snapshot()
+            .iter()
+            .all(|s| s.server.as_ref().is_some_and(|url| *url != victim))
+    })
+    .await;
+    assert!(moved, "clients left the node: {:?}", crowd.per_server());
+    if signal == "STOP" {
+        farm.node(&victim).signal("CONT");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acked = publisher.stop();
+    let last = *acked.last().expect("publishes acknowledged");
+    let caught_up = eventually(Duration::from_secs(10), || async {
+        crowd
+            .snapshot()
+            .iter()
+            .all(|s| s.messages.iter().any(|m| *m == format!("n {last}")))
+    })
+    .await;
+    let seen = crowd.snapshot();
+    let problems: Vec<String> = seen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| losses(s, &acked).map(|p| format!("client {i}: {p}")))
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(caught_up, "every client got the last message");
+    let recovered = seen.iter().filter(|s| s.recovered > 0).count();
+    eprintln!(
+        "{signal}: sequencer node held {held} clients; {} messages acknowledged, every client got each once, in order; {recovered} clients recovered after failing over",
+        acked.len()
+    );
+    assert!(recovered >= held, "each moved client reported its recovery");
+    crowd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_sequencer_node_loses_no_message() {
+    let _serial = SERIAL.lock().await;
+    no_message_lost_when("KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sequencer_node_loses_no_message() {
+    let _serial = SERIAL.lock().await;
+    no_message_lost_when("STOP").await;
 }

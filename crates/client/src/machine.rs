@@ -941,10 +941,14 @@ mod tests {
             },
             t0,
         );
-        // A just failed, C is down: only B, draining but still a list server, is asked.
+        // A just failed: B, draining but still a list server, is asked; then C, listed down but
+        // known (a list can be stale: the client is never stranded while any server is up).
         assert_eq!(
             actions,
-            vec![Action::FetchList(ListSource::Servers(vec![B.to_string()]))]
+            vec![Action::FetchList(ListSource::Servers(vec![
+                B.to_string(),
+                C.to_string()
+            ]))]
         );
         assert_eq!(
             m.state(),

@@ -126,6 +126,8 @@ pub(crate) struct Shared {
     pub(crate) embedded: Option<Arc<EmbeddedRelay>>,
     pub(crate) status: watch::Sender<Status>,
     pub(crate) farm_rx: watch::Receiver<FarmList>,
+    /// Changes with the farm's membership (not its users): pushed to clients watching the list.
+    pub(crate) members_rx: watch::Receiver<u64>,
     pub(crate) connection_limit: Arc<Semaphore>,
     /// Cancels the drain in progress, if any.
     pub(crate) drain: Mutex<Option<CancellationToken>>,
@@ -241,6 +243,7 @@ impl NodeHandle {
         // Listed at once, before the first gossip round.
         let initial = FarmList::new(vec![membership::self_entry(&me, Status::Up, 0, 0.0)]);
         let (farm_tx, farm_rx) = watch::channel(initial);
+        let (members_tx, members_rx) = watch::channel(0);
         let (peers_tx, peers_rx) = watch::channel(relay::Peers::default());
         let membership_loop = membership::Loop {
             setup: membership::GossipSetup {
@@ -253,6 +256,7 @@ impl NodeHandle {
             hub: hub.clone(),
             status_rx,
             farm_tx,
+            members_tx,
             peers_tx,
             gossip_interval: config.gossip_interval(),
             failure_timeout: config.failure_timeout(),
@@ -305,6 +309,7 @@ impl NodeHandle {
             embedded: Some(embedded),
             status: status_tx,
             farm_rx,
+            members_rx,
             drain: Mutex::new(None),
             cancel: cancel.clone(),
             tracker: tracker.clone(),

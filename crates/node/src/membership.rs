@@ -167,6 +167,9 @@ pub(crate) struct Loop {
     pub(crate) hub: Arc<Hub>,
     pub(crate) status_rx: watch::Receiver<Status>,
     pub(crate) farm_tx: watch::Sender<FarmList>,
+    /// Bumped when the farm's membership changes (a server's name, url, status or group), not
+    /// its users: what clients watching the list are pushed (see `session`).
+    pub(crate) members_tx: watch::Sender<u64>,
     pub(crate) peers_tx: watch::Sender<Peers>,
     pub(crate) gossip_interval: Duration,
     pub(crate) failure_timeout: Duration,
@@ -346,10 +349,18 @@ impl Loop {
             let stamp = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
+            let members = |servers: &[ServerEntry]| -> Vec<(String, String, Status, String)> {
+                servers
+                    .iter()
+                    .map(|s| (s.name.clone(), s.url.clone(), s.status, s.priority.clone()))
+                    .collect()
+            };
+            let mut members_changed = false;
             self.farm_tx.send_if_modified(|current| {
                 if current.servers == list {
                     return false;
                 }
+                members_changed = members(&current.servers) != members(&list);
                 for server in &list {
                     let before = current.servers.iter().find(|s| s.name == server.name);
                     if before.map(|b| b.status) != Some(server.status) {
@@ -360,6 +371,9 @@ impl Loop {
                 current.generated_at_ms = Some(stamp);
                 true
             });
+            if members_changed {
+                self.members_tx.send_modify(|version| *version += 1);
+            }
             // Settled once a peer has been heard of, or when there is nobody to hear from.
             let peers = Peers {
                 settled: self.alone
@@ -569,6 +583,7 @@ mod tests {
             hub: Arc::new(Hub::new(metrics.clone(), config.history_limits())),
             status_rx,
             farm_tx,
+            members_tx: watch::channel(0).0,
             peers_tx: watch::channel(Peers::default()).0,
             gossip_interval: config.gossip_interval(),
             failure_timeout: config.failure_timeout(),

@@ -88,15 +88,35 @@ fn every_frame_type_is_documented() {
     let client = documented("client");
     let server = documented("server");
     let peer = documented("peer");
-    for t in ["pub", "repl", "ack", "claim", "claim_reply", "fetch", "fetch_reply"] {
+    for t in [
+        "pub",
+        "repl",
+        "ack",
+        "claim",
+        "claim_reply",
+        "fetch",
+        "fetch_reply",
+    ] {
         assert!(peer.iter().any(|d| d == t), "peer frame {t} has no example");
     }
     let table = PAGE.split("## 9.").nth(1).unwrap_or("");
     for t in [
-        "pub", "repl", "sync", "ack", "nack", "fenced", "prime", "claim", "claim_reply", "fetch",
+        "pub",
+        "repl",
+        "sync",
+        "ack",
+        "nack",
+        "fenced",
+        "prime",
+        "claim",
+        "claim_reply",
+        "fetch",
         "fetch_reply",
     ] {
-        assert!(table.contains(&format!("| `{t}` |")), "peer frame {t} not in the table");
+        assert!(
+            table.contains(&format!("| `{t}` |")),
+            "peer frame {t} not in the table"
+        );
     }
     for t in client_types {
         assert!(

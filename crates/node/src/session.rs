@@ -172,8 +172,10 @@ impl Reader {
     ) -> Option<futures_util::stream::SplitStream<WebSocket>> {
         let closer = self.outlet.closer.clone();
         let heartbeat_timeout = self.shared.config.heartbeat_timeout();
-        let mut farm_rx = self.shared.farm_rx.clone();
-        farm_rx.mark_unchanged();
+        // Watching clients are pushed the list when the membership changes (a server joins,
+        // leaves, changes status): not on every change of users, which they refresh themselves.
+        let mut members_rx = self.shared.members_rx.clone();
+        members_rx.mark_unchanged();
         loop {
             tokio::select! {
                 _ = closer.closed() => return Some(stream),
@@ -181,13 +183,13 @@ impl Reader {
                     closer.close(close::GOING_AWAY, "node shutting down");
                     return Some(stream);
                 }
-                changed = farm_rx.changed(), if self.watching_farm => {
+                changed = members_rx.changed(), if self.watching_farm => {
                     if changed.is_err() {
                         self.watching_farm = false;
                         continue;
                     }
-                    let list = farm_rx.borrow_and_update().clone();
-                    self.send(&ServerFrame::Farm(list));
+                    members_rx.mark_unchanged();
+                    self.send(&ServerFrame::Farm(self.shared.farm_now()));
                 }
                 next = timeout(heartbeat_timeout, next_or_wake(&mut stream, &mut self.wakes)) => match next {
                     Err(_) => {

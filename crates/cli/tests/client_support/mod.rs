@@ -192,6 +192,8 @@ pub(crate) struct Seen {
     pub(crate) recovered: u32,
     /// `Gap` events.
     pub(crate) gaps: u32,
+    /// Why each connection ended, in order.
+    pub(crate) losses: Vec<String>,
 }
 
 /// Library clients in this process, each in a task recording what it saw.
@@ -242,7 +244,10 @@ impl Crowd {
                     let mut seen = seen.lock().unwrap();
                     match event {
                         Event::Connected { server } => seen.server = Some(server),
-                        Event::Disconnected { .. } => seen.server = None,
+                        Event::Disconnected { server, cause } => {
+                            seen.server = None;
+                            seen.losses.push(format!("{server}: {cause}"));
+                        }
                         Event::FailedOver { from, to, took } => {
                             seen.failovers.push((from, to, took))
                         }
@@ -309,4 +314,82 @@ pub(crate) async fn publish(node: &Node, topic: &str, message: &str) {
     )
     .await
     .expect("publish");
+}
+
+/// Publishes numbered messages (`n 0`, `n 1`, …) on a topic at a steady pace through the given
+/// nodes (the next one whenever a publish fails), and keeps the numbers the farm acknowledged.
+pub(crate) struct Publisher {
+    acked: Arc<Mutex<Vec<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    pub(crate) fn start(via: Vec<SocketAddr>, topic: &str, every: Duration) -> Publisher {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let (acked, topic) = (acked.clone(), topic.to_string());
+            async move {
+                let http = reqwest::Client::new();
+                let mut tick = tokio::time::interval(every);
+                let mut node = 0;
+                for n in 0u64.. {
+                    tick.tick().await;
+                    // Until acknowledged or given up: a publish that failed was not published.
+                    for _attempt in 0..via.len() * 2 {
+                        let sent = http
+                            .post(format!("http://{}/publish/{topic}", via[node % via.len()]))
+                            .body(format!("n {n}"))
+                            .timeout(Duration::from_secs(5))
+                            .send()
+                            .await;
+                        if sent.is_ok_and(|r| r.status().is_success()) {
+                            acked.lock().unwrap().push(n);
+                            break;
+                        }
+                        node += 1;
+                    }
+                }
+            }
+        });
+        Publisher { acked, task }
+    }
+
+    /// The numbers acknowledged so far.
+    pub(crate) fn acked(&self) -> Vec<u64> {
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// Stops publishing; returns every number acknowledged.
+    pub(crate) fn stop(self) -> Vec<u64> {
+        self.task.abort();
+        self.acked()
+    }
+}
+
+/// What went wrong with one client's messages against the numbers `acked`: from the first number
+/// it received on, every acknowledged number exactly once and in order. `None` when all is well.
+pub(crate) fn losses(seen: &Seen, acked: &[u64]) -> Option<String> {
+    let got: Vec<u64> = seen
+        .messages
+        .iter()
+        .filter_map(|m| m.strip_prefix("n ")?.parse().ok())
+        .collect();
+    let first = *got.first()?;
+    let expected: Vec<u64> = acked.iter().copied().filter(|n| *n >= first).collect();
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let lost: Vec<u64> = expected
+        .iter()
+        .filter(|n| sorted.binary_search(n).is_err())
+        .copied()
+        .collect();
+    let duplicated = got.len() - sorted.len();
+    let out_of_order = got.windows(2).filter(|w| w[1] < w[0]).count();
+    (!lost.is_empty() || duplicated > 0 || out_of_order > 0 || seen.gaps > 0).then(|| {
+        format!(
+            "lost {lost:?}, {duplicated} duplicated, {out_of_order} out of order, {} gaps",
+            seen.gaps
+        )
+    })
 }

@@ -335,6 +335,8 @@ struct FetchWait {
     topic: String,
     after: Option<Position>,
     sent_to: String,
+    /// When it was last sent: sent again after [`RESEND_AFTER`] (links come and go).
+    sent_at: Instant,
     deadline: Instant,
     done: Option<oneshot::Sender<()>>,
 }
@@ -1026,10 +1028,29 @@ impl Core {
                 topic,
                 after,
                 sent_to: to,
+                sent_at: now,
                 deadline: now + FETCH_WAIT,
                 done,
             },
         );
+    }
+
+    /// Sends fetch `request` again, to the topic's replica of the moment.
+    fn refetch(&mut self, request: u64) {
+        let Some(wait) = self.fetches.get(&request) else {
+            return;
+        };
+        let to = self.placement(&wait.topic).replica;
+        let frame = PeerFrame::Fetch {
+            topic: wait.topic.clone(),
+            request,
+            after: wait.after,
+        };
+        self.send(&to, frame);
+        if let Some(wait) = self.fetches.get_mut(&request) {
+            wait.sent_to = to;
+            wait.sent_at = Instant::now();
+        }
     }
 
     fn on_fetch(&mut self, from: String, topic: String, request: u64, after: Option<Position>) {
@@ -1141,12 +1162,7 @@ impl Core {
             .map(|(request, _)| *request)
             .collect();
         for request in refetch {
-            if let Some(wait) = self.fetches.remove(&request) {
-                if wait.done.is_none() {
-                    self.filling.remove(&wait.topic);
-                }
-                self.fetch(wait.topic, wait.after, wait.done);
-            }
+            self.refetch(request);
         }
     }
 
@@ -1225,7 +1241,17 @@ impl Core {
                 }
             }
         }
-        // Fetches past their deadline.
+        // Fetches not answered yet are sent again (the link may not have been up); those past
+        // their deadline are given up.
+        let again: Vec<u64> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| now < f.deadline && now.duration_since(f.sent_at) >= RESEND_AFTER)
+            .map(|(r, _)| *r)
+            .collect();
+        for request in again {
+            self.refetch(request);
+        }
         let late: Vec<u64> = self
             .fetches
             .iter()
@@ -1239,6 +1265,17 @@ impl Core {
                     self.filling.remove(&wait.topic);
                 }
             }
+        }
+        // A replica still waiting for a log asks its sequencer again.
+        let waiting: Vec<String> = self
+            .chains
+            .iter()
+            .filter(|(_, c)| c.stored.is_none() && !c.held.is_empty())
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in waiting {
+            let sequencer = self.placement(&topic).sequencer;
+            self.send(&sequencer, PeerFrame::Prime { topic });
         }
         let mut unanswered = Vec::new();
         for (topic, chain) in &mut self.chains {
