@@ -97,6 +97,15 @@ pub enum Event {
         /// Its position in the topic (none from a node without positions).
         position: Option<Position>,
     },
+    /// Whether the connected server receives what the whole farm publishes: `complete: false`
+    /// when it is cut off from the rest of the farm (messages published elsewhere do not reach
+    /// this client for now; they arrive, in order, once it is back: `complete: true`).
+    Feed {
+        /// The server's url.
+        server: String,
+        /// The feed is whole.
+        complete: bool,
+    },
     /// The connected server refused a frame (e.g. a bad topic name).
     ServerError {
         /// The server's url.
@@ -611,6 +620,10 @@ impl Driver {
                     .on_gap(&topic, epoch, from, to, reason);
                 return self.tell_all(notices).await;
             }
+            ServerFrame::Feed { complete } => Event::Feed {
+                server: server.to_string(),
+                complete,
+            },
             ServerFrame::Error { code, message } => Event::ServerError {
                 server: server.to_string(),
                 code,

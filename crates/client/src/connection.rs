@@ -183,7 +183,7 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
                 });
             }
             ServerFrame::Farm(list) => conn.list = list,
-            frame @ ServerFrame::Msg { .. } => early.push(frame),
+            frame @ (ServerFrame::Msg { .. } | ServerFrame::Feed { .. }) => early.push(frame),
             _ => {}
         }
     }

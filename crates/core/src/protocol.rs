@@ -250,6 +250,13 @@ pub enum ServerFrame {
         /// Why.
         reason: GapReason,
     },
+    /// Whether this node receives what the whole farm publishes. `complete: false`: the node is
+    /// cut off from the rest of the farm, so messages published elsewhere do not reach it for
+    /// now (they are delivered, from history, once it is back in touch: `complete: true`).
+    Feed {
+        /// The feed is whole again.
+        complete: bool,
+    },
     /// A frame could not be served; the connection stays open unless a close follows.
     Error {
         /// Stable machine-readable code (`bad_frame`, `too_big`, `not_allowed`, …).

@@ -545,6 +545,20 @@ impl Hub {
         stream.log.as_ref().map(|log| LogState::of(log, after))
     }
 
+    /// The position of every topic's stream that has one.
+    pub(crate) fn positions(&self) -> Vec<(String, Position)> {
+        let map = self.read_topics();
+        map.iter()
+            .filter_map(|(topic, entry)| {
+                let stream = lock(&entry.stream);
+                stream
+                    .log
+                    .as_ref()
+                    .map(|log| (topic.clone(), log.position()))
+            })
+            .collect()
+    }
+
     /// Drops history beyond the age limit in every stream.
     pub(crate) fn trim(&self, now: Instant) {
         let map = self.read_topics();

@@ -128,6 +128,8 @@ pub(crate) struct Shared {
     pub(crate) farm_rx: watch::Receiver<FarmList>,
     /// Changes with the farm's membership (not its users): pushed to clients watching the list.
     pub(crate) members_rx: watch::Receiver<u64>,
+    /// True while this node is cut off from the farm (see `membership`).
+    pub(crate) isolated_rx: watch::Receiver<bool>,
     pub(crate) connection_limit: Arc<Semaphore>,
     /// Cancels the drain in progress, if any.
     pub(crate) drain: Mutex<Option<CancellationToken>>,
@@ -164,6 +166,33 @@ impl Shared {
                 "node draining: reconnect elsewhere",
                 token,
             ));
+        }
+    }
+}
+
+/// How fast a node that finds itself cut off sends its clients elsewhere.
+const ISOLATION_DRAIN: Duration = Duration::from_secs(1);
+
+/// A node cut off from the farm sends its clients to the rest of it (paced over
+/// [`ISOLATION_DRAIN`]; they resume there from their positions, and those that cannot reach it
+/// come back and are told the feed is partial); once back in touch, it fetches what its
+/// streams missed meanwhile.
+async fn follow_isolation(shared: Arc<Shared>, mut isolated: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            changed = isolated.changed() => if changed.is_err() { return },
+        }
+        if *isolated.borrow_and_update() {
+            shared.tracker.spawn(drain::run(
+                shared.hub.sessions(),
+                ISOLATION_DRAIN,
+                close::RECONNECT_ELSEWHERE,
+                "node cut off from the farm: reconnect elsewhere",
+                shared.cancel.child_token(),
+            ));
+        } else {
+            shared.broker.catch_up().await;
         }
     }
 }
@@ -244,6 +273,7 @@ impl NodeHandle {
         let initial = FarmList::new(vec![membership::self_entry(&me, Status::Up, 0, 0.0)]);
         let (farm_tx, farm_rx) = watch::channel(initial);
         let (members_tx, members_rx) = watch::channel(0);
+        let (isolated_tx, isolated_rx) = watch::channel(false);
         let (peers_tx, peers_rx) = watch::channel(relay::Peers::default());
         let membership_loop = membership::Loop {
             setup: membership::GossipSetup {
@@ -261,6 +291,7 @@ impl NodeHandle {
             gossip_interval: config.gossip_interval(),
             failure_timeout: config.failure_timeout(),
             alone: config.join.is_empty(),
+            isolated_tx,
         };
         // Gossip runs from here; dropping `membership` (an early return) stops it.
         let membership = membership_loop
@@ -310,10 +341,14 @@ impl NodeHandle {
             status: status_tx,
             farm_rx,
             members_rx,
+            isolated_rx: isolated_rx.clone(),
             drain: Mutex::new(None),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         });
+        shared
+            .tracker
+            .spawn(follow_isolation(shared.clone(), isolated_rx));
         let router = http::router(shared.clone(), &stream_path);
         let serve_cancel = cancel.clone();
         tracker.spawn(async move {

@@ -175,6 +175,8 @@ pub(crate) struct Loop {
     pub(crate) failure_timeout: Duration,
     /// No seeds to join: there is no farm to hear from first.
     pub(crate) alone: bool,
+    /// Whether this node is cut off from the farm (see the module docs, *Isolation*).
+    pub(crate) isolated_tx: watch::Sender<bool>,
 }
 
 /// Last heartbeat seen of one node generation, and when it last advanced.
@@ -220,6 +222,7 @@ impl Loop {
         let mut joins: VecDeque<(Instant, u64)> = VecDeque::new();
         let mut advertised: BTreeMap<&'static str, String> = BTreeMap::new();
         let started = Instant::now();
+        let mut isolated = false;
         loop {
             let ended = async {
                 match gossip.as_mut() {
@@ -304,6 +307,21 @@ impl Loop {
                 }
             }
             seen.retain(|id, _| states.iter().any(|(s, _)| s == id));
+            // The heartbeat we saw last was sent up to a gossip round before it reached us:
+            // allow for that round so that the verdict comes within `failure_timeout` of the
+            // peer's last heartbeat, not later.
+            let alive_within = |record: &Seen, within: Duration| {
+                record
+                    .advanced_at
+                    .is_some_and(|at| now.duration_since(at) + self.gossip_interval < within)
+            };
+            let peers: Vec<&ChitchatId> = states
+                .iter()
+                .map(|(id, _)| id)
+                .filter(|id| {
+                    newest.get(&*id.node_id) == Some(id) && *id.node_id != *self.setup.me.name
+                })
+                .collect();
             for (id, entry) in &states {
                 let record = seen.entry(id.clone()).or_insert(Seen {
                     heartbeat: entry.heartbeat,
@@ -314,19 +332,50 @@ impl Loop {
                     record.heartbeat = entry.heartbeat;
                     record.advanced_at = Some(now);
                 }
+            }
+            let alive_peers = peers
+                .iter()
+                .filter(|id| {
+                    seen.get(**id)
+                        .is_some_and(|r| alive_within(r, self.failure_timeout))
+                })
+                .count();
+            // Cut off: every peer fell silent, and at least two of them within one failure
+            // timeout of each other. Two nodes rarely die in the same second; one node losing
+            // its network loses them all at once. It lasts until a peer is heard again.
+            let vanished_together = peers
+                .iter()
+                .filter(|id| {
+                    seen.get(**id)
+                        .is_some_and(|r| alive_within(r, self.failure_timeout * 2))
+                })
+                .count()
+                >= 2;
+            let now_isolated = alive_peers == 0 && (isolated || vanished_together);
+            if now_isolated != isolated {
+                isolated = now_isolated;
+                if isolated {
+                    warn!(
+                        peers = peers.len(),
+                        "cut off from the farm: every peer fell silent at once; peers stay listed as last seen, clients are sent elsewhere"
+                    );
+                } else {
+                    info!("back in touch with the farm");
+                }
+                self.isolated_tx.send_replace(isolated);
+            }
+            for (id, entry) in &states {
+                let Some(record) = seen.get(id) else { continue };
                 if newest.get(&*id.node_id) != Some(&id) || *id.node_id == *self.setup.me.name {
                     continue;
                 }
-                // The heartbeat we saw last was sent up to a gossip round before it reached us:
-                // allow for that round so that the verdict comes within `failure_timeout` of
-                // the peer's last heartbeat, not later.
-                let alive = record.advanced_at.is_some_and(|at| {
-                    now.duration_since(at) + self.gossip_interval < self.failure_timeout
-                });
+                let alive = alive_within(record, self.failure_timeout);
                 let Some(mut server) = entry.server(&id.node_id) else {
                     continue;
                 };
-                if !alive {
+                // Cut off, a node cannot tell whether its peers live: it lists them as it last
+                // saw them, so that clients asking it try them too.
+                if !alive && !isolated {
                     // Its connections are gone with it: a silent node holds nobody.
                     server.status = Status::Down;
                     server.users = 0;
@@ -588,6 +637,7 @@ mod tests {
             gossip_interval: config.gossip_interval(),
             failure_timeout: config.failure_timeout(),
             alone: join.is_none(),
+            isolated_tx: watch::channel(false).0,
         }
         .start(cancel.clone())
         .await

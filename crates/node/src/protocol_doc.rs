@@ -71,6 +71,7 @@ fn every_frame_type_is_documented() {
         "unsubscribed",
         "msg",
         "gap",
+        "feed",
         "error",
         "ping",
         "pong",

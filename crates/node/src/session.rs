@@ -162,6 +162,9 @@ impl Reader {
             max_frame_bytes: config.max_frame_bytes,
         });
         self.send(&ServerFrame::Farm(self.shared.farm_rx.borrow().clone()));
+        if *self.shared.isolated_rx.borrow() {
+            self.send(&ServerFrame::Feed { complete: false });
+        }
     }
 
     /// Reads until the connection ends; returns the stream if it is still open (we are closing).
@@ -176,12 +179,23 @@ impl Reader {
         // leaves, changes status): not on every change of users, which they refresh themselves.
         let mut members_rx = self.shared.members_rx.clone();
         members_rx.mark_unchanged();
+        let mut isolated_rx = self.shared.isolated_rx.clone();
+        isolated_rx.mark_unchanged();
+        let mut following_isolation = true;
         loop {
             tokio::select! {
                 _ = closer.closed() => return Some(stream),
                 _ = self.shared.cancel.cancelled() => {
                     closer.close(close::GOING_AWAY, "node shutting down");
                     return Some(stream);
+                }
+                changed = isolated_rx.changed(), if following_isolation => {
+                    if changed.is_err() {
+                        following_isolation = false;
+                        continue;
+                    }
+                    let complete = !*isolated_rx.borrow_and_update();
+                    self.send(&ServerFrame::Feed { complete });
                 }
                 changed = members_rx.changed(), if self.watching_farm => {
                     if changed.is_err() {

@@ -524,19 +524,39 @@ async fn the_farm_list_is_served_over_http_and_the_websocket() {
         other => panic!("expected hello, got {other:?}"),
     }
     assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
-    // Watching: a second client changes the users, and the update arrives unasked.
+    // Watching: a node joins the farm, and the update arrives unasked.
     send(&mut ws, &ClientFrame::List { watch: true }).await;
     assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
     let _other = connect(node).await;
+    let joined = NodeHandle::start(config("late", [127, 0, 0, 2], &[node.gossip_addr()]))
+        .await
+        .expect("starts");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no farm update listing the new node"
+        );
+        if let ServerFrame::Farm(list) = next_frame(&mut ws).await
+            && entry(&list, "late").is_some_and(|(status, _)| status == Status::Up)
+        {
+            break;
+        }
+    }
+    // Users are asked for: this list counts the second client.
+    send(&mut ws, &ClientFrame::List { watch: false }).await;
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        assert!(Instant::now() < deadline, "no farm update with users:2");
+        assert!(Instant::now() < deadline, "no list with users:2");
         if let ServerFrame::Farm(list) = next_frame(&mut ws).await
             && entry(&list, "solo") == Some((Status::Up, 2))
         {
             break;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send(&mut ws, &ClientFrame::List { watch: false }).await;
     }
+    joined.shutdown().await;
     let health = reqwest::get(format!("http://{}/healthz", node.listen_addr()))
         .await
         .unwrap();

@@ -76,6 +76,14 @@ pub(crate) fn event_text(event: &Event) -> String {
         Event::Recovered { topic, count } => {
             format!("# recovered {count} messages of {topic}")
         }
+        Event::Feed {
+            server,
+            complete: false,
+        } => format!("# partial feed: {server} is cut off from the farm"),
+        Event::Feed {
+            server,
+            complete: true,
+        } => format!("# complete feed: {server} is back in touch with the farm"),
         Event::Gap {
             topic,
             epoch,
@@ -129,6 +137,9 @@ pub(crate) fn event_json(event: &Event) -> String {
         }
         Event::Recovered { topic, count } => {
             json!({"event": "recovered", "topic": topic, "count": count})
+        }
+        Event::Feed { server, complete } => {
+            json!({"event": "feed", "server": server, "complete": complete})
         }
         Event::Gap {
             topic,

@@ -266,6 +266,20 @@ impl Broker {
         self.hub.join(id, outlet, topics, wakes)
     }
 
+    /// Fetches, for every topic delivered here, whatever came after its stream's position: what
+    /// a node cut off from the farm missed meanwhile.
+    pub(crate) async fn catch_up(&self) {
+        for (topic, position) in self.hub.positions() {
+            let _ = self
+                .send_input(Input::Fetch {
+                    topic,
+                    after: Some(position),
+                    done: None,
+                })
+                .await;
+        }
+    }
+
     /// Unsubscribes connection `id` from `topics`.
     pub(crate) fn unsubscribe<'a>(&self, id: ConnId, topics: impl IntoIterator<Item = &'a str>) {
         self.hub.unsubscribe(id, topics);
@@ -889,16 +903,17 @@ impl Core {
         }
     }
 
-    /// What this node holds of `topic`: its sequencer log, its replica log, its stream.
+    /// What this node holds of `topic` that went out: its replica log or its stream, the newer.
+    /// Not its sequencer log: what a sequencer numbered but no replica stored never reached a
+    /// client (a sequencer cut off from its replica may have numbered many such messages), and
+    /// their publishers send them again.
     fn best_state(&self, topic: &str) -> Option<LogState> {
-        let chain = self.chains.get(topic);
-        let seq = chain
-            .and_then(|c| c.seq.as_ref())
-            .map(|s| LogState::of(&s.log, None));
-        let stored = chain
+        let stored = self
+            .chains
+            .get(topic)
             .and_then(|c| c.stored.as_ref())
             .map(|log| LogState::of(log, None));
-        newer(newer(seq, stored), self.hub.state(topic, None))
+        newer(stored, self.hub.state(topic, None))
     }
 
     fn on_claim(&mut self, from: String, topic: String, term: u64) {
@@ -1145,13 +1160,15 @@ impl Core {
                 }
             }
         }
-        // Publishes and fetches sent to a node that is no longer the one: again, now.
-        let moved: Vec<PublishId> = self
+        // Publishes and fetches sent to a node that is no longer the one: again, now, in the
+        // order they were published.
+        let mut moved: Vec<PublishId> = self
             .pending
             .iter()
             .filter(|(_, p)| place(&p.topic, &self.live).is_none_or(|pl| pl.sequencer != p.sent_to))
             .map(|(id, _)| id.clone())
             .collect();
+        moved.sort_by_key(|id| id.seq);
         for id in moved {
             self.resend(&id);
         }
@@ -1196,6 +1213,7 @@ impl Core {
                 again.push(id.clone());
             }
         }
+        again.sort_by_key(|id| id.seq);
         for id in expired {
             if let Some(pending) = self.pending.remove(&id) {
                 self.pending_bytes -= pending.data.len();
