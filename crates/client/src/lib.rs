@@ -5,8 +5,10 @@
 //! a server with a selection [`Policy`] (from `streamfarm_core::selection`, never re-implemented
 //! here), keeps one connection to it with heartbeats, and when that server fails, fails over:
 //! retry once, re-request the list, select again without the servers that just failed, back off
-//! between rounds. Its topics are resubscribed on every new server, and the application hears
-//! about each step as an [`Event`] — including [`Event::MaybeMissed`], the gap a failover leaves.
+//! between rounds. Its topics are resubscribed on every new server from the position it holds, so
+//! a failover loses nothing: the node sends what was missed, the client drops what it already
+//! had, and the application hears about each step as an [`Event`] — [`Event::Recovered`] once
+//! the missed messages are in, [`Event::Gap`] for what the farm no longer holds.
 //!
 //! ```no_run
 //! use streamfarm_client::{ClientOptions, Event};
@@ -25,6 +27,7 @@
 //! # Layout
 //! - [`address`] — [`ServiceAddress`] parsing, name resolution (system or a given DNS server).
 //! - [`machine`] — the failover state machine: pure, every transition unit-tested.
+//! - [`topics`] — the machine's topics and the position held in each: duplicates, recoveries, gaps.
 //! - [`backoff`] — capped exponential backoff with full jitter.
 //! - `connection` — one WebSocket: greeting (`hello`, `farm`), subscribing, frame decoding.
 //! - `client` — [`Client`], the handle, and the task that runs the machine over real sockets.
