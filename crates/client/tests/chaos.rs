@@ -1,0 +1,323 @@
+//! A farm in this process through random kills and restarts of its nodes while messages are
+//! published: every client receives, per topic, the published sequence — each acknowledged
+//! message once, in order — or that sequence with a gap it was told about. Nothing else.
+//!
+//! Nodes are `streamfarm_node::NodeHandle`s on 127.0.0.1–3 with fast timers; a kill drops the
+//! handle (its sockets close, its gossip stops; the farm lists it `DOWN` after the failure
+//! timeout), a restart starts a new process-less node of the same name on a new port. At most one
+//! node is down at a time (the guarantee is for the loss of any one node). The publisher numbers
+//! its messages and keeps the position each acknowledged one got, so a client's `Gap` events can
+//! be checked against exactly the messages they name.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use streamfarm_client::{Client, ClientOptions, Epoch, Event, Position, ServiceAddress};
+use streamfarm_node::{NodeConfig, NodeHandle};
+use tokio::time::Instant;
+
+const TOPIC: &str = "chaos";
+const NODES: usize = 3;
+
+fn config(name: &str, i: usize, join: Option<SocketAddr>) -> NodeConfig {
+    let mut config = NodeConfig::new(name);
+    config.listen = SocketAddr::from(([127, 0, 0, i as u8 + 1], 0));
+    config.join = join.iter().map(|a| a.to_string()).collect();
+    config.gossip_interval_ms = 50;
+    config.failure_timeout_ms = 1_000;
+    config.heartbeat_interval_ms = 300;
+    config.heartbeat_timeout_ms = 1_000;
+    config.shutdown_drain_ms = 100;
+    config
+}
+
+/// What happens to the farm, one step after another.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Drop node `i` (if every node is up).
+    Kill(usize),
+    /// Start the dead node again.
+    Restart,
+    /// Let messages flow for this many milliseconds.
+    Flow(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0..NODES).prop_map(Step::Kill),
+        Just(Step::Restart),
+        (100u64..800).prop_map(Step::Flow),
+    ]
+}
+
+/// What one client saw: messages with their positions, and gaps.
+#[derive(Debug, Default)]
+struct Seen {
+    messages: Vec<(u64, Option<Position>)>,
+    gaps: Vec<(Epoch, u64, Option<u64>)>,
+}
+
+struct Farm {
+    nodes: Vec<Option<NodeHandle>>,
+}
+
+impl Farm {
+    async fn start() -> Farm {
+        let mut nodes: Vec<Option<NodeHandle>> = Vec::new();
+        for i in 0..NODES {
+            let join = nodes
+                .first()
+                .and_then(|n| n.as_ref())
+                .map(|n| n.gossip_addr());
+            let node = NodeHandle::start(config(&format!("n{i}"), i, join))
+                .await
+                .expect("node starts");
+            nodes.push(Some(node));
+        }
+        let farm = Farm { nodes };
+        farm.wait_all_up().await;
+        farm
+    }
+
+    fn live(&self) -> Vec<&NodeHandle> {
+        self.nodes.iter().flatten().collect()
+    }
+
+    async fn wait_all_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let live = self.live();
+            let all = live.iter().all(|n| {
+                let farm = n.farm();
+                let list = farm.borrow();
+                live.iter().all(|m| {
+                    list.servers.iter().any(|s| {
+                        s.name == m.name() && s.url == m.url() && s.status.as_str() == "UP"
+                    })
+                })
+            });
+            if all {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the farm did not settle");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn apply(&mut self, step: &Step) {
+        match step {
+            Step::Kill(i) if self.nodes.iter().all(Option::is_some) => {
+                drop(self.nodes[*i].take());
+            }
+            Step::Restart => {
+                let Some(i) = self.nodes.iter().position(Option::is_none) else {
+                    return;
+                };
+                let join = self.live().first().map(|n| n.gossip_addr());
+                let node = NodeHandle::start(config(&format!("n{i}"), i, join))
+                    .await
+                    .expect("node restarts");
+                self.nodes[i] = Some(node);
+                self.wait_all_up().await;
+            }
+            Step::Flow(ms) => tokio::time::sleep(Duration::from_millis(*ms)).await,
+            Step::Kill(_) => {}
+        }
+    }
+}
+
+/// Publishes `n 0`, `n 1`, … through the live nodes (over HTTP, the next node on failure) and
+/// keeps the position of each acknowledged one.
+fn publisher(
+    addrs: Arc<Mutex<Vec<SocketAddr>>>,
+) -> (
+    Arc<Mutex<BTreeMap<u64, Position>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let task = tokio::spawn({
+        let acked = acked.clone();
+        async move {
+            let http = reqwest::Client::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut k = 0usize;
+            for n in 0u64.. {
+                tick.tick().await;
+                let targets = addrs.lock().unwrap().clone();
+                for _ in 0..targets.len() * 2 {
+                    let addr = targets[k % targets.len()];
+                    let answer = http
+                        .post(format!("http://{addr}/publish/{TOPIC}"))
+                        .body(format!("n {n}"))
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await;
+                    let position = match answer {
+                        Ok(r) if r.status().is_success() => r.text().await.ok().and_then(|body| {
+                            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                            Some(Position::new(
+                                v["epoch"].as_str()?.parse().ok()?,
+                                v["offset"].as_u64()?,
+                            ))
+                        }),
+                        _ => None,
+                    };
+                    if let Some(position) = position {
+                        acked.lock().unwrap().insert(n, position);
+                        break;
+                    }
+                    k += 1;
+                }
+            }
+        }
+    });
+    (acked, task)
+}
+
+/// What is wrong with what `seen` received, given what was acknowledged.
+fn problems(seen: &Seen, acked: &BTreeMap<u64, Position>) -> Vec<String> {
+    let mut out = Vec::new();
+    let numbers: Vec<u64> = seen.messages.iter().map(|(n, _)| *n).collect();
+    if let Some(w) = numbers.windows(2).find(|w| w[1] <= w[0]) {
+        out.push(format!("{} came after {}", w[1], w[0]));
+    }
+    let Some(first) = numbers.first() else {
+        return vec!["received nothing".into()];
+    };
+    let told = |p: &Position| {
+        seen.gaps.iter().any(|(epoch, from, to)| {
+            *epoch == p.epoch && p.offset >= *from && to.is_none_or(|to| p.offset <= to)
+        })
+    };
+    for (n, position) in acked.range(first..) {
+        if numbers.binary_search(n).is_err() && !told(position) {
+            out.push(format!("message {n} (at {position}) lost without a gap"));
+        }
+    }
+    out
+}
+
+async fn run(steps: Vec<Step>) {
+    let mut farm = Farm::start().await;
+    let addrs = Arc::new(Mutex::new(
+        farm.live()
+            .iter()
+            .map(|n| n.listen_addr())
+            .collect::<Vec<_>>(),
+    ));
+    let seeds: ServiceAddress = addrs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+        .parse()
+        .unwrap();
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let options = ClientOptions::new()
+            .subscribe([TOPIC])
+            .seed(i)
+            .connect_timeout(Duration::from_millis(500));
+        let mut client = Client::start(seeds.clone(), options);
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let recorder = seen.clone();
+        client
+            .wait_connected(Duration::from_secs(10))
+            .await
+            .expect("client connects");
+        let task = tokio::spawn(async move {
+            while let Some(event) = client.next_event().await {
+                let mut seen = recorder.lock().unwrap();
+                match event {
+                    Event::Message {
+                        payload, position, ..
+                    } => {
+                        let text = String::from_utf8_lossy(&payload).into_owned();
+                        if let Some(n) = text.strip_prefix("n ").and_then(|n| n.parse().ok()) {
+                            seen.messages.push((n, position));
+                        }
+                    }
+                    Event::Gap {
+                        epoch, from, to, ..
+                    } => seen.gaps.push((epoch, from, to)),
+                    _ => {}
+                }
+            }
+        });
+        clients.push((seen, task));
+    }
+    let (acked, publisher) = publisher(addrs.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for step in &steps {
+        farm.apply(step).await;
+        *addrs.lock().unwrap() = farm.live().iter().map(|n| n.listen_addr()).collect();
+    }
+    farm.apply(&Step::Restart).await;
+    *addrs.lock().unwrap() = farm.live().iter().map(|n| n.listen_addr()).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publisher.abort();
+    let acked = acked.lock().unwrap().clone();
+    let last = *acked.keys().last().expect("messages acknowledged");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline
+        && !clients.iter().all(|(seen, _)| {
+            let seen = seen.lock().unwrap();
+            seen.messages.iter().any(|(n, _)| *n == last)
+                || problems(&seen, &acked)
+                    .iter()
+                    .any(|p| p.contains("came after"))
+        })
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report: Vec<String> = clients
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (seen, _))| {
+            problems(&seen.lock().unwrap(), &acked)
+                .into_iter()
+                .map(move |p| format!("client {i}: {p}"))
+        })
+        .collect();
+    for (_, task) in clients {
+        task.abort();
+    }
+    for node in farm.nodes.into_iter().flatten() {
+        node.shutdown().await;
+    }
+    eprintln!(
+        "{steps:?}: {} messages acknowledged, every client checked",
+        acked.len()
+    );
+    assert!(
+        report.is_empty(),
+        "{} acknowledged (last {last}); after {steps:?}:\n{}",
+        acked.len(),
+        report.join("\n")
+    );
+}
+
+proptest! {
+    // Each case runs a real farm for seconds: a few cases, each a different story.
+    #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, .. ProptestConfig::default() })]
+    #[test]
+    fn every_client_gets_the_published_sequence_or_a_gap_it_was_told(
+        first in 0..NODES,
+        rest in proptest::collection::vec(step(), 1..6)
+    ) {
+        // Every story starts with a kill.
+        let mut steps = vec![Step::Flow(200), Step::Kill(first)];
+        steps.extend(rest);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run(steps));
+    }
+}
