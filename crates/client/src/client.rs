@@ -28,7 +28,7 @@ use crate::connection::{self, Conn, Incoming};
 use crate::error::Error;
 use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice};
 use crate::options::ClientOptions;
-use crate::topics::TopicNotice;
+use crate::topics::{TopicNotice, Topics};
 
 /// What the client tells the application.
 #[derive(Debug, Clone, PartialEq)]
@@ -380,8 +380,7 @@ impl Driver {
                             self.dials.clone(),
                             server,
                             reused,
-                            self.machine.topics().names(),
-                            self.machine.topics().positions(),
+                            self.machine.topics().clone(),
                             self.resolver.clone(),
                             self.options.source_address,
                             if retry {
@@ -781,18 +780,20 @@ async fn send_on(live: &mut Option<Live>, frame: ClientFrame) {
 /// Subscribing may take this many connect timeouts.
 const SUBSCRIBE_TIMEOUT_FACTOR: u32 = 3;
 
-/// Connects to `server` (or uses the list connection it already has) and subscribes `topics`.
+/// Connects to `server` (or uses the list connection it already has) and subscribes the topics,
+/// each from the position held in it.
 async fn connect(
     dials: Arc<DialCounters>,
     server: String,
     reused: Option<Conn>,
-    topics: Vec<String>,
-    positions: BTreeMap<String, Position>,
+    subscription: Topics,
     resolver: Resolver,
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> Done {
     let was_reused = reused.is_some();
+    let topics = subscription.names();
+    let positions = subscription.positions();
     let result = async {
         let mut conn = match reused {
             Some(conn) => {

@@ -6,8 +6,9 @@
 //! handle (its sockets close, its gossip stops; the farm lists it `DOWN` after the failure
 //! timeout), a restart starts a new process-less node of the same name on a new port. At most one
 //! node is down at a time (the guarantee is for the loss of any one node). The publisher numbers
-//! its messages and keeps the position each acknowledged one got, so a client's `Gap` events can
-//! be checked against exactly the messages they name.
+//! its messages, sends each again through another node until one acknowledges it (under the same
+//! `Idempotency-Key`), and keeps the position each acknowledged one got, so a client's `Gap`
+//! events can be checked against exactly the messages they name.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -151,6 +152,9 @@ fn publisher(
                     let addr = targets[k % targets.len()];
                     let answer = http
                         .post(format!("http://{addr}/publish/{TOPIC}"))
+                        // Sent again through another node when its node dies before answering:
+                        // the key keeps it from being published twice.
+                        .header("idempotency-key", format!("chaos-{n}"))
                         .body(format!("n {n}"))
                         .timeout(Duration::from_secs(5))
                         .send()
@@ -181,8 +185,11 @@ fn publisher(
 fn problems(seen: &Seen, acked: &BTreeMap<u64, Position>) -> Vec<String> {
     let mut out = Vec::new();
     let numbers: Vec<u64> = seen.messages.iter().map(|(n, _)| *n).collect();
-    if let Some(w) = numbers.windows(2).find(|w| w[1] <= w[0]) {
-        out.push(format!("{} came after {}", w[1], w[0]));
+    if let Some(w) = seen.messages.windows(2).find(|w| w[1].0 <= w[0].0) {
+        out.push(format!(
+            "{} (at {:?}) came after {} (at {:?})",
+            w[1].0, w[1].1, w[0].0, w[0].1
+        ));
     }
     let Some(first) = numbers.first() else {
         return vec!["received nothing".into()];
@@ -201,6 +208,11 @@ fn problems(seen: &Seen, acked: &BTreeMap<u64, Position>) -> Vec<String> {
 }
 
 async fn run(steps: Vec<Step>) {
+    // `RUST_LOG=streamfarm_node=info` shows what the nodes did.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut farm = Farm::start().await;
     let addrs = Arc::new(Mutex::new(
         farm.live()

@@ -166,14 +166,35 @@ async fn farm(
         .into_response()
 }
 
+/// Longest `Idempotency-Key` accepted, in bytes.
+const MAX_IDEMPOTENCY_KEY: usize = 128;
+
 async fn publish(
     State(shared): State<Arc<Shared>>,
     Path(topic): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     if let Err(problem) = check_topic(&topic) {
         return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response();
     }
+    // A publisher that sends a message again (its node died before answering) names it with
+    // the same key, and the farm does not publish it twice.
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(key)) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY => {
+            Some(key.to_string())
+        }
+        Some(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters\n"
+                ),
+            )
+                .into_response();
+        }
+    };
     let (data, encoding) = match String::from_utf8(body.to_vec()) {
         Ok(text) => (text, Encoding::Utf8),
         Err(_) => (
@@ -181,7 +202,7 @@ async fn publish(
             Encoding::Base64,
         ),
     };
-    match shared.broker.publish(&topic, data, encoding).await {
+    match shared.broker.publish(&topic, data, encoding, key).await {
         Ok(position) => (
             [(header::CONTENT_TYPE, "application/json")],
             format!(

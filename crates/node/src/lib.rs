@@ -313,7 +313,7 @@ impl NodeHandle {
             broker_input.clone(),
             metrics.clone(),
             config.relay_queue,
-            peers_rx,
+            peers_rx.clone(),
             cancel.clone(),
             &tracker,
         );
@@ -325,6 +325,7 @@ impl NodeHandle {
             metrics.clone(),
             embedded.clone(),
             farm_rx.clone(),
+            peers_rx.clone(),
             config.history_limits(),
             config.publish_timeout(),
             cancel.clone(),
@@ -444,7 +445,7 @@ impl NodeHandle {
     ) -> Result<streamfarm_core::protocol::Position, String> {
         self.shared
             .broker
-            .publish(topic, message.to_string(), Encoding::Utf8)
+            .publish(topic, message.to_string(), Encoding::Utf8, None)
             .await
             .map_err(|err| err.to_string())
     }

@@ -338,6 +338,7 @@ impl Publisher {
                     for _attempt in 0..via.len() * 2 {
                         let sent = http
                             .post(format!("http://{}/publish/{topic}", via[node % via.len()]))
+                            .header("idempotency-key", format!("{topic}-{n}"))
                             .body(format!("n {n}"))
                             .timeout(Duration::from_secs(5))
                             .send()

@@ -27,6 +27,21 @@ pub(crate) struct PublishId {
     pub(crate) seq: u64,
     /// The origin's start time in ms: a restarted node counts from 0 again.
     pub(crate) run: u64,
+    /// The publisher's own key for it (`Idempotency-Key`), when it gave one: a publisher that
+    /// sends the message again through another node is recognized by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key: Option<String>,
+}
+
+impl PublishId {
+    /// Whether `other` is the same publish: the same publisher key, or else the same origin,
+    /// run and count.
+    pub(crate) fn same_publish(&self, other: &PublishId) -> bool {
+        match (&self.key, &other.key) {
+            (Some(a), Some(b)) => a == b,
+            _ => self == other,
+        }
+    }
 }
 
 /// One message of the history.
@@ -162,7 +177,7 @@ impl Log {
         self.entries
             .iter()
             .rev()
-            .find(|e| e.id == *id)
+            .find(|e| e.id.same_publish(id))
             .map(|e| e.offset)
     }
 
@@ -193,6 +208,7 @@ pub(crate) mod tests {
                 origin: "a".into(),
                 seq: offset,
                 run: 1,
+                key: None,
             },
             frame: Utf8Bytes::from(format!("m{offset}")),
             stored: at,

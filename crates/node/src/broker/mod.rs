@@ -105,6 +105,8 @@ enum Input {
         topic: String,
         data: String,
         encoding: Encoding,
+        /// The publisher's key (`Idempotency-Key`), if it gave one.
+        key: Option<String>,
         done: Option<oneshot::Sender<Result<Position, PublishError>>>,
     },
     /// A frame from a peer (or from this node to itself).
@@ -143,6 +145,7 @@ impl Broker {
         metrics: Arc<Metrics>,
         relay: Arc<dyn Relay>,
         farm: watch::Receiver<FarmList>,
+        peers: watch::Receiver<crate::relay::Peers>,
         limits: Limits,
         publish_timeout: Duration,
         cancel: CancellationToken,
@@ -161,6 +164,7 @@ impl Broker {
             limits,
             live,
             farm,
+            peers,
             chains: HashMap::new(),
             pending: HashMap::new(),
             pending_bytes: 0,
@@ -183,17 +187,22 @@ impl Broker {
 
     /// Publishes a message farm-wide and waits until it is stored on its topic's replica and
     /// sent out: returns its position.
+    /// With a `key`, a message published again under the same key (through any node, while its
+    /// first copy is in the topic's history) is not published twice: it answers with the first
+    /// copy's position.
     pub(crate) async fn publish(
         &self,
         topic: &str,
         data: String,
         encoding: Encoding,
+        key: Option<String>,
     ) -> Result<Position, PublishError> {
         let (done, rx) = oneshot::channel();
         self.send_input(Input::Publish {
             topic: topic.to_string(),
             data,
             encoding,
+            key,
             done: Some(done),
         })
         .await?;
@@ -212,6 +221,7 @@ impl Broker {
                 topic: topic.to_string(),
                 data,
                 encoding,
+                key: None,
                 done: None,
             })
             .await;
@@ -367,6 +377,8 @@ struct Sequencing {
 struct Claim {
     term: u64,
     waiting: HashSet<String>,
+    /// Live peers the claim could not be sent to (no link now).
+    unreached: usize,
     best: Option<LogState>,
     deadline: Instant,
 }
@@ -388,7 +400,7 @@ struct Chain {
     seq: Option<Sequencing>,
     claim: Option<Claim>,
     /// Publishes waiting for this node's claim to finish.
-    queued: Vec<(String, PublishId, String, Encoding)>,
+    queued: Vec<(String, PublishId, String, Encoding, bool)>,
     /// What this node stored as the topic's replica.
     stored: Option<Log>,
     held: Vec<HeldFetch>,
@@ -403,6 +415,9 @@ struct Core {
     relay: Arc<dyn Relay>,
     limits: Limits,
     farm: watch::Receiver<FarmList>,
+    /// The membership's peers: a node claims nothing before it has heard from the farm (it
+    /// would find no history, and start a new epoch beside the farm's).
+    peers: watch::Receiver<crate::relay::Peers>,
     /// Live nodes of the farm list, this one included while it is not `DOWN`.
     live: Vec<String>,
     chains: HashMap<String, Chain>,
@@ -453,11 +468,17 @@ fn log_from_state(topic: &str, state: &LogState) -> Log {
     log
 }
 
-/// The newer of two states: a later epoch, then a later offset.
+/// The newer of two states: a later epoch, then a later offset; between equals, the one that
+/// knows more of its messages' publish ids (a replica's log does, a node's delivery stream does
+/// not), so that a publish sent again is still recognized.
 fn newer(a: Option<LogState>, b: Option<LogState>) -> Option<LogState> {
+    let rank = |s: &LogState| {
+        let known = s.entries.iter().filter(|e| !e.id.origin.is_empty()).count();
+        (s.epoch, s.last, known)
+    };
     match (a, b) {
         (Some(a), Some(b)) => {
-            if (b.epoch, b.last) > (a.epoch, a.last) {
+            if rank(&b) > rank(&a) {
                 Some(b)
             } else {
                 Some(a)
@@ -506,8 +527,9 @@ impl Core {
                 topic,
                 data,
                 encoding,
+                key,
                 done,
-            } => self.publish(topic, data, encoding, done),
+            } => self.publish(topic, data, encoding, key, done),
             Input::Peer { from, frame } => self.peer_frame(from, frame),
             Input::Fetch { topic, after, done } => self.fetch(topic, after, done),
         }
@@ -546,6 +568,7 @@ impl Core {
         topic: String,
         data: String,
         encoding: Encoding,
+        key: Option<String>,
         done: Option<oneshot::Sender<Result<Position, PublishError>>>,
     ) {
         if self.pending_bytes + data.len() > MAX_PENDING_BYTES {
@@ -557,10 +580,12 @@ impl Core {
         }
         metrics::inc(&self.metrics.messages_published);
         self.next_seq += 1;
+        let retry = key.is_some();
         let id = PublishId {
             origin: self.me.clone(),
             seq: self.next_seq,
             run: self.run,
+            key,
         };
         let to = self.placement(&topic).sequencer;
         let now = Instant::now();
@@ -572,6 +597,7 @@ impl Core {
                 id: id.clone(),
                 data: data.clone(),
                 encoding,
+                retry,
             },
         );
         self.pending.insert(
@@ -595,7 +621,8 @@ impl Core {
                 id,
                 data,
                 encoding,
-            } => self.on_pub(from, topic, id, data, encoding),
+                retry,
+            } => self.on_pub(from, topic, id, data, encoding, retry),
             PeerFrame::Repl {
                 topic,
                 term,
@@ -667,6 +694,7 @@ impl Core {
         id: PublishId,
         data: String,
         encoding: Encoding,
+        retry: bool,
     ) {
         if self.placement(&topic).sequencer != self.me {
             self.send(&from, PeerFrame::Nack { topic, id });
@@ -674,14 +702,23 @@ impl Core {
         }
         let chain = self.chains.entry(topic.clone()).or_default();
         if chain.seq.is_none() {
-            chain.queued.push((from, id, data, encoding));
+            chain.queued.push((from, id, data, encoding, retry));
             self.ensure_active(&topic);
             return;
         }
-        self.sequence(&topic, id, data, encoding);
+        self.sequence(&topic, id, data, encoding, retry);
     }
 
-    fn sequence(&mut self, topic: &str, id: PublishId, data: String, encoding: Encoding) {
+    /// Numbers a publish (a `retry` that was numbered before keeps its offset) and sends it to
+    /// the replica.
+    fn sequence(
+        &mut self,
+        topic: &str,
+        id: PublishId,
+        data: String,
+        encoding: Encoding,
+        retry: bool,
+    ) {
         if self
             .chains
             .get(topic)
@@ -697,8 +734,11 @@ impl Core {
             return;
         };
         let epoch = seq.log.epoch();
-        let wire = match seq.log.offset_of(&id) {
-            // Sequenced before (a retry): the replica is sent it again, and acknowledges it.
+        // Only a retry can have been numbered before: a first send skips the search.
+        let before = if retry { seq.log.offset_of(&id) } else { None };
+        let wire = match before {
+            // Sequenced before: the replica is sent it again (with this sender's id, so that the
+            // acknowledgement reaches it) and acknowledges it without sending it out again.
             Some(offset) => WireEntry {
                 offset,
                 id,
@@ -865,12 +905,24 @@ impl Core {
 
     /// Starts a claim of `topic` unless this node sequences it already or is claiming it.
     fn ensure_active(&mut self, topic: &str) {
-        let peers: Vec<String> = self
+        if !self.peers.borrow().settled {
+            // Retried at the next tick (the publishes wait in the queue).
+            return;
+        }
+        // Every peer that is live or may be (just seen, not yet judged): a node that has just
+        // (re)started lists its peers `DOWN` until their heartbeats are seen advancing, and
+        // must not conclude meanwhile that nobody holds the topic.
+        let mut peers: Vec<String> = self
             .live
             .iter()
             .filter(|n| **n != self.me)
             .cloned()
             .collect();
+        for peer in self.peers.borrow().relays.keys() {
+            if !peers.contains(peer) {
+                peers.push(peer.clone());
+            }
+        }
         let chain = self.chains.entry(topic.to_string()).or_default();
         if chain.seq.is_some() || chain.claim.is_some() {
             return;
@@ -880,10 +932,12 @@ impl Core {
         chain.claim = Some(Claim {
             term,
             waiting: HashSet::new(),
+            unreached: 0,
             best: None,
             deadline: Instant::now() + CLAIM_WAIT,
         });
         let mut waiting = HashSet::new();
+        let mut unreached = 0;
         for peer in peers {
             let frame = PeerFrame::Claim {
                 topic: topic.to_string(),
@@ -891,12 +945,15 @@ impl Core {
             };
             if self.send(&peer, frame) {
                 waiting.insert(peer);
+            } else {
+                unreached += 1;
             }
         }
-        debug!(%topic, term, peers = waiting.len(), "claiming");
+        debug!(%topic, term, peers = waiting.len(), unreached, "claiming");
         let empty = waiting.is_empty();
         if let Some(claim) = self.chains.get_mut(topic).and_then(|c| c.claim.as_mut()) {
             claim.waiting = waiting;
+            claim.unreached = unreached;
         }
         if empty {
             self.finish_claim(topic);
@@ -942,7 +999,7 @@ impl Core {
                 state: if granted { state } else { None },
             },
         );
-        for (origin, id, _, _) in queued {
+        for (origin, id, ..) in queued {
             self.send(
                 &origin,
                 PeerFrame::Nack {
@@ -995,6 +1052,14 @@ impl Core {
         let Some(claim) = chain.claim.take() else {
             return;
         };
+        let heard_all = claim.waiting.is_empty() && claim.unreached == 0;
+        if claim.best.is_none() && own.is_none() && !heard_all {
+            // Nobody that answered holds the topic, but not every live peer answered: a new
+            // epoch now could start beside one a silent peer holds. Claim again at the next tick
+            // (by then the silent peer answers, or is listed DOWN and left out).
+            debug!(%topic, term = claim.term, "claim found no history and not every peer answered: again");
+            return;
+        }
         let log = match newer(claim.best, own) {
             Some(state) => log_from_state(topic, &state),
             None => {
@@ -1011,8 +1076,8 @@ impl Core {
         });
         let queued = std::mem::take(&mut chain.queued);
         self.sync_replica(topic);
-        for (_, id, data, encoding) in queued {
-            self.sequence(topic, id, data, encoding);
+        for (_, id, data, encoding, retry) in queued {
+            self.sequence(topic, id, data, encoding, retry);
         }
     }
 
@@ -1193,6 +1258,7 @@ impl Core {
             id: id.clone(),
             data: pending.data.clone(),
             encoding: pending.encoding,
+            retry: true,
         };
         self.send(&to, frame);
         if let Some(pending) = self.pending.get_mut(id) {
@@ -1248,7 +1314,7 @@ impl Core {
             if self.placement(&topic).sequencer == self.me {
                 self.ensure_active(&topic);
             } else if let Some(chain) = self.chains.get_mut(&topic) {
-                for (origin, id, _, _) in std::mem::take(&mut chain.queued) {
+                for (origin, id, ..) in std::mem::take(&mut chain.queued) {
                     self.send(
                         &origin,
                         PeerFrame::Nack {

@@ -40,13 +40,16 @@ impl LogState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum PeerFrame {
-    /// Origin → sequencer: give this message an offset.
+    /// Origin → sequencer: give this message an offset. `retry`: it may have been numbered
+    /// already (sent again, or under a publisher's key); the sequencer looks for it first.
     Pub {
         topic: String,
         id: PublishId,
         data: String,
         #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
         encoding: Encoding,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        retry: bool,
     },
     /// Sequencer → replica: store this message, then send it out.
     Repl {
