@@ -606,6 +606,12 @@ export class Client extends Emitter<ClientEvents> {
     conn.onClose = (cause) => this.lose(conn, server, cause);
     this.feed({ type: 'connected', server, list: conn.list });
     if (this.active !== conn) return;
+    if (this.machine.current().type !== 'connected') {
+      // The machine moved on meanwhile (stopped): this connection is no use.
+      conn.close();
+      this.active = undefined;
+      return;
+    }
     this.awaySince = undefined;
     if (this.options.watchList) conn.send({ type: 'list', watch: true });
     this.startHeartbeat(conn, server);
