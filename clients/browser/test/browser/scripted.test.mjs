@@ -1,4 +1,7 @@
-// The client duties of the positions protocol (issue 10), in Chromium, against a scripted node:
+// The browser client in Chromium against a scripted node: the token hook, reconnecting on
+// `online`, and the client duties of the positions protocol (issue 10).
+//
+// Positions:
 // Playwright's routeWebSocket stands in for a node that already sends positions (none does yet),
 // so the driver's part — positions in every `sub`, duplicates dropped, replayed messages marked,
 // recovery and gaps reported — is checked end to end. The farm list comes from a routed /farm.
@@ -20,17 +23,21 @@ before(async () => {
 });
 after(cleanup);
 
-async function scriptedPage(onConnection) {
+async function scriptedPage(onConnection, { options = '{}', farmUp = () => true, urls = [] } = {}) {
   const page = await browser.newPage();
   await page.route(`${ORIGIN}/**`, (route) => {
     const path = new URL(route.request().url()).pathname;
-    if (path === '/farm') return route.fulfill({ json: list, headers: { 'access-control-allow-origin': '*' } });
+    if (path === '/farm') {
+      if (!farmUp()) return route.fulfill({ status: 503, body: 'no', headers: { 'access-control-allow-origin': '*' } });
+      return route.fulfill({ json: list, headers: { 'access-control-allow-origin': '*' } });
+    }
     if (path === '/client/streamfarm.js') return route.fulfill({ body: bundle, contentType: 'text/javascript' });
     return route.fulfill({ body: '<!doctype html><title>p</title>', contentType: 'text/html' });
   });
   let n = 0;
-  await page.routeWebSocket(URL_, (ws) => {
+  await page.routeWebSocket(/^ws:\/\/node\.test\/stream/, (ws) => {
     const index = n++;
+    urls.push(ws.url());
     const send = (frame) => ws.send(JSON.stringify(frame));
     send({ type: 'hello', server: 'mock', url: URL_, status: 'UP', heartbeat_interval_ms: 1000, heartbeat_timeout_ms: 3000, max_frame_bytes: 65536 });
     send({ type: 'farm', ...list });
@@ -42,14 +49,14 @@ async function scriptedPage(onConnection) {
   });
   await page.goto(`${ORIGIN}/`);
   await page.addScriptTag({ url: `${ORIGIN}/client/streamfarm.js` });
-  await page.evaluate(() => {
+  await page.evaluate((options) => {
     window.log = [];
-    const client = new streamfarm.Client({ seeds: ['http://node.test'], topics: ['prices'] });
+    const client = new streamfarm.Client({ seeds: ['http://node.test'], topics: ['prices'], ...eval(`(${options})`) });
     window.client = client;
-    for (const name of ['message', 'recovered', 'gap', 'maybeMissed', 'failover']) {
+    for (const name of ['message', 'recovered', 'gap', 'maybeMissed', 'failover', 'connected', 'retrying']) {
       client.on(name, (e) => window.log.push({ name, ...e }));
     }
-  });
+  }, options);
   return page;
 }
 
@@ -107,5 +114,37 @@ test('a node without positions: every message is delivered, a failover reports m
   assert.deepEqual(subs, [{ type: 'sub', topics: ['prices'] }, { type: 'sub', topics: ['prices'] }]);
   assert.deepEqual(log.filter((e) => e.name === 'message').map((e) => e.data), ['c0', 'c0', 'c1', 'c1']);
   assert.deepEqual(log.find((e) => e.name === 'maybeMissed').topics, ['prices']);
+  await page.close();
+});
+
+test('the token hook is asked before every connection, and its token travels in the url', async () => {
+  const urls = [];
+  const page = await scriptedPage(
+    (index, frame, send, ws) => {
+      if (frame.type !== 'sub') return;
+      send({ type: 'subscribed', topics: frame.topics });
+      if (index === 0) setTimeout(() => ws.close({ code: 4001, reason: 'slow consumer' }), 100);
+    },
+    { options: "{ getToken: async () => 'tok-' + (window.tokens = (window.tokens || 0) + 1) }", urls },
+  );
+  await waitFor('the reconnection', async () => (await page.evaluate(() => window.log.filter((e) => e.name === 'connected').length)) >= 2);
+  assert.deepEqual(urls, [`${URL_}?token=tok-1`, `${URL_}?token=tok-2`]);
+  await page.close();
+});
+
+test('coming back online ends a backoff wait at once', async () => {
+  let up = false;
+  const page = await scriptedPage(
+    (index, frame, send) => frame.type === 'sub' && send({ type: 'subscribed', topics: frame.topics }),
+    // A one-minute backoff, drawn at its top: without the online event the client would wait.
+    { options: '{ backoff: { baseMs: 60000, capMs: 60000 }, rng: () => 0.99 }', farmUp: () => up },
+  );
+  const retrying = await waitFor('a backoff wait', async () => (await page.evaluate(() => window.log)).find((e) => e.name === 'retrying'));
+  assert.ok(retrying.delayMs > 50_000, String(retrying.delayMs));
+  up = true;
+  const before = Date.now();
+  await page.evaluate(() => window.dispatchEvent(new Event('online')));
+  await waitFor('connected after online', async () => (await page.evaluate(() => window.log)).some((e) => e.name === 'connected'), { timeoutMs: 5000 });
+  assert.ok(Date.now() - before < 5000);
   await page.close();
 });
