@@ -117,7 +117,8 @@ export async function pageServer(ip, pages) {
       res.writeHead(404).end();
       return;
     }
-    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' }).end(page);
+    const type = req.url.endsWith('.js') ? 'text/javascript' : 'text/html';
+    res.writeHead(200, { 'content-type': `${type}; charset=utf-8`, 'cache-control': 'no-store' }).end(page);
   });
   await new Promise((resolve) => server.listen(0, ip, resolve));
   cleanups.push(() => new Promise((resolve) => server.close(resolve)));
