@@ -29,6 +29,9 @@ import {
 import { type Gap, type Position, Positions, type Recovery } from './positions.js';
 import type { Policy } from './selection.js';
 
+/** Where a node serves its WebSocket unless configured otherwise (`url` in its config). */
+const DEFAULT_STREAM_PATH = '/stream';
+
 /** Options of a {@link Client}; only `seeds` is required. */
 export interface ClientOptions {
   /**
@@ -497,29 +500,48 @@ export class Client extends Emitter<ClientEvents> {
         } catch (err) {
           error = `${seed}: ${(err as Error).message}`;
         }
+        // A node that does not allow this page's origin to read /farm (CORS), or answers it
+        // badly, still greets a WebSocket with the list (WebSockets are not subject to CORS):
+        // the first contact of the Rust client.
+        const failure = await this.listOverWebSocket(seed.replace(/^http/, 'ws') + DEFAULT_STREAM_PATH);
+        if (failure === true) return;
+        error += `; ${failure}`;
       }
     } else {
       for (const url of source.urls) {
         if (this.stopped) return;
-        try {
-          const conn = await Connection.open(await this.wsUrl(url), this.options.connectTimeoutMs ?? 3000);
-          if (this.stopped) return conn.close();
-          this.listConn = conn;
-          conn.onClose = () => {
-            if (this.listConn === conn) this.listConn = undefined;
-          };
-          const list = conn.list!;
-          const ageMs = list.generated_at_ms ? Math.max(0, Date.now() - list.generated_at_ms) : 0;
-          const via = conn.hello.url ?? url;
-          this.emit('farm', { list, ageMs, via });
-          this.feed({ type: 'list_fetched', list, via, ageMs });
-          return;
-        } catch (err) {
-          error = `${url}: ${(err as Error).message}`;
-        }
+        const failure = await this.listOverWebSocket(url);
+        if (failure === true) return;
+        error = failure;
       }
     }
-    this.feed({ type: 'list_failed', error });
+    if (!this.stopped) this.feed({ type: 'list_failed', error });
+  }
+
+  /**
+   * Opens `url` for its `hello` + `farm` and reports the list, holding the connection for the
+   * machine; true when it did, else why not.
+   */
+  private async listOverWebSocket(url: string): Promise<true | string> {
+    try {
+      const conn = await Connection.open(await this.wsUrl(url), this.options.connectTimeoutMs ?? 3000);
+      if (this.stopped) {
+        conn.close();
+        return true;
+      }
+      this.listConn = conn;
+      conn.onClose = () => {
+        if (this.listConn === conn) this.listConn = undefined;
+      };
+      const list = conn.list!;
+      const ageMs = list.generated_at_ms ? Math.max(0, Date.now() - list.generated_at_ms) : 0;
+      const via = conn.hello.url ?? url;
+      this.emit('farm', { list, ageMs, via });
+      this.feed({ type: 'list_fetched', list, via, ageMs });
+      return true;
+    } catch (err) {
+      return `${url}: ${(err as Error).message}`;
+    }
   }
 
   private async getFarm(seed: string): Promise<FarmList> {

@@ -36,6 +36,11 @@ async function scriptedPage(onConnection, { options = '{}', farmUp = () => true,
   });
   let n = 0;
   await page.routeWebSocket(/^ws:\/\/node\.test\/stream/, (ws) => {
+    if (!farmUp()) {
+      // The whole node is down: its WebSocket refuses too.
+      ws.close({ code: 1011, reason: 'down' });
+      return;
+    }
     const index = n++;
     urls.push(ws.url());
     const send = (frame) => ws.send(JSON.stringify(frame));
