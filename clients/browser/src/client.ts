@@ -635,6 +635,9 @@ export class Client extends Emitter<ClientEvents> {
       return;
     }
     this.awaySince = undefined;
+    // Topics added while the connection was being made were not in its `sub`.
+    const late = [...this.subs.values()].filter((sub) => sub.state !== 'subscribed').map((sub) => sub.topic);
+    if (late.length > 0) this.sendSub(conn, late);
     if (this.options.watchList) conn.send({ type: 'list', watch: true });
     this.startHeartbeat(conn, server);
     const unpositioned = [...this.subs.keys()].filter((t) => !this.positions.get(t));

@@ -153,3 +153,23 @@ test('coming back online ends a backoff wait at once', async () => {
   assert.ok(Date.now() - before < 5000);
   await page.close();
 });
+
+test('a topic subscribed while the connection is being made is subscribed once it is made', async () => {
+  const subs = [];
+  let reply;
+  const page = await scriptedPage((index, frame, send) => {
+    if (frame.type !== 'sub') return;
+    subs.push(frame.topics);
+    // The first `subscribed` waits until the test has added a topic meanwhile.
+    if (subs.length === 1) reply = () => send({ type: 'subscribed', topics: frame.topics });
+    else send({ type: 'subscribed', topics: frame.topics });
+  });
+  await waitFor('the first sub', () => reply);
+  await page.evaluate(() => {
+    window.news = window.client.subscribe('news');
+  });
+  reply();
+  await waitFor('news subscribed', () => page.evaluate(() => window.news.state === 'subscribed'));
+  assert.deepEqual(subs, [['prices'], ['news']]);
+  await page.close();
+});
