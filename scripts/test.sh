@@ -4,10 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use (dig for the DNS test, ss for the listen-backlog test). Installed only when missing.
+# System packages the tests use (dig for the DNS test, ss for the listen-backlog test, Node.js and
+# Chromium for the browser client's tests). Installed only when missing.
 need_apt=()
 command -v dig >/dev/null 2>&1 || need_apt+=(bind9-dnsutils)
 command -v ss >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -19,4 +23,16 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --release --locked
+
+# The browser client (clients/browser): its npm dev dependencies from the lockfile, then the type
+# check, the unit tests (shared vectors, the machine, positions, bundle freshness) and the tests in
+# headless Chromium against nodes of the release binary just built.
+(
+  cd clients/browser
+  if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund
+  fi
+  npm test
+)
+
 cargo test --workspace --locked

@@ -115,6 +115,14 @@ pub struct NodeConfig {
     /// TTL of the DNS answers, in whole seconds: short, so a node that goes DOWN leaves caches soon.
     #[serde(default = "default_dns_ttl")]
     pub dns_ttl: u64,
+    /// Origins whose pages may read `GET /farm` (CORS): `*` (the default; the list is public) or
+    /// `scheme://host[:port]` values. Empty: no other origin.
+    #[serde(default = "default_cors_farm_origins")]
+    pub cors_farm_origins: Vec<String>,
+    /// Origins whose pages may `POST /publish/{topic}` (CORS). Default none: publishing changes
+    /// state, so it is opened to browsers only on purpose.
+    #[serde(default)]
+    pub cors_publish_origins: Vec<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -177,6 +185,9 @@ fn default_drain_period_ms() -> u64 {
 fn default_shutdown_drain_ms() -> u64 {
     1_000
 }
+fn default_cors_farm_origins() -> Vec<String> {
+    vec!["*".to_string()]
+}
 fn default_dns_ttl() -> u64 {
     streamfarm_dns::DEFAULT_TTL.as_secs()
 }
@@ -234,6 +245,8 @@ impl NodeConfig {
             dns: None,
             service_name: None,
             dns_ttl: default_dns_ttl(),
+            cors_farm_origins: default_cors_farm_origins(),
+            cors_publish_origins: Vec::new(),
         }
     }
 
@@ -295,6 +308,17 @@ impl NodeConfig {
         }
         if self.dns_ttl > MAX_DNS_TTL {
             return invalid("dns_ttl", "must be at most 300 (whole seconds)");
+        }
+        for (field, origins) in [
+            ("cors_farm_origins", &self.cors_farm_origins),
+            ("cors_publish_origins", &self.cors_publish_origins),
+        ] {
+            if let Some(bad) = origins.iter().find(|o| !crate::web::is_origin(o)) {
+                return invalid(
+                    field,
+                    &format!("{bad:?} is neither * nor scheme://host[:port]"),
+                );
+            }
         }
         Ok(())
     }
@@ -392,6 +416,21 @@ mod tests {
         config.listen_backlog = 0;
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("listen_backlog"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_default_to_any_for_the_list_and_none_for_publishing() {
+        let config = NodeConfig::new("a");
+        assert_eq!(config.cors_farm_origins, vec!["*"]);
+        assert!(config.cors_publish_origins.is_empty());
+        let mut config = NodeConfig::from_toml(
+            "name = \"a\"\ncors_publish_origins = [\"https://app.example.com\"]",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        config.cors_farm_origins = vec!["app.example.com".into()];
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("cors_farm_origins"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | the node's status; `503` while its gossip is down |
 //! | `GET /internal/relay?node=NAME` | relay link from a peer node (not for clients) |
+//!
+//! The browser routes (`/client/streamfarm.js`, `/dashboard`) and the CORS layers of `/farm` and
+//! `/publish` are the `web` module's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +35,7 @@ use tracing::info;
 use crate::broker::{PublishError, placement};
 use crate::relay::Relay;
 use crate::session::{self, check_topic};
-use crate::{Shared, metrics};
+use crate::{Shared, metrics, web};
 
 /// Path of the relay endpoint on every node.
 pub(crate) const RELAY_PATH: &str = "/internal/relay";
@@ -53,16 +56,20 @@ pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
     Router::new()
         .route(stream_path, get(stream))
         .route(RELAY_PATH, get(relay))
-        .route("/farm", get(farm))
+        .route("/farm", web::farm_cors(get(farm), &shared.config))
         .route(
             "/publish/{topic}",
-            post(publish).layer(DefaultBodyLimit::max(body_limit)),
+            web::publish_cors(
+                post(publish).layer(DefaultBodyLimit::max(body_limit)),
+                &shared.config,
+            ),
         )
         .route("/topics/{topic}", get(topic_info))
         .route("/admin/status", post(admin_status))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .with_state(shared)
+        .merge(web::router())
 }
 
 async fn stream(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> Response {

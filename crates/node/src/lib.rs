@@ -30,6 +30,8 @@
 //! - `session` — one WebSocket connection: frames, heartbeats, limits.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/topics/{topic}`,
 //!   `/admin/status`, `/metrics`, `/healthz`.
+//! - `web` — what browsers get: `/client/streamfarm.js` (the browser client), `/dashboard`, and
+//!   CORS for `/farm` and `/publish`.
 //! - `drain` — paced, jittered closing for `DRAINING` and shutdown.
 //! - [`metrics`] — counters and their Prometheus rendering.
 //! - `protocol_doc` (tests only) — checks every example of `docs/PROTOCOL.md` against the frames.
@@ -71,6 +73,7 @@ mod protocol_doc;
 mod queue;
 mod relay;
 mod session;
+mod web;
 
 pub use config::{ConfigError, NodeConfig};
 pub use metrics::Metrics;

@@ -101,6 +101,22 @@ struct Settings {
     /// TTL of the DNS answers, whole seconds (default 2).
     #[arg(long, env = "STREAMFARM_DNS_TTL", value_name = "SECONDS")]
     dns_ttl: Option<u64>,
+    /// Origins whose pages may read GET /farm, comma-separated: * (default) or scheme://host[:port].
+    #[arg(
+        long,
+        env = "STREAMFARM_CORS_FARM_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    cors_farm_origins: Option<Vec<String>>,
+    /// Origins whose pages may POST /publish/{topic}, comma-separated (default none).
+    #[arg(
+        long,
+        env = "STREAMFARM_CORS_PUBLISH_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    cors_publish_origins: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -152,7 +168,9 @@ impl Settings {
             allow_client_publish,
             drain_period_ms,
             shutdown_drain_ms,
-            dns_ttl
+            dns_ttl,
+            cors_farm_origins,
+            cors_publish_origins
         );
         overlay_option!(gossip, url, capacity, admin_token, dns, service_name);
         if !self.join.is_empty() {
@@ -266,6 +284,24 @@ mod tests {
         let cli = Cli::try_parse_from(["serve", "--name", "a", "--listen-backlog", "0"]).unwrap();
         let err = cli.args.settings.into_config().unwrap_err();
         assert!(err.to_string().contains("listen_backlog"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_come_from_flags() {
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--name",
+            "a",
+            "--cors-publish-origins",
+            "https://a.example.com,http://127.0.0.1:8080",
+        ])
+        .unwrap();
+        let config = cli.args.settings.into_config().unwrap();
+        assert_eq!(config.cors_farm_origins, vec!["*"]);
+        assert_eq!(
+            config.cors_publish_origins,
+            vec!["https://a.example.com", "http://127.0.0.1:8080"]
+        );
     }
 
     #[test]

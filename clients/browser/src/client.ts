@@ -1,0 +1,763 @@
+/**
+ * The browser client: a thin driver around the pure {@link Machine} (failover) and
+ * {@link Positions} (recovery). It owns the sockets, the timers and the events; every decision
+ * about where to connect next is the machine's.
+ *
+ * ```js
+ * const client = new streamfarm.Client({ seeds: ['https://a.farm.example', 'https://b.farm.example'] });
+ * const prices = client.subscribe('prices');
+ * prices.on('message', (m) => console.log(m.data));
+ * client.on('failover', (f) => console.log(`moved ${f.from} → ${f.to} in ${f.tookMs} ms`));
+ * client.start();
+ * ```
+ */
+import { type FarmList, type Rng, shuffle } from './model.js';
+import {
+  type Action,
+  type Backoff,
+  CLOSE,
+  DEFAULT_MACHINE_CONFIG,
+  type Input,
+  type ListSource,
+  type LossCause,
+  Machine,
+  type RetryMode,
+  type State,
+  describeLoss as describe,
+  sendsElsewhere,
+} from './machine.js';
+import { type Gap, type Position, Positions, type Recovery } from './positions.js';
+import type { Policy } from './selection.js';
+
+/** Where a node serves its WebSocket unless configured otherwise (`url` in its config). */
+const DEFAULT_STREAM_PATH = '/stream';
+
+/** Options of a {@link Client}; only `seeds` is required. */
+export interface ClientOptions {
+  /**
+   * The service address: node base URLs (`https://a.example`, `http://127.0.0.1:7400`), `host:port`
+   * or streaming urls, as an array or one comma-separated string. Tried in a random order.
+   */
+  seeds: string | string[];
+  /** Topics to subscribe from the start. */
+  topics?: string[];
+  /** Selection policy (default `patent`). */
+  policy?: Policy;
+  /** `retry-once` (default) or `immediate` (re-request the list at once). */
+  retry?: RetryMode;
+  /** How long a failed server stays excluded, ms (default 10 000). */
+  coolDownMs?: number;
+  /** Full-jitter backoff between failed rounds (default 100 ms doubling to 5 s). */
+  backoff?: Backoff;
+  /** Connect timeout (open + `hello` + `farm`), ms (default 3000). */
+  connectTimeoutMs?: number;
+  /** Connect timeout of the one retry of a server just lost, ms (default 250). */
+  retryTimeoutMs?: number;
+  /** How long to wait for `subscribed`, ms (default 3000). */
+  subscribeTimeoutMs?: number;
+  /** `GET /farm` timeout per seed, ms (default 2000). */
+  listTimeoutMs?: number;
+  /** Give a silent server up after this long, ms (default: the node's `heartbeat_timeout_ms`). */
+  heartbeatTimeoutMs?: number;
+  /** Ask for the list instead of a ping when it is older than this, ms (default 5000; 0: never). */
+  listRefreshMs?: number;
+  /** Receive every change of the farm list (`{"type":"list","watch":true}`); default false. */
+  watchList?: boolean;
+  /**
+   * Called before each WebSocket is opened; its answer travels as the `token` query parameter
+   * (browsers cannot set headers on a WebSocket). Nodes ignore it until they authenticate.
+   */
+  getToken?: () => string | undefined | Promise<string | undefined>;
+  /** Random numbers in `[0, 1)` (default `Math.random`). */
+  rng?: Rng;
+  /** Start at once (default true). */
+  autoStart?: boolean;
+}
+
+/** A message received on a topic. */
+export interface Message {
+  topic: string;
+  /** The payload (base64 when `encoding` is `base64`). */
+  data: string;
+  encoding?: 'utf8' | 'base64';
+  /** The message's position, when the node sends positions. */
+  epoch?: string;
+  offset?: number;
+  /** Replayed after a resubscription (it was published while the client was away). */
+  recovered: boolean;
+}
+
+/** The state of one subscription. */
+export type SubscriptionState = 'subscribing' | 'subscribed' | 'unsubscribed';
+
+/** The events of a {@link Client}, by name. */
+export interface ClientEvents {
+  /** Connected and subscribed to `server`. */
+  connected: { server: string };
+  /** The connection to `server` ended. */
+  disconnected: { server: string; cause: LossCause; reason: string };
+  /** Connected again after a loss (`to` may equal `from` when the retry worked). */
+  failover: { from: string; to: string; tookMs: number };
+  /** A round found no server; the next starts after `delayMs`. */
+  retrying: { reason: string; delayMs: number };
+  /** A farm list arrived (`hello`'s, a refresh, or a watched change). `ageMs`: since the node made it. */
+  farm: { list: FarmList; ageMs: number; via: string };
+  /** A message on any subscribed topic. */
+  message: Message;
+  /** A topic's recovery after a resubscription is complete. */
+  recovered: Recovery;
+  /** Messages of a topic that could not be recovered. */
+  gap: Gap;
+  /** Resubscribed after a loss to a node that sends no positions: messages may be missing. */
+  maybeMissed: { topics: string[]; awayMs: number };
+  /** A subscription changed state. */
+  subscription: { topic: string; state: SubscriptionState };
+  /** The node answered with an `error` frame. */
+  error: { code: string; message: string };
+  /** The machine moved (for tests and diagnostics): what it was told and what it asked for. */
+  transition: { input: Input['type']; state: State; actions: Action[] };
+}
+
+type Listener<T> = (event: T) => void;
+
+/** A minimal typed event emitter. */
+export class Emitter<E extends object> {
+  private listeners: { [K in keyof E]?: Array<Listener<E[K]>> } = {};
+
+  /** Calls `listener` on each `name` event; returns the function that stops it. */
+  on<K extends keyof E>(name: K, listener: Listener<E[K]>): () => void {
+    (this.listeners[name] ??= []).push(listener);
+    return () => this.off(name, listener);
+  }
+
+  /** Stops calling `listener`. */
+  off<K extends keyof E>(name: K, listener: Listener<E[K]>): void {
+    this.listeners[name] = this.listeners[name]?.filter((l) => l !== listener);
+  }
+
+  protected emit<K extends keyof E>(name: K, event: E[K]): void {
+    for (const l of this.listeners[name] ?? []) {
+      try {
+        l(event);
+      } catch (err) {
+        setTimeout(() => {
+          throw err;
+        });
+      }
+    }
+  }
+}
+
+/** The events of one {@link Subscription}. */
+export interface SubscriptionEvents {
+  message: Message;
+  state: SubscriptionState;
+  recovered: Recovery;
+  gap: Gap;
+}
+
+/** One topic of a client: its state and its events. */
+export class Subscription extends Emitter<SubscriptionEvents> {
+  /** Where the subscription stands. */
+  state: SubscriptionState = 'subscribing';
+
+  constructor(
+    readonly topic: string,
+    private readonly client: Client,
+  ) {
+    super();
+  }
+
+  /** Stops the subscription. */
+  unsubscribe(): void {
+    this.client.unsubscribe(this.topic);
+  }
+
+  /** The last position received, when the node sends positions. */
+  position(): Position | undefined {
+    return this.client.position(this.topic);
+  }
+
+  /** @internal */
+  _emit<K extends keyof SubscriptionEvents>(name: K, event: SubscriptionEvents[K]): void {
+    if (name === 'state') this.state = event as SubscriptionState;
+    this.emit(name, event);
+  }
+}
+
+/** The `hello` frame's fields the client uses. */
+interface Hello {
+  server?: string;
+  url?: string;
+  heartbeat_interval_ms?: number;
+  heartbeat_timeout_ms?: number;
+}
+
+type Frame = { type: string; [field: string]: unknown };
+
+/** Failure to open a streaming connection; `code` is the close code when the node closed it. */
+class OpenError extends Error {
+  constructor(
+    message: string,
+    readonly code?: number,
+  ) {
+    super(message);
+  }
+}
+
+/** One WebSocket to a node: `hello` + `farm` first, then frames. */
+class Connection {
+  hello: Hello = {};
+  list: FarmList | undefined;
+  lastReceived = Date.now();
+  lastSent = Date.now();
+  listAskedAt = 0;
+  onFrame: (frame: Frame) => void = () => {};
+  onClose: (cause: LossCause) => void = () => {};
+  private closed = false;
+
+  private constructor(
+    readonly url: string,
+    private readonly ws: WebSocket,
+  ) {}
+
+  /** Opens `url` and waits for `hello` and `farm`, at most `timeoutMs`. */
+  static open(url: string, timeoutMs: number): Promise<Connection> {
+    return new Promise((resolve, reject) => {
+      let ws: WebSocket;
+      try {
+        ws = new WebSocket(url);
+      } catch (err) {
+        reject(new OpenError(String((err as Error).message ?? err)));
+        return;
+      }
+      const conn = new Connection(url, ws);
+      let ready = false;
+      const timer = setTimeout(() => {
+        if (ready) return;
+        ready = true;
+        conn.close();
+        reject(new OpenError(`no hello and farm within ${timeoutMs} ms`));
+      }, timeoutMs);
+      ws.onmessage = (ev) => {
+        conn.lastReceived = Date.now();
+        let frame: Frame;
+        try {
+          frame = JSON.parse(String(ev.data));
+        } catch {
+          return;
+        }
+        if (!ready) {
+          if (frame.type === 'hello') conn.hello = frame as Hello;
+          else if (frame.type === 'farm') {
+            conn.list = frame as unknown as FarmList;
+            ready = true;
+            clearTimeout(timer);
+            resolve(conn);
+          }
+          return;
+        }
+        conn.onFrame(frame);
+      };
+      ws.onclose = (ev) => {
+        const wasClosed = conn.closed;
+        conn.closed = true;
+        if (!ready) {
+          ready = true;
+          clearTimeout(timer);
+          reject(new OpenError(ev.code === 1006 ? 'connection failed' : `closed (${ev.code}: ${ev.reason})`, ev.code));
+          return;
+        }
+        if (wasClosed) return;
+        conn.onClose(
+          ev.code === 1006
+            ? { kind: 'broken', detail: 'connection lost without a close frame' }
+            : { kind: 'closed', code: ev.code, reason: ev.reason },
+        );
+      };
+    });
+  }
+
+  send(frame: object): void {
+    if (this.closed || this.ws.readyState !== 1) return;
+    this.ws.send(JSON.stringify(frame));
+    this.lastSent = Date.now();
+  }
+
+  /** Closes without reporting a loss. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      this.ws.close(1000);
+    } catch {
+      // Already closing.
+    }
+  }
+}
+
+/** `http(s)://host:port` of a seed given as a URL, a streaming url or `host[:port]`. */
+export function seedBase(seed: string): string {
+  const s = seed.trim();
+  const withScheme = /^[a-z][a-z0-9+.-]*:\/\//i.test(s) ? s : `http://${s}`;
+  const url = new URL(withScheme);
+  const scheme = url.protocol === 'wss:' || url.protocol === 'https:' ? 'https:' : 'http:';
+  const port = url.port || (/^[a-z][a-z0-9+.-]*:\/\//i.test(s) ? '' : '7400');
+  return `${scheme}//${url.hostname}${port ? `:${port}` : ''}`;
+}
+
+function hostOf(url: string): string {
+  try {
+    return new URL(url).host;
+  } catch {
+    return url;
+  }
+}
+
+/**
+ * The streamfarm browser client. Create it with the service address (a seed list); it fetches
+ * the farm list, picks its server with the policy, subscribes, keeps heartbeats, and fails over
+ * by the transitions of the Rust client.
+ */
+export class Client extends Emitter<ClientEvents> {
+  private readonly machine: Machine;
+  private readonly positions = new Positions();
+  private readonly subs = new Map<string, Subscription>();
+  private readonly seeds: string[];
+  private readonly rng: Rng;
+  private active: Connection | undefined;
+  private listConn: Connection | undefined;
+  private timers = new Map<number, ReturnType<typeof setTimeout>>();
+  private heartbeat: ReturnType<typeof setInterval> | undefined;
+  private awaySince: number | undefined;
+  private stopped = false;
+  private readonly announced = new Set<string>();
+  private readonly onOnline = () => this.wakeUp();
+
+  constructor(readonly options: ClientOptions) {
+    super();
+    const seeds = typeof options.seeds === 'string' ? options.seeds.split(',') : options.seeds;
+    this.seeds = seeds.filter((s) => s.trim()).map(seedBase);
+    if (this.seeds.length === 0) throw new Error('streamfarm: no seed in the service address');
+    this.rng = options.rng ?? Math.random;
+    this.machine = new Machine(
+      {
+        policy: options.policy ?? DEFAULT_MACHINE_CONFIG.policy,
+        retry: options.retry ?? DEFAULT_MACHINE_CONFIG.retry,
+        coolDownMs: options.coolDownMs ?? DEFAULT_MACHINE_CONFIG.coolDownMs,
+        backoff: options.backoff ?? DEFAULT_MACHINE_CONFIG.backoff,
+      },
+      this.rng,
+    );
+    for (const t of options.topics ?? []) this.subscribe(t);
+    if (options.autoStart ?? true) queueMicrotask(() => this.start());
+  }
+
+  /** Starts the client (once). */
+  start(): void {
+    if (this.machine.current().type !== 'idle') return;
+    if (typeof window !== 'undefined') window.addEventListener('online', this.onOnline);
+    this.feed({ type: 'start' });
+  }
+
+  /** Stops the client for good and closes its connections. */
+  stop(): void {
+    this.stopped = true;
+    if (typeof window !== 'undefined') window.removeEventListener('online', this.onOnline);
+    this.feed({ type: 'stop' });
+    this.active?.close();
+    this.active = undefined;
+    for (const t of this.timers.values()) clearTimeout(t);
+    this.timers.clear();
+    this.stopHeartbeat();
+  }
+
+  /** The machine's state. */
+  state(): State {
+    return this.machine.current();
+  }
+
+  /** The url of the server connected to, if any. */
+  server(): string | undefined {
+    const s = this.machine.current();
+    return s.type === 'connected' ? s.server : undefined;
+  }
+
+  /** The most recent farm list. */
+  farm(): FarmList | undefined {
+    return this.machine.list();
+  }
+
+  /** The last position received on `topic`, when the node sends positions. */
+  position(topic: string): Position | undefined {
+    return this.positions.get(topic);
+  }
+
+  /** Subscribes to `topic` (idempotent); the subscription follows the client across failovers. */
+  subscribe(topic: string): Subscription {
+    let sub = this.subs.get(topic);
+    if (sub) return sub;
+    sub = new Subscription(topic, this);
+    this.subs.set(topic, sub);
+    this.setSubState(topic, 'subscribing');
+    if (this.active && this.machine.current().type === 'connected') this.sendSub(this.active, [topic]);
+    return sub;
+  }
+
+  /** Stops receiving `topic`. */
+  unsubscribe(topic: string): void {
+    if (!this.subs.has(topic)) return;
+    this.active?.send({ type: 'unsub', topics: [topic] });
+    this.setSubState(topic, 'unsubscribed');
+    this.subs.delete(topic);
+    this.announced.delete(topic);
+    this.positions.forget(topic);
+  }
+
+  /** Publishes over the connection (when the node allows client publishing); false when not connected. */
+  publish(topic: string, data: string): boolean {
+    if (!this.active || this.machine.current().type !== 'connected') return false;
+    this.active.send({ type: 'pub', topic, data });
+    return true;
+  }
+
+  /** Ends a backoff wait now (the browser came back `online`). */
+  wakeUp(): void {
+    const s = this.machine.current();
+    if (s.type !== 'waiting') return;
+    clearTimeout(this.timers.get(s.timer));
+    this.timers.delete(s.timer);
+    this.feed({ type: 'timer_fired', timer: s.timer });
+  }
+
+  private feed(input: Input): void {
+    const actions = this.machine.handle(input, Date.now());
+    this.emit('transition', { input: input.type, state: this.machine.current(), actions });
+    for (const a of actions) this.perform(a);
+  }
+
+  private perform(action: Action): void {
+    switch (action.type) {
+      case 'fetch_list':
+        void this.fetchList(action.source);
+        break;
+      case 'connect':
+        void this.connect(action.server, action.reuseListConnection, action.retry);
+        break;
+      case 'drop_list_connection':
+        this.listConn?.close();
+        this.listConn = undefined;
+        break;
+      case 'sleep': {
+        const t = setTimeout(() => {
+          this.timers.delete(action.timer);
+          this.feed({ type: 'timer_fired', timer: action.timer });
+        }, action.delayMs);
+        this.timers.set(action.timer, t);
+        break;
+      }
+      case 'notify': {
+        const n = action.notice;
+        if (n.type === 'connected') this.emit('connected', { server: n.server });
+        else if (n.type === 'disconnected')
+          this.emit('disconnected', { server: n.server, cause: n.cause, reason: describe(n.cause) });
+        else if (n.type === 'failed_over') this.emit('failover', { from: n.from, to: n.to, tookMs: n.tookMs });
+        else if (n.type === 'retrying') this.emit('retrying', { reason: n.reason, delayMs: n.delayMs });
+        break;
+      }
+      case 'close':
+        this.active?.close();
+        this.active = undefined;
+        this.listConn?.close();
+        this.listConn = undefined;
+        break;
+    }
+  }
+
+  private async wsUrl(server: string): Promise<string> {
+    const token = await this.options.getToken?.();
+    if (!token) return server;
+    const url = new URL(server);
+    url.searchParams.set('token', token);
+    return url.toString();
+  }
+
+  private async fetchList(source: ListSource): Promise<void> {
+    let error = 'no seed answered';
+    if (source.kind === 'service_address') {
+      const avoid = new Set(source.avoid.map(hostOf));
+      const order = shuffle([...this.seeds], this.rng);
+      const seeds = [...order.filter((s) => !avoid.has(hostOf(s))), ...order.filter((s) => avoid.has(hostOf(s)))];
+      for (const seed of seeds) {
+        if (this.stopped) return;
+        try {
+          const list = await this.getFarm(seed);
+          const ageMs = list.generated_at_ms ? Math.max(0, Date.now() - list.generated_at_ms) : 0;
+          this.emit('farm', { list, ageMs, via: seed });
+          // No connection is held: `via` names the seed, which no server url matches.
+          this.feed({ type: 'list_fetched', list, via: `${seed}/farm`, ageMs });
+          return;
+        } catch (err) {
+          error = `${seed}: ${(err as Error).message}`;
+        }
+        // A node that does not allow this page's origin to read /farm (CORS), or answers it
+        // badly, still greets a WebSocket with the list (WebSockets are not subject to CORS):
+        // the first contact of the Rust client.
+        const failure = await this.listOverWebSocket(seed.replace(/^http/, 'ws') + DEFAULT_STREAM_PATH);
+        if (failure === true) return;
+        error += `; ${failure}`;
+      }
+    } else {
+      for (const url of source.urls) {
+        if (this.stopped) return;
+        const failure = await this.listOverWebSocket(url);
+        if (failure === true) return;
+        error = failure;
+      }
+    }
+    if (!this.stopped) this.feed({ type: 'list_failed', error });
+  }
+
+  /**
+   * Opens `url` for its `hello` + `farm` and reports the list, holding the connection for the
+   * machine; true when it did, else why not.
+   */
+  private async listOverWebSocket(url: string): Promise<true | string> {
+    try {
+      const conn = await Connection.open(await this.wsUrl(url), this.options.connectTimeoutMs ?? 3000);
+      if (this.stopped) {
+        conn.close();
+        return true;
+      }
+      this.listConn = conn;
+      conn.onClose = () => {
+        if (this.listConn === conn) this.listConn = undefined;
+      };
+      const list = conn.list!;
+      const ageMs = list.generated_at_ms ? Math.max(0, Date.now() - list.generated_at_ms) : 0;
+      const via = conn.hello.url ?? url;
+      this.emit('farm', { list, ageMs, via });
+      this.feed({ type: 'list_fetched', list, via, ageMs });
+      return true;
+    } catch (err) {
+      return `${url}: ${(err as Error).message}`;
+    }
+  }
+
+  private async getFarm(seed: string): Promise<FarmList> {
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), this.options.listTimeoutMs ?? 2000);
+    try {
+      const res = await fetch(`${seed}/farm`, {
+        headers: { Accept: 'application/json' },
+        signal: ctrl.signal,
+        cache: 'no-store',
+      });
+      if (!res.ok) throw new Error(`GET /farm: ${res.status}`);
+      const list = (await res.json()) as FarmList;
+      if (!Array.isArray(list.servers)) throw new Error('GET /farm: not a farm list');
+      return list;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private async connect(server: string, reuse: boolean, retry: boolean): Promise<void> {
+    let conn: Connection | undefined;
+    try {
+      if (reuse && this.listConn) {
+        conn = this.listConn;
+        this.listConn = undefined;
+      } else {
+        const timeout = retry
+          ? Math.min(this.options.retryTimeoutMs ?? 250, this.options.connectTimeoutMs ?? 3000)
+          : (this.options.connectTimeoutMs ?? 3000);
+        conn = await Connection.open(await this.wsUrl(server), timeout);
+      }
+      if (this.stopped) return conn.close();
+      await this.subscribeAll(conn);
+    } catch (err) {
+      conn?.close();
+      const code = err instanceof OpenError ? err.code : undefined;
+      this.feed({
+        type: 'connect_failed',
+        server,
+        error: (err as Error).message,
+        elsewhere: code !== undefined && sendsElsewhere(code),
+      });
+      return;
+    }
+    this.adopt(conn, server);
+  }
+
+  /** Sends `sub` for every topic (with held positions) and waits for `subscribed`. */
+  private subscribeAll(conn: Connection): Promise<void> {
+    const topics = [...this.subs.keys()];
+    conn.onFrame = (frame) => this.onFrame(conn, frame);
+    if (topics.length === 0) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        conn.onClose = () => {};
+        reject(new Error(`not subscribed within ${this.options.subscribeTimeoutMs ?? 3000} ms`));
+      }, this.options.subscribeTimeoutMs ?? 3000);
+      conn.onClose = (cause) => {
+        clearTimeout(timer);
+        reject(new OpenError(describe(cause), cause.kind === 'closed' ? cause.code : undefined));
+      };
+      conn.onFrame = (frame) => {
+        this.onFrame(conn, frame);
+        if (frame.type === 'subscribed') {
+          clearTimeout(timer);
+          resolve();
+        }
+      };
+      this.sendSub(conn, topics);
+    });
+  }
+
+  private sendSub(conn: Connection, topics: string[]): void {
+    const positions = this.positions.forSub(topics);
+    conn.send(positions ? { type: 'sub', topics, positions } : { type: 'sub', topics });
+  }
+
+  /** The connection is the client's now: heartbeats, losses, watch. */
+  private adopt(conn: Connection, server: string): void {
+    const wasAway = this.awaySince;
+    this.active = conn;
+    conn.onFrame = (frame) => this.onFrame(conn, frame);
+    conn.onClose = (cause) => this.lose(conn, server, cause);
+    this.feed({ type: 'connected', server, list: conn.list });
+    if (this.active !== conn) return;
+    if (this.machine.current().type !== 'connected') {
+      // The machine moved on meanwhile (stopped): this connection is no use.
+      conn.close();
+      this.active = undefined;
+      return;
+    }
+    this.awaySince = undefined;
+    // Topics added while the connection was being made were not in its `sub`.
+    const late = [...this.subs.values()].filter((sub) => sub.state !== 'subscribed').map((sub) => sub.topic);
+    if (late.length > 0) this.sendSub(conn, late);
+    if (this.options.watchList) conn.send({ type: 'list', watch: true });
+    this.startHeartbeat(conn, server);
+    const unpositioned = [...this.subs.keys()].filter((t) => !this.positions.get(t));
+    if (wasAway !== undefined && unpositioned.length > 0) {
+      this.emit('maybeMissed', { topics: unpositioned, awayMs: Date.now() - wasAway });
+    }
+  }
+
+  private lose(conn: Connection, server: string, cause: LossCause): void {
+    if (this.active !== conn) return;
+    conn.close();
+    this.active = undefined;
+    this.stopHeartbeat();
+    this.awaySince ??= Date.now();
+    for (const topic of this.subs.keys()) this.setSubState(topic, 'subscribing');
+    this.feed({ type: 'lost', server, cause });
+  }
+
+  private startHeartbeat(conn: Connection, server: string): void {
+    this.stopHeartbeat();
+    const interval = conn.hello.heartbeat_interval_ms ?? 1000;
+    const timeout = this.options.heartbeatTimeoutMs ?? conn.hello.heartbeat_timeout_ms ?? 3000;
+    const refresh = this.options.listRefreshMs ?? 5000;
+    let listAt = Date.now();
+    this.heartbeat = setInterval(
+      () => {
+        const now = Date.now();
+        if (now - conn.lastReceived >= timeout) {
+          this.lose(conn, server, { kind: 'heartbeat_timeout' });
+          return;
+        }
+        if (now - conn.lastSent >= interval) {
+          // A stale list is refreshed in place of a ping: the `farm` answer is the pong.
+          if (refresh > 0 && !this.options.watchList && now - listAt >= refresh) {
+            listAt = now;
+            conn.send({ type: 'list' });
+          } else {
+            conn.send({ type: 'ping' });
+          }
+        }
+      },
+      Math.max(50, Math.min(interval, timeout) / 4),
+    );
+  }
+
+  private stopHeartbeat(): void {
+    if (this.heartbeat !== undefined) clearInterval(this.heartbeat);
+    this.heartbeat = undefined;
+  }
+
+  private onFrame(conn: Connection, frame: Frame): void {
+    switch (frame.type) {
+      case 'ping':
+        conn.send(frame.id === undefined ? { type: 'pong' } : { type: 'pong', id: frame.id });
+        break;
+      case 'farm': {
+        const list = frame as unknown as FarmList;
+        conn.list = list;
+        const ageMs = list.generated_at_ms ? Math.max(0, Date.now() - list.generated_at_ms) : 0;
+        if (conn === this.active) this.feed({ type: 'list_updated', list });
+        this.emit('farm', { list, ageMs, via: conn.hello.url ?? conn.url });
+        break;
+      }
+      case 'subscribed': {
+        const topics = (frame.topics as string[]) ?? [];
+        const done = this.positions.subscribed(topics, frame.positions as Record<string, Position> | undefined);
+        for (const t of topics) if (this.subs.has(t)) this.setSubState(t, 'subscribed');
+        for (const r of done) this.recovered(r);
+        break;
+      }
+      case 'msg': {
+        const topic = String(frame.topic);
+        const sub = this.subs.get(topic);
+        if (!sub) break;
+        const { verdict, recovery } = this.positions.message(topic, frame.epoch, frame.offset);
+        if (verdict.deliver) {
+          const m: Message = { topic, data: String(frame.data), recovered: verdict.recovered };
+          if (frame.encoding === 'base64') m.encoding = 'base64';
+          if (typeof frame.epoch === 'string') m.epoch = frame.epoch;
+          if (typeof frame.offset === 'number') m.offset = frame.offset;
+          sub._emit('message', m);
+          this.emit('message', m);
+        }
+        if (recovery) this.recovered(recovery);
+        break;
+      }
+      case 'gap': {
+        const gap: Gap = {
+          topic: String(frame.topic),
+          epoch: String(frame.epoch),
+          from: Number(frame.from),
+          reason: String(frame.reason ?? ''),
+        };
+        if (typeof frame.to === 'number') gap.to = frame.to;
+        const recovery = this.positions.gap(gap);
+        this.subs.get(gap.topic)?._emit('gap', gap);
+        this.emit('gap', gap);
+        if (recovery) this.recovered(recovery);
+        break;
+      }
+      case 'error':
+        this.emit('error', { code: String(frame.code), message: String(frame.message ?? '') });
+        break;
+    }
+  }
+
+  private recovered(r: Recovery): void {
+    this.subs.get(r.topic)?._emit('recovered', r);
+    this.emit('recovered', r);
+  }
+
+  private setSubState(topic: string, state: SubscriptionState): void {
+    const sub = this.subs.get(topic);
+    if (!sub) return;
+    // A new subscription starts as `subscribing`: announce that once, then only changes.
+    if (sub.state === state && !(state === 'subscribing' && !this.announced.has(topic))) return;
+    this.announced.add(topic);
+    sub._emit('state', state);
+    this.emit('subscription', { topic, state });
+  }
+}
+
+export { CLOSE };

@@ -1,0 +1,25 @@
+/**
+ * streamfarm for browsers: reach a farm through a seed list, pick a server by load, keep a
+ * streaming connection, fail over by the same machine as the Rust client, and resume topics from
+ * their positions. See `docs/CLIENT.md` (Browser).
+ */
+export { Client, Emitter, Subscription, seedBase } from './client.js';
+export type { ClientEvents, ClientOptions, Message, SubscriptionEvents, SubscriptionState } from './client.js';
+export {
+  CLOSE,
+  DEFAULT_MACHINE_CONFIG,
+  Machine,
+  backoffCeiling,
+  backoffDelay,
+  describeLoss,
+  sendsElsewhere,
+} from './machine.js';
+export type { Action, Backoff, Input, ListSource, LossCause, MachineConfig, Notice, RetryMode, State } from './machine.js';
+export { type FarmList, type Rng, type ServerEntry, type Status, groupComparator, groupOrder, seededRng, shuffle } from './model.js';
+export { Positions } from './positions.js';
+export type { Gap, Position, Recovery, Verdict } from './positions.js';
+export { NoServerAvailable, POLICIES, candidates, choose, probabilities, reconnectingContext } from './selection.js';
+export type { Candidates, Choice, Context, Policy } from './selection.js';
+
+/** The library's version. */
+export const VERSION = '0.1.0';
