@@ -61,7 +61,8 @@ export interface ClientOptions {
   heartbeatTimeoutMs?: number;
   /** Ask for the list instead of a ping when it is older than this, ms (default 5000; 0: never). */
   listRefreshMs?: number;
-  /** Receive every change of the farm list (`{"type":"list","watch":true}`); default false. */
+  /** Be pushed the farm list whenever the farm's membership changes (`{"type":"list","watch":true}`:
+   * a server joins, leaves, changes status); users are refreshed every `listRefreshMs`. Default false. */
   watchList?: boolean;
   /**
    * Called before each WebSocket is opened; its answer travels as the `token` query parameter
@@ -669,14 +670,13 @@ export class Client extends Emitter<ClientEvents> {
           this.lose(conn, server, { kind: 'heartbeat_timeout' });
           return;
         }
-        if (now - conn.lastSent >= interval) {
-          // A stale list is refreshed in place of a ping: the `farm` answer is the pong.
-          if (refresh > 0 && !this.options.watchList && now - listAt >= refresh) {
-            listAt = now;
-            conn.send({ type: 'list' });
-          } else {
-            conn.send({ type: 'ping' });
-          }
+        // A stale list is refreshed (the watch pushes membership changes, not users); the
+        // `farm` answer serves as the pong, so an idle connection then needs no ping.
+        if (refresh > 0 && now - listAt >= refresh) {
+          listAt = now;
+          conn.send({ type: 'list' });
+        } else if (now - conn.lastSent >= interval) {
+          conn.send({ type: 'ping' });
         }
       },
       Math.max(50, Math.min(interval, timeout) / 4),

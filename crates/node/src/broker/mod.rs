@@ -1116,6 +1116,9 @@ impl Core {
     }
 
     /// Sends fetch `request` again, to the topic's replica of the moment.
+    ///
+    /// Sent again, it goes to every other live node too: the replica may be the node that just
+    /// died, still listed, and any node that delivers the topic holds what went out of it.
     fn refetch(&mut self, request: u64) {
         let Some(wait) = self.fetches.get(&request) else {
             return;
@@ -1126,6 +1129,15 @@ impl Core {
             request,
             after: wait.after,
         };
+        let others: Vec<String> = self
+            .live
+            .iter()
+            .filter(|n| **n != self.me && **n != to)
+            .cloned()
+            .collect();
+        for peer in others {
+            self.send(&peer, frame.clone());
+        }
         self.send(&to, frame);
         if let Some(wait) = self.fetches.get_mut(&request) {
             wait.sent_to = to;
@@ -1179,15 +1191,20 @@ impl Core {
     }
 
     fn on_fetch_reply(&mut self, topic: String, request: u64, state: Option<LogState>) {
+        // The first answer with history wins; an empty one (a node that does not hold the topic)
+        // leaves the fetch to the others and its deadline.
+        if state.is_none() {
+            debug!(%topic, request, "a node holds no history of the topic");
+            return;
+        }
         let Some(wait) = self.fetches.remove(&request) else {
             return;
         };
         if wait.done.is_none() {
             self.filling.remove(&topic);
         }
-        match state {
-            Some(state) => self.hub.merge(&topic, &state, &mut self.wakes),
-            None => debug!(%topic, "fetch found no history"),
+        if let Some(state) = state {
+            self.hub.merge(&topic, &state, &mut self.wakes);
         }
         if let Some(done) = wait.done {
             let _ = done.send(());
