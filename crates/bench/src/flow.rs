@@ -143,7 +143,7 @@ impl Ledger {
 ///
 /// It runs on its own OS thread with its own single-threaded runtime, not on the runtime the
 /// thousands of clients share: there a publish waited behind their tasks, and the publisher fell
-/// to 500–650 messages/s of the 1000 asked for (2 cores, C = 500).
+/// to 470–650 messages/s of the 1000 asked for (2 cores, C = 500).
 #[derive(Debug)]
 pub(crate) struct Publisher {
     stop: watch::Sender<bool>,
