@@ -501,7 +501,7 @@ async fn inflict(
             guard.signal(Signal::STOP)?;
             let hung = interruptible(hang).await;
             guard.signal(Signal::CONT)?;
-            exit_if_interrupted(hung);
+            hung?;
         }
         Case::NodePartitioned => {
             let others = others
@@ -515,7 +515,7 @@ async fn inflict(
             let partition = Partition::isolate(isolated, &others)?;
             let cut = interruptible(hang).await;
             partition.heal()?;
-            exit_if_interrupted(cut);
+            cut?;
         }
     }
     Ok(None)
@@ -558,15 +558,6 @@ async fn through_failure(
         );
     }
     Ok((hole, ledger))
-}
-
-/// Ends the process after Ctrl-C interrupted a failure (already undone by the caller); the child
-/// servers had the terminal's SIGINT too.
-fn exit_if_interrupted(waited: anyhow::Result<()>) {
-    if let Err(err) = waited {
-        eprintln!("failover: {err:#}");
-        std::process::exit(130);
-    }
 }
 
 /// Waits until `done` reaches `c`: within [`RECOVERY`] of `loss` after a kill, or [`SETTLE`]

@@ -187,6 +187,10 @@ pub async fn run(which: Which, options: &Options) -> Report {
         }
         println!("{}", section.render(name));
         report.sections.insert(name.to_string(), section);
+        if partition::was_interrupted() {
+            eprintln!("interrupted: the benchmarks after {name} are not run");
+            break;
+        }
     }
     report
 }

@@ -24,6 +24,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -101,26 +102,45 @@ impl Drop for Partition {
     }
 }
 
+/// Set once Ctrl-C interrupted a failure window (see [`interruptible`]).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Failure windows now open.
+static IN_WINDOW: AtomicUsize = AtomicUsize::new(0);
+
 /// Waits `span`, the length of a failure that must be undone (a partition healed, a stopped
 /// server continued) however the bench ends. Ctrl-C during it returns an error at once, so the
-/// caller undoes the failure; the caller then ends the process. Listening for Ctrl-C replaces its
-/// default action for the rest of the process, so a listener that ends the process on Ctrl-C
-/// takes over afterwards (the child servers get the terminal's SIGINT themselves).
+/// caller undoes the failure and its drop guards stop the servers; [`was_interrupted`] then
+/// tells the run to stop. Listening for Ctrl-C replaces its default action for the rest of the
+/// process, so outside the windows a listener ends the process on Ctrl-C (the child servers get
+/// the terminal's SIGINT themselves).
 pub(crate) async fn interruptible(span: Duration) -> anyhow::Result<()> {
     static AFTERWARDS: std::sync::Once = std::sync::Once::new();
-    let result = tokio::select! {
-        _ = tokio::time::sleep(span) => Ok(()),
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted (Ctrl-C)")),
-    };
     AFTERWARDS.call_once(|| {
         tokio::spawn(async {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("interrupted");
-                std::process::exit(130);
+            while tokio::signal::ctrl_c().await.is_ok() {
+                // During a window the window's own listener undoes the failure first.
+                if IN_WINDOW.load(Ordering::SeqCst) == 0 {
+                    eprintln!("interrupted");
+                    std::process::exit(130);
+                }
             }
         });
     });
+    IN_WINDOW.fetch_add(1, Ordering::SeqCst);
+    let result = tokio::select! {
+        _ = tokio::time::sleep(span) => Ok(()),
+        _ = tokio::signal::ctrl_c() => {
+            INTERRUPTED.store(true, Ordering::Relaxed);
+            Err(anyhow::anyhow!("interrupted (Ctrl-C)"))
+        }
+    };
+    IN_WINDOW.fetch_sub(1, Ordering::SeqCst);
     result
+}
+
+/// Whether Ctrl-C interrupted a failure window: the run should stop.
+pub(crate) fn was_interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
 }
 
 /// The nft script of a partition of `ip` from `others`; `dial_ports` are the local ports (on
