@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use (dig for the DNS test, ss for the listen-backlog test, Node.js and
-# Chromium for the browser client's tests). Installed only when missing.
+# System packages the tests use (dig for the DNS test, ss for the listen-backlog test, nft for the
+# partition cases (the failover bench's smoke test, the partition test; both run when root),
+# Node.js and Chromium for the browser client's tests). Installed only when missing.
 need_apt=()
 command -v dig >/dev/null 2>&1 || need_apt+=(bind9-dnsutils)
 command -v ss >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)

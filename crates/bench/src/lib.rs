@@ -16,6 +16,9 @@
 //! - `proc` — child processes with drop guards, RSS from /proc, tiny HTTP, RLIMIT_NOFILE.
 //! - `wire` — the minimal streamfarm WebSocket and NATS clients, timestamped payloads.
 //! - [`nats`] — finding/installing nats-server, single servers and routed clusters.
+//! - `flow` — a publisher at a steady rate with sequence numbers, and per-client counts of lost,
+//!   duplicated and out-of-order messages (failover's messages flowing).
+//! - `partition` — a network partition of one server on loopback, made with nftables.
 //! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost` — one module
 //!   per benchmark, each `run(&Options) -> Section`.
 
@@ -26,8 +29,10 @@ mod connect_cost;
 mod convergence;
 mod failover;
 mod fanout;
+mod flow;
 mod idle;
 pub mod nats;
+mod partition;
 mod proc;
 pub mod report;
 mod wire;
@@ -44,7 +49,8 @@ pub enum Which {
     Fanout,
     /// Publisher on node 1, subscribers on nodes 2 and 3.
     CrossNode,
-    /// A node with C clients SIGKILLed: time to resubscribed, attempts, peak connect rate.
+    /// A node with C clients killed, hung or partitioned, or the publisher's node killed, with
+    /// messages flowing: lost/duplicated/out-of-order messages, time to resubscribed, attempts.
     Failover,
     /// Farm state reaching every node, for 3 to 100 nodes; failure detection.
     Convergence,
@@ -94,6 +100,10 @@ pub struct Options {
     pub phase: Duration,
     /// Clients on the node killed in the failover benchmark.
     pub failover_clients: usize,
+    /// Messages per second the failover benchmark's publisher sends, in all.
+    pub publish_rate: f64,
+    /// How long a node stays hung (SIGSTOP) or partitioned in the failover benchmark.
+    pub hang: Duration,
     /// Farm sizes of the convergence benchmark.
     pub farm_sizes: Vec<usize>,
     /// Samples of the connect-cost benchmark.
@@ -114,6 +124,8 @@ impl Options {
             message_sizes: vec![64, 1024],
             phase: Duration::from_secs(4),
             failover_clients: 2000,
+            publish_rate: 1000.0,
+            hang: Duration::from_secs(10),
             farm_sizes: vec![3, 10, 50, 100],
             connect_samples: 200,
         }
@@ -132,6 +144,8 @@ impl Options {
             message_sizes: vec![64],
             phase: Duration::from_millis(300),
             failover_clients: 20,
+            publish_rate: 200.0,
+            hang: Duration::from_secs(1),
             farm_sizes: vec![3],
             connect_samples: 5,
         }
@@ -173,6 +187,10 @@ pub async fn run(which: Which, options: &Options) -> Report {
         }
         println!("{}", section.render(name));
         report.sections.insert(name.to_string(), section);
+        if partition::was_interrupted() {
+            eprintln!("interrupted: the benchmarks after {name} are not run");
+            break;
+        }
     }
     report
 }

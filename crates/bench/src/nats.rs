@@ -88,9 +88,19 @@ impl NatsProc {
     /// every server greets a client and knows all the others' client urls. Tries three times:
     /// a port found free may be taken by another process before the server binds it.
     pub(crate) async fn cluster(bin: &Path, ips: &[IpAddr]) -> anyhow::Result<Vec<NatsProc>> {
+        NatsProc::cluster_with_gid(bin, ips, None).await
+    }
+
+    /// [`NatsProc::cluster`], with the first server run with group id `first_gid` when given
+    /// (`setgid`, root only), so that firewall rules can tell its packets apart.
+    pub(crate) async fn cluster_with_gid(
+        bin: &Path,
+        ips: &[IpAddr],
+        first_gid: Option<u32>,
+    ) -> anyhow::Result<Vec<NatsProc>> {
         let mut last = None;
         for _ in 0..3 {
-            match NatsProc::cluster_once(bin, ips).await {
+            match NatsProc::cluster_once(bin, ips, first_gid).await {
                 Ok(servers) => return Ok(servers),
                 Err(err) => last = Some(err),
             }
@@ -98,7 +108,11 @@ impl NatsProc {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("nats-server did not start")))
     }
 
-    async fn cluster_once(bin: &Path, ips: &[IpAddr]) -> anyhow::Result<Vec<NatsProc>> {
+    async fn cluster_once(
+        bin: &Path,
+        ips: &[IpAddr],
+        first_gid: Option<u32>,
+    ) -> anyhow::Result<Vec<NatsProc>> {
         let mut plan = Vec::new();
         for ip in ips {
             plan.push((free_port(*ip)?, free_port(*ip)?, free_port(*ip)?));
@@ -120,6 +134,9 @@ impl NatsProc {
                     .args(["--cluster_name", "bench"])
                     .args(["--cluster", &format!("nats://{route}")])
                     .args(["--routes", &routes.join(",")]);
+            }
+            if let (0, Some(gid)) = (i, first_gid) {
+                std::os::unix::process::CommandExt::gid(&mut command, gid);
             }
             let guard = Guard::spawn(command, format!("nats-server n{i} ({client})"))?;
             servers.push(NatsProc {

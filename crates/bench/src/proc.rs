@@ -8,7 +8,8 @@ use anyhow::{Context, bail};
 use tokio::time::Instant;
 
 pub(crate) use streamfarm_localfarm::{
-    NodeProcess as NodeProc, NodeSpec, ProcessGuard as Guard, free_port, http, prometheus_value,
+    NodeProcess as NodeProc, NodeSpec, ProcessGuard as Guard, Signal, free_port, http,
+    prometheus_value,
 };
 
 /// CPU time (user + system) a process has used so far, seconds, from /proc/PID/stat (clock ticks

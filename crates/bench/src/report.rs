@@ -115,14 +115,14 @@ impl Section {
         let mut out = format!("== {title} ==\n");
         let _ = writeln!(
             out,
-            "{:<12} {:<28} {:<26} {:>12} {:>25}",
+            "{:<12} {:<32} {:<32} {:>12} {:>25}",
             "system", "setting", "figure", "median", "spread (min-max)"
         );
         for row in &self.rows {
             for (name, f) in &row.figures {
                 let _ = writeln!(
                     out,
-                    "{:<12} {:<28} {:<26} {:>12} {:>25}",
+                    "{:<12} {:<32} {:<32} {:>12} {:>25}",
                     row.system,
                     row.setting,
                     name,

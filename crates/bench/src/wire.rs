@@ -2,7 +2,8 @@
 //! beside the servers it measures: a raw streamfarm WebSocket client (frames of
 //! `docs/PROTOCOL.md`, no failover — that is the client library's job, measured separately) and a
 //! NATS TCP client speaking the text protocol (`INFO`, `CONNECT`, `SUB`, `PUB`, `MSG`,
-//! `PING`/`PONG`). Plus the timestamped payload both carry.
+//! `PING`/`PONG`), and a keep-alive HTTP/1.1 connection for a publisher that posts thousands of
+//! messages a second (`POST /publish/{topic}`). Plus the timestamped payload they all carry.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
@@ -202,6 +203,20 @@ impl Nats {
         self.until_pong().await
     }
 
+    /// Publishes `data` on `subject` and waits until the server has read it (a `PING` answered
+    /// after the `PUB`): the NATS counterpart of an HTTP publish answered `2xx`.
+    pub(crate) async fn publish_confirmed(
+        &mut self,
+        subject: &str,
+        data: &str,
+    ) -> anyhow::Result<()> {
+        let mut buf = Vec::with_capacity(data.len() + 32);
+        nats_pub(&mut buf, subject, data);
+        buf.extend_from_slice(b"PING\r\n");
+        self.writer.write_all(&buf).await?;
+        self.until_pong().await
+    }
+
     async fn until_pong(&mut self) -> anyhow::Result<()> {
         let mut scratch = Vec::new();
         loop {
@@ -255,6 +270,92 @@ pub(crate) fn nats_pub(buf: &mut Vec<u8>, subject: &str, data: &str) {
     buf.extend_from_slice(format!("PUB {subject} {}\r\n", data.len()).as_bytes());
     buf.extend_from_slice(data.as_bytes());
     buf.extend_from_slice(b"\r\n");
+}
+
+/// One keep-alive HTTP/1.1 connection: requests one at a time, each answer read in full (a node
+/// answers with a `Content-Length`; chunked answers are not supported). [`streamfarm_localfarm::http`]
+/// opens a connection per request, too slow for a publisher at a thousand requests a second.
+#[derive(Debug)]
+pub(crate) struct HttpConn {
+    stream: BufReader<TcpStream>,
+    server: SocketAddr,
+    line: String,
+    /// The server said `Connection: close`: the connection must not be used again.
+    closing: bool,
+}
+
+impl HttpConn {
+    /// Connects to `server`, from `source` when given, within [`CONNECT_TIMEOUT`] or `within`,
+    /// whichever is shorter.
+    pub(crate) async fn connect(
+        server: SocketAddr,
+        source: Option<IpAddr>,
+        within: Duration,
+    ) -> anyhow::Result<HttpConn> {
+        let stream = tokio::time::timeout(within.min(CONNECT_TIMEOUT), tcp(server, source))
+            .await
+            .with_context(|| format!("connect to {server}: timed out"))??;
+        Ok(HttpConn {
+            stream: BufReader::new(stream),
+            server,
+            line: String::new(),
+            closing: false,
+        })
+    }
+
+    /// `POST path` with `body`; the status code of the answer (its body is read and dropped).
+    /// After an error, or when [`HttpConn::reusable`] turns false, drop the connection.
+    pub(crate) async fn post(&mut self, path: &str, body: &str) -> anyhow::Result<u16> {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{body}",
+            self.server,
+            body.len()
+        );
+        self.stream.get_mut().write_all(request.as_bytes()).await?;
+        self.line.clear();
+        if self.stream.read_line(&mut self.line).await? == 0 {
+            bail!("{} closed the connection", self.server);
+        }
+        let status: u16 = self
+            .line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .with_context(|| format!("bad status line {:?}", self.line.trim_end()))?;
+        let mut length = 0usize;
+        let mut close = false;
+        loop {
+            self.line.clear();
+            if self.stream.read_line(&mut self.line).await? == 0 {
+                bail!("{} closed the connection in the headers", self.server);
+            }
+            let header = self.line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let Some((name, value)) = header.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse().context("bad Content-Length")?;
+            } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close")
+            {
+                close = true;
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                bail!("{} answered with Transfer-Encoding {value}", self.server);
+            }
+        }
+        let mut skip = vec![0; length];
+        self.stream.read_exact(&mut skip).await?;
+        self.closing = close;
+        Ok(status)
+    }
+
+    /// Whether another request may go on this connection.
+    pub(crate) fn reusable(&self) -> bool {
+        !self.closing
+    }
 }
 
 #[cfg(test)]

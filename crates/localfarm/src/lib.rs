@@ -135,6 +135,9 @@ pub struct NodeSpec {
     pub extra: Vec<String>,
     /// Tokio worker threads (`TOKIO_WORKER_THREADS`); `None` keeps tokio's default (one per core).
     pub workers: Option<usize>,
+    /// The group id to run the node with (`setgid`, root only), so that firewall rules can tell
+    /// its packets apart (`meta skgid`); `None` keeps this process's.
+    pub gid: Option<u32>,
 }
 
 impl NodeSpec {
@@ -146,6 +149,7 @@ impl NodeSpec {
             join: Vec::new(),
             extra: Vec::new(),
             workers: None,
+            gid: None,
         }
     }
 
@@ -174,6 +178,9 @@ impl NodeSpec {
         }
         if let Some(workers) = self.workers {
             command.env("TOKIO_WORKER_THREADS", workers.to_string());
+        }
+        if let Some(gid) = self.gid {
+            std::os::unix::process::CommandExt::gid(&mut command, gid);
         }
         command
     }

@@ -30,6 +30,12 @@ pub(crate) struct Args {
     /// Failover clients (default 2000).
     #[arg(long)]
     clients: Option<usize>,
+    /// Failover: messages per second the publisher sends, in all (default 1000; 200 with --quick).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Failover: seconds a node stays hung (SIGSTOP) or partitioned (default 10; 1 with --quick).
+    #[arg(long)]
+    hang_secs: Option<f64>,
     /// Convergence farm sizes, comma-separated (default 3,10,50,100).
     #[arg(long, value_delimiter = ',')]
     farm_sizes: Vec<usize>,
@@ -79,6 +85,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(c) = args.clients {
         options.failover_clients = c.max(1);
+    }
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be above 0");
+        options.publish_rate = rate;
+    }
+    if let Some(secs) = args.hang_secs {
+        anyhow::ensure!(
+            secs >= 0.0 && secs.is_finite(),
+            "--hang-secs must be 0 or more"
+        );
+        options.hang = std::time::Duration::from_secs_f64(secs);
     }
     if !args.farm_sizes.is_empty() {
         options.farm_sizes = args.farm_sizes.clone();
