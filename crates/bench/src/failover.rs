@@ -63,11 +63,11 @@ use tokio::time::Instant;
 
 use crate::flow::{Ledger, Publisher, Receipts, Tally, Target, now_ms, now_us, tally};
 use crate::nats::NatsProc;
-use crate::partition::{ISOLATED_GID, Isolated, Partition, interruptible, v4};
 use crate::proc::{Guard, NodeProc, NodeSpec, Signal, free_port, http, poll};
 use crate::report::{RowBuilder, Section, quantile};
 use crate::wire::Nats;
 use crate::{NATS, Options, STREAMFARM, ratio};
+use streamfarm_localfarm::partition::{ISOLATED_GID, Isolated, Partition, interruptible, v4};
 
 /// Longest wait for every client to be back after a kill.
 const RECOVERY: Duration = Duration::from_secs(30);

@@ -18,7 +18,6 @@
 //! - [`nats`] — finding/installing nats-server, single servers and routed clusters.
 //! - `flow` — a publisher at a steady rate with sequence numbers, and per-client counts of lost,
 //!   duplicated and out-of-order messages (failover's messages flowing).
-//! - `partition` — a network partition of one server on loopback, made with nftables.
 //! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost` — one module
 //!   per benchmark, each `run(&Options) -> Section`.
 
@@ -32,7 +31,6 @@ mod fanout;
 mod flow;
 mod idle;
 pub mod nats;
-mod partition;
 mod proc;
 pub mod report;
 mod wire;
@@ -187,7 +185,7 @@ pub async fn run(which: Which, options: &Options) -> Report {
         }
         println!("{}", section.render(name));
         report.sections.insert(name.to_string(), section);
-        if partition::was_interrupted() {
+        if streamfarm_localfarm::partition::was_interrupted() {
             eprintln!("interrupted: the benchmarks after {name} are not run");
             break;
         }

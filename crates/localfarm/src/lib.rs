@@ -10,8 +10,12 @@
 //! ([`free_port`]; a node gossips over UDP on its listen port by default), one HTTP request
 //! ([`http`]) and a Prometheus value ([`prometheus_value`]).
 //!
+//! [`partition`] cuts one node off from the others with nftables on loopback (root only).
+//!
 //! Children's stderr is discarded unless `STREAMFARM_CHILD_LOGS` is set; its value is then the
 //! children's `RUST_LOG` (e.g. `STREAMFARM_CHILD_LOGS=debug cargo test …`).
+
+pub mod partition;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

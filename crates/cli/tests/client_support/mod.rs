@@ -63,10 +63,23 @@ impl Node {
         priority: &str,
         join: Option<SocketAddr>,
     ) -> Node {
+        Node::start_as(name, listen, priority, join, None)
+    }
+
+    /// [`Node::start`], with the group id `gid` (root only): firewall rules can tell its packets
+    /// apart (see `streamfarm_localfarm::partition`).
+    pub(crate) fn start_as(
+        name: &str,
+        listen: SocketAddr,
+        priority: &str,
+        join: Option<SocketAddr>,
+        gid: Option<u32>,
+    ) -> Node {
         let mut spec = NodeSpec::new(name, listen)
             .flags(["--priority", priority])
             .flags(NODE_FLAGS);
         spec.join.extend(join);
+        spec.gid = gid;
         Node(NodeProcess::spawn(Path::new(exe()), &spec).expect("start streamfarm serve"))
     }
 
@@ -142,11 +155,17 @@ pub(crate) struct Farm {
 impl Farm {
     /// Starts one node per `(name, priority)` and waits until every node lists all of them UP.
     pub(crate) async fn start(spec: &[(&str, &str)]) -> Farm {
+        Farm::start_with_gid(spec, None).await
+    }
+
+    /// [`Farm::start`], node `i` of `gid` running with group id `gid.1` (see [`Node::start_as`]).
+    pub(crate) async fn start_with_gid(spec: &[(&str, &str)], gid: Option<(usize, u32)>) -> Farm {
         let mut nodes: Vec<Node> = Vec::new();
         for (i, (name, priority)) in spec.iter().enumerate() {
             let listen = free_addr([127, 0, 0, i as u8 + 1]);
             let join = nodes.first().map(|n| n.listen);
-            nodes.push(Node::start(name, listen, priority, join));
+            let node_gid = gid.filter(|(which, _)| *which == i).map(|(_, g)| g);
+            nodes.push(Node::start_as(name, listen, priority, join, node_gid));
         }
         let farm = Farm { nodes };
         let ready = eventually(Duration::from_secs(20), || {

@@ -13,6 +13,9 @@
 //! - packets to and from the local ports of the dials it already holds (read from
 //!   `/proc/PID/fd` and `/proc/PID/net/tcp`) are dropped in both directions.
 //!
+//! Used by `streamfarm bench failover` (its partition case) and the partition test of the
+//! `streamfarm` binary.
+//!
 //! The rules live in a table of their own, `inet streamfarm_bench_<pid>`, in the output hook
 //! (every loopback packet passes it). [`Partition`] deletes the table when healed or dropped, and
 //! [`Partition::isolate`] first deletes tables left by a bench process that no longer runs (one
@@ -31,29 +34,29 @@ use anyhow::{Context, bail};
 
 /// The group id the isolated server runs with, so its own packets can be told apart. Not a group
 /// of this system (none needs to exist); the server still runs as root.
-pub(crate) const ISOLATED_GID: u32 = 64_917;
+pub const ISOLATED_GID: u32 = 64_917;
 /// Every table this bench makes starts with this, then the bench's pid.
 const TABLE_PREFIX: &str = "streamfarm_bench_";
 
 /// The server to isolate.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Isolated {
+pub struct Isolated {
     /// Its address (clients', peers' and gossip's).
-    pub(crate) ip: Ipv4Addr,
+    pub ip: Ipv4Addr,
     /// Its process, started with [`ISOLATED_GID`].
-    pub(crate) pid: u32,
+    pub pid: u32,
 }
 
 /// A partition in force; healed (its table deleted) by [`Partition::heal`] or on drop.
 #[derive(Debug)]
-pub(crate) struct Partition {
+pub struct Partition {
     table: String,
     healed: bool,
 }
 
 impl Partition {
     /// Why no partition can be made here (not root, no `nft`), or `None`.
-    pub(crate) fn unavailable() -> Option<String> {
+    pub fn unavailable() -> Option<String> {
         if !is_root() {
             return Some("not root (nftables rules need it)".to_string());
         }
@@ -75,7 +78,7 @@ impl Partition {
     }
 
     /// Cuts `isolated` off from the servers at `others` (both ways, TCP and UDP).
-    pub(crate) fn isolate(isolated: Isolated, others: &[Ipv4Addr]) -> anyhow::Result<Partition> {
+    pub fn isolate(isolated: Isolated, others: &[Ipv4Addr]) -> anyhow::Result<Partition> {
         sweep_stale_tables();
         let ports = dial_ports(isolated.pid, others)?;
         let table = format!("{TABLE_PREFIX}{}", std::process::id());
@@ -88,7 +91,7 @@ impl Partition {
     }
 
     /// Deletes the rules.
-    pub(crate) fn heal(mut self) -> anyhow::Result<()> {
+    pub fn heal(mut self) -> anyhow::Result<()> {
         self.healed = true;
         delete_table(&self.table)
     }
@@ -113,7 +116,7 @@ static IN_WINDOW: AtomicUsize = AtomicUsize::new(0);
 /// tells the run to stop. Listening for Ctrl-C replaces its default action for the rest of the
 /// process, so outside the windows a listener ends the process on Ctrl-C (the child servers get
 /// the terminal's SIGINT themselves).
-pub(crate) async fn interruptible(span: Duration) -> anyhow::Result<()> {
+pub async fn interruptible(span: Duration) -> anyhow::Result<()> {
     static AFTERWARDS: std::sync::Once = std::sync::Once::new();
     AFTERWARDS.call_once(|| {
         tokio::spawn(async {
@@ -139,7 +142,7 @@ pub(crate) async fn interruptible(span: Duration) -> anyhow::Result<()> {
 }
 
 /// Whether Ctrl-C interrupted a failure window: the run should stop.
-pub(crate) fn was_interrupted() -> bool {
+pub fn was_interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
@@ -295,7 +298,7 @@ fn parse_dial_ports(table: &str, inodes: &HashSet<String>, peers: &[Ipv4Addr]) -
 }
 
 /// An address as the IPv4 address it must be for a partition.
-pub(crate) fn v4(ip: IpAddr) -> anyhow::Result<Ipv4Addr> {
+pub fn v4(ip: IpAddr) -> anyhow::Result<Ipv4Addr> {
     match ip {
         IpAddr::V4(v4) => Ok(v4),
         IpAddr::V6(_) => bail!("a partition needs IPv4 addresses, not {ip}"),
