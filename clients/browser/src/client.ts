@@ -64,6 +64,9 @@ export interface ClientOptions {
   /** Be pushed the farm list whenever the farm's membership changes (`{"type":"list","watch":true}`:
    * a server joins, leaves, changes status); users are refreshed every `listRefreshMs`. Default false. */
   watchList?: boolean;
+  /** With `watchList`: be pushed every change of the list, users included (`"users":true`); for
+   * a dashboard. Default false. */
+  watchUsers?: boolean;
   /**
    * Called before each WebSocket is opened; its answer travels as the `token` query parameter
    * (browsers cannot set headers on a WebSocket). Nodes ignore it until they authenticate.
@@ -639,7 +642,9 @@ export class Client extends Emitter<ClientEvents> {
     // Topics added while the connection was being made were not in its `sub`.
     const late = [...this.subs.values()].filter((sub) => sub.state !== 'subscribed').map((sub) => sub.topic);
     if (late.length > 0) this.sendSub(conn, late);
-    if (this.options.watchList) conn.send({ type: 'list', watch: true });
+    if (this.options.watchList) {
+      conn.send(this.options.watchUsers ? { type: 'list', watch: true, users: true } : { type: 'list', watch: true });
+    }
     this.startHeartbeat(conn, server);
     const unpositioned = [...this.subs.keys()].filter((t) => !this.positions.get(t));
     if (wasAway !== undefined && unpositioned.length > 0) {

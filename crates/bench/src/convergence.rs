@@ -8,7 +8,7 @@
 //! 100 nodes feasible on 2 cores, farms above 10 nodes run each node on one Tokio worker thread
 //! (`TOKIO_WORKER_THREADS=1`).
 //!
-//! Observation: this process holds one WebSocket per node with `{"type":"list","watch":true}`,
+//! Observation: this process holds one WebSocket per node with `{"type":"list","watch":true,"users":true}`,
 //! so each node pushes its farm list whenever it changes; a change has reached a node when that
 //! node's pushed list shows it. Changes: a new client connection to node k (users + 1), `POST
 //! /admin/status DOWN` on node k (then `UP` again), and SIGKILL of node k (failure detection).
@@ -97,8 +97,10 @@ fn parse_farm(text: &str) -> Option<HashMap<String, (String, u64)>> {
 /// Watches node `i`'s pushed lists until aborted; pings every second to stay alive.
 async fn watcher(i: usize, addr: SocketAddr, views: Shared) -> anyhow::Result<()> {
     let mut ws = ws_connect(addr, None, 256 * 1024).await?;
-    ws.send(Message::text(r#"{"type":"list","watch":true}"#))
-        .await?;
+    ws.send(Message::text(
+        r#"{"type":"list","watch":true,"users":true}"#,
+    ))
+    .await?;
     let mut ping = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

@@ -754,7 +754,7 @@ async fn watch_live(live: &mut Option<Live>) -> LiveEvent {
                 // A list request is answered like a ping, with the list instead of a pong.
                 let list_due = live.list_refresh.is_some_and(|every| now >= live.list_at + every);
                 let frame = if list_due {
-                    ClientFrame::List { watch: false }
+                    ClientFrame::List { watch: false, users: false }
                 } else {
                     ClientFrame::Ping { id: None }
                 };

@@ -161,9 +161,15 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(|e| ws_error(&url, e))?;
     // A connected client keeps its list current: the node pushes it when the farm changes.
-    send(&mut conn.ws, &ClientFrame::List { watch: true })
-        .await
-        .map_err(|e| ws_error(&url, e))?;
+    send(
+        &mut conn.ws,
+        &ClientFrame::List {
+            watch: true,
+            users: false,
+        },
+    )
+    .await
+    .map_err(|e| ws_error(&url, e))?;
     let mut missing: Vec<&String> = topics.iter().collect();
     while !missing.is_empty() {
         match next_frame(&mut conn.ws, &url).await? {
@@ -407,7 +413,10 @@ pub(crate) mod tests {
             );
             assert_eq!(
                 node_reads(&mut node).await,
-                ClientFrame::List { watch: true }
+                ClientFrame::List {
+                    watch: true,
+                    users: false
+                }
             );
             node_sends(
                 &mut node,

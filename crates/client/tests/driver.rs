@@ -128,7 +128,7 @@ async fn serve(
                     Ok(ClientFrame::Ping { id }) => {
                         let _ = ws.send(send(ServerFrame::Pong { id })).await;
                     }
-                    Ok(ClientFrame::List { watch }) => {
+                    Ok(ClientFrame::List { watch, .. }) => {
                         let list = farm.lock().unwrap().clone();
                         // Counted: the requests of a refresh, not the watch set up on connecting.
                         if !watch {

@@ -164,11 +164,15 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
         encoding: Encoding,
     },
-    /// Ask for the farm list now; with `watch`, also whenever it changes.
+    /// Ask for the farm list now; with `watch`, also whenever the farm's membership changes
+    /// (with `users` too, whenever anything in it changes, users included).
     List {
         /// Keep sending updates.
         #[serde(default)]
         watch: bool,
+        /// Watch users too: a list on every change (dashboards, measurements).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        users: bool,
     },
     /// Heartbeat; the node answers with [`ServerFrame::Pong`].
     Ping {

@@ -83,6 +83,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         outlet,
         topics: HashSet::new(),
         watching_farm: false,
+        watching_users: false,
         wakes: FrameWakes::default(),
     };
     reader.greet();
@@ -130,8 +131,9 @@ struct Reader {
     outlet: Outlet,
     /// Topics this connection subscribes to, to unsubscribe them when it ends.
     topics: HashSet<String>,
-    /// Whether the client asked for farm list updates.
+    /// Whether the client asked for farm list updates: on membership changes, or on every change.
     watching_farm: bool,
+    watching_users: bool,
     /// Subscribers' writers to wake for the messages this connection published and that are
     /// not yet woken: woken once no more input is ready (see [`next_or_wake`]).
     wakes: FrameWakes,
@@ -179,6 +181,8 @@ impl Reader {
         // leaves, changes status): not on every change of users, which they refresh themselves.
         let mut members_rx = self.shared.members_rx.clone();
         members_rx.mark_unchanged();
+        let mut farm_rx = self.shared.farm_rx.clone();
+        farm_rx.mark_unchanged();
         let mut isolated_rx = self.shared.isolated_rx.clone();
         isolated_rx.mark_unchanged();
         let mut following_isolation = true;
@@ -197,7 +201,15 @@ impl Reader {
                     let complete = !*isolated_rx.borrow_and_update();
                     self.send(&ServerFrame::Feed { complete });
                 }
-                changed = members_rx.changed(), if self.watching_farm => {
+                changed = farm_rx.changed(), if self.watching_users => {
+                    if changed.is_err() {
+                        self.watching_users = false;
+                        continue;
+                    }
+                    farm_rx.mark_unchanged();
+                    self.send(&ServerFrame::Farm(self.shared.farm_now()));
+                }
+                changed = members_rx.changed(), if self.watching_farm && !self.watching_users => {
                     if changed.is_err() {
                         self.watching_farm = false;
                         continue;
@@ -308,8 +320,9 @@ impl Reader {
                 data,
                 encoding,
             } => self.publish(topic, data, encoding).await,
-            ClientFrame::List { watch } => {
+            ClientFrame::List { watch, users } => {
                 self.watching_farm = watch;
+                self.watching_users = watch && users;
                 self.send(&ServerFrame::Farm(self.shared.farm_rx.borrow().clone()));
             }
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),

@@ -525,7 +525,14 @@ async fn the_farm_list_is_served_over_http_and_the_websocket() {
     }
     assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
     // Watching: a node joins the farm, and the update arrives unasked.
-    send(&mut ws, &ClientFrame::List { watch: true }).await;
+    send(
+        &mut ws,
+        &ClientFrame::List {
+            watch: true,
+            users: false,
+        },
+    )
+    .await;
     assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
     let _other = connect(node).await;
     let joined = NodeHandle::start(config("late", [127, 0, 0, 2], &[node.gossip_addr()]))
@@ -544,7 +551,14 @@ async fn the_farm_list_is_served_over_http_and_the_websocket() {
         }
     }
     // Users are asked for: this list counts the second client.
-    send(&mut ws, &ClientFrame::List { watch: false }).await;
+    send(
+        &mut ws,
+        &ClientFrame::List {
+            watch: false,
+            users: false,
+        },
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         assert!(Instant::now() < deadline, "no list with users:2");
@@ -554,7 +568,14 @@ async fn the_farm_list_is_served_over_http_and_the_websocket() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        send(&mut ws, &ClientFrame::List { watch: false }).await;
+        send(
+            &mut ws,
+            &ClientFrame::List {
+                watch: false,
+                users: false,
+            },
+        )
+        .await;
     }
     joined.shutdown().await;
     let health = reqwest::get(format!("http://{}/healthz", node.listen_addr()))
