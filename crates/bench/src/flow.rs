@@ -276,7 +276,9 @@ impl Sink {
                 let Some(Conn::Http(conn)) = &mut self.conn else {
                     unreachable!("connected above");
                 };
-                let status = conn.post(&path, data).await?;
+                // The payload (its sequence number and send time) names the message: sent again
+                // through the next node after a failure, it is not published twice.
+                let status = conn.post(&path, data, Some(data)).await?;
                 if !conn.reusable() {
                     self.conn = None;
                 }

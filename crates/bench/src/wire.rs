@@ -303,11 +303,19 @@ impl HttpConn {
         })
     }
 
-    /// `POST path` with `body`; the status code of the answer (its body is read and dropped).
-    /// After an error, or when [`HttpConn::reusable`] turns false, drop the connection.
-    pub(crate) async fn post(&mut self, path: &str, body: &str) -> anyhow::Result<u16> {
+    /// `POST path` with `body` (and an `Idempotency-Key` header when `key` is given: a message
+    /// sent again through another node is then not published twice); the status code of the
+    /// answer (its body is read and dropped). After an error, or when [`HttpConn::reusable`] turns
+    /// false, drop the connection.
+    pub(crate) async fn post(
+        &mut self,
+        path: &str,
+        body: &str,
+        key: Option<&str>,
+    ) -> anyhow::Result<u16> {
+        let key = key.map_or(String::new(), |key| format!("Idempotency-Key: {key}\r\n"));
         let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\n{key}Content-Length: {}\r\n\r\n{body}",
             self.server,
             body.len()
         );

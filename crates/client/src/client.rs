@@ -802,10 +802,11 @@ async fn connect(
             }
             None => connection::dial_url(&server, &resolver, source, timeout).await?,
         };
-        // A node confirms a subscription once its peers hold the interest, and a peer that does
-        // not answer (one just killed, still listed) holds that up to a second
-        // (`docs/PROTOCOL.md`): give subscribing more room than a connect, or a failover storm
-        // turns that wait into a failed server and another attempt.
+        // A node confirms a subscription once its linked peers hold the interest and it has the
+        // topic's history from the client's position: when the topic's replica was the node just
+        // lost, that history is fetched from the others (`docs/PROTOCOL.md`, section 5). Give
+        // subscribing more room than a connect, or a failover storm turns that wait into a
+        // failed server and another attempt.
         let allowed = timeout.saturating_mul(SUBSCRIBE_TIMEOUT_FACTOR);
         let early = tokio::time::timeout(
             allowed,

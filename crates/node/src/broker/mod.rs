@@ -371,6 +371,9 @@ struct Sequencing {
     log: Log,
     /// The replica that was last sent the whole log.
     synced: Option<String>,
+    /// The replica reported everything up to this offset stored: what went out, so this node can
+    /// serve fetches up to it (the replica may be the node just lost).
+    replicated: u64,
 }
 
 /// A claim in progress.
@@ -403,6 +406,8 @@ struct Chain {
     queued: Vec<(String, PublishId, String, Encoding, bool)>,
     /// What this node stored as the topic's replica.
     stored: Option<Log>,
+    /// The offset last reported stored to the sequencer.
+    reported: u64,
     held: Vec<HeldFetch>,
 }
 
@@ -647,6 +652,17 @@ impl Core {
                 // Sent again at the next tick, to the sequencer of the moment.
                 if let Some(pending) = self.pending.get_mut(&id) {
                     pending.sent_at = Instant::now() - RESEND_AFTER + TICK;
+                }
+            }
+            PeerFrame::Stored {
+                topic,
+                epoch,
+                offset,
+            } => {
+                if let Some(seq) = self.chains.get_mut(&topic).and_then(|c| c.seq.as_mut())
+                    && seq.log.epoch() == epoch
+                {
+                    seq.replicated = seq.replicated.max(offset.min(seq.log.position().offset));
                 }
             }
             PeerFrame::Fenced { topic, term } => {
@@ -1071,6 +1087,7 @@ impl Core {
         info!(%topic, term = claim.term, position = %log.position(), "sequencing");
         chain.seq = Some(Sequencing {
             term: claim.term,
+            replicated: log.position().offset,
             log,
             synced: None,
         });
@@ -1173,9 +1190,21 @@ impl Core {
             };
             LogState::of(log, from)
         };
-        let state = match self.chains.get(topic).and_then(|c| c.stored.as_ref()) {
-            Some(log) => Some(of(log)),
-            None => self.hub.state(topic, None).map(|s| {
+        let chain = self.chains.get(topic);
+        let state = match (
+            chain.and_then(|c| c.stored.as_ref()),
+            chain.and_then(|c| c.seq.as_ref()),
+        ) {
+            (Some(log), _) => Some(of(log)),
+            // The sequencer serves what its replica reported stored, nothing beyond: a message
+            // not yet stored may never go out.
+            (None, Some(seq)) => {
+                let mut state = of(&seq.log);
+                state.entries.retain(|e| e.offset <= seq.replicated);
+                state.last = seq.replicated;
+                Some(state)
+            }
+            (None, None) => self.hub.state(topic, None).map(|s| {
                 let log = log_from_state(topic, &s);
                 of(&log)
             }),
@@ -1392,6 +1421,27 @@ impl Core {
                     topic,
                     request: fetch.request,
                     state: None,
+                },
+            );
+        }
+        // As replica: tell each sequencer how far this node has stored (for its fetches).
+        let mut reports = Vec::new();
+        for (topic, chain) in &mut self.chains {
+            if let Some(log) = &chain.stored
+                && log.position().offset > chain.reported
+            {
+                chain.reported = log.position().offset;
+                reports.push((topic.clone(), log.position()));
+            }
+        }
+        for (topic, at) in reports {
+            let sequencer = self.placement(&topic).sequencer;
+            self.send(
+                &sequencer,
+                PeerFrame::Stored {
+                    topic,
+                    epoch: at.epoch,
+                    offset: at.offset,
                 },
             );
         }

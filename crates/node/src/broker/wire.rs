@@ -71,6 +71,13 @@ pub(crate) enum PeerFrame {
         epoch: Epoch,
         offset: u64,
     },
+    /// Replica → sequencer: everything up to `offset` of `epoch` is stored here (sent now and
+    /// then, not per message): the sequencer may serve fetches up to it.
+    Stored {
+        topic: String,
+        epoch: Epoch,
+        offset: u64,
+    },
     /// Sequencer → origin: not sequenced here (not the sequencer, or no longer): try again.
     Nack { topic: String, id: PublishId },
     /// Replica → sequencer: a newer sequencer has claimed the topic; stop sequencing it.
