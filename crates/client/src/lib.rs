@@ -17,8 +17,14 @@
 //!     .subscribe(["prices"])
 //!     .start("127.0.0.1:7400,127.0.0.2:7400".parse()?);
 //! while let Some(event) = client.next_event().await {
-//!     if let Event::Message { topic, payload } = event {
-//!         println!("{topic}: {}", String::from_utf8_lossy(&payload));
+//!     match event {
+//!         Event::Message { topic, payload, .. } => {
+//!             println!("{topic}: {}", String::from_utf8_lossy(&payload))
+//!         }
+//!         Event::Gap { topic, from, to, reason, .. } => {
+//!             eprintln!("{topic}: offsets {from}..={to:?} will never come ({reason})")
+//!         }
+//!         _ => {}
 //!     }
 //! }
 //! # Ok(()) }

@@ -162,7 +162,6 @@ impl<T> Wakes<T> {
     }
 
     /// Consumers waiting for [`Wakes::wake_all`].
-    #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.queues.len()
     }

@@ -80,6 +80,15 @@ struct Settings {
     /// Frames queued toward one peer node before its relay link is reset.
     #[arg(long, env = "STREAMFARM_RELAY_QUEUE")]
     relay_queue: Option<usize>,
+    /// Most bytes of history kept per topic, for clients that resume after a failover.
+    #[arg(long, env = "STREAMFARM_HISTORY_BYTES")]
+    history_bytes: Option<usize>,
+    /// Messages older than this (milliseconds) are dropped from a topic's history.
+    #[arg(long, env = "STREAMFARM_HISTORY_AGE_MS")]
+    history_age_ms: Option<u64>,
+    /// How long a publish may wait for its topic's sequencer and replica (milliseconds).
+    #[arg(long, env = "STREAMFARM_PUBLISH_TIMEOUT_MS")]
+    publish_timeout_ms: Option<u64>,
     /// Whether clients may publish over the WebSocket.
     #[arg(long, env = "STREAMFARM_ALLOW_CLIENT_PUBLISH")]
     allow_client_publish: Option<bool>,
@@ -165,6 +174,9 @@ impl Settings {
             send_queue,
             max_subscriptions,
             relay_queue,
+            history_bytes,
+            history_age_ms,
+            publish_timeout_ms,
             allow_client_publish,
             drain_period_ms,
             shutdown_drain_ms,

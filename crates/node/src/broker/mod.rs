@@ -83,6 +83,8 @@ pub(crate) const FETCH_WAIT: Duration = Duration::from_secs(2);
 const MAX_PENDING_BYTES: usize = 64 << 20;
 /// Depth of the broker task's input queue: sessions and relay links wait when it is full.
 const INPUT_QUEUE: usize = 4096;
+/// Most placements remembered; the cache starts over beyond (it is rebuilt as topics are used).
+const MAX_CACHED_PLACEMENTS: usize = 65_536;
 
 /// Why a publish did not go through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,7 +130,6 @@ pub(crate) struct Broker {
 }
 
 impl Broker {
-    /// Starts the broker task of node `me`; it runs until `cancel`.
     /// The channel into the broker task: its sending end goes to the relay before the broker
     /// starts (the broker sends through the relay, the relay delivers to the broker).
     pub(crate) fn channel() -> (BrokerInput, BrokerInbox) {
@@ -163,6 +164,7 @@ impl Broker {
             relay: relay.clone(),
             limits,
             live,
+            placements: std::cell::RefCell::default(),
             farm,
             peers,
             chains: HashMap::new(),
@@ -425,6 +427,8 @@ struct Core {
     peers: watch::Receiver<crate::relay::Peers>,
     /// Live nodes of the farm list, this one included while it is not `DOWN`.
     live: Vec<String>,
+    /// Placements computed on `live` (cleared whenever it changes).
+    placements: std::cell::RefCell<HashMap<String, Placement>>,
     chains: HashMap<String, Chain>,
     pending: HashMap<PublishId, Pending>,
     pending_bytes: usize,
@@ -497,10 +501,27 @@ impl Core {
     async fn run(mut self, mut input: mpsc::Receiver<Input>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut inputs = ReceiverStream(&mut input);
         loop {
-            // Inputs read at once are handled as one batch: the subscribers' writers are woken
-            // once for all of it (see `hub::next_or_wake`).
+            // Inputs that are ready are handled as one batch, and the subscribers' writers woken
+            // once for all of it (see `crate::queue`'s deferred wake-ups): one `send` per batch
+            // rather than per message. Before waking them, the task yields once, so that a
+            // publisher's next messages, on their way into the queue, join the batch.
+            let mut handled = 0;
+            while handled < hub::FrameWakes::MAX_MESSAGES * 4 {
+                let Ok(next) = input.try_recv() else {
+                    if handled > 0 && self.wakes.pending() > 0 {
+                        tokio::task::yield_now().await;
+                        if !input.is_empty() {
+                            continue;
+                        }
+                    }
+                    break;
+                };
+                self.handle(next);
+                self.drain_self();
+                handled += 1;
+            }
+            self.wakes.wake_all();
             let next = tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => { self.tick(); None }
@@ -509,7 +530,7 @@ impl Core {
                     self.view_changed();
                     None
                 }
-                next = hub::next_or_wake(&mut inputs, &mut self.wakes) => match next {
+                next = input.recv() => match next {
                     Some(next) => Some(next),
                     None => break,
                 },
@@ -561,11 +582,21 @@ impl Core {
         self.relay.send(to, Utf8Bytes::from(text))
     }
 
+    /// The topic's sequencer and replica as this node sees the farm (cached until it changes).
     fn placement(&self, topic: &str) -> Placement {
-        place(topic, &self.live).unwrap_or_else(|| Placement {
+        let mut cache = self.placements.borrow_mut();
+        if let Some(placement) = cache.get(topic) {
+            return placement.clone();
+        }
+        let placement = place(topic, &self.live).unwrap_or_else(|| Placement {
             sequencer: self.me.clone(),
             replica: self.me.clone(),
-        })
+        });
+        if cache.len() >= MAX_CACHED_PLACEMENTS {
+            cache.clear();
+        }
+        cache.insert(topic.to_string(), placement.clone());
+        placement
     }
 
     fn publish(
@@ -785,6 +816,31 @@ impl Core {
             }
         };
         let term = seq.term;
+        if replica == self.me {
+            // Its own replica (a farm of one): the frame built above goes out as it is.
+            let frame = seq
+                .log
+                .after(wire.offset - 1)
+                .next()
+                .map(|e| e.frame.clone());
+            let frame = frame.unwrap_or_else(|| {
+                hub::msg_frame(
+                    topic,
+                    wire.data.clone(),
+                    wire.encoding,
+                    Some(Position::new(epoch, wire.offset)),
+                )
+            });
+            let entry = Entry {
+                offset: wire.offset,
+                id: wire.id,
+                frame,
+                stored: std::time::Instant::now(),
+            };
+            let me = self.me.clone();
+            self.store(me, topic.to_string(), term, epoch, entry);
+            return;
+        }
         self.send(
             &replica,
             PeerFrame::Repl {
@@ -818,6 +874,12 @@ impl Core {
 
     /// As replica: store, then send out and acknowledge.
     fn on_repl(&mut self, from: String, topic: String, term: u64, epoch: Epoch, wire: WireEntry) {
+        let entry = hub::entry_from_wire(&topic, epoch, &wire);
+        self.store(from, topic, term, epoch, entry);
+    }
+
+    /// As replica: store the entry (its frame built once), then send it out and acknowledge it.
+    fn store(&mut self, from: String, topic: String, term: u64, epoch: Epoch, entry: Entry) {
         let chain = self.chains.entry(topic.clone()).or_default();
         if term < chain.fenced {
             let fenced = chain.fenced;
@@ -831,12 +893,12 @@ impl Core {
             return;
         }
         chain.fenced = term;
-        let entry = hub::entry_from_wire(&topic, epoch, &wire);
+        let (id, offset) = (entry.id.clone(), entry.offset);
         let stored = match &mut chain.stored {
             Some(log) if log.epoch() == epoch => log,
             Some(log) if log.epoch() > epoch => return,
             slot => {
-                if wire.offset != 1 {
+                if offset != 1 {
                     // Not the start and not the log this replica holds: ask for all of it.
                     self.send(&from, PeerFrame::Prime { topic });
                     return;
@@ -849,9 +911,9 @@ impl Core {
             Offered::Appended => {
                 stored.trim(limits, std::time::Instant::now());
                 self.send_out(&topic, epoch, entry);
-                self.ack(&topic, wire.id, epoch, wire.offset);
+                self.ack(&topic, id, epoch, offset);
             }
-            Offered::Duplicate => self.ack(&topic, wire.id, epoch, wire.offset),
+            Offered::Duplicate => self.ack(&topic, id, epoch, offset),
             Offered::Gap { .. } => {
                 self.send(&from, PeerFrame::Prime { topic });
             }
@@ -1110,15 +1172,19 @@ impl Core {
         }
         self.next_request += 1;
         let request = self.next_request;
-        let to = self.placement(&topic).replica;
-        self.send(
-            &to,
-            PeerFrame::Fetch {
-                topic: topic.clone(),
-                request,
-                after,
-            },
-        );
+        // To the replica and the sequencer at once: with any one node lost, one of them answers
+        // at once (the sequencer serves what its replica reported stored).
+        let placement = self.placement(&topic);
+        let to = placement.replica;
+        let frame = PeerFrame::Fetch {
+            topic: topic.clone(),
+            request,
+            after,
+        };
+        if placement.sequencer != to {
+            self.send(&placement.sequencer, frame.clone());
+        }
+        self.send(&to, frame);
         self.fetches.insert(
             request,
             FetchWait {
@@ -1247,6 +1313,7 @@ impl Core {
             return;
         }
         self.live = live;
+        self.placements.borrow_mut().clear();
         let topics: Vec<String> = self.chains.keys().cloned().collect();
         for topic in topics {
             let placement = self.placement(&topic);
@@ -1470,18 +1537,5 @@ impl Core {
                 || chain.stored.as_ref().is_some_and(|l| l.bytes() > 0)
         });
         self.hub.trim(std_now);
-    }
-}
-
-/// A `Stream` over an mpsc receiver, for [`hub::next_or_wake`].
-struct ReceiverStream<'a, T>(&'a mut mpsc::Receiver<T>);
-
-impl<T> futures_util::Stream for ReceiverStream<'_, T> {
-    type Item = T;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<T>> {
-        self.0.poll_recv(cx)
     }
 }
