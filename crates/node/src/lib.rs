@@ -277,6 +277,7 @@ impl NodeHandle {
         let (farm_tx, farm_rx) = watch::channel(initial);
         let (members_tx, members_rx) = watch::channel(0);
         let (isolated_tx, isolated_rx) = watch::channel(false);
+        let link_ends = Arc::new(relay::LinkEnds::default());
         let (peers_tx, peers_rx) = watch::channel(relay::Peers::default());
         let membership_loop = membership::Loop {
             setup: membership::GossipSetup {
@@ -295,6 +296,7 @@ impl NodeHandle {
             failure_timeout: config.failure_timeout(),
             alone: config.join.is_empty(),
             isolated_tx,
+            link_ends: link_ends.clone(),
         };
         // Gossip runs from here; dropping `membership` (an early return) stops it.
         let membership = membership_loop
@@ -314,6 +316,7 @@ impl NodeHandle {
             config.name.clone(),
             hub.clone(),
             broker_input.clone(),
+            link_ends,
             metrics.clone(),
             config.relay_queue,
             peers_rx.clone(),

@@ -51,7 +51,7 @@ use tracing::{error, info, warn};
 use crate::config::NodeConfig;
 use crate::hub::Hub;
 use crate::metrics::{self, Metrics};
-use crate::relay::Peers;
+use crate::relay::{LinkEnds, Peers};
 
 /// Dead nodes stay listed `DOWN` this long before chitchat forgets them.
 const DEAD_NODE_GRACE: Duration = Duration::from_secs(3600);
@@ -177,6 +177,8 @@ pub(crate) struct Loop {
     pub(crate) alone: bool,
     /// Whether this node is cut off from the farm (see the module docs, *Isolation*).
     pub(crate) isolated_tx: watch::Sender<bool>,
+    /// Peers whose relay links ended by their side: they died, this node is not cut off.
+    pub(crate) link_ends: Arc<LinkEnds>,
 }
 
 /// Last heartbeat seen of one node generation, and when it last advanced.
@@ -340,14 +342,17 @@ impl Loop {
                         .is_some_and(|r| alive_within(r, self.failure_timeout))
                 })
                 .count();
-            // Cut off: every peer fell silent, and at least two of them within one failure
-            // timeout of each other. Two nodes rarely die in the same second; one node losing
-            // its network loses them all at once. It lasts until a peer is heard again.
+            // Cut off: every peer fell silent, at least two of them within one failure timeout of
+            // each other, and none of those closed, reset or refused its relay links (a process
+            // that dies leaves its kernel to say so; a network that drops packets says nothing).
+            // Two nodes rarely hang in the same second; one node losing its network loses them
+            // all at once. It lasts until a peer is heard again.
+            let window = self.failure_timeout * 2;
             let vanished_together = peers
                 .iter()
                 .filter(|id| {
-                    seen.get(**id)
-                        .is_some_and(|r| alive_within(r, self.failure_timeout * 2))
+                    seen.get(**id).is_some_and(|r| alive_within(r, window))
+                        && !self.link_ends.ended_within(&id.node_id, window)
                 })
                 .count()
                 >= 2;
@@ -638,6 +643,7 @@ mod tests {
             failure_timeout: config.failure_timeout(),
             alone: join.is_none(),
             isolated_tx: watch::channel(false).0,
+            link_ends: Arc::default(),
         }
         .start(cancel.clone())
         .await

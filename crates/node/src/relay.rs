@@ -127,6 +127,34 @@ pub(crate) enum LinkDown {
     Broker,
 }
 
+/// When each peer's relay link last ended because the peer closed or reset it, or refused a new
+/// one: the sign of a peer that *died* (its process is gone, its kernel answers for it). A peer
+/// cut off by the network, or hung, leaves its links open and silent instead — which is how the
+/// membership tells "my peers died" from "I am cut off" (see `crate::membership`).
+#[derive(Debug, Default)]
+pub(crate) struct LinkEnds(Mutex<HashMap<String, Instant>>);
+
+impl LinkEnds {
+    fn ended(&self, peer: &str) {
+        self.lock().insert(peer.to_string(), Instant::now());
+    }
+
+    fn opened(&self, peer: &str) {
+        self.lock().remove(peer);
+    }
+
+    /// Whether `peer` closed, reset or refused a link within the last `within`.
+    pub(crate) fn ended_within(&self, peer: &str, within: Duration) -> bool {
+        self.lock()
+            .get(peer)
+            .is_some_and(|at| at.elapsed() <= within)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A link a peer opened to us: we send it the messages it wants, and broker frames.
 #[derive(Debug)]
 struct Inbound {
@@ -154,6 +182,8 @@ pub(crate) struct EmbeddedRelay {
     outbound: RwLock<HashMap<String, Arc<Outbound>>>,
     /// Where frames for the broker go.
     broker: BrokerInput,
+    /// Links that peers ended (for the membership's isolation verdict).
+    link_ends: Arc<LinkEnds>,
     /// Our links to peers: the interest version each acknowledged (absent: not connected).
     acked: Mutex<HashMap<String, u64>>,
     /// Ticks whenever `acked` changes.
@@ -169,6 +199,7 @@ impl EmbeddedRelay {
         name: String,
         hub: Arc<Hub>,
         broker: BrokerInput,
+        link_ends: Arc<LinkEnds>,
         metrics: Arc<Metrics>,
         queue: usize,
         peers: watch::Receiver<Peers>,
@@ -183,6 +214,7 @@ impl EmbeddedRelay {
             inbound: RwLock::new(HashMap::new()),
             outbound: RwLock::new(HashMap::new()),
             broker,
+            link_ends,
             acked: Mutex::new(HashMap::new()),
             progress: watch::channel(0).0,
             peers: peers.clone(),
@@ -479,12 +511,20 @@ async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: Canc
         match connected {
             Ok(Ok((socket, _))) => {
                 info!(peer = %peer, url = %url, "relay link open");
+                relay.link_ends.opened(&peer);
                 relay.set_acked(&peer, Some(0));
                 run_link(&relay, &peer, socket, &cancel).await;
                 relay.set_acked(&peer, None);
+                if !cancel.is_cancelled() {
+                    relay.link_ends.ended(&peer);
+                }
                 info!(peer = %peer, "relay link to peer closed");
             }
-            Ok(Err(err)) => debug!(peer = %peer, error = %err, "relay dial failed"),
+            Ok(Err(err)) => {
+                // Refused (nothing listens there any more) or reset: the peer's process is gone.
+                relay.link_ends.ended(&peer);
+                debug!(peer = %peer, error = %err, "relay dial failed");
+            }
             Err(_) => debug!(peer = %peer, "relay dial timed out"),
         }
         let jitter = rand::random_range(0..=REDIAL_DELAY.as_millis() as u64);
@@ -638,6 +678,7 @@ mod tests {
             "me".into(),
             hub,
             crate::broker::Broker::channel().0,
+            Arc::default(),
             metrics,
             8,
             peers,

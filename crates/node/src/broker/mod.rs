@@ -1172,19 +1172,17 @@ impl Core {
         }
         self.next_request += 1;
         let request = self.next_request;
-        // To the replica and the sequencer at once: with any one node lost, one of them answers
-        // at once (the sequencer serves what its replica reported stored).
-        let placement = self.placement(&topic);
-        let to = placement.replica;
-        let frame = PeerFrame::Fetch {
-            topic: topic.clone(),
-            request,
-            after,
-        };
-        if placement.sequencer != to {
-            self.send(&placement.sequencer, frame.clone());
-        }
-        self.send(&to, frame);
+        // To the replica, which holds everything that went out; sent again (after
+        // `RESEND_AFTER`) to every live node, the sequencer included, when it does not answer.
+        let to = self.placement(&topic).replica;
+        self.send(
+            &to,
+            PeerFrame::Fetch {
+                topic: topic.clone(),
+                request,
+                after,
+            },
+        );
         self.fetches.insert(
             request,
             FetchWait {
@@ -1290,6 +1288,18 @@ impl Core {
         // leaves the fetch to the others and its deadline.
         if state.is_none() {
             debug!(%topic, request, "a node holds no history of the topic");
+            return;
+        }
+        // An answer behind what the asker already holds (a node that delivers the topic a little
+        // late, a sequencer whose replica has not reported lately) is left for a better one.
+        let behind = match (self.fetches.get(&request), &state) {
+            (Some(wait), Some(state)) => wait
+                .after
+                .is_some_and(|p| p.epoch == state.epoch && state.last < p.offset),
+            _ => false,
+        };
+        if behind {
+            debug!(%topic, request, "an answer behind the position asked for: waiting for another");
             return;
         }
         let Some(wait) = self.fetches.remove(&request) else {
