@@ -256,6 +256,30 @@ async fn draining_node_empties_over_its_drain_period_without_failures() {
     crowd.stop().await;
 }
 
+/// Stops `publisher`, waits (10 s at most) until every client has its last acknowledged message,
+/// and asserts that each got every acknowledged message from its first on, once, in order, with
+/// no gap. Returns the acknowledged numbers.
+async fn every_client_gets_each_message_once(crowd: &Crowd, publisher: Publisher) -> Vec<u64> {
+    let acked = publisher.stop();
+    let last = *acked.last().expect("publishes acknowledged");
+    let caught_up = eventually(Duration::from_secs(10), || async {
+        crowd
+            .snapshot()
+            .iter()
+            .all(|s| s.messages.iter().any(|m| *m == format!("n {last}")))
+    })
+    .await;
+    let problems: Vec<String> = crowd
+        .snapshot()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| losses(s, &acked).map(|p| format!("client {i}: {p}")))
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(caught_up, "every client got the last message");
+    acked
+}
+
 /// The topic's sequencer as `node` sees the farm (`GET /topics/{topic}`).
 async fn sequencer_of(farm: &Farm, topic: &str) -> String {
     let text = reqwest::get(format!("http://{}/topics/{topic}", farm.nodes[0].listen))
@@ -304,23 +328,8 @@ async fn no_message_lost_when(signal: &str) {
         farm.node(&victim).signal("CONT");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let acked = publisher.stop();
-    let last = *acked.last().expect("publishes acknowledged");
-    let caught_up = eventually(Duration::from_secs(10), || async {
-        crowd
-            .snapshot()
-            .iter()
-            .all(|s| s.messages.iter().any(|m| *m == format!("n {last}")))
-    })
-    .await;
+    let acked = every_client_gets_each_message_once(&crowd, publisher).await;
     let seen = crowd.snapshot();
-    let problems: Vec<String> = seen
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| losses(s, &acked).map(|p| format!("client {i}: {p}")))
-        .collect();
-    assert!(problems.is_empty(), "{problems:#?}");
-    assert!(caught_up, "every client got the last message");
     let recovered = seen.iter().filter(|s| s.recovered > 0).count();
     eprintln!(
         "{signal}: sequencer node held {held} clients; {} messages acknowledged, every client got each once, in order; {recovered} clients recovered after failing over",
@@ -396,23 +405,7 @@ async fn a_node_cut_off_sends_its_clients_to_the_rest_and_nothing_is_lost() {
         crowd.per_server()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let acked = publisher.stop();
-    let last = *acked.last().expect("publishes acknowledged");
-    let caught_up = eventually(Duration::from_secs(10), || async {
-        crowd
-            .snapshot()
-            .iter()
-            .all(|s| s.messages.iter().any(|m| *m == format!("n {last}")))
-    })
-    .await;
-    let problems: Vec<String> = crowd
-        .snapshot()
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| losses(s, &acked).map(|p| format!("client {i}: {p}")))
-        .collect();
-    assert!(problems.is_empty(), "{problems:#?}");
-    assert!(caught_up, "every client got the last message");
+    let acked = every_client_gets_each_message_once(&crowd, publisher).await;
     eprintln!(
         "c cut off with {on_cut} clients: they moved to a and b; {} messages acknowledged, each client got each once, in order",
         acked.len()

@@ -880,19 +880,10 @@ impl Core {
 
     /// As replica: store the entry (its frame built once), then send it out and acknowledge it.
     fn store(&mut self, from: String, topic: String, term: u64, epoch: Epoch, entry: Entry) {
-        let chain = self.chains.entry(topic.clone()).or_default();
-        if term < chain.fenced {
-            let fenced = chain.fenced;
-            self.send(
-                &from,
-                PeerFrame::Fenced {
-                    topic,
-                    term: fenced,
-                },
-            );
+        if self.fenced_out(&from, &topic, term) {
             return;
         }
-        chain.fenced = term;
+        let chain = self.chains.entry(topic.clone()).or_default();
         let (id, offset) = (entry.id.clone(), entry.offset);
         let stored = match &mut chain.stored {
             Some(log) if log.epoch() == epoch => log,
@@ -943,20 +934,30 @@ impl Core {
         }
     }
 
-    fn on_sync(&mut self, from: String, topic: String, term: u64, state: LogState) {
-        let chain = self.chains.entry(topic.clone()).or_default();
+    /// A sequencer's frame of `term` for `topic`: refused (and the sender told `fenced`) when a
+    /// newer claim fenced the topic; otherwise the term is the newest this node has seen.
+    fn fenced_out(&mut self, from: &str, topic: &str, term: u64) -> bool {
+        let chain = self.chains.entry(topic.to_string()).or_default();
         if term < chain.fenced {
             let fenced = chain.fenced;
             self.send(
-                &from,
+                from,
                 PeerFrame::Fenced {
-                    topic,
+                    topic: topic.to_string(),
                     term: fenced,
                 },
             );
-            return;
+            return true;
         }
         chain.fenced = term;
+        false
+    }
+
+    fn on_sync(&mut self, from: String, topic: String, term: u64, state: LogState) {
+        if self.fenced_out(&from, &topic, term) {
+            return;
+        }
+        let chain = self.chains.entry(topic.clone()).or_default();
         let current = chain.stored.as_ref().map(|log| LogState::of(log, None));
         let take = current
             .as_ref()
