@@ -1291,18 +1291,9 @@ impl Core {
             debug!(%topic, request, "a node holds no history of the topic");
             return;
         }
-        // An answer behind what the asker already holds (a node that delivers the topic a little
-        // late, a sequencer whose replica has not reported lately) is left for a better one.
-        let behind = match (self.fetches.get(&request), &state) {
-            (Some(wait), Some(state)) => wait
-                .after
-                .is_some_and(|p| p.epoch == state.epoch && state.last < p.offset),
-            _ => false,
-        };
-        if behind {
-            debug!(%topic, request, "an answer behind the position asked for: waiting for another");
-            return;
-        }
+        // An answer a little behind (a node that delivers the topic a little late, a sequencer
+        // whose replica reported a tick ago) is taken: what it lacks comes with the live stream,
+        // whose hole is then fetched; waiting for a better one could wait out the failure timeout.
         let Some(wait) = self.fetches.remove(&request) else {
             return;
         };
