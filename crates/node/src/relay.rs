@@ -131,16 +131,50 @@ pub(crate) enum LinkDown {
 /// one: the sign of a peer that *died* (its process is gone, its kernel answers for it). A peer
 /// cut off by the network, or hung, leaves its links open and silent instead — which is how the
 /// membership tells "my peers died" from "I am cut off" (see `crate::membership`).
-#[derive(Debug, Default)]
-pub(crate) struct LinkEnds(Mutex<HashMap<String, Instant>>);
+///
+/// The broker also places no topic on a peer whose link ended and was not opened again: a killed
+/// node's topics move at once, not after the failure timeout.
+#[derive(Debug)]
+pub(crate) struct LinkEnds {
+    ends: Mutex<HashMap<String, Instant>>,
+    /// Bumped whenever a peer's link ends or opens again.
+    changes: watch::Sender<u64>,
+}
+
+impl Default for LinkEnds {
+    fn default() -> Self {
+        LinkEnds {
+            ends: Mutex::default(),
+            changes: watch::channel(0).0,
+        }
+    }
+}
 
 impl LinkEnds {
     fn ended(&self, peer: &str) {
-        self.lock().insert(peer.to_string(), Instant::now());
+        let new = self
+            .lock()
+            .insert(peer.to_string(), Instant::now())
+            .is_none();
+        if new {
+            self.changes.send_modify(|v| *v += 1);
+        }
     }
 
     fn opened(&self, peer: &str) {
-        self.lock().remove(peer);
+        if self.lock().remove(peer).is_some() {
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Whether `peer`'s link ended by its side and has not opened again.
+    pub(crate) fn is_ended(&self, peer: &str) -> bool {
+        self.lock().contains_key(peer)
+    }
+
+    /// Watches ends and re-openings.
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Whether `peer` closed, reset or refused a link within the last `within`.
@@ -151,7 +185,7 @@ impl LinkEnds {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.ends.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

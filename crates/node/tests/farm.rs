@@ -910,7 +910,7 @@ async fn losing_the_sequencer_keeps_the_epoch_and_loses_nothing() {
             .expect("published");
     }
     eprintln!(
-        "sequencer {sequencer} lost: 5 publishes acknowledged {:?} later (failure timeout 1 s)",
+        "sequencer {sequencer} lost: 5 publishes acknowledged {:?} later (failure timeout 1 s; its links reset at once)",
         dropped.elapsed()
     );
     for i in 1..=10 {
@@ -921,6 +921,12 @@ async fn losing_the_sequencer_keeps_the_epoch_and_loses_nothing() {
         );
     }
     nothing_more(&mut sub).await;
+    // Once the farm lists the dead node DOWN, every view agrees: the replica sequences now.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while placement(&nodes[0], &topic).await.0 != replica {
+        assert!(Instant::now() < deadline, "the replica took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         placement(&nodes[0], &topic).await.0,
         replica,

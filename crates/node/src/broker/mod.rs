@@ -147,6 +147,7 @@ impl Broker {
         relay: Arc<dyn Relay>,
         farm: watch::Receiver<FarmList>,
         peers: watch::Receiver<crate::relay::Peers>,
+        link_ends: Arc<crate::relay::LinkEnds>,
         limits: Limits,
         publish_timeout: Duration,
         cancel: CancellationToken,
@@ -156,6 +157,7 @@ impl Broker {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let live = live_nodes(&farm.borrow());
+        let link_changes = link_ends.watch();
         let core = Core {
             me,
             run,
@@ -167,6 +169,8 @@ impl Broker {
             placements: std::cell::RefCell::default(),
             farm,
             peers,
+            link_ends,
+            link_changes,
             chains: HashMap::new(),
             pending: HashMap::new(),
             pending_bytes: 0,
@@ -425,6 +429,9 @@ struct Core {
     /// The membership's peers: a node claims nothing before it has heard from the farm (it
     /// would find no history, and start a new epoch beside the farm's).
     peers: watch::Receiver<crate::relay::Peers>,
+    /// Peers whose relay links ended by their side: left out of placements until linked again.
+    link_ends: Arc<crate::relay::LinkEnds>,
+    link_changes: watch::Receiver<u64>,
     /// Live nodes of the farm list, this one included while it is not `DOWN`.
     live: Vec<String>,
     /// Placements computed on `live` (cleared whenever it changes).
@@ -527,6 +534,12 @@ impl Core {
                 _ = tick.tick() => { self.tick(); None }
                 changed = self.farm.changed() => {
                     if changed.is_err() { break }
+                    self.view_changed();
+                    None
+                }
+                changed = self.link_changes.changed() => {
+                    if changed.is_err() { break }
+                    self.link_changes.mark_unchanged();
                     self.view_changed();
                     None
                 }
@@ -1310,7 +1323,10 @@ impl Core {
 
     /// The farm list changed: follow the new placements.
     fn view_changed(&mut self) {
-        let live = live_nodes(&self.farm.borrow_and_update());
+        let mut live = live_nodes(&self.farm.borrow_and_update());
+        // A peer whose links its side reset is as good as gone: its process is (a hung or cut-off
+        // peer keeps them open, and waits for the failure timeout).
+        live.retain(|n| *n == self.me || !self.link_ends.is_ended(n));
         if live == self.live {
             return;
         }
