@@ -21,9 +21,6 @@
 //! replica holds it, so losing any one node loses no message that a client may have seen:
 //! - the **replica** dies: the sequencer sends its whole log to the next replica (`sync`), which
 //!   sends on the newest message; nodes that see a hole fetch it;
-//! A node leaves the placements when the farm lists it `DOWN`, or at once when its relay links
-//! were reset or refused by its side (a killed process's kernel does that; a hung or cut-off node
-//! only falls silent, and waits for the failure timeout).
 //! - the **sequencer** dies: its replica is, by rendezvous hashing, the new sequencer, and already
 //!   holds every message that went out. It **claims** the topic: every live node stops accepting
 //!   the topic from older sequencers (a *term*) and sends back what it holds; the claimant
@@ -32,6 +29,10 @@
 //!   already sequenced by their [`PublishId`] and does not number them twice;
 //! - a node **returns** or **joins** and ranks first: it claims the topic the same way, from the
 //!   node that sequenced it meanwhile.
+//!
+//! A node leaves the placements when the farm lists it `DOWN`, or at once when its relay links
+//! were reset or refused by its side (a killed process's kernel does that; a hung or cut-off node
+//! only falls silent, and waits for the failure timeout).
 //!
 //! A new epoch starts only when a claim finds no node holding the topic: its history is truly
 //! gone. Cost on the publish path: up to three hops between nodes (origin → sequencer →
