@@ -540,9 +540,14 @@ impl Hub {
 
     /// What this node holds of `topic` (for a claim), if it knows the topic's position.
     pub(crate) fn state(&self, topic: &str, after: Option<u64>) -> Option<LogState> {
+        self.with_log(topic, |log| LogState::of(log, after))
+    }
+
+    /// `f` of the stream of `topic`, if this node knows the topic's position.
+    pub(crate) fn with_log<R>(&self, topic: &str, f: impl FnOnce(&Log) -> R) -> Option<R> {
         let map = self.read_topics();
         let stream = lock(&map.get(topic)?.stream);
-        stream.log.as_ref().map(|log| LogState::of(log, after))
+        stream.log.as_ref().map(f)
     }
 
     /// The position of every topic's stream that has one.

@@ -136,31 +136,9 @@ async fn send(ws: &mut Ws, frame: &ClientFrame) {
 
 /// Connects, reads hello + farm, subscribes to `topic` and waits for `subscribed`.
 async fn subscriber(node: &NodeHandle, topic: &str) -> Ws {
-    let mut ws = connect(node).await;
-    assert!(matches!(
-        next_frame(&mut ws).await,
-        ServerFrame::Hello { .. }
-    ));
-    assert!(matches!(next_frame(&mut ws).await, ServerFrame::Farm(_)));
-    send(
-        &mut ws,
-        &ClientFrame::Sub {
-            topics: vec![topic.into()],
-            positions: Default::default(),
-        },
-    )
-    .await;
-    match next_frame(&mut ws).await {
-        ServerFrame::Subscribed { topics, positions } => {
-            assert_eq!(topics, vec![topic.to_string()]);
-            assert!(
-                positions.contains_key(topic),
-                "a position even before any message"
-            );
-        }
-        other => panic!("expected subscribed, got {other:?}"),
-    }
-    ws
+    // `resume` fails the test unless `subscribed` gives the topic a position, even before any
+    // message was published.
+    resume(node, topic, None).await.0
 }
 
 /// The close code the server ends the stream with, skipping other frames.
@@ -727,8 +705,11 @@ async fn resume(node: &NodeHandle, topic: &str, after: Option<Position>) -> (Ws,
     )
     .await;
     match next_frame(&mut ws).await {
-        ServerFrame::Subscribed { positions, .. } => {
-            let at = positions[topic];
+        ServerFrame::Subscribed { topics, positions } => {
+            assert_eq!(topics, vec![topic.to_string()]);
+            let at = *positions
+                .get(topic)
+                .expect("a position, even before any message");
             (ws, at)
         }
         other => panic!("expected subscribed, got {other:?}"),

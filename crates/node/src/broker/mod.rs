@@ -1264,14 +1264,7 @@ impl Core {
 
     /// Answers a fetch from the replica log, or else the stream this node delivers.
     fn answer_fetch(&mut self, to: &str, topic: &str, request: u64, after: Option<Position>) {
-        let of = |log: &Log| {
-            let from = match after {
-                Some(p) if p.epoch == log.epoch() => Some(p.offset),
-                Some(_) => None,
-                None => Some(log.position().offset),
-            };
-            LogState::of(log, from)
-        };
+        let of = |log: &Log| LogState::answering(log, after);
         let chain = self.chains.get(topic);
         let state = match (
             chain.and_then(|c| c.stored.as_ref()),
@@ -1286,10 +1279,7 @@ impl Core {
                 state.last = seq.replicated;
                 Some(state)
             }
-            (None, None) => self.hub.state(topic, None).map(|s| {
-                let log = log_from_state(topic, &s);
-                of(&log)
-            }),
+            (None, None) => self.hub.with_log(topic, of),
         };
         self.send(
             to,

@@ -111,6 +111,18 @@ pub(crate) enum PeerFrame {
 }
 
 impl LogState {
+    /// What a fetch asking for the messages after `after` gets of `log`: those after it in the
+    /// same epoch; all that is held when `after` is of another epoch (it was lost); none, just
+    /// the position, when `after` is `None`.
+    pub(crate) fn answering(log: &Log, after: Option<Position>) -> Self {
+        let from = match after {
+            Some(p) if p.epoch == log.epoch() => Some(p.offset),
+            Some(_) => None,
+            None => Some(log.position().offset),
+        };
+        LogState::of(log, from)
+    }
+
     /// A log's state with the entries after `after` (all when `None`).
     pub(crate) fn of(log: &Log, after: Option<u64>) -> Self {
         LogState {
