@@ -13,10 +13,13 @@
 //! - [`selection`] — the policies (`patent`, `random`, `least-users`, `p2c`, `waterfill`) as pure
 //!   functions of (list, exclusions, RNG, and for `waterfill` the list's age), with exact
 //!   probabilities and an explanation.
+//! - [`balance`] — active rebalancing: every server's fair share of the list and who moves how many
+//!   clients where, computed alike by every node, the CLI and the simulator.
 //! - [`protocol`] — the JSON frames exchanged on the streaming WebSocket (see `docs/PROTOCOL.md`).
 //!
 //! It must not touch sockets, files or time: callers pass those in.
 
+pub mod balance;
 pub mod encoding;
 pub mod model;
 pub mod protocol;
