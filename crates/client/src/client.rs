@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 use crate::address::{Endpoint, Resolver, ServiceAddress, Target};
 use crate::connection::{self, Conn, Incoming};
 use crate::error::Error;
-use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice};
+use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice, State};
 use crate::options::ClientOptions;
 use crate::topics::{TopicNotice, Topics};
 
@@ -55,6 +55,28 @@ pub enum Event {
         to: String,
         /// From the loss to being subscribed again.
         took: Duration,
+    },
+    /// Moved from `from` to `to` at `from`'s request (rebalancing, drain, shutdown),
+    /// make-before-break: `to` was subscribed and caught up before `from` was closed, so nothing
+    /// was missed and nothing is delivered twice. `took`: from the request to the switch.
+    Migrated {
+        /// The server left.
+        from: String,
+        /// The server now connected.
+        to: String,
+        /// Why `from` asked (`rebalance`, `drain`, `shutdown`).
+        reason: String,
+        /// From the request to the switch.
+        took: Duration,
+    },
+    /// A migration could not connect to `to`: the client stays on `server` for now.
+    MigrationFailed {
+        /// The server the client stays on.
+        server: String,
+        /// The server it could not reach.
+        to: String,
+        /// What went wrong.
+        error: String,
     },
     /// After a failover (or any resubscription), every message of `topic` published while the
     /// client was away has been received: `count` of them, in order, before any newer one. A
@@ -323,11 +345,60 @@ struct Live {
     list_at: Instant,
 }
 
+/// What the established connection's events mean for the machine.
+enum LiveOutcome {
+    /// The connection is over.
+    Lost(LossCause),
+    /// The server asked the client to move.
+    Migrate { to: Option<String>, reason: String },
+}
+
 /// What happened on the established connection.
 enum LiveEvent {
     Message(Option<Result<tokio_tungstenite::tungstenite::Message, String>>),
     TimedOut,
     SendFailed(String),
+}
+
+/// A migration's new connection once subscribed, until it takes over from the old one.
+struct Arriving {
+    /// What it sent since subscribing (`subscribed` first), delivered once it takes over.
+    buffer: Vec<ServerFrame>,
+    /// Per topic, the position it starts its live delivery after: once the old connection has
+    /// delivered up to there, the new one has everything after it.
+    until: BTreeMap<String, Position>,
+    /// It takes over by then, caught up or not (its `subscribed` positions then recover
+    /// whatever the old connection did not deliver).
+    deadline: Instant,
+}
+
+/// Longest a migration waits for the old connection to catch up with the new one.
+const CATCH_UP: Duration = Duration::from_secs(5);
+/// Most frames a migration's new connection holds back while the old one catches up.
+const MAX_ARRIVING_FRAMES: usize = 65_536;
+
+/// Whether the client already has everything up to `until`, the new connection's start.
+#[derive(Debug, PartialEq, Eq)]
+enum CatchUp {
+    Done,
+    Waiting,
+    /// A topic moved to another epoch: the old connection will never get there.
+    Never,
+}
+
+fn catch_up(topics: &Topics, until: &BTreeMap<String, Position>) -> CatchUp {
+    let mut state = CatchUp::Done;
+    for (topic, start) in until {
+        if !topics.contains(topic) || start.offset == 0 {
+            continue;
+        }
+        match topics.position(topic) {
+            Some(held) if held.epoch != start.epoch => return CatchUp::Never,
+            Some(held) if held.offset >= start.offset => {}
+            _ => state = CatchUp::Waiting,
+        }
+    }
+    state
 }
 
 struct Driver {
@@ -351,7 +422,34 @@ impl Driver {
         let mut live: Option<Live> = None;
         // Messages that arrived while subscribing, delivered once `Connected` is out.
         let mut backlog: Vec<ServerFrame> = Vec::new();
+        // A migration's new connection, subscribed, while the old one catches up with it.
+        let mut arriving_live: Option<Live> = None;
+        let mut arriving: Option<Arriving> = None;
         loop {
+            // The migration's new connection takes over once the old one caught up with it (or
+            // at its deadline, or when the old one is gone).
+            if let Some(pending) = &arriving {
+                let state = catch_up(self.machine.topics(), &pending.until);
+                let overdue = Instant::now() >= pending.deadline
+                    || pending.buffer.len() >= MAX_ARRIVING_FRAMES
+                    || live.is_none();
+                if state != CatchUp::Waiting || overdue {
+                    let pending = arriving.take().expect("checked above");
+                    if let Some(new) = arriving_live.take() {
+                        let server = new.server.clone();
+                        if let Some(old) = live.replace(new) {
+                            tokio::spawn(connection::close(old.conn.ws));
+                        }
+                        // Caught up: the new connection's `subscribed` has nothing to recover.
+                        let caught_up = state == CatchUp::Done;
+                        backlog.extend(pending.buffer.into_iter().filter(|frame| {
+                            !(caught_up && matches!(frame, ServerFrame::Subscribed { .. }))
+                        }));
+                        actions.extend(self.machine.handle(Input::Migrated { server }, now_std()));
+                        continue;
+                    }
+                }
+            }
             while let Some(action) = actions.pop_front() {
                 match action {
                     Action::FetchList(source) => {
@@ -376,10 +474,12 @@ impl Driver {
                         } else {
                             None
                         };
+                        let way =
+                            reused.map_or(Way::Dial, |conn| Way::ListConnection(Box::new(conn)));
                         operation = Some(Box::pin(connect(
                             self.dials.clone(),
                             server,
-                            reused,
+                            way,
                             self.machine.topics().clone(),
                             self.resolver.clone(),
                             self.options.source_address,
@@ -388,6 +488,17 @@ impl Driver {
                             } else {
                                 self.options.connect_timeout
                             },
+                        )));
+                    }
+                    Action::Migrate { server } => {
+                        operation = Some(Box::pin(connect(
+                            self.dials.clone(),
+                            server,
+                            Way::Migration,
+                            self.machine.topics().clone(),
+                            self.resolver.clone(),
+                            self.options.source_address,
+                            self.options.connect_timeout,
                         )));
                     }
                     Action::DropListConnection => {
@@ -405,6 +516,9 @@ impl Driver {
                     }
                     Action::Close => {
                         self.server.send_replace(None);
+                        if let Some(arriving) = arriving_live.take() {
+                            tokio::spawn(connection::close(arriving.conn.ws));
+                        }
                         if let Some(live) = live.take() {
                             connection::close(live.conn.ws).await;
                         }
@@ -429,14 +543,18 @@ impl Driver {
                     Some(Command::Subscribe(topics)) => {
                         let topics = self.machine.topics_mut().subscribe(topics);
                         if !topics.is_empty() {
-                            send_on(&mut live, ClientFrame::Sub { topics, positions: BTreeMap::new() }).await;
+                            let sub = ClientFrame::Sub { topics, positions: BTreeMap::new() };
+                            send_on(&mut arriving_live, sub.clone()).await;
+                            send_on(&mut live, sub).await;
                         }
                         continue;
                     }
                     Some(Command::Unsubscribe(topics)) => {
                         let topics = self.machine.topics_mut().unsubscribe(topics);
                         if !topics.is_empty() {
-                            send_on(&mut live, ClientFrame::Unsub { topics }).await;
+                            let unsub = ClientFrame::Unsub { topics };
+                            send_on(&mut arriving_live, unsub.clone()).await;
+                            send_on(&mut live, unsub).await;
                         }
                         continue;
                     }
@@ -456,22 +574,11 @@ impl Driver {
                         Done::List(Err(err)) => Input::ListFailed { error: err.to_string() },
                         Done::Connect { server, result: Ok(Subscribed { conn, topics, early }) } => {
                             let list = Some(conn.list.clone());
-                            let now = Instant::now();
-                            let timeout = self
-                                .options
-                                .heartbeat_timeout
-                                .unwrap_or(conn.hello.heartbeat_timeout);
-                            live = Some(Live {
-                                interval: conn.hello.heartbeat_interval,
-                                timeout,
-                                list_refresh: self.options.list_refresh,
-                                list_at: now,
-                                conn,
-                                server: server.clone(),
-                                last_received: now,
-                                last_sent: now,
-                            });
-                            backlog = early;
+                            let migrating = matches!(
+                                self.machine.state(),
+                                State::Migrating { to, .. } if *to == server
+                            );
+                            let mut new = Some(self.live(conn, server.clone()));
                             // The application may have changed its topics while this connection
                             // was being made.
                             let now_topics = self.machine.topics();
@@ -480,11 +587,35 @@ impl Driver {
                             let removed: Vec<String> =
                                 topics.into_iter().filter(|t| !now_topics.contains(t)).collect();
                             if !added.is_empty() {
-                                send_on(&mut live, ClientFrame::Sub { topics: added, positions: BTreeMap::new() }).await;
+                                send_on(&mut new, ClientFrame::Sub { topics: added, positions: BTreeMap::new() }).await;
                             }
                             if !removed.is_empty() {
-                                send_on(&mut live, ClientFrame::Unsub { topics: removed }).await;
+                                send_on(&mut new, ClientFrame::Unsub { topics: removed }).await;
                             }
+                            if migrating {
+                                // Make-before-break: the old connection keeps delivering until it
+                                // has caught up with where this one starts.
+                                let until = early
+                                    .iter()
+                                    .filter_map(|frame| match frame {
+                                        ServerFrame::Subscribed { positions, .. } => Some(positions.clone()),
+                                        _ => None,
+                                    })
+                                    .flatten()
+                                    .collect();
+                                arriving_live = new;
+                                arriving = Some(Arriving {
+                                    buffer: early,
+                                    until,
+                                    deadline: Instant::now() + CATCH_UP,
+                                });
+                                if let Some(list) = list {
+                                    self.list_updated(list);
+                                }
+                                continue;
+                            }
+                            live = new;
+                            backlog = early;
                             Input::Connected { server, list }
                         }
                         Done::Connect { server, result: Err(err) } => Input::ConnectFailed {
@@ -501,10 +632,26 @@ impl Driver {
                 event = watch_live(&mut live) => {
                     let server = live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
                     match self.on_live_event(event, &mut live).await {
-                        Some(cause) => {
+                        Some(LiveOutcome::Lost(cause)) => {
                             // The connection is over whatever the machine decides: drop it.
                             live = None;
+                            if arriving.is_some() {
+                                // A migration's new connection is up: it takes over now.
+                                continue;
+                            }
                             Input::Lost { server, cause }
+                        }
+                        Some(LiveOutcome::Migrate { to, reason }) => Input::MigrateAsked { server, to, reason },
+                        None => continue,
+                    }
+                },
+                event = watch_live(&mut arriving_live) => {
+                    let server = arriving_live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
+                    match self.on_arriving_event(event, &mut arriving_live, arriving.as_mut()).await {
+                        Some(error) => {
+                            arriving_live = None;
+                            arriving = None;
+                            Input::ConnectFailed { server, error, elsewhere: false }
                         }
                         None => continue,
                     }
@@ -514,24 +661,82 @@ impl Driver {
         }
     }
 
-    /// Handles what the live connection produced; returns the cause when the connection is over.
+    /// A new `Live` over `conn` to `server`, its heartbeats starting now.
+    fn live(&self, conn: Conn, server: String) -> Live {
+        let now = Instant::now();
+        let timeout = self
+            .options
+            .heartbeat_timeout
+            .unwrap_or(conn.hello.heartbeat_timeout);
+        Live {
+            interval: conn.hello.heartbeat_interval,
+            timeout,
+            list_refresh: self.options.list_refresh,
+            list_at: now,
+            conn,
+            server,
+            last_received: now,
+            last_sent: now,
+        }
+    }
+
+    /// Handles what a migration's new connection produced before it took over: frames are held
+    /// back in `arriving`; returns what went wrong when the connection is over.
+    async fn on_arriving_event(
+        &mut self,
+        event: LiveEvent,
+        conn: &mut Option<Live>,
+        arriving: Option<&mut Arriving>,
+    ) -> Option<String> {
+        let message = match event {
+            LiveEvent::TimedOut => return Some("heartbeat timeout".to_string()),
+            LiveEvent::SendFailed(err) | LiveEvent::Message(Some(Err(err))) => return Some(err),
+            LiveEvent::Message(None) => return Some("connection ended".to_string()),
+            LiveEvent::Message(Some(Ok(message))) => message,
+        };
+        match connection::decode(message) {
+            Incoming::Closed { code, reason } => {
+                return Some(LossCause::Closed { code, reason }.to_string());
+            }
+            Incoming::Frame(ServerFrame::Ping { id }) => {
+                send_on(conn, ClientFrame::Pong { id }).await;
+            }
+            Incoming::Frame(ServerFrame::Farm(list)) => self.list_updated(list),
+            // A request to move again waits until this connection has taken over.
+            Incoming::Frame(ServerFrame::Migrate { .. }) => {}
+            Incoming::Frame(frame) => {
+                if let Some(arriving) = arriving {
+                    arriving.buffer.push(frame);
+                }
+            }
+            Incoming::Nothing | Incoming::Invalid(_) => {}
+        }
+        None
+    }
+
+    /// Handles what the live connection produced: the end of the connection, or a request to
+    /// move, for the machine.
     async fn on_live_event(
         &mut self,
         event: LiveEvent,
         live: &mut Option<Live>,
-    ) -> Option<LossCause> {
+    ) -> Option<LiveOutcome> {
+        let lost = |cause| Some(LiveOutcome::Lost(cause));
         let message = match event {
-            LiveEvent::TimedOut => return Some(LossCause::HeartbeatTimeout),
-            LiveEvent::SendFailed(err) => return Some(LossCause::Broken(err)),
+            LiveEvent::TimedOut => return lost(LossCause::HeartbeatTimeout),
+            LiveEvent::SendFailed(err) => return lost(LossCause::Broken(err)),
             LiveEvent::Message(None) => {
-                return Some(LossCause::Broken("connection ended".to_string()));
+                return lost(LossCause::Broken("connection ended".to_string()));
             }
-            LiveEvent::Message(Some(Err(err))) => return Some(LossCause::Broken(err)),
+            LiveEvent::Message(Some(Err(err))) => return lost(LossCause::Broken(err)),
             LiveEvent::Message(Some(Ok(message))) => message,
         };
         let server = live.as_ref()?.server.clone();
         match connection::decode(message) {
-            Incoming::Closed { code, reason } => return Some(LossCause::Closed { code, reason }),
+            Incoming::Closed { code, reason } => return lost(LossCause::Closed { code, reason }),
+            Incoming::Frame(ServerFrame::Migrate { to, reason, .. }) => {
+                return Some(LiveOutcome::Migrate { to, reason });
+            }
             Incoming::Nothing => {}
             Incoming::Invalid(detail) => warn!(server = %server, %detail, "ignored a frame"),
             Incoming::Frame(ServerFrame::Ping { id }) => {
@@ -664,6 +869,25 @@ impl Driver {
                 debug!(from = %from, to = %to, ?took, "failed over");
                 vec![Event::FailedOver { from, to, took }]
             }
+            Notice::Migrated {
+                from,
+                to,
+                reason,
+                took,
+            } => {
+                debug!(from = %from, to = %to, %reason, ?took, "migrated");
+                self.server.send_replace(Some(to.clone()));
+                vec![Event::Migrated {
+                    from,
+                    to,
+                    reason,
+                    took,
+                }]
+            }
+            Notice::MigrationFailed { server, to, error } => {
+                debug!(server = %server, to = %to, %error, "migration failed");
+                vec![Event::MigrationFailed { server, to, error }]
+            }
             Notice::Retrying { reason, delay } => {
                 debug!(%reason, ?delay, "retrying");
                 vec![Event::Retrying { reason, delay }]
@@ -780,17 +1004,32 @@ async fn send_on(live: &mut Option<Live>, frame: ClientFrame) {
 /// Subscribing may take this many connect timeouts.
 const SUBSCRIBE_TIMEOUT_FACTOR: u32 = 3;
 
+/// How a connection to the chosen server comes about.
+enum Way {
+    /// A new dial.
+    Dial,
+    /// The connection the list came over, already open to that server.
+    ListConnection(Box<Conn>),
+    /// A new dial, as the new end of a migration (its `hello` says so).
+    Migration,
+}
+
 /// Connects to `server` (or uses the list connection it already has) and subscribes the topics,
 /// each from the position held in it.
 async fn connect(
     dials: Arc<DialCounters>,
     server: String,
-    reused: Option<Conn>,
+    way: Way,
     subscription: Topics,
     resolver: Resolver,
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> Done {
+    let migrating = matches!(way, Way::Migration);
+    let reused = match way {
+        Way::ListConnection(conn) => Some(*conn),
+        Way::Dial | Way::Migration => None,
+    };
     let was_reused = reused.is_some();
     let topics = subscription.names();
     let positions = subscription.positions();
@@ -810,7 +1049,7 @@ async fn connect(
         let allowed = timeout.saturating_mul(SUBSCRIBE_TIMEOUT_FACTOR);
         let early = tokio::time::timeout(
             allowed,
-            connection::subscribe(&mut conn, &topics, &positions),
+            connection::subscribe(&mut conn, &topics, &positions, migrating),
         )
         .await
         .map_err(|_| Error::TimedOut {

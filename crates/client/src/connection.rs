@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use streamfarm_core::FarmList;
-use streamfarm_core::protocol::{ClientFrame, Position, ServerFrame};
+use streamfarm_core::protocol::{ClientFrame, Position, ServerFrame, feature};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
@@ -143,9 +143,18 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     topics: &[String],
     positions: &BTreeMap<String, Position>,
+    migrating: bool,
 ) -> Result<Vec<ServerFrame>, Error> {
     let url = conn.hello.url.clone();
     let mut early = Vec::new();
+    // What this client can do: the node moves it with `migrate` frames rather than closes.
+    let hello = ClientFrame::Hello {
+        features: vec![feature::MIGRATE.to_string()],
+        migrating,
+    };
+    send(&mut conn.ws, &hello)
+        .await
+        .map_err(|e| ws_error(&url, e))?;
     if topics.is_empty() {
         return Ok(early);
     }
@@ -403,6 +412,13 @@ pub(crate) mod tests {
         let topics = vec!["t1".to_string(), "t2".to_string()];
         let at = Position::new(streamfarm_core::protocol::Epoch(3), 9);
         let node_task = tokio::spawn(async move {
+            assert_eq!(
+                node_reads(&mut node).await,
+                ClientFrame::Hello {
+                    features: vec!["migrate".into()],
+                    migrating: false
+                }
+            );
             let sub = node_reads(&mut node).await;
             assert_eq!(
                 sub,
@@ -446,7 +462,9 @@ pub(crate) mod tests {
         });
         // A position for a topic not subscribed here is not sent.
         let positions = BTreeMap::from([("t2".to_string(), at), ("gone".to_string(), at)]);
-        let early = subscribe(&mut conn, &topics, &positions).await.unwrap();
+        let early = subscribe(&mut conn, &topics, &positions, false)
+            .await
+            .unwrap();
         assert!(
             matches!(&early[..], [ServerFrame::Subscribed { .. }, ServerFrame::Msg { data, .. }, ServerFrame::Subscribed { .. }] if data == "early"),
             "{early:?}"
@@ -468,7 +486,7 @@ pub(crate) mod tests {
             },
         )
         .await;
-        let err = subscribe(&mut conn, &["".to_string()], &BTreeMap::new())
+        let err = subscribe(&mut conn, &["".to_string()], &BTreeMap::new(), false)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("bad_topic"), "{err}");

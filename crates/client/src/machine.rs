@@ -191,6 +191,22 @@ pub enum Input {
     },
     /// The connected server sent a newer list.
     ListUpdated(FarmList),
+    /// The connected server asked the client to move (a `migrate` frame): to `to`, or to a
+    /// server of the client's choosing.
+    MigrateAsked {
+        /// The server asking (the connected one).
+        server: String,
+        /// Where to, when the server named it.
+        to: Option<String>,
+        /// The frame's reason (`rebalance`, `drain`, `shutdown`).
+        reason: String,
+    },
+    /// The migration's new connection is subscribed and caught up, and the old one closed: the
+    /// client now streams from `server`.
+    Migrated {
+        /// The new server's url.
+        server: String,
+    },
     /// The timer of an [`Action::Sleep`] ran out.
     TimerFired {
         /// The `timer` of that action.
@@ -218,6 +234,14 @@ pub enum Action {
         /// connect timeout (a server that was fine a moment ago answers at once or not at all;
         /// a dying one can leave a SYN unanswered until the timeout).
         retry: bool,
+    },
+    /// Make-before-break: connect to `server` and subscribe every topic from its position, as a
+    /// migration (the old connection stays open and keeps delivering); report
+    /// [`Input::Migrated`] once the new connection has caught up and the old one is closed, or
+    /// [`Input::ConnectFailed`].
+    Migrate {
+        /// The new server's url.
+        server: String,
     },
     /// Close the held list connection (its server was not picked, or the round is over).
     DropListConnection,
@@ -259,6 +283,28 @@ pub enum Notice {
         /// From the loss to being subscribed again.
         took: Duration,
     },
+    /// Moved from `from` to `to` at `from`'s request, make-before-break: `took` from the request
+    /// to streaming from `to`.
+    Migrated {
+        /// The server left.
+        from: String,
+        /// The server now connected.
+        to: String,
+        /// Why the old server asked (`rebalance`, `drain`, `shutdown`).
+        reason: String,
+        /// From the request to the switch.
+        took: Duration,
+    },
+    /// A migration's new connection failed: the client stays on `server` (which closes it with
+    /// `4000` at its deadline if it still wants it gone).
+    MigrationFailed {
+        /// The server the client stays on.
+        server: String,
+        /// The server it could not move to.
+        to: String,
+        /// What went wrong.
+        error: String,
+    },
     /// A round found no server; the next starts after `delay`.
     Retrying {
         /// Why the round failed.
@@ -291,6 +337,17 @@ pub enum State {
     Connected {
         /// The server's url.
         server: String,
+    },
+    /// Connected to `from`, and connecting to `to` to move there (see [`Action::Migrate`]).
+    Migrating {
+        /// The connected server.
+        from: String,
+        /// The server moving to.
+        to: String,
+        /// Why `from` asked.
+        reason: String,
+        /// When it asked.
+        since: Instant,
     },
     /// Backing off before the next round.
     Waiting {
@@ -524,6 +581,82 @@ impl Machine {
                     };
                 }
             }
+            (
+                State::Connected { server },
+                Input::MigrateAsked {
+                    server: asking,
+                    to,
+                    reason,
+                },
+            ) if server == asking => match self.migration_target(&server, to, now) {
+                Some(to) => {
+                    actions.push(Action::Migrate { server: to.clone() });
+                    self.state = State::Migrating {
+                        from: server,
+                        to,
+                        reason,
+                        since: now,
+                    };
+                }
+                // Nowhere to go: stay; the server closes the connection at its deadline and the
+                // failover takes over then.
+                None => self.state = State::Connected { server },
+            },
+            (
+                State::Migrating {
+                    from,
+                    to,
+                    reason,
+                    since,
+                },
+                Input::Migrated { server },
+            ) if server == to => {
+                self.round = 0;
+                actions.push(Action::Notify(Notice::Migrated {
+                    from,
+                    to: to.clone(),
+                    reason,
+                    took: now.saturating_duration_since(since),
+                }));
+                self.state = State::Connected { server: to };
+            }
+            (
+                State::Migrating { from, to, .. },
+                Input::ConnectFailed {
+                    server: failed,
+                    error,
+                    ..
+                },
+            ) if failed == to => {
+                self.exclude(to.clone(), now);
+                actions.push(Action::Notify(Notice::MigrationFailed {
+                    server: from.clone(),
+                    to,
+                    error,
+                }));
+                self.state = State::Connected { server: from };
+            }
+            (
+                State::Migrating { from, to, .. },
+                Input::Lost {
+                    server: lost,
+                    cause,
+                },
+            ) if lost == from => {
+                // The old connection ended before the new one was up: the migration's connect
+                // goes on as the failover's.
+                self.away = Some((from.clone(), now));
+                self.topics.on_lost();
+                self.exclude(from.clone(), now);
+                actions.push(Action::Notify(Notice::Disconnected {
+                    server: from,
+                    cause,
+                }));
+                self.state = State::Connecting {
+                    server: to,
+                    retry: false,
+                };
+            }
             (State::Waiting { timer }, Input::TimerFired { timer: fired }) if timer == fired => {
                 self.request_list(now, &mut actions);
             }
@@ -699,6 +832,21 @@ impl Machine {
             .cloned()
             .collect();
         (listed, known)
+    }
+
+    /// Where to move from `from`: the server named, unless the client just failed to reach it;
+    /// else the policy's pick on the last list, without `from`.
+    fn migration_target(&mut self, from: &str, to: Option<String>, now: Instant) -> Option<String> {
+        let mut exclude = self.excluded(now);
+        if let Some(to) = to.filter(|to| to != from && !exclude.contains(to)) {
+            return Some(to);
+        }
+        exclude.push(from.to_string());
+        let list = self.last_list.as_ref()?;
+        let context = Context::with_age(Duration::ZERO);
+        selection::choose_with(self.config.policy, list, &exclude, &context, &mut self.rng)
+            .ok()
+            .map(|choice| list.servers[choice.index].url.clone())
     }
 
     fn exclude(&mut self, server: String, now: Instant) {

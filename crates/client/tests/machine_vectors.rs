@@ -77,6 +77,14 @@ fn input(v: &Value) -> Input {
             server: text(v, "server"),
             cause: cause(&v["cause"]),
         },
+        "migrate_asked" => Input::MigrateAsked {
+            server: text(v, "server"),
+            to: v["to"].as_str().map(str::to_string),
+            reason: text(v, "reason"),
+        },
+        "migrated" => Input::Migrated {
+            server: text(v, "server"),
+        },
         "timer_fired" => Input::TimerFired {
             timer: v["timer"].as_u64().expect("timer"),
         },
@@ -109,6 +117,7 @@ fn action_json(action: &Action, expected: &Value) -> Value {
             retry,
         } => json!({"type": "connect", "server": server,
             "reuse_list_connection": reuse_list_connection, "retry": retry}),
+        Action::Migrate { server } => json!({"type": "migrate", "server": server}),
         Action::DropListConnection => json!({"type": "drop_list_connection"}),
         Action::Sleep { delay, timer } => {
             json!({"type": "sleep", "timer": timer, "delay_below_ms": below(delay)})
@@ -122,6 +131,16 @@ fn action_json(action: &Action, expected: &Value) -> Value {
                 }
                 Notice::FailedOver { from, to, took } => json!({"type": "failed_over",
                     "from": from, "to": to, "took_ms": took.as_millis() as u64}),
+                Notice::Migrated {
+                    from,
+                    to,
+                    reason,
+                    took,
+                } => json!({"type": "migrated", "from": from, "to": to, "reason": reason,
+                    "took_ms": took.as_millis() as u64}),
+                Notice::MigrationFailed { server, to, .. } => {
+                    json!({"type": "migration_failed", "server": server, "to": to})
+                }
                 Notice::Retrying { delay, .. } => {
                     json!({"type": "retrying", "delay_below_ms": below(delay)})
                 }
@@ -144,6 +163,9 @@ fn state_json(machine: &Machine) -> Value {
             json!({"type": "connecting", "server": server, "retry": retry})
         }
         State::Connected { server } => json!({"type": "connected", "server": server}),
+        State::Migrating { from, to, .. } => {
+            json!({"type": "migrating", "from": from, "to": to})
+        }
         State::Waiting { timer } => json!({"type": "waiting", "timer": timer}),
         State::Stopped => json!({"type": "stopped"}),
     }

@@ -231,7 +231,7 @@ pub fn plan(list: &FarmList, tolerance: Tolerance) -> Plan {
 
 /// Splits `total` over `weights` in proportion, by largest remainder (ties: earlier first); never
 /// gives a slot more than its weight when `total` ≤ the sum of the weights.
-fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
+pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
     let sum: u128 = weights.iter().map(|&w| w as u128).sum();
     if sum == 0 || total == 0 {
         return vec![0; weights.len()];

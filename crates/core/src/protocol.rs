@@ -108,7 +108,8 @@ pub mod close {
     pub const POLICY_VIOLATION: u16 = 1008;
     /// A frame was larger than the node's maximum (RFC 6455 "message too big").
     pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The node is draining or rebalancing: reconnect to another server, do not retry this one.
+    /// The node is draining or rebalancing (or the client did not follow a `migrate` in time):
+    /// reconnect to another server, do not retry this one.
     pub const RECONNECT_ELSEWHERE: u16 = 4000;
     /// The client did not read fast enough; its send queue filled up.
     pub const SLOW_CONSUMER: u16 = 4001;
@@ -136,10 +137,28 @@ impl Encoding {
     }
 }
 
+/// What a client can do beyond the base protocol, named in its [`ClientFrame::Hello`].
+pub mod feature {
+    /// The client follows [`ServerFrame::Migrate`](super::ServerFrame::Migrate): it connects to
+    /// its new server, resumes there and only then closes the old connection. A node closes
+    /// clients without it with `4000` when it moves them.
+    pub const MIGRATE: &str = "migrate";
+}
+
 /// A frame from client to node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
+    /// Optional first frame: what the client can do (see [`feature`]), and whether this
+    /// connection is the new end of a migration.
+    Hello {
+        /// Features the client supports.
+        #[serde(default)]
+        features: Vec<String>,
+        /// This connection replaces one the client is moving away from, at its old node's request.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        migrating: bool,
+    },
     /// Subscribe to topics. The node answers with [`ServerFrame::Subscribed`].
     Sub {
         /// Topic names.
@@ -260,6 +279,20 @@ pub enum ServerFrame {
     Feed {
         /// The feed is whole again.
         complete: bool,
+    },
+    /// Move to another server (rebalancing, draining, shutdown): connect to `to` — or, without
+    /// it, to a server of the client's own choosing other than this one — resume every topic
+    /// there from its position, and close this connection once caught up. This node keeps
+    /// delivering meanwhile, and closes with `4000` after `deadline_ms`. Sent only to clients
+    /// that announced [`feature::MIGRATE`].
+    Migrate {
+        /// The server to move to (its streaming url).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        /// Why: `rebalance`, `drain`, `shutdown`.
+        reason: String,
+        /// How long this node waits for the client to leave before closing it with `4000`.
+        deadline_ms: u64,
     },
     /// A frame could not be served; the connection stays open unless a close follows.
     Error {

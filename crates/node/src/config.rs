@@ -100,9 +100,31 @@ pub struct NodeConfig {
     /// Period over which a `DRAINING` node closes its connections.
     #[serde(default = "default_drain_period_ms")]
     pub drain_period_ms: u64,
-    /// Period over which a node shutting down closes its connections.
+    /// Period over which a node shutting down moves (or closes) its connections.
     #[serde(default = "default_shutdown_drain_ms")]
     pub shutdown_drain_ms: u64,
+    /// How long shutdown waits, after the paced moves, for the clients told to move to leave
+    /// before it closes them with `1001`: with `shutdown_drain_ms`, the bound on a graceful stop.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// Whether this node moves its surplus clients to servers under their fair share (active
+    /// rebalancing, see `streamfarm_core::balance`).
+    #[serde(default = "default_true")]
+    pub rebalance: bool,
+    /// Most clients this node moves per second when rebalancing (jittered).
+    #[serde(default = "default_rebalance_rate")]
+    pub rebalance_rate: f64,
+    /// How far above its fair share a node may be, as a fraction of it, before it moves clients.
+    #[serde(default = "default_rebalance_tolerance")]
+    pub rebalance_tolerance: f64,
+    /// A connection younger than this is not moved, and a node that received a moved client
+    /// within it does not send any: no client is moved twice within it, and no node switches
+    /// from receiving to sending within it.
+    #[serde(default = "default_rebalance_cooldown_ms")]
+    pub rebalance_cooldown_ms: u64,
+    /// How long a client told to move (`migrate`) has to leave before it is closed with `4000`.
+    #[serde(default = "default_migrate_deadline_ms")]
+    pub migrate_deadline_ms: u64,
     /// Bearer token for `POST /admin/status`; without one the admin API is disabled.
     #[serde(default)]
     pub admin_token: Option<String>,
@@ -185,6 +207,21 @@ fn default_drain_period_ms() -> u64 {
 fn default_shutdown_drain_ms() -> u64 {
     1_000
 }
+fn default_shutdown_grace_ms() -> u64 {
+    5_000
+}
+fn default_rebalance_rate() -> f64 {
+    20.0
+}
+fn default_rebalance_tolerance() -> f64 {
+    0.03
+}
+fn default_rebalance_cooldown_ms() -> u64 {
+    10_000
+}
+fn default_migrate_deadline_ms() -> u64 {
+    10_000
+}
 fn default_cors_farm_origins() -> Vec<String> {
     vec!["*".to_string()]
 }
@@ -241,6 +278,12 @@ impl NodeConfig {
             allow_client_publish: true,
             drain_period_ms: default_drain_period_ms(),
             shutdown_drain_ms: default_shutdown_drain_ms(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+            rebalance: true,
+            rebalance_rate: default_rebalance_rate(),
+            rebalance_tolerance: default_rebalance_tolerance(),
+            rebalance_cooldown_ms: default_rebalance_cooldown_ms(),
+            migrate_deadline_ms: default_migrate_deadline_ms(),
             admin_token: None,
             dns: None,
             service_name: None,
@@ -297,6 +340,18 @@ impl NodeConfig {
         }
         if self.publish_timeout_ms < 100 {
             return invalid("publish_timeout_ms", "must be at least 100");
+        }
+        if !(self.rebalance_rate.is_finite() && self.rebalance_rate > 0.0) {
+            return invalid(
+                "rebalance_rate",
+                "must be a positive number of moves per second",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.rebalance_tolerance) {
+            return invalid("rebalance_tolerance", "must be a fraction between 0 and 1");
+        }
+        if self.migrate_deadline_ms < 100 {
+            return invalid("migrate_deadline_ms", "must be at least 100");
         }
         if let Some(url) = &self.url
             && !(url.starts_with("ws://") || url.starts_with("wss://"))
@@ -377,6 +432,18 @@ impl NodeConfig {
     /// See [`NodeConfig::shutdown_drain_ms`].
     pub fn shutdown_drain(&self) -> Duration {
         Duration::from_millis(self.shutdown_drain_ms)
+    }
+    /// See [`NodeConfig::shutdown_grace_ms`].
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+    /// See [`NodeConfig::rebalance_cooldown_ms`].
+    pub fn rebalance_cooldown(&self) -> Duration {
+        Duration::from_millis(self.rebalance_cooldown_ms)
+    }
+    /// See [`NodeConfig::migrate_deadline_ms`].
+    pub fn migrate_deadline(&self) -> Duration {
+        Duration::from_millis(self.migrate_deadline_ms)
     }
     /// The DNS responder's settings, when `dns` is set.
     pub fn dns_config(&self) -> Option<streamfarm_dns::DnsConfig> {

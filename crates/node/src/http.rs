@@ -7,6 +7,7 @@
 //! | `GET /farm` | the farm list: JSON, `?format=text\|xml\|js` (`?callback=` for js), or `Accept` |
 //! | `POST /publish/{topic}` | body = message, published farm-wide |
 //! | `GET /topics/{topic}` | the topic's sequencer, replica and (when delivered here) position |
+//! | `GET /rebalance` | the farm's rebalancing plan as this node sees it: targets, surpluses, flows, moves |
 //! | `POST /admin/status` | `UP`, `DOWN` or `DRAINING` (bearer token from config) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | the node's status; `503` while its gossip is down |
@@ -65,11 +66,16 @@ pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
             ),
         )
         .route("/topics/{topic}", get(topic_info))
+        .route("/rebalance", get(rebalance_plan))
         .route("/admin/status", post(admin_status))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .with_state(shared)
         .merge(web::router())
+}
+
+async fn rebalance_plan(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(crate::rebalance::view(&shared)).into_response()
 }
 
 async fn stream(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> Response {

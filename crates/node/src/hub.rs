@@ -126,6 +126,34 @@ impl Outlet {
     }
 }
 
+/// What the hub holds of one open connection besides its topics.
+#[derive(Debug)]
+struct Session {
+    outlet: Outlet,
+    opened: Instant,
+    /// The client announced the `migrate` feature.
+    migrates: bool,
+}
+
+/// The open connections, and those told to move.
+#[derive(Debug, Default)]
+struct Sessions {
+    open: HashMap<ConnId, Session>,
+    /// Connections told to move (a `migrate` sent, or a `4000` close), with when.
+    moving: HashMap<ConnId, Instant>,
+    /// When a moved client last arrived here.
+    last_migrant: Option<Instant>,
+}
+
+/// A connection picked to move.
+#[derive(Debug, Clone)]
+pub(crate) struct Mover {
+    pub(crate) id: ConnId,
+    pub(crate) outlet: Outlet,
+    /// It follows `migrate` frames (else it is closed with `4000`).
+    pub(crate) migrates: bool,
+}
+
 /// One topic as this node delivers it: who receives it, and the stream they receive.
 #[derive(Debug, Default)]
 struct Topic {
@@ -180,8 +208,8 @@ pub(crate) struct Hub {
     /// topic → its subscribers and stream. Read-locked by every delivery, write-locked by
     /// (un)subscribing, so that a connection joins a topic's stream between two messages.
     topics: RwLock<HashMap<String, Topic>>,
-    /// Every open connection, so drain and shutdown can close them.
-    sessions: Mutex<HashMap<ConnId, Closer>>,
+    /// Every open connection, so rebalancing, drain and shutdown can move or close them.
+    sessions: Mutex<Sessions>,
     next_id: AtomicU64,
     /// Bumped whenever the set of subscribed topics changes.
     interest_tx: watch::Sender<u64>,
@@ -193,7 +221,7 @@ impl Hub {
     pub(crate) fn new(metrics: Arc<Metrics>, limits: Limits) -> Self {
         Hub {
             topics: RwLock::new(HashMap::new()),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             next_id: AtomicU64::new(1),
             interest_tx: watch::channel(0).0,
             metrics,
@@ -206,30 +234,112 @@ impl Hub {
     }
 
     /// Registers a new connection; it counts as a user until [`Hub::unregister`].
-    pub(crate) fn register(&self, closer: Closer) -> ConnId {
+    pub(crate) fn register(&self, outlet: Outlet) -> ConnId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock_sessions().insert(id, closer);
+        let session = Session {
+            outlet,
+            opened: Instant::now(),
+            migrates: false,
+        };
+        self.lock_sessions().open.insert(id, session);
         metrics::inc(&self.metrics.connections);
         metrics::inc(&self.metrics.connections_accepted);
         id
     }
 
-    /// Forgets a connection and all its subscriptions.
+    /// Forgets a connection and all its subscriptions. A connection that was told to move and
+    /// left by itself (not closed by this node) counts as a completed migration.
     pub(crate) fn unregister(&self, id: ConnId, topics: &HashSet<String>) {
         self.unsubscribe(id, topics.iter().map(String::as_str));
-        if self.lock_sessions().remove(&id).is_some() {
+        let mut sessions = self.lock_sessions();
+        let told = sessions.moving.remove(&id).is_some();
+        if let Some(session) = sessions.open.remove(&id) {
             metrics::dec(&self.metrics.connections);
+            let closed_here = matches!(
+                session.outlet.closer.reason(),
+                Some((code, _)) if code == close::RECONNECT_ELSEWHERE || code == close::GOING_AWAY
+            );
+            if told && !closed_here {
+                metrics::inc(&self.metrics.migrations_completed);
+            }
         }
+    }
+
+    /// The connection's `hello`: whether it follows `migrate` frames, and whether it is the new
+    /// end of a migration (this node then counts as receiving moved clients).
+    pub(crate) fn hello(&self, id: ConnId, migrates: bool, migrating: bool) {
+        let mut sessions = self.lock_sessions();
+        if let Some(session) = sessions.open.get_mut(&id) {
+            session.migrates = migrates;
+        }
+        if migrating {
+            sessions.last_migrant = Some(Instant::now());
+            metrics::inc(&self.metrics.migrations_received);
+        }
+    }
+
+    /// When a moved client last arrived here.
+    pub(crate) fn last_migrant(&self) -> Option<Instant> {
+        self.lock_sessions().last_migrant
+    }
+
+    /// Up to `n` connections not yet told to move, opened before `opened_before` (all of them
+    /// with `None`), marked as told now.
+    pub(crate) fn pick_movers(&self, n: usize, opened_before: Option<Instant>) -> Vec<Mover> {
+        let now = Instant::now();
+        let mut sessions = self.lock_sessions();
+        let Sessions { open, moving, .. } = &mut *sessions;
+        let picked: Vec<Mover> = open
+            .iter()
+            .filter(|(id, s)| {
+                !moving.contains_key(id)
+                    && !s.outlet.closer.is_closed()
+                    && opened_before.is_none_or(|before| s.opened <= before)
+            })
+            .take(n)
+            .map(|(id, s)| Mover {
+                outlet: s.outlet.clone(),
+                migrates: s.migrates,
+                id: *id,
+            })
+            .collect();
+        for mover in &picked {
+            moving.insert(mover.id, now);
+        }
+        picked
+    }
+
+    /// Connections told to move that are still here.
+    pub(crate) fn moving(&self) -> usize {
+        self.lock_sessions().moving.len()
+    }
+
+    /// Connections told to move at least `deadline` ago and still here: to be closed.
+    pub(crate) fn overdue(&self, deadline: std::time::Duration) -> Vec<Outlet> {
+        let now = Instant::now();
+        let sessions = self.lock_sessions();
+        sessions
+            .moving
+            .iter()
+            .filter(|(_, told)| now.saturating_duration_since(**told) >= deadline)
+            .filter_map(|(id, _)| sessions.open.get(id))
+            .filter(|s| !s.outlet.closer.is_closed())
+            .map(|s| s.outlet.clone())
+            .collect()
     }
 
     /// Closers of every open connection.
     pub(crate) fn sessions(&self) -> Vec<Closer> {
-        self.lock_sessions().values().cloned().collect()
+        self.lock_sessions()
+            .open
+            .values()
+            .map(|s| s.outlet.closer.clone())
+            .collect()
     }
 
     /// Open connections (the node's users).
     pub(crate) fn users(&self) -> u64 {
-        self.lock_sessions().len() as u64
+        self.lock_sessions().open.len() as u64
     }
 
     /// Connections accepted since the node started.
@@ -606,7 +716,7 @@ impl Hub {
         self.interest_tx.subscribe()
     }
 
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Closer>> {
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -773,8 +883,8 @@ mod tests {
         let hub = hub();
         let (a, a_rx) = outlet(4);
         let (b, b_rx) = outlet(4);
-        let a_id = hub.register(a.closer.clone());
-        let b_id = hub.register(b.closer.clone());
+        let a_id = hub.register(a.clone());
+        let b_id = hub.register(b.clone());
         subscribe(&hub, a_id, &a, &a_rx, &["t"]);
         subscribe(&hub, b_id, &b, &b_rx, &["t", "u"]);
         assert_eq!(deliver(&hub, "t", 1).count, 2);
@@ -796,7 +906,7 @@ mod tests {
     fn duplicates_are_dropped_and_a_hole_holds_back_what_follows() {
         let hub = hub();
         let (a, a_rx) = outlet(16);
-        let id = hub.register(a.closer.clone());
+        let id = hub.register(a.clone());
         subscribe(&hub, id, &a, &a_rx, &["t"]);
         assert_eq!(deliver(&hub, "t", 1).count, 1);
         assert_eq!(deliver(&hub, "t", 1).count, 0, "a duplicate");
@@ -834,13 +944,13 @@ mod tests {
     fn a_resuming_connection_gets_what_it_missed_then_live() {
         let hub = hub();
         let (first, first_rx) = outlet(16);
-        let first_id = hub.register(first.closer.clone());
+        let first_id = hub.register(first.clone());
         subscribe(&hub, first_id, &first, &first_rx, &["t"]);
         for offset in 1..=5 {
             deliver(&hub, "t", offset);
         }
         let (late, late_rx) = outlet(16);
-        let late_id = hub.register(late.closer.clone());
+        let late_id = hub.register(late.clone());
         hub.reserve(late_id, ["t"]);
         let resume = Resume::After(Position::new(E, 3));
         assert!(!hub.needs_fetch("t", resume));
@@ -873,13 +983,13 @@ mod tests {
             },
         );
         let (first, first_rx) = outlet(64);
-        let first_id = hub.register(first.closer.clone());
+        let first_id = hub.register(first.clone());
         subscribe(&hub, first_id, &first, &first_rx, &["t"]);
         for offset in 1..=10 {
             deliver(&hub, "t", offset);
         }
         let (late, late_rx) = outlet(16);
-        let late_id = hub.register(late.closer.clone());
+        let late_id = hub.register(late.clone());
         hub.reserve(late_id, ["t"]);
         hub.join(
             late_id,
@@ -895,7 +1005,7 @@ mod tests {
         assert!(got[2].contains(r#""offset":9"#) && got[3].contains(r#""offset":10"#));
         // Another epoch than the node's: the rest of it is lost.
         let (other, other_rx) = outlet(16);
-        let other_id = hub.register(other.closer.clone());
+        let other_id = hub.register(other.clone());
         hub.reserve(other_id, ["t"]);
         hub.join(
             other_id,
@@ -917,8 +1027,8 @@ mod tests {
         let hub = hub();
         let (slow, slow_rx) = outlet(2);
         let (fast, fast_rx) = outlet(8);
-        let slow_id = hub.register(slow.closer.clone());
-        let fast_id = hub.register(fast.closer.clone());
+        let slow_id = hub.register(slow.clone());
+        let fast_id = hub.register(fast.clone());
         subscribe(&hub, slow_id, &slow, &slow_rx, &["t"]);
         subscribe(&hub, fast_id, &fast, &fast_rx, &["t"]);
         for offset in 1..=3 {
@@ -937,7 +1047,7 @@ mod tests {
     fn a_batch_wakes_each_writer_once() {
         let hub = hub();
         let (a, a_rx) = outlet(8);
-        let a_id = hub.register(a.closer.clone());
+        let a_id = hub.register(a.clone());
         subscribe(&hub, a_id, &a, &a_rx, &["t"]);
         let mut wakes = FrameWakes::default();
         for offset in 1..=3 {
@@ -955,8 +1065,8 @@ mod tests {
         let hub = hub();
         let (a, a_rx) = outlet(4);
         let (b, b_rx) = outlet(4);
-        let a_id = hub.register(a.closer.clone());
-        let b_id = hub.register(b.closer.clone());
+        let a_id = hub.register(a.clone());
+        let b_id = hub.register(b.clone());
         subscribe(&hub, a_id, &a, &a_rx, &["t"]);
         let (v1, topics) = hub.interest();
         assert_eq!(topics, HashSet::from(["t".to_string()]));

@@ -32,7 +32,9 @@
 //!   `/admin/status`, `/metrics`, `/healthz`.
 //! - `web` — what browsers get: `/client/streamfarm.js` (the browser client), `/dashboard`, and
 //!   CORS for `/farm` and `/publish`.
-//! - `drain` — paced, jittered closing for `DRAINING` and shutdown.
+//! - `rebalance` — active rebalancing (this node's row of the farm's plan), and moving every
+//!   client off for `DRAINING` and shutdown: `migrate` frames, make-before-break.
+//! - `drain` — paced, jittered scheduling of moves and closes.
 //! - [`metrics`] — counters and their Prometheus rendering.
 //! - `protocol_doc` (tests only) — checks every example of `docs/PROTOCOL.md` against the frames.
 //! - `examples/` — `idle_clients` (memory per idle connection) and `fanout` (deliveries per second).
@@ -71,6 +73,7 @@ pub mod metrics;
 #[cfg(test)]
 mod protocol_doc;
 mod queue;
+mod rebalance;
 mod relay;
 mod session;
 mod web;
@@ -148,9 +151,10 @@ impl Shared {
         list
     }
 
-    /// Sets this node's status. `DRAINING` starts closing connections paced over the drain
-    /// period with `RECONNECT_ELSEWHERE`; any other status stops a drain in progress.
-    pub(crate) fn set_status(&self, status: Status) {
+    /// Sets this node's status. `DRAINING` starts moving connections to other servers paced over
+    /// the drain period (`migrate`, or `RECONNECT_ELSEWHERE` for clients that cannot follow
+    /// one); any other status stops a drain in progress.
+    pub(crate) fn set_status(self: &Arc<Self>, status: Status) {
         let previous = self.status.send_replace(status);
         if previous != status {
             info!(from = %previous, to = %status, "status");
@@ -162,11 +166,10 @@ impl Shared {
         if status == Status::Draining {
             let token = self.cancel.child_token();
             *drain = Some(token.clone());
-            self.tracker.spawn(drain::run(
-                self.hub.sessions(),
+            self.tracker.spawn(rebalance::move_all(
+                self.clone(),
                 self.config.drain_period(),
-                close::RECONNECT_ELSEWHERE,
-                "node draining: reconnect elsewhere",
+                rebalance::Why::Drain,
                 token,
             ));
         }
@@ -357,6 +360,7 @@ impl NodeHandle {
         shared
             .tracker
             .spawn(follow_isolation(shared.clone(), isolated_rx));
+        shared.tracker.spawn(rebalance::run(shared.clone()));
         let router = http::router(shared.clone(), &stream_path);
         let serve_cancel = cancel.clone();
         tracker.spawn(async move {
@@ -457,26 +461,52 @@ impl NodeHandle {
             .map_err(|err| err.to_string())
     }
 
-    /// Graceful stop: announce `DOWN`, close connections paced over `shutdown_drain_ms` with
-    /// `GOING_AWAY`, then stop every task.
+    /// Graceful stop: announce `DRAINING`, move every client to other servers paced over
+    /// `shutdown_drain_ms` (make-before-break `migrate`; `4000` for clients that cannot follow
+    /// one), wait up to `shutdown_grace_ms` for them to leave, close the rest with `GOING_AWAY`,
+    /// announce `DOWN`, then stop every task.
     pub async fn shutdown(mut self) {
         let shared = self.shared.clone();
         info!(name = %shared.config.name, "shutting down");
-        shared.set_status(Status::Down);
-        tokio::time::sleep(shared.config.gossip_interval() * ANNOUNCE_ROUNDS).await;
-        let period = shared.config.shutdown_drain();
-        drain::run(
-            shared.hub.sessions(),
-            period,
-            close::GOING_AWAY,
-            "node shutting down",
-            shared.cancel.clone(),
-        )
-        .await;
-        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
-        while self.users() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // Not `set_status`: the moves below are the shutdown's, over its own period.
+        if let Some(token) = shared
+            .drain
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            token.cancel();
         }
+        shared.status.send_replace(Status::Draining);
+        if shared.hub.users() > 0 {
+            // The others must see this node DRAINING (its target 0) before its clients arrive.
+            tokio::time::sleep(shared.config.gossip_interval() * ANNOUNCE_ROUNDS).await;
+            rebalance::move_all(
+                shared.clone(),
+                shared.config.shutdown_drain(),
+                rebalance::Why::Shutdown,
+                shared.cancel.clone(),
+            )
+            .await;
+            let deadline = tokio::time::Instant::now() + shared.config.shutdown_grace();
+            while self.users() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            drain::run(
+                shared.hub.sessions(),
+                Duration::ZERO,
+                close::GOING_AWAY,
+                "node shutting down",
+                shared.cancel.clone(),
+            )
+            .await;
+            let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+            while self.users() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        shared.status.send_replace(Status::Down);
+        tokio::time::sleep(shared.config.gossip_interval() * ANNOUNCE_ROUNDS).await;
         shared.cancel.cancel();
         shared.tracker.close();
         if tokio::time::timeout(CLOSE_GRACE, shared.tracker.wait())

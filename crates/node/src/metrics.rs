@@ -43,6 +43,18 @@ pub struct Metrics {
     pub oversized_frames: AtomicU64,
     /// Connections closed for heartbeat timeout.
     pub heartbeat_timeouts: AtomicU64,
+    /// Clients told to move to another server (`migrate`), by rebalancing, drain or shutdown.
+    pub migrations_started: AtomicU64,
+    /// Clients told to move that left by themselves (they moved).
+    pub migrations_completed: AtomicU64,
+    /// Clients told to move that were still here at the deadline, closed with `4000`.
+    pub migrations_timed_out: AtomicU64,
+    /// Clients without the `migrate` feature closed with `4000` to move them.
+    pub migrations_closed: AtomicU64,
+    /// Moved clients that arrived here (their `hello` said `migrating`).
+    pub migrations_received: AtomicU64,
+    /// Gauge: this node's fair share of the farm's users (see `streamfarm_core::balance`).
+    pub rebalance_target: AtomicU64,
     /// Gauge: 1 while the gossip task runs, 0 while it is down (the farm does not hear from this
     /// node; `/healthz` answers 503).
     pub gossip_up: AtomicU64,
@@ -183,6 +195,42 @@ impl Metrics {
             "counter",
             "Connections closed because the client sent nothing within the heartbeat timeout.",
             get(&self.heartbeat_timeouts),
+        );
+        metric(
+            "migrations_started_total",
+            "counter",
+            "Clients told to move to another server (rebalancing, drain, shutdown).",
+            get(&self.migrations_started),
+        );
+        metric(
+            "migrations_completed_total",
+            "counter",
+            "Clients told to move that left by themselves once resumed elsewhere.",
+            get(&self.migrations_completed),
+        );
+        metric(
+            "migrations_timed_out_total",
+            "counter",
+            "Clients told to move that were closed with 4000 at the deadline.",
+            get(&self.migrations_timed_out),
+        );
+        metric(
+            "migrations_closed_total",
+            "counter",
+            "Clients without the migrate feature closed with 4000 to move them.",
+            get(&self.migrations_closed),
+        );
+        metric(
+            "migrations_received_total",
+            "counter",
+            "Moved clients that arrived on this node.",
+            get(&self.migrations_received),
+        );
+        metric(
+            "rebalance_target",
+            "gauge",
+            "This node's fair share of the farm's users.",
+            get(&self.rebalance_target),
         );
         metric(
             "gossip_up",

@@ -1,7 +1,7 @@
 //! One streaming connection: the WebSocket protocol of `docs/PROTOCOL.md`, server side.
 //!
 //! A session is one task running two halves side by side:
-//! - the **reader** parses client frames (`sub`, `unsub`, `pub`, `list`, `ping`, `pong`), answers
+//! - the **reader** parses client frames (`hello`, `sub`, `unsub`, `pub`, `list`, `ping`, `pong`), answers
 //!   through the send queue, and closes the connection when the client has sent nothing for the
 //!   heartbeat timeout;
 //! - the **writer** drains the bounded send queue into the socket and sends a `ping` whenever it
@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use streamfarm_core::protocol::{ClientFrame, Encoding, Position, ServerFrame, close};
+use streamfarm_core::protocol::{ClientFrame, Encoding, Position, ServerFrame, close, feature};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info};
 
@@ -69,12 +69,12 @@ pub(crate) async fn refuse(mut socket: WebSocket, code: u16, reason: &'static st
 /// Serves one accepted streaming connection until it closes.
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let closer = Closer::default();
-    let id = shared.hub.register(closer.clone());
     let queue = Arc::new(SendQueue::new(shared.config.send_queue));
     let outlet = Outlet {
         queue: queue.clone(),
         closer: closer.clone(),
     };
+    let id = shared.hub.register(outlet.clone());
     debug!(conn = id, "connection open");
     let (sink, stream) = socket.split();
     let mut reader = Reader {
@@ -305,6 +305,13 @@ impl Reader {
             }
         };
         match frame {
+            ClientFrame::Hello {
+                features,
+                migrating,
+            } => {
+                let migrates = features.iter().any(|f| f == feature::MIGRATE);
+                self.shared.hub.hello(self.id, migrates, migrating);
+            }
             ClientFrame::Sub { topics, positions } => self.subscribe(topics, positions).await,
             ClientFrame::Unsub { topics } => {
                 self.shared

@@ -453,22 +453,105 @@ async fn connections_beyond_the_maximum_are_refused_as_server_full() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_shutting_down_is_listed_down_and_closes_with_going_away() {
-    let nodes = three_nodes(|_| {}).await;
+async fn a_node_shutting_down_moves_its_clients_then_is_listed_down() {
+    let nodes = three_nodes(|c| c.shutdown_grace_ms = 500).await;
     wait_all_up(&nodes).await;
-    let mut ws = connect(&nodes[0]).await;
+    // A client without the `migrate` feature is closed with 4000; one with it is told to move
+    // to a server below its share, and closed with 1001 if still there after the grace period.
+    let mut plain = connect(&nodes[0]).await;
+    let mut mover = connect(&nodes[0]).await;
+    send(
+        &mut mover,
+        &ClientFrame::Hello {
+            features: vec!["migrate".into()],
+            migrating: false,
+        },
+    )
+    .await;
+    hello_read(&mut mover).await;
+    let others: Vec<String> = nodes[1..].iter().map(|n| n.url().to_string()).collect();
     let mut nodes = nodes.into_iter();
     let first = nodes.next().unwrap();
     let rest: Vec<NodeHandle> = nodes.collect();
     let far = rest[1].farm();
     let shutdown = tokio::spawn(first.shutdown());
-    eventually(Duration::from_secs(1), "n1 DOWN in n3's list", || {
+    eventually(Duration::from_secs(1), "n1 DRAINING in n3's list", || {
+        entry(&far.borrow(), "n1").is_some_and(|(s, _)| s == Status::Draining)
+    })
+    .await;
+    assert_eq!(
+        close_code(&mut plain).await,
+        Some(close::RECONNECT_ELSEWHERE)
+    );
+    let told = loop {
+        if let ServerFrame::Migrate {
+            to,
+            reason,
+            deadline_ms,
+        } = next_frame(&mut mover).await
+        {
+            assert_eq!(reason, "shutdown");
+            assert!(deadline_ms > 0);
+            break to;
+        }
+    };
+    assert!(told.is_some_and(|to| others.contains(&to)));
+    // It does not move: the grace period ends it.
+    assert_eq!(close_code(&mut mover).await, Some(close::GOING_AWAY));
+    eventually(Duration::from_secs(2), "n1 DOWN in n3's list", || {
         entry(&far.borrow(), "n1").is_some_and(|(s, _)| s == Status::Down)
     })
     .await;
-    assert_eq!(close_code(&mut ws).await, Some(close::GOING_AWAY));
     shutdown.await.unwrap();
     for node in rest {
+        node.shutdown().await;
+    }
+}
+
+/// Waits until the node has read what was sent so far: it reads frames in order, so an answered
+/// ping means the frames before it were read.
+async fn hello_read(ws: &mut Ws) {
+    send(ws, &ClientFrame::Ping { id: Some(7) }).await;
+    while next_frame(ws).await != (ServerFrame::Pong { id: Some(7) }) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_move_is_closed_at_the_migrate_deadline() {
+    let nodes = farm_of(&[("m1", [127, 0, 0, 1]), ("m2", [127, 0, 0, 2])], |c| {
+        c.migrate_deadline_ms = 300;
+        c.drain_period_ms = 100;
+    })
+    .await;
+    wait_all_up(&nodes).await;
+    let mut ws = connect(&nodes[0]).await;
+    send(
+        &mut ws,
+        &ClientFrame::Hello {
+            features: vec!["migrate".into()],
+            migrating: false,
+        },
+    )
+    .await;
+    hello_read(&mut ws).await;
+    nodes[0].set_status(Status::Draining);
+    let told_at = std::time::Instant::now();
+    loop {
+        if let ServerFrame::Migrate { to, reason, .. } = next_frame(&mut ws).await {
+            assert_eq!(to.as_deref(), Some(nodes[1].url()));
+            assert_eq!(reason, "drain");
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await, Some(close::RECONNECT_ELSEWHERE));
+    assert!(told_at.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        nodes[0]
+            .metrics()
+            .migrations_timed_out
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    for node in nodes {
         node.shutdown().await;
     }
 }

@@ -95,9 +95,27 @@ struct Settings {
     /// Period over which a DRAINING node closes its connections, ms.
     #[arg(long, env = "STREAMFARM_DRAIN_PERIOD_MS")]
     drain_period_ms: Option<u64>,
-    /// Period over which a node shutting down closes its connections, ms.
+    /// Period over which a node shutting down moves (or closes) its connections, ms.
     #[arg(long, env = "STREAMFARM_SHUTDOWN_DRAIN_MS")]
     shutdown_drain_ms: Option<u64>,
+    /// How long shutdown then waits for moving clients to leave before closing them, ms.
+    #[arg(long, env = "STREAMFARM_SHUTDOWN_GRACE_MS")]
+    shutdown_grace_ms: Option<u64>,
+    /// Whether this node moves its surplus clients to servers under their fair share.
+    #[arg(long, env = "STREAMFARM_REBALANCE")]
+    rebalance: Option<bool>,
+    /// Most clients moved per second when rebalancing (default 20).
+    #[arg(long, env = "STREAMFARM_REBALANCE_RATE")]
+    rebalance_rate: Option<f64>,
+    /// Fraction above its fair share a node may hold before it moves clients (default 0.03).
+    #[arg(long, env = "STREAMFARM_REBALANCE_TOLERANCE")]
+    rebalance_tolerance: Option<f64>,
+    /// No client is moved twice, and no node goes from receiving to sending, within this, ms.
+    #[arg(long, env = "STREAMFARM_REBALANCE_COOLDOWN_MS")]
+    rebalance_cooldown_ms: Option<u64>,
+    /// How long a client told to move has before it is closed with 4000, ms.
+    #[arg(long, env = "STREAMFARM_MIGRATE_DEADLINE_MS")]
+    migrate_deadline_ms: Option<u64>,
     /// Bearer token for POST /admin/status (admin API disabled without one).
     #[arg(long, env = "STREAMFARM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -180,6 +198,12 @@ impl Settings {
             allow_client_publish,
             drain_period_ms,
             shutdown_drain_ms,
+            shutdown_grace_ms,
+            rebalance,
+            rebalance_rate,
+            rebalance_tolerance,
+            rebalance_cooldown_ms,
+            migrate_deadline_ms,
             dns_ttl,
             cors_farm_origins,
             cors_publish_origins
