@@ -18,8 +18,8 @@
 //! - [`nats`] — finding/installing nats-server, single servers and routed clusters.
 //! - `flow` — a publisher at a steady rate with sequence numbers, and per-client counts of lost,
 //!   duplicated and out-of-order messages (failover's messages flowing).
-//! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost` — one module
-//!   per benchmark, each `run(&Options) -> Section`.
+//! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost`, `rebalance`
+//!   — one module per benchmark, each `run(&Options) -> Section`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +32,7 @@ mod flow;
 mod idle;
 pub mod nats;
 mod proc;
+mod rebalance;
 pub mod report;
 mod wire;
 
@@ -54,6 +55,9 @@ pub enum Which {
     Convergence,
     /// Connect to the service → subscribed: list then chosen server, against direct.
     ConnectCost,
+    /// Scale-out, rolling restart and failback with messages flowing: time to balance, moves
+    /// against the minimum, lost/duplicated messages, time without a server.
+    Rebalance,
     /// Every benchmark above, in that order.
     All,
 }
@@ -68,6 +72,7 @@ impl Which {
             (Which::Failover, "failover"),
             (Which::Convergence, "convergence"),
             (Which::ConnectCost, "connect-cost"),
+            (Which::Rebalance, "rebalance"),
         ];
         all.into_iter()
             .filter(|(w, _)| self == Which::All || *w == self)
@@ -106,6 +111,11 @@ pub struct Options {
     pub farm_sizes: Vec<usize>,
     /// Samples of the connect-cost benchmark.
     pub connect_samples: usize,
+    /// Rebalance: clients of the scale-out case (the rolling restart has 4/3 of it, the
+    /// failback 2/3).
+    pub rebalance_clients: usize,
+    /// Rebalance: messages per second the publisher sends on the clients' topic.
+    pub rebalance_publish_rate: f64,
 }
 
 impl Options {
@@ -126,6 +136,8 @@ impl Options {
             hang: Duration::from_secs(10),
             farm_sizes: vec![3, 10, 50, 100],
             connect_samples: 200,
+            rebalance_clients: 900,
+            rebalance_publish_rate: 100.0,
         }
     }
 
@@ -146,6 +158,8 @@ impl Options {
             hang: Duration::from_secs(1),
             farm_sizes: vec![3],
             connect_samples: 5,
+            rebalance_clients: 30,
+            rebalance_publish_rate: 100.0,
         }
     }
 }
@@ -174,6 +188,7 @@ pub async fn run(which: Which, options: &Options) -> Report {
             Which::Failover => failover::run(options).await,
             Which::Convergence => convergence::run(options).await,
             Which::ConnectCost => connect_cost::run(options).await,
+            Which::Rebalance => rebalance::run(options).await,
             Which::All => unreachable!("expand() lists single benchmarks"),
         };
         let mut section = result.unwrap_or_else(|err| Section {

@@ -211,7 +211,7 @@ fn default_shutdown_grace_ms() -> u64 {
     5_000
 }
 fn default_rebalance_rate() -> f64 {
-    20.0
+    50.0
 }
 fn default_rebalance_tolerance() -> f64 {
     0.03

@@ -12,8 +12,8 @@
 //! feature is closed with `4000` at once (it picks a server itself and resumes there).
 //!
 //! Stability: a connection younger than the cooldown is not moved (so no client moves twice
-//! within it), a node that received a moved client within the cooldown sends none (so no node
-//! switches from receiving to sending within it), and the plan itself never sends a client back
+//! within it), a node that received a moved client within the cooldown sends none unless its
+//! share is 0 (so no node switches from receiving to sending within it), and the plan itself never sends a client back
 //! (see `streamfarm_core::balance`). Clients already told to move count as gone when the node
 //! plans, so it never sends more than its surplus.
 //!
@@ -163,10 +163,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         budget = (budget + rate * now.duration_since(last).as_secs_f64()).min(rate.max(1.0));
         last = now;
         let Some(me) = me else { continue };
-        let receiving = shared
-            .hub
-            .last_migrant()
-            .is_some_and(|at| at.elapsed() < cooldown);
+        // A node that just received moved clients does not send any, unless its share is 0
+        // (a less preferred group giving its clients back): the plan never sends to it.
+        let receiving = me.target > 0
+            && shared
+                .hub
+                .last_migrant()
+                .is_some_and(|at| at.elapsed() < cooldown);
         if !shared.config.rebalance
             || *shared.status.borrow() != Status::Up
             || *shared.isolated_rx.borrow()

@@ -27,7 +27,8 @@ pub(crate) struct Args {
     /// Fan-out subscribers (default 1000).
     #[arg(long)]
     subscribers: Option<usize>,
-    /// Failover clients (default 2000).
+    /// Failover clients (default 2000); rebalance: clients of the scale-out case (default 900;
+    /// the rolling restart has 4/3 of it, the failback 2/3).
     #[arg(long)]
     clients: Option<usize>,
     /// Failover: messages per second the publisher sends, in all (default 1000; 200 with --quick).
@@ -59,6 +60,7 @@ enum What {
     Failover,
     Convergence,
     ConnectCost,
+    Rebalance,
     All,
 }
 
@@ -85,6 +87,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(c) = args.clients {
         options.failover_clients = c.max(1);
+        options.rebalance_clients = c.max(3);
     }
     if let Some(rate) = args.rate {
         anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be above 0");
@@ -110,6 +113,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::Failover => Which::Failover,
         What::Convergence => Which::Convergence,
         What::ConnectCost => Which::ConnectCost,
+        What::Rebalance => Which::Rebalance,
         What::All => Which::All,
     };
     let report = streamfarm_bench::run(which, &options).await;

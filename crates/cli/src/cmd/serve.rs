@@ -104,7 +104,7 @@ struct Settings {
     /// Whether this node moves its surplus clients to servers under their fair share.
     #[arg(long, env = "STREAMFARM_REBALANCE")]
     rebalance: Option<bool>,
-    /// Most clients moved per second when rebalancing (default 20).
+    /// Most clients moved per second when rebalancing (default 50).
     #[arg(long, env = "STREAMFARM_REBALANCE_RATE")]
     rebalance_rate: Option<f64>,
     /// Fraction above its fair share a node may hold before it moves clients (default 0.03).
