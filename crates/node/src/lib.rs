@@ -136,6 +136,8 @@ pub(crate) struct Shared {
     pub(crate) members_rx: watch::Receiver<u64>,
     /// True while this node is cut off from the farm (see `membership`).
     pub(crate) isolated_rx: watch::Receiver<bool>,
+    /// Peers whose relay links their side ended: gone before the list says so.
+    pub(crate) link_ends: Arc<relay::LinkEnds>,
     pub(crate) connection_limit: Arc<Semaphore>,
     /// Cancels the drain in progress, if any.
     pub(crate) drain: Mutex<Option<CancellationToken>>,
@@ -335,7 +337,7 @@ impl NodeHandle {
             embedded.clone(),
             farm_rx.clone(),
             peers_rx.clone(),
-            link_ends,
+            link_ends.clone(),
             config.history_limits(),
             config.publish_timeout(),
             cancel.clone(),
@@ -353,6 +355,7 @@ impl NodeHandle {
             farm_rx,
             members_rx,
             isolated_rx: isolated_rx.clone(),
+            link_ends,
             drain: Mutex::new(None),
             cancel: cancel.clone(),
             tracker: tracker.clone(),

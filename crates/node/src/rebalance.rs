@@ -79,14 +79,21 @@ impl Shared {
     }
 
     /// The farm's plan as this node sees it: the list, with this node's own row as it stands
-    /// now (its status, and its users less those already told to move).
+    /// now (its status, and its users less those already told to move), and peers whose relay
+    /// links their side ended taken as `DOWN` — a killed node is gone at once, not a failure
+    /// timeout later, and no client is sent to it meanwhile (the broker's placement does the
+    /// same).
     pub(crate) fn plan(&self) -> (FarmList, Plan) {
         let mut list = self.farm_now();
         let staying = self.hub.users().saturating_sub(self.hub.moving() as u64);
         let status = *self.status.borrow();
-        if let Some(me) = list.servers.iter_mut().find(|s| s.url == self.url) {
-            me.users = staying;
-            me.status = status;
+        for server in &mut list.servers {
+            if server.url == self.url {
+                server.users = staying;
+                server.status = status;
+            } else if self.link_ends.is_ended(&server.name) {
+                server.status = Status::Down;
+            }
         }
         let plan = balance::plan(&list, self.tolerance());
         (list, plan)

@@ -4,8 +4,11 @@
 //! .3, priority groups A, A and B — a publisher sending ten messages a second, and a few hundred
 //! clients in this process. The farm table is shown as the clients arrive (they choose the two A
 //! nodes); then the A node holding the most clients is killed with SIGKILL, and its clients fail
-//! over to the other A node. A summary closes: clients per server before and after, failover
-//! times, messages received. Ctrl-C or SIGTERM stops it early, children included.
+//! over to the other A node. Then a fourth node (group A) joins, and the farm evens itself out:
+//! the survivor moves half its clients to it, make-before-break (active rebalancing). A summary
+//! closes: clients per server before and after, failover times, moves, messages received, and
+//! what each moved client lost or received twice. Ctrl-C or SIGTERM stops it early, children
+//! included.
 //!
 //! The clients reach the farm as the seeds describe: through one service name
 //! (`demo.streamfarm`), which node c's built-in DNS responder answers with the UP servers (SRV
@@ -74,13 +77,26 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let terminal = std::io::stdout().is_terminal();
     println!(
-        "streamfarm demo: 3 nodes (groups A, A, B), a publisher, {} clients",
+        "streamfarm demo: 3 nodes (groups A, A, B), a publisher, {} clients; a 4th node later",
         args.clients
     );
 
-    // 1. The farm.
+    // 1. The farm. Its nodes move clients that have been connected for 2 s (10 s by default),
+    //    so that the demo shows a scale-out within seconds of the failover.
     let exe = std::env::current_exe().context("cannot find this program to start the nodes")?;
     let layout = [("a", "A", 1u8), ("b", "A", 2), ("c", "B", 3)];
+    let node_flags = |priority: &str| {
+        [
+            "--priority".to_string(),
+            priority.to_string(),
+            "--heartbeat-interval-ms".to_string(),
+            (args.heartbeat_timeout_ms / 3).max(1).to_string(),
+            "--heartbeat-timeout-ms".to_string(),
+            args.heartbeat_timeout_ms.to_string(),
+            "--rebalance-cooldown-ms".to_string(),
+            "2000".to_string(),
+        ]
+    };
     let mut first_gossip = None;
     // Node c (group B, never the one killed) answers the service name.
     let dns =
@@ -89,14 +105,7 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
         let ip = IpAddr::from([127, 0, 0, last_octet]);
         let listen = free_port(ip)
             .with_context(|| format!("no free port on {ip} (is 127.0.0.{last_octet} usable?)"))?;
-        let mut spec = NodeSpec::new(name, listen).flags([
-            "--priority",
-            priority,
-            "--heartbeat-interval-ms",
-            &(args.heartbeat_timeout_ms / 3).max(1).to_string(),
-            "--heartbeat-timeout-ms",
-            &args.heartbeat_timeout_ms.to_string(),
-        ]);
+        let mut spec = NodeSpec::new(name, listen).flags(node_flags(priority));
         if let Some(seed) = first_gossip {
             spec = spec.join(seed);
         }
@@ -242,7 +251,63 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
         print!("{table_after}");
     }
 
-    // 5. Summary, once the last messages had time to arrive.
+    // 5. Scale out: a new node of group A joins, empty; the farm evens itself out.
+    // It joins through a node that is alive (the killed one may have been the first).
+    let seed = nodes
+        .iter()
+        .map(|n| n.process.listen)
+        .find(|addr| n_url(*addr) != killed_url)
+        .context("a live node to join")?;
+    let listen = free_port(IpAddr::from([127, 0, 0, 4]))
+        .context("no free port on 127.0.0.4 (is it usable?)")?;
+    let spec = NodeSpec::new("d", listen).flags(node_flags("A")).join(seed);
+    let process = NodeProcess::spawn(&exe, &spec)?;
+    let new_url = process.url();
+    println!(
+        "\nnode d joins (group A, {new_url}, pid {}): the farm evens itself out",
+        process.guard.pid()
+    );
+    nodes.push(Node {
+        priority: "A",
+        process,
+    });
+    let migrations_before = swarm.stats.migrations();
+    let joined_at = Instant::now();
+    table = LiveTable::default();
+    let group_a: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.priority == "A" && n.process.url() != killed_url)
+        .map(|n| n.process.url())
+        .collect();
+    let even = |swarm: &Swarm| {
+        let now = swarm.stats.per_server();
+        let counts: Vec<u64> = group_a
+            .iter()
+            .map(|u| now.get(u).copied().unwrap_or(0))
+            .collect();
+        let mean = counts.iter().sum::<u64>() as f64 / counts.len() as f64;
+        counts
+            .iter()
+            .all(|c| (*c as f64 - mean).abs() <= (0.05 * mean).max(1.0))
+    };
+    watch(
+        &swarm,
+        &farm,
+        &mut table,
+        terminal,
+        Duration::from_secs(20),
+        even,
+    )
+    .await;
+    let evened = even(&swarm).then(|| joined_at.elapsed());
+    let moves = swarm.stats.migrations() - migrations_before;
+    let table_scaled = server_table(&swarm.stats, farm.latest().as_ref());
+    if !terminal {
+        print!("{table_scaled}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 6. Summary, once the last messages had time to arrive.
     publisher.abort();
     farm.stop();
     let per_server = swarm.stats.per_server();
@@ -253,26 +318,59 @@ async fn demo(args: &Args, nodes: &mut Vec<Node>) -> anyhow::Result<ExitCode> {
     summary.per_server = per_server;
     let published = published.lock().expect("publisher lock").clone();
     println!();
+    let failover = Failover {
+        held,
+        recovery,
+        all_back,
+    };
+    let scale_out = ScaleOut {
+        node: new_url,
+        moves,
+        evened,
+    };
     print!(
         "{}",
-        render_summary(&before, &summary, &published, held, recovery, all_back)
+        render_summary(&before, &summary, &published, &failover, &scale_out)
     );
     println!("demo finished in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(if all_back {
+    Ok(if all_back && scale_out.evened.is_some() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
+/// What the failover step saw.
+struct Failover {
+    /// Clients the killed node held.
+    held: u64,
+    /// From the kill until every client was back (or the wait ended).
+    recovery: Duration,
+    all_back: bool,
+}
+
+/// What the scale-out step saw.
+struct ScaleOut {
+    /// The new node's url.
+    node: String,
+    /// Clients moved by the nodes.
+    moves: u64,
+    /// From the join until group A was even, if it got there.
+    evened: Option<Duration>,
+}
+
 fn render_summary(
     before: &std::collections::BTreeMap<String, u64>,
     after: &Summary,
     published: &[u64],
-    held: u64,
-    recovery: Duration,
-    all_back: bool,
+    failover: &Failover,
+    scale_out: &ScaleOut,
 ) -> String {
+    let Failover {
+        held,
+        recovery,
+        all_back,
+    } = *failover;
     let mut out = String::from("summary\n  clients per server   before  after\n");
     let mut urls: Vec<&String> = before.keys().chain(after.per_server.keys()).collect();
     urls.sort();
@@ -301,6 +399,18 @@ fn render_summary(
         },
         millis(recovery)
     ));
+    match scale_out.evened {
+        Some(took) => out.push_str(&format!(
+            "  scale-out: {} filled to the mean of group A in {} ms by {} moves, make-before-break\n",
+            scale_out.node,
+            millis(took),
+            scale_out.moves
+        )),
+        None => out.push_str(&format!(
+            "  scale-out: {} did NOT fill to the mean of group A ({} moves)\n",
+            scale_out.node, scale_out.moves
+        )),
+    }
     out.push_str(&format!(
         "  messages: {} published, {} received, {} recovered from history after failovers, {} gaps reported\n",
         published.len(),
@@ -310,18 +420,27 @@ fn render_summary(
     ));
     // Counted from the payloads' numbers, not from positions: a check of the positions.
     let until = published.last().copied().unwrap_or(0);
-    let moved: Vec<_> = after.tallies.iter().filter(|t| t.failed_over).collect();
+    let moved: Vec<_> = after
+        .tallies
+        .iter()
+        .filter(|t| t.failed_over || t.migrated)
+        .collect();
     let lost: Vec<u64> = moved.iter().map(|t| t.lost(published, until)).collect();
     let duplicated: Vec<u64> = moved.iter().map(|t| t.duplicated()).collect();
     let out_of_order: u64 = moved.iter().map(|t| t.out_of_order).sum();
     out.push_str(&format!(
-        "  each of the {} moved clients lost {} and received {} twice (at most; {} out of order in all)\n",
+        "  each of the {} clients that failed over or migrated lost {} and received {} twice (at most; {} out of order in all)\n",
         moved.len(),
         lost.iter().max().copied().unwrap_or(0),
         duplicated.iter().max().copied().unwrap_or(0),
         out_of_order
     ));
     out
+}
+
+/// The streaming url of the node listening on `addr`.
+fn n_url(addr: std::net::SocketAddr) -> String {
+    format!("ws://{addr}/stream")
 }
 
 fn listed_down(list: Option<&FarmList>, url: &str) -> bool {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use streamfarm_client::{ClientOptions, Policy, RetryMode, ServiceAddress};
 use streamfarm_core::FarmList;
+use streamfarm_core::balance::{self, Tolerance};
 use streamfarm_core::encoding::{self, Format};
 
 /// Flags shared by `list`, `sub`, `pub` and `load`: how the client reaches and chooses.
@@ -91,8 +92,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The list as an aligned table, one server per row, with a total line.
+/// The list as an aligned table, one server per row, with a total line. `TARGET` and `SURPLUS`
+/// are each server's fair share and what it holds beyond it, as the nodes' rebalancing computes
+/// them at default settings (`streamfarm_core::balance`); `>` marks a server that is moving
+/// clients away.
 pub(crate) fn table(list: &FarmList) -> String {
+    let plan = balance::plan(list, Tolerance::default());
     let mut rows = vec![[
         "NAME".to_string(),
         "URL".to_string(),
@@ -100,8 +105,15 @@ pub(crate) fn table(list: &FarmList) -> String {
         "USERS".to_string(),
         "PRIORITY".to_string(),
         "CAPACITY".to_string(),
+        "TARGET".to_string(),
+        "SURPLUS".to_string(),
     ]];
-    for s in &list.servers {
+    for (s, share) in list.servers.iter().zip(&plan.shares) {
+        let surplus = match share.surplus() {
+            0 => "0".to_string(),
+            n if share.sends => format!("{n:+} >"),
+            n => format!("{n:+}"),
+        };
         rows.push([
             s.name.clone(),
             s.url.clone(),
@@ -111,10 +123,16 @@ pub(crate) fn table(list: &FarmList) -> String {
             s.capacity
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into()),
+            share.target.to_string(),
+            surplus,
         ]);
     }
     let total: u64 = list.servers.iter().map(|s| s.users).sum();
-    render_rows(&rows) + &format!("{} servers, {total} users\n", list.servers.len())
+    let moving = match plan.moves() {
+        0 => String::new(),
+        n => format!(", {n} to move to even it out"),
+    };
+    render_rows(&rows) + &format!("{} servers, {total} users{moving}\n", list.servers.len())
 }
 
 /// Left-aligned columns separated by two spaces; numbers are just text here.
@@ -153,11 +171,11 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME  URL                         STATUS  USERS  PRIORITY  CAPACITY"
+            "NAME  URL                         STATUS  USERS  PRIORITY  CAPACITY  TARGET  SURPLUS"
         );
         assert_eq!(
             lines[1],
-            "a     ws://127.0.0.1:7400/stream  UP      12     A         -"
+            "a     ws://127.0.0.1:7400/stream  UP      12     A         -         12      0"
         );
         assert_eq!(lines[3], "2 servers, 12 users");
     }

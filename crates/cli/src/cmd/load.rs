@@ -172,6 +172,8 @@ pub(crate) struct Stats {
     ever_connected: AtomicU64,
     messages: AtomicU64,
     disconnects: AtomicU64,
+    /// Moves at a node's request (make-before-break).
+    migrations: AtomicU64,
     retries: AtomicU64,
     /// `Gap` events: messages the clients were told they will never get.
     gaps: AtomicU64,
@@ -194,6 +196,8 @@ pub(crate) struct Tally {
     pub(crate) out_of_order: u64,
     /// The client failed over at least once.
     pub(crate) failed_over: bool,
+    /// The client was moved by a node at least once (make-before-break).
+    pub(crate) migrated: bool,
     highest: Option<u64>,
 }
 
@@ -247,6 +251,11 @@ impl Stats {
         self.messages.load(Ordering::Relaxed)
     }
 
+    /// Migrations so far (moves at a node's request).
+    pub(crate) fn migrations(&self) -> u64 {
+        self.migrations.load(Ordering::Relaxed)
+    }
+
     /// Failovers so far.
     pub(crate) fn failovers(&self) -> usize {
         self.failovers.lock().expect("stats lock").len()
@@ -270,6 +279,14 @@ impl Stats {
             }
             Event::FailedOver { took, .. } => {
                 self.failovers.lock().expect("stats lock").push(*took);
+            }
+            Event::Migrated { from, to, .. } => {
+                self.migrations.fetch_add(1, Ordering::Relaxed);
+                let mut per_server = self.per_server.lock().expect("stats lock");
+                if let Some(n) = per_server.get_mut(from) {
+                    *n = n.saturating_sub(1);
+                }
+                *per_server.entry(to.clone()).or_default() += 1;
             }
             Event::Message { .. } => {
                 self.messages.fetch_add(1, Ordering::Relaxed);
@@ -415,6 +432,7 @@ impl Swarm {
                         match &event {
                             Event::Message { payload, .. } => tally.record(payload),
                             Event::FailedOver { .. } => tally.failed_over = true,
+                            Event::Migrated { .. } => tally.migrated = true,
                             _ => {}
                         }
                         stats.record(&event);

@@ -101,6 +101,18 @@ pub(crate) fn event_text(event: &Event) -> String {
         Event::FailedOver { from, to, took } => {
             format!("# failed over {from} -> {to} in {} ms", took.as_millis())
         }
+        Event::Migrated {
+            from,
+            to,
+            reason,
+            took,
+        } => format!(
+            "# migrated {from} -> {to} ({reason}) in {} ms, nothing missed",
+            took.as_millis()
+        ),
+        Event::MigrationFailed { server, to, error } => {
+            format!("# could not migrate to {to}, staying on {server}: {error}")
+        }
         Event::Retrying { reason, delay } => {
             format!("# retrying in {} ms: {reason}", delay.as_millis())
         }
@@ -157,6 +169,18 @@ pub(crate) fn event_json(event: &Event) -> String {
         }
         Event::FailedOver { from, to, took } => json!({
             "event": "failed_over", "from": from, "to": to, "took_ms": took.as_secs_f64() * 1e3
+        }),
+        Event::Migrated {
+            from,
+            to,
+            reason,
+            took,
+        } => json!({
+            "event": "migrated", "from": from, "to": to, "reason": reason,
+            "took_ms": took.as_secs_f64() * 1e3
+        }),
+        Event::MigrationFailed { server, to, error } => json!({
+            "event": "migration_failed", "server": server, "to": to, "error": error
         }),
         Event::Retrying { reason, delay } => json!({
             "event": "retrying", "reason": reason, "delay_ms": delay.as_secs_f64() * 1e3
