@@ -301,3 +301,197 @@ async fn draining_and_shutdown_move_every_client_without_a_disconnection() {
     a.shutdown().await;
     Arc::into_inner(b).unwrap().shutdown().await;
 }
+
+/// The order of a migration, against two scripted stand-in nodes: the client subscribes on the
+/// new node (from its position), keeps reading the old one until that one has delivered
+/// everything up to where the new one starts, and only then closes the old connection; each
+/// message arrives once, in order, and the application hears `Migrated`, never a disconnection.
+mod order {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use streamfarm_client::{Client, ClientOptions, Epoch, Event, Position};
+    use streamfarm_core::protocol::{ClientFrame, ServerFrame};
+    use streamfarm_core::{FarmList, ServerEntry, Status};
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+
+    const E: Epoch = Epoch(9);
+    type Log = Arc<Mutex<Vec<String>>>;
+    type Ws = WebSocketStream<tokio::net::TcpStream>;
+
+    fn text(frame: &ServerFrame) -> Message {
+        Message::text(serde_json::to_string(frame).unwrap())
+    }
+
+    fn msg(offset: u64) -> Message {
+        text(&ServerFrame::Msg {
+            topic: "t".into(),
+            data: offset.to_string(),
+            encoding: Default::default(),
+            epoch: Some(E),
+            offset: Some(offset),
+        })
+    }
+
+    async fn accept(listener: &TcpListener, url: &str, list: &FarmList) -> Ws {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        let hello = ServerFrame::Hello {
+            server: url.into(),
+            url: url.into(),
+            status: Status::Up,
+            heartbeat_interval_ms: 1000,
+            heartbeat_timeout_ms: 5000,
+            max_frame_bytes: 65536,
+        };
+        ws.send(text(&hello)).await.unwrap();
+        ws.send(text(&ServerFrame::Farm(list.clone())))
+            .await
+            .unwrap();
+        ws
+    }
+
+    /// The client frames up to and including its `sub`.
+    async fn until_sub(ws: &mut Ws) -> Vec<ClientFrame> {
+        let mut frames = Vec::new();
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let frame: ClientFrame = serde_json::from_str(&text).unwrap();
+            let done = matches!(frame, ClientFrame::Sub { .. });
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+        panic!("no sub");
+    }
+
+    fn subscribed(offset: u64) -> Message {
+        text(&ServerFrame::Subscribed {
+            topics: vec!["t".into()],
+            positions: BTreeMap::from([("t".to_string(), Position::new(E, offset))]),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_old_connection_closes_only_once_the_new_one_took_over() {
+        let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let a_url = format!("ws://{}/stream", a.local_addr().unwrap());
+        let b_url = format!("ws://{}/stream", b.local_addr().unwrap());
+        let list = FarmList::new(vec![
+            ServerEntry::new("a", &a_url, Status::Up, 1, "A"),
+            ServerEntry::new("b", &b_url, Status::Up, 0, "A"),
+        ]);
+        let log: Log = Arc::default();
+        let note = |log: &Log, what: &str| log.lock().unwrap().push(what.to_string());
+        let (b_subscribed_tx, b_subscribed) = tokio::sync::oneshot::channel();
+
+        let old = tokio::spawn({
+            let (log, list, b_url, a_url) =
+                (log.clone(), list.clone(), b_url.clone(), a_url.clone());
+            async move {
+                let mut ws = accept(&a, &a_url, &list).await;
+                until_sub(&mut ws).await;
+                ws.send(subscribed(0)).await.unwrap();
+                for offset in 1..=3 {
+                    ws.send(msg(offset)).await.unwrap();
+                }
+                let migrate = ServerFrame::Migrate {
+                    to: Some(b_url),
+                    reason: "rebalance".into(),
+                    deadline_ms: 10_000,
+                };
+                ws.send(text(&migrate)).await.unwrap();
+                // The new node subscribes the client at 5: this one is still at 3.
+                b_subscribed.await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if ws.send(msg(4)).await.is_err() || ws.send(msg(5)).await.is_err() {
+                    note(&log, "a lost the client before it could send 4 and 5");
+                    return;
+                }
+                note(&log, "a sends 4 and 5");
+                while let Some(Ok(message)) = ws.next().await {
+                    if let Message::Close(_) = message {
+                        note(&log, "a closed by the client");
+                        return;
+                    }
+                }
+                note(&log, "a lost the client without a close");
+            }
+        });
+        let new = tokio::spawn({
+            let (log, list, b_url) = (log.clone(), list.clone(), b_url.clone());
+            async move {
+                let mut ws = accept(&b, &b_url, &list).await;
+                let frames = until_sub(&mut ws).await;
+                assert!(
+                    frames.contains(&ClientFrame::Hello {
+                        features: vec!["migrate".into()],
+                        migrating: true
+                    }),
+                    "{frames:?}"
+                );
+                let Some(ClientFrame::Sub { positions, .. }) = frames.last() else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    positions["t"],
+                    Position::new(E, 3),
+                    "resumes from its position"
+                );
+                ws.send(subscribed(5)).await.unwrap();
+                note(&log, "b subscribed at 5");
+                let _ = b_subscribed_tx.send(());
+                // What the client missed (4, 5), then live (6).
+                for offset in 4..=6 {
+                    ws.send(msg(offset)).await.unwrap();
+                }
+                ws
+            }
+        });
+
+        let options = ClientOptions::new().subscribe(["t"]).seed(3);
+        let mut client = Client::start(a_url.parse().unwrap(), options);
+        let mut offsets = Vec::new();
+        let mut migrated = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while offsets.last() != Some(&6) {
+            let event = tokio::time::timeout_at(deadline, client.next_event())
+                .await
+                .expect("events within 10 s")
+                .expect("client running");
+            match event {
+                Event::Message { position, .. } => offsets.push(position.unwrap().offset),
+                Event::Migrated { from, to, .. } => migrated = Some((from, to)),
+                Event::Disconnected { .. } | Event::FailedOver { .. } => {
+                    panic!("a migration is not a disconnection: {event:?}")
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(offsets, [1, 2, 3, 4, 5, 6], "each once, in order");
+        assert_eq!(migrated, Some((a_url, b_url)));
+        tokio::time::timeout(Duration::from_secs(5), old)
+            .await
+            .expect("the old connection ends")
+            .unwrap();
+        let _new = new.await.unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "b subscribed at 5",
+                "a sends 4 and 5",
+                "a closed by the client"
+            ],
+            "the old connection is closed once it caught up with the new one, not before"
+        );
+        client.close().await;
+    }
+}
