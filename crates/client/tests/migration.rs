@@ -411,7 +411,14 @@ mod order {
                 ws.send(text(&migrate)).await.unwrap();
                 // The new node subscribes the client at 5: this one is still at 3.
                 b_subscribed.await.unwrap();
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // For a while it sends nothing more, reading: a client that closed now would
+                // close before it caught up.
+                if let Ok(Some(Ok(Message::Close(_)))) =
+                    tokio::time::timeout(Duration::from_millis(200), ws.next()).await
+                {
+                    note(&log, "a closed by the client before it caught up");
+                    return;
+                }
                 if ws.send(msg(4)).await.is_err() || ws.send(msg(5)).await.is_err() {
                     note(&log, "a lost the client before it could send 4 and 5");
                     return;
