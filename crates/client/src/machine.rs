@@ -29,6 +29,14 @@
 //!    asks the service address first, then the other servers of its last list.
 //! 4. **Backoff**: the first round after a good connection starts at once; each further round
 //!    waits a full-jitter [`Backoff`] delay.
+//! 5. **Migration** (make-before-break): a server that asks its client to move
+//!    ([`Input::MigrateAsked`], its `migrate` frame) names where, or leaves it to the policy
+//!    (without the asking server). The machine asks for [`Action::Migrate`] — a second connection,
+//!    subscribed from the held positions while the first keeps delivering — and moves to
+//!    [`State::Connected`] on the new server once the driver reports it caught up
+//!    ([`Input::Migrated`]). A migration whose connection fails leaves the client where it was,
+//!    with the target excluded; losing the old server meanwhile makes the migration's connection
+//!    the failover's.
 //!
 //! ```
 //! use std::time::Instant;
@@ -1124,6 +1132,118 @@ mod tests {
         m.handle(connected(A), t0);
         m.handle(Input::ListUpdated(three_up(users)), t0);
         m
+    }
+
+    fn migrate_asked(server: &str, to: Option<&str>) -> Input {
+        Input::MigrateAsked {
+            server: server.to_string(),
+            to: to.map(str::to_string),
+            reason: "rebalance".to_string(),
+        }
+    }
+
+    #[test]
+    fn a_migration_connects_to_the_named_server_then_switches() {
+        let t0 = Instant::now();
+        let mut m = connected_in_three(RetryMode::RetryOnce, 1, [10, 0, 0], t0);
+        let actions = m.handle(migrate_asked(A, Some(B)), t0);
+        assert_eq!(
+            actions,
+            vec![Action::Migrate {
+                server: B.to_string()
+            }]
+        );
+        assert!(matches!(m.state(), State::Migrating { from, to, .. } if from == A && to == B));
+        // A report about another server is stale.
+        assert!(
+            m.handle(Input::Migrated { server: C.into() }, t0)
+                .is_empty()
+        );
+        let later = t0 + Duration::from_millis(40);
+        let actions = m.handle(Input::Migrated { server: B.into() }, later);
+        assert_eq!(
+            actions,
+            vec![Action::Notify(Notice::Migrated {
+                from: A.into(),
+                to: B.into(),
+                reason: "rebalance".into(),
+                took: Duration::from_millis(40),
+            })]
+        );
+        assert_eq!(m.state(), &State::Connected { server: B.into() });
+    }
+
+    #[test]
+    fn a_migration_without_a_target_follows_the_policy_without_the_old_server() {
+        let t0 = Instant::now();
+        for seed in 0..20 {
+            let mut m = connected_in_three(RetryMode::RetryOnce, seed, [0, 5, 5], t0);
+            let actions = m.handle(migrate_asked(A, None), t0);
+            let [Action::Migrate { server }] = &actions[..] else {
+                panic!("{actions:?}")
+            };
+            assert_ne!(server, A, "never back to the server that asked");
+        }
+        // Only the asking server known: nowhere to go, the client stays.
+        let mut m = connected_to(A, RetryMode::RetryOnce, t0);
+        assert!(m.handle(migrate_asked(A, None), t0).is_empty());
+        assert_eq!(m.state(), &State::Connected { server: A.into() });
+    }
+
+    #[test]
+    fn a_failed_migration_stays_and_excludes_the_target() {
+        let t0 = Instant::now();
+        let mut m = connected_in_three(RetryMode::RetryOnce, 1, [10, 0, 0], t0);
+        m.handle(migrate_asked(A, Some(B)), t0);
+        let actions = m.handle(failed(B), t0);
+        assert_eq!(
+            actions,
+            vec![Action::Notify(Notice::MigrationFailed {
+                server: A.into(),
+                to: B.into(),
+                error: "refused".into(),
+            })]
+        );
+        assert_eq!(m.state(), &State::Connected { server: A.into() });
+        assert_eq!(m.excluded(t0), vec![B.to_string()]);
+        // Asked again toward the excluded server: the policy picks another.
+        let actions = m.handle(migrate_asked(A, Some(B)), t0);
+        assert_eq!(
+            actions,
+            vec![Action::Migrate {
+                server: C.to_string()
+            }]
+        );
+    }
+
+    #[test]
+    fn losing_the_old_server_mid_migration_makes_the_migration_the_failover() {
+        let t0 = Instant::now();
+        let mut m = connected_in_three(RetryMode::RetryOnce, 1, [10, 0, 0], t0);
+        m.handle(migrate_asked(A, Some(B)), t0);
+        let cause = closed(close::RECONNECT_ELSEWHERE);
+        let actions = m.handle(lost(A, cause.clone()), t0);
+        assert_eq!(
+            actions,
+            vec![Action::Notify(Notice::Disconnected {
+                server: A.into(),
+                cause
+            })]
+        );
+        assert_eq!(
+            m.state(),
+            &State::Connecting {
+                server: B.into(),
+                retry: false
+            }
+        );
+        let later = t0 + Duration::from_millis(30);
+        let actions = m.handle(connected(B), later);
+        assert!(actions.contains(&Action::Notify(Notice::FailedOver {
+            from: A.into(),
+            to: B.into(),
+            took: Duration::from_millis(30),
+        })));
     }
 
     fn three_up(users: [u64; 3]) -> FarmList {
