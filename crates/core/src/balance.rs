@@ -17,7 +17,8 @@
 //! # Moves
 //! A server **sends** when it holds more than its target plus a tolerance
 //! (`max(min_surplus, tolerance × target)`; none for a target of 0), and sends its whole surplus
-//! — down to its target, never below — to the servers under their target, in proportion to what
+//! — down to its target, never below (once started, a node goes on without the tolerance:
+//! [`own_moves`]) — to the servers under their target, in proportion to what
 //! each lacks. A server under its target only receives. So a server that received can fall no
 //! lower than its target and rise no higher, and a server that sent never has a deficit: after a
 //! plan is carried out, no server is ever asked to send clients back (the property test below
@@ -150,6 +151,69 @@ impl Plan {
     /// What `url` sends, and where.
     pub fn flows_from<'a>(&'a self, url: &'a str) -> impl Iterator<Item = &'a Flow> + 'a {
         self.flows.iter().filter(move |f| f.from == url)
+    }
+}
+
+/// What one server does now, by [`own_moves`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnMoves {
+    /// Its share of the farm.
+    pub target: u64,
+    /// Whether it sends: it holds more than its target plus the tolerance (or, already sending,
+    /// more than its target).
+    pub sends: bool,
+    /// Clients to move now (before pacing).
+    pub count: u64,
+    /// The servers below their share and what each lacks: where the clients go, in proportion.
+    pub receivers: Vec<(String, u64)>,
+}
+
+/// One server's row of the plan, from its own side: targets come from `list` — a consistent
+/// snapshot, the server's own row as listed, so that every node computes the same targets —
+/// while what it sends is counted on `holding`, the clients it holds right now less those
+/// already told to move, so that it never sends more than it has above its share, however old
+/// the list. `sending`: it started sending, and goes on to its target without the tolerance —
+/// the tolerance decides when a server starts; once started it finishes, or every server would
+/// stop at its target plus the tolerance.
+pub fn own_moves(
+    list: &FarmList,
+    me: &str,
+    holding: u64,
+    tolerance: Tolerance,
+    sending: bool,
+) -> OwnMoves {
+    let plan = plan(list, tolerance);
+    let Some(share) = plan.share(me) else {
+        return OwnMoves {
+            target: 0,
+            sends: false,
+            count: 0,
+            receivers: Vec::new(),
+        };
+    };
+    let target = share.target;
+    let allowance = if sending {
+        0
+    } else {
+        tolerance.allowance(target)
+    };
+    let receivers: Vec<(String, u64)> = plan
+        .shares
+        .iter()
+        .filter(|s| s.role == Role::Serving && s.users < s.target && s.url != me)
+        .map(|s| (s.url.clone(), s.target - s.users))
+        .collect();
+    let lacking: u64 = receivers.iter().map(|(_, d)| d).sum();
+    let sends = share.role != Role::Down && holding > target + allowance && lacking > 0;
+    OwnMoves {
+        target,
+        sends,
+        count: if sends {
+            (holding - target).min(lacking)
+        } else {
+            0
+        },
+        receivers,
     }
 }
 
@@ -447,6 +511,27 @@ mod tests {
         for share in &pa.shares {
             assert_eq!(pb.share(&share.url).unwrap().target, share.target);
         }
+    }
+
+    #[test]
+    fn own_moves_count_on_what_the_server_holds_now() {
+        let list = FarmList::new(vec![
+            entry("a", Status::Up, 300, "A"),
+            entry("b", Status::Up, 300, "A"),
+            entry("c", Status::Up, 300, "A"),
+            entry("d", Status::Up, 0, "A"),
+        ]);
+        let a = "ws://a/stream";
+        // The list is old: a has already sent 50 of its 75.
+        let own = own_moves(&list, a, 250, Tolerance::default(), false);
+        assert_eq!((own.target, own.sends, own.count), (225, true, 25));
+        assert_eq!(own.receivers, [("ws://d/stream".to_string(), 225)]);
+        // Within the tolerance it does not start, but once started it goes on to its target.
+        let near = own_moves(&list, a, 230, Tolerance::default(), false);
+        assert!(!near.sends);
+        let on = own_moves(&list, a, 230, Tolerance::default(), true);
+        assert_eq!((on.sends, on.count), (true, 5));
+        assert!(!own_moves(&list, a, 225, Tolerance::default(), true).sends);
     }
 
     #[test]

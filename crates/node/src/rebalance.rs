@@ -27,7 +27,7 @@ use std::time::Duration;
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
-use streamfarm_core::balance::{self, Plan, Tolerance};
+use streamfarm_core::balance::{self, Tolerance};
 use streamfarm_core::protocol::{ServerFrame, close};
 use streamfarm_core::{FarmList, Status};
 use tokio::time::{Instant, sleep, sleep_until};
@@ -78,25 +78,38 @@ impl Shared {
         }
     }
 
-    /// The farm's plan as this node sees it: the list, with this node's own row as it stands
-    /// now (its status, and its users less those already told to move), and peers whose relay
-    /// links their side ended taken as `DOWN` — a killed node is gone at once, not a failure
-    /// timeout later, and no client is sent to it meanwhile (the broker's placement does the
-    /// same).
-    pub(crate) fn plan(&self) -> (FarmList, Plan) {
+    /// The farm list the rebalancer plans on: this node's own status as it is now, and peers
+    /// whose relay links their side ended taken as `DOWN` — a killed node is gone at once, not a
+    /// failure timeout later, and no client is sent to it meanwhile (the broker's placement does
+    /// the same). Users are as listed, a consistent snapshot: every node computes the same
+    /// targets from it.
+    fn balance_view(&self) -> FarmList {
         let mut list = self.farm_now();
-        let staying = self.hub.users().saturating_sub(self.hub.moving() as u64);
         let status = *self.status.borrow();
         for server in &mut list.servers {
             if server.url == self.url {
-                server.users = staying;
                 server.status = status;
             } else if self.link_ends.is_ended(&server.name) {
                 server.status = Status::Down;
             }
         }
-        let plan = balance::plan(&list, self.tolerance());
-        (list, plan)
+        list
+    }
+
+    /// The clients this node holds now, less those already told to move.
+    fn holding(&self) -> u64 {
+        self.hub.users().saturating_sub(self.hub.moving() as u64)
+    }
+
+    /// This node's row of the plan now (`sending`: it started, and goes on to its target).
+    fn own_moves(&self, sending: bool) -> balance::OwnMoves {
+        balance::own_moves(
+            &self.balance_view(),
+            &self.url,
+            self.holding(),
+            self.tolerance(),
+            sending,
+        )
     }
 }
 
@@ -120,17 +133,16 @@ fn tell(shared: &Shared, mover: &Mover, to: Option<String>, why: Why) {
     }
 }
 
-/// `n` destinations following `plan`'s flows from `me`, in a random order; `None` (the client
-/// chooses) for those the flows do not cover.
-fn destinations(plan: &Plan, me: &str, n: usize, rng: &mut impl Rng) -> Vec<Option<String>> {
-    let flows: Vec<_> = plan.flows_from(me).collect();
-    let counts: Vec<u64> = flows.iter().map(|f| f.count).collect();
-    let planned: u64 = counts.iter().sum();
-    let split = balance::apportion((n as u64).min(planned), &counts);
-    let mut out: Vec<Option<String>> = flows
+/// `n` destinations over `receivers` in proportion to what each lacks (never more than that), in
+/// a random order; `None` (the client chooses) for those beyond.
+fn destinations(receivers: &[(String, u64)], n: usize, rng: &mut impl Rng) -> Vec<Option<String>> {
+    let lacking: Vec<u64> = receivers.iter().map(|(_, d)| *d).collect();
+    let room: u64 = lacking.iter().sum();
+    let split = balance::apportion((n as u64).min(room), &lacking);
+    let mut out: Vec<Option<String>> = receivers
         .iter()
         .zip(split)
-        .flat_map(|(flow, k)| std::iter::repeat_n(Some(flow.to.clone()), k as usize))
+        .flat_map(|((to, _), k)| std::iter::repeat_n(Some(to.clone()), k as usize))
         .collect();
     out.resize(n, None);
     out.shuffle(rng);
@@ -144,6 +156,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let cooldown = shared.config.rebalance_cooldown();
     let mut budget = 0.0f64;
     let mut last = Instant::now();
+    // Started sending: goes on to its target, without the tolerance.
+    let mut sending = false;
     loop {
         let jitter = rand::rng().random_range(0.8..1.2);
         tokio::select! {
@@ -157,22 +171,19 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 "did not move in time: reconnect elsewhere",
             );
         }
-        let (_, plan) = shared.plan();
-        let me = plan.share(&shared.url).cloned();
-        if let Some(me) = &me {
-            shared
-                .metrics
-                .rebalance_target
-                .store(me.target, std::sync::atomic::Ordering::Relaxed);
-        }
+        let own = shared.own_moves(sending);
+        shared
+            .metrics
+            .rebalance_target
+            .store(own.target, std::sync::atomic::Ordering::Relaxed);
+        sending = own.sends;
         let now = Instant::now();
         // Moves per second, as a token bucket holding at most one second's worth.
         budget = (budget + rate * now.duration_since(last).as_secs_f64()).min(rate.max(1.0));
         last = now;
-        let Some(me) = me else { continue };
         // A node that just received moved clients does not send any, unless its share is 0
         // (a less preferred group giving its clients back): the plan never sends to it.
-        let receiving = me.target > 0
+        let receiving = own.target > 0
             && shared
                 .hub
                 .last_migrant()
@@ -181,12 +192,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             || *shared.status.borrow() != Status::Up
             || *shared.isolated_rx.borrow()
             || receiving
-            || !me.sends
+            || !own.sends
         {
             continue;
         }
-        let surplus = me.users.saturating_sub(me.target);
-        let n = (budget.floor() as u64).min(surplus) as usize;
+        let n = (budget.floor() as u64).min(own.count) as usize;
         if n == 0 {
             continue;
         }
@@ -196,13 +206,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         };
         let movers = shared.hub.pick_movers(n, Some(opened_before));
         budget -= movers.len() as f64;
-        let targets = destinations(&plan, &shared.url, movers.len(), &mut rand::rng());
-        debug!(
-            moving = movers.len(),
-            users = me.users,
-            target = me.target,
-            "rebalancing"
-        );
+        let targets = destinations(&own.receivers, movers.len(), &mut rand::rng());
+        debug!(moving = movers.len(), target = own.target, "rebalancing");
         for (mover, to) in movers.iter().zip(targets) {
             tell(&shared, mover, to, Why::Rebalance);
         }
@@ -220,11 +225,11 @@ pub(crate) async fn move_all(
 ) {
     let start = Instant::now();
     let n = shared.hub.users() as usize;
-    let (_, plan) = shared.plan();
+    let own = shared.own_moves(true);
     let (targets, offsets) = {
         let mut rng = rand::rng();
         (
-            destinations(&plan, &shared.url, n, &mut rng),
+            destinations(&own.receivers, n, &mut rng),
             drain::schedule(n, period, &mut rng),
         )
     };
@@ -291,7 +296,8 @@ struct FlowView {
 
 /// This node's view of the plan, for `GET /rebalance`.
 pub(crate) fn view(shared: &Shared) -> PlanView {
-    let (list, plan) = shared.plan();
+    let list = shared.balance_view();
+    let plan = balance::plan(&list, shared.tolerance());
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let m = &shared.metrics;
     PlanView {
@@ -346,9 +352,10 @@ mod tests {
             ServerEntry::new(name, format!("ws://{name}"), Status::Up, users, "A")
         };
         let list = FarmList::new(vec![entry("a", 90), entry("b", 0), entry("c", 30)]);
-        let plan = balance::plan(&list, Tolerance::default());
+        let own = balance::own_moves(&list, "ws://a", 90, Tolerance::default(), false);
+        assert_eq!(own.count, 50);
         let mut rng = StdRng::seed_from_u64(1);
-        let picked = destinations(&plan, "ws://a", 50, &mut rng);
+        let picked = destinations(&own.receivers, 50, &mut rng);
         let to_b = picked
             .iter()
             .filter(|t| t.as_deref() == Some("ws://b"))
@@ -359,7 +366,7 @@ mod tests {
             .count();
         // a sends 50: 40 to b, 10 to c.
         assert_eq!((to_b, to_c), (40, 10));
-        let more = destinations(&plan, "ws://a", 60, &mut rng);
+        let more = destinations(&own.receivers, 60, &mut rng);
         assert_eq!(more.iter().filter(|t| t.is_none()).count(), 10);
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use streamfarm_core::balance::{self, Tolerance};
 use streamfarm_core::selection::{self, Context};
 use streamfarm_core::{FarmList, Policy, ServerEntry, Status};
 
@@ -33,6 +34,8 @@ pub struct Sample {
     pub users: Vec<u64>,
     /// Whether each server is up (taking clients).
     pub up: Vec<bool>,
+    /// Clients moved by rebalancing so far.
+    pub moves: u64,
 }
 
 /// Counts of what happened in a run.
@@ -51,6 +54,16 @@ pub struct Counts {
     /// Picks of a server that the list showed up but that was down: the client then excludes it
     /// and picks again.
     pub failed_attempts: u64,
+    /// Clients moved by rebalancing (arrived on their new server).
+    pub moves: u64,
+    /// Moves that did not happen: the target was down when the client got there (it stays).
+    pub failed_moves: u64,
+    /// The fewest moves that would even the farm out, right after the perturbation (the plan's
+    /// `minimal_moves` on the true state); 0 when not computed.
+    pub minimal_moves: u64,
+    /// Moves toward a server that had itself sent a client within the cooldown, and moves from a
+    /// server that had received one within it: the ping-pong that must not happen.
+    pub reversals: u64,
 }
 
 /// The record of one run: samples over time and counts.
@@ -79,6 +92,10 @@ enum Event {
     Up(usize),
     /// Record users per server.
     Sample,
+    /// Server `i` looks at the rebalancing plan.
+    Rebalance(usize),
+    /// A client that server `from` (in its `epoch`-th life) told to move arrives on `to`.
+    Moved { from: usize, epoch: u64, to: usize },
 }
 
 /// A heap entry: earliest time first, then first scheduled first (deterministic ties).
@@ -140,6 +157,17 @@ struct Engine<'a> {
     joins: Vec<VecDeque<f64>>,
     farm_rng: StdRng,
     pick_rng: StdRng,
+    /// Rebalancing state per server: clients told to move and not yet gone, the times of recent
+    /// arrivals (younger than the cooldown), when it last sent and received a moved client, its
+    /// move budget and when that was last topped up, and how many times it went down.
+    moving: Vec<u64>,
+    young: Vec<VecDeque<f64>>,
+    last_sent: Vec<f64>,
+    last_received: Vec<f64>,
+    budget: Vec<f64>,
+    budget_at: Vec<f64>,
+    epoch: Vec<u64>,
+    sending: Vec<bool>,
     arrivals_left: Option<u64>,
     sample_every: f64,
     samples: Vec<Sample>,
@@ -152,17 +180,32 @@ impl<'a> Engine<'a> {
         let n = scenario.servers;
         let mut users = vec![scenario.load; n];
         let mut up = vec![true; n];
-        if scenario.kind == ScenarioKind::ScaleOut {
+        if matches!(
+            scenario.kind,
+            ScenarioKind::ScaleOut | ScenarioKind::ScaleOutIdle
+        ) {
             // The new server exists, down and empty, until it is added at 0 s.
             users[n - 1] = 0;
             up[n - 1] = false;
+        }
+        if scenario.kind == ScenarioKind::Failback {
+            // Group A (the first half) is down and empty until it comes back.
+            for i in 0..n / 2 {
+                users[i] = 0;
+                up[i] = false;
+            }
         }
         let list = FarmList::new(
             (0..n)
                 .map(|i| {
                     let status = if up[i] { Status::Up } else { Status::Down };
-                    let mut entry =
-                        ServerEntry::new(format!("s{i}"), url(i), status, users[i], "A");
+                    let mut entry = ServerEntry::new(
+                        format!("s{i}"),
+                        url(i),
+                        status,
+                        users[i],
+                        group(scenario, i),
+                    );
                     entry.join_rate = Some(0.0);
                     entry
                 })
@@ -185,6 +228,14 @@ impl<'a> Engine<'a> {
             joins: vec![VecDeque::new(); n],
             farm_rng: StdRng::seed_from_u64(seed),
             pick_rng: StdRng::seed_from_u64(seed ^ 0x5eed_0fc1_1ea7_5eed),
+            moving: vec![0; n],
+            young: vec![VecDeque::new(); n],
+            last_sent: vec![f64::NEG_INFINITY; n],
+            last_received: vec![f64::NEG_INFINITY; n],
+            budget: vec![0.0; n],
+            budget_at: vec![0.0; n],
+            epoch: vec![0; n],
+            sending: vec![false; n],
             arrivals_left: scenario.arrivals,
             sample_every,
             samples: Vec::new(),
@@ -213,10 +264,25 @@ impl<'a> Engine<'a> {
     fn run(mut self) -> Trace {
         let s = self.scenario;
         self.schedule(0.0, Event::Sample);
-        let first = self.exponential(s.rate);
-        self.schedule(first, Event::Arrival);
+        if s.arrivals != Some(0) {
+            let first = self.exponential(s.rate);
+            self.schedule(first, Event::Arrival);
+        }
+        if let Some(r) = s.rebalance {
+            for i in 0..s.servers {
+                let first = self.farm_rng.random::<f64>() * r.tick;
+                self.schedule(first, Event::Rebalance(i));
+            }
+        }
         match s.kind {
-            ScenarioKind::ScaleOut => self.schedule(0.0, Event::Up(s.servers - 1)),
+            ScenarioKind::ScaleOut | ScenarioKind::ScaleOutIdle => {
+                self.schedule(0.0, Event::Up(s.servers - 1));
+            }
+            ScenarioKind::Failback => {
+                for i in 0..s.servers / 2 {
+                    self.schedule(s.perturbation_at, Event::Up(i));
+                }
+            }
             ScenarioKind::Failure => self.schedule(s.perturbation_at, Event::Down(0)),
             ScenarioKind::Rolling => {
                 for i in 0..s.servers {
@@ -274,6 +340,9 @@ impl<'a> Engine<'a> {
             Event::Reconnect { lost } => self.connect(lost),
             Event::Down(i) => {
                 let orphans = self.users[i];
+                self.epoch[i] += 1;
+                self.moving[i] = 0;
+                self.young[i].clear();
                 self.up[i] = false;
                 self.users[i] = 0;
                 self.connected -= orphans;
@@ -287,6 +356,46 @@ impl<'a> Engine<'a> {
             Event::Up(i) => {
                 self.up[i] = true;
                 self.record(i, false);
+                if self.counts.minimal_moves == 0
+                    && matches!(s.kind, ScenarioKind::ScaleOutIdle | ScenarioKind::Failback)
+                {
+                    let truth = self.truth();
+                    let plan = balance::plan(&truth, Tolerance::default());
+                    self.counts.minimal_moves = balance::minimal_moves(&plan);
+                }
+            }
+            Event::Rebalance(i) => {
+                self.rebalance(i);
+                if let Some(r) = s.rebalance
+                    && self.now < s.duration
+                {
+                    let jitter = 0.8 + 0.4 * self.farm_rng.random::<f64>();
+                    self.schedule(self.now + r.tick * jitter, Event::Rebalance(i));
+                }
+            }
+            Event::Moved { from, epoch, to } => {
+                if self.epoch[from] != epoch {
+                    // Its old server went down meanwhile: it reconnected like the others.
+                    return;
+                }
+                self.moving[from] = self.moving[from].saturating_sub(1);
+                if !self.up[to] {
+                    self.counts.failed_moves += 1;
+                    return;
+                }
+                let cooldown = s.rebalance.map_or(0.0, |r| r.cooldown);
+                if self.now - self.last_sent[to] < cooldown
+                    || self.now - self.last_received[from] < cooldown
+                {
+                    self.counts.reversals += 1;
+                }
+                self.users[from] -= 1;
+                self.users[to] += 1;
+                self.young[to].push_back(self.now);
+                self.last_received[to] = self.now;
+                self.counts.moves += 1;
+                self.record(from, false);
+                self.record(to, false);
             }
             Event::Sample => {
                 self.sample();
@@ -327,6 +436,9 @@ impl<'a> Engine<'a> {
             match choice {
                 Ok(choice) if self.up[choice.index] => {
                     let i = choice.index;
+                    if self.scenario.rebalance.is_some() {
+                        self.young[i].push_back(self.now);
+                    }
                     self.users[i] += 1;
                     self.connected += 1;
                     self.counts.connections += 1;
@@ -403,6 +515,68 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// The farm as it is now, as a list.
+    fn truth(&self) -> FarmList {
+        let mut list = self.list.clone();
+        for (i, entry) in list.servers.iter_mut().enumerate() {
+            entry.users = self.users[i];
+            entry.status = if self.up[i] { Status::Up } else { Status::Down };
+        }
+        list
+    }
+
+    /// Server `i` carries out its row of the plan, as a node's rebalancer does.
+    fn rebalance(&mut self, i: usize) {
+        let Some(r) = self.scenario.rebalance else {
+            return;
+        };
+        let elapsed = self.now - self.budget_at[i];
+        self.budget_at[i] = self.now;
+        self.budget[i] = (self.budget[i] + r.rate * elapsed).min(r.rate.max(1.0));
+        if !self.up[i] {
+            return;
+        }
+        while self.young[i]
+            .front()
+            .is_some_and(|&t| t <= self.now - r.cooldown)
+        {
+            self.young[i].pop_front();
+        }
+        self.refresh_list();
+        let tolerance = Tolerance {
+            fraction: r.tolerance,
+            ..Tolerance::default()
+        };
+        let holding = self.users[i] - self.moving[i];
+        let own = balance::own_moves(&self.list, &url(i), holding, tolerance, self.sending[i]);
+        self.sending[i] = own.sends;
+        let receiving = own.target > 0 && self.now - self.last_received[i] < r.cooldown;
+        if !own.sends || receiving {
+            return;
+        }
+        let old_enough = holding.saturating_sub(self.young[i].len() as u64);
+        let n = (self.budget[i].floor() as u64)
+            .min(own.count)
+            .min(old_enough);
+        if n == 0 {
+            return;
+        }
+        self.budget[i] -= n as f64;
+        let lacking: Vec<u64> = own.receivers.iter().map(|(_, d)| *d).collect();
+        let split = balance::apportion(n, &lacking);
+        let epoch = self.epoch[i];
+        for ((to, _), k) in own.receivers.iter().zip(split) {
+            let Some(to) = self.list.servers.iter().position(|s| s.url == *to) else {
+                continue;
+            };
+            for _ in 0..k {
+                self.moving[i] += 1;
+                self.last_sent[i] = self.now;
+                self.schedule(self.now + r.migration, Event::Moved { from: i, epoch, to });
+            }
+        }
+    }
+
     fn sample(&mut self) {
         if self.samples.last().is_some_and(|s| s.time == self.now) {
             self.samples.pop();
@@ -411,7 +585,17 @@ impl<'a> Engine<'a> {
             time: self.now,
             users: self.users.clone(),
             up: self.up.clone(),
+            moves: self.counts.moves,
         });
+    }
+}
+
+/// Server `i`'s priority group: `A`, or in `failback` `B` for the second half.
+fn group(scenario: &Scenario, i: usize) -> &'static str {
+    if scenario.kind == ScenarioKind::Failback && i >= scenario.servers / 2 {
+        "B"
+    } else {
+        "A"
     }
 }
 

@@ -14,9 +14,10 @@ pub fn markdown(outcomes: &[Outcome]) -> String {
     let mut out = String::new();
     let mut rest = outcomes;
     while let Some(first) = rest.first() {
+        // One table per scenario: runs with and without rebalancing side by side.
         let same = rest
             .iter()
-            .take_while(|o| o.scenario == first.scenario)
+            .take_while(|o| o.scenario.kind == first.scenario.kind)
             .count();
         let (group, tail) = rest.split_at(same);
         table(&mut out, &first.scenario, group);
@@ -46,22 +47,27 @@ fn table(out: &mut String, scenario: &Scenario, group: &[Outcome]) {
             head.push_str(" failed picks / disconnected |");
             rule.push_str("---:|");
         }
-        ScenarioKind::Steady | ScenarioKind::Churn => {}
+        ScenarioKind::ScaleOutIdle
+        | ScenarioKind::Failback
+        | ScenarioKind::Steady
+        | ScenarioKind::Churn => {}
+    }
+    let rebalancing = group.iter().any(|o| o.summary.moves.is_some());
+    if rebalancing {
+        head.push_str(" balanced at (s) | moves | minimal | moves/minimal | moves in the last 5 min | reversals |");
+        rule.push_str("---:|---:|---:|---:|---:|---:|");
     }
     let _ = writeln!(out, "{head}\n{rule}");
     for o in group {
         let (e, w) = (o.summary.end, o.summary.worst);
+        let policy = match o.scenario.rebalance {
+            Some(_) => format!("{} + rebalancing", o.policy),
+            None => o.policy.to_string(),
+        };
         let _ = write!(
             out,
-            "| {} | {:.3} | {:.3} | {:.4} | {:.1} | {:.3} | {:.3} | {:.4} |",
-            o.policy,
-            e.max_over_mean,
-            e.min_over_mean,
-            e.cv,
-            w.time,
-            w.max_over_mean,
-            w.min_over_mean,
-            w.cv
+            "| {policy} | {:.3} | {:.3} | {:.4} | {:.1} | {:.3} | {:.3} | {:.4} |",
+            e.max_over_mean, e.min_over_mean, e.cv, w.time, w.max_over_mean, w.min_over_mean, w.cv
         );
         match (kind, o.summary.new_server) {
             (ScenarioKind::ScaleOut, Some(new)) => {
@@ -80,6 +86,29 @@ fn table(out: &mut String, scenario: &Scenario, group: &[Outcome]) {
                 let _ = write!(out, " {per:.3} |");
             }
             _ => {}
+        }
+        if rebalancing {
+            match o.summary.moves {
+                Some(m) => {
+                    let at = m
+                        .balanced_at
+                        .map_or_else(|| "never".to_string(), |t| format!("{t:.1}"));
+                    let (minimal, ratio) = if m.minimal > 0 {
+                        (
+                            m.minimal.to_string(),
+                            format!("{:.3}", m.moved as f64 / m.minimal as f64),
+                        )
+                    } else {
+                        ("-".to_string(), "-".to_string())
+                    };
+                    let _ = write!(
+                        out,
+                        " {at} | {} | {minimal} | {ratio} | {} | {} |",
+                        m.moved, m.last_5_min, m.reversals
+                    );
+                }
+                None => out.push_str(" - | 0 | - | - | - | - |"),
+            }
         }
         out.push('\n');
     }

@@ -19,6 +19,11 @@ pub enum ScenarioKind {
     Rolling,
     /// Clients leave as well as arrive: an empty farm fills to a steady population.
     Churn,
+    /// One empty server added to a loaded farm, and no arrivals: only rebalancing can fill it.
+    ScaleOutIdle,
+    /// Half the servers (group A, preferred) are down, the other half (group B) hold every
+    /// client; group A comes back, and no client arrives: only rebalancing sends them back.
+    Failback,
 }
 
 impl ScenarioKind {
@@ -31,6 +36,25 @@ impl ScenarioKind {
         ScenarioKind::Churn,
     ];
 
+    /// The scenarios of active rebalancing (`streamfarm sim --rebalance`): the farm out of
+    /// balance with no arrivals to fix it, and a rolling restart.
+    pub const REBALANCING: [ScenarioKind; 3] = [
+        ScenarioKind::ScaleOutIdle,
+        ScenarioKind::Rolling,
+        ScenarioKind::Failback,
+    ];
+
+    /// Every scenario there is.
+    pub const EVERY: [ScenarioKind; 7] = [
+        ScenarioKind::Steady,
+        ScenarioKind::ScaleOut,
+        ScenarioKind::Failure,
+        ScenarioKind::Rolling,
+        ScenarioKind::Churn,
+        ScenarioKind::ScaleOutIdle,
+        ScenarioKind::Failback,
+    ];
+
     /// The scenario's name on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -39,6 +63,8 @@ impl ScenarioKind {
             ScenarioKind::Failure => "failure",
             ScenarioKind::Rolling => "rolling",
             ScenarioKind::Churn => "churn",
+            ScenarioKind::ScaleOutIdle => "scale-out-idle",
+            ScenarioKind::Failback => "failback",
         }
     }
 }
@@ -53,7 +79,7 @@ impl FromStr for ScenarioKind {
     type Err = ScenarioError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ScenarioKind::ALL
+        ScenarioKind::EVERY
             .into_iter()
             .find(|k| k.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| ScenarioError::UnknownScenario(s.to_string()))
@@ -65,7 +91,9 @@ impl FromStr for ScenarioKind {
 #[non_exhaustive]
 pub enum ScenarioError {
     /// The name is not one of [`ScenarioKind::ALL`].
-    #[error("unknown scenario {0:?}: expected one of steady, scale-out, failure, rolling, churn")]
+    #[error(
+        "unknown scenario {0:?}: expected one of steady, scale-out, failure, rolling, churn, scale-out-idle, failback"
+    )]
     UnknownScenario(String),
     /// A knob is out of range for this scenario.
     #[error("{scenario}: {knob} = {value} is out of range: {expected}")]
@@ -99,6 +127,40 @@ pub struct Knobs {
     /// Whether reconnecting clients tell the policy about the surge (default true; see
     /// [`Scenario::reconnect_hint`]).
     pub reconnect_hint: Option<bool>,
+    /// Whether the nodes rebalance actively (default false; see [`Rebalancing`]).
+    pub rebalance: Option<bool>,
+}
+
+/// Active rebalancing as the nodes do it (`crates/node/src/rebalance.rs`), with their defaults:
+/// every `tick`, each up server plans with `streamfarm_core::balance` on its (stale) list, its
+/// own row exact, and tells at most `rate` clients a second of its surplus to move; a moved
+/// client arrives `migration` seconds later (make-before-break: it stays counted on its old
+/// server until then). Connections younger than `cooldown` are not moved, and a server that
+/// received a moved client within it sends none (unless its share is 0).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Rebalancing {
+    /// Moves per second per server.
+    pub rate: f64,
+    /// Fraction above its share a server may hold.
+    pub tolerance: f64,
+    /// Seconds: no connection younger is moved; no server that received within it sends.
+    pub cooldown: f64,
+    /// Seconds between two looks at the plan (jittered ±20 %).
+    pub tick: f64,
+    /// Seconds from the `migrate` to the switch.
+    pub migration: f64,
+}
+
+impl Default for Rebalancing {
+    fn default() -> Self {
+        Rebalancing {
+            rate: 50.0,
+            tolerance: 0.03,
+            cooldown: 10.0,
+            tick: 0.25,
+            migration: 0.05,
+        }
+    }
 }
 
 /// Everything that defines a run apart from the policy and the seed.
@@ -137,6 +199,8 @@ pub struct Scenario {
     pub downtime: f64,
     /// Rolling restart: seconds between one node going down and the next.
     pub restart_interval: f64,
+    /// Active rebalancing, when the nodes do it.
+    pub rebalance: Option<Rebalancing>,
 }
 
 impl Scenario {
@@ -172,6 +236,7 @@ impl Scenario {
             perturbation_at: 0.0,
             downtime: 10.0,
             restart_interval: 30.0,
+            rebalance: knobs.rebalance.unwrap_or(false).then(Rebalancing::default),
         };
         match kind {
             ScenarioKind::Steady | ScenarioKind::ScaleOut => {
@@ -205,6 +270,17 @@ impl Scenario {
                 scenario.duration = scenario.perturbation_at
                     + servers as f64 * scenario.restart_interval
                     + scenario.restart_interval;
+            }
+            ScenarioKind::ScaleOutIdle | ScenarioKind::Failback => {
+                scenario.load = load;
+                scenario.arrivals = Some(0);
+                scenario.perturbation_at = if kind == ScenarioKind::Failback {
+                    5.0
+                } else {
+                    0.0
+                };
+                // Ten minutes after the change: long enough to see any ping-pong.
+                scenario.duration = scenario.perturbation_at + 600.0;
             }
             ScenarioKind::Churn => {
                 scenario.rate = knobs.rate.unwrap_or(500.0);
@@ -251,8 +327,19 @@ impl Scenario {
         if !(self.reconnect_window.is_finite() && self.reconnect_window >= 0.0) {
             return Err(out("window", self.reconnect_window, "0 or more seconds"));
         }
-        if self.arrivals == Some(0) {
+        let idle = matches!(
+            self.kind,
+            ScenarioKind::ScaleOutIdle | ScenarioKind::Failback
+        );
+        if self.arrivals == Some(0) && !idle {
             return Err(out("clients", 0.0, "at least 1"));
+        }
+        if self.kind == ScenarioKind::Failback && self.servers % 2 != 0 {
+            return Err(out(
+                "servers",
+                self.servers as f64,
+                "an even number (half in group A, half in group B)",
+            ));
         }
         // A cap on simulated work, so a typo does not run for hours.
         let events = self.rate * self.duration + (self.servers as u64 * self.load) as f64;
@@ -302,6 +389,20 @@ impl Scenario {
                 self.rate,
                 self.lifetime.unwrap_or(0.0),
                 self.rate * self.lifetime.unwrap_or(0.0),
+                self.duration
+            ),
+            ScenarioKind::ScaleOutIdle => format!(
+                "{} servers × {} users + 1 empty added at 0 s, no arrivals, {:.0} s, {stale}",
+                s - 1,
+                self.load,
+                self.duration
+            ),
+            ScenarioKind::Failback => format!(
+                "{} group-A servers down, {} group-B servers × {} users; group A back at {} s, no arrivals, {:.0} s, {stale}",
+                s / 2,
+                s / 2,
+                self.load,
+                self.perturbation_at,
                 self.duration
             ),
         }

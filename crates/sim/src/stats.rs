@@ -73,17 +73,64 @@ pub struct Summary {
     /// The worst point: the sample, from the perturbation on, with the highest max/mean (the
     /// first such sample on a tie). Its min/mean and cv are those of that same moment.
     pub worst: Balance,
-    /// Only for `scale-out`.
+    /// Only for `scale-out` and `scale-out-idle`.
     pub new_server: Option<NewServer>,
+    /// Only with rebalancing: what the moves did.
+    pub moves: Option<Moves>,
+}
+
+/// What active rebalancing did in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Moves {
+    /// Clients moved.
+    pub moved: u64,
+    /// The fewest moves that would have evened the farm out after the perturbation (0 when the
+    /// scenario has no single perturbation to count from).
+    pub minimal: u64,
+    /// When the farm was first balanced after the perturbation: the new server at 95 % of the
+    /// mean (`scale-out-idle`), group B empty (`failback`); none if never.
+    pub balanced_at: Option<f64>,
+    /// Moves in the last five minutes of the run (the second half of the ten minutes after the
+    /// perturbation): churn in a farm that has long been even, which must be none.
+    pub last_5_min: u64,
+    /// Moves to a server that had sent one within the cooldown, or from one that had received
+    /// one within it: ping-pong.
+    pub reversals: u64,
 }
 
 impl Summary {
     /// Summarises a run of `scenario`.
     pub fn of(scenario: &Scenario, trace: &Trace) -> Summary {
-        let last = trace.samples.last().expect("a run has a final sample");
+        if scenario.kind == ScenarioKind::Failback {
+            // Group B is meant to empty: balance is group A's.
+            let a_only: Vec<Sample> = trace
+                .samples
+                .iter()
+                .map(|s| {
+                    let mut s = s.clone();
+                    for up in &mut s.up[scenario.servers / 2..] {
+                        *up = false;
+                    }
+                    s
+                })
+                .collect();
+            let mut summary = Summary::of_samples(scenario, &a_only, trace);
+            if let Some(moves) = &mut summary.moves {
+                let b_empty = trace.samples.iter().find(|s| {
+                    s.time >= scenario.perturbation_at
+                        && s.users[scenario.servers / 2..].iter().all(|&u| u == 0)
+                });
+                moves.balanced_at = b_empty.map(|s| s.time);
+            }
+            return summary;
+        }
+        Summary::of_samples(scenario, &trace.samples, trace)
+    }
+
+    fn of_samples(scenario: &Scenario, samples: &[Sample], trace: &Trace) -> Summary {
+        let last = samples.last().expect("a run has a final sample");
         let end = Balance::of(last);
-        let worst = trace
-            .samples
+        let worst = samples
             .iter()
             .filter(|s| s.time >= scenario.perturbation_at)
             .map(Balance::of)
@@ -92,7 +139,11 @@ impl Summary {
                 _ => Some(b),
             })
             .unwrap_or(end);
-        let new_server = (scenario.kind == ScenarioKind::ScaleOut).then(|| {
+        let new_server = matches!(
+            scenario.kind,
+            ScenarioKind::ScaleOut | ScenarioKind::ScaleOutIdle
+        )
+        .then(|| {
             let new = scenario.servers - 1;
             let share = |s: &Sample| {
                 let mean = Balance::of(s).mean;
@@ -104,18 +155,32 @@ impl Summary {
             };
             NewServer {
                 share_at_end: share(last),
-                reached_95_at: trace
-                    .samples
+                reached_95_at: samples
                     .iter()
                     .find(|s| s.up[new] && share(s) >= 0.95)
                     .map(|s| s.time),
-                peak_share: trace.samples.iter().map(share).fold(0.0, f64::max),
+                peak_share: samples.iter().map(share).fold(0.0, f64::max),
+            }
+        });
+        let moves = scenario.rebalance.map(|_| {
+            let five_min_before_end = last.time - 300.0;
+            let then = samples
+                .iter()
+                .find(|s| s.time >= five_min_before_end)
+                .map_or(0, |s| s.moves);
+            Moves {
+                moved: trace.counts.moves,
+                minimal: trace.counts.minimal_moves,
+                balanced_at: new_server.and_then(|n| n.reached_95_at),
+                last_5_min: trace.counts.moves - then,
+                reversals: trace.counts.reversals,
             }
         });
         Summary {
             end,
             worst,
             new_server,
+            moves,
         }
     }
 }
@@ -129,6 +194,7 @@ mod tests {
             time: 1.0,
             users: users.to_vec(),
             up: up.to_vec(),
+            moves: 0,
         }
     }
 

@@ -194,3 +194,52 @@ fn plot_writes_an_svg_with_a_line_per_server() {
     assert!(err.to_string().contains(".svg"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Active rebalancing on a small farm with no arrivals: the empty server fills to the mean with
+/// close to the fewest moves, nothing moves once even, and nothing is sent back; failback empties
+/// group B. Without rebalancing nothing moves at all.
+#[test]
+fn rebalancing_evens_an_idle_farm_with_the_fewest_moves_and_no_ping_pong() {
+    for (kind, servers) in [(ScenarioKind::ScaleOutIdle, 5), (ScenarioKind::Failback, 4)] {
+        let knobs = Knobs {
+            servers: Some(servers),
+            load: Some(2000),
+            rebalance: Some(true),
+            ..Knobs::default()
+        };
+        let on = Scenario::new(kind, &knobs).unwrap();
+        let off = Scenario::new(
+            kind,
+            &Knobs {
+                rebalance: None,
+                ..knobs
+            },
+        )
+        .unwrap();
+        let runs = simulate(&[off, on], &[Policy::Waterfill], 3);
+        let (off, on) = (&runs[0], &runs[1]);
+        assert_eq!(
+            off.trace.counts.moves, 0,
+            "{kind}: nothing moves without rebalancing"
+        );
+        let moves = on.summary.moves.expect("rebalancing figures");
+        assert!(moves.minimal > 0, "{kind}: {moves:?}");
+        assert!(
+            moves.moved >= moves.minimal && moves.moved as f64 <= 1.1 * moves.minimal as f64,
+            "{kind}: {} moves for a minimum of {}",
+            moves.moved,
+            moves.minimal
+        );
+        assert!(moves.balanced_at.is_some(), "{kind}: never balanced");
+        assert_eq!(moves.last_5_min, 0, "{kind}: still moving once even");
+        assert_eq!(moves.reversals, 0, "{kind}: ping-pong");
+        assert!(
+            on.summary.end.max_over_mean < 1.05,
+            "{kind}: {:?}",
+            on.summary.end
+        );
+        let total: u64 = on.trace.samples.last().unwrap().users.iter().sum();
+        let start: u64 = on.trace.samples[0].users.iter().sum();
+        assert_eq!(total, start, "{kind}: moves lose no client");
+    }
+}

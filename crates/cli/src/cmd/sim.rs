@@ -14,8 +14,9 @@ use streamfarm_sim::{Knobs, Scenario, ScenarioKind, plot, report, simulate};
 /// Arguments of `streamfarm sim`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// Scenarios to run (comma-separated or repeated): steady, scale-out, failure, rolling, churn.
-    /// Default: all.
+    /// Scenarios to run (comma-separated or repeated): steady, scale-out, failure, rolling, churn,
+    /// scale-out-idle, failback. Default: the first five (with --rebalance: scale-out-idle,
+    /// rolling, failback).
     #[arg(long = "scenario", value_delimiter = ',')]
     scenarios: Vec<ScenarioKind>,
     /// Policies to compare (comma-separated or repeated). Default: all.
@@ -60,18 +61,23 @@ pub(crate) struct Args {
     /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Active rebalancing as a dimension: every scenario run without and with the nodes moving
+    /// their surplus (as `streamfarm serve` does by default). Default scenarios then:
+    /// scale-out-idle, rolling, failback; default policy: waterfill.
+    #[arg(long)]
+    rebalance: bool,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let kinds = if args.scenarios.is_empty() {
-        ScenarioKind::ALL.to_vec()
-    } else {
-        args.scenarios.clone()
+    let kinds = match (args.scenarios.is_empty(), args.rebalance) {
+        (true, false) => ScenarioKind::ALL.to_vec(),
+        (true, true) => ScenarioKind::REBALANCING.to_vec(),
+        (false, _) => args.scenarios.clone(),
     };
-    let mut policies = if args.policies.is_empty() {
-        Policy::ALL.to_vec()
-    } else {
-        args.policies.clone()
+    let mut policies = match (args.policies.is_empty(), args.rebalance) {
+        (true, false) => Policy::ALL.to_vec(),
+        (true, true) => vec![Policy::Waterfill],
+        (false, _) => args.policies.clone(),
     };
     let mut kinds_run = kinds.clone();
     if args.plot.is_some() {
@@ -91,11 +97,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         staleness: args.staleness,
         reconnect_window: args.window,
         reconnect_hint: args.no_reconnect_hint.then_some(false),
+        rebalance: None,
     };
-    let scenarios = kinds_run
-        .iter()
-        .map(|&kind| Scenario::new(kind, &knobs))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut scenarios = Vec::new();
+    for &kind in &kinds_run {
+        scenarios.push(Scenario::new(kind, &knobs)?);
+        if args.rebalance {
+            let on = Knobs {
+                rebalance: Some(true),
+                ..knobs
+            };
+            scenarios.push(Scenario::new(kind, &on)?);
+        }
+    }
+    let plotted_rebalance = args.rebalance;
     let started = Instant::now();
     let outcomes = tokio::task::spawn_blocking(move || simulate(&scenarios, &policies, args.seed))
         .await
@@ -104,7 +119,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.plot {
         let run = outcomes
             .iter()
-            .find(|o| o.scenario.kind == args.plot_scenario && o.policy == args.plot_policy)
+            .find(|o| {
+                o.scenario.kind == args.plot_scenario
+                    && o.policy == args.plot_policy
+                    && o.scenario.rebalance.is_some() == plotted_rebalance
+            })
             .expect("the plotted run was added to the runs");
         plot::svg(run, path)?;
         eprintln!("streamfarm sim: plot written to {}", path.display());
