@@ -334,7 +334,7 @@ impl Scenario {
         if self.arrivals == Some(0) && !idle {
             return Err(out("clients", 0.0, "at least 1"));
         }
-        if self.kind == ScenarioKind::Failback && self.servers % 2 != 0 {
+        if self.kind == ScenarioKind::Failback && !self.servers.is_multiple_of(2) {
             return Err(out(
                 "servers",
                 self.servers as f64,
