@@ -53,6 +53,9 @@ const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// The router of one node.
 pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
     let body_limit = shared.config.max_frame_bytes + ENVELOPE_SLACK;
+    // A request body sent a byte at a time holds a connection no longer than a request head may.
+    let body_timeout =
+        tower_http::timeout::RequestBodyTimeoutLayer::new(shared.config.handshake_timeout());
     Router::new()
         .route(stream_path, get(stream))
         .route(RELAY_PATH, get(relay))
@@ -64,12 +67,24 @@ pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
                 &shared.config,
             ),
         )
+        // No topic: 400, as documented, rather than no route (404).
+        .route("/publish/", post(publish_no_topic))
+        .route("/publish", post(publish_no_topic))
         .route("/topics/{topic}", get(topic_info))
         .route("/admin/status", post(admin_status))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .with_state(shared)
         .merge(web::router())
+        .layer(body_timeout)
+}
+
+async fn publish_no_topic() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        "topic must not be empty: POST /publish/{topic}\n",
+    )
+        .into_response()
 }
 
 async fn stream(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> Response {

@@ -51,7 +51,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::serve::ListenerExt;
 use streamfarm_core::protocol::{Encoding, close};
 use streamfarm_core::{FarmList, Status};
 use streamfarm_dns::DnsServer;
@@ -66,6 +65,7 @@ pub mod config;
 mod drain;
 mod http;
 mod hub;
+mod listener;
 mod membership;
 pub mod metrics;
 #[cfg(test)]
@@ -73,6 +73,7 @@ mod protocol_doc;
 mod queue;
 mod relay;
 mod session;
+mod trust;
 mod web;
 
 pub use config::{ConfigError, NodeConfig};
@@ -267,6 +268,14 @@ impl NodeHandle {
             priority: config.priority.clone(),
             capacity: config.capacity.unwrap_or(config.max_connections as u64),
         };
+        let keys = config
+            .farm_secret_bytes()?
+            .map(|secret| trust::FarmKeys::derive(&secret, &config.cluster));
+        if keys.is_none() {
+            warn!(
+                "no farm secret: gossip and relay links between nodes are NOT authenticated; anyone who can reach this node's ports can read every message, inject messages and rewrite the farm list (set farm_secret or farm_secret_file on every node, see SECURITY.md)"
+            );
+        }
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
@@ -284,7 +293,10 @@ impl NodeHandle {
                 config: config.clone(),
                 me,
                 addr: gossip_addr,
-                transport: Arc::new(chitchat::transport::UdpTransport),
+                transport: Arc::new(trust::SignedUdp::new(
+                    keys.clone(),
+                    metrics.gossip_rejected.clone(),
+                )),
             },
             metrics: metrics.clone(),
             hub: hub.clone(),
@@ -318,7 +330,7 @@ impl NodeHandle {
             broker_input.clone(),
             link_ends.clone(),
             metrics.clone(),
-            config.relay_queue,
+            relay::LinkSettings::new(&config, keys.map(trust::RelayAuth::new)),
             peers_rx.clone(),
             cancel.clone(),
             &tracker,
@@ -338,8 +350,12 @@ impl NodeHandle {
             cancel.clone(),
             &tracker,
         );
+        let descriptors = listener::descriptor_limit();
         let shared = Arc::new(Shared {
-            connection_limit: Arc::new(Semaphore::new(config.max_connections)),
+            connection_limit: Arc::new(Semaphore::new(listener::stream_limit(
+                config.max_connections,
+                descriptors,
+            ))),
             config,
             url,
             metrics,
@@ -358,21 +374,13 @@ impl NodeHandle {
             .tracker
             .spawn(follow_isolation(shared.clone(), isolated_rx));
         let router = http::router(shared.clone(), &stream_path);
-        let serve_cancel = cancel.clone();
-        tracker.spawn(async move {
-            // Frames are small and latency matters: no Nagle delay.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    warn!(error = %err, "cannot set TCP_NODELAY");
-                }
-            });
-            let result = axum::serve(listener, router)
-                .with_graceful_shutdown(serve_cancel.cancelled_owned())
-                .await;
-            if let Err(err) = result {
-                warn!(error = %err, "HTTP server stopped");
-            }
-        });
+        tracker.spawn(listener::serve(
+            listener,
+            router,
+            shared.config.handshake_timeout(),
+            listener::http_slots(descriptors),
+            cancel.clone(),
+        ));
         info!(
             name = %shared.config.name,
             listen = %listen_addr,
