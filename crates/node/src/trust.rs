@@ -362,6 +362,78 @@ mod tests {
         }
     }
 
+    /// CPU time of this thread so far (user + system), ms, where Linux tells it.
+    fn thread_cpu_ms() -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks * 10)
+    }
+
+    /// A gossip datagram whose delta is ~60 KiB of compressed blocks of zeros: unbounded, it
+    /// would inflate to ~150 MB.
+    fn bomb() -> Vec<u8> {
+        let block = zstd::bulk::compress(&vec![0u8; 65_535], 19).unwrap();
+        let mut datagram = Vec::new();
+        datagram.extend(45_139u16.to_le_bytes());
+        datagram.push(0); // protocol version
+        datagram.push(2); // Ack
+        while datagram.len() + block.len() + 4 < 60_000 {
+            datagram.push(1); // a compressed block
+            datagram.extend((block.len() as u16).to_le_bytes());
+            datagram.extend(&block);
+        }
+        datagram.push(0); // no more blocks
+        datagram
+    }
+
+    /// CPU per datagram for receiving `count` bombs, then one valid envelope, on one thread.
+    async fn cost_of_bombs(keys: Option<FarmKeys>, count: u64) -> Option<f64> {
+        let rejected = Arc::new(AtomicU64::new(0));
+        let transport = SignedUdp::new(keys, rejected.clone());
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut receiver = transport.open(any).await.unwrap();
+        let mut sender = transport.open(any).await.unwrap();
+        let to = receiver.local_addr().unwrap();
+        let attacker = tokio::net::UdpSocket::bind(any).await.unwrap();
+        let bomb = bomb();
+        let before = thread_cpu_ms()?;
+        for _ in 0..count {
+            attacker.send_to(&bomb, to).await.unwrap();
+            // One at a time: the receive buffer holds only a few.
+            let mut wait = Box::pin(receiver.recv());
+            let timed_out = tokio::time::timeout(std::time::Duration::from_millis(1), &mut wait)
+                .await
+                .is_err();
+            assert!(timed_out, "a bomb was taken for a message");
+        }
+        let valid = ChitchatEnvelope {
+            version: chitchat::ProtocolVersion::V0,
+            message: chitchat::ChitchatMessage::BadCluster,
+        };
+        sender.send(to, valid).await.unwrap();
+        let received = receiver.recv().await.unwrap();
+        assert_eq!(
+            received.envelope.message,
+            chitchat::ChitchatMessage::BadCluster
+        );
+        let after = thread_cpu_ms()?;
+        assert_eq!(rejected.load(std::sync::atomic::Ordering::Relaxed), count);
+        Some((after - before) as f64 / count as f64)
+    }
+
+    #[tokio::test]
+    async fn an_inflating_datagram_costs_well_under_10_ms_with_or_without_a_secret() {
+        let keys = FarmKeys::derive(b"0123456789abcdef", "farm");
+        for (keys, what) in [(Some(keys), "with a secret"), (None, "without a secret")] {
+            if let Some(per_datagram) = cost_of_bombs(keys, 100).await {
+                println!("~60 KiB bomb, {what}: {per_datagram:.2} ms CPU each");
+                assert!(per_datagram < 10.0, "{what}: {per_datagram} ms per bomb");
+            }
+        }
+    }
+
     #[test]
     fn hex_round_trips() {
         let bytes = [0u8, 1, 0xab, 0xff];
