@@ -233,6 +233,8 @@ impl Loop {
         let mut advertised: BTreeMap<&'static str, String> = BTreeMap::new();
         let started = Instant::now();
         let mut isolated = false;
+        // When a seed that does not answer was last reported (see `report_seeds`).
+        let mut seeds_reported: Option<Instant> = None;
         loop {
             let ended = async {
                 match gossip.as_mut() {
@@ -458,6 +460,7 @@ impl Loop {
             if members_changed {
                 self.members_tx.send_modify(|version| *version += 1);
             }
+            self.report_seeds(states.is_empty(), now, started, &mut seeds_reported);
             // Settled once a peer has been heard of, or when there is nobody to hear from.
             let peers = Peers {
                 settled: self.alone
@@ -482,6 +485,44 @@ impl Loop {
                 Ok(Err(err)) => warn!(error = %err, "gossip did not stop cleanly"),
                 Err(_) => warn!("gossip did not stop in time: aborted"),
             }
+        }
+    }
+}
+
+/// How often a node that has heard from no seed says so again.
+const SEED_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+impl Loop {
+    /// A node given seeds that has heard from nobody after `failure_timeout` says so (then every
+    /// [`SEED_REPORT_EVERY`]) and keeps trying: nodes may start in any order, and the farm forms
+    /// when a seed comes up. Once it hears from the farm, it says that too.
+    fn report_seeds(
+        &self,
+        nobody: bool,
+        now: Instant,
+        started: Instant,
+        reported: &mut Option<Instant>,
+    ) {
+        if self.alone {
+            return;
+        }
+        if !nobody {
+            if reported.take().is_some() {
+                info!("heard from the farm: joined");
+            }
+            return;
+        }
+        let due = match reported {
+            None => now.duration_since(started) >= self.failure_timeout,
+            Some(at) => now.duration_since(*at) >= SEED_REPORT_EVERY,
+        };
+        if due {
+            *reported = Some(now);
+            warn!(
+                seeds = ?self.setup.config.join,
+                waited = ?now.duration_since(started),
+                "no seed has answered: still trying (is a seed up at that address, its UDP port open, its cluster and farm secret the same?)"
+            );
         }
     }
 }
