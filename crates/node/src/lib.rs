@@ -26,7 +26,11 @@
 //! - `hub` — local topics, their delivery streams in offset order, and fan-out: one serialized
 //!   frame shared by all subscribers, bounded per-connection queues, slow consumers closed.
 //! - `relay` — the `Relay` interface and the embedded relay over links between nodes.
-//! - `queue` — the bounded per-connection send queue.
+//! - `queue` — the per-connection send queue, bounded in frames and bytes.
+//! - `trust` — the farm secret: signed gossip datagrams (`SignedUdp`), the relay handshake's
+//!   proofs (`SECURITY.md`).
+//! - `listener` — the accept loop: request-head deadlines, descriptors kept for `/healthz` and
+//!   admin.
 //! - `session` — one WebSocket connection: frames, heartbeats, limits.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/topics/{topic}`,
 //!   `/admin/status`, `/metrics`, `/healthz`.
@@ -35,6 +39,8 @@
 //! - `drain` — paced, jittered closing for `DRAINING` and shutdown.
 //! - [`metrics`] — counters and their Prometheus rendering.
 //! - `protocol_doc` (tests only) — checks every example of `docs/PROTOCOL.md` against the frames.
+//! - `fuzz` (tests only) — property tests feeding random and mutated input to relay frames,
+//!   gossip datagrams and the config.
 //! - `examples/` — `idle_clients` (memory per idle connection) and `fanout` (deliveries per second).
 //! - DNS: with `dns` set, a `streamfarm_dns::DnsServer` answers the service name from the live
 //!   farm list; the handle owns it and stops it last.
@@ -63,6 +69,8 @@ use tracing::{info, warn};
 mod broker;
 pub mod config;
 mod drain;
+#[cfg(test)]
+mod fuzz;
 mod http;
 mod hub;
 mod listener;

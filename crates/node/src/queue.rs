@@ -7,6 +7,11 @@
 //! its buffer back when a burst has drained. Producers never wait: [`SendQueue::push_deferred`] fails when
 //! the queue is full, and the caller decides (the hub closes the connection as a slow consumer).
 //!
+//! Full means its frames *or its bytes* ([`Cost`]): a frame is a buffer shared with every other
+//! subscriber, but a client that stops reading keeps every buffer it has queued alive after the
+//! others have sent theirs, so what it can hold is bounded in bytes (`send_queue_bytes`), whatever
+//! the size of the messages.
+//!
 //! # Deferred wake-ups
 //! Fan-out can push without waking the consumer ([`SendQueue::push_deferred`]) and collect the
 //! queues to wake in a [`Wakes`] batch, woken together once the producer has handled every
