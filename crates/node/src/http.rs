@@ -127,11 +127,21 @@ async fn relay(
     let (Some(relay), Some(peer)) = (shared.embedded.clone(), query.get("node").cloned()) else {
         return (StatusCode::NOT_FOUND, "no embedded relay here\n").into_response();
     };
+    let Ok(handshake) = shared.relay_handshakes.clone().try_acquire_owned() else {
+        metrics::inc(&shared.metrics.relay_auth_failures);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many relay links in their handshake\n",
+        )
+            .into_response();
+    };
     let cancel = shared.cancel.clone();
     let tracker = shared.tracker.clone();
     upgrade
         .max_message_size(64 << 20)
-        .on_upgrade(move |socket| tracker.track_future(relay.accept(socket, peer, cancel)))
+        .on_upgrade(move |socket| {
+            tracker.track_future(relay.accept(socket, peer, handshake, cancel))
+        })
 }
 
 async fn farm(

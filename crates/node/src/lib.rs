@@ -93,6 +93,8 @@ use crate::relay::EmbeddedRelay;
 
 /// How long shutdown waits, after announcing `DOWN`, for the news to spread (in gossip rounds).
 const ANNOUNCE_ROUNDS: u32 = 3;
+/// Relay links that may be in their handshake at once (a farm has far fewer nodes dialing at once).
+const RELAY_HANDSHAKES: usize = 64;
 /// Extra time shutdown gives connections to finish closing after the drain period.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -143,6 +145,9 @@ pub(crate) struct Shared {
     /// True while this node is cut off from the farm (see `membership`).
     pub(crate) isolated_rx: watch::Receiver<bool>,
     pub(crate) connection_limit: Arc<Semaphore>,
+    /// Relay links still in their handshake: bounded, so that links which never complete it
+    /// cannot hold descriptors by the thousand for `handshake_timeout_ms` each.
+    pub(crate) relay_handshakes: Arc<Semaphore>,
     /// Cancels the drain in progress, if any.
     pub(crate) drain: Mutex<Option<CancellationToken>>,
     pub(crate) cancel: CancellationToken,
@@ -364,6 +369,7 @@ impl NodeHandle {
                 config.max_connections,
                 descriptors,
             ))),
+            relay_handshakes: Arc::new(Semaphore::new(RELAY_HANDSHAKES)),
             config,
             url,
             metrics,

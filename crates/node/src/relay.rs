@@ -411,6 +411,7 @@ impl EmbeddedRelay {
         self: Arc<Self>,
         mut socket: WebSocket,
         peer: String,
+        handshake_slot: tokio::sync::OwnedSemaphorePermit,
         cancel: CancellationToken,
     ) {
         let incarnation = match &self.settings.auth {
@@ -439,6 +440,7 @@ impl EmbeddedRelay {
                 }
             }
         };
+        drop(handshake_slot);
         let (tx, mut rx) = mpsc::channel(self.settings.queue);
         let link = Arc::new(Inbound {
             interest: RwLock::new(HashSet::new()),
