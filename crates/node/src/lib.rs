@@ -364,11 +364,9 @@ impl NodeHandle {
             &tracker,
         );
         let descriptors = listener::descriptor_limit();
+        let stream_cap = listener::stream_limit(config.max_connections, descriptors);
         let shared = Arc::new(Shared {
-            connection_limit: Arc::new(Semaphore::new(listener::stream_limit(
-                config.max_connections,
-                descriptors,
-            ))),
+            connection_limit: Arc::new(Semaphore::new(stream_cap)),
             relay_handshakes: Arc::new(Semaphore::new(RELAY_HANDSHAKES)),
             config,
             url,
@@ -392,7 +390,14 @@ impl NodeHandle {
             listener,
             router,
             shared.config.handshake_timeout(),
-            listener::http_slots(descriptors),
+            {
+                // What streams leave of the descriptors (see `listener`).
+                let streams = shared.connection_limit.clone();
+                let cap = stream_cap;
+                Arc::new(move || {
+                    listener::http_room(descriptors, cap - streams.available_permits())
+                })
+            },
             cancel.clone(),
         ));
         info!(

@@ -8,11 +8,12 @@
 //!   closes a silent client.
 //! - **Descriptors kept for the node itself.** Each connection is a descriptor, and a node out of
 //!   descriptors can answer nothing, `/healthz` included. So streaming connections are capped
-//!   below the process's descriptor limit ([`stream_limit`]), and connections that are not
-//!   (yet) WebSockets — HTTP requests, handshakes in progress — share [`http_slots`] slots: when
-//!   they are all taken, the oldest is closed for the new one, so a flood of silent
-//!   connections cannot keep `/healthz` or the admin API out for longer than it takes them to
-//!   be answered.
+//!   below the process's descriptor limit ([`stream_limit`]: [`RESERVED_FDS`] and
+//!   [`MIN_HTTP_SLOTS`] are never theirs), and connections that are not (yet) WebSockets — HTTP
+//!   requests, upgrades in progress — may use the descriptors the streams leave. Only when those
+//!   run out is the oldest of them closed for the new one: a flood of silent connections cannot
+//!   keep `/healthz` or the admin API out, and a storm of clients reconnecting at once, with
+//!   descriptors to spare, loses none.
 
 use std::collections::VecDeque;
 use std::pin::pin;
@@ -29,7 +30,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// Descriptors kept for everything but client connections: relay links, gossip, DNS, files.
-const RESERVED_FDS: u64 = 128;
+pub(crate) const RESERVED_FDS: u64 = 128;
+/// Descriptors streams never take: plain HTTP (`/healthz`, admin, publish) always has these.
+pub(crate) const MIN_HTTP_SLOTS: u64 = 64;
 /// How long shutdown waits for HTTP requests in progress.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (out of descriptors, usually), so as not to spin.
@@ -42,9 +45,14 @@ pub(crate) fn descriptor_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// Slots for connections that are not WebSockets, for a descriptor limit of `fds`.
-pub(crate) fn http_slots(fds: Option<u64>) -> usize {
-    fds.map_or(4096, |fds| (fds / 16).clamp(64, 4096) as usize)
+/// How many connections that are not WebSockets fit now, for a descriptor limit of `fds` with
+/// `streams` streaming connections open.
+pub(crate) fn http_room(fds: Option<u64>, streams: usize) -> usize {
+    match fds {
+        None => usize::MAX,
+        Some(fds) => (fds.saturating_sub(RESERVED_FDS + streams as u64) as usize)
+            .max(MIN_HTTP_SLOTS as usize),
+    }
 }
 
 /// The most streaming connections this node can hold: `max_connections`, lowered so that
@@ -53,7 +61,7 @@ pub(crate) fn stream_limit(max_connections: usize, fds: Option<u64>) -> usize {
     let Some(fds) = fds else {
         return max_connections;
     };
-    let room = fds.saturating_sub(RESERVED_FDS + http_slots(Some(fds)) as u64);
+    let room = fds.saturating_sub(RESERVED_FDS + MIN_HTTP_SLOTS);
     let limit = max_connections.min(room.max(1) as usize);
     if limit < max_connections {
         warn!(
@@ -66,9 +74,12 @@ pub(crate) fn stream_limit(max_connections: usize, fds: Option<u64>) -> usize {
     limit
 }
 
+/// How many connections that are not WebSockets fit now.
+pub(crate) type Room = Arc<dyn Fn() -> usize + Send + Sync>;
+
 /// Connections not upgraded to WebSockets, oldest first.
 struct Slots {
-    max: usize,
+    room: Room,
     open: Mutex<VecDeque<(u64, CancellationToken)>>,
 }
 
@@ -76,8 +87,9 @@ impl Slots {
     /// Takes a slot for connection `id`, closing the oldest connection if none is free.
     fn take(&self, id: u64) -> CancellationToken {
         let token = CancellationToken::new();
+        let max = (self.room)().max(1);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if open.len() >= self.max
+        while open.len() >= max
             && let Some((_, oldest)) = open.pop_front()
         {
             oldest.cancel();
@@ -99,12 +111,12 @@ pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     head_timeout: Duration,
-    slots: usize,
+    room: Room,
     cancel: CancellationToken,
 ) {
     let connections = TaskTracker::new();
     let slots = Arc::new(Slots {
-        max: slots.max(1),
+        room,
         open: Mutex::default(),
     });
     let mut next_id = 0u64;
@@ -172,16 +184,19 @@ mod tests {
     #[test]
     fn streams_leave_descriptors_for_the_node() {
         assert_eq!(stream_limit(100_000, None), 100_000);
-        assert_eq!(http_slots(Some(1024)), 64);
         assert_eq!(stream_limit(100_000, Some(1024)), 1024 - 128 - 64);
         assert_eq!(stream_limit(10, Some(1024)), 10);
         assert_eq!(stream_limit(100_000, Some(100)), 1);
+        // HTTP gets what streams leave, and never less than its minimum.
+        assert_eq!(http_room(Some(20_000), 1_000), 20_000 - 128 - 1_000);
+        assert_eq!(http_room(Some(1024), 1024 - 128 - 64), 64);
+        assert_eq!(http_room(None, 5), usize::MAX);
     }
 
     #[test]
     fn the_oldest_connection_gives_up_its_slot() {
         let slots = Slots {
-            max: 2,
+            room: Arc::new(|| 2),
             open: Mutex::default(),
         };
         let first = slots.take(1);
