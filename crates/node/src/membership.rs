@@ -350,13 +350,18 @@ impl Loop {
             // Two live generations of one name: two processes claim it.
             for (id, _) in &states {
                 let chosen = newest.get(&*id.node_id).copied();
-                if chosen.is_some_and(|c| c != id && rank(id).0 && rank(c).0)
-                    && conflicts.insert(id.node_id.to_string())
+                // At one gossip address it is a restart (two processes cannot share it).
+                if chosen.is_some_and(|c| {
+                    c != id
+                        && c.gossip_advertise_addr != id.gossip_advertise_addr
+                        && rank(id).0
+                        && rank(c).0
+                }) && conflicts.insert(id.node_id.to_string())
                 {
                     warn!(
                         name = %id.node_id,
                         other = %id.gossip_advertise_addr,
-                        "two live nodes gossip under one name: names must be unique in the farm; the newest is listed"
+                        "two live nodes at different addresses gossip under one name: names must be unique in the farm (a node restarted at another address also looks like this, for up to failure_timeout_ms); the newest is listed"
                     );
                 }
             }

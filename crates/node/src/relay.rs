@@ -826,7 +826,9 @@ async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: Canc
                             // Not a sign that the peer died: it answered, with no proof.
                             metrics::inc(&relay.metrics.relay_auth_failures);
                             warn!(peer = %peer, url = %url, why, "relay handshake failed: is the farm secret the same on both nodes?");
-                            let _ = socket.close(None).await;
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(1), socket.close(None))
+                                    .await;
                             Err(())
                         }
                     }
@@ -1005,7 +1007,7 @@ async fn run_link_io(
         }
         let next = tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = sink.close().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
                 return;
             }
             changed = interest_rx.changed() => {

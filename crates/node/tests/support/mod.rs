@@ -178,6 +178,27 @@ impl Control {
         .expect("control task alive");
     }
 
+    /// Messages received so far.
+    pub fn count(&self) -> usize {
+        self.got.borrow().len()
+    }
+
+    /// Waits (10 s at most) until the last messages received are `expected`, in order.
+    pub async fn finish_ending_with(mut self, expected: &[String]) {
+        let waited = timeout(
+            Duration::from_secs(10),
+            self.got.wait_for(|got| got.ends_with(expected)),
+        )
+        .await
+        .map(|_| ());
+        let got = self.got.borrow().clone();
+        assert!(
+            waited.is_ok(),
+            "control subscriber got {got:?}, expected to end with {expected:?}"
+        );
+        self.task.abort();
+    }
+
     /// Waits (10 s at most) for exactly `expected`, in order.
     pub async fn finish(mut self, expected: &[String]) {
         let waited = timeout(
