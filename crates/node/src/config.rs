@@ -242,7 +242,7 @@ const MAX_NAME_BYTES: usize = 128;
 
 /// What is wrong with a node name, if anything: it appears in lists, logs, URLs and gossip, so it
 /// is printable, without spaces, and short.
-fn check_name(name: &str) -> Option<String> {
+pub(crate) fn check_name(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("must not be empty".into());
     }

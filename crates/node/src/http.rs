@@ -127,6 +127,10 @@ async fn relay(
     let (Some(relay), Some(peer)) = (shared.embedded.clone(), query.get("node").cloned()) else {
         return (StatusCode::NOT_FOUND, "no embedded relay here\n").into_response();
     };
+    if let Some(problem) = crate::config::check_name(&peer) {
+        metrics::inc(&shared.metrics.relay_auth_failures);
+        return (StatusCode::BAD_REQUEST, format!("node name: {problem}\n")).into_response();
+    }
     let Ok(handshake) = shared.relay_handshakes.clone().try_acquire_owned() else {
         metrics::inc(&shared.metrics.relay_auth_failures);
         return (

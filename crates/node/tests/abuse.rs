@@ -301,6 +301,10 @@ async fn a_peer_declaring_too_much_interest_loses_its_link_and_publishing_withou
     assert_eq!(code, Some(1008), "{frames:?}");
     assert!(frames.is_empty(), "{frames:?}");
     assert_eq!(load(&node.metrics().relay_auth_failures), 1);
+    // A node name that is not one is refused before the upgrade.
+    let bad_name = format!("{}x%0a", relay_url(&node, "eve"));
+    assert!(tokio_tungstenite::connect_async(bad_name).await.is_err());
+    assert_eq!(load(&node.metrics().relay_auth_failures), 2);
     let client = reqwest::Client::new();
     for path in ["/publish/", "/publish"] {
         let response = client
