@@ -419,3 +419,52 @@ async fn subscription_time_stays_flat_as_topics_grow() {
         keep.push(ws);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_link_that_never_reads_is_reset_at_its_byte_bound() {
+    // No secret: anyone may link (the farm warns it is open), but not hold the node's memory.
+    let mut config = config("solo", [127, 0, 0, 1], &[], None);
+    config.relay_queue_bytes = 1 << 20;
+    let node = start(config).await;
+    let mut control = Control::on(&node, "t").await;
+    // A link that declares interest in t, reads the acknowledgement, then nothing more; its
+    // socket's receive buffer is small, so the node's queue is what fills.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(node.listen_addr()).await.unwrap();
+    let (mut link, _) = tokio_tungstenite::client_async(relay_url(&node, "eve"), tcp)
+        .await
+        .unwrap();
+    let interest = r#"{"type":"interest","version":1,"add":["t"],"remove":[]}"#;
+    link.send(Message::text(interest)).await.unwrap();
+    let ack = timeout(
+        Duration::from_secs(5),
+        futures_util::StreamExt::next(&mut link),
+    )
+    .await
+    .expect("an answer")
+    .expect("open")
+    .expect("no error");
+    assert!(ack.to_string().contains("interest_ack"), "{ack}");
+    let drops = &node.metrics().relay_drops;
+    let payload = "x".repeat(64 * 1024);
+    let mut sent = Vec::new();
+    for i in 0.. {
+        if load(drops) == 1 {
+            break;
+        }
+        assert!(i < 1_000, "the link was never reset");
+        control.has(sent.len().saturating_sub(4)).await;
+        let message = format!("{i}-{payload}");
+        node.publish("t", &message).await.expect("published");
+        sent.push(short(&message));
+    }
+    println!(
+        "a relay link that never reads was reset after {} messages of 64 KiB (relay_queue_bytes 1 MiB)",
+        sent.len()
+    );
+    let more = publish(&node, "t", "after", 10).await;
+    sent.extend(more);
+    control.finish(&sent).await;
+    node.shutdown().await;
+}
