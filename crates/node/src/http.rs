@@ -142,10 +142,20 @@ async fn relay(
     let cancel = shared.cancel.clone();
     let tracker = shared.tracker.clone();
     upgrade
-        .max_message_size(64 << 20)
+        .max_message_size(relay_message_limit(shared.config.history_bytes))
         .on_upgrade(move |socket| {
             tracker.track_future(relay.accept(socket, peer, handshake, cancel))
         })
+}
+
+/// Largest message accepted on a relay link: the largest a peer sends is a topic's whole history
+/// (`sync`, `claim_reply`, `fetch_reply`), so a few times `history_bytes`, within 16 to 64 MiB.
+/// Bounded low because a link that has not yet authenticated may already send one.
+fn relay_message_limit(history_bytes: usize) -> usize {
+    history_bytes
+        .saturating_mul(4)
+        .saturating_add(1 << 20)
+        .clamp(16 << 20, 64 << 20)
 }
 
 async fn farm(

@@ -93,8 +93,10 @@ use crate::relay::EmbeddedRelay;
 
 /// How long shutdown waits, after announcing `DOWN`, for the news to spread (in gossip rounds).
 const ANNOUNCE_ROUNDS: u32 = 3;
-/// Relay links that may be in their handshake at once (a farm has far fewer nodes dialing at once).
-const RELAY_HANDSHAKES: usize = 64;
+/// Relay links that may be in their handshake at once: a farm has few nodes dialing one node at
+/// the same moment (more get `503` and redial within half a second), and each handshake may hold
+/// up to one relay message's worth of memory until it fails.
+const RELAY_HANDSHAKES: usize = 16;
 /// Extra time shutdown gives connections to finish closing after the drain period.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
