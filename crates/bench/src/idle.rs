@@ -24,6 +24,10 @@ use crate::{NATS, Options, STREAMFARM, ratio};
 const IN_FLIGHT: usize = 256;
 /// File descriptors kept for everything else (listeners, gossip, children's pipes).
 const FD_RESERVE: u64 = 300;
+
+/// Descriptors the node keeps for itself below its limit, never given to streaming connections
+/// (`RESERVED_FDS` + `MIN_HTTP_SLOTS` in `crates/node/src/listener.rs`).
+const NODE_RESERVE: u64 = 128 + 64;
 /// Time the server is given to settle (allocator, lazy buffers) before its RSS is read.
 const SETTLE: Duration = Duration::from_millis(1500);
 
@@ -37,7 +41,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
     let limit = raise_nofile();
     let connections = options
         .connections
-        .min(limit.saturating_sub(FD_RESERVE) as usize);
+        .min(limit.saturating_sub(FD_RESERVE + NODE_RESERVE) as usize);
     let mut section = Section::default();
     if connections < options.connections {
         section.notes.push(format!(

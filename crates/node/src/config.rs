@@ -17,6 +17,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,32 @@ pub struct NodeConfig {
     /// Frames queued toward one peer node before that relay link is reset.
     #[serde(default = "default_relay_queue")]
     pub relay_queue: usize,
+    /// Bytes queued toward one client before it is closed as a slow consumer (`4001`): the most
+    /// memory one client that stops reading can hold on the node, whatever its frames' size.
+    #[serde(default = "default_send_queue_bytes")]
+    pub send_queue_bytes: usize,
+    /// Bytes queued toward one peer node before that relay link is reset.
+    #[serde(default = "default_relay_queue_bytes")]
+    pub relay_queue_bytes: usize,
+    /// Most topics in this node's interest (topics its clients subscribe to), and in the
+    /// interest a peer node may declare on a relay link. A subscription beyond it is refused
+    /// (`too_many_topics`); a peer beyond it loses its link.
+    #[serde(default = "default_max_interest_topics")]
+    pub max_interest_topics: usize,
+    /// How long a new TCP connection may take to send its HTTP request head (and a keep-alive
+    /// connection to send the next one), and a relay link to complete its handshake: silent and
+    /// slowloris connections are closed after it.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// The farm secret (at least 16 bytes; 32 random bytes are a good choice): authenticates
+    /// gossip and relay links between nodes (`SECURITY.md`). Every node of the farm needs the
+    /// same one. Without it (and without `farm_secret_file`) node traffic is not authenticated.
+    #[serde(default)]
+    pub farm_secret: Option<Secret>,
+    /// A file holding the farm secret (trailing newline ignored): keeps it out of the config
+    /// file, the command line and the environment. Not with `farm_secret`.
+    #[serde(default)]
+    pub farm_secret_file: Option<PathBuf>,
     /// Most bytes of history kept per topic (on its sequencer, its replica, and every node
     /// delivering it), for clients that resume after a failover.
     #[serde(default = "default_history_bytes")]
@@ -188,6 +215,21 @@ fn default_send_queue() -> usize {
 fn default_relay_queue() -> usize {
     65_536
 }
+/// 4 MiB: a few seconds of a busy topic for a client that is merely slow; the bound on what a
+/// client that never reads costs.
+fn default_send_queue_bytes() -> usize {
+    4 << 20
+}
+/// 64 MiB: a link carries every topic a peer wants; a peer that stops reading costs no more.
+fn default_relay_queue_bytes() -> usize {
+    64 << 20
+}
+fn default_max_interest_topics() -> usize {
+    262_144
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
 /// 1 MiB: about 10 000 small messages, or a few seconds of a busy topic.
 fn default_history_bytes() -> usize {
     1 << 20
@@ -227,6 +269,72 @@ fn default_cors_farm_origins() -> Vec<String> {
 }
 fn default_dns_ttl() -> u64 {
     streamfarm_dns::DEFAULT_TTL.as_secs()
+}
+
+/// Largest `max_frame_bytes` accepted: beyond it a frame could not be buffered safely (and a
+/// value that overflows once the JSON envelope is added is caught).
+const MAX_FRAME_BYTES: usize = 64 << 20;
+/// Longest node name, in bytes.
+const MAX_NAME_BYTES: usize = 128;
+
+/// What is wrong with a node name, if anything: it appears in lists, logs, URLs and gossip, so it
+/// is printable, without spaces, and short.
+pub(crate) fn check_name(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Some(format!("must be at most {MAX_NAME_BYTES} bytes"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '&' | '?' | '#' | '/' | '%'))
+    {
+        return Some(format!(
+            "{name:?} contains {bad:?}: names are printable, without spaces or any of & ? # / %"
+        ));
+    }
+    None
+}
+
+/// Checks a `join` seed: `host:port`, with a port number.
+fn check_seed(seed: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{seed:?} is not host:port ({why})"));
+    if seed.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = seed.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if port.parse::<u16>().is_err() {
+        return bad("the port is not a number from 0 to 65535");
+    }
+    if host.is_empty()
+        || host.len() > 253
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return bad("the host is neither an IP address nor a DNS name");
+    }
+    Ok(())
+}
+
+/// A secret value: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
 }
 
 /// Longest DNS TTL accepted, seconds: longer would let caches hand out dead nodes for minutes
@@ -272,6 +380,12 @@ impl NodeConfig {
             send_queue: default_send_queue(),
             max_subscriptions: default_max_subscriptions(),
             relay_queue: default_relay_queue(),
+            send_queue_bytes: default_send_queue_bytes(),
+            relay_queue_bytes: default_relay_queue_bytes(),
+            max_interest_topics: default_max_interest_topics(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            farm_secret: None,
+            farm_secret_file: None,
             history_bytes: default_history_bytes(),
             history_age_ms: default_history_age_ms(),
             publish_timeout_ms: default_publish_timeout_ms(),
@@ -306,9 +420,41 @@ impl NodeConfig {
                 problem: problem.to_string(),
             })
         };
-        if self.name.is_empty() {
-            return invalid("name", "must not be empty");
+        if let Some(problem) = check_name(&self.name) {
+            return invalid("name", &problem);
         }
+        if self.cluster.is_empty() || self.cluster.chars().any(|c| c.is_control()) {
+            return invalid("cluster", "must be non-empty, without control characters");
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        if let Some(token) = &self.admin_token
+            && token.trim().is_empty()
+        {
+            return invalid(
+                "admin_token",
+                "must not be empty (leave it out to disable the admin API)",
+            );
+        }
+        for seed in &self.join {
+            if let Err(problem) = check_seed(seed) {
+                return invalid("join", &problem);
+            }
+        }
+        if self.send_queue_bytes < 64 * 1024 {
+            return invalid("send_queue_bytes", "must be at least 65536");
+        }
+        if self.relay_queue_bytes < 1 << 20 {
+            return invalid("relay_queue_bytes", "must be at least 1048576");
+        }
+        if self.max_interest_topics == 0 {
+            return invalid("max_interest_topics", "must be at least 1");
+        }
+        if self.handshake_timeout_ms < 100 {
+            return invalid("handshake_timeout_ms", "must be at least 100");
+        }
+        self.farm_secret_bytes()?;
         if self.priority.is_empty() || self.priority.contains(char::is_whitespace) {
             return invalid("priority", "must be a non-empty label without spaces");
         }
@@ -332,8 +478,11 @@ impl NodeConfig {
         if self.listen_backlog == 0 || self.listen_backlog > i32::MAX as u32 {
             return invalid("listen_backlog", "must be between 1 and 2147483647");
         }
-        if self.max_frame_bytes < 256 {
-            return invalid("max_frame_bytes", "must be at least 256");
+        if self.max_frame_bytes < 256 || self.max_frame_bytes > MAX_FRAME_BYTES {
+            return invalid(
+                "max_frame_bytes",
+                &format!("must be between 256 and {MAX_FRAME_BYTES} (64 MiB)"),
+            );
         }
         if self.send_queue == 0 || self.relay_queue == 0 {
             return invalid("send_queue", "queues must hold at least one frame");
@@ -376,6 +525,51 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The farm secret, read from `farm_secret` or `farm_secret_file`; `None` when neither is set.
+    pub fn farm_secret_bytes(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let invalid = |field, problem: String| ConfigError::Invalid { field, problem };
+        let secret = match (&self.farm_secret, &self.farm_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "farm_secret_file",
+                    "give farm_secret or farm_secret_file, not both".into(),
+                ));
+            }
+            (Some(secret), None) => (secret.0.as_bytes().to_vec(), "farm_secret"),
+            (None, Some(path)) => {
+                let text = std::fs::read(path).map_err(|err| {
+                    invalid(
+                        "farm_secret_file",
+                        format!("cannot read {}: {err}", path.display()),
+                    )
+                })?;
+                let mut text = text;
+                while text.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    text.pop();
+                }
+                (text, "farm_secret_file")
+            }
+            (None, None) => return Ok(None),
+        };
+        let (bytes, field) = secret;
+        if bytes.len() < crate::trust::MIN_SECRET_BYTES {
+            return Err(invalid(
+                field,
+                format!(
+                    "the farm secret must be at least {} bytes (it is {})",
+                    crate::trust::MIN_SECRET_BYTES,
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// See [`NodeConfig::handshake_timeout_ms`].
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 
     /// The streaming url for a node listening on `bound` (the actual address, after port 0).
@@ -516,6 +710,82 @@ mod tests {
         assert_eq!(config.stream_path(bound), "/live/ws");
         config.url = Some("ws://push.example.com".into());
         assert_eq!(config.stream_path(bound), "/");
+    }
+
+    #[test]
+    fn hostile_settings_are_refused_with_the_setting_named() {
+        type Breaks = Box<dyn Fn(&mut NodeConfig)>;
+        let cases: Vec<(&str, Breaks)> = vec![
+            (
+                "admin_token",
+                Box::new(|c| c.admin_token = Some(String::new())),
+            ),
+            (
+                "admin_token",
+                Box::new(|c| c.admin_token = Some("  ".into())),
+            ),
+            ("max_connections", Box::new(|c| c.max_connections = 0)),
+            ("name", Box::new(|c| c.name = "a b".into())),
+            ("name", Box::new(|c| c.name = "a\nb".into())),
+            ("name", Box::new(|c| c.name = "a\u{7}".into())),
+            ("name", Box::new(|c| c.name = "a&node=b".into())),
+            ("name", Box::new(|c| c.name = "x".repeat(200))),
+            (
+                "max_frame_bytes",
+                Box::new(|c| c.max_frame_bytes = usize::MAX),
+            ),
+            ("join", Box::new(|c| c.join = vec!["127.0.0.1".into()])),
+            ("join", Box::new(|c| c.join = vec!["host:99999".into()])),
+            ("join", Box::new(|c| c.join = vec!["bad host:1".into()])),
+            ("join", Box::new(|c| c.join = vec![":1".into()])),
+            (
+                "farm_secret",
+                Box::new(|c| c.farm_secret = Some("short".to_string().into())),
+            ),
+            ("send_queue_bytes", Box::new(|c| c.send_queue_bytes = 10)),
+            (
+                "handshake_timeout_ms",
+                Box::new(|c| c.handshake_timeout_ms = 0),
+            ),
+        ];
+        for (field, break_it) in cases {
+            let mut config = NodeConfig::new("a");
+            break_it(&mut config);
+            let err = config.validate().unwrap_err();
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+        let mut config = NodeConfig::new("a");
+        config.join = vec!["node-2.farm.example:7400".into(), "[::1]:7400".into()];
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn the_farm_secret_comes_from_the_config_or_a_file_never_both_and_is_not_printed() {
+        let mut config =
+            NodeConfig::from_toml("name = \"a\"\nfarm_secret = \"0123456789abcdef-secret\"")
+                .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.farm_secret_bytes().unwrap().unwrap(),
+            b"0123456789abcdef-secret"
+        );
+        assert!(!format!("{config:?}").contains("0123456789abcdef"));
+        let dir = std::env::temp_dir().join(format!("streamfarm-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("farm.secret");
+        std::fs::write(&path, "from-a-file-0123456789\n").unwrap();
+        config.farm_secret_file = Some(path.clone());
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        config.farm_secret = None;
+        assert_eq!(
+            config.farm_secret_bytes().unwrap().unwrap(),
+            b"from-a-file-0123456789"
+        );
+        config.farm_secret_file = Some(dir.join("missing"));
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("farm_secret_file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

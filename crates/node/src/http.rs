@@ -54,6 +54,9 @@ const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// The router of one node.
 pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
     let body_limit = shared.config.max_frame_bytes + ENVELOPE_SLACK;
+    // A request body sent a byte at a time holds a connection no longer than a request head may.
+    let body_timeout =
+        tower_http::timeout::RequestBodyTimeoutLayer::new(shared.config.handshake_timeout());
     Router::new()
         .route(stream_path, get(stream))
         .route(RELAY_PATH, get(relay))
@@ -65,6 +68,9 @@ pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
                 &shared.config,
             ),
         )
+        // No topic: 400, as documented, rather than no route (404).
+        .route("/publish/", post(publish_no_topic))
+        .route("/publish", post(publish_no_topic))
         .route("/topics/{topic}", get(topic_info))
         .route("/rebalance", get(rebalance_plan))
         .route("/admin/status", post(admin_status))
@@ -72,6 +78,15 @@ pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
         .route("/healthz", get(healthz))
         .with_state(shared)
         .merge(web::router())
+        .layer(body_timeout)
+}
+
+async fn publish_no_topic() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        "topic must not be empty: POST /publish/{topic}\n",
+    )
+        .into_response()
 }
 
 async fn rebalance_plan(State(shared): State<Arc<Shared>>) -> Response {
@@ -118,11 +133,35 @@ async fn relay(
     let (Some(relay), Some(peer)) = (shared.embedded.clone(), query.get("node").cloned()) else {
         return (StatusCode::NOT_FOUND, "no embedded relay here\n").into_response();
     };
+    if let Some(problem) = crate::config::check_name(&peer) {
+        metrics::inc(&shared.metrics.relay_auth_failures);
+        return (StatusCode::BAD_REQUEST, format!("node name: {problem}\n")).into_response();
+    }
+    let Ok(handshake) = shared.relay_handshakes.clone().try_acquire_owned() else {
+        metrics::inc(&shared.metrics.relay_auth_failures);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many relay links in their handshake\n",
+        )
+            .into_response();
+    };
     let cancel = shared.cancel.clone();
     let tracker = shared.tracker.clone();
     upgrade
-        .max_message_size(64 << 20)
-        .on_upgrade(move |socket| tracker.track_future(relay.accept(socket, peer, cancel)))
+        .max_message_size(relay_message_limit(shared.config.history_bytes))
+        .on_upgrade(move |socket| {
+            tracker.track_future(relay.accept(socket, peer, handshake, cancel))
+        })
+}
+
+/// Largest message accepted on a relay link: the largest a peer sends is a topic's whole history
+/// (`sync`, `claim_reply`, `fetch_reply`), so a few times `history_bytes`, within 16 to 64 MiB.
+/// Bounded low because a link that has not yet authenticated may already send one.
+fn relay_message_limit(history_bytes: usize) -> usize {
+    history_bytes
+        .saturating_mul(4)
+        .saturating_add(1 << 20)
+        .clamp(16 << 20, 64 << 20)
 }
 
 async fn farm(

@@ -706,6 +706,16 @@ impl Hub {
         (version, map.keys().cloned().collect())
     }
 
+    /// How many of `topics` this node's interest lacks, and how many topics it holds.
+    pub(crate) fn interest_growth<'a>(
+        &self,
+        topics: impl IntoIterator<Item = &'a str>,
+    ) -> (usize, usize) {
+        let map = self.read_topics();
+        let new = topics.into_iter().filter(|t| !map.contains_key(*t)).count();
+        (new, map.len())
+    }
+
     /// The current interest version (see [`Hub::interest`]).
     pub(crate) fn interest_version(&self) -> u64 {
         *self.interest_tx.borrow()
@@ -826,7 +836,7 @@ mod tests {
     }
 
     fn outlet(capacity: usize) -> (Outlet, Arc<SendQueue<Message>>) {
-        let queue = Arc::new(SendQueue::new(capacity));
+        let queue = Arc::new(SendQueue::new(capacity, usize::MAX));
         (
             Outlet {
                 queue: queue.clone(),

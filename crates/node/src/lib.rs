@@ -26,7 +26,11 @@
 //! - `hub` — local topics, their delivery streams in offset order, and fan-out: one serialized
 //!   frame shared by all subscribers, bounded per-connection queues, slow consumers closed.
 //! - `relay` — the `Relay` interface and the embedded relay over links between nodes.
-//! - `queue` — the bounded per-connection send queue.
+//! - `queue` — the per-connection send queue, bounded in frames and bytes.
+//! - `trust` — the farm secret: signed gossip datagrams (`SignedUdp`), the relay handshake's
+//!   proofs (`SECURITY.md`).
+//! - `listener` — the accept loop: request-head deadlines, descriptors kept for `/healthz` and
+//!   admin.
 //! - `session` — one WebSocket connection: frames, heartbeats, limits.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/topics/{topic}`,
 //!   `/admin/status`, `/metrics`, `/healthz`.
@@ -37,6 +41,8 @@
 //! - `drain` — paced, jittered scheduling of moves and closes.
 //! - [`metrics`] — counters and their Prometheus rendering.
 //! - `protocol_doc` (tests only) — checks every example of `docs/PROTOCOL.md` against the frames.
+//! - `fuzz` (tests only) — property tests feeding random and mutated input to relay frames,
+//!   gossip datagrams and the config.
 //! - `examples/` — `idle_clients` (memory per idle connection) and `fanout` (deliveries per second).
 //! - DNS: with `dns` set, a `streamfarm_dns::DnsServer` answers the service name from the live
 //!   farm list; the handle owns it and stops it last.
@@ -53,7 +59,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::serve::ListenerExt;
 use streamfarm_core::protocol::{Encoding, close};
 use streamfarm_core::{FarmList, Status};
 use streamfarm_dns::DnsServer;
@@ -66,8 +71,11 @@ use tracing::{info, warn};
 mod broker;
 pub mod config;
 mod drain;
+#[cfg(test)]
+mod fuzz;
 mod http;
 mod hub;
+mod listener;
 mod membership;
 pub mod metrics;
 #[cfg(test)]
@@ -76,6 +84,7 @@ mod queue;
 mod rebalance;
 mod relay;
 mod session;
+mod trust;
 mod web;
 
 pub use config::{ConfigError, NodeConfig};
@@ -87,6 +96,10 @@ use crate::relay::EmbeddedRelay;
 
 /// How long shutdown waits, after announcing `DOWN`, for the news to spread (in gossip rounds).
 const ANNOUNCE_ROUNDS: u32 = 3;
+/// Relay links that may be in their handshake at once: a farm has few nodes dialing one node at
+/// the same moment (more get `503` and redial within half a second), and each handshake may hold
+/// up to one relay message's worth of memory until it fails.
+const RELAY_HANDSHAKES: usize = 16;
 /// Extra time shutdown gives connections to finish closing after the drain period.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -139,6 +152,9 @@ pub(crate) struct Shared {
     /// Peers whose relay links their side ended: gone before the list says so.
     pub(crate) link_ends: Arc<relay::LinkEnds>,
     pub(crate) connection_limit: Arc<Semaphore>,
+    /// Relay links still in their handshake: bounded, so that links which never complete it
+    /// cannot hold descriptors by the thousand for `handshake_timeout_ms` each.
+    pub(crate) relay_handshakes: Arc<Semaphore>,
     /// Cancels the drain in progress, if any.
     pub(crate) drain: Mutex<Option<CancellationToken>>,
     pub(crate) cancel: CancellationToken,
@@ -272,6 +288,14 @@ impl NodeHandle {
             priority: config.priority.clone(),
             capacity: config.capacity.unwrap_or(config.max_connections as u64),
         };
+        let keys = config
+            .farm_secret_bytes()?
+            .map(|secret| trust::FarmKeys::derive(&secret, &config.cluster));
+        if keys.is_none() {
+            warn!(
+                "no farm secret: gossip and relay links between nodes are NOT authenticated; anyone who can reach this node's ports can read every message, inject messages and rewrite the farm list (set farm_secret or farm_secret_file on every node, see SECURITY.md)"
+            );
+        }
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
@@ -289,7 +313,10 @@ impl NodeHandle {
                 config: config.clone(),
                 me,
                 addr: gossip_addr,
-                transport: Arc::new(chitchat::transport::UdpTransport),
+                transport: Arc::new(trust::SignedUdp::new(
+                    keys.clone(),
+                    metrics.gossip_rejected.clone(),
+                )),
             },
             metrics: metrics.clone(),
             hub: hub.clone(),
@@ -323,7 +350,7 @@ impl NodeHandle {
             broker_input.clone(),
             link_ends.clone(),
             metrics.clone(),
-            config.relay_queue,
+            relay::LinkSettings::new(&config, keys.map(trust::RelayAuth::new)),
             peers_rx.clone(),
             cancel.clone(),
             &tracker,
@@ -343,8 +370,11 @@ impl NodeHandle {
             cancel.clone(),
             &tracker,
         );
+        let descriptors = listener::descriptor_limit();
+        let stream_cap = listener::stream_limit(config.max_connections, descriptors);
         let shared = Arc::new(Shared {
-            connection_limit: Arc::new(Semaphore::new(config.max_connections)),
+            connection_limit: Arc::new(Semaphore::new(stream_cap)),
+            relay_handshakes: Arc::new(Semaphore::new(RELAY_HANDSHAKES)),
             config,
             url,
             metrics,
@@ -365,21 +395,20 @@ impl NodeHandle {
             .spawn(follow_isolation(shared.clone(), isolated_rx));
         shared.tracker.spawn(rebalance::run(shared.clone()));
         let router = http::router(shared.clone(), &stream_path);
-        let serve_cancel = cancel.clone();
-        tracker.spawn(async move {
-            // Frames are small and latency matters: no Nagle delay.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    warn!(error = %err, "cannot set TCP_NODELAY");
-                }
-            });
-            let result = axum::serve(listener, router)
-                .with_graceful_shutdown(serve_cancel.cancelled_owned())
-                .await;
-            if let Err(err) = result {
-                warn!(error = %err, "HTTP server stopped");
-            }
-        });
+        tracker.spawn(listener::serve(
+            listener,
+            router,
+            shared.config.handshake_timeout(),
+            {
+                // What streams leave of the descriptors (see `listener`).
+                let streams = shared.connection_limit.clone();
+                let cap = stream_cap;
+                Arc::new(move || {
+                    listener::http_room(descriptors, cap - streams.available_permits())
+                })
+            },
+            cancel.clone(),
+        ));
         info!(
             name = %shared.config.name,
             listen = %listen_addr,

@@ -25,7 +25,13 @@
 //! This is a plain timeout rather than chitchat's phi-accrual verdict so that the detection time is
 //! exactly the configured one; chitchat's own detector is tuned to the same scale and still
 //! decides whom it gossips with. A node first seen through a third party is not listed `UP` until
-//! its heartbeat is seen advancing. Of several generations of one name, only the newest is listed.
+//! its heartbeat is seen advancing. Of several generations of one name, only one is listed: the
+//! newest live one, else the newest (a dead generation is kept an hour, and must not hide the
+//! live node of that name).
+//!
+//! Gossip goes through [`crate::trust::SignedUdp`]: with a farm secret, a datagram that does not
+//! carry the farm's authentication tag is dropped before it is decoded, so an outsider can
+//! neither forge a node's state nor take its name.
 //!
 //! The relay's peer list ([`Peers`]) holds the live peers and, for `failure_timeout` after they are
 //! first seen, the not-yet-judged ones, so that a just-started node links to a live farm before it
@@ -221,10 +227,14 @@ impl Loop {
         let mut tick = tokio::time::interval(self.gossip_interval / 2);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seen: HashMap<ChitchatId, Seen> = HashMap::new();
+        // Names seen claimed by two live generations at once (warned once each).
+        let mut conflicts: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut joins: VecDeque<(Instant, u64)> = VecDeque::new();
         let mut advertised: BTreeMap<&'static str, String> = BTreeMap::new();
         let started = Instant::now();
         let mut isolated = false;
+        // When a seed that does not answer was last reported (see `report_seeds`).
+        let mut seeds_reported: Option<Instant> = None;
         loop {
             let ended = async {
                 match gossip.as_mut() {
@@ -300,30 +310,7 @@ impl Loop {
 
             let mut list = vec![self_entry(&self.setup.me, status, users, join_rate)];
             let mut relays = BTreeMap::new();
-            // Newest generation per name.
-            let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
-            for (id, _) in &states {
-                let slot = newest.entry(&*id.node_id).or_insert(id);
-                if id.generation_id > slot.generation_id {
-                    *slot = id;
-                }
-            }
             seen.retain(|id, _| states.iter().any(|(s, _)| s == id));
-            // The heartbeat we saw last was sent up to a gossip round before it reached us:
-            // allow for that round so that the verdict comes within `failure_timeout` of the
-            // peer's last heartbeat, not later.
-            let alive_within = |record: &Seen, within: Duration| {
-                record
-                    .advanced_at
-                    .is_some_and(|at| now.duration_since(at) + self.gossip_interval < within)
-            };
-            let peers: Vec<&ChitchatId> = states
-                .iter()
-                .map(|(id, _)| id)
-                .filter(|id| {
-                    newest.get(&*id.node_id) == Some(id) && *id.node_id != *self.setup.me.name
-                })
-                .collect();
             for (id, entry) in &states {
                 let record = seen.entry(id.clone()).or_insert(Seen {
                     heartbeat: entry.heartbeat,
@@ -335,6 +322,56 @@ impl Loop {
                     record.advanced_at = Some(now);
                 }
             }
+            // The heartbeat we saw last was sent up to a gossip round before it reached us:
+            // allow for that round so that the verdict comes within `failure_timeout` of the
+            // peer's last heartbeat, not later.
+            let alive_within = |record: &Seen, within: Duration| {
+                record
+                    .advanced_at
+                    .is_some_and(|at| now.duration_since(at) + self.gossip_interval < within)
+            };
+            // One generation per name: the newest live one, else the newest. A dead generation
+            // (kept by chitchat for an hour) never hides a live one, even if it is newer: a
+            // second node that took the name for a while, then died, does not keep the real one
+            // listed DOWN.
+            let rank = |id: &ChitchatId| {
+                let live = seen
+                    .get(id)
+                    .is_some_and(|r| alive_within(r, self.failure_timeout));
+                (live, id.generation_id)
+            };
+            let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
+            for (id, _) in &states {
+                let slot = newest.entry(&*id.node_id).or_insert(id);
+                if rank(id) > rank(slot) {
+                    *slot = id;
+                }
+            }
+            // Two live generations of one name: two processes claim it.
+            for (id, _) in &states {
+                let chosen = newest.get(&*id.node_id).copied();
+                // At one gossip address it is a restart (two processes cannot share it).
+                if chosen.is_some_and(|c| {
+                    c != id
+                        && c.gossip_advertise_addr != id.gossip_advertise_addr
+                        && rank(id).0
+                        && rank(c).0
+                }) && conflicts.insert(id.node_id.to_string())
+                {
+                    warn!(
+                        name = %id.node_id,
+                        other = %id.gossip_advertise_addr,
+                        "two live nodes at different addresses gossip under one name: names must be unique in the farm (a node restarted at another address also looks like this, for up to failure_timeout_ms); the newest is listed"
+                    );
+                }
+            }
+            let peers: Vec<&ChitchatId> = states
+                .iter()
+                .map(|(id, _)| id)
+                .filter(|id| {
+                    newest.get(&*id.node_id) == Some(id) && *id.node_id != *self.setup.me.name
+                })
+                .collect();
             let alive_peers = peers
                 .iter()
                 .filter(|id| {
@@ -428,6 +465,7 @@ impl Loop {
             if members_changed {
                 self.members_tx.send_modify(|version| *version += 1);
             }
+            self.report_seeds(states.is_empty(), now, started, &mut seeds_reported);
             // Settled once a peer has been heard of, or when there is nobody to hear from.
             let peers = Peers {
                 settled: self.alone
@@ -452,6 +490,44 @@ impl Loop {
                 Ok(Err(err)) => warn!(error = %err, "gossip did not stop cleanly"),
                 Err(_) => warn!("gossip did not stop in time: aborted"),
             }
+        }
+    }
+}
+
+/// How often a node that has heard from no seed says so again.
+const SEED_REPORT_EVERY: Duration = Duration::from_secs(60);
+
+impl Loop {
+    /// A node given seeds that has heard from nobody after `failure_timeout` says so (then every
+    /// [`SEED_REPORT_EVERY`]) and keeps trying: nodes may start in any order, and the farm forms
+    /// when a seed comes up. Once it hears from the farm, it says that too.
+    fn report_seeds(
+        &self,
+        nobody: bool,
+        now: Instant,
+        started: Instant,
+        reported: &mut Option<Instant>,
+    ) {
+        if self.alone {
+            return;
+        }
+        if !nobody {
+            if reported.take().is_some() {
+                info!("heard from the farm: joined");
+            }
+            return;
+        }
+        let due = match reported {
+            None => now.duration_since(started) >= self.failure_timeout,
+            Some(at) => now.duration_since(*at) >= SEED_REPORT_EVERY,
+        };
+        if due {
+            *reported = Some(now);
+            warn!(
+                seeds = ?self.setup.config.join,
+                waited = ?now.duration_since(started),
+                "no seed has answered: still trying (is a seed up at that address, its UDP port open, its cluster and farm secret the same?)"
+            );
         }
     }
 }

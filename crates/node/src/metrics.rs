@@ -60,6 +60,12 @@ pub struct Metrics {
     pub gossip_up: AtomicU64,
     /// Times the gossip task stopped on its own (a fatal socket error, a panic) and was restarted.
     pub gossip_failures: AtomicU64,
+    /// Gossip datagrams dropped before decoding: failed authentication with the farm secret, or
+    /// not a gossip message at all (shared with the gossip transport).
+    pub gossip_rejected: std::sync::Arc<AtomicU64>,
+    /// Relay links refused: the handshake failed (no farm secret, a wrong one, a bad frame, or
+    /// too slow), or the peer declared more interest than allowed.
+    pub relay_auth_failures: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -243,6 +249,18 @@ impl Metrics {
             "counter",
             "Times gossip stopped on its own (socket error, panic) and was restarted.",
             get(&self.gossip_failures),
+        );
+        metric(
+            "gossip_rejected_total",
+            "counter",
+            "Gossip datagrams dropped before decoding: failed authentication, or not gossip.",
+            get(&self.gossip_rejected),
+        );
+        metric(
+            "relay_auth_failures_total",
+            "counter",
+            "Relay links refused: failed handshake or interest over the limit.",
+            get(&self.relay_auth_failures),
         );
         let _ = writeln!(
             out,

@@ -1,5 +1,6 @@
 //! `docs/PROTOCOL.md` matches the code: every JSON example on the page, tagged with the direction
 //! it travels (`json client`, `json server`, `json farm-list`, `json relay-up`, `json relay-down`,
+//! `json relay-handshake`,
 //! `json peer` for the broker's frames between nodes),
 //! parses as that direction's frame type and serializes back to the same JSON; and every close code
 //! and error code of the code appears on the page.
@@ -51,9 +52,10 @@ fn every_example_frame_round_trips_through_the_code() {
             "farm-list" => round_trips::<FarmList>(tag, body),
             "relay-up" => round_trips::<LinkUp>(tag, body),
             "relay-down" => round_trips::<LinkDown>(tag, body),
+            "relay-handshake" => round_trips::<crate::relay::Handshake>(tag, body),
             "peer" => round_trips::<PeerFrame>(tag, body),
             other => panic!(
-                "json block tagged {other:?}: tag it client, server, farm-list, relay-up, relay-down or peer"
+                "json block tagged {other:?}: tag it client, server, farm-list, relay-up, relay-down, relay-handshake or peer"
             ),
         }
         *counts.entry(tag.as_str()).or_insert(0) += 1;
@@ -161,4 +163,18 @@ fn every_close_code_and_error_code_is_documented() {
             "error code {code} missing from the table"
         );
     }
+}
+
+#[test]
+fn the_text_list_example_parses_with_its_header_and_fields() {
+    let doc = PAGE;
+    let start = doc.find("#@ generated_at_ms=").expect("the text example");
+    let block = &doc[start..start + doc[start..].find("```").expect("block end")];
+    let list = streamfarm_core::encoding::parse(block, streamfarm_core::encoding::Format::Text)
+        .expect("the documented text list parses");
+    assert_eq!(list.generated_at_ms, Some(1_795_323_461_389));
+    assert_eq!(list.servers.len(), 2);
+    assert_eq!(list.servers[0].name, "a");
+    assert_eq!(list.servers[0].capacity, Some(100_000));
+    assert_eq!(list.servers[1].priority, "B");
 }

@@ -7,6 +7,11 @@
 //! its buffer back when a burst has drained. Producers never wait: [`SendQueue::push_deferred`] fails when
 //! the queue is full, and the caller decides (the hub closes the connection as a slow consumer).
 //!
+//! Full means its frames *or its bytes* ([`Cost`]): a frame is a buffer shared with every other
+//! subscriber, but a client that stops reading keeps every buffer it has queued alive after the
+//! others have sent theirs, so what it can hold is bounded in bytes (`send_queue_bytes`), whatever
+//! the size of the messages.
+//!
 //! # Deferred wake-ups
 //! Fan-out can push without waking the consumer ([`SendQueue::push_deferred`]) and collect the
 //! queues to wake in a [`Wakes`] batch, woken together once the producer has handled every
@@ -20,6 +25,27 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+
+/// What a queued item costs against the queue's byte bound.
+pub(crate) trait Cost {
+    /// Bytes this item holds (an estimate that never undercounts what it keeps alive).
+    fn cost(&self) -> usize;
+}
+
+/// Bytes counted for a frame beyond its payload: its queue slot and message header.
+const FRAME_OVERHEAD: usize = 48;
+
+impl Cost for axum::extract::ws::Message {
+    fn cost(&self) -> usize {
+        use axum::extract::ws::Message;
+        FRAME_OVERHEAD
+            + match self {
+                Message::Text(text) => text.len(),
+                Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes.len(),
+                Message::Close(frame) => frame.as_ref().map_or(0, |f| f.reason.len()),
+            }
+    }
+}
 
 /// A buffer this large or larger is released once the queue is empty again.
 const SHRINK_ABOVE: usize = 64;
@@ -40,29 +66,32 @@ pub(crate) struct SendQueue<T> {
     /// Wakes the consumer; holds one permit when it is not waiting.
     ready: Notify,
     capacity: usize,
+    /// Most bytes queued (see [`Cost`]); a single item larger than this is still queued into an
+    /// empty queue, so that a large message does not close every subscriber.
+    max_bytes: usize,
 }
 
 #[derive(Debug)]
 struct State<T> {
     items: VecDeque<T>,
+    /// Sum of the items' [`Cost`].
+    bytes: usize,
     closed: bool,
 }
 
-impl<T> SendQueue<T> {
-    /// An empty queue holding at most `capacity` items.
-    pub(crate) fn new(capacity: usize) -> Self {
+impl<T: Cost> SendQueue<T> {
+    /// An empty queue holding at most `capacity` items and `max_bytes` bytes.
+    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
         SendQueue {
             state: Mutex::new(State {
                 items: VecDeque::new(),
+                bytes: 0,
                 closed: false,
             }),
             ready: Notify::new(),
             capacity,
+            max_bytes,
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues `item` without waiting, and wakes the consumer.
@@ -80,23 +109,25 @@ impl<T> SendQueue<T> {
         if state.closed {
             return Err(PushError::Closed);
         }
-        if state.items.len() >= self.capacity {
+        let cost = item.cost();
+        if state.items.len() >= self.capacity
+            || (!state.items.is_empty() && state.bytes + cost > self.max_bytes)
+        {
             return Err(PushError::Full);
         }
         let was_empty = state.items.is_empty();
         state.items.push_back(item);
+        state.bytes += cost;
         Ok(was_empty)
-    }
-
-    /// Wakes the consumer (after [`SendQueue::push_deferred`]).
-    pub(crate) fn wake(&self) {
-        self.ready.notify_one();
     }
 
     /// The next item without waiting, if any.
     pub(crate) fn try_pop(&self) -> Option<T> {
         let mut state = self.lock();
         let item = state.items.pop_front();
+        if let Some(item) = &item {
+            state.bytes -= item.cost();
+        }
         if state.items.is_empty() && state.items.capacity() >= SHRINK_ABOVE {
             state.items = VecDeque::new();
         }
@@ -115,6 +146,17 @@ impl<T> SendQueue<T> {
             // A push between the check above and this wait left a permit: no wake-up is lost.
             self.ready.notified().await;
         }
+    }
+}
+
+impl<T> SendQueue<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the consumer (after [`SendQueue::push_deferred`]).
+    pub(crate) fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Refuses further pushes (the consumer is leaving).
@@ -182,12 +224,38 @@ impl<T> Drop for Wakes<T> {
 }
 
 #[cfg(test)]
+impl Cost for i32 {
+    fn cost(&self) -> usize {
+        // Tests give an item's cost as its value.
+        (*self).max(0) as usize
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn the_queue_is_bounded_in_bytes_but_takes_one_large_item_when_empty() {
+        let queue = SendQueue::new(100, 10);
+        assert_eq!(queue.push(6), Ok(()));
+        assert_eq!(queue.push(4), Ok(()));
+        assert_eq!(queue.push(1), Err(PushError::Full));
+        assert_eq!(queue.try_pop(), Some(6));
+        assert_eq!(queue.push(5), Ok(()));
+        assert_eq!(queue.push(2), Err(PushError::Full));
+        while queue.try_pop().is_some() {}
+        assert_eq!(
+            queue.push(50),
+            Ok(()),
+            "one item larger than the bound, alone"
+        );
+        assert_eq!(queue.push(0), Err(PushError::Full));
+    }
+
+    #[test]
     fn full_and_closed_are_reported() {
-        let queue = SendQueue::new(2);
+        let queue = SendQueue::new(2, usize::MAX);
         assert_eq!(queue.push(1), Ok(()));
         assert_eq!(queue.push(2), Ok(()));
         assert_eq!(queue.push(3), Err(PushError::Full));
@@ -200,7 +268,7 @@ mod tests {
 
     #[tokio::test]
     async fn pop_waits_for_a_push_and_ends_when_closed() {
-        let queue = std::sync::Arc::new(SendQueue::new(4));
+        let queue = std::sync::Arc::new(SendQueue::new(4, usize::MAX));
         let consumer = {
             let queue = queue.clone();
             tokio::spawn(async move {
@@ -221,7 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn deferred_pushes_wake_the_consumer_once_the_batch_wakes() {
-        let queue = Arc::new(SendQueue::new(8));
+        let queue = Arc::new(SendQueue::new(8, usize::MAX));
         let consumer = {
             let queue = queue.clone();
             tokio::spawn(async move { queue.pop().await })
@@ -247,7 +315,7 @@ mod tests {
 
     #[test]
     fn a_drained_burst_gives_its_buffer_back() {
-        let queue = SendQueue::new(1000);
+        let queue = SendQueue::new(1000, usize::MAX);
         for i in 0..500 {
             queue.push(i).unwrap();
         }

@@ -52,6 +52,7 @@ use crate::broker::wire::PeerFrame;
 use crate::broker::{self, BrokerInput};
 use crate::hub::{Closer, FrameWakes, Hub, next_or_wake};
 use crate::metrics::{self, Metrics};
+use crate::trust::{RelayAuth, Side, Transcript};
 use streamfarm_core::protocol::Epoch;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -66,6 +67,95 @@ const WRITE_BURST: usize = 256;
 const LINK_READ_BUFFER: usize = 16 * 1024;
 /// Delay before redialing a peer after a failed or lost link (with jitter up to twice this).
 const REDIAL_DELAY: Duration = Duration::from_millis(200);
+/// Largest interest frame a dialer sends: a larger interest goes out in several frames, so that a
+/// node with a very large interest can still link (one frame must fit the peer's frame limit).
+const INTEREST_FRAME_BYTES: usize = 1 << 20;
+/// Close code for a relay link refused: failed handshake, or interest over the limit.
+const POLICY_VIOLATION: u16 = 1008;
+/// Bytes counted for a queued frame beyond its text: the queue slot and message header.
+const FRAME_OVERHEAD: usize = 64;
+
+/// How links are run: queue bounds, interest bound, handshake.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkSettings {
+    /// Frames queued toward a peer before its link is reset.
+    pub(crate) queue: usize,
+    /// Bytes queued toward a peer before its link is reset.
+    pub(crate) queue_bytes: usize,
+    /// Most topics a peer may declare interest in.
+    pub(crate) max_interest_topics: usize,
+    /// Deadline of the handshake.
+    pub(crate) handshake_timeout: Duration,
+    /// The farm key's handshake; `None`: links are not authenticated.
+    pub(crate) auth: Option<RelayAuth>,
+    /// This process's incarnation (start time, ms): a link from an older incarnation of a peer
+    /// never replaces one from a newer.
+    pub(crate) incarnation: u64,
+}
+
+impl LinkSettings {
+    pub(crate) fn new(config: &crate::NodeConfig, auth: Option<RelayAuth>) -> Self {
+        LinkSettings {
+            queue: config.relay_queue,
+            queue_bytes: config.relay_queue_bytes,
+            max_interest_topics: config.max_interest_topics,
+            handshake_timeout: config.handshake_timeout(),
+            auth,
+            incarnation: crate::now_ms(),
+        }
+    }
+}
+
+/// The relay handshake's frames (with a farm secret only; see `crate::trust`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Handshake {
+    /// Acceptor → dialer, first: who it is, and a fresh nonce.
+    Challenge { node: String, nonce: String },
+    /// Dialer → acceptor: who it is, its incarnation, its nonce, and its proof.
+    Hello {
+        node: String,
+        incarnation: u64,
+        nonce: String,
+        proof: String,
+    },
+    /// Acceptor → dialer: the acceptor's proof. The link is open.
+    Welcome { proof: String },
+}
+
+/// Bytes queued on a link and not yet written.
+#[derive(Debug, Default)]
+struct Budget(std::sync::atomic::AtomicUsize);
+
+impl Budget {
+    /// Takes `bytes` if that keeps the total within `max`.
+    fn take(&self, bytes: usize, max: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0
+            .fetch_update(Relaxed, Relaxed, |used| {
+                (used + bytes <= max).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.0
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn text_cost(message: &Message) -> usize {
+    FRAME_OVERHEAD
+        + match message {
+            Message::Text(text) => text.len(),
+            Message::Binary(bytes) => bytes.len(),
+            _ => 0,
+        }
+}
+
+fn ws_cost(message: &WsMessage) -> usize {
+    FRAME_OVERHEAD + message.len()
+}
 
 /// What the node needs from a relay. See the module docs.
 pub(crate) trait Relay: Send + Sync + 'static {
@@ -194,13 +284,44 @@ impl LinkEnds {
 struct Inbound {
     interest: RwLock<HashSet<String>>,
     tx: mpsc::Sender<Message>,
+    /// Bytes in `tx`.
+    queued: Budget,
     closer: Closer,
+    /// The peer's incarnation (0 without a handshake).
+    incarnation: u64,
+}
+
+/// Why a frame was not queued on a link.
+enum Refused {
+    Full,
+    Closed,
+}
+
+impl Inbound {
+    fn offer(&self, message: Message, max_bytes: usize) -> Result<(), Refused> {
+        let cost = text_cost(&message);
+        if !self.queued.take(cost, max_bytes) {
+            return Err(Refused::Full);
+        }
+        match self.tx.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                self.queued.give(cost);
+                Err(match err {
+                    mpsc::error::TrySendError::Full(_) => Refused::Full,
+                    mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+                })
+            }
+        }
+    }
 }
 
 /// A link we opened to a peer: we may send it broker frames too.
 #[derive(Debug)]
 struct Outbound {
     tx: mpsc::Sender<WsMessage>,
+    /// Bytes in `tx`.
+    queued: Budget,
 }
 
 /// The embedded relay of the module docs.
@@ -209,7 +330,10 @@ pub(crate) struct EmbeddedRelay {
     name: String,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
-    queue: usize,
+    settings: LinkSettings,
+    /// Whether a refused link was logged at `warn` already (later ones at `debug`: an outsider
+    /// must not be able to flood the log).
+    warned_refusal: std::sync::atomic::AtomicBool,
     /// Links from peers, by peer name.
     inbound: RwLock<HashMap<String, Arc<Inbound>>>,
     /// Links to peers, by peer name.
@@ -235,7 +359,7 @@ impl EmbeddedRelay {
         broker: BrokerInput,
         link_ends: Arc<LinkEnds>,
         metrics: Arc<Metrics>,
-        queue: usize,
+        settings: LinkSettings,
         peers: watch::Receiver<Peers>,
         cancel: CancellationToken,
         tracker: &TaskTracker,
@@ -244,7 +368,8 @@ impl EmbeddedRelay {
             name,
             hub,
             metrics,
-            queue,
+            settings,
+            warned_refusal: std::sync::atomic::AtomicBool::new(false),
             inbound: RwLock::new(HashMap::new()),
             outbound: RwLock::new(HashMap::new()),
             broker,
@@ -284,24 +409,60 @@ impl EmbeddedRelay {
     /// Serves a link a peer opened to us, until it closes or `cancel` fires.
     pub(crate) async fn accept(
         self: Arc<Self>,
-        socket: WebSocket,
+        mut socket: WebSocket,
         peer: String,
+        handshake_slot: tokio::sync::OwnedSemaphorePermit,
         cancel: CancellationToken,
     ) {
-        let (tx, mut rx) = mpsc::channel(self.queue);
+        let incarnation = match &self.settings.auth {
+            None => 0,
+            Some(auth) => {
+                let handshake = timeout_at(
+                    Instant::now() + self.settings.handshake_timeout,
+                    self.handshake_accept(auth, &mut socket, &peer),
+                )
+                .await
+                .unwrap_or_else(|_| Err("handshake not completed in time".into()));
+                match handshake {
+                    Ok(incarnation) => incarnation,
+                    Err(why) => {
+                        self.refused(&peer, &why);
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            socket.send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                                code: POLICY_VIOLATION,
+                                reason: "relay authentication failed".into(),
+                            }))),
+                        )
+                        .await;
+                        return;
+                    }
+                }
+            }
+        };
+        drop(handshake_slot);
+        let (tx, mut rx) = mpsc::channel(self.settings.queue);
         let link = Arc::new(Inbound {
             interest: RwLock::new(HashSet::new()),
             tx,
+            queued: Budget::default(),
             closer: Closer::default(),
+            incarnation,
         });
-        let replaced = self
-            .inbound
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(peer.clone(), link.clone());
-        if let Some(old) = replaced {
-            // One link per peer, or a message would reach that peer twice.
-            old.closer.close(1000, "replaced by a newer link");
+        {
+            let mut inbound = self.inbound.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(current) = inbound.get(&peer)
+                && current.incarnation > incarnation
+                && !current.closer.is_closed()
+            {
+                drop(inbound);
+                self.refused(&peer, "an older incarnation of a linked peer");
+                return;
+            }
+            if let Some(old) = inbound.insert(peer.clone(), link.clone()) {
+                // One link per peer, or a message would reach that peer twice.
+                old.closer.close(1000, "replaced by a newer link");
+            }
         }
         info!(peer = %peer, "relay link accepted");
         let (mut sink, mut stream) = socket.split();
@@ -327,17 +488,32 @@ impl EmbeddedRelay {
                         add,
                         remove,
                     }) => {
-                        {
+                        let fits = {
                             let mut interest =
                                 link.interest.write().unwrap_or_else(|e| e.into_inner());
                             for topic in remove {
                                 interest.remove(&topic);
                             }
+                            let valid = add.iter().all(|t| crate::session::check_topic(t).is_ok());
                             interest.extend(add);
+                            valid && interest.len() <= self.settings.max_interest_topics
+                        };
+                        if !fits {
+                            let why = format!(
+                                "interest over max_interest_topics ({}) or with a bad topic",
+                                self.settings.max_interest_topics
+                            );
+                            self.refused(&peer, &why);
+                            link.closer
+                                .close(POLICY_VIOLATION, "interest over the limit");
+                            break;
                         }
                         let ack = serde_json::to_string(&LinkDown::InterestAck { version })
                             .expect("frames always serialize");
-                        if link.tx.try_send(Message::Text(ack.into())).is_err() {
+                        if link
+                            .offer(Message::Text(ack.into()), self.settings.queue_bytes)
+                            .is_err()
+                        {
                             break;
                         }
                     }
@@ -355,11 +531,13 @@ impl EmbeddedRelay {
                         None => break,
                     },
                 };
+                link.queued.give(text_cost(&message));
                 // One flush per burst of queued frames.
                 let burst = async {
                     sink.feed(message).await?;
                     for _ in 1..WRITE_BURST {
                         let Ok(next) = rx.try_recv() else { break };
+                        link.queued.give(text_cost(&next));
                         sink.feed(next).await?;
                     }
                     sink.flush().await
@@ -372,8 +550,16 @@ impl EmbeddedRelay {
                     break;
                 }
             }
-            link.closer.close(1000, "");
-            let _ = sink.close().await;
+            let (code, reason) = link.closer.reason().unwrap_or((1000, String::new()));
+            let frame = axum::extract::ws::CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                sink.send(Message::Close(Some(frame))),
+            )
+            .await;
         };
         tokio::join!(reader, writer);
         let mut inbound = self.inbound.write().unwrap_or_else(|e| e.into_inner());
@@ -381,6 +567,78 @@ impl EmbeddedRelay {
             inbound.remove(&peer);
         }
         info!(peer = %peer, "relay link from peer closed");
+    }
+
+    /// Logs and counts a refused link: at `warn` the first time, then at `debug`.
+    fn refused(&self, peer: &str, why: &str) {
+        metrics::inc(&self.metrics.relay_auth_failures);
+        if self
+            .warned_refusal
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            debug!(peer = %peer, why, "relay link refused");
+        } else {
+            warn!(peer = %peer, why, "relay link refused (further refusals are logged at debug level and counted in streamfarm_relay_auth_failures_total)");
+        }
+    }
+
+    /// The acceptor's side of the handshake; the dialer's incarnation, or why it failed.
+    async fn handshake_accept(
+        &self,
+        auth: &RelayAuth,
+        socket: &mut WebSocket,
+        peer: &str,
+    ) -> Result<u64, String> {
+        let nonce = crate::trust::nonce();
+        let challenge = Handshake::Challenge {
+            node: self.name.clone(),
+            nonce: nonce.clone(),
+        };
+        let text = serde_json::to_string(&challenge).expect("frames always serialize");
+        socket
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|err| format!("cannot send the challenge: {err}"))?;
+        let text = loop {
+            match socket.recv().await {
+                Some(Ok(Message::Text(text))) => break text,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(_)) => return Err("expected a hello frame".into()),
+                Some(Err(err)) => return Err(format!("read failed: {err}")),
+                None => return Err("closed during the handshake".into()),
+            }
+        };
+        let Ok(Handshake::Hello {
+            node,
+            incarnation,
+            nonce: dialer_nonce,
+            proof,
+        }) = serde_json::from_str::<Handshake>(&text)
+        else {
+            return Err("expected a hello frame".into());
+        };
+        if node != peer {
+            return Err(format!("hello names {node:?}, the url {peer:?}"));
+        }
+        let transcript = Transcript {
+            acceptor: &self.name,
+            acceptor_nonce: &nonce,
+            dialer: &node,
+            incarnation,
+            dialer_nonce: &dialer_nonce,
+        };
+        if dialer_nonce.len() < 32 || !auth.verify(Side::Hello, &transcript, &proof) {
+            return Err("proof does not verify: wrong or no farm secret".into());
+        }
+        let welcome = Handshake::Welcome {
+            proof: auth.prove(Side::Welcome, &transcript),
+        };
+        let text = serde_json::to_string(&welcome).expect("frames always serialize");
+        socket
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|err| format!("cannot send the welcome: {err}"))?;
+        Ok(incarnation)
     }
 }
 
@@ -394,13 +652,13 @@ impl Relay for EmbeddedRelay {
             .get(peer)
             .cloned();
         if let Some(link) = inbound {
-            return match link.tx.try_send(Message::Text(frame)) {
+            return match link.offer(Message::Text(frame), self.settings.queue_bytes) {
                 Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Refused::Full) => {
                     self.reset_full(peer, &link);
                     false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(Refused::Closed) => false,
             };
         }
         let outbound = self
@@ -410,10 +668,18 @@ impl Relay for EmbeddedRelay {
             .get(peer)
             .cloned();
         match outbound {
-            Some(link) => link
-                .tx
-                .try_send(WsMessage::Text(frame.as_str().into()))
-                .is_ok(),
+            Some(link) => {
+                let message = WsMessage::Text(frame.as_str().into());
+                let cost = ws_cost(&message);
+                if !link.queued.take(cost, self.settings.queue_bytes) {
+                    return false;
+                }
+                let sent = link.tx.try_send(message).is_ok();
+                if !sent {
+                    link.queued.give(cost);
+                }
+                sent
+            }
             None => false,
         }
     }
@@ -429,10 +695,10 @@ impl Relay for EmbeddedRelay {
             if !wanted {
                 continue;
             }
-            match link.tx.try_send(Message::Text(frame.clone())) {
+            match link.offer(Message::Text(frame.clone()), self.settings.queue_bytes) {
                 Ok(()) => metrics::inc(&self.metrics.relay_messages_out),
-                Err(mpsc::error::TrySendError::Full(_)) => self.reset_full(peer, link),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(Refused::Full) => self.reset_full(peer, link),
+                Err(Refused::Closed) => {}
             }
         }
     }
@@ -542,6 +808,35 @@ async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: Canc
             _ = cancel.cancelled() => break,
             connected = connect => connected,
         };
+        let connected = match connected {
+            Ok(Ok((mut socket, response))) => match &relay.settings.auth {
+                None => Ok(Ok((socket, response))),
+                Some(auth) => {
+                    let handshake = tokio::time::timeout(
+                        relay.settings.handshake_timeout,
+                        handshake_dial(&relay, auth, &mut socket, &peer),
+                    );
+                    let handshake = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        handshake = handshake => handshake,
+                    };
+                    match handshake.unwrap_or_else(|_| Err("handshake timed out".into())) {
+                        Ok(()) => Ok(Ok((socket, response))),
+                        Err(why) => {
+                            // Not a sign that the peer died: it answered, with no proof.
+                            metrics::inc(&relay.metrics.relay_auth_failures);
+                            warn!(peer = %peer, url = %url, why, "relay handshake failed: is the farm secret the same on both nodes?");
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(1), socket.close(None))
+                                    .await;
+                            Err(())
+                        }
+                    }
+                }
+            },
+            Ok(Err(err)) => Ok(Err(err)),
+            Err(_) => Err(()),
+        };
         match connected {
             Ok(Ok((socket, _))) => {
                 info!(peer = %peer, url = %url, "relay link open");
@@ -559,7 +854,7 @@ async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: Canc
                 relay.link_ends.ended(&peer);
                 debug!(peer = %peer, error = %err, "relay dial failed");
             }
-            Err(_) => debug!(peer = %peer, "relay dial timed out"),
+            Err(()) => debug!(peer = %peer, "relay dial timed out or was refused"),
         }
         let jitter = rand::random_range(0..=REDIAL_DELAY.as_millis() as u64);
         tokio::select! {
@@ -572,6 +867,71 @@ async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: Canc
 type ClientSocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The dialer's side of the handshake with `peer` (see `crate::trust`).
+async fn handshake_dial(
+    relay: &EmbeddedRelay,
+    auth: &RelayAuth,
+    socket: &mut ClientSocket,
+    peer: &str,
+) -> Result<(), String> {
+    async fn next_text(socket: &mut ClientSocket) -> Result<String, String> {
+        loop {
+            match socket.next().await {
+                Some(Ok(WsMessage::Text(text))) => return Ok(text.as_str().to_string()),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(WsMessage::Close(frame))) => {
+                    return Err(format!(
+                        "the peer closed the link: {}",
+                        frame.map(|f| f.reason.to_string()).unwrap_or_default()
+                    ));
+                }
+                Some(Ok(_)) => return Err("unexpected frame".into()),
+                Some(Err(err)) => return Err(format!("read failed: {err}")),
+                None => return Err("closed during the handshake".into()),
+            }
+        }
+    }
+    let Ok(Handshake::Challenge { node, nonce }) =
+        serde_json::from_str::<Handshake>(&next_text(socket).await?)
+    else {
+        return Err("expected a challenge (does the peer have a farm secret?)".into());
+    };
+    if node != peer {
+        return Err(format!("the peer says it is {node:?}"));
+    }
+    if nonce.len() < 32 {
+        return Err("the challenge's nonce is too short".into());
+    }
+    let my_nonce = crate::trust::nonce();
+    let transcript = Transcript {
+        acceptor: peer,
+        acceptor_nonce: &nonce,
+        dialer: &relay.name,
+        incarnation: relay.settings.incarnation,
+        dialer_nonce: &my_nonce,
+    };
+    let hello = Handshake::Hello {
+        node: relay.name.clone(),
+        incarnation: relay.settings.incarnation,
+        nonce: my_nonce.clone(),
+        proof: auth.prove(Side::Hello, &transcript),
+    };
+    let text = serde_json::to_string(&hello).expect("frames always serialize");
+    socket
+        .send(WsMessage::text(text))
+        .await
+        .map_err(|err| format!("cannot send hello: {err}"))?;
+    let Ok(Handshake::Welcome { proof }) =
+        serde_json::from_str::<Handshake>(&next_text(socket).await?)
+    else {
+        return Err("expected a welcome".into());
+    };
+    if !auth.verify(Side::Welcome, &transcript, &proof) {
+        return Err("the peer's proof does not verify: it does not hold the farm secret".into());
+    }
+    Ok(())
+}
+
 /// One established link we dialed: send interest, receive messages.
 async fn run_link(
     relay: &Arc<EmbeddedRelay>,
@@ -580,14 +940,26 @@ async fn run_link(
     cancel: &CancellationToken,
 ) {
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<WsMessage>(relay.queue);
-    let outbound = Arc::new(Outbound { tx });
+    let (tx, mut rx) = mpsc::channel::<WsMessage>(relay.settings.queue);
+    let outbound = Arc::new(Outbound {
+        tx,
+        queued: Budget::default(),
+    });
     relay
         .outbound
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .insert(peer.to_string(), outbound.clone());
-    run_link_io(relay, peer, &mut sink, &mut stream, &mut rx, cancel).await;
+    run_link_io(
+        relay,
+        peer,
+        &outbound,
+        &mut sink,
+        &mut stream,
+        &mut rx,
+        cancel,
+    )
+    .await;
     let mut links = relay.outbound.write().unwrap_or_else(|e| e.into_inner());
     if links.get(peer).is_some_and(|l| Arc::ptr_eq(l, &outbound)) {
         links.remove(peer);
@@ -600,6 +972,7 @@ type LinkStream = futures_util::stream::SplitStream<ClientSocket>;
 async fn run_link_io(
     relay: &Arc<EmbeddedRelay>,
     peer: &str,
+    outbound: &Outbound,
     sink: &mut LinkSink,
     stream: &mut LinkStream,
     rx: &mut mpsc::Receiver<WsMessage>,
@@ -607,6 +980,8 @@ async fn run_link_io(
 ) {
     let mut interest_rx = relay.hub.interest_watch();
     let mut sent: HashSet<String> = HashSet::new();
+    // The interest version the peer holds all of once it acknowledges it.
+    let mut sent_version = 0;
     // Messages read at once from the link are delivered as one batch (see `next_or_wake`).
     let mut wakes = FrameWakes::default();
     // The whole interest goes out first; afterwards only deltas.
@@ -620,19 +995,19 @@ async fn run_link_io(
             let add: Vec<String> = now.difference(&sent).cloned().collect();
             let remove: Vec<String> = sent.difference(&now).cloned().collect();
             sent = now;
-            let frame = serde_json::to_string(&LinkUp::Interest {
-                version,
-                add,
-                remove,
-            })
-            .expect("frames always serialize");
-            if sink.send(WsMessage::text(frame)).await.is_err() {
+            for frame in interest_frames(sent_version, version, add, remove) {
+                if sink.feed(WsMessage::text(frame)).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
                 return;
             }
+            sent_version = version;
         }
         let next = tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = sink.close().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
                 return;
             }
             changed = interest_rx.changed() => {
@@ -644,6 +1019,7 @@ async fn run_link_io(
             }
             out = rx.recv() => {
                 let Some(out) = out else { return };
+                outbound.queued.give(ws_cost(&out));
                 if sink.send(out).await.is_err() {
                     return;
                 }
@@ -696,9 +1072,78 @@ async fn run_link_io(
     }
 }
 
+/// The interest frames that take a peer from `sent_version` to `version` by adding `add` and
+/// removing `remove`: as many as needed to keep each within [`INTEREST_FRAME_BYTES`]. All but the
+/// last carry `sent_version`, so the peer's acknowledgement of `version` means it has all of it.
+fn interest_frames(
+    sent_version: u64,
+    version: u64,
+    add: Vec<String>,
+    remove: Vec<String>,
+) -> Vec<String> {
+    // Removals first (they only shrink the peer's interest), then additions.
+    let mut items: Vec<(bool, String)> = remove.into_iter().map(|t| (false, t)).collect();
+    items.extend(add.into_iter().map(|t| (true, t)));
+    let mut frames = Vec::new();
+    let mut items = items.into_iter().peekable();
+    loop {
+        let (mut add, mut remove) = (Vec::new(), Vec::new());
+        let mut bytes = 0;
+        while let Some((_, topic)) = items.peek() {
+            // A topic costs at most its JSON string (6 bytes per byte if every byte were
+            // escaped as `\u00XX`), its quotes and a comma.
+            let cost = topic.len() * 6 + 3;
+            if bytes + cost > INTEREST_FRAME_BYTES && bytes > 0 {
+                break;
+            }
+            bytes += cost;
+            let (adding, topic) = items.next().expect("peeked");
+            if adding {
+                add.push(topic);
+            } else {
+                remove.push(topic);
+            }
+        }
+        let last = items.peek().is_none();
+        let frame = LinkUp::Interest {
+            version: if last { version } else { sent_version },
+            add,
+            remove,
+        };
+        frames.push(serde_json::to_string(&frame).expect("frames always serialize"));
+        if last {
+            return frames;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_interest_is_split_into_frames_that_each_fit() {
+        let add: Vec<String> = (0..100_000).map(|i| format!("topic-{i:08}")).collect();
+        let frames = interest_frames(3, 9, add.clone(), vec!["gone".into()]);
+        assert!(frames.len() > 1, "{} frames", frames.len());
+        let mut seen = Vec::new();
+        for (i, frame) in frames.iter().enumerate() {
+            assert!(
+                frame.len() <= INTEREST_FRAME_BYTES,
+                "frame {i}: {}",
+                frame.len()
+            );
+            let LinkUp::Interest { version, add, .. } = serde_json::from_str(frame).unwrap() else {
+                panic!("not an interest frame");
+            };
+            let expected = if i + 1 == frames.len() { 9 } else { 3 };
+            assert_eq!(version, expected);
+            seen.extend(add);
+        }
+        assert_eq!(seen, add);
+        // Nothing to say: one frame, the new version.
+        assert_eq!(interest_frames(1, 2, vec![], vec![]).len(), 1);
+    }
 
     /// A relay whose peer list the test drives; no peer it lists ever answers.
     fn relay(peers: watch::Receiver<Peers>) -> (Arc<EmbeddedRelay>, CancellationToken) {
@@ -714,7 +1159,7 @@ mod tests {
             crate::broker::Broker::channel().0,
             Arc::default(),
             metrics,
-            8,
+            LinkSettings::new(&crate::NodeConfig::new("me"), None),
             peers,
             cancel.clone(),
             &TaskTracker::new(),

@@ -69,7 +69,10 @@ pub(crate) async fn refuse(mut socket: WebSocket, code: u16, reason: &'static st
 /// Serves one accepted streaming connection until it closes.
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let closer = Closer::default();
-    let queue = Arc::new(SendQueue::new(shared.config.send_queue));
+    let queue = Arc::new(SendQueue::new(
+        shared.config.send_queue,
+        shared.config.send_queue_bytes,
+    ));
     let outlet = Outlet {
         queue: queue.clone(),
         closer: closer.clone(),
@@ -88,6 +91,8 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     };
     reader.greet();
     let hub = shared.hub.clone();
+    // Set once the writer is done (the close frame written, or given up).
+    let written = tokio_util::sync::CancellationToken::new();
     let (stream, ()) = tokio::join!(
         async {
             let stream = reader.run(stream).await;
@@ -95,33 +100,51 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
             // No longer a user from the moment it is closing, even while the writer still
             // flushes the close frame.
             hub.unregister(id, &reader.topics);
-            stream
+            // Keep reading while the writer flushes: a client blocked sending (heartbeats,
+            // say) would never read our close frame otherwise.
+            let mut stream = stream?;
+            let client_closed = tokio::select! {
+                _ = written.cancelled() => false,
+                () = discard_until_close(&mut stream) => true,
+            };
+            (!client_closed).then_some(stream)
         },
-        write(
-            sink,
-            &queue,
-            closer.clone(),
-            shared.config.heartbeat_interval(),
-            shared.config.heartbeat_timeout()
-        )
+        async {
+            write(
+                sink,
+                &queue,
+                closer.clone(),
+                shared.config.heartbeat_interval(),
+                shared.config.heartbeat_timeout(),
+            )
+            .await;
+            written.cancel();
+        }
     );
     queue.close();
     let (code, reason) = closer.reason().unwrap_or((NORMAL, String::new()));
     // We closed first: read until the client's close so that unread input does not make the
-    // kernel reset the connection before the client has read our close frame.
-    if let Some(mut stream) = stream
-        && code != close::SLOW_CONSUMER
-    {
-        let _ = timeout(CLOSE_FLUSH, async {
-            while let Some(Ok(message)) = stream.next().await {
-                if matches!(message, Message::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
+    // kernel reset the connection — a reset discards what the client has not read yet, our
+    // close frame included. A slow consumer has a backlog to read before it: it gets a
+    // heartbeat timeout.
+    if let Some(mut stream) = stream {
+        let linger = if code == close::SLOW_CONSUMER {
+            shared.config.heartbeat_timeout()
+        } else {
+            CLOSE_FLUSH
+        };
+        let _ = timeout(linger, discard_until_close(&mut stream)).await;
     }
     debug!(conn = id, code, reason, "connection closed");
+}
+
+/// Reads and drops client frames until the client's close frame or the end of the stream.
+async fn discard_until_close(stream: &mut futures_util::stream::SplitStream<WebSocket>) {
+    while let Some(Ok(message)) = stream.next().await {
+        if matches!(message, Message::Close(_)) {
+            return;
+        }
+    }
 }
 
 /// The reading half and the session's state.
@@ -351,6 +374,19 @@ impl Reader {
             self.error(
                 "too_many_topics",
                 format!("a connection may subscribe to at most {max} topics"),
+            );
+            return;
+        }
+        // The node's interest is bounded too: every peer holds it, for every node.
+        let limit = self.shared.config.max_interest_topics;
+        let (growth, held) = self
+            .shared
+            .hub
+            .interest_growth(topics.iter().map(String::as_str));
+        if growth > 0 && held + growth > limit {
+            self.error(
+                "too_many_topics",
+                format!("this node delivers at most {limit} topics (max_interest_topics)"),
             );
             return;
         }

@@ -80,6 +80,25 @@ struct Settings {
     /// Frames queued toward one peer node before its relay link is reset.
     #[arg(long, env = "STREAMFARM_RELAY_QUEUE")]
     relay_queue: Option<usize>,
+    /// Bytes queued toward one client before it is closed as a slow consumer (default 4 MiB).
+    #[arg(long, env = "STREAMFARM_SEND_QUEUE_BYTES")]
+    send_queue_bytes: Option<usize>,
+    /// Bytes queued toward one peer node before its relay link is reset (default 64 MiB).
+    #[arg(long, env = "STREAMFARM_RELAY_QUEUE_BYTES")]
+    relay_queue_bytes: Option<usize>,
+    /// Most topics in this node's interest, and in a peer's interest on a relay link.
+    #[arg(long, env = "STREAMFARM_MAX_INTEREST_TOPICS")]
+    max_interest_topics: Option<usize>,
+    /// Deadline for a connection's HTTP request head and a relay link's handshake, ms.
+    #[arg(long, env = "STREAMFARM_HANDSHAKE_TIMEOUT_MS")]
+    handshake_timeout_ms: Option<u64>,
+    /// Farm secret (at least 16 bytes) authenticating gossip and relay links; the same on every
+    /// node. Prefer --farm-secret-file: a flag shows in the process list.
+    #[arg(long, env = "STREAMFARM_FARM_SECRET", hide_env_values = true)]
+    farm_secret: Option<String>,
+    /// File holding the farm secret (trailing newline ignored).
+    #[arg(long, env = "STREAMFARM_FARM_SECRET_FILE", value_name = "PATH")]
+    farm_secret_file: Option<PathBuf>,
     /// Most bytes of history kept per topic, for clients that resume after a failover.
     #[arg(long, env = "STREAMFARM_HISTORY_BYTES")]
     history_bytes: Option<usize>,
@@ -192,6 +211,10 @@ impl Settings {
             send_queue,
             max_subscriptions,
             relay_queue,
+            send_queue_bytes,
+            relay_queue_bytes,
+            max_interest_topics,
+            handshake_timeout_ms,
             history_bytes,
             history_age_ms,
             publish_timeout_ms,
@@ -209,6 +232,18 @@ impl Settings {
             cors_publish_origins
         );
         overlay_option!(gossip, url, capacity, admin_token, dns, service_name);
+        if self.farm_secret.is_some() && self.farm_secret_file.is_some() {
+            anyhow::bail!("give --farm-secret or --farm-secret-file, not both");
+        }
+        // A secret given here replaces the file's, whichever way the file gave it.
+        if let Some(secret) = self.farm_secret {
+            config.farm_secret = Some(secret.into());
+            config.farm_secret_file = None;
+        }
+        if self.farm_secret_file.is_some() {
+            config.farm_secret_file = self.farm_secret_file;
+            config.farm_secret = None;
+        }
         if !self.join.is_empty() {
             config.join = self.join;
         }

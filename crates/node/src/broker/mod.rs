@@ -76,6 +76,10 @@ use wire::{LogState, PeerFrame, WireEntry};
 
 /// How often the broker task retries, times out and trims.
 const TICK: Duration = Duration::from_millis(50);
+/// How often the broker trims history by age and forgets chains it no longer has a part in:
+/// work in proportion to every topic held, so not every tick (with tens of thousands of topics,
+/// doing it every tick took most of the broker's time and slowed every subscription).
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// A publish not acknowledged this long after it was sent is sent again (to the sequencer of
 /// the moment; the sequencer does not number a publish twice).
 const RESEND_AFTER: Duration = Duration::from_millis(300);
@@ -185,6 +189,7 @@ impl Broker {
             to_self: Vec::new(),
             wakes: FrameWakes::default(),
             publish_timeout,
+            housekeeping_at: Instant::now() + HOUSEKEEPING,
         };
         tracker.spawn(core.run(inbox.0, cancel));
         Arc::new(Broker {
@@ -452,6 +457,8 @@ struct Core {
     to_self: Vec<PeerFrame>,
     wakes: FrameWakes,
     publish_timeout: Duration,
+    /// When [`HOUSEKEEPING`] is next due.
+    housekeeping_at: Instant,
 }
 
 /// A new epoch: the wall clock's milliseconds with random low bits, so newer compares greater.
@@ -1525,6 +1532,10 @@ impl Core {
             );
         }
         // History beyond its age; chains this node no longer has a part in.
+        if now < self.housekeeping_at {
+            return;
+        }
+        self.housekeeping_at = now + HOUSEKEEPING;
         let std_now = std::time::Instant::now();
         let limits = self.limits;
         let placements: HashMap<String, Placement> = self
