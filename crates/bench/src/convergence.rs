@@ -29,7 +29,7 @@ use crate::report::{RowBuilder, Section, quantile};
 use crate::wire::ws_connect;
 use crate::{Options, STREAMFARM};
 
-const TOKEN: &str = "bench";
+const TOKEN: &str = "bench-admin-token-0123";
 /// Longest wait for one change to reach every node.
 const REACH: Duration = Duration::from_secs(30);
 

@@ -61,6 +61,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub mod auth;
 mod broker;
 pub mod config;
 mod drain;
@@ -73,8 +74,10 @@ mod protocol_doc;
 mod queue;
 mod relay;
 mod session;
+mod tls;
 mod web;
 
+pub use auth::{AuthKey, Grant, Pattern};
 pub use config::{ConfigError, NodeConfig};
 pub use metrics::Metrics;
 
@@ -118,6 +121,8 @@ pub enum NodeError {
 /// State shared by every task of one node.
 pub(crate) struct Shared {
     pub(crate) config: NodeConfig,
+    /// Who may connect, subscribe and publish (tokens, anonymous access, publish tokens).
+    pub(crate) auth: auth::Auth,
     /// This node's streaming url.
     pub(crate) url: String,
     pub(crate) metrics: Arc<Metrics>,
@@ -246,6 +251,7 @@ impl NodeHandle {
     /// Validates `config`, binds the listener and gossip sockets, and starts serving.
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         config.validate()?;
+        let auth = auth::Auth::from_config(&config)?;
         let listener = bind_listener(config.listen, config.listen_backlog).map_err(|source| {
             NodeError::Listen {
                 addr: config.listen,
@@ -256,6 +262,7 @@ impl NodeHandle {
             addr: config.listen,
             source,
         })?;
+        let config_listen = config.listen;
         // Gossip goes over UDP, so by default it shares the listener's port number.
         let gossip_addr = config.gossip.unwrap_or(listen_addr);
         let url = config.stream_url(listen_addr);
@@ -338,7 +345,25 @@ impl NodeHandle {
             cancel.clone(),
             &tracker,
         );
+        // TLS: loaded now, so that a bad pair stops the start; reloaded while the node runs.
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                tls::start_reloading(
+                    cert.clone(),
+                    key.clone(),
+                    Duration::from_millis(config.tls_reload_ms),
+                    cancel.clone(),
+                    &tracker,
+                )
+                .map_err(|problem| ConfigError::Invalid {
+                    field: "tls_cert",
+                    problem,
+                })?,
+            ),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
+            auth,
             connection_limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
             url,
@@ -359,20 +384,54 @@ impl NodeHandle {
             .spawn(follow_isolation(shared.clone(), isolated_rx));
         let router = http::router(shared.clone(), &stream_path);
         let serve_cancel = cancel.clone();
-        tracker.spawn(async move {
-            // Frames are small and latency matters: no Nagle delay.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    warn!(error = %err, "cannot set TCP_NODELAY");
-                }
-            });
-            let result = axum::serve(listener, router)
-                .with_graceful_shutdown(serve_cancel.cancelled_owned())
-                .await;
-            if let Err(err) = result {
-                warn!(error = %err, "HTTP server stopped");
+        match tls {
+            None => {
+                tracker.spawn(async move {
+                    // Frames are small and latency matters: no Nagle delay.
+                    let listener = listener.tap_io(|tcp| {
+                        if let Err(err) = tcp.set_nodelay(true) {
+                            warn!(error = %err, "cannot set TCP_NODELAY");
+                        }
+                    });
+                    let result = axum::serve(listener, router)
+                        .with_graceful_shutdown(serve_cancel.cancelled_owned())
+                        .await;
+                    if let Err(err) = result {
+                        warn!(error = %err, "HTTP server stopped");
+                    }
+                });
             }
-        });
+            Some(resolver) => {
+                let (secure, plain) = tls::split_listener(
+                    listener,
+                    tls::server_config(resolver),
+                    cancel.clone(),
+                    &tracker,
+                )
+                .map_err(|source| NodeError::Listen {
+                    addr: config_listen,
+                    source,
+                })?;
+                let plain_router = http::plain_router(shared.clone());
+                let plain_cancel = cancel.clone();
+                tracker.spawn(async move {
+                    let result = axum::serve(secure, router)
+                        .with_graceful_shutdown(serve_cancel.cancelled_owned())
+                        .await;
+                    if let Err(err) = result {
+                        warn!(error = %err, "HTTPS server stopped");
+                    }
+                });
+                tracker.spawn(async move {
+                    let result = axum::serve(plain, plain_router)
+                        .with_graceful_shutdown(plain_cancel.cancelled_owned())
+                        .await;
+                    if let Err(err) = result {
+                        warn!(error = %err, "relay listener stopped");
+                    }
+                });
+            }
+        }
         info!(
             name = %shared.config.name,
             listen = %listen_addr,

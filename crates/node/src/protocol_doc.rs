@@ -63,7 +63,9 @@ fn every_example_frame_round_trips_through_the_code() {
 
 #[test]
 fn every_frame_type_is_documented() {
-    let client_types = ["sub", "unsub", "pub", "list", "ping", "pong"];
+    let client_types = [
+        "sub", "unsub", "pub", "list", "auth", "refresh", "ping", "pong",
+    ];
     let server_types = [
         "hello",
         "farm",
@@ -72,6 +74,7 @@ fn every_frame_type_is_documented() {
         "msg",
         "gap",
         "feed",
+        "refreshed",
         "error",
         "ping",
         "pong",
@@ -143,6 +146,10 @@ fn every_close_code_and_error_code_is_documented() {
         close::SLOW_CONSUMER,
         close::HEARTBEAT_TIMEOUT,
         close::SERVER_FULL,
+        close::AUTH_MISSING,
+        close::AUTH_INVALID,
+        close::AUTH_EXPIRED,
+        close::AUTH_FORBIDDEN,
     ] {
         assert!(
             PAGE.contains(&format!("| {code} |")),
@@ -153,6 +160,7 @@ fn every_close_code_and_error_code_is_documented() {
         "bad_frame",
         "bad_topic",
         "not_allowed",
+        "forbidden",
         "too_big",
         "too_many_topics",
     ] {
