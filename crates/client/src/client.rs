@@ -24,10 +24,11 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
 
 use crate::address::{Endpoint, Resolver, ServiceAddress, Target};
-use crate::connection::{self, Conn, Incoming};
+use crate::connection::{self, Conn, Dialer, Incoming};
 use crate::error::Error;
 use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice};
 use crate::options::ClientOptions;
+use crate::token::{self, TokenFuture};
 use crate::topics::{TopicNotice, Topics};
 
 /// What the client tells the application.
@@ -321,6 +322,9 @@ struct Live {
     list_refresh: Option<Duration>,
     /// When the last list arrived on this connection.
     list_at: Instant,
+    /// When to send the node a fresh token (`refresh`), when the client has a token source and
+    /// its token an expiry.
+    refresh_at: Option<Instant>,
 }
 
 /// What happened on the established connection.
@@ -351,6 +355,8 @@ impl Driver {
         let mut live: Option<Live> = None;
         // Messages that arrived while subscribing, delivered once `Connected` is out.
         let mut backlog: Vec<ServerFrame> = Vec::new();
+        // A fresh token being fetched for the live connection.
+        let mut refreshing: Option<TokenFuture> = None;
         loop {
             while let Some(action) = actions.pop_front() {
                 match action {
@@ -361,7 +367,7 @@ impl Driver {
                             self.address.clone(),
                             self.resolver.clone(),
                             source,
-                            self.options.source_address,
+                            self.options.dialer(),
                             self.options.connect_timeout,
                             seed,
                         )));
@@ -382,7 +388,7 @@ impl Driver {
                             reused,
                             self.machine.topics().clone(),
                             self.resolver.clone(),
-                            self.options.source_address,
+                            self.options.dialer(),
                             if retry {
                                 self.options.retry_timeout.min(self.options.connect_timeout)
                             } else {
@@ -423,6 +429,7 @@ impl Driver {
                 }
             }
 
+            let refresh_at = live.as_ref().and_then(|l| l.refresh_at);
             let input = tokio::select! {
                 command = self.commands.recv() => match command {
                     None | Some(Command::Stop) => Input::Stop,
@@ -461,6 +468,11 @@ impl Driver {
                                 .options
                                 .heartbeat_timeout
                                 .unwrap_or(conn.hello.heartbeat_timeout);
+                            let refresh_at = conn
+                                .token_exp
+                                .filter(|_| self.options.token.is_some())
+                                .map(|exp| now + token::refresh_in(exp));
+                            refreshing = None;
                             live = Some(Live {
                                 interval: conn.hello.heartbeat_interval,
                                 timeout,
@@ -470,6 +482,7 @@ impl Driver {
                                 server: server.clone(),
                                 last_received: now,
                                 last_sent: now,
+                                refresh_at,
                             });
                             backlog = early;
                             // The application may have changed its topics while this connection
@@ -497,6 +510,33 @@ impl Driver {
                 id = run_timer(&mut timer) => {
                     timer = None;
                     Input::TimerFired { timer: id }
+                },
+                () = refresh_due(refresh_at), if refreshing.is_none() => {
+                    if let (Some(live), Some(source)) = (&mut live, &self.options.token) {
+                        live.refresh_at = None;
+                        refreshing = Some(source.fetch());
+                    }
+                    continue;
+                },
+                fetched = run_refresh(&mut refreshing) => {
+                    refreshing = None;
+                    match fetched {
+                        Ok(token) => {
+                            if let Some(live) = &mut live {
+                                live.refresh_at = token::expiry(&token)
+                                    .map(|exp| Instant::now() + token::refresh_in(exp));
+                                debug!(server = %live.server, "refreshing the token");
+                            }
+                            send_on(&mut live, ClientFrame::Refresh { token }).await;
+                        }
+                        Err(err) => {
+                            warn!(%err, "no fresh token; trying again in a second");
+                            if let Some(live) = &mut live {
+                                live.refresh_at = Some(Instant::now() + TOKEN_RETRY);
+                            }
+                        }
+                    }
+                    continue;
                 },
                 event = watch_live(&mut live) => {
                     let server = live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
@@ -723,6 +763,24 @@ async fn run_operation(operation: &mut Option<Operation>) -> Done {
     }
 }
 
+/// How long the client waits before asking its token provider again after it failed.
+const TOKEN_RETRY: Duration = Duration::from_secs(1);
+
+/// Fires when the live connection's token is due for a refresh.
+async fn refresh_due(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_refresh(refreshing: &mut Option<TokenFuture>) -> Result<String, String> {
+    match refreshing {
+        Some(fetch) => fetch.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn run_timer(timer: &mut Option<(u64, Pin<Box<Sleep>>)>) -> u64 {
     match timer {
         Some((id, sleep)) => {
@@ -788,7 +846,7 @@ async fn connect(
     reused: Option<Conn>,
     subscription: Topics,
     resolver: Resolver,
-    source: Option<IpAddr>,
+    dialer: Dialer,
     timeout: Duration,
 ) -> Done {
     let was_reused = reused.is_some();
@@ -800,7 +858,7 @@ async fn connect(
                 dials.reused.fetch_add(1, Ordering::Relaxed);
                 conn
             }
-            None => connection::dial_url(&server, &resolver, source, timeout).await?,
+            None => connection::dial_url(&server, &resolver, &dialer, timeout).await?,
         };
         // A node confirms a subscription once its linked peers hold the interest and it has the
         // topic's history from the client's position: when the topic's replica was the node just
@@ -836,7 +894,7 @@ async fn fetch_list(
     address: ServiceAddress,
     resolver: Resolver,
     source: ListSource,
-    source_ip: Option<IpAddr>,
+    dialer: Dialer,
     timeout: Duration,
     seed: u64,
 ) -> Done {
@@ -845,7 +903,7 @@ async fn fetch_list(
             let mut rng = StdRng::seed_from_u64(seed);
             let count = |result: &Result<Conn, Error>| dials.count(true, result);
             discover(
-                &address, &resolver, &avoid, source_ip, timeout, &mut rng, count,
+                &address, &resolver, &avoid, &dialer, timeout, &mut rng, count,
             )
             .await
         }
@@ -853,7 +911,7 @@ async fn fetch_list(
             let mut last = None;
             let mut found = None;
             for url in &urls {
-                let result = connection::dial_url(url, &resolver, source_ip, timeout).await;
+                let result = connection::dial_url(url, &resolver, &dialer, timeout).await;
                 dials.count(true, &result);
                 match result {
                     Ok(conn) => {
@@ -878,7 +936,7 @@ pub(crate) async fn discover<R: Rng + ?Sized>(
     address: &ServiceAddress,
     resolver: &Resolver,
     avoid: &[String],
-    source_ip: Option<IpAddr>,
+    dialer: &Dialer,
     timeout: Duration,
     rng: &mut R,
     mut counted: impl FnMut(&Result<Conn, Error>),
@@ -890,7 +948,7 @@ pub(crate) async fn discover<R: Rng + ?Sized>(
     let tried = endpoints.len();
     let mut last = None;
     for endpoint in &endpoints {
-        let result = connection::dial(endpoint, source_ip, timeout).await;
+        let result = connection::dial(endpoint, dialer, timeout).await;
         counted(&result);
         match result {
             Ok(conn) => return Ok(conn),
