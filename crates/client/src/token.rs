@@ -64,13 +64,16 @@ pub fn expiry(token: &str) -> Option<u64> {
     claims.get("exp")?.as_f64().map(|exp| exp.max(0.0) as u64)
 }
 
+const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
+
 /// How long from now the client should send a fresh token for one that expires at `exp`: 30 s
 /// before, or half-way for a token that has less than a minute left (zero once it is due).
 pub fn refresh_in(exp: u64) -> Duration {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let left = (exp * 1000).saturating_sub(now);
+    // At most a year away: an `exp` far in the future must not overflow the clock.
+    let left = exp.saturating_mul(1000).saturating_sub(now).min(YEAR_MS);
     let early = left.saturating_sub(30_000).max(left / 2);
     Duration::from_millis(early)
 }
@@ -109,6 +112,7 @@ mod tests {
         let short = refresh_in(now + 10);
         assert!(short <= Duration::from_secs(5) && short >= Duration::from_secs(4));
         assert_eq!(refresh_in(now - 5), Duration::ZERO);
+        assert!(refresh_in(u64::MAX) <= Duration::from_millis(YEAR_MS));
     }
 
     #[tokio::test]

@@ -86,7 +86,19 @@ fn token(ttl: u64) -> String {
 }
 
 async fn tls_node(cert: &Path, key: &Path) -> NodeHandle {
-    let mut config = NodeConfig::new("secure");
+    tls_node_joining("secure", cert, key, None).await
+}
+
+async fn tls_node_joining(
+    name: &str,
+    cert: &Path,
+    key: &Path,
+    join: Option<SocketAddr>,
+) -> NodeHandle {
+    let mut config = NodeConfig::new(name);
+    config.join = join.map(|addr| addr.to_string()).into_iter().collect();
+    config.gossip_interval_ms = 50;
+    config.failure_timeout_ms = 1000;
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.shutdown_drain_ms = 100;
     config.tls_cert = Some(cert.to_path_buf());
@@ -291,5 +303,56 @@ async fn a_certificate_swapped_on_disk_is_served_without_restart_and_a_bad_one_i
     assert!(plain.text().await.unwrap().contains("TLS"));
 
     node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_a_farm_of_tls_nodes_over_their_plain_relay_links() {
+    let dir = temp_dir("farm");
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("farm");
+    let (cert_path, key_path, ca_path) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let a = tls_node_joining("a", &cert_path, &key_path, None).await;
+    let b = tls_node_joining("b", &cert_path, &key_path, Some(a.gossip_addr())).await;
+    let options = ClientOptions::new()
+        .ca_file(&ca_path)
+        .unwrap()
+        .token(token(60))
+        .subscribe(["a.farm"]);
+    let address = format!("wss://{}", b.listen_addr()).parse().unwrap();
+    let mut client = Client::start(address, options);
+    client
+        .wait_connected(STEP)
+        .await
+        .expect("connected over wss");
+    // Published on a, delivered by whichever node the client chose: publish until one lands.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let received = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing crossed the farm"
+        );
+        let _ = a.publish("a.farm", "across").await;
+        let event = tokio::time::timeout(Duration::from_millis(300), client.next_event()).await;
+        if let Ok(Some(Event::Message { payload, .. })) = event {
+            break payload;
+        }
+    };
+    assert_eq!(received, b"across".to_vec());
+    let farm = b.farm().borrow().clone();
+    assert!(
+        farm.servers.iter().all(|s| s.url.starts_with("wss://")),
+        "{farm:?}"
+    );
+    client.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -119,10 +119,15 @@ async fn first_frame_auth(
     wait.await.unwrap_or(Some(Err(AuthError::Missing)))
 }
 
+/// Longest a token keeps a connection without a refresh, whatever its `exp` says (a year): an
+/// `exp` far in the future must not overflow the clock.
+const LONGEST_TOKEN: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// When a connection holding `grant` must be closed for its token's expiry.
 fn expiry(grant: &Grant, leeway: Duration) -> Option<Instant> {
     let exp = grant.exp?;
-    Some(Instant::now() + Duration::from_secs(exp.saturating_sub(now_s())) + leeway)
+    let left = Duration::from_secs(exp.saturating_sub(now_s())).min(LONGEST_TOKEN);
+    Some(Instant::now() + left + leeway)
 }
 
 /// Serves one accepted streaming connection until it closes. `token` is the one presented in
@@ -624,6 +629,16 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exp_far_in_the_future_does_not_overflow_the_clock() {
+        let mut grant = Grant::everything();
+        grant.exp = Some(u64::MAX);
+        let at = expiry(&grant, Duration::from_secs(300)).unwrap();
+        assert!(at > Instant::now() + Duration::from_secs(300 * 24 * 3600));
+        grant.exp = Some(0);
+        assert!(expiry(&grant, Duration::ZERO).unwrap() <= Instant::now());
+    }
 
     #[test]
     fn topics_are_checked() {
