@@ -18,12 +18,13 @@
 //! - [`nats`] — finding/installing nats-server, single servers and routed clusters.
 //! - `flow` — a publisher at a steady rate with sequence numbers, and per-client counts of lost,
 //!   duplicated and out-of-order messages (failover's messages flowing).
-//! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost` — one module
-//!   per benchmark, each `run(&Options) -> Section`.
+//! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost`, `auth` — one
+//!   module per benchmark, each `run(&Options) -> Section`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod auth;
 mod connect_cost;
 mod convergence;
 mod failover;
@@ -54,6 +55,9 @@ pub enum Which {
     Convergence,
     /// Connect to the service → subscribed: list then chosen server, against direct.
     ConnectCost,
+    /// The cost of tokens and TLS: connects/s and fan-out deliveries/s, open vs tokens vs
+    /// tokens over TLS.
+    Auth,
     /// Every benchmark above, in that order.
     All,
 }
@@ -68,6 +72,7 @@ impl Which {
             (Which::Failover, "failover"),
             (Which::Convergence, "convergence"),
             (Which::ConnectCost, "connect-cost"),
+            (Which::Auth, "auth"),
         ];
         all.into_iter()
             .filter(|(w, _)| self == Which::All || *w == self)
@@ -174,6 +179,7 @@ pub async fn run(which: Which, options: &Options) -> Report {
             Which::Failover => failover::run(options).await,
             Which::Convergence => convergence::run(options).await,
             Which::ConnectCost => connect_cost::run(options).await,
+            Which::Auth => auth::run(options).await,
             Which::All => unreachable!("expand() lists single benchmarks"),
         };
         let mut section = result.unwrap_or_else(|err| Section {

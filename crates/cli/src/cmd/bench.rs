@@ -59,6 +59,8 @@ enum What {
     Failover,
     Convergence,
     ConnectCost,
+    /// Tokens and TLS on vs off: connects/s, fan-out deliveries/s.
+    Auth,
     All,
 }
 
@@ -110,6 +112,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::Failover => Which::Failover,
         What::Convergence => Which::Convergence,
         What::ConnectCost => Which::ConnectCost,
+        What::Auth => Which::Auth,
         What::All => Which::All,
     };
     let report = streamfarm_bench::run(which, &options).await;
