@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET <url path>` (default `/stream`) | the streaming WebSocket (`docs/PROTOCOL.md`) |
 //! | `GET /farm` | the farm list: JSON, `?format=text\|xml\|js` (`?callback=` for js), or `Accept` |
-//! | `POST /publish/{topic}` | body = message, published farm-wide |
+//! | `POST /publish/{topic}` | body = message, published farm-wide (bearer credential when configured, `docs/AUTH.md`) |
 //! | `GET /topics/{topic}` | the topic's sequencer, replica and (when delivered here) position |
 //! | `POST /admin/status` | `UP`, `DOWN` or `DRAINING` (bearer token from config) |
 //! | `GET /metrics` | Prometheus text |

@@ -27,7 +27,12 @@
 //!   frame shared by all subscribers, bounded per-connection queues, slow consumers closed.
 //! - `relay` — the `Relay` interface and the embedded relay over links between nodes.
 //! - `queue` — the bounded per-connection send queue.
-//! - `session` — one WebSocket connection: frames, heartbeats, limits.
+//! - `session` — one WebSocket connection: frames, heartbeats, limits, its token's grant and
+//!   expiry.
+//! - [`auth`] — client tokens (JWT by `kid`), topic patterns, publish and admin credentials
+//!   (`docs/AUTH.md`).
+//! - `tls` — TLS for clients: certificate loading and reload, the listener that runs handshakes
+//!   and keeps relay links plain.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/topics/{topic}`,
 //!   `/admin/status`, `/metrics`, `/healthz`.
 //! - `web` — what browsers get: `/client/streamfarm.js` (the browser client), `/dashboard`, and
