@@ -96,7 +96,8 @@ async fn refuse_auth(mut socket: WebSocket, shared: &Shared, err: &AuthError) {
 }
 
 /// Waits for the `auth` frame of a connection that presented no token in its url or headers
-/// (within the heartbeat timeout, like any first frame). `None`: the client went away.
+/// (within the heartbeat timeout, like any first frame). `None`: the client went away, or the
+/// node is shutting down.
 async fn first_frame_auth(
     socket: &mut WebSocket,
     shared: &Shared,
@@ -116,7 +117,10 @@ async fn first_frame_auth(
             }
         }
     });
-    wait.await.unwrap_or(Some(Err(AuthError::Missing)))
+    tokio::select! {
+        _ = shared.cancel.cancelled() => None,
+        waited = wait => waited.unwrap_or(Some(Err(AuthError::Missing))),
+    }
 }
 
 /// Longest a token keeps a connection without a refresh, whatever its `exp` says (a year): an

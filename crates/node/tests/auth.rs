@@ -399,6 +399,25 @@ async fn the_token_may_come_in_a_first_auth_frame() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_presents_a_token_is_closed_after_the_heartbeat_timeout() {
+    let node = node(|c| {
+        c.heartbeat_interval_ms = 100;
+        c.heartbeat_timeout_ms = 400;
+    })
+    .await;
+    let mut ws = connect(&stream_url(&node), None).await;
+    let started = tokio::time::Instant::now();
+    // Nothing is said to a connection without a token: no hello, just the close.
+    assert_eq!(next(&mut ws).await.unwrap_err().0, 4010);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_clients_get_the_anonymous_topics_when_allowed() {
     let node = node(|c| {
         c.allow_anonymous = true;
