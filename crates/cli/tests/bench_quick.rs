@@ -58,7 +58,7 @@ fn bench_all_quick_writes_every_section_with_sane_figures() {
             }
         }
         // The peer is in every section it can be in, whenever it is installed.
-        if nats && name != "convergence" && name != "auth" {
+        if nats && name != "convergence" {
             assert!(
                 rows.iter().any(|r| r["system"] == "nats-server"),
                 "{name}: no nats-server row although it is installed"
