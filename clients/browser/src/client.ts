@@ -68,8 +68,11 @@ export interface ClientOptions {
    * a dashboard. Default false. */
   watchUsers?: boolean;
   /**
-   * Called before each WebSocket is opened; its answer travels as the `token` query parameter
-   * (browsers cannot set headers on a WebSocket). Nodes ignore it until they authenticate.
+   * The connection token (a JWT, `docs/AUTH.md`). Called before each WebSocket is opened; its
+   * answer travels as the `token` query parameter (browsers cannot set headers on a WebSocket).
+   * Called again before the token expires (30 s before its `exp`, or half-way through a token
+   * that lives less than a minute), and the fresh token is sent in a `refresh` frame, so the
+   * connection outlives its first token. Nodes that check no tokens ignore it.
    */
   getToken?: () => string | undefined | Promise<string | undefined>;
   /** Random numbers in `[0, 1)` (default `Math.random`). */
@@ -330,6 +333,9 @@ export class Client extends Emitter<ClientEvents> {
   private readonly seeds: string[];
   private readonly rng: Rng;
   private active: Connection | undefined;
+  /** The token the last connection was opened with. */
+  private token: string | undefined;
+  private refreshTimer: ReturnType<typeof setTimeout> | undefined;
   private listConn: Connection | undefined;
   private timers = new Map<number, ReturnType<typeof setTimeout>>();
   private heartbeat: ReturnType<typeof setInterval> | undefined;
@@ -480,6 +486,7 @@ export class Client extends Emitter<ClientEvents> {
 
   private async wsUrl(server: string): Promise<string> {
     const token = await this.options.getToken?.();
+    this.token = token;
     if (!token) return server;
     const url = new URL(server);
     url.searchParams.set('token', token);
@@ -646,6 +653,7 @@ export class Client extends Emitter<ClientEvents> {
       conn.send(this.options.watchUsers ? { type: 'list', watch: true, users: true } : { type: 'list', watch: true });
     }
     this.startHeartbeat(conn, server);
+    this.scheduleRefresh(conn, this.token);
     const unpositioned = [...this.subs.keys()].filter((t) => !this.positions.get(t));
     if (wasAway !== undefined && unpositioned.length > 0) {
       this.emit('maybeMissed', { topics: unpositioned, awayMs: Date.now() - wasAway });
@@ -691,6 +699,34 @@ export class Client extends Emitter<ClientEvents> {
   private stopHeartbeat(): void {
     if (this.heartbeat !== undefined) clearInterval(this.heartbeat);
     this.heartbeat = undefined;
+    if (this.refreshTimer !== undefined) clearTimeout(this.refreshTimer);
+    this.refreshTimer = undefined;
+  }
+
+  /** Sends `conn` a fresh token (`refresh`) before `token` expires. */
+  private scheduleRefresh(conn: Connection, token: string | undefined): void {
+    if (this.refreshTimer !== undefined) clearTimeout(this.refreshTimer);
+    this.refreshTimer = undefined;
+    const exp = token ? tokenExpiry(token) : undefined;
+    if (exp === undefined || !this.options.getToken) return;
+    this.refreshTimer = setTimeout(async () => {
+      this.refreshTimer = undefined;
+      let fresh: string | undefined;
+      try {
+        fresh = await this.options.getToken?.();
+      } catch {
+        fresh = undefined;
+      }
+      if (this.active !== conn || this.stopped) return;
+      if (fresh) {
+        this.token = fresh;
+        conn.send({ type: 'refresh', token: fresh });
+        this.scheduleRefresh(conn, fresh);
+      } else {
+        // No token now: ask again in a second (the node closes 4012 once the old one expires).
+        this.refreshTimer = setTimeout(() => this.scheduleRefresh(conn, token), 1000);
+      }
+    }, refreshDelayMs(exp, Date.now()));
   }
 
   private onFrame(conn: Connection, frame: Frame): void {
@@ -763,6 +799,26 @@ export class Client extends Emitter<ClientEvents> {
     sub._emit('state', state);
     this.emit('subscription', { topic, state });
   }
+}
+
+/** The `exp` claim of a JWT (seconds since the epoch), read without checking its signature. */
+export function tokenExpiry(token: string): number | undefined {
+  const payload = token.split('.')[1];
+  if (!payload) return undefined;
+  try {
+    const base64 = payload.replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(base64 + '='.repeat((4 - (base64.length % 4)) % 4)));
+    return typeof claims.exp === 'number' ? claims.exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** How long from `nowMs` to send a fresh token for one expiring at `exp`: 30 s before, or
+ * half-way for a token with less than a minute left. */
+export function refreshDelayMs(exp: number, nowMs: number): number {
+  const left = Math.max(0, exp * 1000 - nowMs);
+  return Math.max(left - 30_000, left / 2);
 }
 
 export { CLOSE };

@@ -29,6 +29,11 @@ export const CLOSE = {
   SLOW_CONSUMER: 4001,
   HEARTBEAT_TIMEOUT: 4002,
   SERVER_FULL: 4003,
+  /** Tokens (`docs/AUTH.md`): none came, not valid, expired, valid but not allowing it. */
+  AUTH_MISSING: 4010,
+  AUTH_INVALID: 4011,
+  AUTH_EXPIRED: 4012,
+  AUTH_FORBIDDEN: 4013,
 } as const;
 
 /** Whether a close code sends the client to another server rather than a retry of this one. */

@@ -29,7 +29,9 @@ use crate::report::{RowBuilder, Section, quantile};
 use crate::wire::ws_connect;
 use crate::{Options, STREAMFARM};
 
-const TOKEN: &str = "bench";
+const TOKEN: &str = "bench-admin-token-0123";
+/// The `Authorization` header value of [`TOKEN`].
+const BEARER: &str = "Bearer bench-admin-token-0123";
 /// Longest wait for one change to reach every node.
 const REACH: Duration = Duration::from_secs(30);
 
@@ -241,7 +243,7 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
                 addr,
                 "POST",
                 "/admin/status",
-                &[("Authorization", "Bearer bench")],
+                &[("Authorization", BEARER)],
                 status,
             )
             .await

@@ -18,12 +18,13 @@
 //! - [`nats`] — finding/installing nats-server, single servers and routed clusters.
 //! - `flow` — a publisher at a steady rate with sequence numbers, and per-client counts of lost,
 //!   duplicated and out-of-order messages (failover's messages flowing).
-//! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost`, `rebalance`
-//!   — one module per benchmark, each `run(&Options) -> Section`.
+//! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost`, `rebalance`,
+//!   `auth` — one module per benchmark, each `run(&Options) -> Section`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod auth;
 mod connect_cost;
 mod convergence;
 mod failover;
@@ -58,6 +59,9 @@ pub enum Which {
     /// Scale-out, rolling restart and failback with messages flowing: time to balance, moves
     /// against the minimum, lost/duplicated messages, time without a server.
     Rebalance,
+    /// The cost of tokens and TLS: connects/s and fan-out deliveries/s, open vs tokens vs
+    /// tokens over TLS.
+    Auth,
     /// Every benchmark above, in that order.
     All,
 }
@@ -73,6 +77,7 @@ impl Which {
             (Which::Convergence, "convergence"),
             (Which::ConnectCost, "connect-cost"),
             (Which::Rebalance, "rebalance"),
+            (Which::Auth, "auth"),
         ];
         all.into_iter()
             .filter(|(w, _)| self == Which::All || *w == self)
@@ -189,6 +194,7 @@ pub async fn run(which: Which, options: &Options) -> Report {
             Which::Convergence => convergence::run(options).await,
             Which::ConnectCost => connect_cost::run(options).await,
             Which::Rebalance => rebalance::run(options).await,
+            Which::Auth => auth::run(options).await,
             Which::All => unreachable!("expand() lists single benchmarks"),
         };
         let mut section = result.unwrap_or_else(|err| Section {

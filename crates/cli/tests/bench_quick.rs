@@ -4,13 +4,14 @@
 
 use std::process::Command;
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "idle",
     "fanout",
     "cross-node",
     "failover",
     "convergence",
     "connect-cost",
+    "auth",
 ];
 
 #[test]

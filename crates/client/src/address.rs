@@ -51,10 +51,13 @@ pub struct Target {
     pub explicit_port: bool,
     /// The WebSocket path, starting with `/`.
     pub path: String,
+    /// Over TLS (`wss://`, `https://`): the server's certificate is checked against `host`.
+    pub tls: bool,
 }
 
 impl Target {
-    /// Parses one target: a `ws://` or `http://` URL, or `host[:port]`.
+    /// Parses one target: a `ws://`, `wss://`, `http://` or `https://` URL, or `host[:port]`
+    /// (plain, no TLS).
     ///
     /// ```
     /// use streamfarm_client::address::Target;
@@ -62,6 +65,8 @@ impl Target {
     /// assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("::1", 9000, "/live"));
     /// let t = Target::parse("farm.example").unwrap();
     /// assert_eq!((t.port, t.path.as_str()), (7400, "/stream"));
+    /// let t = Target::parse("https://farm.example").unwrap();
+    /// assert_eq!((t.port, t.tls, t.url().as_str()), (443, true, "wss://farm.example:443/stream"));
     /// ```
     pub fn parse(text: &str) -> Result<Target, Error> {
         let text = text.trim();
@@ -79,11 +84,14 @@ impl Target {
         let default_port = match scheme.as_deref() {
             None => DEFAULT_PORT,
             Some("ws") | Some("http") => 80,
-            Some("wss") | Some("https") => {
-                return Err(invalid("TLS (wss://, https://) is not supported yet"));
+            Some("wss") | Some("https") => 443,
+            Some(_) => {
+                return Err(invalid(
+                    "the scheme must be ws://, wss://, http:// or https://",
+                ));
             }
-            Some(_) => return Err(invalid("the scheme must be ws:// or http://")),
         };
+        let tls = matches!(scheme.as_deref(), Some("wss") | Some("https"));
         let (authority, path) = match rest.find(['/', '?', '#']) {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -91,7 +99,7 @@ impl Target {
         // Only a ws:// URL names the streaming path; anything else (an HTTP base, `/farm`) means
         // the node's default endpoint.
         let path = path.split(['?', '#']).next().unwrap_or("");
-        let path = if scheme.as_deref() == Some("ws") && !path.is_empty() {
+        let path = if matches!(scheme.as_deref(), Some("ws") | Some("wss")) && !path.is_empty() {
             path.to_string()
         } else {
             DEFAULT_PATH.to_string()
@@ -108,12 +116,28 @@ impl Target {
             port: port.unwrap_or(default_port),
             explicit_port: port.is_some(),
             path,
+            tls,
         })
     }
 
     /// The WebSocket URL of this target.
     pub fn url(&self) -> String {
-        format!("ws://{}:{}{}", bracketed(&self.host), self.port, self.path)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!(
+            "{scheme}://{}:{}{}",
+            bracketed(&self.host),
+            self.port,
+            self.path
+        )
+    }
+
+    /// The HTTP base URL of this target's node at `addr` (`https://` over TLS).
+    pub fn http_base(&self, addr: SocketAddr) -> String {
+        if self.tls {
+            format!("https://{}:{}", bracketed(&self.host), self.port)
+        } else {
+            format!("http://{addr}")
+        }
     }
 }
 
@@ -378,8 +402,7 @@ mod tests {
             ("", "empty"),
             ("host:http", "port \"http\""),
             ("host:70000", "65535"),
-            ("wss://host", "TLS"),
-            ("ftp://host", "ws:// or http://"),
+            ("ftp://host", "ws://, wss://"),
             ("[::1", "without its ]"),
             (":7400", "no host"),
         ] {

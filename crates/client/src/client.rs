@@ -24,10 +24,11 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
 
 use crate::address::{Endpoint, Resolver, ServiceAddress, Target};
-use crate::connection::{self, Conn, Incoming};
+use crate::connection::{self, Conn, Dialer, Incoming};
 use crate::error::Error;
 use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice, State};
 use crate::options::ClientOptions;
+use crate::token::{self, TokenFuture};
 use crate::topics::{TopicNotice, Topics};
 
 /// What the client tells the application.
@@ -343,6 +344,9 @@ struct Live {
     list_refresh: Option<Duration>,
     /// When the last list arrived on this connection.
     list_at: Instant,
+    /// When to send the node a fresh token (`refresh`), when the client has a token source and
+    /// its token an expiry.
+    refresh_at: Option<Instant>,
 }
 
 /// What the established connection's events mean for the machine.
@@ -425,6 +429,8 @@ impl Driver {
         // A migration's new connection, subscribed, while the old one catches up with it.
         let mut arriving_live: Option<Live> = None;
         let mut arriving: Option<Arriving> = None;
+        // A fresh token being fetched for the live connection.
+        let mut refreshing: Option<TokenFuture> = None;
         loop {
             // The migration's new connection takes over once the old one caught up with it (or
             // at its deadline, or when the old one is gone).
@@ -437,6 +443,7 @@ impl Driver {
                     let pending = arriving.take().expect("checked above");
                     if let Some(new) = arriving_live.take() {
                         let server = new.server.clone();
+                        refreshing = None;
                         if let Some(old) = live.replace(new) {
                             tokio::spawn(connection::close(old.conn.ws));
                         }
@@ -459,7 +466,7 @@ impl Driver {
                             self.address.clone(),
                             self.resolver.clone(),
                             source,
-                            self.options.source_address,
+                            self.options.dialer(),
                             self.options.connect_timeout,
                             seed,
                         )));
@@ -482,7 +489,7 @@ impl Driver {
                             way,
                             self.machine.topics().clone(),
                             self.resolver.clone(),
-                            self.options.source_address,
+                            self.options.dialer(),
                             if retry {
                                 self.options.retry_timeout.min(self.options.connect_timeout)
                             } else {
@@ -497,7 +504,7 @@ impl Driver {
                             Way::Migration,
                             self.machine.topics().clone(),
                             self.resolver.clone(),
-                            self.options.source_address,
+                            self.options.dialer(),
                             self.options.connect_timeout,
                         )));
                     }
@@ -537,6 +544,7 @@ impl Driver {
                 }
             }
 
+            let refresh_at = live.as_ref().and_then(|l| l.refresh_at);
             let input = tokio::select! {
                 command = self.commands.recv() => match command {
                     None | Some(Command::Stop) => Input::Stop,
@@ -614,6 +622,8 @@ impl Driver {
                                 }
                                 continue;
                             }
+                            // The old connection's token refresh, if one was under way, is moot.
+                            refreshing = None;
                             live = new;
                             backlog = early;
                             Input::Connected { server, list }
@@ -628,6 +638,33 @@ impl Driver {
                 id = run_timer(&mut timer) => {
                     timer = None;
                     Input::TimerFired { timer: id }
+                },
+                () = refresh_due(refresh_at), if refreshing.is_none() => {
+                    if let (Some(live), Some(source)) = (&mut live, &self.options.token) {
+                        live.refresh_at = None;
+                        refreshing = Some(source.fetch());
+                    }
+                    continue;
+                },
+                fetched = run_refresh(&mut refreshing) => {
+                    refreshing = None;
+                    match fetched {
+                        Ok(token) => {
+                            if let Some(live) = &mut live {
+                                live.refresh_at = token::expiry(&token)
+                                    .map(|exp| Instant::now() + token::refresh_in(exp));
+                                debug!(server = %live.server, "refreshing the token");
+                            }
+                            send_on(&mut live, ClientFrame::Refresh { token }).await;
+                        }
+                        Err(err) => {
+                            warn!(%err, "no fresh token; trying again in a second");
+                            if let Some(live) = &mut live {
+                                live.refresh_at = Some(Instant::now() + TOKEN_RETRY);
+                            }
+                        }
+                    }
+                    continue;
                 },
                 event = watch_live(&mut live) => {
                     let server = live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
@@ -668,7 +705,12 @@ impl Driver {
             .options
             .heartbeat_timeout
             .unwrap_or(conn.hello.heartbeat_timeout);
+        let refresh_at = conn
+            .token_exp
+            .filter(|_| self.options.token.is_some())
+            .map(|exp| now + token::refresh_in(exp));
         Live {
+            refresh_at,
             interval: conn.hello.heartbeat_interval,
             timeout,
             list_refresh: self.options.list_refresh,
@@ -947,6 +989,24 @@ async fn run_operation(operation: &mut Option<Operation>) -> Done {
     }
 }
 
+/// How long the client waits before asking its token provider again after it failed.
+const TOKEN_RETRY: Duration = Duration::from_secs(1);
+
+/// Fires when the live connection's token is due for a refresh.
+async fn refresh_due(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_refresh(refreshing: &mut Option<TokenFuture>) -> Result<String, String> {
+    match refreshing {
+        Some(fetch) => fetch.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn run_timer(timer: &mut Option<(u64, Pin<Box<Sleep>>)>) -> u64 {
     match timer {
         Some((id, sleep)) => {
@@ -1022,7 +1082,7 @@ async fn connect(
     way: Way,
     subscription: Topics,
     resolver: Resolver,
-    source: Option<IpAddr>,
+    dialer: Dialer,
     timeout: Duration,
 ) -> Done {
     let migrating = matches!(way, Way::Migration);
@@ -1039,7 +1099,7 @@ async fn connect(
                 dials.reused.fetch_add(1, Ordering::Relaxed);
                 conn
             }
-            None => connection::dial_url(&server, &resolver, source, timeout).await?,
+            None => connection::dial_url(&server, &resolver, &dialer, timeout).await?,
         };
         // A node confirms a subscription once its linked peers hold the interest and it has the
         // topic's history from the client's position: when the topic's replica was the node just
@@ -1075,7 +1135,7 @@ async fn fetch_list(
     address: ServiceAddress,
     resolver: Resolver,
     source: ListSource,
-    source_ip: Option<IpAddr>,
+    dialer: Dialer,
     timeout: Duration,
     seed: u64,
 ) -> Done {
@@ -1084,7 +1144,7 @@ async fn fetch_list(
             let mut rng = StdRng::seed_from_u64(seed);
             let count = |result: &Result<Conn, Error>| dials.count(true, result);
             discover(
-                &address, &resolver, &avoid, source_ip, timeout, &mut rng, count,
+                &address, &resolver, &avoid, &dialer, timeout, &mut rng, count,
             )
             .await
         }
@@ -1092,7 +1152,7 @@ async fn fetch_list(
             let mut last = None;
             let mut found = None;
             for url in &urls {
-                let result = connection::dial_url(url, &resolver, source_ip, timeout).await;
+                let result = connection::dial_url(url, &resolver, &dialer, timeout).await;
                 dials.count(true, &result);
                 match result {
                     Ok(conn) => {
@@ -1117,7 +1177,7 @@ pub(crate) async fn discover<R: Rng + ?Sized>(
     address: &ServiceAddress,
     resolver: &Resolver,
     avoid: &[String],
-    source_ip: Option<IpAddr>,
+    dialer: &Dialer,
     timeout: Duration,
     rng: &mut R,
     mut counted: impl FnMut(&Result<Conn, Error>),
@@ -1129,7 +1189,7 @@ pub(crate) async fn discover<R: Rng + ?Sized>(
     let tried = endpoints.len();
     let mut last = None;
     for endpoint in &endpoints {
-        let result = connection::dial(endpoint, source_ip, timeout).await;
+        let result = connection::dial(endpoint, dialer, timeout).await;
         counted(&result);
         match result {
             Ok(conn) => return Ok(conn),

@@ -20,6 +20,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
 use crate::address::{Endpoint, Resolver, Target};
 use crate::error::Error;
+use crate::tls::{ClientStream, TlsSettings};
+use crate::token::TokenSource;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// What a node said about itself in its `hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,11 +37,39 @@ pub(crate) struct Hello {
 
 /// An open, greeted connection.
 #[derive(Debug)]
-pub(crate) struct Conn<S = TcpStream> {
+pub(crate) struct Conn<S = ClientStream> {
     pub(crate) ws: WebSocketStream<S>,
     pub(crate) hello: Hello,
     /// The list the node sent right after `hello`.
     pub(crate) list: FarmList,
+    /// When the token the connection was opened with expires (seconds since the Unix epoch).
+    pub(crate) token_exp: Option<u64>,
+}
+
+/// How the client opens connections: from which address, trusting which TLS roots, with
+/// which token.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Dialer {
+    pub(crate) source: Option<IpAddr>,
+    pub(crate) tls: TlsSettings,
+    pub(crate) token: Option<TokenSource>,
+}
+
+impl Dialer {
+    /// A token from the source, when there is one.
+    pub(crate) async fn token(&self, url: &str) -> Result<Option<String>, Error> {
+        match &self.token {
+            None => Ok(None),
+            Some(source) => source
+                .fetch()
+                .await
+                .map(Some)
+                .map_err(|detail| Error::Token {
+                    url: url.to_string(),
+                    detail,
+                }),
+        }
+    }
 }
 
 /// A WebSocket message, decoded.
@@ -124,7 +155,14 @@ pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
                     heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
                 });
             }
-            (ServerFrame::Farm(list), Some(hello)) => return Ok(Conn { ws, hello, list }),
+            (ServerFrame::Farm(list), Some(hello)) => {
+                return Ok(Conn {
+                    ws,
+                    hello,
+                    list,
+                    token_exp: None,
+                });
+            }
             (frame, None) => return Err(protocol(format!("expected hello first, got {frame:?}"))),
             (frame, Some(_)) => {
                 return Err(protocol(format!(
@@ -241,26 +279,51 @@ fn ws_error(url: &str, source: tokio_tungstenite::tungstenite::Error) -> Error {
     }
 }
 
-/// Opens a greeted connection to `endpoint` within `timeout`, from `source` when given.
+/// Opens a greeted connection to `endpoint` within `timeout`: over TLS for a `wss://` target,
+/// with the dialer's token in an `Authorization: Bearer` header.
 pub(crate) async fn dial(
     endpoint: &Endpoint,
-    source: Option<IpAddr>,
+    dialer: &Dialer,
     timeout: Duration,
 ) -> Result<Conn, Error> {
     let url = endpoint.url();
     let attempt = async {
-        let stream = tcp_connect(endpoint.addr, source)
+        let token = dialer.token(&url).await?;
+        let connect_error = |source| Error::Connect {
+            url: url.clone(),
+            source,
+        };
+        let tcp = tcp_connect(endpoint.addr, dialer.source)
             .await
-            .map_err(|source| Error::Connect {
-                url: url.clone(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
+            .map_err(connect_error)?;
+        let _ = tcp.set_nodelay(true);
+        let stream = if endpoint.target.tls {
+            crate::tls::connect(&dialer.tls, &endpoint.target.host, tcp)
+                .await
+                .map_err(connect_error)?
+        } else {
+            ClientStream::Plain(tcp)
+        };
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ws_error(&url, e))?;
+        if let Some(token) = &token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Error::Token {
+                    url: url.clone(),
+                    detail: "the token has characters a header cannot carry".into(),
+                })?;
+            request.headers_mut().insert("authorization", value);
+        }
         let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(ws_config()))
+            tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
                 .await
                 .map_err(|e| ws_error(&url, e))?;
-        greet(ws, &url).await
+        let mut conn = greet(ws, &url).await?;
+        conn.token_exp = token.as_deref().and_then(crate::token::expiry);
+        Ok(conn)
     };
     tokio::time::timeout(timeout, attempt)
         .await
@@ -280,7 +343,10 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+pub(crate) async fn tcp_connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -295,7 +361,7 @@ async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Resul
 pub(crate) async fn dial_url(
     url: &str,
     resolver: &Resolver,
-    source: Option<IpAddr>,
+    dialer: &Dialer,
     timeout: Duration,
 ) -> Result<Conn, Error> {
     let target = Target::parse(url)?;
@@ -305,7 +371,7 @@ pub(crate) async fn dial_url(
             addr,
             target: target.clone(),
         };
-        match dial(&endpoint, source, timeout).await {
+        match dial(&endpoint, dialer, timeout).await {
             Ok(conn) => return Ok(conn),
             Err(err) => last = Some(err),
         }
@@ -501,7 +567,7 @@ pub(crate) mod tests {
             addr,
             target: Target::parse(&addr.to_string()).unwrap(),
         };
-        let err = dial(&endpoint, None, Duration::from_secs(2))
+        let err = dial(&endpoint, &Dialer::default(), Duration::from_secs(2))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Connect, "{err}");
@@ -516,7 +582,7 @@ pub(crate) mod tests {
             addr,
             target: Target::parse(&addr.to_string()).unwrap(),
         };
-        let err = dial(&endpoint, None, Duration::from_millis(200))
+        let err = dial(&endpoint, &Dialer::default(), Duration::from_millis(200))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::TimedOut, "{err}");

@@ -96,6 +96,20 @@ pub enum Error {
         /// The status and body, or the transport error.
         detail: String,
     },
+    /// The token source gave no token.
+    #[error("no token for {url}: {detail}")]
+    Token {
+        /// The server's url.
+        url: String,
+        /// Why (the provider's error).
+        detail: String,
+    },
+    /// The TLS settings are not usable (a bad CA file).
+    #[error("TLS: {detail}")]
+    Tls {
+        /// What is wrong.
+        detail: String,
+    },
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
@@ -123,6 +137,10 @@ pub enum ErrorKind {
     NoServerAvailable,
     /// See [`Error::Http`].
     Http,
+    /// See [`Error::Token`].
+    Token,
+    /// See [`Error::Tls`].
+    Tls,
     /// See [`Error::Closed`].
     Closed,
 }
@@ -145,6 +163,8 @@ impl Error {
             Error::Unreachable { .. } => ErrorKind::Unreachable,
             Error::Selection(_) => ErrorKind::NoServerAvailable,
             Error::Http { .. } => ErrorKind::Http,
+            Error::Token { .. } => ErrorKind::Token,
+            Error::Tls { .. } => ErrorKind::Tls,
             Error::Closed => ErrorKind::Closed,
         }
     }

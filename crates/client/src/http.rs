@@ -6,11 +6,17 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use streamfarm_core::FarmList;
 
-use crate::address::ServiceAddress;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+use crate::address::{Endpoint, ServiceAddress};
 use crate::client::discover;
-use crate::connection;
+use crate::connection::{self, Dialer};
 use crate::error::Error;
 use crate::options::ClientOptions;
+use crate::tls::ClientStream;
 
 /// The farm list, as the first server of `address` that answers sends it on connecting (the
 /// same first contact a [`Client`](crate::Client) makes). Returns the list and the url of the
@@ -24,7 +30,7 @@ pub async fn fetch_list(
         address,
         &options.resolver,
         &[],
-        options.source_address,
+        &options.dialer(),
         options.connect_timeout,
         &mut rng,
         |_| {},
@@ -36,7 +42,8 @@ pub async fn fetch_list(
 }
 
 /// Publishes `payload` on `topic` farm-wide with `POST /publish/{topic}` on the first server of
-/// `address` that accepts it; returns that server's HTTP base url.
+/// `address` that accepts it (over HTTPS for a `wss://` or `https://` address, with the options'
+/// token as its bearer credential); returns that server's HTTP base url.
 pub async fn publish(
     address: &ServiceAddress,
     options: &ClientOptions,
@@ -45,29 +52,29 @@ pub async fn publish(
 ) -> Result<String, Error> {
     let mut rng = rng(options);
     let endpoints = options.resolver.resolve(address, &mut rng).await?;
-    let http = reqwest::Client::builder()
-        .timeout(options.connect_timeout.max(Duration::from_secs(5)))
-        .build()
-        .map_err(|e| Error::Http {
-            method: "POST",
-            url: String::new(),
-            detail: e.to_string(),
-        })?;
+    let dialer = options.dialer();
+    let timeout = options.connect_timeout.max(Duration::from_secs(5));
+    let path = format!("/publish/{}", encode_path_segment(topic));
     let tried = endpoints.len();
     let mut last = None;
     for endpoint in endpoints {
-        let base = format!("http://{}", endpoint.addr);
-        let url = format!("{base}/publish/{}", encode_path_segment(topic));
+        let base = endpoint.target.http_base(endpoint.addr);
+        let url = format!("{base}{path}");
         let error = |detail: String| Error::Http {
             method: "POST",
             url: url.clone(),
             detail,
         };
-        match http.post(&url).body(payload.clone()).send().await {
-            Ok(response) if response.status().is_success() => return Ok(base),
-            Ok(response) => {
-                let status = response.status();
-                let body = response.text().await.unwrap_or_default();
+        let token = dialer.token(&url).await?;
+        let sent = tokio::time::timeout(
+            timeout,
+            post(&endpoint, &dialer, &path, token.as_deref(), payload.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+        match sent {
+            Ok((status, _)) if status.is_success() => return Ok(base),
+            Ok((status, body)) => {
                 let err = error(format!("{status}: {}", body.trim()));
                 // The node understood and refused: another node will refuse the same way.
                 if status.is_client_error() {
@@ -75,7 +82,7 @@ pub async fn publish(
                 }
                 last = Some(err);
             }
-            Err(err) => last = Some(error(err.to_string())),
+            Err(detail) => last = Some(error(detail)),
         }
     }
     Err(Error::Unreachable {
@@ -83,6 +90,59 @@ pub async fn publish(
         tried,
         last: Box::new(last.unwrap_or(Error::Closed)),
     })
+}
+
+/// One HTTP/1.1 `POST` on a connection of its own (TLS for a TLS target); the status and body.
+async fn post(
+    endpoint: &Endpoint,
+    dialer: &Dialer,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(StatusCode, String), String> {
+    let tcp = connection::tcp_connect(endpoint.addr, dialer.source)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let stream = if endpoint.target.tls {
+        crate::tls::connect(&dialer.tls, &endpoint.target.host, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?
+    } else {
+        ClientStream::Plain(tcp)
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(conn);
+    let host = match endpoint.target.host.contains(':') {
+        true => format!("[{}]:{}", endpoint.target.host, endpoint.target.port),
+        false => format!("{}:{}", endpoint.target.host, endpoint.target.port),
+    };
+    let mut request = hyper::Request::post(path).header(hyper::header::HOST, host);
+    if let Some(token) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+    .await;
+    driver.abort();
+    result
 }
 
 fn rng(options: &ClientOptions) -> StdRng {

@@ -52,6 +52,8 @@ pub mod error;
 mod http;
 pub mod machine;
 pub mod options;
+pub mod tls;
+pub mod token;
 pub mod topics;
 
 pub use address::{Resolver, ServiceAddress};
@@ -63,4 +65,6 @@ pub use machine::{LossCause, RetryMode};
 pub use options::ClientOptions;
 pub use streamfarm_core::Policy;
 pub use streamfarm_core::protocol::{Epoch, Position};
+pub use tls::TlsSettings;
+pub use token::TokenSource;
 pub use topics::TopicNotice;

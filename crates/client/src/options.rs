@@ -8,7 +8,11 @@ use streamfarm_core::Policy;
 use crate::address::{Resolver, ServiceAddress};
 use crate::backoff::Backoff;
 use crate::client::Client;
+use crate::connection::Dialer;
+use crate::error::Error;
 use crate::machine::{MachineConfig, RetryMode};
+use crate::tls::TlsSettings;
+use crate::token::TokenSource;
 
 /// The options of a [`Client`], built by chaining; every option has a default.
 ///
@@ -34,6 +38,8 @@ pub struct ClientOptions {
     pub(crate) seed: Option<u64>,
     pub(crate) topics: Vec<String>,
     pub(crate) event_capacity: usize,
+    pub(crate) tls: TlsSettings,
+    pub(crate) token: Option<TokenSource>,
 }
 
 impl Default for ClientOptions {
@@ -49,6 +55,8 @@ impl Default for ClientOptions {
             seed: None,
             topics: Vec::new(),
             event_capacity: 1024,
+            tls: TlsSettings::default(),
+            token: None,
         }
     }
 }
@@ -75,6 +83,69 @@ impl ClientOptions {
     pub fn policy(mut self, policy: Policy) -> Self {
         self.machine.policy = policy;
         self
+    }
+
+    /// The connection token (a JWT, `docs/AUTH.md`), the same for every connection. It travels in
+    /// the `Authorization` header of the WebSocket upgrade, and as the bearer credential of
+    /// [`publish`](crate::publish). A fixed token is not refreshed: use
+    /// [`token_provider`](Self::token_provider) for connections that outlive it.
+    ///
+    /// ```
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().token("eyJhbGciOi…");
+    /// assert!(options.has_token());
+    /// ```
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(TokenSource::fixed(token));
+        self
+    }
+
+    /// Asks `provider` for a token before every connection and, while connected, for a fresh
+    /// one before the current token expires (30 s before its `exp`, or half-way through a token
+    /// that lives less than a minute), sent to the node in a `refresh` frame.
+    ///
+    /// ```
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().token_provider(|| async {
+    ///     // e.g. ask the application's backend for a token
+    ///     Ok::<_, String>("eyJhbGciOi…".to_string())
+    /// });
+    /// assert!(options.has_token());
+    /// ```
+    pub fn token_provider<F, Fut>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<String, String>> + Send + 'static,
+    {
+        self.token = Some(TokenSource::provider(provider));
+        self
+    }
+
+    /// Whether a token (or a token provider) is set.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Trusts only the CA certificates of this PEM file for `wss://` and `https://` farms (a
+    /// private CA), instead of the Mozilla roots.
+    ///
+    /// ```no_run
+    /// use streamfarm_client::ClientOptions;
+    /// let options = ClientOptions::new().ca_file("/etc/streamfarm/ca.pem")?;
+    /// # Ok::<(), streamfarm_client::Error>(())
+    /// ```
+    pub fn ca_file(mut self, path: impl AsRef<std::path::Path>) -> Result<Self, Error> {
+        self.tls = TlsSettings::from_ca_file(path.as_ref())?;
+        Ok(self)
+    }
+
+    /// How connections are opened (source address, TLS roots, token).
+    pub(crate) fn dialer(&self) -> Dialer {
+        Dialer {
+            source: self.source_address,
+            tls: self.tls.clone(),
+            token: self.token.clone(),
+        }
     }
 
     /// The policy these options select with.

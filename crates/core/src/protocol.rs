@@ -117,6 +117,18 @@ pub mod close {
     pub const HEARTBEAT_TIMEOUT: u16 = 4002;
     /// The node holds its maximum number of connections.
     pub const SERVER_FULL: u16 = 4003;
+    /// The node requires a token and none came (not in the url, the `Authorization` header,
+    /// nor an `auth` first frame within the deadline). Get a token, then reconnect.
+    pub const AUTH_MISSING: u16 = 4010;
+    /// The token is not valid here: malformed, bad signature, unknown key id, wrong algorithm,
+    /// audience or issuer, or bad claims. Retrying with the same token is useless.
+    pub const AUTH_INVALID: u16 = 4011;
+    /// The token expired (at connect, or later without a `refresh` in time). Get a fresh token,
+    /// then reconnect.
+    pub const AUTH_EXPIRED: u16 = 4012;
+    /// A valid token that no longer allows what the connection holds: a `refresh` naming another
+    /// subject, or no longer allowing a topic it is subscribed to.
+    pub const AUTH_FORBIDDEN: u16 = 4013;
 }
 
 /// How a message payload is carried in `data`.
@@ -192,6 +204,18 @@ pub enum ClientFrame {
         /// Watch users too: a list on every change (dashboards, measurements).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         users: bool,
+    },
+    /// A connection token (JWT), as the first frame of a connection that did not carry one in
+    /// its url or `Authorization` header; the node answers with `hello` once it is accepted.
+    Auth {
+        /// The token.
+        token: String,
+    },
+    /// A new token for an open connection, before the current one expires; the node answers
+    /// [`ServerFrame::Refreshed`], or closes (`4011`, `4012`, `4013`).
+    Refresh {
+        /// The token.
+        token: String,
     },
     /// Heartbeat; the node answers with [`ServerFrame::Pong`].
     Ping {
@@ -293,6 +317,13 @@ pub enum ServerFrame {
         reason: String,
         /// How long this node waits for the client to leave before closing it with `4000`.
         deadline_ms: u64,
+    },
+    /// The token of a `refresh` is accepted: the connection lives on until its expiry.
+    Refreshed {
+        /// The new token's expiry, seconds since the Unix epoch (absent on a node that checks
+        /// no tokens).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
     },
     /// A frame could not be served; the connection stays open unless a close follows.
     Error {

@@ -152,9 +152,44 @@ pub struct NodeConfig {
     /// How long a client told to move (`migrate`) has to leave before it is closed with `4000`.
     #[serde(default = "default_migrate_deadline_ms")]
     pub migrate_deadline_ms: u64,
-    /// Bearer token for `POST /admin/status`; without one the admin API is disabled.
+    /// Bearer token for `POST /admin/status`; without one the admin API is disabled. At least
+    /// 16 characters.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Keys that verify client connection tokens (JWT), by `kid` (`docs/AUTH.md`). None: the
+    /// node checks no tokens and every client may do everything (as before tokens existed).
+    #[serde(default)]
+    pub auth_keys: Vec<crate::auth::AuthKey>,
+    /// When set, a token's `aud` must name it.
+    #[serde(default)]
+    pub auth_audience: Option<String>,
+    /// When set, a token's `iss` must be it.
+    #[serde(default)]
+    pub auth_issuer: Option<String>,
+    /// Clock skew allowed when checking `exp`, `nbf` and `iat`, in whole seconds.
+    #[serde(default = "default_auth_leeway_s")]
+    pub auth_leeway_s: u64,
+    /// With `auth_keys` set: whether clients without a token may connect (and subscribe to
+    /// `anonymous_topics`, publish nothing). Off by default.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// Topic patterns anonymous clients may subscribe to (default `**`: all).
+    #[serde(default = "default_anonymous_topics")]
+    pub anonymous_topics: Vec<String>,
+    /// Bearer tokens that may `POST /publish/{topic}` on any topic (at least 16 characters
+    /// each). With neither these nor `auth_keys`, publishing is open.
+    #[serde(default)]
+    pub publish_tokens: Vec<String>,
+    /// PEM certificate chain: with `tls_key`, clients connect over `wss://` and `https://`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// How often the node looks at the certificate and key files for changes, to serve the new
+    /// ones without a restart.
+    #[serde(default = "default_tls_reload_ms")]
+    pub tls_reload_ms: u64,
     /// UDP and TCP address of the built-in DNS responder (`docs/DNS.md`); none runs none.
     #[serde(default)]
     pub dns: Option<SocketAddr>,
@@ -266,6 +301,15 @@ fn default_migrate_deadline_ms() -> u64 {
 }
 fn default_cors_farm_origins() -> Vec<String> {
     vec!["*".to_string()]
+}
+fn default_auth_leeway_s() -> u64 {
+    5
+}
+fn default_anonymous_topics() -> Vec<String> {
+    vec!["**".to_string()]
+}
+fn default_tls_reload_ms() -> u64 {
+    5_000
 }
 fn default_dns_ttl() -> u64 {
     streamfarm_dns::DEFAULT_TTL.as_secs()
@@ -399,6 +443,16 @@ impl NodeConfig {
             rebalance_cooldown_ms: default_rebalance_cooldown_ms(),
             migrate_deadline_ms: default_migrate_deadline_ms(),
             admin_token: None,
+            auth_keys: Vec::new(),
+            auth_audience: None,
+            auth_issuer: None,
+            auth_leeway_s: default_auth_leeway_s(),
+            allow_anonymous: false,
+            anonymous_topics: default_anonymous_topics(),
+            publish_tokens: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_reload_ms: default_tls_reload_ms(),
             dns: None,
             service_name: None,
             dns_ttl: default_dns_ttl(),
@@ -507,6 +561,36 @@ impl NodeConfig {
         {
             return invalid("url", "must start with ws:// or wss://");
         }
+        if let Some(token) = &self.admin_token {
+            crate::auth::check_secret("admin_token", token)?;
+        }
+        for token in &self.publish_tokens {
+            crate::auth::check_secret("publish_tokens", token)?;
+        }
+        if self.auth_leeway_s > 300 {
+            return invalid("auth_leeway_s", "must be at most 300 (whole seconds)");
+        }
+        // Loads the keys: a missing file or a bad PEM is reported now, with the key named.
+        crate::auth::Auth::from_config(self)?;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return invalid("tls_key", "is required with tls_cert"),
+            (None, Some(_)) => return invalid("tls_cert", "is required with tls_key"),
+            (Some(cert), Some(key)) => {
+                crate::tls::load(cert, key).map_err(|problem| ConfigError::Invalid {
+                    field: "tls_cert",
+                    problem,
+                })?;
+                if let Some(url) = &self.url
+                    && !url.starts_with("wss://")
+                {
+                    return invalid("url", "must start with wss:// when tls_cert is set");
+                }
+            }
+            (None, None) => {}
+        }
+        if self.tls_reload_ms < 100 {
+            return invalid("tls_reload_ms", "must be at least 100");
+        }
         if self.dns.is_some() && self.service_name.as_deref().is_none_or(str::is_empty) {
             return invalid("service_name", "is required when dns is set");
         }
@@ -576,8 +660,14 @@ impl NodeConfig {
     pub fn stream_url(&self, bound: SocketAddr) -> String {
         match &self.url {
             Some(url) => url.clone(),
+            None if self.tls() => format!("wss://{bound}/stream"),
             None => format!("ws://{bound}/stream"),
         }
+    }
+
+    /// Whether clients connect over TLS (`tls_cert` and `tls_key` set).
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some()
     }
 
     /// The HTTP path of the WebSocket: the path of the url, `/stream` by default.

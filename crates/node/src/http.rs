@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET <url path>` (default `/stream`) | the streaming WebSocket (`docs/PROTOCOL.md`) |
 //! | `GET /farm` | the farm list: JSON, `?format=text\|xml\|js` (`?callback=` for js), or `Accept` |
-//! | `POST /publish/{topic}` | body = message, published farm-wide |
+//! | `POST /publish/{topic}` | body = message, published farm-wide (bearer credential when configured, `docs/AUTH.md`) |
 //! | `GET /topics/{topic}` | the topic's sequencer, replica and (when delivered here) position |
 //! | `GET /rebalance` | the farm's rebalancing plan as this node sees it: targets, surpluses, flows, moves |
 //! | `POST /admin/status` | `UP`, `DOWN` or `DRAINING` (bearer token from config) |
@@ -33,6 +33,7 @@ use streamfarm_core::encoding::{self, Format};
 use streamfarm_core::protocol::{Encoding, close};
 use tracing::info;
 
+use crate::auth::{self, PublisherCheck};
 use crate::broker::{PublishError, placement};
 use crate::relay::Relay;
 use crate::session::{self, check_topic};
@@ -93,7 +94,41 @@ async fn rebalance_plan(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(crate::rebalance::view(&shared)).into_response()
 }
 
-async fn stream(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> Response {
+/// The router of plain-text connections to a node that serves clients over TLS: peer nodes'
+/// relay links (which stay as they are), `/healthz` for probes, and for anything else a `400`
+/// saying to use TLS.
+pub(crate) fn plain_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(RELAY_PATH, get(relay))
+        .route("/healthz", get(healthz))
+        .fallback(|| async {
+            (
+                StatusCode::BAD_REQUEST,
+                "this node serves clients over TLS: use https:// and wss://\n",
+            )
+        })
+        .with_state(shared)
+}
+
+/// The connection token a client presented when upgrading: `?token=` (browsers cannot set
+/// headers on a WebSocket) or `Authorization: Bearer`.
+fn presented_token(query: &HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
+    query.get("token").cloned().or_else(|| {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer)
+            .map(str::to_string)
+    })
+}
+
+async fn stream(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let token = presented_token(&query, &headers);
     // The transport admits up to twice the limit so that a frame just over it is read whole and
     // answered with an error frame and a clean close; beyond that the transport cuts it off.
     let max = shared.config.max_frame_bytes * 2 + ENVELOPE_SLACK;
@@ -120,7 +155,7 @@ async fn stream(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) ->
                 metrics::inc(&shared.metrics.connections_refused);
                 return session::refuse(socket, close::SERVER_FULL, "server full").await;
             };
-            session::serve(socket, shared).await
+            session::serve(socket, shared, token).await
         })
     })
 }
@@ -230,6 +265,25 @@ async fn publish(
     if let Err(problem) = check_topic(&topic) {
         return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response();
     }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match shared.auth.check_publisher(authorization, &topic) {
+        PublisherCheck::Allowed => {}
+        PublisherCheck::Unauthorized(why) => {
+            metrics::inc(&shared.metrics.auth_failures);
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!("{why}\n"),
+            )
+                .into_response();
+        }
+        PublisherCheck::Forbidden(why) => {
+            metrics::inc(&shared.metrics.auth_forbidden);
+            return (StatusCode::FORBIDDEN, format!("{why}\n")).into_response();
+        }
+    }
     // A publisher that sends a message again (its node died before answering) names it with
     // the same key, and the farm does not publish it twice.
     let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
@@ -310,9 +364,15 @@ async fn admin_status(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if presented != Some(token.as_str()) {
-        return (StatusCode::UNAUTHORIZED, "bad or missing bearer token\n").into_response();
+        .and_then(auth::bearer);
+    if !presented.is_some_and(|p| auth::constant_time_eq(p.as_bytes(), token.as_bytes())) {
+        metrics::inc(&shared.metrics.auth_failures);
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "bad or missing bearer token\n",
+        )
+            .into_response();
     }
     // Either `{"status":"DRAINING"}` or the bare word.
     let wanted = serde_json::from_str::<serde_json::Value>(&body)

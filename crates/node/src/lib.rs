@@ -31,7 +31,12 @@
 //!   proofs (`SECURITY.md`).
 //! - `listener` — the accept loop: request-head deadlines, descriptors kept for `/healthz` and
 //!   admin.
-//! - `session` — one WebSocket connection: frames, heartbeats, limits.
+//! - `session` — one WebSocket connection: frames, heartbeats, limits, its token's grant and
+//!   expiry.
+//! - [`auth`] — client tokens (JWT by `kid`), topic patterns, publish and admin credentials
+//!   (`docs/AUTH.md`).
+//! - `tls` — TLS for clients: certificate loading and reload, the listener that runs handshakes
+//!   and keeps relay links plain.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/topics/{topic}`,
 //!   `/admin/status`, `/metrics`, `/healthz`.
 //! - `web` — what browsers get: `/client/streamfarm.js` (the browser client), `/dashboard`, and
@@ -68,6 +73,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub mod auth;
 mod broker;
 pub mod config;
 mod drain;
@@ -84,9 +90,11 @@ mod queue;
 mod rebalance;
 mod relay;
 mod session;
+mod tls;
 mod trust;
 mod web;
 
+pub use auth::{AuthKey, Grant, Pattern};
 pub use config::{ConfigError, NodeConfig};
 pub use metrics::Metrics;
 
@@ -134,6 +142,8 @@ pub enum NodeError {
 /// State shared by every task of one node.
 pub(crate) struct Shared {
     pub(crate) config: NodeConfig,
+    /// Who may connect, subscribe and publish (tokens, anonymous access, publish tokens).
+    pub(crate) auth: auth::Auth,
     /// This node's streaming url.
     pub(crate) url: String,
     pub(crate) metrics: Arc<Metrics>,
@@ -267,6 +277,7 @@ impl NodeHandle {
     /// Validates `config`, binds the listener and gossip sockets, and starts serving.
     pub async fn start(config: NodeConfig) -> Result<NodeHandle, NodeError> {
         config.validate()?;
+        let auth = auth::Auth::from_config(&config)?;
         let listener = bind_listener(config.listen, config.listen_backlog).map_err(|source| {
             NodeError::Listen {
                 addr: config.listen,
@@ -277,6 +288,7 @@ impl NodeHandle {
             addr: config.listen,
             source,
         })?;
+        let config_listen = config.listen;
         // Gossip goes over UDP, so by default it shares the listener's port number.
         let gossip_addr = config.gossip.unwrap_or(listen_addr);
         let url = config.stream_url(listen_addr);
@@ -370,9 +382,27 @@ impl NodeHandle {
             cancel.clone(),
             &tracker,
         );
+        // TLS: loaded now, so that a bad pair stops the start; reloaded while the node runs.
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                tls::start_reloading(
+                    cert.clone(),
+                    key.clone(),
+                    Duration::from_millis(config.tls_reload_ms),
+                    cancel.clone(),
+                    &tracker,
+                )
+                .map_err(|problem| ConfigError::Invalid {
+                    field: "tls_cert",
+                    problem,
+                })?,
+            ),
+            _ => None,
+        };
         let descriptors = listener::descriptor_limit();
         let stream_cap = listener::stream_limit(config.max_connections, descriptors);
         let shared = Arc::new(Shared {
+            auth,
             connection_limit: Arc::new(Semaphore::new(stream_cap)),
             relay_handshakes: Arc::new(Semaphore::new(RELAY_HANDSHAKES)),
             config,
@@ -395,20 +425,57 @@ impl NodeHandle {
             .spawn(follow_isolation(shared.clone(), isolated_rx));
         shared.tracker.spawn(rebalance::run(shared.clone()));
         let router = http::router(shared.clone(), &stream_path);
-        tracker.spawn(listener::serve(
-            listener,
-            router,
-            shared.config.handshake_timeout(),
-            {
-                // What streams leave of the descriptors (see `listener`).
-                let streams = shared.connection_limit.clone();
-                let cap = stream_cap;
-                Arc::new(move || {
-                    listener::http_room(descriptors, cap - streams.available_permits())
-                })
-            },
-            cancel.clone(),
-        ));
+        match tls {
+            None => {
+                tracker.spawn(listener::serve(
+                    listener,
+                    router,
+                    shared.config.handshake_timeout(),
+                    {
+                        // What streams leave of the descriptors (see `listener`).
+                        let streams = shared.connection_limit.clone();
+                        let cap = stream_cap;
+                        Arc::new(move || {
+                            listener::http_room(descriptors, cap - streams.available_permits())
+                        })
+                    },
+                    cancel.clone(),
+                ));
+            }
+            Some(resolver) => {
+                // TLS runs its handshakes in `tls` (each under its own deadline); the relay links
+                // stay plain on the same port.
+                let serve_cancel = cancel.clone();
+                let (secure, plain) = tls::split_listener(
+                    listener,
+                    tls::server_config(resolver),
+                    cancel.clone(),
+                    &tracker,
+                )
+                .map_err(|source| NodeError::Listen {
+                    addr: config_listen,
+                    source,
+                })?;
+                let plain_router = http::plain_router(shared.clone());
+                let plain_cancel = cancel.clone();
+                tracker.spawn(async move {
+                    let result = axum::serve(secure, router)
+                        .with_graceful_shutdown(serve_cancel.cancelled_owned())
+                        .await;
+                    if let Err(err) = result {
+                        warn!(error = %err, "HTTPS server stopped");
+                    }
+                });
+                tracker.spawn(async move {
+                    let result = axum::serve(plain, plain_router)
+                        .with_graceful_shutdown(plain_cancel.cancelled_owned())
+                        .await;
+                    if let Err(err) = result {
+                        warn!(error = %err, "relay listener stopped");
+                    }
+                });
+            }
+        }
         info!(
             name = %shared.config.name,
             listen = %listen_addr,

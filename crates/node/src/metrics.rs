@@ -55,6 +55,12 @@ pub struct Metrics {
     pub migrations_received: AtomicU64,
     /// Gauge: this node's fair share of the farm's users (see `streamfarm_core::balance`).
     pub rebalance_target: AtomicU64,
+    /// Credentials refused: connections closed for a missing, invalid or expired token, and
+    /// `401` answers of the publish and admin APIs.
+    pub auth_failures: AtomicU64,
+    /// Valid credentials that did not allow what was asked: subscriptions and publishes refused
+    /// as `forbidden`, connections closed `4013`, `403` answers of the publish API.
+    pub auth_forbidden: AtomicU64,
     /// Gauge: 1 while the gossip task runs, 0 while it is down (the farm does not hear from this
     /// node; `/healthz` answers 503).
     pub gossip_up: AtomicU64,
@@ -237,6 +243,18 @@ impl Metrics {
             "gauge",
             "This node's fair share of the farm's users.",
             get(&self.rebalance_target),
+        );
+        metric(
+            "auth_failures_total",
+            "counter",
+            "Credentials refused: missing, invalid or expired tokens; 401 answers.",
+            get(&self.auth_failures),
+        );
+        metric(
+            "auth_forbidden_total",
+            "counter",
+            "Valid credentials refused what they asked for: forbidden topics, 403 answers.",
+            get(&self.auth_forbidden),
         );
         metric(
             "gossip_up",

@@ -65,7 +65,9 @@ fn every_example_frame_round_trips_through_the_code() {
 
 #[test]
 fn every_frame_type_is_documented() {
-    let client_types = ["sub", "unsub", "pub", "list", "ping", "pong"];
+    let client_types = [
+        "sub", "unsub", "pub", "list", "auth", "refresh", "ping", "pong",
+    ];
     let server_types = [
         "hello",
         "farm",
@@ -74,6 +76,7 @@ fn every_frame_type_is_documented() {
         "msg",
         "gap",
         "feed",
+        "refreshed",
         "error",
         "ping",
         "pong",
@@ -145,6 +148,10 @@ fn every_close_code_and_error_code_is_documented() {
         close::SLOW_CONSUMER,
         close::HEARTBEAT_TIMEOUT,
         close::SERVER_FULL,
+        close::AUTH_MISSING,
+        close::AUTH_INVALID,
+        close::AUTH_EXPIRED,
+        close::AUTH_FORBIDDEN,
     ] {
         assert!(
             PAGE.contains(&format!("| {code} |")),
@@ -155,6 +162,7 @@ fn every_close_code_and_error_code_is_documented() {
         "bad_frame",
         "bad_topic",
         "not_allowed",
+        "forbidden",
         "too_big",
         "too_many_topics",
     ] {

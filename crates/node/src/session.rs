@@ -23,6 +23,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info};
 
 use crate::Shared;
+use crate::auth::{AuthError, Grant, now_s};
 use crate::hub::{Closer, ConnId, FrameWakes, Outlet, Resume, encode, next_or_wake};
 use crate::metrics;
 use crate::queue::SendQueue;
@@ -66,8 +67,86 @@ pub(crate) async fn refuse(mut socket: WebSocket, code: u16, reason: &'static st
     let _ = timeout(CLOSE_FLUSH, socket.send(Message::Close(Some(frame)))).await;
 }
 
-/// Serves one accepted streaming connection until it closes.
-pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
+/// Refuses a connection for its credentials, and reads until the client's close (for at most
+/// [`CLOSE_FLUSH`]) so that what it sent meanwhile does not make the kernel reset the
+/// connection before the client has read why.
+async fn refuse_auth(mut socket: WebSocket, shared: &Shared, err: &AuthError) {
+    if matches!(err, AuthError::Forbidden(_)) {
+        metrics::inc(&shared.metrics.auth_forbidden);
+    } else {
+        metrics::inc(&shared.metrics.auth_failures);
+    }
+    // The reason never carries the token; it names what was wrong with it.
+    info!(code = err.close_code(), reason = %err, "refusing connection");
+    let frame = CloseFrame {
+        code: err.close_code(),
+        reason: Utf8Bytes::from(err.close_reason()),
+    };
+    let _ = timeout(CLOSE_FLUSH, async {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = socket.recv().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Waits for the `auth` frame of a connection that presented no token in its url or headers
+/// (within the heartbeat timeout, like any first frame). `None`: the client went away, or the
+/// node is shutting down.
+async fn first_frame_auth(
+    socket: &mut WebSocket,
+    shared: &Shared,
+) -> Option<Result<Grant, AuthError>> {
+    let wait = timeout(shared.config.heartbeat_timeout(), async {
+        loop {
+            match socket.recv().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Text(text))) => {
+                    return Some(match serde_json::from_str::<ClientFrame>(&text) {
+                        Ok(ClientFrame::Auth { token }) => shared.auth.verify(&token),
+                        _ => Err(AuthError::Missing),
+                    });
+                }
+                Some(Ok(Message::Binary(_))) => return Some(Err(AuthError::Missing)),
+            }
+        }
+    });
+    tokio::select! {
+        _ = shared.cancel.cancelled() => None,
+        waited = wait => waited.unwrap_or(Some(Err(AuthError::Missing))),
+    }
+}
+
+/// Longest a token keeps a connection without a refresh, whatever its `exp` says (a year): an
+/// `exp` far in the future must not overflow the clock.
+const LONGEST_TOKEN: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// When a connection holding `grant` must be closed for its token's expiry.
+fn expiry(grant: &Grant, leeway: Duration) -> Option<Instant> {
+    let exp = grant.exp?;
+    let left = Duration::from_secs(exp.saturating_sub(now_s())).min(LONGEST_TOKEN);
+    Some(Instant::now() + left + leeway)
+}
+
+/// Serves one accepted streaming connection until it closes. `token` is the one presented in
+/// the url or the `Authorization` header.
+pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>, token: Option<String>) {
+    let grant = match shared.auth.admit(token.as_deref()) {
+        Ok(Some(grant)) => grant,
+        Ok(None) => match first_frame_auth(&mut socket, &shared).await {
+            Some(Ok(grant)) => grant,
+            Some(Err(err)) => return refuse_auth(socket, &shared, &err).await,
+            None => return,
+        },
+        Err(err) => return refuse_auth(socket, &shared, &err).await,
+    };
+    drop(token);
     let closer = Closer::default();
     let queue = Arc::new(SendQueue::new(
         shared.config.send_queue,
@@ -88,6 +167,8 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         watching_farm: false,
         watching_users: false,
         wakes: FrameWakes::default(),
+        expiry: expiry(&grant, shared.auth.leeway()),
+        grant,
     };
     reader.greet();
     let hub = shared.hub.clone();
@@ -160,6 +241,10 @@ struct Reader {
     /// Subscribers' writers to wake for the messages this connection published and that are
     /// not yet woken: woken once no more input is ready (see [`next_or_wake`]).
     wakes: FrameWakes,
+    /// What the connection's token allows (everything on a node that checks no tokens).
+    grant: Grant,
+    /// When the connection is closed `4012` unless a `refresh` pushes it back.
+    expiry: Option<Instant>,
 }
 
 impl Reader {
@@ -210,8 +295,22 @@ impl Reader {
         isolated_rx.mark_unchanged();
         let mut following_isolation = true;
         loop {
+            let expiry = self.expiry;
+            let expired = async move {
+                match expiry {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = closer.closed() => return Some(stream),
+                () = expired => {
+                    metrics::inc(&self.shared.metrics.auth_failures);
+                    info!(conn = self.id, "closing: token expired");
+                    let err = AuthError::Expired;
+                    closer.close(err.close_code(), &err.close_reason());
+                    return Some(stream);
+                }
                 _ = self.shared.cancel.cancelled() => {
                     closer.close(close::GOING_AWAY, "node shutting down");
                     return Some(stream);
@@ -355,10 +454,61 @@ impl Reader {
                 self.watching_users = watch && users;
                 self.send(&ServerFrame::Farm(self.shared.farm_rx.borrow().clone()));
             }
+            ClientFrame::Auth { token } | ClientFrame::Refresh { token } => self.refresh(&token),
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Pong { .. } => {}
         }
         true
+    }
+
+    /// A new token for this connection (`refresh`, or `auth` after an anonymous start).
+    fn refresh(&mut self, token: &str) {
+        if !self.shared.auth.checks_tokens() {
+            self.send(&ServerFrame::Refreshed { exp: None });
+            return;
+        }
+        let checked = self.shared.auth.verify(token).and_then(|grant| {
+            if self.grant.subject.is_some() && grant.subject != self.grant.subject {
+                return Err(AuthError::Forbidden(
+                    "the token names another subject".into(),
+                ));
+            }
+            if let Some(topic) = self.topics.iter().find(|t| !grant.may_subscribe(t)) {
+                return Err(AuthError::Forbidden(format!(
+                    "the token does not allow {topic:?}"
+                )));
+            }
+            Ok(grant)
+        });
+        match checked {
+            Ok(grant) => {
+                self.expiry = expiry(&grant, self.shared.auth.leeway());
+                let exp = grant.exp;
+                self.grant = grant;
+                debug!(conn = self.id, exp, "token refreshed");
+                self.send(&ServerFrame::Refreshed { exp });
+            }
+            Err(err) => {
+                if matches!(err, AuthError::Forbidden(_)) {
+                    metrics::inc(&self.shared.metrics.auth_forbidden);
+                } else {
+                    metrics::inc(&self.shared.metrics.auth_failures);
+                }
+                info!(conn = self.id, reason = %err, "closing: refresh refused");
+                self.outlet
+                    .closer
+                    .close(err.close_code(), &err.close_reason());
+            }
+        }
+    }
+
+    /// Refuses a frame that the connection's token does not allow; the connection stays open.
+    fn forbidden(&self, message: String) {
+        metrics::inc(&self.shared.metrics.auth_forbidden);
+        self.send(&ServerFrame::Error {
+            code: "forbidden".to_string(),
+            message,
+        });
     }
 
     async fn subscribe(&mut self, topics: Vec<String>, positions: BTreeMap<String, Position>) {
@@ -366,6 +516,10 @@ impl Reader {
         self.wakes.wake_all();
         if let Some(problem) = topics.iter().find_map(|t| check_topic(t).err()) {
             self.error("bad_topic", problem);
+            return;
+        }
+        if let Some(topic) = topics.iter().find(|t| !self.grant.may_subscribe(t)) {
+            self.forbidden(format!("the token does not allow subscribing to {topic:?}"));
             return;
         }
         let max = self.shared.config.max_subscriptions;
@@ -415,6 +569,10 @@ impl Reader {
         }
         if let Err(problem) = check_topic(&topic) {
             self.error("bad_topic", problem);
+            return;
+        }
+        if !self.grant.may_publish(&topic) {
+            self.forbidden(format!("the token does not allow publishing on {topic:?}"));
             return;
         }
         if encoding == Encoding::Base64
@@ -518,6 +676,16 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exp_far_in_the_future_does_not_overflow_the_clock() {
+        let mut grant = Grant::everything();
+        grant.exp = Some(u64::MAX);
+        let at = expiry(&grant, Duration::from_secs(300)).unwrap();
+        assert!(at > Instant::now() + Duration::from_secs(300 * 24 * 3600));
+        grant.exp = Some(0);
+        assert!(expiry(&grant, Duration::ZERO).unwrap() <= Instant::now());
+    }
 
     #[test]
     fn topics_are_checked() {

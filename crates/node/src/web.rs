@@ -64,7 +64,8 @@ where
 }
 
 /// `POST /publish/{topic}` with CORS for the origins of `cors_publish_origins` (default none).
-/// The body is the message, sent as any content type, so `Content-Type` is an allowed header.
+/// The body is the message, sent as any content type, so `Content-Type` is an allowed header;
+/// `Authorization` carries the page's token where publishing needs one (`docs/AUTH.md`).
 pub(crate) fn publish_cors<S>(route: MethodRouter<S>, config: &NodeConfig) -> MethodRouter<S>
 where
     S: Clone + Send + Sync + 'static,
@@ -72,7 +73,7 @@ where
     route.layer(
         cors(&config.cors_publish_origins)
             .allow_methods([Method::POST])
-            .allow_headers([header::CONTENT_TYPE]),
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
     )
 }
 

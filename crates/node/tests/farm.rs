@@ -399,7 +399,7 @@ async fn a_silent_client_is_closed_for_heartbeat_timeout() {
 async fn draining_moves_clients_away_and_refuses_new_ones() {
     let nodes = three_nodes(|c| {
         c.drain_period_ms = 300;
-        c.admin_token = Some("secret".into());
+        c.admin_token = Some("secret-admin-token-16".into());
     })
     .await;
     wait_all_up(&nodes).await;
@@ -418,7 +418,7 @@ async fn draining_moves_clients_away_and_refuses_new_ones() {
     assert_eq!(denied.status(), 401);
     let ok = http
         .post(&admin)
-        .bearer_auth("secret")
+        .bearer_auth("secret-admin-token-16")
         .body(r#"{"status":"DRAINING"}"#)
         .send()
         .await

@@ -137,6 +137,34 @@ test('the token hook is asked before every connection, and its token travels in 
   await page.close();
 });
 
+test('a token is refreshed in band before it expires, on the same connection', async () => {
+  const urls = [];
+  const refreshes = [];
+  const page = await scriptedPage(
+    (index, frame, send) => {
+      if (frame.type === 'sub') send({ type: 'subscribed', topics: frame.topics });
+      if (frame.type === 'refresh') {
+        refreshes.push(frame.token);
+        send({ type: 'refreshed' });
+      }
+    },
+    {
+      // Tokens of 2 s (a JWT-shaped string: the client reads `exp`, the node checks the rest).
+      options: `{ getToken: async () => {
+        window.tokens = (window.tokens || 0) + 1;
+        const claims = btoa(JSON.stringify({ n: window.tokens, exp: Math.floor(Date.now() / 1000) + 2 }));
+        return 'e30.' + claims.replace(/=+$/, '') + '.sig';
+      } }`,
+      urls,
+    },
+  );
+  await waitFor('two refreshes', async () => refreshes.length >= 2, { timeoutMs: 8000 });
+  const claims = (token) => JSON.parse(Buffer.from(token.split('.')[1], 'base64').toString());
+  assert.deepEqual(refreshes.slice(0, 2).map((t) => claims(t).n), [2, 3]);
+  assert.equal(urls.length, 1, 'no reconnection');
+  await page.close();
+});
+
 test('coming back online ends a backoff wait at once', async () => {
   let up = false;
   const page = await scriptedPage(

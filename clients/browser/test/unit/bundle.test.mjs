@@ -19,3 +19,15 @@ test('the IIFE defines the global streamfarm', async () => {
   assert.equal(typeof scope.streamfarm.Client, 'function');
   assert.equal(typeof scope.streamfarm.Machine, 'function');
 });
+
+test('token expiry is read from the JWT and refreshes come early', async () => {
+  const sf = await import('../../dist/streamfarm.min.mjs');
+  const b64url = (text) => Buffer.from(text).toString('base64url');
+  const jwt = `${b64url('{"alg":"HS256"}')}.${b64url('{"sub":"u","exp":1795327061}')}.sig`;
+  assert.equal(sf.tokenExpiry(jwt), 1795327061);
+  assert.equal(sf.tokenExpiry('not-a-jwt'), undefined);
+  assert.equal(sf.refreshDelayMs(1000, 0), 970_000);
+  assert.equal(sf.refreshDelayMs(10, 0), 5_000);
+  assert.equal(sf.refreshDelayMs(10, 20_000), 0);
+  assert.equal(sf.CLOSE.AUTH_EXPIRED, 4012);
+});

@@ -61,6 +61,8 @@ enum What {
     Convergence,
     ConnectCost,
     Rebalance,
+    /// Tokens and TLS on vs off: connects/s, fan-out deliveries/s.
+    Auth,
     All,
 }
 
@@ -114,6 +116,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::Convergence => Which::Convergence,
         What::ConnectCost => Which::ConnectCost,
         What::Rebalance => Which::Rebalance,
+        What::Auth => Which::Auth,
         What::All => Which::All,
     };
     let report = streamfarm_bench::run(which, &options).await;

@@ -2,6 +2,7 @@
 //! encodings. Also home of [`ClientArgs`], the flags every client subcommand shares.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -25,6 +26,23 @@ pub(crate) struct ClientArgs {
     /// Limit for opening one connection (TCP, WebSocket handshake, greeting), in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub(crate) connect_timeout_ms: u64,
+    /// Connection token (JWT) for a farm that checks tokens; for `pub`, a publish token works
+    /// too (docs/AUTH.md).
+    #[arg(
+        long,
+        env = "STREAMFARM_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub(crate) token: Option<String>,
+    /// A file holding the token, read again before every connection and refresh (so a process
+    /// that renews the file keeps long subscriptions alive).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// PEM file of the CA certificates to trust for wss:// and https:// farms (a private CA),
+    /// instead of the usual public roots.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 fn parse_policy(text: &str) -> Result<Policy, String> {
@@ -33,7 +51,7 @@ fn parse_policy(text: &str) -> Result<Policy, String> {
 
 impl ClientArgs {
     /// The client options these flags ask for.
-    pub(crate) fn options(&self) -> ClientOptions {
+    pub(crate) fn options(&self) -> anyhow::Result<ClientOptions> {
         let mut options = ClientOptions::new()
             .policy(self.policy)
             .retry(if self.immediate {
@@ -45,7 +63,25 @@ impl ClientArgs {
         if let Some(server) = self.dns_server {
             options = options.dns_server(server);
         }
-        options
+        if let Some(token) = &self.token {
+            options = options.token(token.trim());
+        }
+        if let Some(path) = &self.token_file {
+            let path = path.clone();
+            options = options.token_provider(move || {
+                let path = path.clone();
+                async move {
+                    tokio::fs::read_to_string(&path)
+                        .await
+                        .map(|text| text.trim().to_string())
+                        .map_err(|err| format!("cannot read {}: {err}", path.display()))
+                }
+            });
+        }
+        if let Some(path) = &self.ca_file {
+            options = options.ca_file(path)?;
+        }
+        Ok(options)
     }
 }
 
@@ -77,7 +113,7 @@ fn parse_format(text: &str) -> Result<ListFormat, String> {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let options = args.client.options();
+    let options = args.client.options()?;
     let (list, _from) = streamfarm_client::fetch_list(&args.service, &options).await?;
     match args.format {
         ListFormat::Table => print!("{}", table(&list)),

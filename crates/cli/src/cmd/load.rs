@@ -53,7 +53,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut options = args.client.options();
+    let mut options = args.client.options()?;
     if let Some(topic) = &args.topic {
         options = options.subscribe([topic.clone()]);
     }
@@ -97,7 +97,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         started.elapsed().as_secs_f64()
     );
     if !interrupted {
-        let farm = FarmWatch::start(args.service.clone(), args.client.options());
+        let farm = FarmWatch::start(args.service.clone(), args.client.options()?);
         let mut table = LiveTable::default();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {

@@ -29,7 +29,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         args.message.into_bytes()
     };
-    let options = args.client.options();
+    let options = args.client.options()?;
     let via = streamfarm_client::publish(&args.service, &options, &args.topic, payload).await?;
     tracing::debug!(%via, topic = %args.topic, "published");
     Ok(ExitCode::SUCCESS)

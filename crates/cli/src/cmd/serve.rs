@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use streamfarm_node::{NodeConfig, NodeHandle};
+use streamfarm_node::{AuthKey, NodeConfig, NodeHandle};
 use tracing::info;
 
 /// Arguments of `streamfarm serve`. Each flag is also `STREAMFARM_<FLAG>` and a key of the file.
@@ -138,6 +138,55 @@ struct Settings {
     /// Bearer token for POST /admin/status (admin API disabled without one).
     #[arg(long, env = "STREAMFARM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// A key that verifies client tokens, as KID:ALG:FILE (ALG HS256 with FILE holding the
+    /// secret, or ES256/RS256 with FILE the PEM public key); repeat for several (rotation).
+    /// Any key makes tokens required (docs/AUTH.md).
+    #[arg(
+        long = "auth-key",
+        env = "STREAMFARM_AUTH_KEYS",
+        value_delimiter = ',',
+        value_name = "KID:ALG:FILE"
+    )]
+    auth_keys: Vec<AuthKey>,
+    /// When set, a token's `aud` claim must name it.
+    #[arg(long, env = "STREAMFARM_AUTH_AUDIENCE")]
+    auth_audience: Option<String>,
+    /// When set, a token's `iss` claim must be it.
+    #[arg(long, env = "STREAMFARM_AUTH_ISSUER")]
+    auth_issuer: Option<String>,
+    /// Clock skew allowed on exp, nbf and iat, whole seconds (default 5).
+    #[arg(long, env = "STREAMFARM_AUTH_LEEWAY_S")]
+    auth_leeway_s: Option<u64>,
+    /// With --auth-key: also accept clients without a token (they may subscribe to
+    /// --anonymous-topics and publish nothing).
+    #[arg(long, env = "STREAMFARM_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
+    allow_anonymous: Option<bool>,
+    /// Topic patterns anonymous clients may subscribe to, comma-separated (default **: all).
+    #[arg(
+        long,
+        env = "STREAMFARM_ANONYMOUS_TOPICS",
+        value_delimiter = ',',
+        value_name = "PATTERN"
+    )]
+    anonymous_topics: Option<Vec<String>>,
+    /// Bearer token allowed to POST /publish on any topic (at least 16 characters); repeat for
+    /// several. With neither this nor --auth-key, publishing is open.
+    #[arg(
+        long = "publish-token",
+        env = "STREAMFARM_PUBLISH_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    publish_tokens: Vec<String>,
+    /// PEM certificate chain: with --tls-key, clients connect over wss:// and https://.
+    #[arg(long, env = "STREAMFARM_TLS_CERT", value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "STREAMFARM_TLS_KEY", value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for changes (reloaded without restart), ms.
+    #[arg(long, env = "STREAMFARM_TLS_RELOAD_MS")]
+    tls_reload_ms: Option<u64>,
     /// UDP and TCP address of the built-in DNS responder (see docs/DNS.md); none runs none.
     #[arg(long, env = "STREAMFARM_DNS", value_name = "IP:PORT")]
     dns: Option<SocketAddr>,
@@ -229,9 +278,30 @@ impl Settings {
             migrate_deadline_ms,
             dns_ttl,
             cors_farm_origins,
-            cors_publish_origins
+            cors_publish_origins,
+            auth_leeway_s,
+            allow_anonymous,
+            anonymous_topics,
+            tls_reload_ms
         );
-        overlay_option!(gossip, url, capacity, admin_token, dns, service_name);
+        overlay_option!(
+            gossip,
+            url,
+            capacity,
+            admin_token,
+            dns,
+            service_name,
+            auth_audience,
+            auth_issuer,
+            tls_cert,
+            tls_key
+        );
+        if !self.auth_keys.is_empty() {
+            config.auth_keys = self.auth_keys;
+        }
+        if !self.publish_tokens.is_empty() {
+            config.publish_tokens = self.publish_tokens;
+        }
         if self.farm_secret.is_some() && self.farm_secret_file.is_some() {
             anyhow::bail!("give --farm-secret or --farm-secret-file, not both");
         }
@@ -300,6 +370,47 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: Args,
+    }
+
+    #[test]
+    fn auth_and_tls_flags_reach_the_config_and_weak_tokens_are_refused() {
+        let dir =
+            std::env::temp_dir().join(format!("streamfarm-serve-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("k1.secret");
+        std::fs::write(&secret, "a-secret-of-at-least-32-bytes-0123456789\n").unwrap();
+        let key = format!("k1:HS256:{}", secret.display());
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--name",
+            "a",
+            "--auth-key",
+            &key,
+            "--allow-anonymous",
+            "--anonymous-topics",
+            "public.**,news.*",
+            "--publish-token",
+            "publisher-token-0123456789",
+        ])
+        .unwrap();
+        let config = cli.args.settings.into_config().unwrap();
+        assert_eq!(config.auth_keys[0].kid, "k1");
+        assert!(config.allow_anonymous);
+        assert_eq!(config.anonymous_topics, vec!["public.**", "news.*"]);
+        assert_eq!(config.publish_tokens.len(), 1);
+
+        let cli =
+            Cli::try_parse_from(["serve", "--name", "a", "--publish-token", "short"]).unwrap();
+        let err = cli.args.settings.into_config().unwrap_err();
+        assert!(err.to_string().contains("publish_tokens"), "{err}");
+        let cli = Cli::try_parse_from(["serve", "--name", "a", "--admin-token", ""]).unwrap();
+        let err = cli.args.settings.into_config().unwrap_err();
+        assert!(err.to_string().contains("admin_token"), "{err}");
+        let cli = Cli::try_parse_from(["serve", "--name", "a", "--tls-cert", "/nonexistent.pem"])
+            .unwrap();
+        let err = cli.args.settings.into_config().unwrap_err();
+        assert!(err.to_string().contains("tls_key"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

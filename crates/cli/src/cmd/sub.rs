@@ -32,7 +32,10 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let options = args.client.options().subscribe(args.topics.iter().cloned());
+    let options = args
+        .client
+        .options()?
+        .subscribe(args.topics.iter().cloned());
     let mut client = Client::start(args.service.clone(), options);
     let stop = stop_after(args.duration);
     tokio::pin!(stop);

@@ -31,7 +31,7 @@ pub(crate) const NODE_FLAGS: &[&str] = &[
     "--drain-period-ms",
     "1000",
     "--admin-token",
-    "test-token",
+    "test-admin-token-0123",
 ];
 
 pub(crate) fn exe() -> &'static str {
@@ -106,7 +106,7 @@ impl Node {
     pub(crate) async fn set_status(&self, status: &str) {
         let response = reqwest::Client::new()
             .post(format!("http://{}/admin/status", self.listen))
-            .bearer_auth("test-token")
+            .bearer_auth("test-admin-token-0123")
             .body(status.to_string())
             .send()
             .await

@@ -1,0 +1,358 @@
+//! The client on a farm with TLS and tokens, over real sockets: it subscribes over `wss://` with
+//! a test CA (made here with rcgen) and receives messages; it refreshes its token in band and
+//! keeps its connection past the first token's expiry; it publishes over `https://` with its
+//! token. The node serves a certificate swapped on disk without a restart, and keeps the old one
+//! when the new files do not load.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use serde_json::json;
+use streamfarm_client::{Client, ClientOptions, ErrorKind, Event};
+use streamfarm_node::{AuthKey, NodeConfig, NodeHandle};
+
+const SECRET: &str = "secure-test-secret-0123456789-0123456789";
+const STEP: Duration = Duration::from_secs(10);
+
+/// A CA and a way to issue server certificates for 127.0.0.1 and localhost.
+struct TestCa {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "streamfarm test CA");
+        let key = KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa { params, key, pem }
+    }
+
+    /// A server certificate (PEM) and its key (PEM), with `name` as its common name.
+    fn issue(&self, name: &str) -> (String, String) {
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sf-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Replaces a file in one step (write aside, rename), as a certificate manager does.
+fn replace(path: &Path, text: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, text).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(ttl: u64) -> String {
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("k1".into());
+    let claims = json!({"sub": "client-1", "iat": now(), "exp": now() + ttl,
+                        "subscribe": ["a.*"], "publish": ["a.*"]});
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn tls_node(cert: &Path, key: &Path) -> NodeHandle {
+    tls_node_joining("secure", cert, key, None).await
+}
+
+async fn tls_node_joining(
+    name: &str,
+    cert: &Path,
+    key: &Path,
+    join: Option<SocketAddr>,
+) -> NodeHandle {
+    let mut config = NodeConfig::new(name);
+    config.join = join.map(|addr| addr.to_string()).into_iter().collect();
+    config.gossip_interval_ms = 50;
+    config.failure_timeout_ms = 1000;
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.shutdown_drain_ms = 100;
+    config.tls_cert = Some(cert.to_path_buf());
+    config.tls_key = Some(key.to_path_buf());
+    config.tls_reload_ms = 100;
+    config.auth_keys = vec![AuthKey {
+        kid: "k1".into(),
+        alg: "HS256".into(),
+        secret: Some(SECRET.into()),
+        secret_file: None,
+        public_key_file: None,
+    }];
+    config.auth_leeway_s = 0;
+    NodeHandle::start(config).await.expect("node starts")
+}
+
+/// The next message event, within [`STEP`].
+async fn next_message(client: &mut Client) -> (String, Vec<u8>) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let event = tokio::time::timeout_at(deadline, client.next_event())
+            .await
+            .expect("a message in time")
+            .expect("client running");
+        match event {
+            Event::Message { topic, payload, .. } => return (topic, payload),
+            Event::Disconnected { cause, .. } => panic!("disconnected: {cause:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// The certificate a fresh TLS connection to `addr` is served, trusting `ca`.
+async fn served_certificate(addr: SocketAddr, ca: &Path) -> Result<Vec<u8>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pem_certs(ca) {
+        roots.add(cert).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, session) = tls.get_ref();
+    Ok(session.peer_certificates().unwrap()[0].to_vec())
+}
+
+fn rustls_pem_certs(path: &Path) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_subscribes_over_wss_with_a_refreshed_token_and_publishes_over_https() {
+    let dir = temp_dir("wss");
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("first");
+    let (cert_path, key_path, ca_path) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let node = tls_node(&cert_path, &key_path).await;
+    let port = node.listen_addr().port();
+    assert_eq!(node.url(), format!("wss://127.0.0.1:{port}/stream"));
+    let farm = node.farm().borrow().clone();
+    assert!(farm.servers[0].url.starts_with("wss://"), "{farm:?}");
+
+    // Tokens of 3 s: the client must refresh in band to stay connected.
+    let issued = Arc::new(AtomicU32::new(0));
+    let counter = issued.clone();
+    let options = ClientOptions::new()
+        .ca_file(&ca_path)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .token_provider(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok(token(3)) }
+        })
+        .subscribe(["a.x"]);
+    let address = format!("wss://127.0.0.1:{port}").parse().unwrap();
+    let mut client = Client::start(address, options.clone());
+    client
+        .wait_connected(STEP)
+        .await
+        .expect("connected over wss");
+    node.publish("a.x", "over tls").await.unwrap();
+    assert_eq!(
+        next_message(&mut client).await,
+        ("a.x".to_string(), b"over tls".to_vec())
+    );
+
+    // Past the first token's expiry (plus a second), the same connection still delivers.
+    let first_expiry = tokio::time::Instant::now() + Duration::from_secs(4);
+    tokio::time::sleep_until(first_expiry).await;
+    node.publish("a.x", "after expiry").await.unwrap();
+    assert_eq!(next_message(&mut client).await.1, b"after expiry".to_vec());
+    assert!(
+        issued.load(Ordering::SeqCst) >= 2,
+        "the provider was asked again"
+    );
+
+    // Publishing over https: with the token it goes through, without it the node says 401.
+    let https = format!("https://127.0.0.1:{port}").parse().unwrap();
+    streamfarm_client::publish(&https, &options, "a.x", b"via https".to_vec())
+        .await
+        .expect("published over https");
+    assert_eq!(next_message(&mut client).await.1, b"via https".to_vec());
+    let anonymous = ClientOptions::new().ca_file(&ca_path).unwrap();
+    let err = streamfarm_client::publish(&https, &anonymous, "a.x", b"no".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Http);
+    assert!(err.to_string().contains("401"), "{err}");
+
+    // A client that does not trust the test CA cannot connect.
+    let untrusting = ClientOptions::new()
+        .token(token(60))
+        .connect_timeout(Duration::from_secs(2));
+    let address = format!("wss://127.0.0.1:{port}").parse().unwrap();
+    let err = streamfarm_client::fetch_list(&address, &untrusting)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+
+    client.close().await;
+    node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_swapped_on_disk_is_served_without_restart_and_a_bad_one_is_not() {
+    let dir = temp_dir("reload");
+    let ca = TestCa::new();
+    let (first, first_key) = ca.issue("first");
+    let (cert_path, key_path, ca_path) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert_path, &first).unwrap();
+    std::fs::write(&key_path, &first_key).unwrap();
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let node = tls_node(&cert_path, &key_path).await;
+    let addr = node.listen_addr();
+    assert_eq!(
+        served_certificate(addr, &ca_path).await.unwrap(),
+        der_of(&first)
+    );
+
+    let (second, second_key) = ca.issue("second");
+    replace(&key_path, &second_key);
+    replace(&cert_path, &second);
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if served_certificate(addr, &ca_path).await.unwrap() == der_of(&second) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Garbage, then a certificate without its key: the second one stays in use.
+    replace(&cert_path, "not a certificate");
+    let (third, _third_key) = ca.issue("third");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    replace(&cert_path, &third);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        served_certificate(addr, &ca_path).await.unwrap(),
+        der_of(&second)
+    );
+
+    // The relay path of peers stays plain HTTP on the same port; clients are told to use TLS.
+    let plain = reqwest::get(format!("http://{addr}/farm")).await.unwrap();
+    assert_eq!(plain.status(), reqwest::StatusCode::BAD_REQUEST);
+    assert!(plain.text().await.unwrap().contains("TLS"));
+
+    node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_cross_a_farm_of_tls_nodes_over_their_plain_relay_links() {
+    let dir = temp_dir("farm");
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("farm");
+    let (cert_path, key_path, ca_path) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let a = tls_node_joining("a", &cert_path, &key_path, None).await;
+    let b = tls_node_joining("b", &cert_path, &key_path, Some(a.gossip_addr())).await;
+    let options = ClientOptions::new()
+        .ca_file(&ca_path)
+        .unwrap()
+        .token(token(60))
+        .subscribe(["a.farm"]);
+    let address = format!("wss://{}", b.listen_addr()).parse().unwrap();
+    let mut client = Client::start(address, options);
+    client
+        .wait_connected(STEP)
+        .await
+        .expect("connected over wss");
+    // Published on a, delivered by whichever node the client chose: publish until one lands.
+    let deadline = tokio::time::Instant::now() + STEP;
+    let received = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing crossed the farm"
+        );
+        let _ = a.publish("a.farm", "across").await;
+        let event = tokio::time::timeout(Duration::from_millis(300), client.next_event()).await;
+        if let Ok(Some(Event::Message { payload, .. })) = event {
+            break payload;
+        }
+    };
+    assert_eq!(received, b"across".to_vec());
+    let farm = b.farm().borrow().clone();
+    assert!(
+        farm.servers.iter().all(|s| s.url.starts_with("wss://")),
+        "{farm:?}"
+    );
+    client.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
