@@ -376,7 +376,10 @@ async fn scale_out(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow:
     println!("rebalance scale-out: after {after:?}, moves {moved} (minimal {minimal})");
     let ledger = publisher.stop().await?;
     clients.until_delivered(&ledger).await;
-    row.add("balanced_after_s", balance_s.unwrap_or(f64::NAN));
+    if let Some(s) = balance_s {
+        row.add("balanced_after_s", s);
+    }
+    row.add("balanced_fraction", if balance_s.is_some() { 1.0 } else { 0.0 });
     row.add("moves_msgs", moved);
     row.add("minimal_moves_msgs", minimal);
     row.add("moves_over_minimal", moved / minimal);
@@ -439,10 +442,9 @@ async fn rolling_restart(options: &Options, c: usize, row: &mut RowBuilder) -> a
     clients.until_delivered(&ledger).await;
     row.add("restart_all_s", started.elapsed().as_secs_f64());
     refill_s.sort_by(f64::total_cmp);
-    row.add(
-        "refilled_p50_s",
-        quantile(&refill_s, 0.5).unwrap_or(f64::NAN),
-    );
+    if let Some(p50) = quantile(&refill_s, 0.5) {
+        row.add("refilled_p50_s", p50);
+    }
     row.add(
         "refilled_fraction",
         refill_s.len() as f64 / nodes.len() as f64,
@@ -496,7 +498,9 @@ async fn failback(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow::
     let ledger = publisher.stop().await?;
     clients.until_delivered(&ledger).await;
     row.add("moved_to_b_fraction", on_b / c as f64);
-    row.add("failback_s", failback_s.unwrap_or(f64::NAN));
+    if let Some(s) = failback_s {
+        row.add("failback_s", s);
+    }
     row.add(
         "left_on_b_fraction",
         b.metric("streamfarm_connections").await.unwrap_or(f64::NAN) / c as f64,
