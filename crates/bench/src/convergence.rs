@@ -18,7 +18,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -126,9 +125,15 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
     crate::proc::raise_nofile();
     let mut section = Section::default();
     for &n in &options.farm_sizes {
-        let row = farm_once(options, n)
-            .await
-            .with_context(|| format!("farm of {n}"))?;
+        // A farm that does not converge is a failed row; the other farm sizes still run.
+        let row = match farm_once(options, n).await {
+            Ok(row) => row,
+            Err(err) => RowBuilder::default().finish(
+                STREAMFARM,
+                format!("N={n}"),
+                Err(err.context(format!("farm of {n}"))),
+            ),
+        };
         section.rows.push(row);
     }
     for row in &section.rows {

@@ -150,9 +150,11 @@ impl Options {
     }
 }
 
-/// Runs `which`, printing each section's table as it completes. A benchmark that fails leaves a
-/// section with a note saying why, and the others still run.
-pub async fn run(which: Which, options: &Options) -> Report {
+/// Runs `which`, printing each section's table as it completes and handing the report so far to
+/// `on_section` after each (the CLI writes its JSON file there, so a run that is cut short keeps
+/// what it measured). A measurement that fails is a row marked `failed` (or, when the benchmark
+/// cannot start at all, a section with a `failed:` note) and the others still run.
+pub async fn run(which: Which, options: &Options, mut on_section: impl FnMut(&Report)) -> Report {
     let mut report = Report {
         machine: Machine::detect(),
         nats_server: options.nats.as_ref().map(|n| n.version.clone()),
@@ -185,6 +187,7 @@ pub async fn run(which: Which, options: &Options) -> Report {
         }
         println!("{}", section.render(name));
         report.sections.insert(name.to_string(), section);
+        on_section(&report);
         if streamfarm_localfarm::partition::was_interrupted() {
             eprintln!("interrupted: the benchmarks after {name} are not run");
             break;

@@ -112,7 +112,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::ConnectCost => Which::ConnectCost,
         What::All => Which::All,
     };
-    let report = streamfarm_bench::run(which, &options).await;
     let out = match args.out {
         Some(path) => path,
         None => {
@@ -131,13 +130,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", out.display()))?;
+    let write = |report: &streamfarm_bench::Report| -> anyhow::Result<()> {
+        std::fs::write(&out, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("cannot write {}", out.display()))
+    };
+    // Written after every section, so what finished is kept whatever happens to the rest.
+    let report = streamfarm_bench::run(which, &options, |report| {
+        if let Err(err) = write(report) {
+            eprintln!("{err:#}");
+        }
+    })
+    .await;
+    write(&report)?;
     println!("results: {}", out.display());
-    let failed = report
-        .sections
-        .values()
-        .any(|s| s.notes.iter().any(|n| n.starts_with("failed:")));
+    let failed = report.sections.values().any(|s| s.has_failure());
     Ok(if failed {
         ExitCode::FAILURE
     } else {
