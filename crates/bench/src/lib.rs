@@ -20,6 +20,8 @@
 //!   duplicated and out-of-order messages (failover's messages flowing).
 //! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost` — one module
 //!   per benchmark, each `run(&Options) -> Section`.
+//! - `gossip` — convergence `--in-process`: chitchat farms of up to thousands of nodes in this
+//!   process, over an in-memory transport, in simulated time.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,6 +31,7 @@ mod convergence;
 mod failover;
 mod fanout;
 mod flow;
+mod gossip;
 mod idle;
 pub mod nats;
 mod proc;
@@ -104,6 +107,11 @@ pub struct Options {
     pub hang: Duration,
     /// Farm sizes of the convergence benchmark.
     pub farm_sizes: Vec<usize>,
+    /// Convergence of chitchat instances in this process, in simulated time, instead of one
+    /// `streamfarm serve` process per node (see `gossip`).
+    pub in_process: bool,
+    /// The gossip interval of the convergence benchmark's nodes (default: the node's default).
+    pub gossip_interval_ms: Option<u64>,
     /// Samples of the connect-cost benchmark.
     pub connect_samples: usize,
 }
@@ -125,6 +133,8 @@ impl Options {
             publish_rate: 1000.0,
             hang: Duration::from_secs(10),
             farm_sizes: vec![3, 10, 50, 100],
+            in_process: false,
+            gossip_interval_ms: None,
             connect_samples: 200,
         }
     }
@@ -145,6 +155,8 @@ impl Options {
             publish_rate: 200.0,
             hang: Duration::from_secs(1),
             farm_sizes: vec![3],
+            in_process: false,
+            gossip_interval_ms: None,
             connect_samples: 5,
         }
     }

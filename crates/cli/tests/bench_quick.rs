@@ -115,3 +115,49 @@ fn a_failed_phase_is_reported_and_the_other_figures_are_kept() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `convergence --in-process`: a farm of chitchat instances in simulated time settles, every
+/// node sees a change, and the traffic per round is measured (no timing assertions).
+#[test]
+fn in_process_convergence_measures_a_farm_without_processes() {
+    let dir = std::env::temp_dir().join(format!("streamfarm-bench-gossip-{}", std::process::id()));
+    let out = dir.join("gossip.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_streamfarm"))
+        .args([
+            "bench",
+            "convergence",
+            "--quick",
+            "--in-process",
+            "--farm-sizes",
+            "2,30",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run streamfarm bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("results")).expect("JSON");
+    let rows = report["sections"]["convergence"]["rows"]
+        .as_array()
+        .expect("rows");
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for row in rows {
+        assert!(row.get("failed").is_none(), "{row}");
+        for figure in [
+            "change_p99_node_ms",
+            "syn_max_bytes",
+            "bytes_per_node_round",
+        ] {
+            let median = row["figures"][figure]["median"].as_f64();
+            assert!(median.is_some_and(|m| m > 0.0), "{figure} in {row}");
+        }
+        assert_eq!(row["figures"]["datagrams_over_udp_limit"]["median"], 0.0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

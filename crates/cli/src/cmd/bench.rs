@@ -39,6 +39,14 @@ pub(crate) struct Args {
     /// Convergence farm sizes, comma-separated (default 3,10,50,100).
     #[arg(long, value_delimiter = ',')]
     farm_sizes: Vec<usize>,
+    /// Convergence: chitchat instances in this process over an in-memory transport, in simulated
+    /// time, instead of one `streamfarm serve` process per node (for farms of hundreds to
+    /// thousands of nodes).
+    #[arg(long)]
+    in_process: bool,
+    /// Convergence: the nodes' gossip interval in ms (default: the node's default).
+    #[arg(long)]
+    gossip_interval_ms: Option<u64>,
     /// Seconds per throughput or latency phase (default 4).
     #[arg(long)]
     phase_secs: Option<f64>,
@@ -100,6 +108,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !args.farm_sizes.is_empty() {
         options.farm_sizes = args.farm_sizes.clone();
     }
+    options.in_process = args.in_process;
+    options.gossip_interval_ms = args.gossip_interval_ms;
     if let Some(secs) = args.phase_secs {
         options.phase = std::time::Duration::from_secs_f64(secs.max(0.05));
     }
