@@ -6,6 +6,11 @@
 //! with the generation = start time in milliseconds, so a restarted node is a new generation and
 //! its old state is superseded.
 //!
+//! Gossip uses chitchat's protocol V1, whose digests are zstd-compressed: every Syn and SynAck
+//! carries the sender's whole digest (about 44 bytes per node uncompressed), so uncompressed a
+//! 1000-node farm's datagrams were ~44 KB and the UDP limit came at ~1 500 nodes; compressed they
+//! are ~6 KB (see BENCHMARKS.md, *Large farms*). chitchat answers in the version it was asked in.
+//!
 //! A loop ticking twice per gossip interval
 //! 1. writes this node's changed values into its chitchat state (at most once per tick, so a burst
 //!    of connections costs one key update, not one per connection), and
