@@ -14,7 +14,7 @@
 //! /admin/status DOWN` on node k (then `UP` again), and SIGKILL of node k (failure detection).
 //!
 //! Also: `settle_ms`, from every node ready to every node listing every node UP, and
-//! `udp_rcvbuf_drops_machine`, the datagrams the kernel dropped on full socket receive buffers
+//! `udp_rcvbuf_dropped_msgs`, the datagrams the kernel dropped on full socket receive buffers
 //! during the farm's life (machine-wide: /proc/net/snmp `RcvbufErrors`) — gossip that does not
 //! settle loses its datagrams there.
 
@@ -306,7 +306,7 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
     watchers.abort_all();
     if let (Some(before), Some(after)) = (drops_before, udp_rcvbuf_errors()) {
         row.add(
-            "udp_rcvbuf_drops_machine",
+            "udp_rcvbuf_dropped_msgs",
             after.saturating_sub(before) as f64,
         );
     }
