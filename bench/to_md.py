@@ -29,6 +29,9 @@ def main():
             for fig, f in sorted(row["figures"].items()):
                 print(f"| {row['system']} | {row['setting']} | {fig} | {num(f['median'])} | "
                       f"{num(f['min'])}–{num(f['max'])} ({f['runs']}) |")
+            if row.get("failed"):
+                why = row["failed"].replace("|", "\\|").replace("\n", " ")
+                print(f"| {row['system']} | {row['setting']} | **FAILED** | | {why} |")
         for note in section["notes"]:
             print(f"\n- {note}")
         print()

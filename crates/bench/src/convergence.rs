@@ -12,13 +12,17 @@
 //! so each node pushes its farm list whenever it changes; a change has reached a node when that
 //! node's pushed list shows it. Changes: a new client connection to node k (users + 1), `POST
 //! /admin/status DOWN` on node k (then `UP` again), and SIGKILL of node k (failure detection).
+//!
+//! Also: `settle_ms`, from every node ready to every node listing every node UP, and
+//! `udp_rcvbuf_dropped_msgs`, the datagrams the kernel dropped on full socket receive buffers
+//! during the farm's life (machine-wide: /proc/net/snmp `RcvbufErrors`) — gossip that does not
+//! settle loses its datagrams there.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -125,12 +129,21 @@ async fn watcher(i: usize, addr: SocketAddr, views: Shared) -> anyhow::Result<()
 }
 
 pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
+    if options.in_process {
+        return crate::gossip::run(options).await;
+    }
     crate::proc::raise_nofile();
     let mut section = Section::default();
     for &n in &options.farm_sizes {
-        let row = farm_once(options, n)
-            .await
-            .with_context(|| format!("farm of {n}"))?;
+        // A farm that does not converge is a failed row; the other farm sizes still run.
+        let row = match farm_once(options, n).await {
+            Ok(row) => row,
+            Err(err) => RowBuilder::default().finish(
+                STREAMFARM,
+                format!("N={n}"),
+                Err(err.context(format!("farm of {n}"))),
+            ),
+        };
         section.rows.push(row);
     }
     for row in &section.rows {
@@ -160,12 +173,27 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
     Ok(section)
 }
 
+/// The kernel's count of UDP datagrams dropped because a socket's receive buffer was full
+/// (`RcvbufErrors` of /proc/net/snmp): machine-wide, so other processes' drops count too.
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
+    let drops_before = udp_rcvbuf_errors();
     let mut nodes = Vec::new();
     let ip = |i: usize| IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + i as u8));
     for i in 0..n {
         let mut spec = NodeSpec::new(format!("n{i}"), free_port(ip(i))?);
         spec.extra = vec!["--admin-token".into(), TOKEN.into()];
+        if let Some(ms) = options.gossip_interval_ms {
+            spec.extra
+                .extend(["--gossip-interval-ms".into(), ms.to_string()]);
+        }
         if n > 10 {
             spec.workers = Some(1);
         }
@@ -188,6 +216,7 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
         watchers.spawn(watcher(i, node.listen, views.clone()));
     }
     let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let settling = Instant::now();
     poll(
         "every node lists every node UP",
         Duration::from_secs(30 + n as u64),
@@ -204,6 +233,7 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
     .await?;
 
     let mut row = RowBuilder::default();
+    row.add("settle_ms", settling.elapsed().as_secs_f64() * 1000.0);
     let repeats = options.repeats;
     let mut alive: Vec<bool> = vec![true; n];
     for r in 0..repeats {
@@ -276,6 +306,12 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
         record(&mut row, "detect", &times);
     }
     watchers.abort_all();
+    if let (Some(before), Some(after)) = (drops_before, udp_rcvbuf_errors()) {
+        row.add(
+            "udp_rcvbuf_dropped_msgs",
+            after.saturating_sub(before) as f64,
+        );
+    }
     Ok(row.build(STREAMFARM, format!("N={n}")))
 }
 

@@ -214,15 +214,19 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
         }
         for (system, retry, label) in systems {
             let mut row = RowBuilder::default();
-            for _ in 0..options.repeats {
-                let run = match (system, &options.nats) {
-                    (NATS, Some(nats)) => nats_once(options, &nats.path, case).await,
-                    _ => streamfarm_once(options, retry, case).await,
+            let outcome = async {
+                for _ in 0..options.repeats {
+                    let run = match (system, &options.nats) {
+                        (NATS, Some(nats)) => nats_once(options, &nats.path, case).await,
+                        _ => streamfarm_once(options, retry, case).await,
+                    }
+                    .with_context(|| format!("{system} failover ({label})"))?;
+                    add_figures(&mut row, case, &run);
                 }
-                .with_context(|| format!("{system} failover ({label})"))?;
-                add_figures(&mut row, case, &run);
+                anyhow::Ok(())
             }
-            section.rows.push(row.build(system, &label));
+            .await;
+            section.rows.push(row.finish(system, &label, outcome));
         }
         let immediate = format!("C={c} immediate");
         let labels: &[&String] = if case == Case::NodeKilled {

@@ -259,28 +259,34 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
         for system in systems {
             let mut row = RowBuilder::default();
             let mut closed = 0;
-            for _ in 0..options.repeats {
-                let servers = match (system, &options.nats) {
-                    (NATS, Some(nats)) => nats_servers(&nats.path, shape).await?,
-                    _ => streamfarm_servers(options, shape).await?,
-                };
-                let run = run_once(&servers, system, subscribers, size, options.phase)
-                    .await
-                    .with_context(|| format!("{system} {setting}"))?;
-                row.add("deliveries_per_s", run.deliveries_per_s);
-                row.add("msgs_per_s", run.msgs_per_s);
-                row.add("half_load_p50_ms", run.p50_ms);
-                row.add("half_load_p99_ms", run.p99_ms);
-                row.add("server_cpu_ns_per_delivery", run.server_cpu_ns_per_delivery);
-                row.add("server_cores_at_saturation", run.server_cores);
-                closed += run.closed;
+            // A run that fails (a subscriber timing out at a size the machine cannot hold) marks
+            // this row failed; the runs before it, the other rows and sections are kept.
+            let outcome = async {
+                for _ in 0..options.repeats {
+                    let servers = match (system, &options.nats) {
+                        (NATS, Some(nats)) => nats_servers(&nats.path, shape).await?,
+                        _ => streamfarm_servers(options, shape).await?,
+                    };
+                    let run = run_once(&servers, system, subscribers, size, options.phase)
+                        .await
+                        .with_context(|| format!("{system} {setting}"))?;
+                    row.add("deliveries_per_s", run.deliveries_per_s);
+                    row.add("msgs_per_s", run.msgs_per_s);
+                    row.add("half_load_p50_ms", run.p50_ms);
+                    row.add("half_load_p99_ms", run.p99_ms);
+                    row.add("server_cpu_ns_per_delivery", run.server_cpu_ns_per_delivery);
+                    row.add("server_cores_at_saturation", run.server_cores);
+                    closed += run.closed;
+                }
+                anyhow::Ok(())
             }
+            .await;
             if closed > 0 {
                 section.notes.push(format!(
                     "{system} {setting}: {closed} subscriber connections closed by the server during the runs (slow consumers)"
                 ));
             }
-            section.rows.push(row.build(system, &setting));
+            section.rows.push(row.finish(system, &setting, outcome));
         }
         let get = |sys, fig| section.median(sys, &setting, fig);
         match shape {

@@ -51,31 +51,34 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
         ));
     }
     let setting = format!("C={connections}");
-    let mut sf = RowBuilder::default();
-    for _ in 0..options.repeats {
-        let (rss, base, rate) = streamfarm_once(options, connections).await?;
-        sf.add("rss_per_conn_bytes", rss as f64 / connections as f64);
-        sf.add(
+    let add = |row: &mut RowBuilder, (rss, base, rate): (u64, u64, f64)| {
+        row.add("rss_per_conn_bytes", rss as f64 / connections as f64);
+        row.add(
             "rss_delta_per_conn_bytes",
             rss.saturating_sub(base) as f64 / connections as f64,
         );
-        sf.add("rss_total_mib", rss as f64 / 1048576.0);
-        sf.add("connects_per_s", rate);
+        row.add("rss_total_mib", rss as f64 / 1048576.0);
+        row.add("connects_per_s", rate);
+    };
+    let mut sf = RowBuilder::default();
+    let outcome = async {
+        for _ in 0..options.repeats {
+            add(&mut sf, streamfarm_once(options, connections).await?);
+        }
+        anyhow::Ok(())
     }
-    section.rows.push(sf.build(STREAMFARM, &setting));
+    .await;
+    section.rows.push(sf.finish(STREAMFARM, &setting, outcome));
     if let Some(nats) = &options.nats {
         let mut row = RowBuilder::default();
-        for _ in 0..options.repeats {
-            let (rss, base, rate) = nats_once(&nats.path, connections).await?;
-            row.add("rss_per_conn_bytes", rss as f64 / connections as f64);
-            row.add(
-                "rss_delta_per_conn_bytes",
-                rss.saturating_sub(base) as f64 / connections as f64,
-            );
-            row.add("rss_total_mib", rss as f64 / 1048576.0);
-            row.add("connects_per_s", rate);
+        let outcome = async {
+            for _ in 0..options.repeats {
+                add(&mut row, nats_once(&nats.path, connections).await?);
+            }
+            anyhow::Ok(())
         }
-        section.rows.push(row.build(NATS, &setting));
+        .await;
+        section.rows.push(row.finish(NATS, &setting, outcome));
     }
     let get = |sys, fig| section.median(sys, &setting, fig);
     let per_conn = get(STREAMFARM, "rss_per_conn_bytes");

@@ -20,6 +20,8 @@
 //!   duplicated and out-of-order messages (failover's messages flowing).
 //! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost`, `rebalance`,
 //!   `auth` — one module per benchmark, each `run(&Options) -> Section`.
+//! - `gossip` — convergence `--in-process`: chitchat farms of up to thousands of nodes in this
+//!   process, over an in-memory transport, in simulated time.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +32,7 @@ mod convergence;
 mod failover;
 mod fanout;
 mod flow;
+mod gossip;
 mod idle;
 pub mod nats;
 mod proc;
@@ -114,6 +117,11 @@ pub struct Options {
     pub hang: Duration,
     /// Farm sizes of the convergence benchmark.
     pub farm_sizes: Vec<usize>,
+    /// Convergence of chitchat instances in this process, in simulated time, instead of one
+    /// `streamfarm serve` process per node (see `gossip`).
+    pub in_process: bool,
+    /// The gossip interval of the convergence benchmark's nodes (default: the node's default).
+    pub gossip_interval_ms: Option<u64>,
     /// Samples of the connect-cost benchmark.
     pub connect_samples: usize,
     /// Rebalance: clients of the scale-out case (the rolling restart has 4/3 of it, the
@@ -140,6 +148,8 @@ impl Options {
             publish_rate: 1000.0,
             hang: Duration::from_secs(10),
             farm_sizes: vec![3, 10, 50, 100],
+            in_process: false,
+            gossip_interval_ms: None,
             connect_samples: 200,
             rebalance_clients: 900,
             rebalance_publish_rate: 100.0,
@@ -162,6 +172,8 @@ impl Options {
             publish_rate: 200.0,
             hang: Duration::from_secs(1),
             farm_sizes: vec![3],
+            in_process: false,
+            gossip_interval_ms: None,
             connect_samples: 5,
             rebalance_clients: 30,
             rebalance_publish_rate: 100.0,
@@ -169,9 +181,11 @@ impl Options {
     }
 }
 
-/// Runs `which`, printing each section's table as it completes. A benchmark that fails leaves a
-/// section with a note saying why, and the others still run.
-pub async fn run(which: Which, options: &Options) -> Report {
+/// Runs `which`, printing each section's table as it completes and handing the report so far to
+/// `on_section` after each (the CLI writes its JSON file there, so a run that is cut short keeps
+/// what it measured). A measurement that fails is a row marked `failed` (or, when the benchmark
+/// cannot start at all, a section with a `failed:` note) and the others still run.
+pub async fn run(which: Which, options: &Options, mut on_section: impl FnMut(&Report)) -> Report {
     let mut report = Report {
         machine: Machine::detect(),
         nats_server: options.nats.as_ref().map(|n| n.version.clone()),
@@ -206,6 +220,7 @@ pub async fn run(which: Which, options: &Options) -> Report {
         }
         println!("{}", section.render(name));
         report.sections.insert(name.to_string(), section);
+        on_section(&report);
         if streamfarm_localfarm::partition::was_interrupted() {
             eprintln!("interrupted: the benchmarks after {name} are not run");
             break;

@@ -379,7 +379,10 @@ async fn scale_out(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow:
     if let Some(s) = balance_s {
         row.add("balanced_after_s", s);
     }
-    row.add("balanced_fraction", if balance_s.is_some() { 1.0 } else { 0.0 });
+    row.add(
+        "balanced_fraction",
+        if balance_s.is_some() { 1.0 } else { 0.0 },
+    );
     row.add("moves_msgs", moved);
     row.add("minimal_moves_msgs", minimal);
     row.add("moves_over_minimal", moved / minimal);

@@ -63,6 +63,11 @@ pub struct Row {
     pub setting: String,
     /// Figures by name.
     pub figures: BTreeMap<String, Figure>,
+    /// Why this row's measurement failed, when it did: its figures are then those of the runs
+    /// that finished before the failure (none when the first failed). The other rows and
+    /// sections are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// Collects the per-run values of a row's figures, then turns them into [`Figure`]s.
@@ -87,7 +92,26 @@ impl RowBuilder {
                 .into_iter()
                 .filter_map(|(name, values)| Figure::of(&values).map(|f| (name, f)))
                 .collect(),
+            failed: None,
         }
+    }
+
+    /// The row of a measurement that ended in `outcome`: built from the runs that finished, and
+    /// marked failed (with the error's whole chain) when `outcome` is an error. Printed at once,
+    /// so a failure is seen when it happens.
+    pub(crate) fn finish(
+        self,
+        system: &str,
+        setting: impl Into<String>,
+        outcome: anyhow::Result<()>,
+    ) -> Row {
+        let mut row = self.build(system, setting);
+        if let Err(err) = outcome {
+            let why = format!("{err:#}");
+            eprintln!("failed: {} {}: {why}", row.system, row.setting);
+            row.failed = Some(why);
+        }
+        row
     }
 }
 
@@ -101,6 +125,12 @@ pub struct Section {
 }
 
 impl Section {
+    /// Whether a row or the whole section failed.
+    pub fn has_failure(&self) -> bool {
+        self.rows.iter().any(|r| r.failed.is_some())
+            || self.notes.iter().any(|n| n.starts_with("failed:"))
+    }
+
     /// The median of `figure` in the first row of `system` whose setting is `setting`.
     pub fn median(&self, system: &str, setting: &str, figure: &str) -> Option<f64> {
         self.rows
@@ -129,6 +159,9 @@ impl Section {
                     number(f.median),
                     format!("{}-{} (n={})", number(f.min), number(f.max), f.runs)
                 );
+            }
+            if let Some(why) = &row.failed {
+                let _ = writeln!(out, "{:<12} {:<32} FAILED: {why}", row.system, row.setting);
             }
         }
         for note in &self.notes {
@@ -220,6 +253,26 @@ mod tests {
         assert_eq!(Figure::of(&[1.0, 2.0, 3.0, 10.0]).unwrap().median, 2.5);
         assert!(Figure::of(&[]).is_none());
         assert!(Figure::of(&[1.0, f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn a_failed_row_keeps_the_finished_runs_and_says_why() {
+        let mut row = RowBuilder::default();
+        row.add("rate_per_s", 10.0);
+        let row = row.finish("nats-server", "S=10", Err(anyhow::anyhow!("timed out")));
+        assert_eq!(row.figures["rate_per_s"].runs, 1);
+        assert_eq!(row.failed.as_deref(), Some("timed out"));
+        let section = Section {
+            rows: vec![row],
+            notes: Vec::new(),
+        };
+        assert!(section.has_failure());
+        assert!(section.render("x").contains("FAILED: timed out"));
+        let json = serde_json::to_string(&section).unwrap();
+        let back: Section = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.rows[0].failed.as_deref(), Some("timed out"));
+        let ok = RowBuilder::default().finish("a", "b", Ok(()));
+        assert!(!serde_json::to_string(&ok).unwrap().contains("failed"));
     }
 
     #[test]

@@ -70,3 +70,98 @@ fn bench_all_quick_writes_every_section_with_sane_figures() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A node binary that cannot serve makes every streamfarm measurement fail: each is a row marked
+/// failed, nats-server's rows (when installed) keep their figures, the JSON is written anyway and
+/// the exit status says a phase failed.
+#[test]
+fn a_failed_phase_is_reported_and_the_other_figures_are_kept() {
+    let dir = std::env::temp_dir().join(format!("streamfarm-bench-failed-{}", std::process::id()));
+    let out = dir.join("idle.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_streamfarm"))
+        .args([
+            "bench",
+            "idle",
+            "--quick",
+            "--node-exe",
+            "/bin/false",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run streamfarm bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !output.status.success(),
+        "a failed phase must fail the run:\n{stdout}"
+    );
+    let text = std::fs::read_to_string(&out).expect("results file written despite the failure");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("results are JSON");
+    let rows = report["sections"]["idle"]["rows"]
+        .as_array()
+        .expect("idle rows");
+    let streamfarm = rows
+        .iter()
+        .find(|r| r["system"] == "streamfarm")
+        .expect("the failed row is kept");
+    assert!(
+        streamfarm["failed"].as_str().is_some_and(|w| !w.is_empty()),
+        "{streamfarm}"
+    );
+    assert!(stdout.contains("FAILED"), "{stdout}");
+    if report["nats_server"].is_string() {
+        let nats = rows
+            .iter()
+            .find(|r| r["system"] == "nats-server")
+            .expect("nats-server row");
+        assert!(nats.get("failed").is_none(), "{nats}");
+        assert!(nats["figures"]["rss_per_conn_bytes"]["median"].as_f64() > Some(0.0));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `convergence --in-process`: a farm of chitchat instances in simulated time settles, every
+/// node sees a change, and the traffic per round is measured (no timing assertions).
+#[test]
+fn in_process_convergence_measures_a_farm_without_processes() {
+    let dir = std::env::temp_dir().join(format!("streamfarm-bench-gossip-{}", std::process::id()));
+    let out = dir.join("gossip.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_streamfarm"))
+        .args([
+            "bench",
+            "convergence",
+            "--quick",
+            "--in-process",
+            "--farm-sizes",
+            "2,30",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("run streamfarm bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("results")).expect("JSON");
+    let rows = report["sections"]["convergence"]["rows"]
+        .as_array()
+        .expect("rows");
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for row in rows {
+        assert!(row.get("failed").is_none(), "{row}");
+        for figure in [
+            "change_p99_node_ms",
+            "syn_max_bytes",
+            "bytes_per_node_round",
+        ] {
+            let median = row["figures"][figure]["median"].as_f64();
+            assert!(median.is_some_and(|m| m > 0.0), "{figure} in {row}");
+        }
+        assert_eq!(row["figures"]["datagrams_over_udp_limit"]["median"], 0.0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

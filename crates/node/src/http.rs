@@ -145,18 +145,24 @@ async fn stream(
     };
     let permit = shared.connection_limit.clone().try_acquire_owned();
     let tracker = shared.tracker.clone();
-    upgrade.on_upgrade(move |socket| {
-        tracker.track_future(async move {
-            if let Some(reason) = refusal {
-                metrics::inc(&shared.metrics.connections_refused);
-                return session::refuse(socket, close::RECONNECT_ELSEWHERE, reason).await;
-            }
-            let Ok(_permit) = permit else {
-                metrics::inc(&shared.metrics.connections_refused);
-                return session::refuse(socket, close::SERVER_FULL, "server full").await;
-            };
+    upgrade.on_upgrade(move |socket| async move {
+        if let Some(reason) = refusal {
+            metrics::inc(&shared.metrics.connections_refused);
+            let refused = session::refuse(socket, close::RECONNECT_ELSEWHERE, reason);
+            return tracker.track_future(refused).await;
+        }
+        let Ok(permit) = permit else {
+            metrics::inc(&shared.metrics.connections_refused);
+            let refused = session::refuse(socket, close::SERVER_FULL, "server full");
+            return tracker.track_future(refused).await;
+        };
+        // The session gets a task of its own, and axum's upgrade task ends here: run inside it,
+        // the session would also keep the upgrade's state (its config, the finished upgrade
+        // future, this closure) for the connection's whole life, on every idle connection.
+        tracker.spawn(async move {
+            let _permit = permit;
             session::serve(socket, shared, token).await
-        })
+        });
     })
 }
 

@@ -96,6 +96,8 @@ mod web;
 
 pub use auth::{AuthKey, Grant, Pattern};
 pub use config::{ConfigError, NodeConfig};
+/// What a node gossips and with which chitchat settings (for in-memory farms in benchmarks).
+pub use membership::{USERS_KEY, chitchat_config, gossip_key_values};
 pub use metrics::Metrics;
 
 use crate::broker::Broker;

@@ -6,6 +6,11 @@
 //! with the generation = start time in milliseconds, so a restarted node is a new generation and
 //! its old state is superseded.
 //!
+//! Gossip uses chitchat's protocol V1, whose digests are zstd-compressed: every Syn and SynAck
+//! carries the sender's whole digest (about 44 bytes per node uncompressed), so uncompressed a
+//! 1000-node farm's datagrams were ~44 KB and the UDP limit came at ~1 500 nodes; compressed they
+//! are ~6 KB (see BENCHMARKS.md, *Large farms*). chitchat answers in the version it was asked in.
+//!
 //! A loop ticking twice per gossip interval
 //! 1. writes this node's changed values into its chitchat state (at most once per tick, so a burst
 //!    of connections costs one key update, not one per connection), and
@@ -119,13 +124,33 @@ async fn start_gossip(
     mine: &[(&'static str, String)],
 ) -> Result<Gossip, String> {
     let (config, me, gossip_addr) = (&setup.config, &setup.me, setup.addr);
+    let chitchat_config = chitchat_config(config, &me.name, generation, gossip_addr);
+    let mut initial = fixed_key_values(me);
+    initial.extend(mine.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let handle = chitchat::spawn_chitchat(chitchat_config, initial, &*setup.transport)
+        .await
+        .map_err(|err| format!("{err:#}"))?;
+    let ended = handle.termination_watcher();
+    let ended = Box::pin(async move { ended.await.map_err(|err| format!("{err:#}")) });
+    Ok(Gossip { handle, ended })
+}
+
+/// The chitchat settings of a node named `name` gossiping on `gossip_addr` as generation
+/// `generation`: what every node runs, and what `streamfarm bench convergence --in-process`
+/// runs its in-memory farms with.
+pub fn chitchat_config(
+    config: &NodeConfig,
+    name: &str,
+    generation: u64,
+    gossip_addr: SocketAddr,
+) -> ChitchatConfig {
     let gossip_interval = config.gossip_interval();
     // Chitchat's phi is "time since last heartbeat / mean interval"; heartbeats arrive about once
     // per gossip interval, so this threshold puts its verdict near our own timeout.
     let phi_threshold =
         (config.failure_timeout_ms as f64 / config.gossip_interval_ms as f64).max(3.0);
-    let chitchat_config = ChitchatConfig {
-        chitchat_id: ChitchatId::new(me.name.clone(), generation, gossip_addr),
+    ChitchatConfig {
+        chitchat_id: ChitchatId::new(name.to_string(), generation, gossip_addr),
         cluster_id: config.cluster.clone(),
         gossip_interval,
         listen_addr: gossip_addr,
@@ -140,22 +165,47 @@ async fn start_gossip(
         marked_for_deletion_grace_period: DEAD_NODE_GRACE,
         catchup_callback: None,
         extra_liveness_predicate: None,
-        protocol_version: chitchat::ProtocolVersion::V0,
-    };
-    let mut initial = vec![
+        protocol_version: chitchat::ProtocolVersion::V1,
+    }
+}
+
+/// The keys of this node that do not change while it runs.
+fn fixed_key_values(me: &SelfInfo) -> Vec<(String, String)> {
+    vec![
         (key::URL.to_string(), me.url.clone()),
         (key::PRIORITY.to_string(), me.priority.clone()),
         (key::CAPACITY.to_string(), me.capacity.to_string()),
         (key::RELAY.to_string(), me.relay_url.clone()),
-    ];
-    initial.extend(mine.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let handle = chitchat::spawn_chitchat(chitchat_config, initial, &*setup.transport)
-        .await
-        .map_err(|err| format!("{err:#}"))?;
-    let ended = handle.termination_watcher();
-    let ended = Box::pin(async move { ended.await.map_err(|err| format!("{err:#}")) });
-    Ok(Gossip { handle, ended })
+    ]
 }
+
+/// The key-value state a node named `name`, streaming at `url` and relaying at `relay_url`,
+/// advertises when it starts with `users` users: the same keys and value shapes as a running
+/// node, for the in-memory farms of `streamfarm bench convergence --in-process`.
+pub fn gossip_key_values(
+    name: &str,
+    url: &str,
+    relay_url: &str,
+    users: u64,
+) -> Vec<(String, String)> {
+    let me = SelfInfo {
+        name: name.to_string(),
+        url: url.to_string(),
+        relay_url: relay_url.to_string(),
+        priority: "A".to_string(),
+        capacity: 10_000,
+    };
+    let mut values = fixed_key_values(&me);
+    values.extend(
+        mine(Status::Up, users, 0.0)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    values
+}
+
+/// The gossip key holding a node's number of connected users.
+pub const USERS_KEY: &str = key::USERS;
 
 /// A generation number for a chitchat start now: milliseconds since the epoch, above `after`.
 fn next_generation(after: u64) -> u64 {

@@ -426,6 +426,9 @@ impl Reader {
                 return true;
             }
         };
+        // `subscribe` and `publish` wait on the broker, and their futures are large (about 1 and 2
+        // KB): awaited inline, they would make every session's task that much larger for its
+        // whole life, idle or not. Boxed, they cost a small allocation only while one runs.
         match frame {
             ClientFrame::Hello {
                 features,
@@ -434,7 +437,9 @@ impl Reader {
                 let migrates = features.iter().any(|f| f == feature::MIGRATE);
                 self.shared.hub.hello(self.id, migrates, migrating);
             }
-            ClientFrame::Sub { topics, positions } => self.subscribe(topics, positions).await,
+            ClientFrame::Sub { topics, positions } => {
+                Box::pin(self.subscribe(topics, positions)).await
+            }
             ClientFrame::Unsub { topics } => {
                 self.shared
                     .broker
@@ -448,7 +453,7 @@ impl Reader {
                 topic,
                 data,
                 encoding,
-            } => self.publish(topic, data, encoding).await,
+            } => Box::pin(self.publish(topic, data, encoding)).await,
             ClientFrame::List { watch, users } => {
                 self.watching_farm = watch;
                 self.watching_users = watch && users;
