@@ -352,7 +352,10 @@ async fn scale_out(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow:
     let publisher = Publisher::start(target, options.rebalance_publish_rate)?;
     let from_seq = publisher.next_seq();
     tokio::time::sleep(cooldown(options)).await;
-    let before = users(&nodes.iter().collect::<Vec<_>>()).await;
+    let three: Vec<&NodeProc> = nodes.iter().collect();
+    let before = users(&three).await;
+    // Moves the three made among themselves while the clients arrived are not the scale-out's.
+    let moved_before = moves(&three).await;
     println!("rebalance scale-out: before {before:?}");
 
     let spec = node_spec("n4", addrs[3], "A", options).join(addrs[0]);
@@ -364,7 +367,7 @@ async fn scale_out(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow:
     let minimal = plan["minimal_moves"].as_f64().unwrap_or(f64::NAN);
     let all: Vec<&NodeProc> = nodes.iter().collect();
     let balance_s = until_balanced(&all, joined).await;
-    let moved = moves(&all).await;
+    let moved = moves(&all).await - moved_before;
     let settle = if options.quick {
         Duration::from_secs(5)
     } else {

@@ -168,11 +168,54 @@ pub struct OwnMoves {
     pub receivers: Vec<(String, u64)>,
 }
 
+/// The users to place, for [`own_moves`]: the largest total a node's lists showed over the last
+/// `window` seconds. Moves conserve the total, but a list's rows change at different times: the
+/// sender's count falls in a list before the receiver's rises, and a total read then is short by
+/// the clients in flight — targets drop, and every sender sends a little more than its share, to
+/// be sent back later. The largest recent total errs the other way (a sender stops a little early,
+/// which the tolerance absorbs); clients that really leave lower it within the window.
+#[derive(Debug, Clone)]
+pub struct PlacedWindow {
+    window: f64,
+    samples: std::collections::VecDeque<(f64, u64)>,
+}
+
+impl PlacedWindow {
+    /// A window of `window` seconds.
+    pub fn new(window: f64) -> Self {
+        PlacedWindow {
+            window,
+            samples: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Records the total of `list` at `now` (seconds, any origin) and returns the largest total
+    /// within the window.
+    pub fn record(&mut self, now: f64, list: &FarmList) -> u64 {
+        let total: u64 = list
+            .servers
+            .iter()
+            .filter(|s| s.status != Status::Down)
+            .map(|s| s.users)
+            .sum();
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| *t < now - self.window)
+        {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((now, total));
+        self.samples.iter().map(|(_, n)| *n).max().unwrap_or(total)
+    }
+}
+
 /// One server's row of the plan, from its own side: targets come from `list` — a consistent
 /// snapshot, the server's own row as listed, so that every node computes the same targets —
 /// while what it sends is counted on `holding`, the clients it holds right now less those
 /// already told to move, so that it never sends more than it has above its share, however old
-/// the list. `sending`: it started sending, and goes on to its target without the tolerance —
+/// the list. `placed_floor`: place at least this many users ([`PlacedWindow`]).
+/// `sending`: it started sending, and goes on to its target without the tolerance —
 /// the tolerance decides when a server starts; once started it finishes, or every server would
 /// stop at its target plus the tolerance.
 pub fn own_moves(
@@ -181,8 +224,9 @@ pub fn own_moves(
     holding: u64,
     tolerance: Tolerance,
     sending: bool,
+    placed_floor: u64,
 ) -> OwnMoves {
-    let plan = plan(list, tolerance);
+    let plan = plan_placing(list, tolerance, placed_floor);
     let Some(share) = plan.share(me) else {
         return OwnMoves {
             target: 0,
@@ -228,8 +272,13 @@ pub fn minimal_moves(plan: &Plan) -> u64 {
 
 /// The plan for `list` (see the module documentation).
 pub fn plan(list: &FarmList, tolerance: Tolerance) -> Plan {
+    plan_placing(list, tolerance, 0)
+}
+
+/// [`plan`], placing at least `placed_floor` users (see [`PlacedWindow`]).
+fn plan_placing(list: &FarmList, tolerance: Tolerance, placed_floor: u64) -> Plan {
     let servers = &list.servers;
-    let targets = targets(list);
+    let targets = targets(list, placed_floor);
     let mut shares: Vec<Share> = servers
         .iter()
         .zip(targets)
@@ -329,14 +378,15 @@ pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
     parts
 }
 
-/// Each server's target and role, in list order.
-fn targets(list: &FarmList) -> Vec<(u64, Role)> {
+/// Each server's target and role, in list order, placing at least `placed_floor` users.
+fn targets(list: &FarmList, placed_floor: u64) -> Vec<(u64, Role)> {
     let servers = &list.servers;
-    let placed: u64 = servers
+    let listed: u64 = servers
         .iter()
         .filter(|s| s.status != Status::Down)
         .map(|s| s.users)
         .sum();
+    let placed = listed.max(placed_floor);
     let mut result: Vec<(u64, Role)> = servers
         .iter()
         .map(|s| match s.status {
@@ -523,15 +573,42 @@ mod tests {
         ]);
         let a = "ws://a/stream";
         // The list is old: a has already sent 50 of its 75.
-        let own = own_moves(&list, a, 250, Tolerance::default(), false);
+        let own = own_moves(&list, a, 250, Tolerance::default(), false, 0);
         assert_eq!((own.target, own.sends, own.count), (225, true, 25));
         assert_eq!(own.receivers, [("ws://d/stream".to_string(), 225)]);
         // Within the tolerance it does not start, but once started it goes on to its target.
-        let near = own_moves(&list, a, 230, Tolerance::default(), false);
+        let near = own_moves(&list, a, 230, Tolerance::default(), false, 0);
         assert!(!near.sends);
-        let on = own_moves(&list, a, 230, Tolerance::default(), true);
+        let on = own_moves(&list, a, 230, Tolerance::default(), true, 0);
         assert_eq!((on.sends, on.count), (true, 5));
-        assert!(!own_moves(&list, a, 225, Tolerance::default(), true).sends);
+        assert!(!own_moves(&list, a, 225, Tolerance::default(), true, 0).sends);
+    }
+
+    #[test]
+    fn a_list_caught_mid_move_does_not_lower_the_targets() {
+        // a has sent 40 to d; the list shows a's new count but not yet d's.
+        let before = FarmList::new(vec![
+            entry("a", Status::Up, 300, "A"),
+            entry("b", Status::Up, 300, "A"),
+            entry("c", Status::Up, 300, "A"),
+            entry("d", Status::Up, 0, "A"),
+        ]);
+        let mut mid = before.clone();
+        mid.servers[0].users = 260;
+        let b = "ws://b/stream";
+        let mut window = PlacedWindow::new(3.0);
+        window.record(0.0, &before);
+        let floor = window.record(1.0, &mid);
+        assert_eq!(floor, 900);
+        let own = own_moves(&mid, b, 300, Tolerance::default(), false, floor);
+        assert_eq!((own.target, own.count), (225, 75));
+        // Without the window, b would take 215 as its share and send 10 too many.
+        assert_eq!(
+            own_moves(&mid, b, 300, Tolerance::default(), false, 0).count,
+            85
+        );
+        // Clients that really left lower the floor once the window has passed.
+        assert_eq!(window.record(5.0, &mid), 860);
     }
 
     #[test]

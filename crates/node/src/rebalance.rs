@@ -41,6 +41,9 @@ use crate::metrics;
 
 /// How often the rebalancer looks at the plan (jittered by ±20 %).
 const TICK: Duration = Duration::from_millis(250);
+/// How far back the rebalancer looks for the farm's total users (`balance::PlacedWindow`): a
+/// few gossip rounds, for every row of a list to show the moves in flight.
+const PLACED_WINDOW: Duration = Duration::from_secs(3);
 
 /// Why a client is told to move, as the `migrate` frame's `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,14 +104,16 @@ impl Shared {
         self.hub.users().saturating_sub(self.hub.moving() as u64)
     }
 
-    /// This node's row of the plan now (`sending`: it started, and goes on to its target).
-    fn own_moves(&self, sending: bool) -> balance::OwnMoves {
+    /// This node's row of the plan on `list` (`sending`: it started, and goes on to its target;
+    /// `floor`: users to place at least, see `balance::PlacedWindow`).
+    fn own_moves(&self, list: &FarmList, sending: bool, floor: u64) -> balance::OwnMoves {
         balance::own_moves(
-            &self.balance_view(),
+            list,
             &self.url,
             self.holding(),
             self.tolerance(),
             sending,
+            floor,
         )
     }
 }
@@ -158,6 +163,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut last = Instant::now();
     // Started sending: goes on to its target, without the tolerance.
     let mut sending = false;
+    let mut placed = balance::PlacedWindow::new(PLACED_WINDOW.as_secs_f64());
+    let started = Instant::now();
     loop {
         let jitter = rand::rng().random_range(0.8..1.2);
         tokio::select! {
@@ -171,7 +178,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 "did not move in time: reconnect elsewhere",
             );
         }
-        let own = shared.own_moves(sending);
+        let list = shared.balance_view();
+        let floor = placed.record(started.elapsed().as_secs_f64(), &list);
+        let own = shared.own_moves(&list, sending, floor);
         shared
             .metrics
             .rebalance_target
@@ -225,7 +234,7 @@ pub(crate) async fn move_all(
 ) {
     let start = Instant::now();
     let n = shared.hub.users() as usize;
-    let own = shared.own_moves(true);
+    let own = shared.own_moves(&shared.balance_view(), true, 0);
     let (targets, offsets) = {
         let mut rng = rand::rng();
         (
@@ -352,7 +361,7 @@ mod tests {
             ServerEntry::new(name, format!("ws://{name}"), Status::Up, users, "A")
         };
         let list = FarmList::new(vec![entry("a", 90), entry("b", 0), entry("c", 30)]);
-        let own = balance::own_moves(&list, "ws://a", 90, Tolerance::default(), false);
+        let own = balance::own_moves(&list, "ws://a", 90, Tolerance::default(), false, 0);
         assert_eq!(own.count, 50);
         let mut rng = StdRng::seed_from_u64(1);
         let picked = destinations(&own.receivers, 50, &mut rng);

@@ -168,6 +168,7 @@ struct Engine<'a> {
     budget_at: Vec<f64>,
     epoch: Vec<u64>,
     sending: Vec<bool>,
+    placed: Vec<balance::PlacedWindow>,
     arrivals_left: Option<u64>,
     sample_every: f64,
     samples: Vec<Sample>,
@@ -236,6 +237,7 @@ impl<'a> Engine<'a> {
             budget_at: vec![0.0; n],
             epoch: vec![0; n],
             sending: vec![false; n],
+            placed: vec![balance::PlacedWindow::new(3.0); n],
             arrivals_left: scenario.arrivals,
             sample_every,
             samples: Vec::new(),
@@ -548,7 +550,15 @@ impl<'a> Engine<'a> {
             ..Tolerance::default()
         };
         let holding = self.users[i] - self.moving[i];
-        let own = balance::own_moves(&self.list, &url(i), holding, tolerance, self.sending[i]);
+        let floor = self.placed[i].record(self.now, &self.list);
+        let own = balance::own_moves(
+            &self.list,
+            &url(i),
+            holding,
+            tolerance,
+            self.sending[i],
+            floor,
+        );
         self.sending[i] = own.sends;
         let receiving = own.target > 0 && self.now - self.last_received[i] < r.cooldown;
         if !own.sends || receiving {
