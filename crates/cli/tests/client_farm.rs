@@ -238,18 +238,19 @@ async fn draining_node_empties_over_its_drain_period_without_failures() {
         took >= Duration::from_millis(500),
         "paced, not all at once: {took:?}"
     );
-    // `FailedOver` follows `Connected` in each client's stream: let the last ones land.
-    let moved = || async {
-        let seen = crowd.snapshot();
-        seen.iter()
-            .flat_map(|s| &s.failovers)
-            .filter(|(from, to, _)| *from == victim && *to != victim)
-            .count()
-            == held
-    };
+    // The clients announce `migrate`: each drained client moved once, make-before-break, with
+    // no disconnection and no failover.
+    let seen = crowd.snapshot();
+    let moved = seen
+        .iter()
+        .flat_map(|s| &s.migrations)
+        .filter(|(from, to, why)| *from == victim && *to != victim && why == "drain")
+        .count();
+    assert_eq!(moved, held, "every drained client moved once");
     assert!(
-        eventually(Duration::from_secs(2), moved).await,
-        "every drained client moved once"
+        seen.iter()
+            .all(|s| s.losses.is_empty() && s.failovers.is_empty()),
+        "a drain is no disconnection"
     );
     let retries: u32 = crowd.snapshot().iter().map(|s| s.retries).sum();
     assert_eq!(retries, 0, "no client failed a round");

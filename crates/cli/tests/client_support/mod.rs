@@ -206,6 +206,8 @@ pub(crate) struct Seen {
     pub(crate) server: Option<String>,
     pub(crate) messages: Vec<String>,
     pub(crate) failovers: Vec<(String, String, Duration)>,
+    /// Moves at a node's request (make-before-break): from, to, reason.
+    pub(crate) migrations: Vec<(String, String, String)>,
     pub(crate) retries: u32,
     /// `Recovered` events (one per topic per resubscription).
     pub(crate) recovered: u32,
@@ -269,6 +271,12 @@ impl Crowd {
                         }
                         Event::FailedOver { from, to, took } => {
                             seen.failovers.push((from, to, took))
+                        }
+                        Event::Migrated {
+                            from, to, reason, ..
+                        } => {
+                            seen.server = Some(to.clone());
+                            seen.migrations.push((from, to, reason));
                         }
                         Event::Message { payload, .. } => seen
                             .messages
