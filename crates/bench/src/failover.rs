@@ -49,7 +49,7 @@
 //! connection was kept (`client_*` figures, from the failure until each client is back; and
 //! `first_contact_dials_per_client` before it).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,7 +61,9 @@ use streamfarm_core::protocol::close;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::flow::{Ledger, Publisher, Receipts, Tally, Target, now_ms, now_us, tally};
+use crate::flow::{
+    Ledger, Publisher, Receipts, Tally, Target, client_source, loopback, now_ms, now_us, tally,
+};
 use crate::nats::NatsProc;
 use crate::proc::{Guard, NodeProc, NodeSpec, Signal, free_port, http, poll};
 use crate::report::{RowBuilder, Section, quantile};
@@ -92,14 +94,6 @@ const TOPIC: &str = "fo";
 /// 127.0.0.1: that is every process's default source address, which a partition must cut.
 const CLIENTS_SERVER: u8 = 3;
 const OTHER_SERVERS: [u8; 2] = [1, 2];
-
-fn ip(last: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-fn source(i: usize) -> IpAddr {
-    ip(20 + (i % 8) as u8)
-}
 
 /// The failures measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -720,10 +714,10 @@ where
 
 async fn streamfarm_once(options: &Options, retry: RetryMode, case: Case) -> anyhow::Result<Run> {
     let c = options.failover_clients;
-    let clients_addr = free_port(ip(CLIENTS_SERVER))?;
+    let clients_addr = free_port(loopback(CLIENTS_SERVER))?;
     let others = [
-        free_port(ip(OTHER_SERVERS[0]))?,
-        free_port(ip(OTHER_SERVERS[1]))?,
+        free_port(loopback(OTHER_SERVERS[0]))?,
+        free_port(loopback(OTHER_SERVERS[1]))?,
     ];
     let mut spec = NodeSpec::new("v", clients_addr);
     if case == Case::NodePartitioned {
@@ -749,7 +743,7 @@ async fn streamfarm_once(options: &Options, retry: RetryMode, case: Case) -> any
     for (i, log) in logs.iter().enumerate() {
         let client_options = ClientOptions::new()
             .subscribe([TOPIC])
-            .source_address(source(i))
+            .source_address(client_source(i))
             .retry(retry)
             .seed(i as u64 + 1);
         let mut client = streamfarm_client::Client::start(service.clone(), client_options);
@@ -934,9 +928,9 @@ async fn streamfarm_once(options: &Options, retry: RetryMode, case: Case) -> any
 async fn nats_once(options: &Options, bin: &std::path::Path, case: Case) -> anyhow::Result<Run> {
     let c = options.failover_clients;
     let ips = [
-        ip(CLIENTS_SERVER),
-        ip(OTHER_SERVERS[0]),
-        ip(OTHER_SERVERS[1]),
+        loopback(CLIENTS_SERVER),
+        loopback(OTHER_SERVERS[0]),
+        loopback(OTHER_SERVERS[1]),
     ];
     let gid = (case == Case::NodePartitioned).then_some(ISOLATED_GID);
     let mut servers = NatsProc::cluster_with_gid(bin, &ips, gid).await?;
@@ -956,7 +950,7 @@ async fn nats_once(options: &Options, bin: &std::path::Path, case: Case) -> anyh
             connected_tx.clone(),
         );
         clients.spawn(async move {
-            let mut nats = Nats::connect(victim_addr, Some(source(i))).await?;
+            let mut nats = Nats::connect(victim_addr, Some(client_source(i))).await?;
             nats.subscribe(TOPIC, 1).await?;
             connected.send(()).await?;
             drop(connected);
@@ -985,7 +979,7 @@ async fn nats_once(options: &Options, bin: &std::path::Path, case: Case) -> anyh
                 let mut fresh = None;
                 'rounds: while Instant::now() < deadline {
                     for addr in &pool {
-                        if let Ok(mut conn) = Nats::connect(*addr, Some(source(i))).await
+                        if let Ok(mut conn) = Nats::connect(*addr, Some(client_source(i))).await
                             && conn.subscribe(TOPIC, 1).await.is_ok()
                         {
                             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());

@@ -59,6 +59,17 @@ const PAYLOAD_BYTES: usize = 32;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Sequence numbers above this are not ours (a payload that is not the publisher's).
 const MAX_SEQ: u64 = 1 << 26;
+/// `127.0.0.last`.
+pub(crate) fn loopback(last: u8) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// The source address of the `i`-th library client: 127.0.0.20–27 in turn, so that the clients'
+/// connections spread over eight addresses' ports and never share a node's address.
+pub(crate) fn client_source(i: usize) -> IpAddr {
+    loopback(20 + (i % 8) as u8)
+}
+
 /// The publisher's source address: neither a node's (127.0.0.1–3) nor a client's (127.0.0.20–27),
 /// so a partition's rules never touch it.
 pub(crate) const PUBLISHER_SOURCE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 30));

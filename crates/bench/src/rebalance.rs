@@ -16,7 +16,7 @@
 //! No peer row: nats-server moves no connections by itself (only by hand, `$SYS` kick); the
 //! figures stand against the targets of `DESIGN.md`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use streamfarm_client::{ClientOptions, Event, ServiceAddress};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::flow::{Ledger, Publisher, Receipts, Target, now_ms, tally};
+use crate::flow::{Ledger, Publisher, Receipts, Target, client_source, loopback, now_ms, tally};
 use crate::proc::{NodeProc, NodeSpec, Signal, free_port, http, poll};
 use crate::report::{RowBuilder, Section, quantile};
 use crate::{Options, STREAMFARM};
@@ -35,14 +35,6 @@ const TOPIC: &str = "rb";
 const BALANCED: f64 = 0.05;
 /// How long a case may take to balance before it is reported as not balanced.
 const BALANCE_WITHIN: Duration = Duration::from_secs(60);
-
-fn ip(last: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
-}
-
-fn source(i: usize) -> IpAddr {
-    ip(20 + (i % 8) as u8)
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Case {
@@ -82,7 +74,7 @@ impl Clients {
         for (i, log) in logs.iter().enumerate() {
             let options = ClientOptions::new()
                 .subscribe([TOPIC])
-                .source_address(source(i))
+                .source_address(client_source(i))
                 .seed(i as u64 + 7);
             let mut client = streamfarm_client::Client::start(service.clone(), options);
             let (log, connected) = (log.clone(), connected_tx.clone());
@@ -333,7 +325,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
 
 async fn scale_out(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow::Result<()> {
     let addrs: Vec<SocketAddr> = (1..=4)
-        .map(|i| free_port(ip(i)))
+        .map(|i| free_port(loopback(i)))
         .collect::<anyhow::Result<_>>()?;
     let mut nodes = Vec::new();
     for (i, addr) in addrs.iter().take(3).enumerate() {
@@ -399,7 +391,7 @@ async fn scale_out(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow:
 
 async fn rolling_restart(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow::Result<()> {
     let addrs: Vec<SocketAddr> = (1..=4)
-        .map(|i| free_port(ip(i)))
+        .map(|i| free_port(loopback(i)))
         .collect::<anyhow::Result<_>>()?;
     let mut nodes = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
@@ -462,8 +454,8 @@ async fn rolling_restart(options: &Options, c: usize, row: &mut RowBuilder) -> a
 }
 
 async fn failback(options: &Options, c: usize, row: &mut RowBuilder) -> anyhow::Result<()> {
-    let a_addr = free_port(ip(1))?;
-    let b_addr = free_port(ip(2))?;
+    let a_addr = free_port(loopback(1))?;
+    let b_addr = free_port(loopback(2))?;
     let mut a = NodeProc::start(&options.exe, &node_spec("a1", a_addr, "A", options)).await?;
     let b = NodeProc::start(
         &options.exe,
