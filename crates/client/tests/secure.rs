@@ -40,8 +40,14 @@ impl TestCa {
 
     /// A server certificate (PEM) and its key (PEM), with `name` as its common name.
     fn issue(&self, name: &str) -> (String, String) {
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        self.issue_naming(name, &[])
+    }
+
+    /// Same, also valid for the DNS names `also` (a node's name, for relay links).
+    fn issue_naming(&self, name: &str, also: &[&str]) -> (String, String) {
+        let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        names.extend(also.iter().map(|n| n.to_string()));
+        let mut params = CertificateParams::new(names).unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
@@ -95,6 +101,16 @@ async fn tls_node_joining(
     key: &Path,
     join: Option<SocketAddr>,
 ) -> NodeHandle {
+    tls_node_with(name, cert, key, join, |_| {}).await
+}
+
+async fn tls_node_with(
+    name: &str,
+    cert: &Path,
+    key: &Path,
+    join: Option<SocketAddr>,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> NodeHandle {
     let mut config = NodeConfig::new(name);
     config.join = join.map(|addr| addr.to_string()).into_iter().collect();
     config.gossip_interval_ms = 50;
@@ -112,6 +128,7 @@ async fn tls_node_joining(
         public_key_file: None,
     }];
     config.auth_leeway_s = 0;
+    tweak(&mut config);
     NodeHandle::start(config).await.expect("node starts")
 }
 
@@ -153,6 +170,56 @@ async fn served_certificate(addr: SocketAddr, ca: &Path) -> Result<Vec<u8>, Stri
         .map_err(|e| e.to_string())?;
     let (_, session) = tls.get_ref();
     Ok(session.peer_certificates().unwrap()[0].to_vec())
+}
+
+/// The HTTP status a relay upgrade to `addr` as node `as_name` is answered with, over TLS with
+/// the client certificate `client` (PEM chain and key) if any.
+async fn relay_upgrade_status(
+    addr: SocketAddr,
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+    as_name: &str,
+) -> u16 {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pem_certs(ca) {
+        roots.add(cert).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                rustls_pem_certs(cert),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /internal/relay?node={as_name} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(STEP, tls.read_exact(&mut head))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    // "HTTP/1.1 403"
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
 }
 
 fn rustls_pem_certs(path: &Path) -> Vec<rustls_pki_types::CertificateDer<'static>> {
@@ -297,7 +364,7 @@ async fn a_certificate_swapped_on_disk_is_served_without_restart_and_a_bad_one_i
         der_of(&second)
     );
 
-    // The relay path of peers stays plain HTTP on the same port; clients are told to use TLS.
+    // Plain HTTP on the TLS port is told to use TLS (relay links included).
     let plain = reqwest::get(format!("http://{addr}/farm")).await.unwrap();
     assert_eq!(plain.status(), reqwest::StatusCode::BAD_REQUEST);
     assert!(plain.text().await.unwrap().contains("TLS"));
@@ -306,8 +373,28 @@ async fn a_certificate_swapped_on_disk_is_served_without_restart_and_a_bad_one_i
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Publishes `payload` on `from` until `client` (subscribed to `topic`) receives it, within
+/// [`STEP`]; earlier messages are skipped.
+async fn crosses(from: &NodeHandle, client: &mut Client, topic: &str, payload: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while tokio::time::Instant::now() < deadline {
+        let _ = from.publish(topic, payload).await;
+        let wait = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(event)) = tokio::time::timeout_at(wait, client.next_event()).await {
+            if matches!(event, Event::Message { payload: got, .. } if got == payload.as_bytes()) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn relay_auth_failures(node: &NodeHandle) -> u64 {
+    node.metrics().relay_auth_failures.load(Ordering::Relaxed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_cross_a_farm_of_tls_nodes_over_their_plain_relay_links() {
+async fn messages_cross_a_farm_of_tls_nodes_over_tls_relay_links() {
     let dir = temp_dir("farm");
     let ca = TestCa::new();
     let (cert, key) = ca.issue("farm");
@@ -319,8 +406,12 @@ async fn messages_cross_a_farm_of_tls_nodes_over_their_plain_relay_links() {
     std::fs::write(&cert_path, &cert).unwrap();
     std::fs::write(&key_path, &key).unwrap();
     std::fs::write(&ca_path, &ca.pem).unwrap();
-    let a = tls_node_joining("a", &cert_path, &key_path, None).await;
-    let b = tls_node_joining("b", &cert_path, &key_path, Some(a.gossip_addr())).await;
+    // No relay CA: the farm secret authenticates the links, bound to their TLS sessions.
+    let secret = |config: &mut NodeConfig| {
+        config.farm_secret = Some("relay-tls-farm-secret-0123456789".to_string().into());
+    };
+    let a = tls_node_with("a", &cert_path, &key_path, None, secret).await;
+    let b = tls_node_with("b", &cert_path, &key_path, Some(a.gossip_addr()), secret).await;
     let options = ClientOptions::new()
         .ca_file(&ca_path)
         .unwrap()
@@ -332,26 +423,92 @@ async fn messages_cross_a_farm_of_tls_nodes_over_their_plain_relay_links() {
         .wait_connected(STEP)
         .await
         .expect("connected over wss");
-    // Published on a, delivered by whichever node the client chose: publish until one lands.
-    let deadline = tokio::time::Instant::now() + STEP;
-    let received = loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing crossed the farm"
-        );
-        let _ = a.publish("a.farm", "across").await;
-        let event = tokio::time::timeout(Duration::from_millis(300), client.next_event()).await;
-        if let Ok(Some(Event::Message { payload, .. })) = event {
-            break payload;
-        }
-    };
-    assert_eq!(received, b"across".to_vec());
+    // Published on a, delivered by whichever node the client chose.
+    assert!(crosses(&a, &mut client, "a.farm", "across").await);
     let farm = b.farm().borrow().clone();
     assert!(
         farm.servers.iter().all(|s| s.url.starts_with("wss://")),
         "{farm:?}"
     );
+    assert_eq!(relay_auth_failures(&a) + relay_auth_failures(&b), 0);
+    // The relay endpoint is not served in plain text: a relay link is TLS or nothing.
+    let plain = reqwest::get(format!("http://{}/internal/relay?node=b", a.listen_addr()))
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), reqwest::StatusCode::BAD_REQUEST);
     client.close().await;
+    b.shutdown().await;
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mutual_tls_only_a_node_whose_certificate_names_it_links() {
+    let dir = temp_dir("mtls");
+    let ca = TestCa::new();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    // Every node's certificate names the node; "c" holds one of the farm's CA naming "x".
+    let mut paths = Vec::new();
+    for (node, named) in [("a", "a"), ("b", "b"), ("c", "x")] {
+        let (cert, key) = ca.issue_naming(node, &[named]);
+        let (cert_path, key_path) = (
+            dir.join(format!("{node}.pem")),
+            dir.join(format!("{node}.key")),
+        );
+        std::fs::write(&cert_path, &cert).unwrap();
+        std::fs::write(&key_path, &key).unwrap();
+        paths.push((cert_path, key_path));
+    }
+    let mtls = |config: &mut NodeConfig| {
+        config.farm_secret = Some("relay-mtls-farm-secret-0123456789".to_string().into());
+        config.relay_ca_file = Some(ca_path.clone());
+        config.relay_mtls = true;
+    };
+    let a = tls_node_with("a", &paths[0].0, &paths[0].1, None, mtls).await;
+    let b = tls_node_with("b", &paths[1].0, &paths[1].1, Some(a.gossip_addr()), mtls).await;
+    let options = ClientOptions::new()
+        .ca_file(&ca_path)
+        .unwrap()
+        .token(token(60))
+        .subscribe(["a.mtls"]);
+    // Clients need no certificate of their own.
+    let address = format!("wss://{}", b.listen_addr()).parse().unwrap();
+    let mut client = Client::start(address, options);
+    client
+        .wait_connected(STEP)
+        .await
+        .expect("connected over wss");
+    assert!(crosses(&a, &mut client, "a.mtls", "first").await);
+    assert_eq!(relay_auth_failures(&a) + relay_auth_failures(&b), 0);
+
+    // The relay endpoint wants a certificate of the farm's CA naming the dialer: none, or one
+    // for another name, is refused before any upgrade; b's own is taken.
+    let addr = a.listen_addr();
+    assert_eq!(relay_upgrade_status(addr, &ca_path, None, "c").await, 403);
+    let x = Some((paths[2].0.as_path(), paths[2].1.as_path()));
+    assert_eq!(relay_upgrade_status(addr, &ca_path, x, "c").await, 403);
+    let b_cert = Some((paths[1].0.as_path(), paths[1].1.as_path()));
+    assert_eq!(relay_upgrade_status(addr, &ca_path, b_cert, "b").await, 101);
+
+    // c knows the farm secret and has a certificate of the farm's CA, but for another name:
+    // a refuses its links (its client certificate does not name it) and b refuses to link to it
+    // (its server certificate does not name it).
+    let c = tls_node_with("c", &paths[2].0, &paths[2].1, Some(a.gossip_addr()), mtls).await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    while relay_auth_failures(&a) == 0 || relay_auth_failures(&b) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "c's links were not refused: a {}, b {}",
+            relay_auth_failures(&a),
+            relay_auth_failures(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // a and b still relay to each other.
+    assert!(crosses(&a, &mut client, "a.mtls", "second").await);
+    client.close().await;
+    c.shutdown().await;
     b.shutdown().await;
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);

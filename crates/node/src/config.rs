@@ -190,6 +190,17 @@ pub struct NodeConfig {
     /// ones without a restart.
     #[serde(default = "default_tls_reload_ms")]
     pub tls_reload_ms: u64,
+    /// PEM CA certificates that peer nodes' certificates must chain to, on the relay links of a
+    /// TLS farm; a peer's certificate must then name the peer (a DNS subject alternative name
+    /// equal to its node name). Without it, relay links are still TLS but their certificates are
+    /// not checked: the farm secret authenticates each link and is bound to its TLS session.
+    #[serde(default)]
+    pub relay_ca_file: Option<PathBuf>,
+    /// Mutual TLS on relay links: a node dialing this one must present a certificate that chains
+    /// to `relay_ca_file` and names the node it says it is; this node presents `tls_cert` when it
+    /// dials. Needs `tls_cert`, `tls_key` and `relay_ca_file`.
+    #[serde(default)]
+    pub relay_mtls: bool,
     /// UDP and TCP address of the built-in DNS responder (`docs/DNS.md`); none runs none.
     #[serde(default)]
     pub dns: Option<SocketAddr>,
@@ -453,6 +464,8 @@ impl NodeConfig {
             tls_cert: None,
             tls_key: None,
             tls_reload_ms: default_tls_reload_ms(),
+            relay_ca_file: None,
+            relay_mtls: false,
             dns: None,
             service_name: None,
             dns_ttl: default_dns_ttl(),
@@ -590,6 +603,25 @@ impl NodeConfig {
         }
         if self.tls_reload_ms < 100 {
             return invalid("tls_reload_ms", "must be at least 100");
+        }
+        if let Some(ca) = &self.relay_ca_file {
+            if !self.tls() {
+                return invalid("relay_ca_file", "needs tls_cert and tls_key");
+            }
+            crate::tls::load_roots(ca).map_err(|problem| ConfigError::Invalid {
+                field: "relay_ca_file",
+                problem,
+            })?;
+            // Peers are checked by name: the name must be one a certificate can carry.
+            if rustls_pki_types::DnsName::try_from(self.name.as_str()).is_err() {
+                return invalid(
+                    "name",
+                    "must be a DNS name (letters, digits, '-', '.') with relay_ca_file: peers check it against this node's certificate",
+                );
+            }
+        }
+        if self.relay_mtls && self.relay_ca_file.is_none() {
+            return invalid("relay_mtls", "needs relay_ca_file (and tls_cert, tls_key)");
         }
         if self.dns.is_some() && self.service_name.as_deref().is_none_or(str::is_empty) {
             return invalid("service_name", "is required when dns is set");
@@ -782,6 +814,20 @@ mod tests {
         config.cors_farm_origins = vec!["app.example.com".into()];
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("cors_farm_origins"), "{err}");
+    }
+
+    #[test]
+    fn relay_tls_settings_need_what_they_build_on() {
+        let mut config = NodeConfig::from_toml("name = \"a\"\nrelay_mtls = true").unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("relay_mtls"), "{err}");
+        config.relay_mtls = false;
+        config.relay_ca_file = Some("/nonexistent/ca.pem".into());
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.to_string().contains("relay_ca_file") && err.to_string().contains("tls_cert"),
+            "{err}"
+        );
     }
 
     #[test]

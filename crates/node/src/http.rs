@@ -20,13 +20,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use base64::Engine;
 use streamfarm_core::Status;
 use streamfarm_core::encoding::{self, Format};
@@ -37,6 +37,7 @@ use crate::auth::{self, PublisherCheck};
 use crate::broker::{PublishError, placement};
 use crate::relay::Relay;
 use crate::session::{self, check_topic};
+use crate::tls::TlsInfo;
 use crate::{Shared, metrics, web};
 
 /// Path of the relay endpoint on every node.
@@ -94,12 +95,10 @@ async fn rebalance_plan(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(crate::rebalance::view(&shared)).into_response()
 }
 
-/// The router of plain-text connections to a node that serves clients over TLS: peer nodes'
-/// relay links (which stay as they are), `/healthz` for probes, and for anything else a `400`
-/// saying to use TLS.
+/// The router of plain-text connections to a node that serves over TLS (clients and relay
+/// links alike): `/healthz` for probes, and for anything else a `400` saying to use TLS.
 pub(crate) fn plain_router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route(RELAY_PATH, get(relay))
         .route("/healthz", get(healthz))
         .fallback(|| async {
             (
@@ -169,6 +168,7 @@ async fn stream(
 async fn relay(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
+    tls: Option<Extension<Arc<TlsInfo>>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let (Some(relay), Some(peer)) = (shared.embedded.clone(), query.get("node").cloned()) else {
@@ -178,6 +178,16 @@ async fn relay(
         metrics::inc(&shared.metrics.relay_auth_failures);
         return (StatusCode::BAD_REQUEST, format!("node name: {problem}\n")).into_response();
     }
+    // Mutual TLS: the certificate the handshake verified must name the node the dialer says it is.
+    if shared.config.relay_mtls && !tls.as_ref().is_some_and(|info| info.names(&peer)) {
+        metrics::inc(&shared.metrics.relay_auth_failures);
+        return (
+            StatusCode::FORBIDDEN,
+            format!("relay links need a client certificate naming {peer:?}\n"),
+        )
+            .into_response();
+    }
+    let binding = tls.map(|info| info.binding.clone()).unwrap_or_default();
     let Ok(handshake) = shared.relay_handshakes.clone().try_acquire_owned() else {
         metrics::inc(&shared.metrics.relay_auth_failures);
         return (
@@ -191,7 +201,7 @@ async fn relay(
     upgrade
         .max_message_size(relay_message_limit(shared.config.history_bytes))
         .on_upgrade(move |socket| {
-            tracker.track_future(relay.accept(socket, peer, handshake, cancel))
+            tracker.track_future(relay.accept(socket, peer, binding, handshake, cancel))
         })
 }
 

@@ -35,8 +35,8 @@
 //!   expiry.
 //! - [`auth`] — client tokens (JWT by `kid`), topic patterns, publish and admin credentials
 //!   (`docs/AUTH.md`).
-//! - `tls` — TLS for clients: certificate loading and reload, the listener that runs handshakes
-//!   and keeps relay links plain.
+//! - `tls` — TLS for clients and relay links: certificate loading and reload, how relay dials
+//!   trust their peers (a CA, or the farm secret bound to the session), mutual TLS.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/topics/{topic}`,
 //!   `/admin/status`, `/metrics`, `/healthz`.
 //! - `web` — what browsers get: `/client/streamfarm.js` (the browser client), `/dashboard`, and
@@ -290,7 +290,6 @@ impl NodeHandle {
             addr: config.listen,
             source,
         })?;
-        let config_listen = config.listen;
         // Gossip goes over UDP, so by default it shares the listener's port number.
         let gossip_addr = config.gossip.unwrap_or(listen_addr);
         let url = config.stream_url(listen_addr);
@@ -298,7 +297,11 @@ impl NodeHandle {
         let me = membership::SelfInfo {
             name: config.name.clone(),
             url: url.clone(),
-            relay_url: format!("ws://{listen_addr}{}", http::RELAY_PATH),
+            relay_url: format!(
+                "{}://{listen_addr}{}",
+                if config.tls() { "wss" } else { "ws" },
+                http::RELAY_PATH
+            ),
             priority: config.priority.clone(),
             capacity: config.capacity.unwrap_or(config.max_connections as u64),
         };
@@ -358,13 +361,58 @@ impl NodeHandle {
         };
         tracker.spawn(membership);
         let (broker_input, broker_inbox) = Broker::channel();
+        // TLS: loaded now, so that a bad pair stops the start; reloaded while the node runs. The
+        // relay links of a TLS node are TLS too.
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                tls::start_reloading(
+                    cert.clone(),
+                    key.clone(),
+                    Duration::from_millis(config.tls_reload_ms),
+                    cancel.clone(),
+                    &tracker,
+                )
+                .map_err(|problem| ConfigError::Invalid {
+                    field: "tls_cert",
+                    problem,
+                })?,
+            ),
+            _ => None,
+        };
+        let relay_roots = |field| match &config.relay_ca_file {
+            None => Ok(None),
+            Some(path) => tls::load_roots(path)
+                .map(Some)
+                .map_err(|problem| ConfigError::Invalid { field, problem }),
+        };
+        let dialer = tls::relay_dialer(
+            relay_roots("relay_ca_file")?,
+            tls.clone().filter(|_| config.relay_mtls),
+        )
+        .map_err(|problem| ConfigError::Invalid {
+            field: "relay_ca_file",
+            problem,
+        })?;
+        let server_tls = match &tls {
+            None => None,
+            Some(resolver) => Some(
+                tls::server_config(
+                    resolver.clone(),
+                    relay_roots("relay_ca_file")?.filter(|_| config.relay_mtls),
+                )
+                .map_err(|problem| ConfigError::Invalid {
+                    field: "relay_ca_file",
+                    problem,
+                })?,
+            ),
+        };
         let embedded = EmbeddedRelay::start(
             config.name.clone(),
             hub.clone(),
             broker_input.clone(),
             link_ends.clone(),
             metrics.clone(),
-            relay::LinkSettings::new(&config, keys.map(trust::RelayAuth::new)),
+            relay::LinkSettings::new(&config, keys.map(trust::RelayAuth::new), dialer),
             peers_rx.clone(),
             cancel.clone(),
             &tracker,
@@ -384,23 +432,6 @@ impl NodeHandle {
             cancel.clone(),
             &tracker,
         );
-        // TLS: loaded now, so that a bad pair stops the start; reloaded while the node runs.
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(
-                tls::start_reloading(
-                    cert.clone(),
-                    key.clone(),
-                    Duration::from_millis(config.tls_reload_ms),
-                    cancel.clone(),
-                    &tracker,
-                )
-                .map_err(|problem| ConfigError::Invalid {
-                    field: "tls_cert",
-                    problem,
-                })?,
-            ),
-            _ => None,
-        };
         let descriptors = listener::descriptor_limit();
         let stream_cap = listener::stream_limit(config.max_connections, descriptors);
         let shared = Arc::new(Shared {
@@ -427,57 +458,25 @@ impl NodeHandle {
             .spawn(follow_isolation(shared.clone(), isolated_rx));
         shared.tracker.spawn(rebalance::run(shared.clone()));
         let router = http::router(shared.clone(), &stream_path);
-        match tls {
-            None => {
-                tracker.spawn(listener::serve(
-                    listener,
-                    router,
-                    shared.config.handshake_timeout(),
-                    {
-                        // What streams leave of the descriptors (see `listener`).
-                        let streams = shared.connection_limit.clone();
-                        let cap = stream_cap;
-                        Arc::new(move || {
-                            listener::http_room(descriptors, cap - streams.available_permits())
-                        })
-                    },
-                    cancel.clone(),
-                ));
-            }
-            Some(resolver) => {
-                // TLS runs its handshakes in `tls` (each under its own deadline); the relay links
-                // stay plain on the same port.
-                let serve_cancel = cancel.clone();
-                let (secure, plain) = tls::split_listener(
-                    listener,
-                    tls::server_config(resolver),
-                    cancel.clone(),
-                    &tracker,
-                )
-                .map_err(|source| NodeError::Listen {
-                    addr: config_listen,
-                    source,
-                })?;
-                let plain_router = http::plain_router(shared.clone());
-                let plain_cancel = cancel.clone();
-                tracker.spawn(async move {
-                    let result = axum::serve(secure, router)
-                        .with_graceful_shutdown(serve_cancel.cancelled_owned())
-                        .await;
-                    if let Err(err) = result {
-                        warn!(error = %err, "HTTPS server stopped");
-                    }
-                });
-                tracker.spawn(async move {
-                    let result = axum::serve(plain, plain_router)
-                        .with_graceful_shutdown(plain_cancel.cancelled_owned())
-                        .await;
-                    if let Err(err) = result {
-                        warn!(error = %err, "relay listener stopped");
-                    }
-                });
-            }
-        }
+        let listener_tls = server_tls.map(|config| listener::Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            plain_router: http::plain_router(shared.clone()),
+        });
+        tracker.spawn(listener::serve(
+            listener,
+            router,
+            listener_tls,
+            shared.config.handshake_timeout(),
+            {
+                // What streams leave of the descriptors (see `listener`).
+                let streams = shared.connection_limit.clone();
+                let cap = stream_cap;
+                Arc::new(move || {
+                    listener::http_room(descriptors, cap - streams.available_permits())
+                })
+            },
+            cancel.clone(),
+        ));
         info!(
             name = %shared.config.name,
             listen = %listen_addr,

@@ -14,20 +14,29 @@
 //!   run out is the oldest of them closed for the new one: a flood of silent connections cannot
 //!   keep `/healthz` or the admin API out, and a storm of clients reconnecting at once, with
 //!   descriptors to spare, loses none.
+//! - **TLS under the same bounds.** On a node with a certificate, a connection whose first byte
+//!   opens a TLS handshake is taken through it within the same deadline and served the whole
+//!   router, every request carrying the connection's [`TlsInfo`]; any other connection is served
+//!   the plain router (`/healthz`, and "use TLS" for the rest). A handshake in progress holds a
+//!   slot like any connection that is not yet a WebSocket.
 
 use std::collections::VecDeque;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
+use axum::{Extension, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
+
+use crate::tls::TlsInfo;
 
 /// Descriptors kept for everything but client connections: relay links, gossip, DNS, files.
 pub(crate) const RESERVED_FDS: u64 = 128;
@@ -106,14 +115,37 @@ impl Slots {
     }
 }
 
+/// TLS on the listener: the handshake's settings, and what plain connections are served.
+pub(crate) struct Tls {
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) plain_router: Router,
+}
+
+/// A connection as its first bytes sort it.
+enum Sorted {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Peeks at the first byte: a TLS handshake (`0x16`) is run, anything else is plain.
+async fn sort(tcp: TcpStream, acceptor: &TlsAcceptor) -> std::io::Result<Sorted> {
+    let mut first = [0u8; 1];
+    match tcp.peek(&mut first).await? {
+        1 if first[0] == 0x16 => Ok(Sorted::Tls(Box::new(acceptor.accept(tcp).await?))),
+        _ => Ok(Sorted::Plain(tcp)),
+    }
+}
+
 /// Serves `router` on `listener` until `cancel` fires; see the module docs.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
+    tls: Option<Tls>,
     head_timeout: Duration,
     room: Room,
     cancel: CancellationToken,
 ) {
+    let tls = tls.map(Arc::new);
     let connections = TaskTracker::new();
     let slots = Arc::new(Slots {
         room,
@@ -144,30 +176,35 @@ pub(crate) async fn serve(
         let id = next_id;
         let evicted = slots.take(id);
         let slots = slots.clone();
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
+        let tls = tls.clone();
         let stop = cancel.clone();
         connections.spawn(async move {
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(head_timeout);
-            let mut connection = pin!(
-                builder
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .with_upgrades()
-            );
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(err) = result {
-                        debug!(%remote, error = %err, "HTTP connection ended");
+            let served = async {
+                let Some(tls) = tls else {
+                    return http(tcp, router, head_timeout, &remote, &stop).await;
+                };
+                // The handshake has the request head's deadline: a client silent or slow in
+                // it is closed like a slowloris.
+                match tokio::time::timeout(head_timeout, sort(tcp, &tls.acceptor)).await {
+                    Ok(Ok(Sorted::Tls(stream))) => match TlsInfo::of(stream.get_ref().1) {
+                        Ok(info) => {
+                            let router = router.layer(Extension(Arc::new(info)));
+                            http(*stream, router, head_timeout, &remote, &stop).await
+                        }
+                        Err(why) => debug!(%remote, why, "TLS connection refused"),
+                    },
+                    Ok(Ok(Sorted::Plain(tcp))) => {
+                        http(tcp, tls.plain_router.clone(), head_timeout, &remote, &stop).await
                     }
+                    Ok(Err(err)) => debug!(%remote, error = %err, "TLS handshake failed"),
+                    Err(_) => debug!(%remote, "TLS handshake timed out"),
                 }
+            };
+            tokio::select! {
+                () = served => {}
                 _ = evicted.cancelled() => {
                     debug!(%remote, "closed: the oldest of too many HTTP connections");
-                }
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await;
                 }
             }
             slots.give_back(id);
@@ -175,6 +212,39 @@ pub(crate) async fn serve(
     }
     connections.close();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, connections.wait()).await;
+}
+
+/// Serves HTTP/1.1 (with upgrades) on one connection until it ends, or until `stop`, then
+/// briefly lets requests in progress finish.
+async fn http<Io>(
+    io: Io,
+    router: Router,
+    head_timeout: Duration,
+    remote: &std::net::SocketAddr,
+    stop: &CancellationToken,
+) where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout);
+    let mut connection = pin!(
+        builder
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(router))
+            .with_upgrades()
+    );
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(err) = result {
+                debug!(%remote, error = %err, "HTTP connection ended");
+            }
+        }
+        _ = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,9 @@
 //! fetched. A link whose queue fills is reset and counted (`relay_drops_total`); the messages it
 //! dropped are fetched again by position.
 //!
+//! On a TLS node the links are TLS (`wss://`), on the same port as clients: see `crate::tls` for
+//! how a dialer trusts its peer, and how the farm secret's handshake is bound to the session.
+//!
 //! The link frames are internal (node to node) and documented in `docs/PROTOCOL.md`:
 //! dialer → acceptor `{"type":"interest","version":3,"add":["t"],"remove":[]}`;
 //! acceptor → dialer `{"type":"interest_ack","version":3}` and `msg` frames; both ways the
@@ -40,6 +43,7 @@ use std::time::Duration;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -91,10 +95,16 @@ pub(crate) struct LinkSettings {
     /// This process's incarnation (start time, ms): a link from an older incarnation of a peer
     /// never replaces one from a newer.
     pub(crate) incarnation: u64,
+    /// How `wss://` peers are dialed.
+    pub(crate) dialer: crate::tls::RelayDialer,
 }
 
 impl LinkSettings {
-    pub(crate) fn new(config: &crate::NodeConfig, auth: Option<RelayAuth>) -> Self {
+    pub(crate) fn new(
+        config: &crate::NodeConfig,
+        auth: Option<RelayAuth>,
+        dialer: crate::tls::RelayDialer,
+    ) -> Self {
         LinkSettings {
             queue: config.relay_queue,
             queue_bytes: config.relay_queue_bytes,
@@ -102,6 +112,7 @@ impl LinkSettings {
             handshake_timeout: config.handshake_timeout(),
             auth,
             incarnation: crate::now_ms(),
+            dialer,
         }
     }
 }
@@ -411,6 +422,7 @@ impl EmbeddedRelay {
         self: Arc<Self>,
         mut socket: WebSocket,
         peer: String,
+        binding: Vec<u8>,
         handshake_slot: tokio::sync::OwnedSemaphorePermit,
         cancel: CancellationToken,
     ) {
@@ -419,7 +431,7 @@ impl EmbeddedRelay {
             Some(auth) => {
                 let handshake = timeout_at(
                     Instant::now() + self.settings.handshake_timeout,
-                    self.handshake_accept(auth, &mut socket, &peer),
+                    self.handshake_accept(auth, &mut socket, &peer, &binding),
                 )
                 .await
                 .unwrap_or_else(|_| Err("handshake not completed in time".into()));
@@ -588,6 +600,7 @@ impl EmbeddedRelay {
         auth: &RelayAuth,
         socket: &mut WebSocket,
         peer: &str,
+        binding: &[u8],
     ) -> Result<u64, String> {
         let nonce = crate::trust::nonce();
         let challenge = Handshake::Challenge {
@@ -626,6 +639,7 @@ impl EmbeddedRelay {
             dialer: &node,
             incarnation,
             dialer_nonce: &dialer_nonce,
+            binding,
         };
         if dialer_nonce.len() < 32 || !auth.verify(Side::Hello, &transcript, &proof) {
             return Err("proof does not verify: wrong or no farm secret".into());
@@ -792,53 +806,102 @@ async fn manage_links(
     }
 }
 
+/// Why a dial did not give a link.
+enum DialFailure {
+    /// Refused or reset before the peer said anything: its process is gone.
+    Gone(String),
+    /// The peer answered but the link was refused: TLS (certificate) or the farm secret's
+    /// handshake. Not a sign that the peer died.
+    Refused(String),
+    /// No answer within the deadline.
+    TimedOut,
+}
+
+/// A relay link's stream: plain TCP, or TLS to a `wss://` peer.
+type LinkIo = tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+type ClientSocket = tokio_tungstenite::WebSocketStream<LinkIo>;
+
+/// Opens the WebSocket of a link to `peer` at `url`: TCP, TLS for `wss://`, the upgrade, and the
+/// farm secret's handshake (bound to the TLS session) when there is a secret.
+async fn open_link(
+    relay: &EmbeddedRelay,
+    peer: &str,
+    url: &str,
+) -> Result<ClientSocket, DialFailure> {
+    use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
+    let gone = |err: &dyn std::fmt::Display| DialFailure::Gone(err.to_string());
+    let request = format!("{url}?node={}", relay.name)
+        .into_client_request()
+        .map_err(|err| gone(&err))?;
+    let tls = request.uri().scheme_str() == Some("wss");
+    let host = request
+        .uri()
+        .host()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_string();
+    let port = request
+        .uri()
+        .port_u16()
+        .unwrap_or(if tls { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|err| gone(&err))?;
+    // Frames are small and latency matters: no Nagle delay.
+    let _ = tcp.set_nodelay(true);
+    let (io, binding) = if tls {
+        let (stream, binding) = relay
+            .settings
+            .dialer
+            .connect(peer, tcp)
+            .await
+            .map_err(|err| DialFailure::Refused(format!("TLS: {err}")))?;
+        (LinkIo::Right(stream), binding)
+    } else {
+        (LinkIo::Left(tcp), Vec::new())
+    };
+    let config = WebSocketConfig::default().read_buffer_size(LINK_READ_BUFFER);
+    let (mut socket, _) = tokio_tungstenite::client_async_with_config(request, io, Some(config))
+        .await
+        .map_err(|err| match err {
+            WsError::Http(response) => DialFailure::Refused(format!(
+                "the peer answered {} {}",
+                response.status(),
+                String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).trim()
+            )),
+            other => gone(&other),
+        })?;
+    if let Some(auth) = &relay.settings.auth {
+        let handshake = tokio::time::timeout(
+            relay.settings.handshake_timeout,
+            handshake_dial(relay, auth, &mut socket, peer, &binding),
+        );
+        if let Err(why) = handshake
+            .await
+            .unwrap_or_else(|_| Err("handshake timed out".into()))
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
+            return Err(DialFailure::Refused(format!(
+                "{why} (is the farm secret the same on both nodes?)"
+            )));
+        }
+    }
+    Ok(socket)
+}
+
 /// Dials one peer again and again until `cancel` fires.
 async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: CancellationToken) {
-    let target = format!("{url}?node={}", relay.name);
     while !cancel.is_cancelled() {
         let connect = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async_with_config(
-                &target,
-                Some(WebSocketConfig::default().read_buffer_size(LINK_READ_BUFFER)),
-                true,
-            ),
+            CONNECT_TIMEOUT + relay.settings.handshake_timeout,
+            open_link(&relay, &peer, &url),
         );
         let connected = tokio::select! {
             _ = cancel.cancelled() => break,
-            connected = connect => connected,
-        };
-        let connected = match connected {
-            Ok(Ok((mut socket, response))) => match &relay.settings.auth {
-                None => Ok(Ok((socket, response))),
-                Some(auth) => {
-                    let handshake = tokio::time::timeout(
-                        relay.settings.handshake_timeout,
-                        handshake_dial(&relay, auth, &mut socket, &peer),
-                    );
-                    let handshake = tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        handshake = handshake => handshake,
-                    };
-                    match handshake.unwrap_or_else(|_| Err("handshake timed out".into())) {
-                        Ok(()) => Ok(Ok((socket, response))),
-                        Err(why) => {
-                            // Not a sign that the peer died: it answered, with no proof.
-                            metrics::inc(&relay.metrics.relay_auth_failures);
-                            warn!(peer = %peer, url = %url, why, "relay handshake failed: is the farm secret the same on both nodes?");
-                            let _ =
-                                tokio::time::timeout(Duration::from_secs(1), socket.close(None))
-                                    .await;
-                            Err(())
-                        }
-                    }
-                }
-            },
-            Ok(Err(err)) => Ok(Err(err)),
-            Err(_) => Err(()),
+            connected = connect => connected.unwrap_or(Err(DialFailure::TimedOut)),
         };
         match connected {
-            Ok(Ok((socket, _))) => {
+            Ok(socket) => {
                 info!(peer = %peer, url = %url, "relay link open");
                 relay.link_ends.opened(&peer);
                 relay.set_acked(&peer, Some(0));
@@ -849,12 +912,16 @@ async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: Canc
                 }
                 info!(peer = %peer, "relay link to peer closed");
             }
-            Ok(Err(err)) => {
+            Err(DialFailure::Gone(why)) => {
                 // Refused (nothing listens there any more) or reset: the peer's process is gone.
                 relay.link_ends.ended(&peer);
-                debug!(peer = %peer, error = %err, "relay dial failed");
+                debug!(peer = %peer, why, "relay dial failed");
             }
-            Err(()) => debug!(peer = %peer, "relay dial timed out or was refused"),
+            Err(DialFailure::Refused(why)) => {
+                metrics::inc(&relay.metrics.relay_auth_failures);
+                warn!(peer = %peer, url = %url, why, "relay link refused");
+            }
+            Err(DialFailure::TimedOut) => debug!(peer = %peer, "relay dial timed out"),
         }
         let jitter = rand::random_range(0..=REDIAL_DELAY.as_millis() as u64);
         tokio::select! {
@@ -864,15 +931,13 @@ async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: Canc
     }
 }
 
-type ClientSocket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// The dialer's side of the handshake with `peer` (see `crate::trust`).
 async fn handshake_dial(
     relay: &EmbeddedRelay,
     auth: &RelayAuth,
     socket: &mut ClientSocket,
     peer: &str,
+    binding: &[u8],
 ) -> Result<(), String> {
     async fn next_text(socket: &mut ClientSocket) -> Result<String, String> {
         loop {
@@ -909,6 +974,7 @@ async fn handshake_dial(
         dialer: &relay.name,
         incarnation: relay.settings.incarnation,
         dialer_nonce: &my_nonce,
+        binding,
     };
     let hello = Handshake::Hello {
         node: relay.name.clone(),
@@ -1159,7 +1225,11 @@ mod tests {
             crate::broker::Broker::channel().0,
             Arc::default(),
             metrics,
-            LinkSettings::new(&crate::NodeConfig::new("me"), None),
+            LinkSettings::new(
+                &crate::NodeConfig::new("me"),
+                None,
+                crate::tls::relay_dialer(None, None).unwrap(),
+            ),
             peers,
             cancel.clone(),
             &TaskTracker::new(),

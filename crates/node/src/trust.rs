@@ -156,6 +156,9 @@ pub(crate) struct Transcript<'a> {
     pub(crate) incarnation: u64,
     /// The dialer's nonce.
     pub(crate) dialer_nonce: &'a str,
+    /// Keying material of the link's TLS session (`crate::tls::binding`); empty on a plain
+    /// link. A man in the middle holds two sessions, so its two sides' proofs cannot match.
+    pub(crate) binding: &'a [u8],
 }
 
 impl RelayAuth {
@@ -178,6 +181,7 @@ impl RelayAuth {
                 t.dialer.as_bytes(),
                 &t.incarnation.to_be_bytes(),
                 t.dialer_nonce.as_bytes(),
+                t.binding,
             ],
         );
         m
@@ -339,6 +343,7 @@ mod tests {
             dialer,
             incarnation,
             dialer_nonce: "2233",
+            binding: b"",
         }
     }
 
@@ -351,6 +356,12 @@ mod tests {
         assert!(!auth.verify(Side::Hello, &transcript("c", 7), &proof));
         assert!(!auth.verify(Side::Hello, &transcript("b", 8), &proof));
         assert!(!auth.verify(Side::Welcome, &transcript("b", 7), &proof));
+        // Another TLS session (a man in the middle): refused.
+        let relayed = Transcript {
+            binding: b"another session",
+            ..transcript("b", 7)
+        };
+        assert!(!auth.verify(Side::Hello, &relayed, &proof));
         // Another secret or cluster: refused.
         let other = RelayAuth::new(FarmKeys::derive(b"0123456789abcdeX", "farm"));
         assert!(!other.verify(Side::Hello, &transcript("b", 7), &proof));

@@ -187,6 +187,14 @@ struct Settings {
     /// How often the certificate files are checked for changes (reloaded without restart), ms.
     #[arg(long, env = "STREAMFARM_TLS_RELOAD_MS")]
     tls_reload_ms: Option<u64>,
+    /// PEM CA certificates that peers' certificates must chain to (and name the peer) on the
+    /// relay links of a TLS farm. Without it the farm secret authenticates those links.
+    #[arg(long, env = "STREAMFARM_RELAY_CA_FILE", value_name = "PATH")]
+    relay_ca_file: Option<PathBuf>,
+    /// Mutual TLS on relay links: dialing peers must present a certificate naming them, chained
+    /// to --relay-ca-file; this node presents --tls-cert.
+    #[arg(long, env = "STREAMFARM_RELAY_MTLS", num_args = 0..=1, default_missing_value = "true")]
+    relay_mtls: Option<bool>,
     /// UDP and TCP address of the built-in DNS responder (see docs/DNS.md); none runs none.
     #[arg(long, env = "STREAMFARM_DNS", value_name = "IP:PORT")]
     dns: Option<SocketAddr>,
@@ -282,7 +290,8 @@ impl Settings {
             auth_leeway_s,
             allow_anonymous,
             anonymous_topics,
-            tls_reload_ms
+            tls_reload_ms,
+            relay_mtls
         );
         overlay_option!(
             gossip,
@@ -294,7 +303,8 @@ impl Settings {
             auth_audience,
             auth_issuer,
             tls_cert,
-            tls_key
+            tls_key,
+            relay_ca_file
         );
         if !self.auth_keys.is_empty() {
             config.auth_keys = self.auth_keys;
