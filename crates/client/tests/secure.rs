@@ -513,3 +513,34 @@ async fn with_mutual_tls_only_a_node_whose_certificate_names_it_links() {
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_stalled_in_its_tls_handshake_is_closed_at_the_handshake_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("stall");
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("stall");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    let node = tls_node_with("stall", &cert_path, &key_path, None, |config| {
+        config.handshake_timeout_ms = 500;
+    })
+    .await;
+    // The first byte of a TLS handshake record, then nothing: a slowloris of the handshake.
+    let mut tcp = tokio::net::TcpStream::connect(node.listen_addr())
+        .await
+        .unwrap();
+    tcp.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, tcp.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the stalled handshake was never closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
