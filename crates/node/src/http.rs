@@ -169,6 +169,7 @@ async fn relay(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
     tls: Option<Extension<Arc<TlsInfo>>>,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let (Some(relay), Some(peer)) = (shared.embedded.clone(), query.get("node").cloned()) else {
@@ -188,6 +189,14 @@ async fn relay(
             .into_response();
     }
     let binding = tls.map(|info| info.binding.clone()).unwrap_or_default();
+    // With a farm secret, only a holder of it is upgraded: an outsider cannot send a relay
+    // message (up to the relay limit) before it fails the handshake.
+    let ticket = headers
+        .get(crate::relay::RELAY_TICKET)
+        .and_then(|v| v.to_str().ok());
+    if !relay.admits(&peer, ticket, &binding) {
+        return (StatusCode::FORBIDDEN, "relay link refused\n").into_response();
+    }
     let Ok(handshake) = shared.relay_handshakes.clone().try_acquire_owned() else {
         metrics::inc(&shared.metrics.relay_auth_failures);
         return (

@@ -581,6 +581,22 @@ impl EmbeddedRelay {
         info!(peer = %peer, "relay link from peer closed");
     }
 
+    /// Whether to upgrade a relay request from `peer`: with a farm secret, its upgrade ticket
+    /// must verify (bound to the TLS session's `binding`, empty when plain). Counted and logged
+    /// when not.
+    pub(crate) fn admits(&self, peer: &str, ticket: Option<&str>, binding: &[u8]) -> bool {
+        let Some(auth) = &self.settings.auth else {
+            return true;
+        };
+        match auth.check_ticket(ticket, &self.name, peer, crate::now_ms(), binding) {
+            Ok(()) => true,
+            Err(why) => {
+                self.refused(peer, why);
+                false
+            }
+        }
+    }
+
     /// Logs and counts a refused link: at `warn` the first time, then at `debug`.
     fn refused(&self, peer: &str, why: &str) {
         metrics::inc(&self.metrics.relay_auth_failures);
@@ -806,6 +822,9 @@ async fn manage_links(
     }
 }
 
+/// The header of a relay upgrade request that carries the dialer's ticket (`crate::trust`).
+pub(crate) const RELAY_TICKET: &str = "streamfarm-relay-ticket";
+
 /// Why a dial did not give a link.
 enum DialFailure {
     /// Refused or reset before the peer said anything: its process is gone.
@@ -830,7 +849,7 @@ async fn open_link(
 ) -> Result<ClientSocket, DialFailure> {
     use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
     let gone = |err: &dyn std::fmt::Display| DialFailure::Gone(err.to_string());
-    let request = format!("{url}?node={}", relay.name)
+    let mut request = format!("{url}?node={}", relay.name)
         .into_client_request()
         .map_err(|err| gone(&err))?;
     let tls = request.uri().scheme_str() == Some("wss");
@@ -860,6 +879,12 @@ async fn open_link(
     } else {
         (LinkIo::Left(tcp), Vec::new())
     };
+    if let Some(auth) = &relay.settings.auth {
+        let ticket = auth.ticket(peer, &relay.name, crate::now_ms(), &binding);
+        if let Ok(value) = ticket.parse() {
+            request.headers_mut().insert(RELAY_TICKET, value);
+        }
+    }
     let config = WebSocketConfig::default().read_buffer_size(LINK_READ_BUFFER);
     let (mut socket, _) = tokio_tungstenite::client_async_with_config(request, io, Some(config))
         .await

@@ -201,6 +201,62 @@ impl RelayAuth {
     }
 }
 
+/// How far an upgrade ticket's time may be from the acceptor's clock, ms: clocks of a farm's
+/// machines agree far better; a captured ticket is good for no longer.
+pub(crate) const TICKET_WINDOW_MS: u64 = 120_000;
+
+impl RelayAuth {
+    fn ticket_mac(&self, acceptor: &str, dialer: &str, at_ms: u64, binding: &[u8]) -> HmacSha256 {
+        let mut m = mac(&self.keys.relay);
+        feed(
+            &mut m,
+            &[
+                b"upgrade",
+                acceptor.as_bytes(),
+                dialer.as_bytes(),
+                &at_ms.to_be_bytes(),
+                binding,
+            ],
+        );
+        m
+    }
+
+    /// The ticket a dialer sends with its upgrade request (`at_ms.proof`), so that the acceptor
+    /// upgrades only a holder of the farm secret: an outsider is refused before it can send any
+    /// WebSocket message (see the challenge that follows for the link's own proofs).
+    pub(crate) fn ticket(
+        &self,
+        acceptor: &str,
+        dialer: &str,
+        at_ms: u64,
+        binding: &[u8],
+    ) -> String {
+        let proof = self.ticket_mac(acceptor, dialer, at_ms, binding);
+        format!("{at_ms}.{}", hex(&proof.finalize().into_bytes()))
+    }
+
+    /// Checks an upgrade ticket at `now_ms`; why not, if it does not verify.
+    pub(crate) fn check_ticket(
+        &self,
+        ticket: Option<&str>,
+        acceptor: &str,
+        dialer: &str,
+        now_ms: u64,
+        binding: &[u8],
+    ) -> Result<(), &'static str> {
+        let ticket = ticket.ok_or("no relay ticket: does the dialer have the farm secret?")?;
+        let (at, proof) = ticket.split_once('.').ok_or("malformed relay ticket")?;
+        let at_ms: u64 = at.parse().map_err(|_| "malformed relay ticket")?;
+        if at_ms.abs_diff(now_ms) > TICKET_WINDOW_MS {
+            return Err("relay ticket out of time: are the clocks of the two machines right?");
+        }
+        let proof = unhex(proof).ok_or("malformed relay ticket")?;
+        self.ticket_mac(acceptor, dialer, at_ms, binding)
+            .verify_slice(&proof)
+            .map_err(|_| "relay ticket does not verify: wrong or no farm secret")
+    }
+}
+
 /// Gossip over UDP with every datagram authenticated by the farm key, when there is one.
 /// Without a key it is plain chitchat UDP, still counting what it cannot decode.
 pub(crate) struct SignedUdp {
@@ -345,6 +401,41 @@ mod tests {
             dialer_nonce: "2233",
             binding: b"",
         }
+    }
+
+    #[test]
+    fn upgrade_tickets_bind_names_time_session_and_key() {
+        let auth = RelayAuth::new(FarmKeys::derive(b"0123456789abcdef", "farm"));
+        let now = 1_800_000_000_000;
+        let ticket = auth.ticket("a", "b", now, b"session");
+        assert_eq!(
+            auth.check_ticket(Some(&ticket), "a", "b", now + 1_000, b"session"),
+            Ok(())
+        );
+        let refused = |ticket: Option<&str>, acceptor, dialer, at, binding: &[u8]| {
+            auth.check_ticket(ticket, acceptor, dialer, at, binding)
+                .is_err()
+        };
+        assert!(refused(None, "a", "b", now, b"session"));
+        assert!(refused(Some(&ticket), "a", "c", now, b"session"));
+        assert!(refused(Some(&ticket), "x", "b", now, b"session"));
+        assert!(refused(Some(&ticket), "a", "b", now, b"another session"));
+        assert!(refused(
+            Some(&ticket),
+            "a",
+            "b",
+            now + TICKET_WINDOW_MS + 1,
+            b"session"
+        ));
+        for bad in ["", ".", "1.zz", "x.00", "99999999999999999999999.00"] {
+            assert!(refused(Some(bad), "a", "b", now, b"session"), "{bad:?}");
+        }
+        let other = RelayAuth::new(FarmKeys::derive(b"0123456789abcdeX", "farm"));
+        assert!(
+            other
+                .check_ticket(Some(&ticket), "a", "b", now, b"session")
+                .is_err()
+        );
     }
 
     #[test]
