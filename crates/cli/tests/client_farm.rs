@@ -413,3 +413,115 @@ async fn a_node_cut_off_sends_its_clients_to_the_rest_and_nothing_is_lost() {
     );
     crowd.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_reach_only_a_cut_off_node_hear_the_feed_is_partial_and_lose_nothing() {
+    use streamfarm_localfarm::partition::{ISOLATED_GID, Isolated, Partition, v4};
+    let _serial = SERIAL.lock().await;
+    if let Some(why) = Partition::unavailable() {
+        // scripts/test.sh installs nft and CI runs as root; elsewhere this cannot be tested.
+        eprintln!("SKIPPED: no partition can be made here: {why}");
+        return;
+    }
+    let farm = Farm::start_with_gid(
+        &[("a", "A"), ("b", "A"), ("c", "A")],
+        Some((2, ISOLATED_GID)),
+    )
+    .await;
+    let cut = &farm.nodes[2];
+    let others: Vec<_> = farm.nodes[..2]
+        .iter()
+        .map(|n| v4(n.listen.ip()).unwrap())
+        .collect();
+    // These clients, on 127.0.0.21, can reach c and nothing else.
+    let stranded = std::net::Ipv4Addr::new(127, 0, 0, 21);
+    let _only_c = Partition::block(&[stranded], &others).expect("clients cut from a and b");
+    let mut crowd = Crowd::new();
+    let clients = options().source_address(stranded.into());
+    let seed: streamfarm_client::ServiceAddress = cut.listen.to_string().parse().unwrap();
+    crowd.add(10, &seed, &clients);
+    assert!(crowd.all_connected(Duration::from_secs(30)).await);
+    assert_eq!(
+        crowd.per_server().get(&cut.url()).copied(),
+        Some(10),
+        "{:?}",
+        crowd.per_server()
+    );
+    let via = vec![farm.nodes[0].listen, farm.nodes[1].listen];
+    let publisher = Publisher::start(via, TOPIC, Duration::from_millis(10));
+    let flowing = eventually(Duration::from_secs(10), || async {
+        crowd.snapshot().iter().all(|s| s.messages.len() >= 20)
+    })
+    .await;
+    assert!(flowing, "messages reach every client");
+    let isolated = Isolated {
+        ip: v4(cut.listen.ip()).expect("an IPv4 node"),
+        pid: cut.pid(),
+    };
+    let partition = Partition::isolate(isolated, &others).expect("partition made");
+    // c finds itself cut off and asks its clients to move; they cannot reach a or b, so they
+    // stay (make-before-break: their connection to c is never closed) and hear the feed is
+    // partial.
+    let told = eventually(Duration::from_secs(10), || async {
+        crowd.snapshot().iter().all(|s| s.feeds.contains(&false))
+    })
+    .await;
+    let during = crowd
+        .snapshot()
+        .iter()
+        .map(|s| s.messages.len())
+        .collect::<Vec<_>>();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    partition.heal().expect("partition healed");
+    assert!(
+        told,
+        "not every client heard the feed is partial: {:#?}",
+        crowd
+            .snapshot()
+            .iter()
+            .map(|s| (
+                s.server.clone(),
+                s.feeds.clone(),
+                s.losses.clone(),
+                s.migrations.clone()
+            ))
+            .collect::<Vec<_>>()
+    );
+    // Healed: c catches its streams up and says the feed is whole again.
+    let healed_at = std::time::Instant::now();
+    let whole = eventually(Duration::from_secs(15), || async {
+        crowd
+            .snapshot()
+            .iter()
+            .all(|s| s.feeds.last() == Some(&true))
+    })
+    .await;
+    eprintln!("whole again after {:?}", healed_at.elapsed());
+    assert!(
+        whole,
+        "the feed was never whole again: {:#?}",
+        crowd
+            .snapshot()
+            .iter()
+            .map(|s| (
+                s.server.clone(),
+                s.feeds.clone(),
+                s.losses.clone(),
+                s.messages.len()
+            ))
+            .collect::<Vec<_>>()
+    );
+    let acked = every_client_gets_each_message_once(&crowd, publisher).await;
+    let seen = crowd.snapshot();
+    assert!(
+        seen.iter()
+            .all(|s| s.server.as_deref() == Some(cut.url().as_str()) && s.losses.is_empty()),
+        "the stranded clients stayed on c, connected throughout: {:?}",
+        seen.iter().map(|s| &s.losses).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "10 clients reaching only c, c cut off: each told the feed was partial, then whole; {} messages acknowledged, each client got each once, in order (messages held when told: {during:?})",
+        acked.len()
+    );
+    crowd.stop().await;
+}

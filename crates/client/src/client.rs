@@ -122,7 +122,9 @@ pub enum Event {
     },
     /// Whether the connected server receives what the whole farm publishes: `complete: false`
     /// when it is cut off from the rest of the farm (messages published elsewhere do not reach
-    /// this client for now; they arrive, in order, once it is back: `complete: true`).
+    /// this client for now; they arrive, in order, once it is back: `complete: true`). Also
+    /// `complete: true` when, after a partial feed, the client is connected to a server whose
+    /// feed is whole.
     Feed {
         /// The server's url.
         server: String,
@@ -234,6 +236,7 @@ impl Client {
             events: event_tx,
             server: server_tx,
             commands: command_rx,
+            feed_partial: false,
         };
         let task = tokio::spawn(driver.run());
         Client {
@@ -415,6 +418,8 @@ struct Driver {
     events: mpsc::Sender<Event>,
     server: watch::Sender<Option<String>>,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// The application was last told the feed is partial (`Event::Feed`).
+    feed_partial: bool,
 }
 
 impl Driver {
@@ -426,6 +431,8 @@ impl Driver {
         let mut live: Option<Live> = None;
         // Messages that arrived while subscribing, delivered once `Connected` is out.
         let mut backlog: Vec<ServerFrame> = Vec::new();
+        // The backlog is a new connection's: its server says in it if its feed is partial.
+        let mut greeted = false;
         // A migration's new connection, subscribed, while the old one catches up with it.
         let mut arriving_live: Option<Live> = None;
         let mut arriving: Option<Arriving> = None;
@@ -438,7 +445,10 @@ impl Driver {
                 let state = catch_up(self.machine.topics(), &pending.until);
                 let overdue = Instant::now() >= pending.deadline
                     || pending.buffer.len() >= MAX_ARRIVING_FRAMES
-                    || live.is_none();
+                    || live.is_none()
+                    // The old server's feed is partial (it is cut off): it will not catch up,
+                    // and the new connection recovers from the positions held.
+                    || self.feed_partial;
                 if state != CatchUp::Waiting || overdue {
                     let pending = arriving.take().expect("checked above");
                     if let Some(new) = arriving_live.take() {
@@ -452,6 +462,7 @@ impl Driver {
                         backlog.extend(pending.buffer.into_iter().filter(|frame| {
                             !(caught_up && matches!(frame, ServerFrame::Subscribed { .. }))
                         }));
+                        greeted = true;
                         actions.extend(self.machine.handle(Input::Migrated { server }, now_std()));
                         continue;
                     }
@@ -534,6 +545,23 @@ impl Driver {
                 }
             }
             if let Some(live) = &live {
+                // A server sends `feed` on a new connection only while its feed is partial: one
+                // that does not, after a partial one, means the feed is whole again.
+                if std::mem::take(&mut greeted)
+                    && self.feed_partial
+                    && !backlog
+                        .iter()
+                        .any(|f| matches!(f, ServerFrame::Feed { complete: false }))
+                {
+                    self.feed_partial = false;
+                    let whole = Event::Feed {
+                        server: live.server.clone(),
+                        complete: true,
+                    };
+                    if !self.tell(whole).await {
+                        actions.extend(self.machine.handle(Input::Stop, now_std()));
+                    }
+                }
                 for frame in backlog.drain(..) {
                     if !self.deliver(frame, &live.server).await {
                         actions.extend(self.machine.handle(Input::Stop, now_std()));
@@ -626,6 +654,7 @@ impl Driver {
                             refreshing = None;
                             live = new;
                             backlog = early;
+                            greeted = true;
                             Input::Connected { server, list }
                         }
                         Done::Connect { server, result: Err(err) } => Input::ConnectFailed {
@@ -866,10 +895,13 @@ impl Driver {
                     .on_gap(&topic, epoch, from, to, reason);
                 return self.tell_all(notices).await;
             }
-            ServerFrame::Feed { complete } => Event::Feed {
-                server: server.to_string(),
-                complete,
-            },
+            ServerFrame::Feed { complete } => {
+                self.feed_partial = !complete;
+                Event::Feed {
+                    server: server.to_string(),
+                    complete,
+                }
+            }
             ServerFrame::Error { code, message } => Event::ServerError {
                 server: server.to_string(),
                 code,

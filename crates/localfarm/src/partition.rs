@@ -90,6 +90,31 @@ impl Partition {
         })
     }
 
+    /// Cuts the addresses `from` off from `to` (both ways, TCP and UDP): for clients that can
+    /// reach some servers and not others. A table of its own, beside any partition.
+    pub fn block(from: &[Ipv4Addr], to: &[Ipv4Addr]) -> anyhow::Result<Partition> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        sweep_stale_tables();
+        let table = format!(
+            "{TABLE_PREFIX}{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let set = |ips: &[Ipv4Addr]| {
+            let items: Vec<String> = ips.iter().map(ToString::to_string).collect();
+            format!("{{ {} }}", items.join(", "))
+        };
+        let (from, to) = (set(from), set(to));
+        let ruleset = format!(
+            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip saddr {from} ip daddr {to} drop\n    ip saddr {to} ip daddr {from} drop\n  }}\n}}\n"
+        );
+        nft_stdin(&ruleset).with_context(|| format!("cannot add the block:\n{ruleset}"))?;
+        Ok(Partition {
+            table,
+            healed: false,
+        })
+    }
+
     /// Deletes the rules.
     pub fn heal(mut self) -> anyhow::Result<()> {
         self.healed = true;
@@ -242,7 +267,11 @@ fn sweep_stale_tables() {
         let Some(name) = line.split_whitespace().nth(2) else {
             continue;
         };
-        let Some(pid) = name.strip_prefix(TABLE_PREFIX) else {
+        // "…_1234", or "…_1234_2" for a block.
+        let Some(pid) = name
+            .strip_prefix(TABLE_PREFIX)
+            .map(|rest| rest.split('_').next().unwrap_or(rest))
+        else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {

@@ -314,6 +314,11 @@ impl Hub {
         self.lock_sessions().moving.len()
     }
 
+    /// Forgets every move asked and not made: those clients stay (a cut-off node back in touch).
+    pub(crate) fn forget_moves(&self) {
+        self.lock_sessions().moving.clear();
+    }
+
     /// Connections told to move at least `deadline` ago and still here: to be closed.
     pub(crate) fn overdue(&self, deadline: std::time::Duration) -> Vec<Outlet> {
         let now = Instant::now();

@@ -209,25 +209,32 @@ impl Shared {
 /// How fast a node that finds itself cut off sends its clients elsewhere.
 const ISOLATION_DRAIN: Duration = Duration::from_secs(1);
 
-/// A node cut off from the farm sends its clients to the rest of it (paced over
-/// [`ISOLATION_DRAIN`]; they resume there from their positions, and those that cannot reach it
-/// come back and are told the feed is partial); once back in touch, it fetches what its
-/// streams missed meanwhile.
+/// A node cut off from the farm asks its clients to move to the rest of it (`migrate`, paced over
+/// [`ISOLATION_DRAIN`]; a client without the feature is closed with `4000`). Those that reach
+/// another node move make-before-break and resume there from their positions; those that cannot
+/// stay, told the feed is partial, and are not closed for it. Once back in touch, the node
+/// forgets the moves not made and fetches what its streams missed meanwhile.
 async fn follow_isolation(shared: Arc<Shared>, mut isolated: watch::Receiver<bool>) {
+    let mut moving: Option<CancellationToken> = None;
     loop {
         tokio::select! {
             _ = shared.cancel.cancelled() => return,
             changed = isolated.changed() => if changed.is_err() { return },
         }
         if *isolated.borrow_and_update() {
-            shared.tracker.spawn(drain::run(
-                shared.hub.sessions(),
+            let cancel = shared.cancel.child_token();
+            moving = Some(cancel.clone());
+            shared.tracker.spawn(rebalance::move_all(
+                shared.clone(),
                 ISOLATION_DRAIN,
-                close::RECONNECT_ELSEWHERE,
-                "node cut off from the farm: reconnect elsewhere",
-                shared.cancel.child_token(),
+                rebalance::Why::CutOff,
+                cancel,
             ));
         } else {
+            if let Some(moving) = moving.take() {
+                moving.cancel();
+            }
+            shared.hub.forget_moves();
             shared.broker.catch_up().await;
         }
     }

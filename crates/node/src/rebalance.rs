@@ -51,6 +51,8 @@ pub(crate) enum Why {
     Rebalance,
     Drain,
     Shutdown,
+    /// The node is cut off from the farm (`crate::membership`).
+    CutOff,
 }
 
 impl Why {
@@ -59,6 +61,7 @@ impl Why {
             Why::Rebalance => "rebalance",
             Why::Drain => "drain",
             Why::Shutdown => "shutdown",
+            Why::CutOff => "cut_off",
         }
     }
 
@@ -68,6 +71,7 @@ impl Why {
             Why::Rebalance => "rebalancing: reconnect elsewhere",
             Why::Drain => "node draining: reconnect elsewhere",
             Why::Shutdown => "node shutting down: reconnect elsewhere",
+            Why::CutOff => "node cut off from the farm: reconnect elsewhere",
         }
     }
 }
@@ -171,7 +175,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = shared.cancel.cancelled() => return,
             _ = sleep(TICK.mul_f64(jitter)) => {}
         }
-        for outlet in shared.hub.overdue(shared.config.migrate_deadline()) {
+        // A cut-off node's clients that could not move (they reach no other node) stay, and are
+        // told the feed is partial: none is closed for not moving.
+        let cut_off = *shared.isolated_rx.borrow();
+        for outlet in shared
+            .hub
+            .overdue(shared.config.migrate_deadline())
+            .into_iter()
+            .filter(|_| !cut_off)
+        {
             metrics::inc(&shared.metrics.migrations_timed_out);
             outlet.closer.close(
                 close::RECONNECT_ELSEWHERE,

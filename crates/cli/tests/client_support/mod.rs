@@ -215,6 +215,8 @@ pub(crate) struct Seen {
     pub(crate) gaps: u32,
     /// Why each connection ended, in order.
     pub(crate) losses: Vec<String>,
+    /// Each `Feed` event's `complete`, in order.
+    pub(crate) feeds: Vec<bool>,
 }
 
 /// Library clients in this process, each in a task recording what it saw.
@@ -284,6 +286,7 @@ impl Crowd {
                         Event::Retrying { .. } => seen.retries += 1,
                         Event::Recovered { .. } => seen.recovered += 1,
                         Event::Gap { .. } => seen.gaps += 1,
+                        Event::Feed { complete, .. } => seen.feeds.push(complete),
                         _ => {}
                     }
                 }
