@@ -1,11 +1,13 @@
-//! A farm in this process through random kills and restarts of its nodes while messages are
+//! A farm in this process through random kills, hangs and restarts of its nodes while messages are
 //! published: every client receives, per topic, the published sequence — each acknowledged
 //! message once, in order — or that sequence with a gap it was told about. Nothing else.
 //!
-//! Nodes are `streamfarm_node::NodeHandle`s on 127.0.0.1–3 with fast timers; a kill drops the
-//! handle (its sockets close, its gossip stops; the farm lists it `DOWN` after the failure
-//! timeout), a restart starts a new process-less node of the same name on a new port. At most one
-//! node is down at a time (the guarantee is for the loss of any one node). The publisher numbers
+//! Nodes are `streamfarm_node::NodeHandle`s on 127.0.0.1–3 with fast timers, each on a runtime
+//! and thread of its own. A kill drops the node and its runtime (its sockets close, its gossip
+//! stops; the farm lists it `DOWN` after the failure timeout); a hang blocks its thread for a
+//! while, as `SIGSTOP` would: its sockets stay open and nothing answers, then it carries on with
+//! what it knew; a restart starts a new node of the same name on a new port. At most one node
+//! is down or hung at a time (the guarantee is for the loss of any one node). The publisher numbers
 //! its messages, sends each again through another node until one acknowledges it (under the same
 //! `Idempotency-Key`), and keeps the position each acknowledged one got, so a client's `Gap`
 //! events can be checked against exactly the messages they name.
@@ -17,7 +19,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use streamfarm_client::{Client, ClientOptions, Epoch, Event, Position, ServiceAddress};
+use streamfarm_core::FarmList;
 use streamfarm_node::{NodeConfig, NodeHandle};
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 const TOPIC: &str = "chaos";
@@ -42,6 +46,8 @@ enum Step {
     Kill(usize),
     /// Start the dead node again.
     Restart,
+    /// Block node `i` for this many milliseconds (if every node is up and none hangs).
+    Hang(usize, u64),
     /// Let messages flow for this many milliseconds.
     Flow(u64),
 }
@@ -50,6 +56,7 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         (0..NODES).prop_map(Step::Kill),
         Just(Step::Restart),
+        (0..NODES, 500u64..2500).prop_map(|(i, ms)| Step::Hang(i, ms)),
         (100u64..800).prop_map(Step::Flow),
     ]
 }
@@ -61,30 +68,105 @@ struct Seen {
     gaps: Vec<(Epoch, u64, Option<u64>)>,
 }
 
+/// A node on a runtime and thread of its own, so that it can hang as a stopped process does.
+struct Node {
+    name: String,
+    url: String,
+    listen: SocketAddr,
+    gossip: SocketAddr,
+    farm: watch::Receiver<FarmList>,
+    runtime: tokio::runtime::Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Node {
+    fn start(config: NodeConfig) -> Node {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let node = NodeHandle::start(config).await.expect("node starts");
+                let (stop_tx, stop_rx) = oneshot::channel::<()>();
+                let _ = ready_tx.send((
+                    node.name().to_string(),
+                    node.url().to_string(),
+                    node.listen_addr(),
+                    node.gossip_addr(),
+                    node.farm(),
+                    tokio::runtime::Handle::current(),
+                    stop_tx,
+                ));
+                let _ = stop_rx.await;
+                drop(node);
+            });
+            // The runtime goes with the thread: every task of the node ends, its sockets close.
+        });
+        let (name, url, listen, gossip, farm, runtime, stop) =
+            ready_rx.recv().expect("the node's thread started it");
+        Node {
+            name,
+            url,
+            listen,
+            gossip,
+            farm,
+            runtime,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Blocks the node's only thread for `span`: it reads, writes and decides nothing meanwhile.
+    fn hang(&self, span: Duration) {
+        self.runtime.spawn(async move { std::thread::sleep(span) });
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 struct Farm {
-    nodes: Vec<Option<NodeHandle>>,
+    nodes: Vec<Option<Node>>,
+    /// Until when a node hangs.
+    hung_until: Option<Instant>,
 }
 
 impl Farm {
     async fn start() -> Farm {
-        let mut nodes: Vec<Option<NodeHandle>> = Vec::new();
+        let mut nodes: Vec<Option<Node>> = Vec::new();
         for i in 0..NODES {
-            let join = nodes
-                .first()
-                .and_then(|n| n.as_ref())
-                .map(|n| n.gossip_addr());
-            let node = NodeHandle::start(config(&format!("n{i}"), i, join))
+            let join = nodes.first().and_then(|n| n.as_ref()).map(|n| n.gossip);
+            let config = config(&format!("n{i}"), i, join);
+            let node = tokio::task::spawn_blocking(move || Node::start(config))
                 .await
-                .expect("node starts");
+                .expect("node thread");
             nodes.push(Some(node));
         }
-        let farm = Farm { nodes };
+        let farm = Farm {
+            nodes,
+            hung_until: None,
+        };
         farm.wait_all_up().await;
         farm
     }
 
-    fn live(&self) -> Vec<&NodeHandle> {
+    fn live(&self) -> Vec<&Node> {
         self.nodes.iter().flatten().collect()
+    }
+
+    fn hanging(&self) -> bool {
+        self.hung_until.is_some_and(|until| Instant::now() < until)
     }
 
     async fn wait_all_up(&self) {
@@ -92,12 +174,11 @@ impl Farm {
         loop {
             let live = self.live();
             let all = live.iter().all(|n| {
-                let farm = n.farm();
-                let list = farm.borrow();
+                let list = n.farm.borrow();
                 live.iter().all(|m| {
-                    list.servers.iter().any(|s| {
-                        s.name == m.name() && s.url == m.url() && s.status.as_str() == "UP"
-                    })
+                    list.servers
+                        .iter()
+                        .any(|s| s.name == m.name && s.url == m.url && s.status.as_str() == "UP")
                 })
             });
             if all {
@@ -110,22 +191,40 @@ impl Farm {
 
     async fn apply(&mut self, step: &Step) {
         match step {
-            Step::Kill(i) if self.nodes.iter().all(Option::is_some) => {
-                drop(self.nodes[*i].take());
+            Step::Kill(i) if self.nodes.iter().all(Option::is_some) && !self.hanging() => {
+                let node = self.nodes[*i].take();
+                tokio::task::spawn_blocking(move || drop(node))
+                    .await
+                    .expect("node stopped");
+            }
+            Step::Hang(i, ms) if self.nodes.iter().all(Option::is_some) && !self.hanging() => {
+                let span = Duration::from_millis(*ms);
+                let Some(node) = &self.nodes[*i] else { return };
+                node.hang(span);
+                self.hung_until = Some(Instant::now() + span);
+                // Hung for real: its health check, which a live node answers in a millisecond,
+                // gets no answer.
+                let health = reqwest::Client::new()
+                    .get(format!("http://{}/healthz", node.listen))
+                    .timeout(Duration::from_millis(200))
+                    .send()
+                    .await;
+                assert!(health.is_err(), "a hung node answered: {health:?}");
             }
             Step::Restart => {
                 let Some(i) = self.nodes.iter().position(Option::is_none) else {
                     return;
                 };
-                let join = self.live().first().map(|n| n.gossip_addr());
-                let node = NodeHandle::start(config(&format!("n{i}"), i, join))
+                let join = self.live().first().map(|n| n.gossip);
+                let config = config(&format!("n{i}"), i, join);
+                let node = tokio::task::spawn_blocking(move || Node::start(config))
                     .await
-                    .expect("node restarts");
+                    .expect("node thread");
                 self.nodes[i] = Some(node);
                 self.wait_all_up().await;
             }
             Step::Flow(ms) => tokio::time::sleep(Duration::from_millis(*ms)).await,
-            Step::Kill(_) => {}
+            Step::Kill(_) | Step::Hang(..) => {}
         }
     }
 }
@@ -215,10 +314,7 @@ async fn run(steps: Vec<Step>) {
         .try_init();
     let mut farm = Farm::start().await;
     let addrs = Arc::new(Mutex::new(
-        farm.live()
-            .iter()
-            .map(|n| n.listen_addr())
-            .collect::<Vec<_>>(),
+        farm.live().iter().map(|n| n.listen).collect::<Vec<_>>(),
     ));
     let seeds: ServiceAddress = addrs
         .lock()
@@ -267,10 +363,14 @@ async fn run(steps: Vec<Step>) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     for step in &steps {
         farm.apply(step).await;
-        *addrs.lock().unwrap() = farm.live().iter().map(|n| n.listen_addr()).collect();
+        *addrs.lock().unwrap() = farm.live().iter().map(|n| n.listen).collect();
+    }
+    // A hang ends, and a dead node comes back, before the count.
+    if let Some(until) = farm.hung_until {
+        tokio::time::sleep_until(until).await;
     }
     farm.apply(&Step::Restart).await;
-    *addrs.lock().unwrap() = farm.live().iter().map(|n| n.listen_addr()).collect();
+    *addrs.lock().unwrap() = farm.live().iter().map(|n| n.listen).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     publisher.abort();
     let acked = acked.lock().unwrap().clone();
@@ -299,9 +399,9 @@ async fn run(steps: Vec<Step>) {
     for (_, task) in clients {
         task.abort();
     }
-    for node in farm.nodes.into_iter().flatten() {
-        node.shutdown().await;
-    }
+    tokio::task::spawn_blocking(move || drop(farm.nodes))
+        .await
+        .expect("nodes stopped");
     eprintln!(
         "{steps:?}: {} messages acknowledged, every client checked",
         acked.len()
@@ -319,11 +419,14 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, .. ProptestConfig::default() })]
     #[test]
     fn every_client_gets_the_published_sequence_or_a_gap_it_was_told(
-        first in 0..NODES,
+        first in prop_oneof![
+            (0..NODES).prop_map(Step::Kill),
+            (0..NODES, 500u64..2500).prop_map(|(i, ms)| Step::Hang(i, ms)),
+        ],
         rest in proptest::collection::vec(step(), 1..6)
     ) {
-        // Every story starts with a kill.
-        let mut steps = vec![Step::Flow(200), Step::Kill(first)];
+        // Every story starts with a kill or a hang.
+        let mut steps = vec![Step::Flow(200), first];
         steps.extend(rest);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
