@@ -28,7 +28,9 @@
 //!   never acknowledged: their origins send them again to the new one, which recognizes those it
 //!   already sequenced by their [`PublishId`] and does not number them twice;
 //! - a node **returns** or **joins** and ranks first: it claims the topic the same way, from the
-//!   node that sequenced it meanwhile.
+//!   node that sequenced it meanwhile. A node that stops sequencing keeps what it numbered that
+//!   provably went out, with the publish ids, so the next claimant still recognizes a publish
+//!   sent again under its key when the replica dies in the handover.
 //!
 //! A node leaves the placements when the farm lists it `DOWN`, or at once when its relay links
 //! were reset or refused by its side (a killed process's kernel does that; a hung or cut-off node
@@ -191,7 +193,12 @@ impl Broker {
             publish_timeout,
             housekeeping_at: Instant::now() + HOUSEKEEPING,
         };
-        tracker.spawn(core.run(inbox.0, cancel));
+        // The node's name on every line the broker logs: several nodes share a process in tests.
+        let span = tracing::info_span!("broker", node = %core.me);
+        tracker.spawn(tracing::Instrument::instrument(
+            core.run(inbox.0, cancel),
+            span,
+        ));
         Arc::new(Broker {
             hub,
             relay,
@@ -725,7 +732,7 @@ impl Core {
                 chain.fenced = chain.fenced.max(term);
                 if chain.seq.as_ref().is_some_and(|s| s.term < term) {
                     info!(%topic, term, "a newer sequencer claimed the topic: no longer sequencing it");
-                    chain.seq = None;
+                    self.stop_sequencing(&topic);
                 }
             }
             PeerFrame::Prime { topic } => {
@@ -1076,15 +1083,44 @@ impl Core {
         newer(stored, self.hub.state(topic, None))
     }
 
+    /// Stops sequencing `topic`, keeping as this node's stored log what it numbered that
+    /// provably went out — up to what its replica reported stored, or what its own stream
+    /// delivered (a message reaches a stream only once the replica stored it) — with the
+    /// messages' publish ids: a later sequencer that continues from it recognizes a publish sent
+    /// again under its key, where a log rebuilt from a delivery stream could not. Whether it was
+    /// sequencing.
+    fn stop_sequencing(&mut self, topic: &str) -> bool {
+        let Some(seq) = self.chains.get_mut(topic).and_then(|c| c.seq.take()) else {
+            return false;
+        };
+        let epoch = seq.log.epoch();
+        let delivered = self
+            .hub
+            .state(topic, None)
+            .filter(|s| s.epoch == epoch)
+            .map_or(0, |s| s.last);
+        let upto = seq.replicated.max(delivered);
+        let mut numbered = LogState::of(&seq.log, None);
+        numbered.entries.retain(|e| e.offset <= upto);
+        numbered.last = numbered.last.min(upto);
+        if let Some(chain) = self.chains.get_mut(topic) {
+            let stored = chain.stored.as_ref().map(|log| LogState::of(log, None));
+            if newer(stored.clone(), Some(numbered.clone())) != stored {
+                chain.stored = Some(log_from_state(topic, &numbered));
+            }
+        }
+        true
+    }
+
     fn on_claim(&mut self, from: String, topic: String, term: u64) {
+        let granted = term > self.chains.entry(topic.clone()).or_default().fenced;
+        if granted && self.stop_sequencing(&topic) {
+            info!(%topic, claimant = %from, "topic claimed by another node: no longer sequencing it");
+        }
         let state = self.best_state(&topic);
         let chain = self.chains.entry(topic.clone()).or_default();
-        let granted = term > chain.fenced;
         if granted {
             chain.fenced = term;
-            if chain.seq.take().is_some() {
-                info!(%topic, claimant = %from, "topic claimed by another node: no longer sequencing it");
-            }
             chain.claim = None;
         }
         let queued = if granted {
@@ -1336,13 +1372,13 @@ impl Core {
         let topics: Vec<String> = self.chains.keys().cloned().collect();
         for topic in topics {
             let placement = self.placement(&topic);
+            if placement.sequencer != self.me && self.stop_sequencing(&topic) {
+                info!(%topic, sequencer = %placement.sequencer, "no longer sequencing the topic");
+            }
             let Some(chain) = self.chains.get_mut(&topic) else {
                 continue;
             };
             if placement.sequencer != self.me {
-                if chain.seq.take().is_some() {
-                    info!(%topic, sequencer = %placement.sequencer, "no longer sequencing the topic");
-                }
                 if let Some(claim) = chain.claim.take() {
                     debug!(%topic, term = claim.term, "claim abandoned");
                 }
