@@ -56,6 +56,9 @@ use crate::trust::{RelayAuth, Side, Transcript};
 use streamfarm_core::protocol::Epoch;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+mod nats;
+pub(crate) use nats::{NatsParts, NatsRelay, NatsSettings};
+
 /// How long a subscription waits for peers to acknowledge the new interest.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 /// Timeout to establish a relay link.
