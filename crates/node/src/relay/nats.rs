@@ -39,8 +39,9 @@
 //!   the farm lists `UP` this way (every [`PROBE_EVERY`], at most [`PROBE_RATE`] probes a
 //!   second), and reports a peer refused as a relay link ended by its side ([`LinkEnds`]); a
 //!   hung or cut-off peer keeps its subscription and is refused nothing, as with the embedded
-//!   relay. Probes are not trusted for the first `failure_timeout` after this node (re)connects
-//!   to NATS: after a NATS restart its peers may not be back yet.
+//!   relay. Probes are not trusted for the first [`PROBE_GRACE`] (or `failure_timeout`, if
+//!   shorter) after this node (re)connects to NATS: after a NATS restart its peers may not be
+//!   back yet.
 //!
 //! # NATS down
 //! async-nats reconnects on its own (and re-subscribes); meanwhile `send` is false, publishes
@@ -88,6 +89,10 @@ pub(crate) const MAX_FRAME_AGE: Duration = Duration::from_secs(60);
 const SUBSCRIPTION_CAPACITY: usize = 8192;
 /// How long start-up waits for the first connection to NATS before going on without it.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(2);
+/// Longest time after this node (re)connects to NATS during which a probe NATS refuses is not
+/// believed (peers may still be reconnecting after a NATS restart); shorter when
+/// `failure_timeout` is (the membership would judge sooner anyway).
+const PROBE_GRACE: Duration = Duration::from_secs(2);
 /// Sequence numbers a receiver remembers per sender, for frames that arrive out of order (the
 /// topic and node subscriptions are read side by side).
 const REPLAY_WINDOW: u64 = 1024;
@@ -425,7 +430,8 @@ impl NatsRelay {
         } else {
             warn!(nats = %settings.redacted(), "NATS not reachable yet: relaying nothing until it is (retrying)");
         }
-        let trusted_from = Arc::new(Mutex::new(Instant::now() + parts.failure_timeout));
+        let grace = parts.failure_timeout.min(PROBE_GRACE);
+        let trusted_from = Arc::new(Mutex::new(Instant::now() + grace));
         tracker.spawn(write(relay.clone(), out_rx, cancel.clone()));
         tracker.spawn(read(
             relay.clone(),
@@ -433,7 +439,7 @@ impl NatsRelay {
             node_sub,
             event_rx,
             trusted_from.clone(),
-            parts.failure_timeout,
+            grace,
             cancel.clone(),
         ));
         tracker.spawn(probe(
@@ -506,12 +512,17 @@ impl NatsRelay {
     /// The sender of `message`, when it is a frame of the farm (authenticated, new, recent when
     /// there is a farm secret); `None` (counted) otherwise.
     fn sender(&self, message: &async_nats::Message) -> Option<String> {
-        let headers = message.headers.as_ref()?;
-        let get = |name: &str| headers.get(name).map(|v| v.as_str());
+        let get = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str())
+        };
         let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
-        let from = get(header::FROM)?.to_string();
+        let from = get(header::FROM).unwrap_or_default().to_string();
         let Some(auth) = &self.auth else {
-            return Some(from);
+            return (!from.is_empty()).then_some(from);
         };
         let refused = |why: &str| {
             metrics::inc(&self.metrics.relay_auth_failures);
@@ -626,7 +637,7 @@ async fn read(
     node_sub: async_nats::Subscriber,
     mut events: mpsc::Receiver<Event>,
     trusted_from: Arc<Mutex<Instant>>,
-    failure_timeout: Duration,
+    grace: Duration,
     cancel: CancellationToken,
 ) {
     let mut interest_rx = relay.hub.interest_watch();
@@ -672,7 +683,7 @@ async fn read(
                 match event {
                     Event::Connected => {
                         relay.connected.store(true, Ordering::Relaxed);
-                        let settled = Instant::now() + failure_timeout;
+                        let settled = Instant::now() + grace;
                         *trusted_from.lock().unwrap_or_else(|e| e.into_inner()) = settled;
                         info!("NATS connected: fetching what was missed meanwhile");
                         relay.check_max_payload();
@@ -684,6 +695,7 @@ async fn read(
                     }
                     Event::Disconnected => {
                         relay.connected.store(false, Ordering::Relaxed);
+                        metrics::inc(&relay.metrics.relay_disconnects);
                         warn!("NATS disconnected: nothing is relayed until it is back (async-nats reconnects)");
                     }
                     Event::SlowConsumer(sid) => {
@@ -712,6 +724,10 @@ impl NatsRelay {
         broker: &BrokerInput,
         wakes: &mut FrameWakes,
     ) {
+        // A probe (see `probe`): its only purpose is to have been received.
+        if message.payload.is_empty() {
+            return;
+        }
         let Some(from) = self.sender(&message) else {
             return;
         };
