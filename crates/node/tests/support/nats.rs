@@ -1,4 +1,4 @@
-//! A real `nats-server` for the tests of the NATS relay: found on `PATH`, started on 127.0.0.x
+//! A real `nats-server` for the tests of the NATS relay: found on `PATH` (or in `/usr/sbin`), started on 127.0.0.x
 //! with a port of its own, ready when it accepts connections (10 s at most), killed on drop — and,
 //! should the test process die first, by a watchdog that outlives nothing but it.
 //!
@@ -72,9 +72,10 @@ impl NatsServer {
 
     fn spawn(addr: SocketAddr, conf: &std::path::Path, dir: &std::path::Path) -> NatsServer {
         let script = format!(
-            "nats-server -c '{conf}' >>'{log}' 2>&1 & child=$!; echo $child; \
+            "'{binary}' -c '{conf}' >>'{log}' 2>&1 & child=$!; echo $child; \
              while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.2; done; \
              kill -9 $child 2>/dev/null",
+            binary = binary().display(),
             conf = conf.display(),
             log = dir.join("nats.log").display(),
             parent = std::process::id(),
@@ -138,6 +139,17 @@ impl Drop for NatsServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The `nats-server` binary: on `PATH`, or where Debian's package puts it (`/usr/sbin`, not on
+/// every user's `PATH`).
+fn binary() -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/local/bin".into()])
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file())
+        .expect("nats-server on PATH or in /usr/sbin (scripts/test.sh installs it)")
 }
 
 /// Whether this run's farm tests relay through NATS (`STREAMFARM_TEST_RELAY=nats`).
