@@ -22,10 +22,12 @@
 //! `_` as they are, every other byte as `~` and two hex digits, so dots, wildcards and spaces in
 //! a topic cannot change the subject's meaning (`a.b` is `a~2Eb`).
 //!
-//! The connection sets `no_echo`: a replica does not get back its own messages. Frames carry the
-//! sender's name, incarnation and a sequence number in headers; with a farm secret also a tag
-//! (`crate::trust::NatsAuth`), and a frame whose tag does not verify, or that was seen before or
-//! is over [`MAX_FRAME_AGE`] old, is dropped and counted (`relay_auth_failures_total`).
+//! The connection sets `no_echo`: a replica does not get back its own messages. A broker frame
+//! carries its sender's name in a header (`Sf-From`). With a farm secret every frame also
+//! carries the sender's incarnation, a sequence number, the time and a tag
+//! (`crate::trust::NatsAuth`); a frame whose tag does not verify, or that was seen before, or is
+//! over [`MAX_FRAME_AGE`] old, is dropped and counted (`relay_auth_failures_total`). Without a
+//! secret a `msg` frame travels with no header at all.
 //!
 //! # What the broker is told
 //! - `sync_interest` resolves once NATS holds the subscriptions of the current interest (a
@@ -248,6 +250,8 @@ impl Subjects {
 struct Outgoing {
     subject: String,
     payload: Bytes,
+    /// A broker frame for one node (its receiver needs to know the sender), not a `msg` frame.
+    to_node: bool,
 }
 
 impl Outgoing {
@@ -471,8 +475,12 @@ impl NatsRelay {
     }
 
     /// Queues `payload` for `subject`; false when the queue is full.
-    fn offer(&self, subject: String, payload: Bytes) -> bool {
-        let out = Outgoing { subject, payload };
+    fn offer(&self, subject: String, payload: Bytes, to_node: bool) -> bool {
+        let out = Outgoing {
+            subject,
+            payload,
+            to_node,
+        };
         let cost = out.cost();
         if !self.queued.take(cost, self.queue_bytes) {
             metrics::inc(&self.metrics.relay_drops);
@@ -486,27 +494,34 @@ impl NatsRelay {
         true
     }
 
-    /// The headers of the next frame to `subject`.
-    fn headers(&self, subject: &str, payload: &[u8]) -> HeaderMap {
+    /// The headers of the next frame `out`: with a farm secret, the sender, its incarnation and
+    /// sequence number, the time and the tag; without, the sender of a broker frame only (a
+    /// `msg` frame needs none: every byte a header costs is paid per message).
+    fn headers(&self, out: &Outgoing) -> Option<HeaderMap> {
+        let mut headers = HeaderMap::new();
+        let Some(auth) = &self.auth else {
+            if !out.to_node {
+                return None;
+            }
+            headers.insert(header::FROM, self.name.as_str());
+            return Some(headers);
+        };
         let seq = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
         let sent_ms = crate::now_ms();
-        let mut headers = HeaderMap::new();
         headers.insert(header::FROM, self.name.as_str());
         headers.insert(header::INCARNATION, self.incarnation.to_string().as_str());
         headers.insert(header::SEQ, seq.to_string().as_str());
         headers.insert(header::SENT, sent_ms.to_string().as_str());
-        if let Some(auth) = &self.auth {
-            let tag = auth.tag(&NatsFrame {
-                subject,
-                from: &self.name,
-                incarnation: self.incarnation,
-                seq,
-                sent_ms,
-                payload,
-            });
-            headers.insert(header::TAG, tag.as_str());
-        }
-        headers
+        let tag = auth.tag(&NatsFrame {
+            subject: &out.subject,
+            from: &self.name,
+            incarnation: self.incarnation,
+            seq,
+            sent_ms,
+            payload: &out.payload,
+        });
+        headers.insert(header::TAG, tag.as_str());
+        Some(headers)
     }
 
     /// The sender of `message`, when it is a frame of the farm (authenticated, new, recent when
@@ -522,7 +537,9 @@ impl NatsRelay {
         let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
         let from = get(header::FROM).unwrap_or_default().to_string();
         let Some(auth) = &self.auth else {
-            return (!from.is_empty()).then_some(from);
+            // Unauthenticated: a `msg` frame carries no sender (an empty name), a broker frame
+            // its sender's name (checked where it is used).
+            return Some(from);
         };
         let refused = |why: &str| {
             metrics::inc(&self.metrics.relay_auth_failures);
@@ -571,13 +588,13 @@ impl Relay for NatsRelay {
             return;
         }
         let payload = Bytes::from(frame.clone());
-        if self.offer(self.subjects.topic(topic), payload) {
+        if self.offer(self.subjects.topic(topic), payload, false) {
             metrics::inc(&self.metrics.relay_messages_out);
         }
     }
 
     fn send(&self, peer: &str, frame: Utf8Bytes) -> bool {
-        self.is_connected() && self.offer(self.subjects.node(peer), Bytes::from(frame))
+        self.is_connected() && self.offer(self.subjects.node(peer), Bytes::from(frame), true)
     }
 
     fn sync_interest(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
@@ -615,10 +632,20 @@ async fn write(
             },
         };
         relay.queued.give(out.cost());
-        let headers = relay.headers(&out.subject, &out.payload);
+        let publish = async {
+            match relay.headers(&out) {
+                Some(headers) => {
+                    relay
+                        .client
+                        .publish_with_headers(out.subject, headers, out.payload)
+                        .await
+                }
+                None => relay.client.publish(out.subject, out.payload).await,
+            }
+        };
         let published = tokio::select! {
             _ = cancel.cancelled() => break,
-            published = relay.client.publish_with_headers(out.subject, headers, out.payload) => published,
+            published = publish => published,
         };
         if let Err(err) = published {
             metrics::inc(&relay.metrics.relay_drops);
@@ -758,7 +785,10 @@ impl NatsRelay {
                 };
                 broker::deliver_from_peer(&self.hub, broker, &topic, epoch, entry, wakes);
             }
-            Ok(LinkDown::Broker) if message.subject.as_str() == self.subjects.node(&self.name) => {
+            Ok(LinkDown::Broker)
+                if !from.is_empty()
+                    && message.subject.as_str() == self.subjects.node(&self.name) =>
+            {
                 match serde_json::from_str::<PeerFrame>(text) {
                     Ok(frame) => {
                         wakes.wake_all();
