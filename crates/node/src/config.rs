@@ -870,6 +870,18 @@ mod tests {
                 "handshake_timeout_ms",
                 Box::new(|c| c.handshake_timeout_ms = 0),
             ),
+            ("relay", Box::new(|c| c.relay = "embeded".into())),
+            (
+                "relay",
+                Box::new(|c| c.relay = "nats://a:b@h:1,nats://".into()),
+            ),
+            (
+                "relay_subject_prefix",
+                Box::new(|c| {
+                    c.relay = "nats://127.0.0.1:4222".into();
+                    c.relay_subject_prefix = Some("farm.>".into());
+                }),
+            ),
         ];
         for (field, break_it) in cases {
             let mut config = NodeConfig::new("a");
