@@ -1,6 +1,7 @@
 //! A real `nats-server` for the tests of the NATS relay: found on `PATH` (or in `/usr/sbin`), started on 127.0.0.x
 //! with a port of its own, ready when it accepts connections (10 s at most), killed on drop — and,
-//! should the test process die first, by a watchdog that outlives nothing but it.
+//! should the test process end first (the binary's shared server is never dropped), by a
+//! watchdog shell that then removes its files too.
 //!
 //! `STREAMFARM_TEST_RELAY=nats` makes [`use_test_relay`] put the nodes of a test on NATS: one
 //! server for the test binary, and a subject prefix per test, so tests running side by side do
@@ -74,8 +75,9 @@ impl NatsServer {
         let script = format!(
             "'{binary}' -c '{conf}' >>'{log}' 2>&1 & child=$!; echo $child; \
              while kill -0 {parent} 2>/dev/null && kill -0 $child 2>/dev/null; do sleep 0.2; done; \
-             kill -9 $child 2>/dev/null",
+             kill -9 $child 2>/dev/null; kill -0 {parent} 2>/dev/null || rm -rf '{dir}'",
             binary = binary().display(),
+            dir = dir.display(),
             conf = conf.display(),
             log = dir.join("nats.log").display(),
             parent = std::process::id(),
