@@ -585,6 +585,8 @@ impl NatsRelay {
 impl Relay for NatsRelay {
     fn fanout(&self, topic: &str, frame: &Utf8Bytes) {
         if !self.is_connected() {
+            // Fetched by position once NATS is back (see the module docs).
+            metrics::inc(&self.metrics.relay_drops);
             return;
         }
         let payload = Bytes::from(frame.clone());
