@@ -45,6 +45,14 @@
 //!   shorter) after this node (re)connects to NATS: after a NATS restart its peers may not be
 //!   back yet.
 //!
+//! # Bounds
+//! Frames toward NATS wait in one queue of at most `relay_queue` frames and `relay_queue_bytes`
+//! bytes (beyond, they are dropped and counted in `relay_drops_total`, and repaired as above),
+//! then in async-nats' own command queue (2048 commands). Frames from NATS wait in each
+//! subscription's queue, at most [`SUBSCRIPTION_CAPACITY`] frames (async-nats bounds it in frames,
+//! not bytes: with NATS's `max_payload`, that bounds the bytes); beyond, async-nats drops them and
+//! reports a slow consumer, and the node fetches what it missed.
+//!
 //! # NATS down
 //! async-nats reconnects on its own (and re-subscribes); meanwhile `send` is false, publishes
 //! wait for their acknowledgement (and time out after `publish_timeout` if NATS stays away),
