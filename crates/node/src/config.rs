@@ -218,6 +218,16 @@ pub struct NodeConfig {
     /// state, so it is opened to browsers only on purpose.
     #[serde(default)]
     pub cors_publish_origins: Vec<String>,
+    /// How messages travel between nodes: `embedded` (the default: links between the nodes
+    /// themselves, a full mesh) or a NATS server to relay through —
+    /// `nats://[user:pass@]host:port` (or `tls://…`), several separated by commas — for farms too
+    /// large for a full mesh (`docs/NATS.md`).
+    #[serde(default = "default_relay")]
+    pub relay: String,
+    /// With a NATS relay: the first tokens of every subject the farm uses on NATS (default
+    /// `streamfarm.` and the cluster name), so that several farms can share one NATS.
+    #[serde(default)]
+    pub relay_subject_prefix: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -322,9 +332,15 @@ fn default_anonymous_topics() -> Vec<String> {
 fn default_tls_reload_ms() -> u64 {
     5_000
 }
+fn default_relay() -> String {
+    EMBEDDED_RELAY.to_string()
+}
 fn default_dns_ttl() -> u64 {
     streamfarm_dns::DEFAULT_TTL.as_secs()
 }
+
+/// The `relay` value of the embedded relay.
+pub const EMBEDDED_RELAY: &str = "embedded";
 
 /// Largest `max_frame_bytes` accepted: beyond it a frame could not be buffered safely (and a
 /// value that overflows once the JSON envelope is added is caught).
@@ -471,6 +487,8 @@ impl NodeConfig {
             dns_ttl: default_dns_ttl(),
             cors_farm_origins: default_cors_farm_origins(),
             cors_publish_origins: Vec::new(),
+            relay: default_relay(),
+            relay_subject_prefix: None,
         }
     }
 
@@ -640,7 +658,22 @@ impl NodeConfig {
                 );
             }
         }
+        self.nats_relay()?;
         Ok(())
+    }
+
+    /// The NATS relay's settings when `relay` names NATS servers; `None` for the embedded relay.
+    pub(crate) fn nats_relay(&self) -> Result<Option<crate::relay::NatsSettings>, ConfigError> {
+        if self.relay == EMBEDDED_RELAY {
+            return Ok(None);
+        }
+        crate::relay::NatsSettings::parse(
+            &self.relay,
+            self.relay_subject_prefix.as_deref(),
+            &self.cluster,
+        )
+        .map(Some)
+        .map_err(|(field, problem)| ConfigError::Invalid { field, problem })
     }
 
     /// The farm secret, read from `farm_secret` or `farm_secret_file`; `None` when neither is set.
@@ -882,6 +915,18 @@ mod tests {
             (
                 "handshake_timeout_ms",
                 Box::new(|c| c.handshake_timeout_ms = 0),
+            ),
+            ("relay", Box::new(|c| c.relay = "embeded".into())),
+            (
+                "relay",
+                Box::new(|c| c.relay = "nats://a:b@h:1,nats://".into()),
+            ),
+            (
+                "relay_subject_prefix",
+                Box::new(|c| {
+                    c.relay = "nats://127.0.0.1:4222".into();
+                    c.relay_subject_prefix = Some("farm.>".into());
+                }),
             ),
         ];
         for (field, break_it) in cases {

@@ -35,7 +35,6 @@ use tracing::info;
 
 use crate::auth::{self, PublisherCheck};
 use crate::broker::{PublishError, placement};
-use crate::relay::Relay;
 use crate::session::{self, check_topic};
 use crate::tls::TlsInfo;
 use crate::{Shared, metrics, web};
@@ -418,10 +417,7 @@ async fn admin_status(
 }
 
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
-    let (depth, links) = shared
-        .embedded
-        .as_ref()
-        .map_or((0, 0), |relay| relay.stats());
+    let (depth, links) = shared.broker.relay().stats();
     let text = shared
         .metrics
         .render(&shared.farm_rx.borrow(), depth, links);

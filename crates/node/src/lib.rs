@@ -25,7 +25,8 @@
 //!   per topic), history, recovery, claims and retries across node failures.
 //! - `hub` — local topics, their delivery streams in offset order, and fan-out: one serialized
 //!   frame shared by all subscribers, bounded per-connection queues, slow consumers closed.
-//! - `relay` — the `Relay` interface and the embedded relay over links between nodes.
+//! - `relay` — the `Relay` interface and the embedded relay over links between nodes;
+//!   `relay::nats`, the relay through NATS (`relay = "nats://…"`), which opens no links.
 //! - `queue` — the per-connection send queue, bounded in frames and bytes.
 //! - `trust` — the farm secret: signed gossip datagrams (`SignedUdp`), the relay handshake's
 //!   proofs (`SECURITY.md`).
@@ -136,6 +137,9 @@ pub enum NodeError {
         /// Why.
         message: String,
     },
+    /// The NATS relay (`relay = "nats://…"`) could not start.
+    #[error("relay: {0}")]
+    Relay(String),
     /// The DNS responder (`dns`) could not start.
     #[error(transparent)]
     Dns(#[from] streamfarm_dns::DnsError),
@@ -413,24 +417,56 @@ impl NodeHandle {
                 })?,
             ),
         };
-        let embedded = EmbeddedRelay::start(
-            config.name.clone(),
-            hub.clone(),
-            broker_input.clone(),
-            link_ends.clone(),
-            metrics.clone(),
-            relay::LinkSettings::new(&config, keys.map(trust::RelayAuth::new), dialer),
-            peers_rx.clone(),
-            cancel.clone(),
-            &tracker,
-        );
+        // One relay: the embedded one (links between the nodes), or NATS (no links at all).
+        let mut embedded = None;
+        let relay: Arc<dyn relay::Relay> = match config.nats_relay()? {
+            None => {
+                let relay = EmbeddedRelay::start(
+                    config.name.clone(),
+                    hub.clone(),
+                    broker_input.clone(),
+                    link_ends.clone(),
+                    metrics.clone(),
+                    relay::LinkSettings::new(
+                        &config,
+                        keys.clone().map(trust::RelayAuth::new),
+                        dialer,
+                    ),
+                    peers_rx.clone(),
+                    cancel.clone(),
+                    &tracker,
+                );
+                embedded = Some(relay.clone());
+                relay
+            }
+            Some(settings) => relay::NatsRelay::start(
+                settings,
+                relay::NatsParts {
+                    name: config.name.clone(),
+                    hub: hub.clone(),
+                    broker: broker_input.clone(),
+                    link_ends: link_ends.clone(),
+                    metrics: metrics.clone(),
+                    farm: farm_rx.clone(),
+                    auth: keys.clone().map(trust::NatsAuth::new),
+                    queue: config.relay_queue,
+                    queue_bytes: config.relay_queue_bytes,
+                    failure_timeout: config.failure_timeout(),
+                    history_bytes: config.history_bytes,
+                },
+                cancel.clone(),
+                &tracker,
+            )
+            .await
+            .map_err(NodeError::Relay)?,
+        };
 
         let broker = Broker::start(
             config.name.clone(),
             (broker_input, broker_inbox),
             hub.clone(),
             metrics.clone(),
-            embedded.clone(),
+            relay,
             farm_rx.clone(),
             peers_rx.clone(),
             link_ends.clone(),
@@ -450,7 +486,7 @@ impl NodeHandle {
             metrics,
             hub,
             broker,
-            embedded: Some(embedded),
+            embedded,
             status: status_tx,
             farm_rx,
             members_rx,

@@ -72,6 +72,8 @@ pub struct Metrics {
     /// Relay links refused: the handshake failed (no farm secret, a wrong one, a bad frame, or
     /// too slow), or the peer declared more interest than allowed.
     pub relay_auth_failures: AtomicU64,
+    /// Times the NATS relay lost its connection to NATS (0 with the embedded relay).
+    pub relay_disconnects: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -277,8 +279,14 @@ impl Metrics {
         metric(
             "relay_auth_failures_total",
             "counter",
-            "Relay links refused: failed handshake or interest over the limit.",
+            "Relay links refused: failed handshake or interest over the limit; with NATS, frames refused: no or a bad tag, replayed, or too old.",
             get(&self.relay_auth_failures),
+        );
+        metric(
+            "relay_disconnects_total",
+            "counter",
+            "Times the NATS relay lost its connection to NATS (it reconnects, then fetches what it missed).",
+            get(&self.relay_disconnects),
         );
         let _ = writeln!(
             out,

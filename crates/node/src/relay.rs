@@ -4,9 +4,9 @@
 //! The rest of the node sees only the [`Relay`] trait: `fanout` a message this node sends out as
 //! its topic's replica, `send` a broker frame to a named peer, `sync_interest` before confirming a
 //! subscription. What arrives goes to the [`Hub`] (messages, in order by position) or to the
-//! broker (its frames). A broker-backed relay (NATS: a subject per topic for the replicas'
+//! broker (its frames). The NATS relay ([`nats`]: a subject per topic for the replicas'
 //! messages, one per node for the broker's frames) fits the same trait and is chosen at start-up
-//! without touching sessions, HTTP or membership.
+//! (`relay`) without touching sessions, HTTP or membership.
 //!
 //! # The embedded relay
 //! [`EmbeddedRelay`] needs nothing but the nodes. Every node dials a *relay link* — a WebSocket
@@ -59,6 +59,9 @@ use crate::metrics::{self, Metrics};
 use crate::trust::{RelayAuth, Side, Transcript};
 use streamfarm_core::protocol::Epoch;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+mod nats;
+pub(crate) use nats::{NatsParts, NatsRelay, NatsSettings};
 
 /// How long a subscription waits for peers to acknowledge the new interest.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(1);

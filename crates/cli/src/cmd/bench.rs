@@ -48,6 +48,9 @@ pub(crate) struct Args {
     /// Convergence: the nodes' gossip interval in ms (default: the node's default).
     #[arg(long)]
     gossip_interval_ms: Option<u64>,
+    /// NATS farm: nodes (default 20; 4 with --quick).
+    #[arg(long)]
+    nodes: Option<usize>,
     /// Seconds per throughput or latency phase (default 4).
     #[arg(long)]
     phase_secs: Option<f64>,
@@ -71,6 +74,8 @@ enum What {
     Rebalance,
     /// Tokens and TLS on vs off: connects/s, fan-out deliveries/s.
     Auth,
+    /// N nodes relaying through NATS beside the embedded relay: relay links counted.
+    NatsFarm,
     All,
 }
 
@@ -115,6 +120,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     options.in_process = args.in_process;
     options.gossip_interval_ms = args.gossip_interval_ms;
+    if let Some(nodes) = args.nodes {
+        anyhow::ensure!(
+            (2..=250).contains(&nodes),
+            "--nodes must be between 2 and 250"
+        );
+        options.nats_farm_nodes = nodes;
+    }
     if let Some(secs) = args.phase_secs {
         options.phase = std::time::Duration::from_secs_f64(secs.max(0.05));
     }
@@ -127,6 +139,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::ConnectCost => Which::ConnectCost,
         What::Rebalance => Which::Rebalance,
         What::Auth => Which::Auth,
+        What::NatsFarm => Which::NatsFarm,
         What::All => Which::All,
     };
     let out = match args.out {

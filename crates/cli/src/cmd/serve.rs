@@ -43,6 +43,13 @@ struct Settings {
     /// Streaming url advertised to clients (default ws://LISTEN/stream).
     #[arg(long, env = "STREAMFARM_URL")]
     url: Option<String>,
+    /// How messages travel between nodes: `embedded` (default: links between the nodes) or a
+    /// NATS server to relay through, `nats://[user:pass@]host:port` (comma-separated for several).
+    #[arg(long, env = "STREAMFARM_RELAY", hide_env_values = true)]
+    relay: Option<String>,
+    /// With a NATS relay: the prefix of the farm's subjects (default `streamfarm.CLUSTER`).
+    #[arg(long, env = "STREAMFARM_RELAY_SUBJECT_PREFIX")]
+    relay_subject_prefix: Option<String>,
     /// Cluster name; nodes only gossip within their cluster.
     #[arg(long, env = "STREAMFARM_CLUSTER")]
     cluster: Option<String>,
@@ -258,6 +265,7 @@ impl Settings {
             listen,
             priority,
             cluster,
+            relay,
             gossip_interval_ms,
             failure_timeout_ms,
             heartbeat_interval_ms,
@@ -296,6 +304,7 @@ impl Settings {
         overlay_option!(
             gossip,
             url,
+            relay_subject_prefix,
             capacity,
             admin_token,
             dns,

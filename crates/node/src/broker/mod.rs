@@ -312,6 +312,11 @@ impl Broker {
         }
     }
 
+    /// The relay this node uses (for its gauges).
+    pub(crate) fn relay(&self) -> &Arc<dyn Relay> {
+        &self.relay
+    }
+
     /// Unsubscribes connection `id` from `topics`.
     pub(crate) fn unsubscribe<'a>(&self, id: ConnId, topics: impl IntoIterator<Item = &'a str>) {
         self.hub.unsubscribe(id, topics);
@@ -345,6 +350,19 @@ impl BrokerInput {
             after: Some(after),
             done: None,
         });
+    }
+
+    /// As [`BrokerInput::fill`], waiting while the broker's queue is full: a catch-up after the
+    /// relay lost frames must not lose its own requests.
+    pub(crate) async fn fill_waiting(&self, topic: &str, after: Position) {
+        let _ = self
+            .0
+            .send(Input::Fetch {
+                topic: topic.to_string(),
+                after: Some(after),
+                done: None,
+            })
+            .await;
     }
 }
 

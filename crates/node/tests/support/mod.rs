@@ -1,6 +1,8 @@
 //! What the abuse tests share: nodes on 127.0.0.x, clients, a control subscriber.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod nats;
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
