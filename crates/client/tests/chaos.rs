@@ -122,8 +122,14 @@ impl Node {
     }
 
     /// Blocks the node's only thread for `span`: it reads, writes and decides nothing meanwhile.
-    fn hang(&self, span: Duration) {
-        self.runtime.spawn(async move { std::thread::sleep(span) });
+    /// Returns once the block has begun.
+    async fn hang(&self, span: Duration) {
+        let (started_tx, started_rx) = oneshot::channel();
+        self.runtime.spawn(async move {
+            let _ = started_tx.send(());
+            std::thread::sleep(span);
+        });
+        let _ = started_rx.await;
     }
 }
 
@@ -202,7 +208,7 @@ impl Farm {
             Step::Hang(i, ms) if self.nodes.iter().all(Option::is_some) && !self.hanging() => {
                 let span = Duration::from_millis(*ms);
                 let Some(node) = &self.nodes[*i] else { return };
-                node.hang(span);
+                node.hang(span).await;
                 self.hung_until = Some(Instant::now() + span);
                 // Hung for real: its health check, which a live node answers in a millisecond,
                 // gets no answer.
@@ -443,8 +449,8 @@ proptest! {
 /// killed twice and restarted; when it returns, n2 (which sequenced meanwhile) stops and n0
 /// claims; n1, the replica, is killed at once. n0 continued from n2's delivery stream, whose
 /// entries lack the publishers' keys, so a publish retried through another node was numbered
-/// twice. Fixed: a node that stops sequencing keeps what it numbered that provably went out,
-/// with the keys (`Core::stop_sequencing`). Run a dozen times.
+/// twice. Fixed: a node that stopped sequencing fills the publish ids of what its stream
+/// delivered from what it numbered (`Core::best_state`). Run a dozen times.
 #[test]
 fn a_returning_sequencer_with_its_replica_killed_numbers_no_publish_twice() {
     let steps = vec![

@@ -28,9 +28,9 @@
 //!   never acknowledged: their origins send them again to the new one, which recognizes those it
 //!   already sequenced by their [`PublishId`] and does not number them twice;
 //! - a node **returns** or **joins** and ranks first: it claims the topic the same way, from the
-//!   node that sequenced it meanwhile. A node that stops sequencing keeps what it numbered that
-//!   provably went out, with the publish ids, so the next claimant still recognizes a publish
-//!   sent again under its key when the replica dies in the handover.
+//!   node that sequenced it meanwhile. A node that stops sequencing keeps what it numbered aside:
+//!   the publish ids of what its stream delivered come from it, so the next claimant still
+//!   recognizes a publish sent again under its key when the replica dies in the handover.
 //!
 //! A node leaves the placements when the farm lists it `DOWN`, or at once when its relay links
 //! were reset or refused by its side (a killed process's kernel does that; a hung or cut-off node
@@ -446,6 +446,10 @@ struct Chain {
     queued: Vec<(String, PublishId, String, Encoding, bool)>,
     /// What this node stored as the topic's replica.
     stored: Option<Log>,
+    /// What this node numbered when it last sequenced the topic: not a history (some of it may
+    /// never have gone out), only where the publish ids of messages its stream delivered are
+    /// found (see [`Core::best_state`]).
+    numbered: Option<Log>,
     /// The offset last reported stored to the sequencer.
     reported: u64,
     held: Vec<HeldFetch>,
@@ -1092,41 +1096,50 @@ impl Core {
     /// Not its sequencer log: what a sequencer numbered but no replica stored never reached a
     /// client (a sequencer cut off from its replica may have numbered many such messages), and
     /// their publishers send them again.
+    ///
+    /// A delivery stream does not know its messages' publish ids; those this node numbered as
+    /// their sequencer, or stored as their replica, are filled in (the same offset of the same
+    /// epoch, with the same payload), so that a node continuing from this state recognizes a
+    /// publish sent again under its key — the sequencer's replica may die in the handover, and
+    /// with it the only other copy of the ids.
     fn best_state(&self, topic: &str) -> Option<LogState> {
-        let stored = self
-            .chains
-            .get(topic)
+        let chain = self.chains.get(topic);
+        let stored = chain
             .and_then(|c| c.stored.as_ref())
             .map(|log| LogState::of(log, None));
-        newer(stored, self.hub.state(topic, None))
-    }
-
-    /// Stops sequencing `topic`, keeping as this node's stored log what it numbered that
-    /// provably went out — up to what its replica reported stored, or what its own stream
-    /// delivered (a message reaches a stream only once the replica stored it) — with the
-    /// messages' publish ids: a later sequencer that continues from it recognizes a publish sent
-    /// again under its key, where a log rebuilt from a delivery stream could not. Whether it was
-    /// sequencing.
-    fn stop_sequencing(&mut self, topic: &str) -> bool {
-        let Some(seq) = self.chains.get_mut(topic).and_then(|c| c.seq.take()) else {
-            return false;
-        };
-        let epoch = seq.log.epoch();
-        let delivered = self
-            .hub
-            .state(topic, None)
-            .filter(|s| s.epoch == epoch)
-            .map_or(0, |s| s.last);
-        let upto = seq.replicated.max(delivered);
-        let mut numbered = LogState::of(&seq.log, None);
-        numbered.entries.retain(|e| e.offset <= upto);
-        numbered.last = numbered.last.min(upto);
-        if let Some(chain) = self.chains.get_mut(topic) {
-            let stored = chain.stored.as_ref().map(|log| LogState::of(log, None));
-            if newer(stored.clone(), Some(numbered.clone())) != stored {
-                chain.stored = Some(log_from_state(topic, &numbered));
+        let mut best = newer(stored.clone(), self.hub.state(topic, None))?;
+        let numbered = chain
+            .and_then(|c| c.numbered.as_ref())
+            .map(|log| LogState::of(log, None));
+        let mut known: HashMap<u64, &WireEntry> = HashMap::new();
+        for source in [&numbered, &stored].into_iter().flatten() {
+            if source.epoch == best.epoch {
+                for entry in &source.entries {
+                    known.entry(entry.offset).or_insert(entry);
+                }
             }
         }
+        for entry in best.entries.iter_mut().filter(|e| e.id.origin.is_empty()) {
+            if let Some(found) = known.get(&entry.offset)
+                && found.data == entry.data
+                && found.encoding == entry.encoding
+            {
+                entry.id = found.id.clone();
+            }
+        }
+        Some(best)
+    }
+
+    /// Stops sequencing `topic`; what it numbered is kept aside, for the publish ids of what
+    /// went out (see [`Core::best_state`]). Whether it was sequencing.
+    fn stop_sequencing(&mut self, topic: &str) -> bool {
+        let Some(chain) = self.chains.get_mut(topic) else {
+            return false;
+        };
+        let Some(seq) = chain.seq.take() else {
+            return false;
+        };
+        chain.numbered = Some(seq.log);
         true
     }
 
