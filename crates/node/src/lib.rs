@@ -425,6 +425,7 @@ impl NodeHandle {
         shared
             .tracker
             .spawn(follow_isolation(shared.clone(), isolated_rx));
+        shared.tracker.spawn(session::follow_node(shared.clone()));
         shared.tracker.spawn(rebalance::run(shared.clone()));
         let router = http::router(shared.clone(), &stream_path);
         match tls {
