@@ -298,8 +298,8 @@ impl Hub {
 
     /// Forgets a connection and all its subscriptions. A connection that was told to move and
     /// left by itself (not closed by this node) counts as a completed migration.
-    pub(crate) fn unregister(&self, id: ConnId, topics: &HashSet<String>) {
-        self.unsubscribe(id, topics.iter().map(String::as_str));
+    pub(crate) fn unregister<'a>(&self, id: ConnId, topics: impl IntoIterator<Item = &'a str>) {
+        self.unsubscribe(id, topics);
         let mut sessions = self.lock_sessions();
         let told = sessions.moving.remove(&id).is_some();
         if let Some(session) = sessions.open.remove(&id) {
@@ -1164,9 +1164,9 @@ mod tests {
         assert_eq!(topics, HashSet::from(["t".to_string()]));
         subscribe(&hub, b_id, &b, &b_rx, &["t"]);
         assert_eq!(hub.interest().0, v1);
-        hub.unregister(a_id, &HashSet::from(["t".to_string()]));
+        hub.unregister(a_id, ["t"]);
         assert_eq!(hub.interest().0, v1);
-        hub.unregister(b_id, &HashSet::from(["t".to_string()]));
+        hub.unregister(b_id, ["t"]);
         let (v2, topics) = hub.interest();
         assert!(v2 > v1 && topics.is_empty());
         assert_eq!(hub.users(), 0);

@@ -15,7 +15,7 @@
 //! BENCHMARKS.md, "Idle memory per connection"): one timer, no future per node-wide signal
 //! ([`follow_node`] pushes those), the rare large states boxed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -183,9 +183,11 @@ pub(crate) fn serve<P: Send + 'static>(
                 .close(close::GOING_AWAY, "node shutting down");
         }
         let end = session.run(&mut socket).await;
-        session.wakes.wake_all();
         // No longer a user from the moment it is closing, even while the close frame is flushed.
-        session.shared.hub.unregister(session.id, &session.topics);
+        session
+            .shared
+            .hub
+            .unregister(session.id, session.topics.iter());
         // Boxed: only a closing session needs its state.
         Box::pin(session.finish(&mut socket, end)).await;
         session.outlet.queue.close();
@@ -286,11 +288,7 @@ struct Session {
     shared: Arc<Shared>,
     outlet: Outlet,
     /// Topics this connection subscribes to, to unsubscribe them when it ends.
-    topics: HashSet<String>,
-    /// Subscribers' writers to wake for the messages this connection published and that are
-    /// not yet woken: woken once no more input is ready (the rule of
-    /// [`crate::hub::next_or_wake`]).
-    wakes: FrameWakes,
+    topics: TopicSet,
     /// What the connection's token allows; `None` on a node that checks no tokens (everything),
     /// which then keeps no copy of "everything" per connection.
     grant: Option<Box<Grant>>,
@@ -327,8 +325,7 @@ impl Session {
                 queue,
                 closer: Closer::default(),
             },
-            topics: HashSet::new(),
-            wakes: FrameWakes::default(),
+            topics: TopicSet::default(),
             expiry: expiry(&grant, shared.auth.leeway()),
             grant: shared.auth.checks_tokens().then(|| Box::new(grant)),
             pending: None,
@@ -491,11 +488,7 @@ impl Session {
             }
             Poll::Ready(Some(Err(err))) => Poll::Ready(Event::ReadFailed(err)),
             Poll::Ready(None) => Poll::Ready(Event::ReadEnded),
-            Poll::Pending => {
-                // No more input ready: the frames this connection published are delivered.
-                self.wakes.wake_all();
-                Poll::Pending
-            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -517,8 +510,13 @@ impl Session {
                     Poll::Ready(Err(err)) => return Err(err),
                     Poll::Pending => break,
                 }
-                let Poll::Ready(Some(message)) = queue.poll_pop(cx) else {
-                    break;
+                // The waker is registered only once the queue is found empty, not per frame.
+                let message = match queue.try_pop() {
+                    Some(message) => message,
+                    None => match queue.poll_pop(cx) {
+                        Poll::Ready(Some(message)) => message,
+                        Poll::Ready(None) | Poll::Pending => break,
+                    },
                 };
                 writer.unflushed += message.cost();
                 writer.fed += 1;
@@ -764,7 +762,6 @@ impl Session {
 
     fn subscribe(&mut self, topics: Vec<String>, positions: BTreeMap<String, Position>) {
         // Nothing of ours waits while we wait for the peers.
-        self.wakes.wake_all();
         if let Some(problem) = topics.iter().find_map(|t| check_topic(t).err()) {
             self.error("bad_topic", problem);
             return;
@@ -774,7 +771,7 @@ impl Session {
             return;
         }
         let max = self.shared.config.max_subscriptions;
-        let new = topics.iter().filter(|t| !self.topics.contains(*t)).count();
+        let new = topics.iter().filter(|t| !self.topics.contains(t)).count();
         if self.topics.len() + new > max {
             self.error(
                 "too_many_topics",
@@ -795,7 +792,7 @@ impl Session {
             );
             return;
         }
-        self.topics.extend(topics.iter().cloned());
+        self.topics.extend(topics.iter().map(String::as_str));
         let wanted: Vec<(String, Resume)> = topics
             .into_iter()
             .map(|topic| {
@@ -848,6 +845,40 @@ impl Session {
     }
 }
 
+/// The topics of one connection: a sorted vector, one allocation plus one per topic. A hash
+/// set of one topic takes a table of several buckets, more than the topic itself, on every
+/// connection.
+#[derive(Debug, Default)]
+struct TopicSet(Vec<Box<str>>);
+
+impl TopicSet {
+    fn contains(&self, topic: &str) -> bool {
+        self.0.binary_search_by(|t| (**t).cmp(topic)).is_ok()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Adds `topics`: one sort for the lot, not one shift per topic.
+    fn extend<'a>(&mut self, topics: impl IntoIterator<Item = &'a str>) {
+        self.0.extend(topics.into_iter().map(Box::from));
+        self.0.sort_unstable();
+        self.0.dedup();
+        self.0.shrink_to_fit();
+    }
+
+    fn remove(&mut self, topic: &str) {
+        if let Ok(at) = self.0.binary_search_by(|t| (**t).cmp(topic)) {
+            self.0.remove(at);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|t| &**t)
+    }
+}
+
 /// Reads and drops client frames: `Ready` at the client's close frame or the end of the stream.
 fn discard(cx: &mut Context<'_>, socket: &mut WebSocket) -> Poll<()> {
     loop {
@@ -894,6 +925,19 @@ mod tests {
             std::mem::size_of::<Writer>()
         );
         assert!(size <= 1024, "the session future takes {size} bytes");
+    }
+
+    #[test]
+    fn a_topic_set_keeps_each_topic_once_and_finds_it() {
+        let mut set = TopicSet::default();
+        set.extend(["b", "a", "b"]);
+        set.extend(["c", "a"]);
+        assert_eq!(set.iter().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert!(set.contains("b") && !set.contains("d"));
+        set.remove("b");
+        set.remove("d");
+        assert_eq!(set.len(), 2);
+        assert!(!set.contains("b"));
     }
 
     #[test]
