@@ -147,8 +147,13 @@ fn expiry(grant: &Grant, leeway: Duration) -> Option<Instant> {
 /// connection limit, held until the session ends.
 ///
 /// Not an `async fn`: an `async fn` moves its arguments into locals of its own, and the socket
-/// (a few hundred bytes) would then be kept twice in every session's state. The `async move`
-/// block below uses the captured socket in place.
+/// (a few hundred bytes) would then be kept twice in every session's state (rustc 1.95: a
+/// 400-byte argument makes an `async fn`'s future 840 bytes, an `async move` block's 440). The
+/// `async move` block below uses the captured socket in place.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold the socket twice"
+)]
 pub(crate) fn serve<P: Send + 'static>(
     mut socket: WebSocket,
     shared: Arc<Shared>,
@@ -557,6 +562,11 @@ impl Session {
         // only once it reads again, which it gets a heartbeat timeout to do. Anyone else gets
         // what was queued before the close (an error frame explaining it, the last messages).
         let slow = code == close::SLOW_CONSUMER;
+        if slow {
+            // What it had queued is freed now rather than once its close is through.
+            self.outlet.queue.close();
+            while self.outlet.queue.try_pop().is_some() {}
+        }
         let time = if slow {
             self.shared.config.heartbeat_timeout()
         } else {
@@ -578,18 +588,20 @@ impl Session {
             }
             let mut socket = Pin::new(&mut *socket);
             if frame.is_some() {
-                while !slow {
-                    match socket.as_mut().poll_ready(cx) {
-                        Poll::Ready(Ok(())) => {}
-                        // The socket takes nothing more: only the close frame is still tried.
-                        Poll::Ready(Err(_)) => break,
-                        Poll::Pending => return Poll::Pending,
-                    }
-                    let Some(message) = queue.try_pop() else {
-                        break;
-                    };
-                    if socket.as_mut().start_send(message).is_err() {
-                        break;
+                if !slow {
+                    loop {
+                        match socket.as_mut().poll_ready(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            // The socket takes nothing more: only the close frame is still tried.
+                            Poll::Ready(Err(_)) => break,
+                            Poll::Pending => return Poll::Pending,
+                        }
+                        let Some(message) = queue.try_pop() else {
+                            break;
+                        };
+                        if socket.as_mut().start_send(message).is_err() {
+                            break;
+                        }
                     }
                 }
                 if socket.as_mut().poll_ready(cx).is_pending() {
