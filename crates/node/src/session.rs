@@ -188,6 +188,9 @@ pub(crate) fn serve<P: Send + 'static>(
                 .close(close::GOING_AWAY, "node shutting down");
         }
         let end = session.run(&mut socket).await;
+        // A `sub` or `pub` still waiting on the broker is abandoned: unregistering below undoes
+        // what a half-done subscription reserved.
+        session.pending = None;
         // No longer a user from the moment it is closing, even while the close frame is flushed.
         session
             .shared
