@@ -85,7 +85,8 @@ pub struct NodeConfig {
     #[serde(default = "default_relay_queue")]
     pub relay_queue: usize,
     /// Bytes queued toward one client before it is closed as a slow consumer (`4001`): the most
-    /// memory one client that stops reading can hold on the node, whatever its frames' size.
+    /// memory one client that stops reading can hold on the node, whatever its frames' size
+    /// (frames handed to the socket count until the socket has taken them).
     #[serde(default = "default_send_queue_bytes")]
     pub send_queue_bytes: usize,
     /// Bytes queued toward one peer node before that relay link is reset.

@@ -157,10 +157,9 @@ async fn stream(
         // The session gets a task of its own, and axum's upgrade task ends here: run inside it,
         // the session would also keep the upgrade's state (its config, the finished upgrade
         // future, this closure) for the connection's whole life, on every idle connection.
-        tracker.spawn(async move {
-            let _permit = permit;
-            session::serve(socket, shared, token).await
-        });
+        // Spawned as it is, not wrapped in an `async` block that would hold a second copy of
+        // the socket.
+        tracker.spawn(session::serve(socket, shared, token, permit));
     })
 }
 

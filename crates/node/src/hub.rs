@@ -24,14 +24,15 @@
 //! tell peer nodes which topics to send here; and the node's users, the count the farm sees.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::ws::{Message, Utf8Bytes};
+use futures_util::task::AtomicWaker;
 use streamfarm_core::protocol::{Encoding, Epoch, GapReason, Position, ServerFrame, close};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, watch};
 use tracing::warn;
 
 use crate::broker::log::{Entry, Limits, Log, Offered};
@@ -46,40 +47,74 @@ pub(crate) type FrameWakes = Wakes<Message>;
 pub(crate) type ConnId = u64;
 
 /// Asks a connection to close with a code and reason; the first request wins.
+///
+/// One allocation per connection, and nothing to keep in the waiting task's state: a session
+/// polls it ([`Closer::poll_closed`]) with the rest of its connection; relay links await
+/// [`Closer::closed`].
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Closer {
-    token: CancellationToken,
-    reason: Arc<Mutex<Option<(u16, String)>>>,
+pub(crate) struct Closer(Arc<CloseState>);
+
+#[derive(Debug, Default)]
+struct CloseState {
+    closed: AtomicBool,
+    reason: Mutex<Option<(u16, Box<str>)>>,
+    /// Tasks waiting in [`Closer::closed`].
+    waiters: Notify,
+    /// The one task polling [`Closer::poll_closed`].
+    poller: AtomicWaker,
 }
 
 impl Closer {
     /// Requests the close. Later requests keep the first reason.
     pub(crate) fn close(&self, code: u16, reason: &str) {
         {
-            let mut slot = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = self.0.reason.lock().unwrap_or_else(|e| e.into_inner());
             if slot.is_none() {
-                *slot = Some((code, reason.to_string()));
+                *slot = Some((code, reason.into()));
             }
         }
-        self.token.cancel();
+        self.0.closed.store(true, Ordering::Release);
+        self.0.waiters.notify_waiters();
+        self.0.poller.wake();
     }
 
     /// Resolves once a close is requested.
     pub(crate) async fn closed(&self) {
-        self.token.cancelled().await
+        loop {
+            let notified = self.0.waiters.notified();
+            tokio::pin!(notified);
+            // Enabled before looking: a close after the look wakes it.
+            notified.as_mut().enable();
+            if self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// `Ready` once a close is requested; otherwise registers the task's waker (one task only).
+    pub(crate) fn poll_closed(&self, cx: &Context<'_>) -> Poll<()> {
+        self.0.poller.register(cx.waker());
+        if self.is_closed() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Whether a close was requested.
     pub(crate) fn is_closed(&self) -> bool {
-        self.token.is_cancelled()
+        self.0.closed.load(Ordering::Acquire)
     }
 
     /// The requested close code and reason, if any.
     pub(crate) fn reason(&self) -> Option<(u16, String)> {
-        self.reason
+        self.0
+            .reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_ref()
+            .map(|(code, reason)| (*code, reason.to_string()))
     }
 }
 
@@ -133,6 +168,19 @@ struct Session {
     opened: Instant,
     /// The client announced the `migrate` feature.
     migrates: bool,
+    /// Which farm list changes it is pushed.
+    watch: Watch,
+}
+
+/// Which changes of the farm list a connection is pushed (`list` with `watch`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Watch {
+    #[default]
+    Nothing,
+    /// Changes of membership: a server joins, leaves or changes status.
+    Members,
+    /// Every change, users included.
+    Users,
 }
 
 /// The open connections, and those told to move.
@@ -240,6 +288,7 @@ impl Hub {
             outlet,
             opened: Instant::now(),
             migrates: false,
+            watch: Watch::Nothing,
         };
         self.lock_sessions().open.insert(id, session);
         metrics::inc(&self.metrics.connections);
@@ -249,8 +298,8 @@ impl Hub {
 
     /// Forgets a connection and all its subscriptions. A connection that was told to move and
     /// left by itself (not closed by this node) counts as a completed migration.
-    pub(crate) fn unregister(&self, id: ConnId, topics: &HashSet<String>) {
-        self.unsubscribe(id, topics.iter().map(String::as_str));
+    pub(crate) fn unregister<'a>(&self, id: ConnId, topics: impl IntoIterator<Item = &'a str>) {
+        self.unsubscribe(id, topics);
         let mut sessions = self.lock_sessions();
         let told = sessions.moving.remove(&id).is_some();
         if let Some(session) = sessions.open.remove(&id) {
@@ -276,6 +325,32 @@ impl Hub {
             sessions.last_migrant = Some(Instant::now());
             metrics::inc(&self.metrics.migrations_received);
         }
+    }
+
+    /// Which farm list changes connection `id` is pushed from now on.
+    pub(crate) fn watch(&self, id: ConnId, watch: Watch) {
+        if let Some(session) = self.lock_sessions().open.get_mut(&id) {
+            session.watch = watch;
+        }
+    }
+
+    /// Outlets of the connections that watch `watch`.
+    pub(crate) fn watchers(&self, watch: Watch) -> Vec<Outlet> {
+        self.lock_sessions()
+            .open
+            .values()
+            .filter(|s| s.watch == watch)
+            .map(|s| s.outlet.clone())
+            .collect()
+    }
+
+    /// Outlets of every open connection.
+    pub(crate) fn outlets(&self) -> Vec<Outlet> {
+        self.lock_sessions()
+            .open
+            .values()
+            .map(|s| s.outlet.clone())
+            .collect()
     }
 
     /// When a moved client last arrived here.
@@ -765,9 +840,16 @@ fn gap_frame(topic: &str, epoch: Epoch, from: u64, to: Option<u64>, reason: GapR
 
 /// Serializes a server frame (never fails for our types).
 pub(crate) fn encode(frame: &ServerFrame) -> Message {
-    Message::Text(Utf8Bytes::from(
-        serde_json::to_string(frame).expect("frames always serialize"),
-    ))
+    Message::Text(frame_text(frame))
+}
+
+/// A frame's JSON text in a buffer of its exact size. serde_json grows its buffer by doubling,
+/// and a frame keeps its whole buffer alive as long as any queue holds it: up to twice the bytes
+/// a send queue's byte bound counts for it. (Shrinking reallocates in place.)
+fn frame_text(frame: &ServerFrame) -> Utf8Bytes {
+    let mut text = serde_json::to_string(frame).expect("frames always serialize");
+    text.shrink_to_fit();
+    Utf8Bytes::from(text)
 }
 
 /// A message of `topic` received from a peer, as a history entry with its client frame.
@@ -820,7 +902,7 @@ pub(crate) fn msg_frame(
         epoch: position.map(|p| p.epoch),
         offset: position.map(|p| p.offset),
     };
-    Utf8Bytes::from(serde_json::to_string(&frame).expect("frames always serialize"))
+    frame_text(&frame)
 }
 
 #[cfg(test)]
@@ -1087,9 +1169,9 @@ mod tests {
         assert_eq!(topics, HashSet::from(["t".to_string()]));
         subscribe(&hub, b_id, &b, &b_rx, &["t"]);
         assert_eq!(hub.interest().0, v1);
-        hub.unregister(a_id, &HashSet::from(["t".to_string()]));
+        hub.unregister(a_id, ["t"]);
         assert_eq!(hub.interest().0, v1);
-        hub.unregister(b_id, &HashSet::from(["t".to_string()]));
+        hub.unregister(b_id, ["t"]);
         let (v2, topics) = hub.interest();
         assert!(v2 > v1 && topics.is_empty());
         assert_eq!(hub.users(), 0);

@@ -499,6 +499,7 @@ impl NodeHandle {
         shared
             .tracker
             .spawn(follow_isolation(shared.clone(), isolated_rx));
+        shared.tracker.spawn(session::follow_node(shared.clone()));
         shared.tracker.spawn(rebalance::run(shared.clone()));
         let router = http::router(shared.clone(), &stream_path);
         let listener_tls = server_tls.map(|config| listener::Tls {

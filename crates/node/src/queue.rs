@@ -23,8 +23,9 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// What a queued item costs against the queue's byte bound.
 pub(crate) trait Cost {
@@ -63,8 +64,9 @@ pub(crate) enum PushError {
 #[derive(Debug)]
 pub(crate) struct SendQueue<T> {
     state: Mutex<State<T>>,
-    /// Wakes the consumer; holds one permit when it is not waiting.
-    ready: Notify,
+    /// The consumer's waker. Not a `Notify`: waiting on one takes a `Notified` future in the
+    /// consumer's state, and the consumer is every connection's task, idle or not.
+    consumer: AtomicWaker,
     capacity: usize,
     /// Most bytes queued (see [`Cost`]); a single item larger than this is still queued into an
     /// empty queue, so that a large message does not close every subscriber.
@@ -74,7 +76,9 @@ pub(crate) struct SendQueue<T> {
 #[derive(Debug)]
 struct State<T> {
     items: VecDeque<T>,
-    /// Sum of the items' [`Cost`].
+    /// Sum of the [`Cost`] of the items queued and of those taken but not yet
+    /// [`SendQueue::written`]: a frame handed to the socket writer stays in its buffer until the
+    /// socket takes it, and a client that stops reading must not make that room unbounded.
     bytes: usize,
     closed: bool,
 }
@@ -88,7 +92,7 @@ impl<T: Cost> SendQueue<T> {
                 bytes: 0,
                 closed: false,
             }),
-            ready: Notify::new(),
+            consumer: AtomicWaker::new(),
             capacity,
             max_bytes,
         }
@@ -98,7 +102,7 @@ impl<T: Cost> SendQueue<T> {
     #[cfg(test)]
     pub(crate) fn push(&self, item: T) -> Result<(), PushError> {
         self.push_deferred(item)?;
-        self.ready.notify_one();
+        self.wake();
         Ok(())
     }
 
@@ -111,7 +115,7 @@ impl<T: Cost> SendQueue<T> {
         }
         let cost = item.cost();
         if state.items.len() >= self.capacity
-            || (!state.items.is_empty() && state.bytes + cost > self.max_bytes)
+            || (state.bytes > 0 && state.bytes + cost > self.max_bytes)
         {
             return Err(PushError::Full);
         }
@@ -121,31 +125,35 @@ impl<T: Cost> SendQueue<T> {
         Ok(was_empty)
     }
 
-    /// The next item without waiting, if any.
+    /// The next item without waiting, if any. Its cost stays counted against the byte bound
+    /// until the caller reports it [`SendQueue::written`].
     pub(crate) fn try_pop(&self) -> Option<T> {
         let mut state = self.lock();
         let item = state.items.pop_front();
-        if let Some(item) = &item {
-            state.bytes -= item.cost();
-        }
         if state.items.is_empty() && state.items.capacity() >= SHRINK_ABOVE {
             state.items = VecDeque::new();
         }
         item
     }
 
-    /// The next item, waiting for one; `None` once closed and empty.
-    pub(crate) async fn pop(&self) -> Option<T> {
-        loop {
-            if let Some(item) = self.try_pop() {
-                return Some(item);
-            }
-            if self.lock().closed {
-                return None;
-            }
-            // A push between the check above and this wait left a permit: no wake-up is lost.
-            self.ready.notified().await;
+    /// The next item, or `Pending` with the consumer's waker registered; `None` once closed and
+    /// empty. Like [`SendQueue::try_pop`], its cost stays counted until written.
+    pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        // Registered before looking: a push after the look wakes this waker.
+        self.consumer.register(cx.waker());
+        if let Some(item) = self.try_pop() {
+            return Poll::Ready(Some(item));
         }
+        if self.lock().closed {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+
+    /// The next item, waiting for one; `None` once closed and empty.
+    #[cfg(test)]
+    pub(crate) async fn pop(&self) -> Option<T> {
+        std::future::poll_fn(|cx| self.poll_pop(cx)).await
     }
 }
 
@@ -156,13 +164,19 @@ impl<T> SendQueue<T> {
 
     /// Wakes the consumer (after [`SendQueue::push_deferred`]).
     pub(crate) fn wake(&self) {
-        self.ready.notify_one();
+        self.consumer.wake();
+    }
+
+    /// The consumer has written items of this total [`Cost`] out of its hands: room for as much.
+    pub(crate) fn written(&self, bytes: usize) {
+        let mut state = self.lock();
+        state.bytes = state.bytes.saturating_sub(bytes);
     }
 
     /// Refuses further pushes (the consumer is leaving).
     pub(crate) fn close(&self) {
         self.lock().closed = true;
-        self.ready.notify_one();
+        self.wake();
     }
 }
 
@@ -242,15 +256,29 @@ mod tests {
         assert_eq!(queue.push(4), Ok(()));
         assert_eq!(queue.push(1), Err(PushError::Full));
         assert_eq!(queue.try_pop(), Some(6));
+        queue.written(6);
         assert_eq!(queue.push(5), Ok(()));
         assert_eq!(queue.push(2), Err(PushError::Full));
-        while queue.try_pop().is_some() {}
+        while let Some(item) = queue.try_pop() {
+            queue.written(item as usize);
+        }
         assert_eq!(
             queue.push(50),
             Ok(()),
             "one item larger than the bound, alone"
         );
         assert_eq!(queue.push(0), Err(PushError::Full));
+    }
+
+    #[test]
+    fn what_was_taken_counts_until_it_is_written() {
+        let queue = SendQueue::new(100, 10);
+        assert_eq!(queue.push(8), Ok(()));
+        assert_eq!(queue.try_pop(), Some(8));
+        // Taken, not yet written: the writer's buffer holds it.
+        assert_eq!(queue.push(3), Err(PushError::Full));
+        queue.written(8);
+        assert_eq!(queue.push(3), Ok(()));
     }
 
     #[test]

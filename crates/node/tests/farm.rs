@@ -266,6 +266,52 @@ async fn a_message_published_on_one_node_reaches_every_node_once() {
     }
 }
 
+/// A client slower than the publisher, but reading, is never taken for a slow consumer: what
+/// its writer has sent stops counting against the byte budget once the socket has it, however
+/// many budgets' worth pass through over the connection's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_that_keeps_reading_is_not_closed() {
+    const BUDGET: usize = 256 * 1024;
+    const MESSAGES: usize = 200;
+    let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| c.send_queue_bytes = BUDGET).await;
+    let node = &nodes[0];
+    let mut slow = subscriber(node, "t").await;
+    // 16 KiB messages: 200 of them are 12 budgets.
+    let payload = "y".repeat(16 * 1024);
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while got < MESSAGES {
+            match next_frame(&mut slow).await {
+                ServerFrame::Msg { .. } => {
+                    got += 1;
+                    progress_tx.send_replace(got);
+                    // Slower than the publisher could go.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                ServerFrame::Ping { .. } | ServerFrame::Farm(_) | ServerFrame::Feed { .. } => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        got
+    });
+    for i in 0..MESSAGES {
+        // At most 4 messages (64 KiB, a quarter of the budget) ahead of the reader.
+        progress
+            .wait_for(|got| got + 4 >= i)
+            .await
+            .expect("reader alive");
+        node.publish("t", &payload).await.expect("published");
+    }
+    let got = timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the reader gets every message in time")
+        .unwrap();
+    assert_eq!(got, MESSAGES);
+    let slow_consumers = &node.metrics().slow_consumers;
+    assert_eq!(slow_consumers.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_closed_and_the_others_keep_receiving() {
     let nodes = farm_of(&[("solo", [127, 0, 0, 1])], |c| c.send_queue = 16).await;
