@@ -480,7 +480,7 @@ async fn with_mutual_tls_only_a_node_whose_certificate_names_it_links() {
         .ca_file(&ca_path)
         .unwrap()
         .token(token(60))
-        .subscribe(["a.mtls"]);
+        .subscribe(["a.mtls", "a.x", "a.y", "a.z"]);
     // Clients need no certificate of their own.
     let address = format!("wss://{}", b.listen_addr()).parse().unwrap();
     let mut client = Client::start(address, options);
@@ -527,8 +527,22 @@ async fn with_mutual_tls_only_a_node_whose_certificate_names_it_links() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // a and b still relay to each other.
-    assert!(crosses(&a, &mut client, "a.mtls", "second").await);
+    // Gossip lists c (it has the farm secret), but no link to it opens: a and b place no topic
+    // on it, and still relay to each other.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !a
+        .farm()
+        .borrow()
+        .servers
+        .iter()
+        .any(|s| s.name == "c" && s.status.as_str() == "UP")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "c never listed UP");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for topic in ["a.mtls", "a.x", "a.y", "a.z"] {
+        assert!(crosses(&a, &mut client, topic, "second").await, "{topic}");
+    }
     client.close().await;
     c.shutdown().await;
     b.shutdown().await;

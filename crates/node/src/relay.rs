@@ -237,7 +237,9 @@ pub(crate) enum LinkDown {
 /// membership tells "my peers died" from "I am cut off" (see `crate::membership`).
 ///
 /// The broker also places no topic on a peer whose link ended and was not opened again: a killed
-/// node's topics move at once, not after the failure timeout.
+/// node's topics move at once, not after the failure timeout. A peer whose links are refused for
+/// want of trust (its certificate or its proofs) is counted here too: listed `UP` by gossip or not,
+/// nothing can reach it over a link, so it can neither sequence nor replicate a topic.
 #[derive(Debug)]
 pub(crate) struct LinkEnds {
     ends: Mutex<HashMap<String, Instant>>,
@@ -832,9 +834,10 @@ pub(crate) const RELAY_TICKET: &str = "streamfarm-relay-ticket";
 enum DialFailure {
     /// Refused or reset before the peer said anything: its process is gone.
     Gone(String),
-    /// The peer answered but the link was refused: TLS (certificate) or the farm secret's
-    /// handshake. Not a sign that the peer died.
-    Refused(String),
+    /// The peer answered but the link was refused. Not a sign that the peer died; `untrusted`
+    /// when it failed TLS or the farm secret's proofs, either way: no link to it can open, so
+    /// it cannot sequence or replicate (see [`LinkEnds`]), whatever gossip says of it.
+    Refused { why: String, untrusted: bool },
     /// No answer within the deadline.
     TimedOut,
 }
@@ -877,7 +880,10 @@ async fn open_link(
             .dialer
             .connect(peer, tcp)
             .await
-            .map_err(|err| DialFailure::Refused(format!("TLS: {err}")))?;
+            .map_err(|err| DialFailure::Refused {
+                why: format!("TLS: {err}"),
+                untrusted: true,
+            })?;
         (LinkIo::Right(stream), binding)
     } else {
         (LinkIo::Left(tcp), Vec::new())
@@ -892,11 +898,14 @@ async fn open_link(
     let (mut socket, _) = tokio_tungstenite::client_async_with_config(request, io, Some(config))
         .await
         .map_err(|err| match err {
-            WsError::Http(response) => DialFailure::Refused(format!(
-                "the peer answered {} {}",
-                response.status(),
-                String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).trim()
-            )),
+            WsError::Http(response) => DialFailure::Refused {
+                untrusted: response.status() == 403,
+                why: format!(
+                    "the peer answered {} {}",
+                    response.status(),
+                    String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).trim()
+                ),
+            },
             other => gone(&other),
         })?;
     if let Some(auth) = &relay.settings.auth {
@@ -909,9 +918,10 @@ async fn open_link(
             .unwrap_or_else(|_| Err("handshake timed out".into()))
         {
             let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
-            return Err(DialFailure::Refused(format!(
-                "{why} (is the farm secret the same on both nodes?)"
-            )));
+            return Err(DialFailure::Refused {
+                why: format!("{why} (is the farm secret the same on both nodes?)"),
+                untrusted: true,
+            });
         }
     }
     Ok(socket)
@@ -945,7 +955,10 @@ async fn dial(relay: Arc<EmbeddedRelay>, peer: String, url: String, cancel: Canc
                 relay.link_ends.ended(&peer);
                 debug!(peer = %peer, why, "relay dial failed");
             }
-            Err(DialFailure::Refused(why)) => {
+            Err(DialFailure::Refused { why, untrusted }) => {
+                if untrusted {
+                    relay.link_ends.ended(&peer);
+                }
                 metrics::inc(&relay.metrics.relay_auth_failures);
                 warn!(peer = %peer, url = %url, why, "relay link refused");
             }
