@@ -290,6 +290,11 @@ impl LinkEnds {
             .is_some_and(|at| at.elapsed() <= within)
     }
 
+    /// The peers whose link ended and has not opened again.
+    pub(crate) fn ended_peers(&self) -> HashSet<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
         self.ends.lock().unwrap_or_else(|e| e.into_inner())
     }

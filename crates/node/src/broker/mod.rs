@@ -76,6 +76,8 @@ use log::{Entry, Limits, Log, Offered, PublishId};
 use placement::{Placement, live_nodes, place};
 use wire::{LogState, PeerFrame, WireEntry};
 
+/// After a peer's link opens again, when every delivered topic is fetched once more.
+const CATCH_UP_AGAIN: Duration = Duration::from_secs(1);
 /// How often the broker task retries, times out and trims.
 const TICK: Duration = Duration::from_millis(50);
 /// How often the broker trims history by age and forgets chains it no longer has a part in:
@@ -129,6 +131,8 @@ enum Input {
         after: Option<Position>,
         done: Option<oneshot::Sender<()>>,
     },
+    /// Fetch every topic delivered here from every live node (see [`Core::catch_up_all`]).
+    CatchUp,
 }
 
 /// The broker's handle: what sessions, HTTP and the relay call.
@@ -181,6 +185,8 @@ impl Broker {
             peers,
             link_ends,
             link_changes,
+            ended: HashSet::new(),
+            catch_up_at: None,
             chains: HashMap::new(),
             pending: HashMap::new(),
             pending_bytes: 0,
@@ -301,15 +307,7 @@ impl Broker {
     /// Fetches, for every topic delivered here, whatever came after its stream's position: what
     /// a node cut off from the farm missed meanwhile.
     pub(crate) async fn catch_up(&self) {
-        for (topic, position) in self.hub.positions() {
-            let _ = self
-                .send_input(Input::Fetch {
-                    topic,
-                    after: Some(position),
-                    done: None,
-                })
-                .await;
-        }
+        let _ = self.send_input(Input::CatchUp).await;
     }
 
     /// The relay this node uses (for its gauges).
@@ -403,6 +401,12 @@ struct FetchWait {
     sent_at: Instant,
     deadline: Instant,
     done: Option<oneshot::Sender<()>>,
+    /// Asked of every live node, every answer merged until the deadline (a catch-up): the node
+    /// that answers first may be behind the one that holds the newest history.
+    everywhere: bool,
+    /// The nodes that answered a catch-up (the others are asked again until the deadline: a
+    /// link that looked open may have been one a partition left dead).
+    answered: HashSet<String>,
 }
 
 /// What this node sequences of a topic.
@@ -470,6 +474,10 @@ struct Core {
     /// Peers whose relay links ended by their side: left out of placements until linked again.
     link_ends: Arc<crate::relay::LinkEnds>,
     link_changes: watch::Receiver<u64>,
+    /// Peers whose links had ended, as last seen.
+    ended: HashSet<String>,
+    /// When to fetch every delivered topic once more (see [`Core::links_changed`]).
+    catch_up_at: Option<Instant>,
     /// Live nodes of the farm list, this one included while it is not `DOWN`.
     live: Vec<String>,
     /// Placements computed on `live` (cleared whenever it changes).
@@ -580,7 +588,7 @@ impl Core {
                 changed = self.link_changes.changed() => {
                     if changed.is_err() { break }
                     self.link_changes.mark_unchanged();
-                    self.view_changed();
+                    self.links_changed();
                     None
                 }
                 next = input.recv() => match next {
@@ -611,6 +619,7 @@ impl Core {
             } => self.publish(topic, data, encoding, key, done),
             Input::Peer { from, frame } => self.peer_frame(from, frame),
             Input::Fetch { topic, after, done } => self.fetch(topic, after, done),
+            Input::CatchUp => self.catch_up_all(),
         }
     }
 
@@ -782,7 +791,7 @@ impl Core {
                 topic,
                 request,
                 state,
-            } => self.on_fetch_reply(topic, request, state),
+            } => self.on_fetch_reply(&from, topic, request, state),
         }
     }
 
@@ -1284,6 +1293,8 @@ impl Core {
                 sent_at: now,
                 deadline: now + FETCH_WAIT,
                 done,
+                everywhere: false,
+                answered: HashSet::new(),
             },
         );
     }
@@ -1296,6 +1307,28 @@ impl Core {
         let Some(wait) = self.fetches.get(&request) else {
             return;
         };
+        if wait.everywhere {
+            // A catch-up: asked again of every live node that has not answered, until its
+            // deadline (its links may have been down, or dead, at first).
+            let frame = PeerFrame::Fetch {
+                topic: wait.topic.clone(),
+                request,
+                after: wait.after,
+            };
+            let silent: Vec<String> = self
+                .live
+                .iter()
+                .filter(|n| **n != self.me && !wait.answered.contains(*n))
+                .cloned()
+                .collect();
+            for peer in silent {
+                self.send(&peer, frame.clone());
+            }
+            if let Some(wait) = self.fetches.get_mut(&request) {
+                wait.sent_at = Instant::now();
+            }
+            return;
+        }
         let to = self.placement(&wait.topic).replica;
         let frame = PeerFrame::Fetch {
             topic: wait.topic.clone(),
@@ -1365,7 +1398,7 @@ impl Core {
         );
     }
 
-    fn on_fetch_reply(&mut self, topic: String, request: u64, state: Option<LogState>) {
+    fn on_fetch_reply(&mut self, from: &str, topic: String, request: u64, state: Option<LogState>) {
         // The first answer with history wins; an empty one (a node that does not hold the topic)
         // leaves the fetch to the others and its deadline.
         if state.is_none() {
@@ -1375,6 +1408,14 @@ impl Core {
         // An answer a little behind (a node that delivers the topic a little late, a sequencer
         // whose replica reported a tick ago) is taken: what it lacks comes with the live stream,
         // whose hole is then fetched; waiting for a better one could wait out the failure timeout.
+        if let Some(wait) = self.fetches.get_mut(&request).filter(|w| w.everywhere) {
+            wait.answered.insert(from.to_string());
+            debug!(%topic, %from, last = ?state.as_ref().map(|s| s.last), "catch-up answer");
+            if let Some(state) = state {
+                self.hub.merge(&topic, &state, &mut self.wakes);
+            }
+            return;
+        }
         let Some(wait) = self.fetches.remove(&request) else {
             return;
         };
@@ -1386,6 +1427,61 @@ impl Core {
         }
         if let Some(done) = wait.done {
             let _ = done.send(());
+        }
+    }
+
+    /// A peer's link ended or opened again. Once one opens again, what went out while it was
+    /// down may have missed this node, and a message missed at the end of a topic shows no hole
+    /// until the next one: every topic delivered here is fetched after its position, now and
+    /// once more [`CATCH_UP_AGAIN`] later (for what went out while the peers learned this node's
+    /// interest again).
+    fn links_changed(&mut self) {
+        let ended = self.link_ends.ended_peers();
+        let reopened = self.ended.iter().any(|peer| !ended.contains(peer));
+        self.ended = ended;
+        self.view_changed();
+        if reopened {
+            self.catch_up_all();
+            self.catch_up_at = Some(Instant::now() + CATCH_UP_AGAIN);
+        }
+    }
+
+    /// Fetches every topic delivered here after its stream's position, from every live node,
+    /// merging every answer: after a partition or a link reset, the topic's replica in this
+    /// node's view may not be the node that holds what went out meanwhile.
+    fn catch_up_all(&mut self) {
+        let now = Instant::now();
+        let peers: Vec<String> = self
+            .live
+            .iter()
+            .filter(|n| **n != self.me)
+            .cloned()
+            .collect();
+        for (topic, position) in self.hub.positions() {
+            debug!(%topic, %position, peers = peers.len(), "catching up from every live node");
+            self.next_request += 1;
+            let request = self.next_request;
+            for peer in &peers {
+                let frame = PeerFrame::Fetch {
+                    topic: topic.clone(),
+                    request,
+                    after: Some(position),
+                };
+                self.send(peer, frame);
+            }
+            self.fetches.insert(
+                request,
+                FetchWait {
+                    topic,
+                    after: Some(position),
+                    sent_to: String::new(),
+                    sent_at: now,
+                    deadline: now + FETCH_WAIT,
+                    done: None,
+                    everywhere: true,
+                    answered: HashSet::new(),
+                },
+            );
         }
     }
 
@@ -1468,6 +1564,10 @@ impl Core {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        if self.catch_up_at.is_some_and(|at| now >= at) {
+            self.catch_up_at = None;
+            self.catch_up_all();
+        }
         // Publishes: retried, or given up at their deadline.
         let mut expired = Vec::new();
         let mut again = Vec::new();
@@ -1543,6 +1643,9 @@ impl Core {
             .collect();
         for request in late {
             if let Some(wait) = self.fetches.remove(&request) {
+                if wait.everywhere {
+                    continue;
+                }
                 debug!(topic = %wait.topic, "fetch not answered in time");
                 if wait.done.is_none() {
                     self.filling.remove(&wait.topic);
