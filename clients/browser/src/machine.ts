@@ -6,10 +6,9 @@
  * 1. **Round**: fetch the farm list; select a server with the policy, excluding servers that
  *    failed within the cool-down; connect. When the list came over a connection to the very
  *    server picked, that connection is kept.
- * 2. **Retry once** (`retry: 'retry-once'`, the seeds' main embodiment): a failed connect, or a
- *    lost connection, is retried once on the same server. The default, `'immediate'` (the seeds'
- *    alternative embodiment), skips this: the Rust client's `RetryMode` says why. A server that
- *    closes with 4000, 1001, 4003 or 1008 is never retried ({@link sendsElsewhere}).
+ * 2. **Retry once**: a failed connect, or a lost connection, is retried once on the same server
+ *    (`retry: 'immediate'` skips this). A server that closes with 4000, 1001, 4003 or 1008 is
+ *    never retried ({@link sendsElsewhere}).
  * 3. **Re-request**: a server that failed its retry is excluded for the cool-down and a new round
  *    starts: the client selects on its last list and asks that pick for a fresh list, then the
  *    list's other servers in a random order, then the service address. When the fresh list comes
@@ -76,10 +75,10 @@ export interface MachineConfig {
   backoff: Backoff;
 }
 
-/** The defaults of the Rust client: patent, immediate re-request, 10 s cool-down, 100 ms doubling to 5 s. */
+/** The defaults of the Rust client: patent, retry once, 10 s cool-down, 100 ms doubling to 5 s. */
 export const DEFAULT_MACHINE_CONFIG: MachineConfig = {
   policy: 'patent',
-  retry: 'immediate',
+  retry: 'retry-once',
   coolDownMs: 10_000,
   backoff: { baseMs: 100, capMs: 5_000 },
 };

@@ -4,7 +4,7 @@
 //! order (see [`crate::flow`] for how messages are counted, from their sequence numbers).
 //!
 //! The four cases, each a row (streamfarm and nats-server in the same run):
-//! - **node killed** (`C=N`; streamfarm also `C=N retry-once`): SIGKILL of the server holding the
+//! - **node killed** (`C=N`; streamfarm also `C=N immediate`): SIGKILL of the server holding the
 //!   clients.
 //! - **publisher's node killed** (`C=N publisher's node killed`): SIGKILL of the server the
 //!   publisher publishes on, which holds no clients: every message goes through it, so it is the
@@ -198,12 +198,10 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
             section.notes.push(note);
             continue;
         }
-        // The client's default (`immediate`), and in the kill case the seeds' main embodiment
-        // (retry the dead server once) beside it.
-        let retry_once = format!("C={c} retry-once");
-        let mut systems = vec![(STREAMFARM, RetryMode::default(), setting.clone())];
+        let mut systems = vec![(STREAMFARM, RetryMode::RetryOnce, setting.clone())];
         if case == Case::NodeKilled {
-            systems.push((STREAMFARM, RetryMode::RetryOnce, retry_once.clone()));
+            let immediate = format!("C={c} immediate");
+            systems.push((STREAMFARM, RetryMode::Immediate, immediate));
         }
         if options.nats.is_some() {
             systems.push((NATS, RetryMode::default(), setting.clone()));
@@ -224,8 +222,9 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
             .await;
             section.rows.push(row.finish(system, &label, outcome));
         }
+        let immediate = format!("C={c} immediate");
         let labels: &[&String] = if case == Case::NodeKilled {
-            &[&setting, &retry_once]
+            &[&setting, &immediate]
         } else {
             &[&setting]
         };

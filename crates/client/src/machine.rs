@@ -10,10 +10,10 @@
 //! 1. **Round**: fetch the farm list through the service address; select a server with the policy,
 //!    excluding servers that failed within the cool-down; connect to it. When the list came over a
 //!    connection to the very server picked, that connection is kept (no second connect).
-//! 2. **Retry once** ([`RetryMode::RetryOnce`], the seeds' main embodiment): when a connection
-//!    attempt fails, or an established connection closes, breaks or misses its heartbeats, try
-//!    the same server once more. The default, [`RetryMode::Immediate`] (the seeds' alternative
-//!    embodiment), skips this and goes straight to a new round. A server that closes with
+//! 2. **Retry once**: when a connection attempt fails, or an established connection closes,
+//!    breaks or misses its heartbeats, try the same server once more.
+//!    [`RetryMode::Immediate`] skips this and goes straight to a new round (the seeds'
+//!    alternative embodiment). A server that closes with
 //!    [`RECONNECT_ELSEWHERE`](streamfarm_core::protocol::close::RECONNECT_ELSEWHERE) or
 //!    [`GOING_AWAY`](streamfarm_core::protocol::close::GOING_AWAY) (or refuses as full) is never
 //!    retried: see [`sends_elsewhere`].
@@ -60,18 +60,17 @@ use crate::topics::Topics;
 
 /// What to do when a connection attempt fails or a connection is lost.
 ///
-/// The default is [`RetryMode::Immediate`], the seeds' alternative embodiment. Measured with
-/// `streamfarm bench failover` (BENCHMARKS.md), retrying first costs a failover one connection
-/// attempt more per client whenever the server truly failed (1.87 C attempts against 1.01 C at
-/// C = 2000), and the connect timeout when it hangs, while gaining nothing when the loss was a
-/// blip: the immediate round asks the pick of the list the client holds, over a connection it
-/// keeps, so it costs one connection either way, and the weighted pick keeps the farm even.
+/// The trade-off, measured (`streamfarm bench failover`, BENCHMARKS.md): when the server truly
+/// failed, the retry costs one more connection attempt per client (1.87 C attempts in all
+/// against 1.01 C at C = 2000; on the survivors both are 1.0 C) and a longer tail; when the loss
+/// was a blip, or the farm is one server that restarts, the retry finds it again at once, where
+/// `Immediate` leaves it out for the cool-down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RetryMode {
     /// Try the same server once more before re-requesting the list (the seeds' main embodiment).
-    RetryOnce,
-    /// Re-request the list at once (the seeds' alternative embodiment): the default.
     #[default]
+    RetryOnce,
+    /// Re-request the list at once (the seeds' alternative embodiment).
     Immediate,
 }
 

@@ -62,9 +62,8 @@ impl Default for ClientOptions {
 }
 
 impl ClientOptions {
-    /// The defaults: `patent` policy, immediate re-request on failure ([`RetryMode::Immediate`]),
-    /// 10 s cool-down, 100 ms–5 s backoff, 1 s connect timeout, the node's heartbeat timeout, the
-    /// system resolver.
+    /// The defaults: `patent` policy, retry once, 10 s cool-down, 100 ms–5 s backoff, 1 s connect
+    /// timeout, the node's heartbeat timeout, the system resolver.
     ///
     /// ```
     /// use streamfarm_client::{ClientOptions, Policy};
@@ -154,14 +153,12 @@ impl ClientOptions {
         self.machine.policy
     }
 
-    /// Re-request the list at once on failure (the default), or retry the same server once
-    /// first ([`RetryMode`] says why the default is the former).
+    /// Retry the same server once before re-requesting the list (the default), or not.
     ///
     /// ```
     /// use streamfarm_client::{ClientOptions, RetryMode};
-    /// assert_eq!(ClientOptions::new().retry_mode(), RetryMode::Immediate);
-    /// let options = ClientOptions::new().retry(RetryMode::RetryOnce);
-    /// assert_eq!(options.retry_mode(), RetryMode::RetryOnce);
+    /// let options = ClientOptions::new().retry(RetryMode::Immediate);
+    /// assert_eq!(options.retry_mode(), RetryMode::Immediate);
     /// ```
     pub fn retry(mut self, mode: RetryMode) -> Self {
         self.machine.retry = mode;
