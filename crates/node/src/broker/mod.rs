@@ -1302,34 +1302,14 @@ impl Core {
     /// Sends fetch `request` again, to the topic's replica of the moment.
     ///
     /// Sent again, it goes to every other live node too: the replica may be the node that just
-    /// died, still listed, and any node that delivers the topic holds what went out of it.
+    /// died, still listed, and any node that delivers the topic holds what went out of it. A
+    /// catch-up goes to every live node that has not answered yet (its links may have been down,
+    /// or dead, at first).
     fn refetch(&mut self, request: u64) {
         let Some(wait) = self.fetches.get(&request) else {
             return;
         };
-        if wait.everywhere {
-            // A catch-up: asked again of every live node that has not answered, until its
-            // deadline (its links may have been down, or dead, at first).
-            let frame = PeerFrame::Fetch {
-                topic: wait.topic.clone(),
-                request,
-                after: wait.after,
-            };
-            let silent: Vec<String> = self
-                .live
-                .iter()
-                .filter(|n| **n != self.me && !wait.answered.contains(*n))
-                .cloned()
-                .collect();
-            for peer in silent {
-                self.send(&peer, frame.clone());
-            }
-            if let Some(wait) = self.fetches.get_mut(&request) {
-                wait.sent_at = Instant::now();
-            }
-            return;
-        }
-        let to = self.placement(&wait.topic).replica;
+        let replica = (!wait.everywhere).then(|| self.placement(&wait.topic).replica);
         let frame = PeerFrame::Fetch {
             topic: wait.topic.clone(),
             request,
@@ -1338,15 +1318,21 @@ impl Core {
         let others: Vec<String> = self
             .live
             .iter()
-            .filter(|n| **n != self.me && **n != to)
+            .filter(|n| {
+                **n != self.me && Some(*n) != replica.as_ref() && !wait.answered.contains(*n)
+            })
             .cloned()
             .collect();
         for peer in others {
             self.send(&peer, frame.clone());
         }
-        self.send(&to, frame);
+        if let Some(to) = &replica {
+            self.send(to, frame);
+        }
         if let Some(wait) = self.fetches.get_mut(&request) {
-            wait.sent_to = to;
+            if let Some(to) = replica {
+                wait.sent_to = to;
+            }
             wait.sent_at = Instant::now();
         }
     }
@@ -1451,24 +1437,10 @@ impl Core {
     /// node's view may not be the node that holds what went out meanwhile.
     fn catch_up_all(&mut self) {
         let now = Instant::now();
-        let peers: Vec<String> = self
-            .live
-            .iter()
-            .filter(|n| **n != self.me)
-            .cloned()
-            .collect();
         for (topic, position) in self.hub.positions() {
-            debug!(%topic, %position, peers = peers.len(), "catching up from every live node");
+            debug!(%topic, %position, "catching up from every live node");
             self.next_request += 1;
             let request = self.next_request;
-            for peer in &peers {
-                let frame = PeerFrame::Fetch {
-                    topic: topic.clone(),
-                    request,
-                    after: Some(position),
-                };
-                self.send(peer, frame);
-            }
             self.fetches.insert(
                 request,
                 FetchWait {
@@ -1482,6 +1454,7 @@ impl Core {
                     answered: HashSet::new(),
                 },
             );
+            self.refetch(request);
         }
     }
 
