@@ -43,7 +43,7 @@ export interface ClientOptions {
   topics?: string[];
   /** Selection policy (default `patent`). */
   policy?: Policy;
-  /** `retry-once` (default) or `immediate` (re-request the list at once). */
+  /** `immediate` (default: re-request the list at once) or `retry-once` (the same server once more first). */
   retry?: RetryMode;
   /** How long a failed server stays excluded, ms (default 10 000). */
   coolDownMs?: number;

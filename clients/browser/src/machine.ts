@@ -4,11 +4,11 @@
  * time is passed in (milliseconds), the RNG is injected.
  *
  * 1. **Round**: fetch the farm list; select a server with the policy, excluding servers that
- *    failed within the cool-down; connect. When the list came over a connection to the very
- *    server picked, that connection is kept.
- * 2. **Retry once**: a failed connect, or a lost connection, is retried once on the same server
- *    (`retry: 'immediate'` skips this). A server that closes with 4000, 1001, 4003 or 1008 is
- *    never retried ({@link sendsElsewhere}).
+ *    failed within the cool-down (unless the list has no other candidate); connect. When the
+ *    list came over a connection to the very server picked, that connection is kept.
+ * 2. **Immediate or retry once**: by default a failed connect, or a lost connection, goes
+ *    straight to a new round; `retry: 'retry-once'` first tries the same server once more. A
+ *    server that closes with 4000, 1001, 4003 or 1008 is never retried ({@link sendsElsewhere}).
  * 3. **Re-request**: a server that failed its retry is excluded for the cool-down and a new round
  *    starts: the client selects on its last list and asks that pick for a fresh list, then the
  *    list's other servers in a random order, then the service address. When the fresh list comes
@@ -75,10 +75,10 @@ export interface MachineConfig {
   backoff: Backoff;
 }
 
-/** The defaults of the Rust client: patent, retry once, 10 s cool-down, 100 ms doubling to 5 s. */
+/** The defaults of the Rust client: patent, immediate, 10 s cool-down, 100 ms doubling to 5 s. */
 export const DEFAULT_MACHINE_CONFIG: MachineConfig = {
   policy: 'patent',
-  retry: 'retry-once',
+  retry: 'immediate',
   coolDownMs: 10_000,
   backoff: { baseMs: 100, capMs: 5_000 },
 };
@@ -178,6 +178,23 @@ export class Machine {
     return this.excludedUntil.filter(([, until]) => until > now).map(([url]) => url);
   }
 
+  /**
+   * The servers selection on `list` leaves out at `now`: those excluded, unless that leaves `list`
+   * no candidate, when none is. A cool-down steers a client away from a failed server while
+   * another can take it; it never keeps a client from the only servers it has (a lone server
+   * that restarts): those are tried again, paced by the backoff.
+   */
+  private excludedOn(list: FarmList, now: number): string[] {
+    const exclude = this.excluded(now);
+    if (exclude.length === 0) return exclude;
+    try {
+      candidates(list, exclude);
+      return exclude;
+    } catch {
+      return [];
+    }
+  }
+
   /** Takes in what happened at `now` (ms) and returns what to do, in order. */
   handle(input: Input, now: number): Action[] {
     this.excludedUntil = this.excludedUntil.filter(([, until]) => until > now);
@@ -271,7 +288,7 @@ export class Machine {
   }
 
   private select(list: FarmList, via: string, ageMs: number, now: number, actions: Action[]): void {
-    const exclude = this.excluded(now);
+    const exclude = this.excludedOn(list, now);
     const asked = this.asked === via ? this.asked : undefined;
     this.asked = undefined;
     let index: number | undefined;

@@ -4,8 +4,8 @@
 //! through its [`ServiceAddress`], reads the farm list from the first server that answers, picks
 //! a server with a selection [`Policy`] (from `streamfarm_core::selection`, never re-implemented
 //! here), keeps one connection to it with heartbeats, and when that server fails, fails over:
-//! retry once, re-request the list, select again without the servers that just failed, back off
-//! between rounds. Its topics are resubscribed on every new server from the position it holds, so
+//! re-request the list at once (or, with `RetryMode::RetryOnce`, retry the same server once
+//! first), select again without the servers that just failed, back off between rounds. Its topics are resubscribed on every new server from the position it holds, so
 //! a failover loses nothing: the node sends what was missed, the client drops what it already
 //! had, and the application hears about each step as an [`Event`] — [`Event::Recovered`] once
 //! the missed messages are in, [`Event::Gap`] for what the farm no longer holds.

@@ -8,12 +8,14 @@
 //!
 //! # The algorithm (the seeds' client, plus cool-down and backoff)
 //! 1. **Round**: fetch the farm list through the service address; select a server with the policy,
-//!    excluding servers that failed within the cool-down; connect to it. When the list came over a
-//!    connection to the very server picked, that connection is kept (no second connect).
-//! 2. **Retry once**: when a connection attempt fails, or an established connection closes,
-//!    breaks or misses its heartbeats, try the same server once more.
-//!    [`RetryMode::Immediate`] skips this and goes straight to a new round (the seeds'
-//!    alternative embodiment). A server that closes with
+//!    excluding servers that failed within the cool-down — unless the list has no other
+//!    candidate, when they are chosen among rather than waited for; connect to it. When the list
+//!    came over a connection to the very server picked, that connection is kept (no second
+//!    connect).
+//! 2. **Immediate, or retry once**: when a connection attempt fails, or an established connection
+//!    closes, breaks or misses its heartbeats, the default [`RetryMode::Immediate`] goes straight
+//!    to a new round (the seeds' alternative embodiment); [`RetryMode::RetryOnce`] first tries the
+//!    same server once more (the seeds' main embodiment). A server that closes with
 //!    [`RECONNECT_ELSEWHERE`](streamfarm_core::protocol::close::RECONNECT_ELSEWHERE) or
 //!    [`GOING_AWAY`](streamfarm_core::protocol::close::GOING_AWAY) (or refuses as full) is never
 //!    retried: see [`sends_elsewhere`].
@@ -61,16 +63,16 @@ use crate::topics::Topics;
 /// What to do when a connection attempt fails or a connection is lost.
 ///
 /// The trade-off, measured (`streamfarm bench failover`, BENCHMARKS.md): when the server truly
-/// failed, the retry costs one more connection attempt per client (1.87 C attempts in all
-/// against 1.01 C at C = 2000; on the survivors both are 1.0 C) and a longer tail; when the loss
-/// was a blip, or the farm is one server that restarts, the retry finds it again at once, where
-/// `Immediate` leaves it out for the cool-down.
+/// failed, the retry costs one more connection attempt per client (1.8–1.98 C attempts in all
+/// against 1.02 C; on the survivors both are 1.0 C) and a longer tail. What the retry buys — a
+/// lone server that restarts is found again at once — `Immediate` gets too: a server in its
+/// cool-down is still chosen when the list has no other candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RetryMode {
     /// Try the same server once more before re-requesting the list (the seeds' main embodiment).
-    #[default]
     RetryOnce,
-    /// Re-request the list at once (the seeds' alternative embodiment).
+    /// Re-request the list at once (the seeds' alternative embodiment; the default).
+    #[default]
     Immediate,
 }
 
@@ -465,6 +467,20 @@ impl Machine {
             .collect()
     }
 
+    /// The servers selection on `list` leaves out at `now`: those excluded — unless that leaves
+    /// `list` no candidate, when none is left out. A cool-down steers a client away from a server
+    /// that failed while another can take it; it never keeps a client from the only servers it
+    /// has (a lone server that restarts, a farm restarting as a whole): those are tried again,
+    /// paced by the backoff, as a retry would.
+    fn excluded_on(&self, list: &FarmList, now: Instant) -> Vec<String> {
+        let exclude = self.excluded(now);
+        if exclude.is_empty() || selection::candidates(list, &exclude).is_ok() {
+            exclude
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Takes in what happened at `now` and returns what to do, in order.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
         self.excluded.retain(|(_, until)| *until > now);
@@ -691,7 +707,7 @@ impl Machine {
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
-        let exclude = self.excluded(now);
+        let exclude = self.excluded_on(&list, now);
         // The pick made on the last list stands if its own fresh list still has it as a
         // candidate: selecting again would move the client off a good connection only because
         // the list server counts its own new users at once and the others' a gossip round late.
@@ -1624,9 +1640,14 @@ mod tests {
         m.handle(lost(A, closed(close::GOING_AWAY)), t0);
         let later = t0 + MachineConfig::default().cool_down;
         assert!(m.excluded(later).is_empty());
-        // A is the only server: excluded, nothing is available; after the cool-down it is.
-        let actions = m.handle(fetched(only(A), A), t0);
-        assert!(actions.contains(&Action::DropListConnection));
+        // Within the cool-down, the list is asked of the service address (A last), and no one
+        // else is known: the round ends.
+        let actions = m.handle(
+            Input::ListFailed {
+                error: "refused".into(),
+            },
+            t0,
+        );
         let (_, timer) = sleep_of(&actions);
         // The last list names A, no longer excluded: A itself is asked for a list.
         assert_eq!(
@@ -1634,6 +1655,31 @@ mod tests {
             vec![servers(&[A])]
         );
         assert_eq!(m.handle(fetched(only(A), A), later), vec![connect(A, true)]);
+    }
+
+    #[test]
+    fn a_server_in_its_cool_down_is_chosen_when_the_list_has_no_other() {
+        let t0 = Instant::now();
+        let mut m = connected_to(A, RetryMode::Immediate, t0);
+        m.handle(lost(A, closed(1006)), t0);
+        // A lone server that restarts answers the service address: it is taken at once, not
+        // after the cool-down.
+        assert_eq!(m.handle(fetched(only(A), A), t0), vec![connect(A, true)]);
+        // With another candidate on the list, the excluded server is left out.
+        let mut m = connected_to(A, RetryMode::Immediate, t0);
+        m.handle(lost(A, closed(1006)), t0);
+        let two = list(&[(A, Status::Up, 0, "A"), (B, Status::Up, 50, "A")]);
+        assert_eq!(m.handle(fetched(two, A), t0), vec![connect(B, false)]);
+        // A candidate of a less preferred group is taken before an excluded one of the best.
+        let mut m = connected_to(A, RetryMode::Immediate, t0);
+        m.handle(lost(A, closed(1006)), t0);
+        let groups = list(&[(A, Status::Up, 0, "A"), (B, Status::Up, 50, "B")]);
+        assert_eq!(m.handle(fetched(groups, A), t0), vec![connect(B, false)]);
+        // Servers that are not up stay out even then.
+        let mut m = connected_to(A, RetryMode::Immediate, t0);
+        m.handle(lost(A, closed(1006)), t0);
+        let down = list(&[(A, Status::Up, 0, "A"), (B, Status::Down, 0, "A")]);
+        assert_eq!(m.handle(fetched(down, B), t0)[0], connect(A, false));
     }
 
     #[test]

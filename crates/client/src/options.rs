@@ -62,7 +62,7 @@ impl Default for ClientOptions {
 }
 
 impl ClientOptions {
-    /// The defaults: `patent` policy, retry once, 10 s cool-down, 100 ms–5 s backoff, 1 s connect
+    /// The defaults: `patent` policy, immediate re-request, 10 s cool-down, 100 ms–5 s backoff, 1 s connect
     /// timeout, the node's heartbeat timeout, the system resolver.
     ///
     /// ```
@@ -153,7 +153,7 @@ impl ClientOptions {
         self.machine.policy
     }
 
-    /// Retry the same server once before re-requesting the list (the default), or not.
+    /// Re-request the list at once on failure (the default), or retry the same server once first.
     ///
     /// ```
     /// use streamfarm_client::{ClientOptions, RetryMode};

@@ -181,11 +181,26 @@ test('the cool-down ends', () => {
   m.handle(lost(A, closed(sf.CLOSE.GOING_AWAY)), 0);
   const later = sf.DEFAULT_MACHINE_CONFIG.coolDownMs;
   assert.deepEqual(m.excluded(later), []);
-  const actions = m.handle(fetched(only(A), A), 0);
-  assert.ok(actions.some((a) => a.type === 'drop_list_connection'));
-  const { timer } = sleepOf(actions);
+  // Within the cool-down the service address is asked (A last); no one else is known: the round ends.
+  const { timer } = sleepOf(m.handle({ type: 'list_failed', error: 'refused' }, 0));
   assert.deepEqual(m.handle({ type: 'timer_fired', timer }, later), [servers([A])]);
   assert.deepEqual(m.handle(fetched(only(A), A), later), [connect(A, true)]);
+});
+
+test('a server in its cool-down is chosen when the list has no other, and only then', () => {
+  const lostA = () => {
+    const m = connectedTo(A, 'immediate', 0);
+    m.handle(lost(A, closed(1006)), 0);
+    return m;
+  };
+  // A lone server that restarts answers: taken at once, not after the cool-down.
+  assert.deepEqual(lostA().handle(fetched(only(A), A), 0), [connect(A, true)]);
+  // Another candidate, even of a less preferred group, is taken first.
+  const groups = list([[A, 'UP', 0, 'A'], [B, 'UP', 50, 'B']]);
+  assert.deepEqual(lostA().handle(fetched(groups, A), 0), [connect(B, false)]);
+  // Servers that are not up stay out even then.
+  const down = list([[A, 'UP', 0, 'A'], [B, 'DOWN', 0, 'A']]);
+  assert.deepEqual(lostA().handle(fetched(down, B), 0)[0], connect(A, false));
 });
 
 test('timers: the next round starts on its timer, stale timers are ignored', () => {

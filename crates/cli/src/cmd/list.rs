@@ -20,8 +20,12 @@ pub(crate) struct ClientArgs {
     /// Resolve the service name through this DNS server instead of the system resolver.
     #[arg(long, value_name = "IP:PORT")]
     pub(crate) dns_server: Option<SocketAddr>,
-    /// On failure re-request the list at once instead of retrying the same server once.
+    /// On failure retry the same server once before re-requesting the list (the seeds' main
+    /// embodiment); the default re-requests at once.
     #[arg(long)]
+    pub(crate) retry_once: bool,
+    /// On failure re-request the list at once (the default; kept for scripts that name it).
+    #[arg(long, hide = true, conflicts_with = "retry_once")]
     pub(crate) immediate: bool,
     /// Limit for opening one connection (TCP, WebSocket handshake, greeting), in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
@@ -54,10 +58,10 @@ impl ClientArgs {
     pub(crate) fn options(&self) -> anyhow::Result<ClientOptions> {
         let mut options = ClientOptions::new()
             .policy(self.policy)
-            .retry(if self.immediate {
-                RetryMode::Immediate
-            } else {
+            .retry(if self.retry_once && !self.immediate {
                 RetryMode::RetryOnce
+            } else {
+                RetryMode::Immediate
             })
             .connect_timeout(Duration::from_millis(self.connect_timeout_ms.max(1)));
         if let Some(server) = self.dns_server {
