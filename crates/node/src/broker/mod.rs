@@ -400,7 +400,11 @@ struct FetchWait {
     /// When it was last sent: sent again after [`RESEND_AFTER`] (links come and go).
     sent_at: Instant,
     deadline: Instant,
-    done: Option<oneshot::Sender<()>>,
+    /// A hole in the live stream (one fetch at a time per topic), not a subscription's.
+    fill: bool,
+    /// The subscriptions waiting for the answer: every one whose messages it brings (see
+    /// [`covers`]), however many clients resume at once.
+    waiters: Vec<oneshot::Sender<()>>,
     /// Asked of every live node, every answer merged until the deadline (a catch-up): the node
     /// that answers first may be behind the one that holds the newest history.
     everywhere: bool,
@@ -508,7 +512,7 @@ fn new_epoch() -> Epoch {
 
 /// A log entry as it travels between nodes (its payload read back from its client frame).
 pub(crate) fn entry_to_wire(entry: &Entry) -> WireEntry {
-    let (data, encoding) = match serde_json::from_str::<ServerFrame>(&entry.frame) {
+    let (data, encoding) = match ServerFrame::from_json(&entry.frame) {
         Ok(ServerFrame::Msg { data, encoding, .. }) => (data, encoding),
         _ => (String::new(), Encoding::Utf8),
     };
@@ -1264,13 +1268,40 @@ impl Core {
     /// Asks the topic's replica for what follows `after` in the hub's stream of `topic`.
     fn fetch(&mut self, topic: String, after: Option<Position>, done: Option<oneshot::Sender<()>>) {
         let now = Instant::now();
-        if done.is_none() {
+        let Some(done) = done else {
             // A hole: one fetch at a time per topic.
             if self.filling.get(&topic).is_some_and(|until| *until > now) {
                 return;
             }
             self.filling.insert(topic.clone(), now + FETCH_WAIT);
+            self.send_fetch(topic, after, true, Vec::new());
+            return;
+        };
+        // A subscription waits on a fetch already asked for that brings what it needs: when a
+        // node's clients fail over to this one, thousands resume the same topic within
+        // milliseconds, and one fetch each would make the replica answer the same history
+        // thousands of times — on a farm already busy with the failover — and every answer
+        // late past `RESEND_AFTER` be asked again of every live node.
+        if let Some(wait) = self
+            .fetches
+            .values_mut()
+            .find(|w| !w.everywhere && !w.fill && w.topic == topic && covers(w.after, after))
+        {
+            wait.waiters.push(done);
+            return;
         }
+        self.send_fetch(topic, after, false, vec![done]);
+    }
+
+    /// Sends a new fetch of what follows `after` in `topic` to its replica and waits for it.
+    fn send_fetch(
+        &mut self,
+        topic: String,
+        after: Option<Position>,
+        fill: bool,
+        waiters: Vec<oneshot::Sender<()>>,
+    ) {
+        let now = Instant::now();
         self.next_request += 1;
         let request = self.next_request;
         // To the replica, which holds everything that went out; sent again (after
@@ -1292,7 +1323,8 @@ impl Core {
                 sent_to: to,
                 sent_at: now,
                 deadline: now + FETCH_WAIT,
-                done,
+                fill,
+                waiters,
                 everywhere: false,
                 answered: HashSet::new(),
             },
@@ -1405,13 +1437,20 @@ impl Core {
         let Some(wait) = self.fetches.remove(&request) else {
             return;
         };
-        if wait.done.is_none() {
+        debug!(
+            %topic,
+            %from,
+            waiters = wait.waiters.len(),
+            took_ms = (wait.deadline - FETCH_WAIT).elapsed().as_millis() as u64,
+            "fetch answered"
+        );
+        if wait.fill {
             self.filling.remove(&topic);
         }
         if let Some(state) = state {
             self.hub.merge(&topic, &state, &mut self.wakes);
         }
-        if let Some(done) = wait.done {
+        for done in wait.waiters {
             let _ = done.send(());
         }
     }
@@ -1449,7 +1488,8 @@ impl Core {
                     sent_to: String::new(),
                     sent_at: now,
                     deadline: now + FETCH_WAIT,
-                    done: None,
+                    fill: false,
+                    waiters: Vec::new(),
                     everywhere: true,
                     answered: HashSet::new(),
                 },
@@ -1620,7 +1660,7 @@ impl Core {
                     continue;
                 }
                 debug!(topic = %wait.topic, "fetch not answered in time");
-                if wait.done.is_none() {
+                if wait.fill {
                     self.filling.remove(&wait.topic);
                 }
             }
@@ -1703,5 +1743,36 @@ impl Core {
                 || chain.stored.as_ref().is_some_and(|l| l.bytes() > 0)
         });
         self.hub.trim(std_now);
+    }
+}
+
+/// Whether the answer to a fetch of what follows `asked` brings everything a fetch of what
+/// follows `needed` would: any answer gives the stream's position (all a live subscription
+/// needs), and one from an earlier offset of the same epoch holds the later messages too.
+fn covers(asked: Option<Position>, needed: Option<Position>) -> bool {
+    match (asked, needed) {
+        (_, None) => true,
+        (Some(asked), Some(needed)) => asked.epoch == needed.epoch && asked.offset <= needed.offset,
+        (None, Some(_)) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetch_covers_live_subscriptions_and_later_offsets_of_its_epoch() {
+        let e1 = Epoch(1);
+        let e2 = Epoch(2);
+        let at = |epoch, offset| Some(Position { epoch, offset });
+        assert!(covers(None, None));
+        assert!(covers(at(e1, 5), None));
+        assert!(covers(at(e1, 5), at(e1, 5)));
+        assert!(covers(at(e1, 5), at(e1, 9)));
+        assert!(!covers(at(e1, 5), at(e1, 4)));
+        assert!(!covers(at(e1, 5), at(e2, 9)));
+        // A fetch of the position alone brings no messages.
+        assert!(!covers(None, at(e1, 9)));
     }
 }
