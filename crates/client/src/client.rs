@@ -350,6 +350,19 @@ struct Live {
     /// When to send the node a fresh token (`refresh`), when the client has a token source and
     /// its token an expiry.
     refresh_at: Option<Instant>,
+    /// Fires at the earliest of the heartbeat deadline and the next ping, as they stood when it
+    /// was set; it is set again only when it fires. Moving it on every frame would register and
+    /// remove a timer per message, which at thousands of messages a second was a large share of
+    /// a client's work.
+    heartbeat: Pin<Box<Sleep>>,
+}
+
+impl Live {
+    /// When the heartbeat timer should fire next: the deadline for hearing from the server or
+    /// the time of the next ping, whichever comes first.
+    fn next_heartbeat(&self) -> Instant {
+        (self.last_received + self.timeout).min(self.last_sent + self.interval)
+    }
 }
 
 /// What the established connection's events mean for the machine.
@@ -738,9 +751,10 @@ impl Driver {
             .token_exp
             .filter(|_| self.options.token.is_some())
             .map(|exp| now + token::refresh_in(exp));
+        let interval = conn.hello.heartbeat_interval;
         Live {
             refresh_at,
-            interval: conn.hello.heartbeat_interval,
+            interval,
             timeout,
             list_refresh: self.options.list_refresh,
             list_at: now,
@@ -748,6 +762,7 @@ impl Driver {
             server,
             last_received: now,
             last_sent: now,
+            heartbeat: Box::pin(tokio::time::sleep_until(now + timeout.min(interval))),
         }
     }
 
@@ -1056,17 +1071,25 @@ async fn watch_live(live: &mut Option<Live>) -> LiveEvent {
     };
     use futures_util::StreamExt;
     loop {
-        let deadline = live.last_received + live.timeout;
-        let ping_at = live.last_sent + live.interval;
         tokio::select! {
             message = live.conn.ws.next() => {
                 live.last_received = Instant::now();
                 return LiveEvent::Message(message.map(|m| m.map_err(|e| e.to_string())));
             }
-            _ = tokio::time::sleep_until(deadline) => return LiveEvent::TimedOut,
-            _ = tokio::time::sleep_until(ping_at) => {
+            () = &mut live.heartbeat => {
                 let now = Instant::now();
+                if now >= live.last_received + live.timeout {
+                    return LiveEvent::TimedOut;
+                }
+                if now < live.last_sent + live.interval {
+                    // Early: something was received or sent since the timer was set.
+                    let next = live.next_heartbeat();
+                    live.heartbeat.as_mut().reset(next);
+                    continue;
+                }
                 live.last_sent = now;
+                let next = live.next_heartbeat();
+                live.heartbeat.as_mut().reset(next);
                 // A list request is answered like a ping, with the list instead of a pong.
                 let list_due = live.list_refresh.is_some_and(|every| now >= live.list_at + every);
                 let frame = if list_due {
@@ -1139,6 +1162,7 @@ async fn connect(
         // subscribing more room than a connect, or a failover storm turns that wait into a
         // failed server and another attempt.
         let allowed = timeout.saturating_mul(SUBSCRIBE_TIMEOUT_FACTOR);
+        let started = Instant::now();
         let early = tokio::time::timeout(
             allowed,
             connection::subscribe(&mut conn, &topics, &positions, migrating),
@@ -1149,6 +1173,7 @@ async fn connect(
             url: server.clone(),
             after: allowed,
         })??;
+        debug!(%server, took_ms = started.elapsed().as_millis() as u64, "subscribed");
         Ok(Subscribed {
             conn,
             topics,
@@ -1184,7 +1209,9 @@ async fn fetch_list(
             let mut last = None;
             let mut found = None;
             for url in &urls {
+                let started = Instant::now();
                 let result = connection::dial_url(url, &resolver, &dialer, timeout).await;
+                debug!(%url, ok = result.is_ok(), took_ms = started.elapsed().as_millis() as u64, "list dial");
                 dials.count(true, &result);
                 match result {
                     Ok(conn) => {

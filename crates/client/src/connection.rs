@@ -87,7 +87,7 @@ pub(crate) enum Incoming {
 
 pub(crate) fn decode(message: Message) -> Incoming {
     match message {
-        Message::Text(text) => match serde_json::from_str::<ServerFrame>(text.as_str()) {
+        Message::Text(text) => match ServerFrame::from_json(text.as_str()) {
             Ok(frame) => Incoming::Frame(frame),
             Err(err) => Incoming::Invalid(format!("bad frame ({err})")),
         },
