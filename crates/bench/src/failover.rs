@@ -4,7 +4,7 @@
 //! order (see [`crate::flow`] for how messages are counted, from their sequence numbers).
 //!
 //! The four cases, each a row (streamfarm and nats-server in the same run):
-//! - **node killed** (`C=N`; streamfarm also `C=N immediate`): SIGKILL of the server holding the
+//! - **node killed** (`C=N`; streamfarm also `C=N retry-once`): SIGKILL of the server holding the
 //!   clients.
 //! - **publisher's node killed** (`C=N publisher's node killed`): SIGKILL of the server the
 //!   publisher publishes on, which holds no clients: every message goes through it, so it is the
@@ -116,6 +116,16 @@ impl Case {
         Case::NodePartitioned,
     ];
 
+    /// The name `--cases` selects it by.
+    fn name(self) -> &'static str {
+        match self {
+            Case::NodeKilled => "killed",
+            Case::PublisherNodeKilled => "publisher-killed",
+            Case::NodeHung => "hung",
+            Case::NodePartitioned => "partitioned",
+        }
+    }
+
     /// The row's setting.
     fn setting(self, c: usize, hang: Duration) -> String {
         let secs = hang.as_secs_f64();
@@ -188,7 +198,24 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
     let c = options.failover_clients;
     let mut section = Section::default();
     let partition_unavailable = Partition::unavailable();
-    for case in Case::ALL {
+    if let Some(unknown) = options
+        .failover_cases
+        .iter()
+        .find(|name| !Case::ALL.iter().any(|case| case.name() == name.as_str()))
+    {
+        anyhow::bail!(
+            "unknown failover case {unknown:?}: the cases are {}",
+            Case::ALL.map(Case::name).join(", ")
+        );
+    }
+    let chosen = |case: &Case| {
+        options.failover_cases.is_empty()
+            || options
+                .failover_cases
+                .iter()
+                .any(|name| name == case.name())
+    };
+    for case in Case::ALL.into_iter().filter(chosen) {
         let setting = case.setting(c, options.hang);
         if case == Case::NodePartitioned
             && let Some(why) = &partition_unavailable
@@ -198,10 +225,10 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
             section.notes.push(note);
             continue;
         }
-        let mut systems = vec![(STREAMFARM, RetryMode::RetryOnce, setting.clone())];
+        let mut systems = vec![(STREAMFARM, RetryMode::default(), setting.clone())];
+        let retry_once = format!("C={c} retry-once");
         if case == Case::NodeKilled {
-            let immediate = format!("C={c} immediate");
-            systems.push((STREAMFARM, RetryMode::Immediate, immediate));
+            systems.push((STREAMFARM, RetryMode::RetryOnce, retry_once.clone()));
         }
         if options.nats.is_some() {
             systems.push((NATS, RetryMode::default(), setting.clone()));
@@ -222,9 +249,8 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
             .await;
             section.rows.push(row.finish(system, &label, outcome));
         }
-        let immediate = format!("C={c} immediate");
         let labels: &[&String] = if case == Case::NodeKilled {
-            &[&setting, &immediate]
+            &[&setting, &retry_once]
         } else {
             &[&setting]
         };
@@ -618,6 +644,7 @@ async fn listed_down(observer: SocketAddr, at: Instant) -> Option<f64> {
 /// connection the kernel completed but nobody closed promptly would leave its client waiting up
 /// to its connect timeout, where a dead server refuses at once.
 struct BlackHole {
+    addr: SocketAddr,
     count: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
@@ -637,7 +664,9 @@ impl BlackHole {
             .bind(addr)
             .with_context(|| format!("cannot take over {addr}"))?;
         let listener = socket.listen(4096)?.into_std()?;
-        listener.set_nonblocking(true)?;
+        // Blocking: the thread sleeps in `accept` (a poll loop would take CPU from the clients
+        // it measures); `drop` wakes it with a connection of its own.
+        listener.set_nonblocking(false)?;
         let count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (counter, stopped) = (count.clone(), stop.clone());
@@ -645,14 +674,17 @@ impl BlackHole {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
+                        if stopped.load(Ordering::Relaxed) {
+                            break;
+                        }
                         counter.fetch_add(1, Ordering::Relaxed);
                         let _ = stream.shutdown(std::net::Shutdown::Both);
                     }
-                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
             }
         });
-        Ok(BlackHole { count, stop })
+        Ok(BlackHole { addr, count, stop })
     }
 
     fn attempts(&self) -> u64 {
@@ -663,6 +695,7 @@ impl BlackHole {
 impl Drop for BlackHole {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
     }
 }
 

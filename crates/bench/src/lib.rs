@@ -122,6 +122,9 @@ pub struct Options {
     pub publish_rate: f64,
     /// How long a node stays hung (SIGSTOP) or partitioned in the failover benchmark.
     pub hang: Duration,
+    /// The failover benchmark's cases to run, by name (`killed`, `publisher-killed`, `hung`,
+    /// `partitioned`); empty: all four.
+    pub failover_cases: Vec<String>,
     /// Farm sizes of the convergence benchmark.
     pub farm_sizes: Vec<usize>,
     /// Convergence of chitchat instances in this process, in simulated time, instead of one
@@ -156,6 +159,7 @@ impl Options {
             failover_clients: 2000,
             publish_rate: 1000.0,
             hang: Duration::from_secs(10),
+            failover_cases: Vec::new(),
             farm_sizes: vec![3, 10, 50, 100],
             in_process: false,
             gossip_interval_ms: None,
@@ -181,6 +185,7 @@ impl Options {
             failover_clients: 20,
             publish_rate: 200.0,
             hang: Duration::from_secs(1),
+            failover_cases: Vec::new(),
             farm_sizes: vec![3],
             in_process: false,
             gossip_interval_ms: None,

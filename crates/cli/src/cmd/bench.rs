@@ -37,6 +37,10 @@ pub(crate) struct Args {
     /// Failover: seconds a node stays hung (SIGSTOP) or partitioned (default 10; 1 with --quick).
     #[arg(long)]
     hang_secs: Option<f64>,
+    /// Failover: the cases to run, comma-separated: killed, publisher-killed, hung, partitioned
+    /// (default all four).
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
     /// Convergence farm sizes, comma-separated (default 3,10,50,100).
     #[arg(long, value_delimiter = ',')]
     farm_sizes: Vec<usize>,
@@ -115,6 +119,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         options.hang = std::time::Duration::from_secs_f64(secs);
     }
+    options.failover_cases = args.cases.clone();
     if !args.farm_sizes.is_empty() {
         options.farm_sizes = args.farm_sizes.clone();
     }
