@@ -46,6 +46,8 @@
 //! between nodes is repaired without a client noticing. A client that subscribes with the
 //! position it holds is sent, between two live messages, what it missed: from the node's own
 //! stream, or fetched from the replica first; what the farm no longer holds is named in a `gap`.
+//! Subscriptions that resume the same topic while a fetch is under way wait on that fetch when
+//! it brings what they need (one fetch for the thousands of clients a failover brings at once).
 //!
 //! # Layout
 //! - [`log`] — one topic's bounded history ([`log::Log`]).
