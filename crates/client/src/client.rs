@@ -485,6 +485,21 @@ impl Driver {
                 match action {
                     Action::FetchList(source) => {
                         let seed = self.rng.random();
+                        // The pick of the last list, asked first, is kept by nearly every
+                        // failover: subscribe on it at once (a client with no topics has
+                        // nothing to gain).
+                        let ahead = match (&source, self.machine.asked()) {
+                            (ListSource::Servers(urls), Some(pick))
+                                if urls.first().is_some_and(|u| u == pick)
+                                    && !self.machine.topics().is_empty() =>
+                            {
+                                Some(Ahead {
+                                    server: pick.to_string(),
+                                    topics: self.machine.topics().clone(),
+                                })
+                            }
+                            _ => None,
+                        };
                         operation = Some(Box::pin(fetch_list(
                             self.dials.clone(),
                             self.address.clone(),
@@ -493,6 +508,7 @@ impl Driver {
                             self.options.dialer(),
                             self.options.connect_timeout,
                             seed,
+                            ahead,
                         )));
                     }
                     Action::Connect {
@@ -1163,7 +1179,7 @@ async fn connect(
         // failed server and another attempt.
         let allowed = timeout.saturating_mul(SUBSCRIBE_TIMEOUT_FACTOR);
         let started = Instant::now();
-        let early = tokio::time::timeout(
+        let (topics, early) = tokio::time::timeout(
             allowed,
             connection::subscribe(&mut conn, &topics, &positions, migrating),
         )
@@ -1187,6 +1203,14 @@ async fn connect(
     Done::Connect { server, result }
 }
 
+/// A subscription to send on the connection to `server` as soon as it answers a list request,
+/// before the machine decides to keep it (see [`connection::send_subscription`]).
+struct Ahead {
+    server: String,
+    topics: Topics,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn fetch_list(
     dials: Arc<DialCounters>,
     address: ServiceAddress,
@@ -1195,6 +1219,7 @@ async fn fetch_list(
     dialer: Dialer,
     timeout: Duration,
     seed: u64,
+    ahead: Option<Ahead>,
 ) -> Done {
     Done::List(match source {
         ListSource::ServiceAddress { avoid } => {
@@ -1210,9 +1235,16 @@ async fn fetch_list(
             let mut found = None;
             for url in &urls {
                 let started = Instant::now();
-                let result = connection::dial_url(url, &resolver, &dialer, timeout).await;
+                let mut result = connection::dial_url(url, &resolver, &dialer, timeout).await;
                 debug!(%url, ok = result.is_ok(), took_ms = started.elapsed().as_millis() as u64, "list dial");
                 dials.count(true, &result);
+                if let (Ok(conn), Some(ahead)) = (&mut result, &ahead)
+                    && ahead.server == *url
+                {
+                    let (names, positions) = (ahead.topics.names(), ahead.topics.positions());
+                    // A failure here is the connection's: the wait for `subscribed` reports it.
+                    let _ = connection::send_subscription(conn, &names, &positions, false).await;
+                }
                 match result {
                     Ok(conn) => {
                         found = Some(conn);

@@ -44,6 +44,9 @@ pub(crate) struct Conn<S = ClientStream> {
     pub(crate) list: FarmList,
     /// When the token the connection was opened with expires (seconds since the Unix epoch).
     pub(crate) token_exp: Option<u64>,
+    /// The topics a subscription was already sent for on this connection, ahead of the
+    /// decision to keep it (see [`send_subscription`]).
+    pub(crate) subscription_sent: Option<Vec<String>>,
 }
 
 /// How the client opens connections: from which address, trusting which TLS roots, with
@@ -161,6 +164,7 @@ pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
                     hello,
                     list,
                     token_exp: None,
+                    subscription_sent: None,
                 });
             }
             (frame, None) => return Err(protocol(format!("expected hello first, got {frame:?}"))),
@@ -176,15 +180,40 @@ pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
 /// Subscribes `topics` (resuming those with a position in `positions`), asks the node to push
 /// the farm list as it changes, and waits until the node confirms every topic. Returns the
 /// `subscribed` frames, then the messages that arrived meanwhile, in order, for the caller to
-/// deliver.
+/// deliver. When a subscription was already sent on `conn` ([`send_subscription`]), it is not
+/// sent again: this waits for the topics it named, and returns them in place of `topics`.
 pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     topics: &[String],
     positions: &BTreeMap<String, Position>,
     migrating: bool,
-) -> Result<Vec<ServerFrame>, Error> {
+) -> Result<(Vec<String>, Vec<ServerFrame>), Error> {
+    let topics = match conn.subscription_sent.clone() {
+        Some(sent) => sent,
+        None => {
+            send_subscription(conn, topics, positions, migrating).await?;
+            topics.to_vec()
+        }
+    };
+    let early = confirmed(conn, &topics).await?;
+    Ok((topics, early))
+}
+
+/// Sends the client's `hello`, the `sub` of `topics` (resuming those with a position in
+/// `positions`) and the request to watch the farm list, without waiting for anything.
+///
+/// A failing-over client sends these on the connection to its pick as soon as that answers,
+/// before it has read the list and decided to keep the connection (it keeps it for nearly every
+/// client, see `crate::machine`): the node then works on the subscription while the client
+/// decides, instead of after. A connection not kept is closed, which ends the subscription.
+pub(crate) async fn send_subscription<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    topics: &[String],
+    positions: &BTreeMap<String, Position>,
+    migrating: bool,
+) -> Result<(), Error> {
     let url = conn.hello.url.clone();
-    let mut early = Vec::new();
+    conn.subscription_sent = Some(topics.to_vec());
     // What this client can do: the node moves it with `migrate` frames rather than closes.
     let hello = ClientFrame::Hello {
         features: vec![feature::MIGRATE.to_string()],
@@ -194,7 +223,7 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(|e| ws_error(&url, e))?;
     if topics.is_empty() {
-        return Ok(early);
+        return Ok(());
     }
     let sub = ClientFrame::Sub {
         topics: topics.to_vec(),
@@ -216,7 +245,17 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
         },
     )
     .await
-    .map_err(|e| ws_error(&url, e))?;
+    .map_err(|e| ws_error(&url, e))
+}
+
+/// Waits until the node confirms every one of `topics`; returns the `subscribed` frames, then
+/// the messages that arrived meanwhile, in order.
+async fn confirmed<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    topics: &[String],
+) -> Result<Vec<ServerFrame>, Error> {
+    let url = conn.hello.url.clone();
+    let mut early = Vec::new();
     let mut missing: Vec<&String> = topics.iter().collect();
     while !missing.is_empty() {
         match next_frame(&mut conn.ws, &url).await? {
@@ -528,14 +567,58 @@ pub(crate) mod tests {
         });
         // A position for a topic not subscribed here is not sent.
         let positions = BTreeMap::from([("t2".to_string(), at), ("gone".to_string(), at)]);
-        let early = subscribe(&mut conn, &topics, &positions, false)
+        let (subscribed, early) = subscribe(&mut conn, &topics, &positions, false)
             .await
             .unwrap();
+        assert_eq!(subscribed, topics);
         assert!(
             matches!(&early[..], [ServerFrame::Subscribed { .. }, ServerFrame::Msg { data, .. }, ServerFrame::Subscribed { .. }] if data == "early"),
             "{early:?}"
         );
         node_task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_subscription_sent_ahead_is_not_sent_again_and_names_its_topics() {
+        let (client, mut node) = pipe().await;
+        node_sends(&mut node, &hello("ws://a/stream")).await;
+        node_sends(&mut node, &farm("ws://a/stream")).await;
+        let mut conn = greet(client, "ws://a/stream").await.unwrap();
+        let ahead = vec!["t1".to_string()];
+        send_subscription(&mut conn, &ahead, &BTreeMap::new(), false)
+            .await
+            .unwrap();
+        let node_task = tokio::spawn(async move {
+            let mut frames = Vec::new();
+            for _ in 0..3 {
+                frames.push(node_reads(&mut node).await);
+            }
+            node_sends(
+                &mut node,
+                &ServerFrame::Subscribed {
+                    topics: vec!["t1".into()],
+                    positions: BTreeMap::new(),
+                },
+            )
+            .await;
+            // Nothing more comes: the client's next frame is its close.
+            let more = tokio::time::timeout(Duration::from_millis(200), node.next()).await;
+            (frames, more)
+        });
+        // Asked for other topics since: it waits for the ones sent, and says which.
+        let now = vec!["t1".to_string(), "t2".to_string()];
+        let (subscribed, early) = subscribe(&mut conn, &now, &BTreeMap::new(), false)
+            .await
+            .unwrap();
+        assert_eq!(subscribed, ahead);
+        assert_eq!(early.len(), 1, "{early:?}");
+        let (frames, more) = node_task.await.unwrap();
+        let subs = frames
+            .iter()
+            .filter(|f| matches!(f, ClientFrame::Sub { .. }))
+            .count();
+        assert_eq!(subs, 1, "{frames:?}");
+        assert!(more.is_err(), "a second frame came: {more:?}");
     }
 
     #[tokio::test]

@@ -458,6 +458,15 @@ impl Machine {
         self.last_list.as_ref()
     }
 
+    /// The server picked on the last list and asked for a fresh one, while the machine waits for
+    /// that list: it stays the pick if the list still shows it as a candidate.
+    pub fn asked(&self) -> Option<&str> {
+        match self.state {
+            State::FetchingList { .. } => self.asked.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Servers excluded from selection at `now`.
     pub fn excluded(&self, now: Instant) -> Vec<String> {
         self.excluded
