@@ -113,6 +113,16 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     ws.send(Message::text(text)).await
 }
 
+/// Queues a frame to go out with the next [`send`]: frames sent together leave in one write
+/// (one segment, one wake-up of the node) rather than one each.
+async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    frame: &ClientFrame,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let text = serde_json::to_string(frame).expect("client frames always serialize");
+    ws.feed(Message::text(text)).await
+}
+
 /// Closes with a normal close frame, not waiting long for the node's answer.
 pub(crate) async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>) {
     let frame = CloseFrame {
@@ -219,12 +229,14 @@ pub(crate) async fn send_subscription<S: AsyncRead + AsyncWrite + Unpin>(
         features: vec![feature::MIGRATE.to_string()],
         migrating,
     };
-    send(&mut conn.ws, &hello)
+    if topics.is_empty() {
+        return send(&mut conn.ws, &hello)
+            .await
+            .map_err(|e| ws_error(&url, e));
+    }
+    feed(&mut conn.ws, &hello)
         .await
         .map_err(|e| ws_error(&url, e))?;
-    if topics.is_empty() {
-        return Ok(());
-    }
     let sub = ClientFrame::Sub {
         topics: topics.to_vec(),
         positions: positions
@@ -233,7 +245,7 @@ pub(crate) async fn send_subscription<S: AsyncRead + AsyncWrite + Unpin>(
             .map(|(topic, p)| (topic.clone(), *p))
             .collect(),
     };
-    send(&mut conn.ws, &sub)
+    feed(&mut conn.ws, &sub)
         .await
         .map_err(|e| ws_error(&url, e))?;
     // A connected client keeps its list current: the node pushes it when the farm changes.
@@ -375,11 +387,12 @@ pub(crate) async fn dial(
 
 /// Small buffers: a process may hold thousands of idle connections (`streamfarm load`), and
 /// tungstenite's default 128 KiB read buffer, allocated up front, would cost 128 KiB each.
-/// Frames are small; a bigger message just takes more reads.
+/// Frames are small; a bigger message just takes more reads. Writes wait in a buffer only until
+/// the next flush, and every [`send`] flushes ([`feed`] lets a few frames share one write).
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(4 * 1024)
 }
 
 pub(crate) async fn tcp_connect(
