@@ -63,8 +63,8 @@ use crate::topics::Topics;
 /// What to do when a connection attempt fails or a connection is lost.
 ///
 /// The trade-off, measured (`streamfarm bench failover`, BENCHMARKS.md): when the server truly
-/// failed, the retry costs one more connection attempt per client (1.78–1.98 C attempts in all
-/// against 1.006–1.02 C; on the survivors both are 1.0 C) and a longer tail. What the retry
+/// failed, the retry costs one more connection attempt per client (1.65–1.98 C attempts in all
+/// against 1.006–1.026 C; on the survivors both are 1.0 C) and a longer tail. What the retry
 /// buys — a lone server that restarts is found again at once — `Immediate` gets too: a server
 /// in its cool-down is still chosen when the list has no other candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
