@@ -109,8 +109,7 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     frame: &ClientFrame,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    let text = serde_json::to_string(frame).expect("client frames always serialize");
-    ws.send(Message::text(text)).await
+    ws.send(message(frame)).await
 }
 
 /// Queues a frame to go out with the next [`send`]: frames sent together leave in one write
@@ -119,8 +118,11 @@ async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocketStream<S>,
     frame: &ClientFrame,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    let text = serde_json::to_string(frame).expect("client frames always serialize");
-    ws.feed(Message::text(text)).await
+    ws.feed(message(frame)).await
+}
+
+fn message(frame: &ClientFrame) -> Message {
+    Message::text(serde_json::to_string(frame).expect("client frames always serialize"))
 }
 
 /// Closes with a normal close frame, not waiting long for the node's answer.
