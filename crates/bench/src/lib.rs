@@ -20,6 +20,8 @@
 //!   duplicated and out-of-order messages (failover's messages flowing).
 //! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost`, `rebalance`,
 //!   `auth` — one module per benchmark, each `run(&Options) -> Section`.
+//! - `topics` — subscribe rate, CPU and RSS per topic from 10^4 to 10^6 topics, a peer restart
+//!   under a large interest.
 //! - `nats_farm` — a farm of 20 nodes relaying through NATS beside the embedded relay: relay
 //!   links counted, messages across.
 //! - `gossip` — convergence `--in-process`: chitchat farms of up to thousands of nodes in this
@@ -41,6 +43,7 @@ mod nats_farm;
 mod proc;
 mod rebalance;
 pub mod report;
+mod topics;
 mod wire;
 
 pub use nats::{NatsServer, find_nats};
@@ -71,6 +74,9 @@ pub enum Which {
     /// A farm of N nodes relaying through NATS, beside its embedded relay: relay links counted
     /// (`ss`, `/metrics`), messages lost/duplicated, latency.
     NatsFarm,
+    /// Many topics: subscribe rate and CPU per new topic from 10^4 to 10^6 topics, RSS per topic,
+    /// a peer restart under a large interest.
+    Topics,
     /// Every benchmark above, in that order.
     All,
 }
@@ -88,6 +94,7 @@ impl Which {
             (Which::Rebalance, "rebalance"),
             (Which::Auth, "auth"),
             (Which::NatsFarm, "nats-farm"),
+            (Which::Topics, "topics"),
         ];
         all.into_iter()
             .filter(|(w, _)| self == Which::All || *w == self)
@@ -141,6 +148,10 @@ pub struct Options {
     pub rebalance_publish_rate: f64,
     /// Nodes of the NATS farm benchmark.
     pub nats_farm_nodes: usize,
+    /// Topics: the distinct topics of each subscribe run (clients × topics per client).
+    pub topic_counts: Vec<usize>,
+    /// Topics: topics each client subscribes to.
+    pub topics_per_client: usize,
 }
 
 impl Options {
@@ -167,6 +178,8 @@ impl Options {
             rebalance_clients: 900,
             rebalance_publish_rate: 100.0,
             nats_farm_nodes: 20,
+            topic_counts: vec![10_000, 100_000, 1_000_000],
+            topics_per_client: 1000,
         }
     }
 
@@ -193,6 +206,8 @@ impl Options {
             rebalance_clients: 30,
             rebalance_publish_rate: 100.0,
             nats_farm_nodes: 4,
+            topic_counts: vec![1_000, 4_000],
+            topics_per_client: 200,
         }
     }
 }
@@ -226,6 +241,7 @@ pub async fn run(which: Which, options: &Options, mut on_section: impl FnMut(&Re
             Which::Rebalance => rebalance::run(options).await,
             Which::Auth => auth::run(options).await,
             Which::NatsFarm => nats_farm::run(options).await,
+            Which::Topics => topics::run(options).await,
             Which::All => unreachable!("expand() lists single benchmarks"),
         };
         let mut section = result.unwrap_or_else(|err| Section {

@@ -217,7 +217,8 @@ impl Nats {
         self.until_pong().await
     }
 
-    async fn until_pong(&mut self) -> anyhow::Result<()> {
+    /// Reads until the server's `PONG`.
+    pub(crate) async fn until_pong(&mut self) -> anyhow::Result<()> {
         let mut scratch = Vec::new();
         loop {
             if self.next(&mut scratch).await? == NatsEvent::Pong {

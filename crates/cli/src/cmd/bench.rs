@@ -58,6 +58,13 @@ pub(crate) struct Args {
     /// Seconds per throughput or latency phase (default 4).
     #[arg(long)]
     phase_secs: Option<f64>,
+    /// Topics: the distinct topics of each subscribe run, comma-separated (default
+    /// 10000,100000,1000000).
+    #[arg(long, value_delimiter = ',')]
+    topic_counts: Vec<usize>,
+    /// Topics: topics each client subscribes to (default 1000).
+    #[arg(long)]
+    topics_per_client: Option<usize>,
     /// Do not install nats-server with apt-get when it is not on PATH.
     #[arg(long)]
     no_install: bool,
@@ -80,6 +87,8 @@ enum What {
     Auth,
     /// N nodes relaying through NATS beside the embedded relay: relay links counted.
     NatsFarm,
+    /// Many topics: subscribe rate and CPU per new topic at 10^4 to 10^6 topics, RSS per topic.
+    Topics,
     All,
 }
 
@@ -124,6 +133,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         options.farm_sizes = args.farm_sizes.clone();
     }
     options.in_process = args.in_process;
+    if !args.topic_counts.is_empty() {
+        options.topic_counts = args.topic_counts.clone();
+    }
+    if let Some(t) = args.topics_per_client {
+        anyhow::ensure!(
+            (1..=1024).contains(&t),
+            "--topics-per-client must be between 1 and 1024"
+        );
+        options.topics_per_client = t;
+    }
     options.gossip_interval_ms = args.gossip_interval_ms;
     if let Some(nodes) = args.nodes {
         anyhow::ensure!(
@@ -145,6 +164,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::Rebalance => Which::Rebalance,
         What::Auth => Which::Auth,
         What::NatsFarm => Which::NatsFarm,
+        What::Topics => Which::Topics,
         What::All => Which::All,
     };
     let out = match args.out {
