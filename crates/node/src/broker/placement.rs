@@ -9,6 +9,15 @@
 //! which already holds the topic's history. A node that joins takes over only the topics it now
 //! ranks first or second for.
 //!
+//! # Partitions
+//! A topic is placed through its **partition**: topics hash into [`PARTITIONS`] partitions, and
+//! the nodes are ranked per partition, not per topic. Every topic of a partition has the same
+//! sequencer and replica, so a node keeps one placement per partition whatever the number of
+//! topics (a table of a few thousand entries, rebuilt when the farm changes, instead of a cache of
+//! one entry per topic that thrashed beyond 65 536 topics), and a node that leaves or joins moves
+//! whole partitions. With 4 096 partitions a farm of up to a few hundred nodes still spreads its
+//! topics evenly (every node ranks first for about 4 096 / N partitions).
+//!
 //! Pure: the list is passed in.
 
 use streamfarm_core::{FarmList, Status};
@@ -31,9 +40,25 @@ pub(crate) fn live_nodes(list: &FarmList) -> Vec<String> {
         .collect()
 }
 
+/// Partitions the topics hash into (see the module docs).
+pub(crate) const PARTITIONS: usize = 4096;
+
+/// The partition of `topic`: FNV-1a of its name, mixed, modulo [`PARTITIONS`] (stable across
+/// builds and platforms).
+pub(crate) fn partition(topic: &str) -> usize {
+    (mix(fnv(0xcbf2_9ce4_8422_2325, topic.bytes())) % PARTITIONS as u64) as usize
+}
+
 /// The placement of `topic` over `nodes`; `None` when there is no node.
 pub(crate) fn place(topic: &str, nodes: &[String]) -> Option<Placement> {
-    let mut ranked: Vec<(u64, &String)> = nodes.iter().map(|n| (score(topic, n), n)).collect();
+    place_partition(partition(topic), nodes)
+}
+
+/// The placement of every topic of partition `partition` over `nodes`; `None` when there is no
+/// node.
+pub(crate) fn place_partition(partition: usize, nodes: &[String]) -> Option<Placement> {
+    let key = partition.to_le_bytes();
+    let mut ranked: Vec<(u64, &String)> = nodes.iter().map(|n| (score(&key, n), n)).collect();
     // Highest score first; names break (astronomically unlikely) ties the same way everywhere.
     ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
     let sequencer = ranked.first()?.1.clone();
@@ -41,15 +66,24 @@ pub(crate) fn place(topic: &str, nodes: &[String]) -> Option<Placement> {
     Some(Placement { sequencer, replica })
 }
 
-/// A stable 64-bit score of (topic, node): FNV-1a over both, then a final mix so that nearby
+/// A stable 64-bit score of (partition, node): FNV-1a over both, then a final mix so that nearby
 /// inputs spread. Stable across builds and platforms, unlike `std`'s hasher.
-fn score(topic: &str, node: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in topic.bytes().chain([0xff]).chain(node.bytes()) {
+fn score(partition: &[u8], node: &str) -> u64 {
+    let bytes = partition.iter().copied().chain([0xff]).chain(node.bytes());
+    mix(fnv(0xcbf2_9ce4_8422_2325, bytes))
+}
+
+/// FNV-1a of `bytes` from `hash`.
+fn fnv(mut hash: u64, bytes: impl Iterator<Item = u8>) -> u64 {
+    for byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    // splitmix64's finalizer.
+    hash
+}
+
+/// splitmix64's finalizer: nearby inputs spread.
+fn mix(mut hash: u64) -> u64 {
     hash ^= hash >> 30;
     hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     hash ^= hash >> 27;
@@ -100,6 +134,19 @@ mod tests {
                 "{node} sequences {count} of 3000"
             );
         }
+    }
+
+    #[test]
+    fn partitions_spread_and_topics_of_a_partition_share_a_placement() {
+        let mut sizes = vec![0usize; PARTITIONS];
+        for t in 0..(PARTITIONS * 20) {
+            sizes[partition(&format!("md.xnas.{t:07}.l1"))] += 1;
+        }
+        // 20 topics per partition on average: none empty, none more than three times that.
+        assert!(sizes.iter().all(|n| (1..=60).contains(n)), "{sizes:?}");
+        let all = nodes(&["a", "b", "c"]);
+        let topic = "prices.eur";
+        assert_eq!(place(topic, &all), place_partition(partition(topic), &all));
     }
 
     #[test]
