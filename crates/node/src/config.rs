@@ -269,8 +269,11 @@ fn default_max_subscriptions() -> usize {
 fn default_send_queue() -> usize {
     8192
 }
+/// Frames, like `send_queue`; the bound that matters is `relay_queue_bytes`. A subscription of
+/// many new topics at once sends a few small frames per topic to each peer: the queue must hold
+/// as many as the bytes allow, or a link is reset for frames that would fit.
 fn default_relay_queue() -> usize {
-    65_536
+    1 << 20
 }
 /// 4 MiB: a few seconds of a busy topic for a client that is merely slow; the bound on what a
 /// client that never reads costs.
@@ -281,8 +284,10 @@ fn default_send_queue_bytes() -> usize {
 fn default_relay_queue_bytes() -> usize {
     64 << 20
 }
+/// A million: the topics of a large market-data feed. Every peer holds this node's interest
+/// (about the topic's name in bytes per topic), and the node holds what its subscribers need.
 fn default_max_interest_topics() -> usize {
-    262_144
+    1 << 20
 }
 fn default_handshake_timeout_ms() -> u64 {
     10_000

@@ -170,6 +170,9 @@ struct Session {
     migrates: bool,
     /// Which farm list changes it is pushed.
     watch: Watch,
+    /// Subscriptions under way (reserved, not yet joined): a connection that is subscribing is
+    /// not picked to move, nor closed for not moving, until it has its `subscribed`.
+    subscribing: u32,
 }
 
 /// Which changes of the farm list a connection is pushed (`list` with `watch`).
@@ -289,6 +292,7 @@ impl Hub {
             opened: Instant::now(),
             migrates: false,
             watch: Watch::Nothing,
+            subscribing: 0,
         };
         self.lock_sessions().open.insert(id, session);
         metrics::inc(&self.metrics.connections);
@@ -368,6 +372,7 @@ impl Hub {
             .iter()
             .filter(|(id, s)| {
                 !moving.contains_key(id)
+                    && s.subscribing == 0
                     && !s.outlet.closer.is_closed()
                     && opened_before.is_none_or(|before| s.opened <= before)
             })
@@ -403,7 +408,7 @@ impl Hub {
             .iter()
             .filter(|(_, told)| now.saturating_duration_since(**told) >= deadline)
             .filter_map(|(id, _)| sessions.open.get(id))
-            .filter(|s| !s.outlet.closer.is_closed())
+            .filter(|s| s.subscribing == 0 && !s.outlet.closer.is_closed())
             .map(|s| s.outlet.clone())
             .collect()
     }
@@ -438,6 +443,9 @@ impl Hub {
     /// First step of subscribing: the topics join the node's interest for connection `id`,
     /// which receives nothing of them until [`Hub::join`].
     pub(crate) fn reserve<'a>(&self, id: ConnId, topics: impl IntoIterator<Item = &'a str>) {
+        if let Some(session) = self.lock_sessions().open.get_mut(&id) {
+            session.subscribing += 1;
+        }
         let mut interest_changed = false;
         {
             let mut map = self.write_topics();
@@ -553,6 +561,9 @@ impl Hub {
             }
         }
         drop(map);
+        if let Some(session) = self.lock_sessions().open.get_mut(&id) {
+            session.subscribing = session.subscribing.saturating_sub(1);
+        }
         metrics::add(&self.metrics.subscriptions, added as u64);
         added
     }

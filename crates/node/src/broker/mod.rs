@@ -55,11 +55,12 @@
 //! - [`wire`] — the frames between nodes about topics.
 //! - this module — the broker task: sequencing, replication, claims, fetches, retries.
 
+mod catch_up;
 pub(crate) mod log;
 pub(crate) mod placement;
 pub(crate) mod wire;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,7 +76,7 @@ use crate::hub::{self, ConnId, Delivered, FrameWakes, Hub, Outlet, Resume};
 use crate::metrics::{self, Metrics};
 use crate::relay::Relay;
 use log::{Entry, Limits, Log, Offered, PublishId};
-use placement::{Placement, live_nodes, place};
+use placement::{PARTITIONS, Placement, live_nodes, partition, place_partition};
 use wire::{LogState, PeerFrame, WireEntry};
 
 /// After a peer's link opens again, when every delivered topic is fetched once more.
@@ -83,12 +84,20 @@ const CATCH_UP_AGAIN: Duration = Duration::from_secs(1);
 /// How often the broker task retries, times out and trims.
 const TICK: Duration = Duration::from_millis(50);
 /// How often the broker trims history by age and forgets chains it no longer has a part in:
-/// work in proportion to every topic held, so not every tick (with tens of thousands of topics,
-/// doing it every tick took most of the broker's time and slowed every subscription).
+/// work in proportion to every topic held, so not every tick, and less often the more topics
+/// there are (one more second per [`HOUSEKEEPING_TOPICS`] topics): its cost per topic stays
+/// constant. Nothing else the tick does looks at every topic: what is due is queued when it is
+/// set (see [`Timers`]).
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Topics held per extra second between two housekeeping rounds.
+const HOUSEKEEPING_TOPICS: usize = 50_000;
 /// A publish not acknowledged this long after it was sent is sent again (to the sequencer of
 /// the moment; the sequencer does not number a publish twice).
 const RESEND_AFTER: Duration = Duration::from_millis(300);
+/// How long a replica holding fetches for a topic it has no log of waits before it asks the
+/// topic's sequencer again (the sequencer may be claiming the topic meanwhile: asking sooner only
+/// adds frames to a busy farm).
+const PRIME_AGAIN: Duration = Duration::from_secs(1);
 /// How long a claim waits for the live nodes' answers before it goes on with those it has.
 const CLAIM_WAIT: Duration = Duration::from_millis(500);
 /// How long a fetch waits for its answer.
@@ -97,8 +106,6 @@ pub(crate) const FETCH_WAIT: Duration = Duration::from_secs(2);
 const MAX_PENDING_BYTES: usize = 64 << 20;
 /// Depth of the broker task's input queue: sessions and relay links wait when it is full.
 const INPUT_QUEUE: usize = 4096;
-/// Most placements remembered; the cache starts over beyond (it is rebuilt as topics are used).
-const MAX_CACHED_PLACEMENTS: usize = 65_536;
 
 /// Why a publish did not go through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,7 +189,7 @@ impl Broker {
             relay: relay.clone(),
             limits,
             live,
-            placements: std::cell::RefCell::default(),
+            placements: std::cell::RefCell::new(vec![None; PARTITIONS]),
             farm,
             peers,
             link_ends,
@@ -194,6 +201,9 @@ impl Broker {
             pending_bytes: 0,
             next_seq: 0,
             fetches: HashMap::new(),
+            fetches_by_topic: HashMap::new(),
+            timers: Timers::default(),
+            catch_ups: catch_up::CatchUps::default(),
             filling: HashMap::new(),
             next_request: 0,
             to_self: Vec::new(),
@@ -407,12 +417,6 @@ struct FetchWait {
     /// The subscriptions waiting for the answer: every one whose messages it brings (see
     /// [`covers`]), however many clients resume at once.
     waiters: Vec<oneshot::Sender<()>>,
-    /// Asked of every live node, every answer merged until the deadline (a catch-up): the node
-    /// that answers first may be behind the one that holds the newest history.
-    everywhere: bool,
-    /// The nodes that answered a catch-up (the others are asked again until the deadline: a
-    /// link that looked open may have been one a partition left dead).
-    answered: HashSet<String>,
 }
 
 /// What this node sequences of a topic.
@@ -433,7 +437,41 @@ struct Claim {
     /// Live peers the claim could not be sent to (no link now).
     unreached: usize,
     best: Option<LogState>,
-    deadline: Instant,
+}
+
+/// What the broker's tick looks at, each queued when it was set so that a tick costs what is due,
+/// not what is held: with a million topics, scanning every chain 20 times a second took all of a
+/// node's time. Each queue holds `(when, what)` with a constant delay per queue, so it is in time
+/// order; an entry whose subject has moved on since (a claim finished, a fetch answered or sent
+/// again) is skipped when it comes due.
+#[derive(Default)]
+struct Timers {
+    /// Claims by deadline, with their term.
+    claims: VecDeque<(Instant, (String, u64))>,
+    /// Fetches by when they may be sent again ([`RESEND_AFTER`] after they were last sent).
+    resends: VecDeque<(Instant, u64)>,
+    /// Fetches by deadline.
+    fetch_deadlines: VecDeque<(Instant, u64)>,
+    /// Topics whose replica holds fetches for a log it has not got: by when to ask the sequencer
+    /// again.
+    primes: VecDeque<(Instant, String)>,
+    /// Topics whose replica holds fetches: by when the oldest is answered empty.
+    held_deadlines: VecDeque<(Instant, String)>,
+    /// Topics whose claim ended without sequencing them: publishes may wait in their queue.
+    stalled: HashSet<String>,
+    /// Topics whose replica log grew since it was last reported to the sequencer.
+    unreported: HashSet<String>,
+}
+
+/// Pops the entries of `queue` due at `now`.
+fn due<T>(queue: &mut VecDeque<(Instant, T)>, now: Instant) -> Vec<T> {
+    let mut out = Vec::new();
+    while queue.front().is_some_and(|(at, _)| *at <= now) {
+        if let Some((_, item)) = queue.pop_front() {
+            out.push(item);
+        }
+    }
+    out
 }
 
 /// A fetch that reached this node as replica before it had the topic's log.
@@ -486,13 +524,20 @@ struct Core {
     catch_up_at: Option<Instant>,
     /// Live nodes of the farm list, this one included while it is not `DOWN`.
     live: Vec<String>,
-    /// Placements computed on `live` (cleared whenever it changes).
-    placements: std::cell::RefCell<HashMap<String, Placement>>,
+    /// The placement of each partition on `live`, computed when first needed (cleared whenever
+    /// `live` changes).
+    placements: std::cell::RefCell<Vec<Option<Placement>>>,
     chains: HashMap<String, Chain>,
     pending: HashMap<PublishId, Pending>,
     pending_bytes: usize,
     next_seq: u64,
     fetches: HashMap<u64, FetchWait>,
+    /// The subscription fetches under way, by topic (a subscription waits on one that covers it).
+    fetches_by_topic: HashMap<String, Vec<u64>>,
+    /// What the tick must look at, queued when it was set.
+    timers: Timers,
+    /// Catch-ups under way (see [`catch_up`]).
+    catch_ups: catch_up::CatchUps,
     /// Topics whose hole is being fetched, until when.
     filling: HashMap<String, Instant>,
     next_request: u64,
@@ -650,21 +695,19 @@ impl Core {
         self.relay.send(to, Utf8Bytes::from(text))
     }
 
-    /// The topic's sequencer and replica as this node sees the farm (cached until it changes).
+    /// The topic's sequencer and replica as this node sees the farm: its partition's, computed
+    /// once per partition until the farm changes.
     fn placement(&self, topic: &str) -> Placement {
+        let partition = partition(topic);
         let mut cache = self.placements.borrow_mut();
-        if let Some(placement) = cache.get(topic) {
-            return placement.clone();
-        }
-        let placement = place(topic, &self.live).unwrap_or_else(|| Placement {
-            sequencer: self.me.clone(),
-            replica: self.me.clone(),
-        });
-        if cache.len() >= MAX_CACHED_PLACEMENTS {
-            cache.clear();
-        }
-        cache.insert(topic.to_string(), placement.clone());
-        placement
+        cache[partition]
+            .get_or_insert_with(|| {
+                place_partition(partition, &self.live).unwrap_or_else(|| Placement {
+                    sequencer: self.me.clone(),
+                    replica: self.me.clone(),
+                })
+            })
+            .clone()
     }
 
     fn publish(
@@ -768,7 +811,7 @@ impl Core {
                 let chain = self.chains.entry(topic.clone()).or_default();
                 chain.fenced = chain.fenced.max(term);
                 if chain.seq.as_ref().is_some_and(|s| s.term < term) {
-                    info!(%topic, term, "a newer sequencer claimed the topic: no longer sequencing it");
+                    debug!(%topic, term, "a newer sequencer claimed the topic: no longer sequencing it");
                     self.stop_sequencing(&topic);
                 }
             }
@@ -798,6 +841,12 @@ impl Core {
                 request,
                 state,
             } => self.on_fetch_reply(&from, topic, request, state),
+            PeerFrame::CatchUp { request, topics } => self.on_catch_up(&from, request, topics),
+            PeerFrame::CatchUpReply {
+                request,
+                states,
+                done,
+            } => self.on_catch_up_reply(&from, request, states, done),
         }
     }
 
@@ -969,6 +1018,7 @@ impl Core {
         match stored.offer(epoch, entry.clone()) {
             Offered::Appended => {
                 stored.trim(limits, std::time::Instant::now());
+                self.timers.unreported.insert(topic.clone());
                 self.send_out(&topic, epoch, entry);
                 self.ack(&topic, id, epoch, offset);
             }
@@ -1032,6 +1082,7 @@ impl Core {
             .is_none_or(|c| (state.epoch, state.last) >= (c.epoch, c.last));
         if take {
             chain.stored = Some(log_from_state(&topic, &state));
+            self.timers.unreported.insert(topic.clone());
         }
         let held = std::mem::take(&mut chain.held);
         // The newest message goes out again: a node that missed what came before sees the hole
@@ -1054,6 +1105,7 @@ impl Core {
     fn ensure_active(&mut self, topic: &str) {
         if !self.peers.borrow().settled {
             // Retried at the next tick (the publishes wait in the queue).
+            self.timers.stalled.insert(topic.to_string());
             return;
         }
         // Every peer that is live or may be (just seen, not yet judged): a node that has just
@@ -1076,13 +1128,16 @@ impl Core {
         }
         let term = chain.fenced + 1;
         chain.fenced = term;
+        let deadline = Instant::now() + CLAIM_WAIT;
         chain.claim = Some(Claim {
             term,
             waiting: HashSet::new(),
             unreached: 0,
             best: None,
-            deadline: Instant::now() + CLAIM_WAIT,
         });
+        self.timers
+            .claims
+            .push_back((deadline, (topic.to_string(), term)));
         let mut waiting = HashSet::new();
         let mut unreached = 0;
         for peer in peers {
@@ -1161,7 +1216,7 @@ impl Core {
     fn on_claim(&mut self, from: String, topic: String, term: u64) {
         let granted = term > self.chains.entry(topic.clone()).or_default().fenced;
         if granted && self.stop_sequencing(&topic) {
-            info!(%topic, claimant = %from, "topic claimed by another node: no longer sequencing it");
+            debug!(%topic, claimant = %from, "topic claimed by another node: no longer sequencing it");
         }
         let state = self.best_state(&topic);
         let chain = self.chains.entry(topic.clone()).or_default();
@@ -1214,6 +1269,7 @@ impl Core {
                 // Someone claimed higher: this claim is over; a later publish starts another.
                 chain.fenced = chain.fenced.max(term);
                 chain.claim = None;
+                self.timers.stalled.insert(topic);
             }
             return;
         }
@@ -1243,17 +1299,18 @@ impl Core {
             // epoch now could start beside one a silent peer holds. Claim again at the next tick
             // (by then the silent peer answers, or is listed DOWN and left out).
             debug!(%topic, term = claim.term, "claim found no history and not every peer answered: again");
+            self.timers.stalled.insert(topic.to_string());
             return;
         }
         let log = match newer(claim.best, own) {
             Some(state) => log_from_state(topic, &state),
             None => {
                 let epoch = new_epoch();
-                info!(%topic, %epoch, "no node holds the topic: a new epoch");
+                debug!(%topic, %epoch, "no node holds the topic: a new epoch");
                 Log::new(epoch, 0)
             }
         };
-        info!(%topic, term = claim.term, position = %log.position(), "sequencing");
+        debug!(%topic, term = claim.term, position = %log.position(), "sequencing");
         chain.seq = Some(Sequencing {
             term: claim.term,
             replicated: log.position().offset,
@@ -1284,11 +1341,13 @@ impl Core {
         // milliseconds, and one fetch each would make the replica answer the same history
         // thousands of times — on a farm already busy with the failover — and every answer
         // late past `RESEND_AFTER` be asked again of every live node.
-        if let Some(wait) = self
-            .fetches
-            .values_mut()
-            .find(|w| !w.everywhere && !w.fill && w.topic == topic && covers(w.after, after))
-        {
+        let under_way = self.fetches_by_topic.get(&topic).and_then(|requests| {
+            requests
+                .iter()
+                .copied()
+                .find(|r| self.fetches.get(r).is_some_and(|w| covers(w.after, after)))
+        });
+        if let Some(wait) = under_way.and_then(|r| self.fetches.get_mut(&r)) {
             wait.waiters.push(done);
             return;
         }
@@ -1317,7 +1376,13 @@ impl Core {
                 after,
             },
         );
-        self.fetches.insert(
+        if !fill {
+            self.fetches_by_topic
+                .entry(topic.clone())
+                .or_default()
+                .push(request);
+        }
+        self.track_fetch(
             request,
             FetchWait {
                 topic,
@@ -1327,23 +1392,45 @@ impl Core {
                 deadline: now + FETCH_WAIT,
                 fill,
                 waiters,
-                everywhere: false,
-                answered: HashSet::new(),
             },
         );
+    }
+
+    /// Keeps `wait` as fetch `request` (sent at `wait.sent_at`) until its answer or deadline.
+    fn track_fetch(&mut self, request: u64, wait: FetchWait) {
+        self.timers
+            .resends
+            .push_back((wait.sent_at + RESEND_AFTER, request));
+        self.timers
+            .fetch_deadlines
+            .push_back((wait.deadline, request));
+        self.fetches.insert(request, wait);
+    }
+
+    /// Forgets fetch `request`: answered, or past its deadline.
+    fn untrack_fetch(&mut self, request: u64) -> Option<FetchWait> {
+        let wait = self.fetches.remove(&request)?;
+        if let Some(requests) = self.fetches_by_topic.get_mut(&wait.topic) {
+            requests.retain(|r| *r != request);
+            if requests.is_empty() {
+                self.fetches_by_topic.remove(&wait.topic);
+            }
+        }
+        if wait.fill {
+            self.filling.remove(&wait.topic);
+        }
+        Some(wait)
     }
 
     /// Sends fetch `request` again, to the topic's replica of the moment.
     ///
     /// Sent again, it goes to every other live node too: the replica may be the node that just
-    /// died, still listed, and any node that delivers the topic holds what went out of it. A
-    /// catch-up goes to every live node that has not answered yet (its links may have been down,
-    /// or dead, at first).
+    /// died, still listed, and any node that delivers the topic holds what went out of it.
     fn refetch(&mut self, request: u64) {
         let Some(wait) = self.fetches.get(&request) else {
             return;
         };
-        let replica = (!wait.everywhere).then(|| self.placement(&wait.topic).replica);
+        let replica = self.placement(&wait.topic).replica;
         let frame = PeerFrame::Fetch {
             topic: wait.topic.clone(),
             request,
@@ -1352,22 +1439,19 @@ impl Core {
         let others: Vec<String> = self
             .live
             .iter()
-            .filter(|n| {
-                **n != self.me && Some(*n) != replica.as_ref() && !wait.answered.contains(*n)
-            })
+            .filter(|n| **n != self.me && **n != replica)
             .cloned()
             .collect();
         for peer in others {
             self.send(&peer, frame.clone());
         }
-        if let Some(to) = &replica {
-            self.send(to, frame);
-        }
+        self.send(&replica, frame);
         if let Some(wait) = self.fetches.get_mut(&request) {
-            if let Some(to) = replica {
-                wait.sent_to = to;
-            }
+            wait.sent_to = replica;
             wait.sent_at = Instant::now();
+            self.timers
+                .resends
+                .push_back((wait.sent_at + RESEND_AFTER, request));
         }
     }
 
@@ -1377,12 +1461,19 @@ impl Core {
         if chain.stored.is_none() && placement.replica == self.me {
             // The topic's replica has no log yet (nothing published since it became replica):
             // the sequencer sends it one, then the fetch is answered.
+            let now = Instant::now();
             chain.held.push(HeldFetch {
                 from,
                 request,
                 after,
-                deadline: Instant::now() + FETCH_WAIT,
+                deadline: now + FETCH_WAIT,
             });
+            self.timers
+                .held_deadlines
+                .push_back((now + FETCH_WAIT, topic.clone()));
+            self.timers
+                .primes
+                .push_back((now + PRIME_AGAIN, topic.clone()));
             self.send(&placement.sequencer, PeerFrame::Prime { topic });
             return;
         }
@@ -1391,9 +1482,23 @@ impl Core {
 
     /// Answers a fetch from the replica log, or else the stream this node delivers.
     fn answer_fetch(&mut self, to: &str, topic: &str, request: u64, after: Option<Position>) {
+        let state = self.fetch_state(topic, after);
+        self.send(
+            to,
+            PeerFrame::FetchReply {
+                topic: topic.to_string(),
+                request,
+                state,
+            },
+        );
+    }
+
+    /// What a fetch of what follows `after` gets here: from the replica log, else the
+    /// sequencer's log up to what its replica stored, else the stream this node delivers.
+    fn fetch_state(&self, topic: &str, after: Option<Position>) -> Option<LogState> {
         let of = |log: &Log| LogState::answering(log, after);
         let chain = self.chains.get(topic);
-        let state = match (
+        match (
             chain.and_then(|c| c.stored.as_ref()),
             chain.and_then(|c| c.seq.as_ref()),
         ) {
@@ -1407,15 +1512,7 @@ impl Core {
                 Some(state)
             }
             (None, None) => self.hub.with_log(topic, of),
-        };
-        self.send(
-            to,
-            PeerFrame::FetchReply {
-                topic: topic.to_string(),
-                request,
-                state,
-            },
-        );
+        }
     }
 
     fn on_fetch_reply(&mut self, from: &str, topic: String, request: u64, state: Option<LogState>) {
@@ -1428,15 +1525,7 @@ impl Core {
         // An answer a little behind (a node that delivers the topic a little late, a sequencer
         // whose replica reported a tick ago) is taken: what it lacks comes with the live stream,
         // whose hole is then fetched; waiting for a better one could wait out the failure timeout.
-        if let Some(wait) = self.fetches.get_mut(&request).filter(|w| w.everywhere) {
-            wait.answered.insert(from.to_string());
-            debug!(%topic, %from, last = ?state.as_ref().map(|s| s.last), "catch-up answer");
-            if let Some(state) = state {
-                self.hub.merge(&topic, &state, &mut self.wakes);
-            }
-            return;
-        }
-        let Some(wait) = self.fetches.remove(&request) else {
+        let Some(wait) = self.untrack_fetch(request) else {
             return;
         };
         debug!(
@@ -1446,9 +1535,6 @@ impl Core {
             took_ms = (wait.deadline - FETCH_WAIT).elapsed().as_millis() as u64,
             "fetch answered"
         );
-        if wait.fill {
-            self.filling.remove(&topic);
-        }
         if let Some(state) = state {
             self.hub.merge(&topic, &state, &mut self.wakes);
         }
@@ -1477,26 +1563,56 @@ impl Core {
     /// merging every answer: after a partition or a link reset, the topic's replica in this
     /// node's view may not be the node that holds what went out meanwhile.
     fn catch_up_all(&mut self) {
-        let now = Instant::now();
-        for (topic, position) in self.hub.positions() {
-            debug!(%topic, %position, "catching up from every live node");
-            self.next_request += 1;
-            let request = self.next_request;
-            self.fetches.insert(
-                request,
-                FetchWait {
-                    topic,
-                    after: Some(position),
-                    sent_to: String::new(),
-                    sent_at: now,
-                    deadline: now + FETCH_WAIT,
-                    fill: false,
-                    waiters: Vec::new(),
-                    everywhere: true,
-                    answered: HashSet::new(),
-                },
-            );
-            self.refetch(request);
+        let positions = self.hub.positions();
+        debug!(topics = positions.len(), "catching up from every live node");
+        self.catch_ups.start(positions);
+        self.pump_catch_ups(Instant::now());
+    }
+
+    /// Sends the catch-up frames due now (see [`catch_up::CatchUps::due`]).
+    fn pump_catch_ups(&mut self, now: Instant) {
+        if self.catch_ups.is_idle() {
+            return;
+        }
+        let peers: Vec<String> = self
+            .live
+            .iter()
+            .filter(|n| **n != self.me)
+            .cloned()
+            .collect();
+        for (peer, frame) in self.catch_ups.due(now, &peers, RESEND_AFTER, FETCH_WAIT) {
+            self.send(&peer, frame);
+        }
+    }
+
+    /// Answers a catch-up: the topics whose history here goes beyond the position asked.
+    fn on_catch_up(&mut self, from: &str, request: u64, topics: Vec<(String, Position)>) {
+        let states: Vec<(String, LogState)> = topics
+            .into_iter()
+            .filter_map(|(topic, after)| {
+                let state = self.fetch_state(&topic, Some(after))?;
+                catch_up::is_newer(&state, after).then_some((topic, state))
+            })
+            .collect();
+        for frame in catch_up::reply_frames(request, states) {
+            self.send(from, frame);
+        }
+    }
+
+    fn on_catch_up_reply(
+        &mut self,
+        from: &str,
+        request: u64,
+        states: Vec<(String, LogState)>,
+        done: bool,
+    ) {
+        for (topic, state) in states {
+            debug!(%topic, %from, last = state.last, "catch-up answer");
+            self.hub.merge(&topic, &state, &mut self.wakes);
+        }
+        if done {
+            self.catch_ups.answered(from, request);
+            self.pump_catch_ups(Instant::now());
         }
     }
 
@@ -1510,12 +1626,15 @@ impl Core {
             return;
         }
         self.live = live;
-        self.placements.borrow_mut().clear();
+        self.placements.borrow_mut().fill(None);
         let topics: Vec<String> = self.chains.keys().cloned().collect();
+        // One line for every topic handed over (a node may hand over hundreds of thousands).
+        let mut handed_over = 0;
         for topic in topics {
             let placement = self.placement(&topic);
             if placement.sequencer != self.me && self.stop_sequencing(&topic) {
-                info!(%topic, sequencer = %placement.sequencer, "no longer sequencing the topic");
+                debug!(%topic, sequencer = %placement.sequencer, "no longer sequencing the topic");
+                handed_over += 1;
             }
             let Some(chain) = self.chains.get_mut(&topic) else {
                 continue;
@@ -1523,6 +1642,7 @@ impl Core {
             if placement.sequencer != self.me {
                 if let Some(claim) = chain.claim.take() {
                     debug!(%topic, term = claim.term, "claim abandoned");
+                    self.timers.stalled.insert(topic.clone());
                 }
             } else if let Some(seq) = &chain.seq {
                 if seq.synced.as_ref() != Some(&placement.replica) {
@@ -1535,12 +1655,18 @@ impl Core {
                 }
             }
         }
+        if handed_over > 0 {
+            info!(
+                topics = handed_over,
+                "no longer sequencing topics the farm now places on other nodes"
+            );
+        }
         // Publishes and fetches sent to a node that is no longer the one: again, now, in the
         // order they were published.
         let mut moved: Vec<PublishId> = self
             .pending
             .iter()
-            .filter(|(_, p)| place(&p.topic, &self.live).is_none_or(|pl| pl.sequencer != p.sent_to))
+            .filter(|(_, p)| self.placement(&p.topic).sequencer != p.sent_to)
             .map(|(id, _)| id.clone())
             .collect();
         moved.sort_by_key(|id| id.seq);
@@ -1550,7 +1676,7 @@ impl Core {
         let refetch: Vec<u64> = self
             .fetches
             .iter()
-            .filter(|(_, f)| place(&f.topic, &self.live).is_none_or(|pl| pl.replica != f.sent_to))
+            .filter(|(_, f)| self.placement(&f.topic).replica != f.sent_to)
             .map(|(request, _)| *request)
             .collect();
         for request in refetch {
@@ -1583,6 +1709,7 @@ impl Core {
             self.catch_up_at = None;
             self.catch_up_all();
         }
+        self.pump_catch_ups(now);
         // Publishes: retried, or given up at their deadline.
         let mut expired = Vec::new();
         let mut again = Vec::new();
@@ -1608,23 +1735,26 @@ impl Core {
             self.resend(&id);
         }
         // Claims that waited long enough go on with the answers they have.
-        let due: Vec<String> = self
-            .chains
-            .iter()
-            .filter(|(_, c)| c.claim.as_ref().is_some_and(|claim| now >= claim.deadline))
-            .map(|(t, _)| t.clone())
-            .collect();
-        for topic in due {
-            self.finish_claim(&topic);
+        for (topic, term) in due(&mut self.timers.claims, now) {
+            let running = self
+                .chains
+                .get(&topic)
+                .and_then(|c| c.claim.as_ref())
+                .is_some_and(|claim| claim.term == term);
+            if running {
+                self.finish_claim(&topic);
+            }
         }
-        // Publishes queued for a claim that was abandoned: claim again, or send them back.
-        let stalled: Vec<String> = self
-            .chains
-            .iter()
-            .filter(|(_, c)| !c.queued.is_empty() && c.seq.is_none() && c.claim.is_none())
-            .map(|(t, _)| t.clone())
-            .collect();
-        for topic in stalled {
+        // Publishes queued for a claim that ended without sequencing: claim again, or send them
+        // back.
+        for topic in std::mem::take(&mut self.timers.stalled) {
+            let stalled = self
+                .chains
+                .get(&topic)
+                .is_some_and(|c| !c.queued.is_empty() && c.seq.is_none() && c.claim.is_none());
+            if !stalled {
+                continue;
+            }
             if self.placement(&topic).sequencer == self.me {
                 self.ensure_active(&topic);
             } else if let Some(chain) = self.chains.get_mut(&topic) {
@@ -1641,71 +1771,73 @@ impl Core {
         }
         // Fetches not answered yet are sent again (the link may not have been up); those past
         // their deadline are given up.
-        let again: Vec<u64> = self
-            .fetches
-            .iter()
-            .filter(|(_, f)| now < f.deadline && now.duration_since(f.sent_at) >= RESEND_AFTER)
-            .map(|(r, _)| *r)
-            .collect();
-        for request in again {
-            self.refetch(request);
+        for request in due(&mut self.timers.resends, now) {
+            let again = self
+                .fetches
+                .get(&request)
+                .is_some_and(|f| now < f.deadline && now.duration_since(f.sent_at) >= RESEND_AFTER);
+            if again {
+                self.refetch(request);
+            }
         }
-        let late: Vec<u64> = self
-            .fetches
-            .iter()
-            .filter(|(_, f)| now >= f.deadline)
-            .map(|(r, _)| *r)
-            .collect();
-        for request in late {
-            if let Some(wait) = self.fetches.remove(&request) {
-                if wait.everywhere {
-                    continue;
-                }
+        for request in due(&mut self.timers.fetch_deadlines, now) {
+            if self
+                .fetches
+                .get(&request)
+                .is_some_and(|f| now >= f.deadline)
+                && let Some(wait) = self.untrack_fetch(request)
+            {
                 debug!(topic = %wait.topic, "fetch not answered in time");
-                if wait.fill {
-                    self.filling.remove(&wait.topic);
-                }
             }
         }
         // A replica still waiting for a log asks its sequencer again.
-        let waiting: Vec<String> = self
-            .chains
-            .iter()
-            .filter(|(_, c)| c.stored.is_none() && !c.held.is_empty())
-            .map(|(t, _)| t.clone())
-            .collect();
-        for topic in waiting {
-            let sequencer = self.placement(&topic).sequencer;
-            self.send(&sequencer, PeerFrame::Prime { topic });
+        for topic in due(&mut self.timers.primes, now) {
+            let waiting = self
+                .chains
+                .get(&topic)
+                .is_some_and(|c| c.stored.is_none() && !c.held.is_empty());
+            if waiting {
+                let sequencer = self.placement(&topic).sequencer;
+                self.send(
+                    &sequencer,
+                    PeerFrame::Prime {
+                        topic: topic.clone(),
+                    },
+                );
+                self.timers.primes.push_back((now + PRIME_AGAIN, topic));
+            }
         }
-        let mut unanswered = Vec::new();
-        for (topic, chain) in &mut self.chains {
+        // Fetches held for a log that did not come in time are answered empty.
+        for topic in due(&mut self.timers.held_deadlines, now) {
+            let Some(chain) = self.chains.get_mut(&topic) else {
+                continue;
+            };
             let (late, kept): (Vec<HeldFetch>, Vec<HeldFetch>) =
                 chain.held.drain(..).partition(|f| now >= f.deadline);
             chain.held = kept;
-            unanswered.extend(late.into_iter().map(|f| (topic.clone(), f)));
-        }
-        for (topic, fetch) in unanswered {
-            self.send(
-                &fetch.from,
-                PeerFrame::FetchReply {
-                    topic,
-                    request: fetch.request,
-                    state: None,
-                },
-            );
-        }
-        // As replica: tell each sequencer how far this node has stored (for its fetches).
-        let mut reports = Vec::new();
-        for (topic, chain) in &mut self.chains {
-            if let Some(log) = &chain.stored
-                && log.position().offset > chain.reported
-            {
-                chain.reported = log.position().offset;
-                reports.push((topic.clone(), log.position()));
+            for fetch in late {
+                self.send(
+                    &fetch.from,
+                    PeerFrame::FetchReply {
+                        topic: topic.clone(),
+                        request: fetch.request,
+                        state: None,
+                    },
+                );
             }
         }
-        for (topic, at) in reports {
+        // As replica: tell each sequencer how far this node has stored (for its fetches).
+        for topic in std::mem::take(&mut self.timers.unreported) {
+            let Some(chain) = self.chains.get_mut(&topic) else {
+                continue;
+            };
+            let Some(at) = chain.stored.as_ref().map(Log::position) else {
+                continue;
+            };
+            if at.offset <= chain.reported {
+                continue;
+            }
+            chain.reported = at.offset;
             let sequencer = self.placement(&topic).sequencer;
             self.send(
                 &sequencer,
@@ -1720,15 +1852,13 @@ impl Core {
         if now < self.housekeeping_at {
             return;
         }
-        self.housekeeping_at = now + HOUSEKEEPING;
+        let rounds = 1 + (self.chains.len() / HOUSEKEEPING_TOPICS) as u32;
+        self.housekeeping_at = now + HOUSEKEEPING * rounds;
         let std_now = std::time::Instant::now();
         let limits = self.limits;
-        let placements: HashMap<String, Placement> = self
-            .chains
-            .keys()
-            .map(|t| (t.clone(), self.placement(t)))
-            .collect();
         let me = self.me.clone();
+        let placements = &self.placements;
+        let live = &self.live;
         self.chains.retain(|topic, chain| {
             if let Some(seq) = &mut chain.seq {
                 seq.log.trim(limits, std_now);
@@ -1736,7 +1866,14 @@ impl Core {
             if let Some(log) = &mut chain.stored {
                 log.trim(limits, std_now);
             }
-            let placement = &placements[topic];
+            let partition = partition(topic);
+            let mut cache = placements.borrow_mut();
+            let placement = cache[partition].get_or_insert_with(|| {
+                place_partition(partition, live).unwrap_or_else(|| Placement {
+                    sequencer: me.clone(),
+                    replica: me.clone(),
+                })
+            });
             let involved = placement.sequencer == me || placement.replica == me;
             involved
                 || chain.seq.is_some()

@@ -108,6 +108,19 @@ pub(crate) enum PeerFrame {
         #[serde(default)]
         state: Option<LogState>,
     },
+    /// Any node → every live node: for each topic, what you hold after this position (see
+    /// `broker::catch_up`).
+    CatchUp {
+        request: u64,
+        topics: Vec<(String, Position)>,
+    },
+    /// Answer to a catch-up, in one or more frames: the topics whose history here goes beyond
+    /// the position asked, with what follows it; `done` on the last frame.
+    CatchUpReply {
+        request: u64,
+        states: Vec<(String, LogState)>,
+        done: bool,
+    },
 }
 
 impl LogState {
