@@ -1,5 +1,5 @@
 /**
- * Message positions and recovery, the client's duties of the positions protocol (issue 10):
+ * Message positions and recovery, the client's duties of the positions protocol:
  * remember per topic the last position received, drop duplicates, send the held positions in
  * every (re)subscription, and report what was recovered and what was lost.
  *

@@ -1,5 +1,5 @@
 // The browser client in Chromium against a scripted node: the token hook, reconnecting on
-// `online`, and the client duties of the positions protocol (issue 10).
+// `online`, and the client duties of the positions protocol (docs/PROTOCOL.md).
 //
 // Positions:
 // Playwright's routeWebSocket stands in for a node that already sends positions (none does yet),
