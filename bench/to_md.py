@@ -2,6 +2,7 @@
 """Turns `streamfarm bench --out FILE.json` results into Markdown tables (for BENCHMARKS.md).
 
 usage: bench/to_md.py RESULTS.json [SECTION...]
+e.g.   bench/to_md.py bench/data/fanout.json
 """
 import json
 import sys

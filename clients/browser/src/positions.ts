@@ -1,12 +1,12 @@
 /**
- * Message positions and recovery, the client's duties of the positions protocol (issue 10):
+ * Message positions and recovery, the client's duties of the positions protocol:
  * remember per topic the last position received, drop duplicates, send the held positions in
  * every (re)subscription, and report what was recovered and what was lost.
  *
  * A position is an `epoch` (opaque, compared only for equality) and an `offset` (1 for the first
- * message of an epoch, +1 per message). Nodes that do not send positions yet leave every message
- * without one: then nothing is held, nothing is dropped, and a resubscription after a failover
- * can only say that messages *may* have been missed.
+ * message of an epoch, +1 per message). A node that does not send positions (an older build)
+ * leaves every message without one: then nothing is held, nothing is dropped, and a
+ * resubscription after a failover can only say that messages *may* have been missed.
  *
  * Pure: no sockets, no clock. The driver feeds it frames and asks it for the `sub` positions.
  */

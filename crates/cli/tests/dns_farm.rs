@@ -1,4 +1,4 @@
-//! The acceptance check, end to end: three `streamfarm serve --dns` processes on
+//! The DNS service name end to end: three `streamfarm serve --dns` processes on
 //! 127.0.0.1/.2/.3; `dig` at one of them returns the three addresses, rotated; a SIGKILLed node
 //! leaves the answers within the failure-detection time and comes back when restarted.
 

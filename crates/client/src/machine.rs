@@ -1712,7 +1712,7 @@ mod tests {
         m.handle(fetched(only(A), A), t0);
         m.handle(connected(A), t0);
         m.handle(lost(A, closed(close::GOING_AWAY)), t0);
-        // Back to round 0 after the good connection: the re-request is immediate.
+        // Back to the first round after the good connection: the re-request is immediate.
         assert_eq!(
             m.state(),
             &State::FetchingList {

@@ -47,8 +47,8 @@ const ENVELOPE_SLACK: usize = 1024;
 const READ_BUFFER_BYTES: usize = 256;
 /// Frames tungstenite gathers before it writes to the socket by itself; the session's writer
 /// flushes after each burst anyway. Not 0: with 0, tungstenite writes every frame with its own
-/// `send` syscall, whatever the writer's bursts, and that was three quarters of the node's CPU
-/// under fan-out (BENCHMARKS.md, profiling round 2). The buffer grows only as far as a burst
+/// `send` syscall, whatever the writer's bursts, and `perf` showed that as three quarters of the
+/// node's CPU under fan-out (BENCHMARKS.md, *Fan-out*). The buffer grows only as far as a burst
 /// needs it, so an idle connection pays nothing for it.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 

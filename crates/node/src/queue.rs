@@ -16,8 +16,8 @@
 //! Fan-out can push without waking the consumer ([`SendQueue::push_deferred`]) and collect the
 //! queues to wake in a [`Wakes`] batch, woken together once the producer has handled every
 //! message it could read at once. Why: a writer woken for each message writes each frame with its
-//! own `send` syscall, which was three quarters of the node's CPU under fan-out (see
-//! BENCHMARKS.md, profiling round 2). Woken once per batch, it writes the whole batch in one.
+//! own `send` syscall, which `perf` showed as three quarters of the node's CPU under fan-out
+//! (BENCHMARKS.md, *Fan-out*). Woken once per batch, it writes the whole batch in one.
 //! Only a push into an empty queue needs a wake: a consumer waits only after it found the queue
 //! empty.
 

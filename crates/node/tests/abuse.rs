@@ -1,4 +1,4 @@
-//! Hostile input, on real sockets: what issue 13's probes did, each asserting its outcome and
+//! Hostile input, on real sockets: each probe asserting its outcome and
 //! that a control subscriber on the same node misses nothing meanwhile.
 //!
 //! Nodes run in this process on 127.0.0.x, port 0. Every wait polls a condition against a
@@ -391,7 +391,7 @@ async fn nodes_with_the_secret_relay_across_a_restart_with_a_split_interest() {
 
 /// Not a timed test (timings are measured, not asserted): run it with `--ignored` to see that
 /// each subscription to 1 024 new topics takes about as long as the first, however many topics
-/// the node already holds (issue 13: it grew to seconds, with the broker's per-tick work).
+/// the node already holds (it once grew to seconds, with the broker's per-tick work).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn subscription_time_stays_flat_as_topics_grow() {

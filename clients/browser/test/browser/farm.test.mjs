@@ -2,7 +2,7 @@
 // nodes (the release binary) on 127.0.0.1-3. In order: a page on a third origin loads the client
 // from a node, reaches the farm through a seed list, picks its server and receives messages
 // published over HTTP on another node; the dashboard shows every node and follows a change in
-// users within 1 s (and is photographed to docs/dashboard.png); the page's node is SIGKILLed and
+// users within 1 s (and is photographed, see `dashboardPicture`); the page's node is SIGKILLed and
 // the page fails over by the machine's transitions (re-request the list at once, elsewhere) and
 // resubscribes — and, with nodes that send positions, misses nothing. Every wait polls with a
 // deadline; every process is killed at the end.
@@ -12,9 +12,9 @@
 // server and the dashboard test is skipped.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { cleanup, farm, killNode, launchBrowser, pageServer, publish, repoRoot, startNode, waitFor } from './support.mjs';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { cleanup, farm, killNode, launchBrowser, pageServer, publish, startNode, targetDir, waitFor } from './support.mjs';
 
 let nodes;
 let browser;
@@ -22,6 +22,9 @@ let site;
 let page;
 let dash;
 const noWeb = process.env.STREAMFARM_NO_WEB === '1';
+// The dashboard's picture goes under the build's target/ folder, so a test run changes no tracked
+// file; `npm run dashboard-picture` sets STREAMFARM_DASHBOARD_PICTURE to refresh docs/dashboard.png.
+const dashboardPicture = resolve(process.env.STREAMFARM_DASHBOARD_PICTURE ?? join(targetDir, 'browser-test', 'dashboard.png'));
 
 const pageHtml = (clientSrc, seeds) => `<!doctype html><html><head><meta charset="utf-8"><title>feed</title>
 <script src="${clientSrc}"></script></head><body><pre id="out"></pre><script>
@@ -210,8 +213,8 @@ test('the page fails over when its node is SIGKILLed: re-request the list elsewh
     assert.ok(log.some((e) => e.name === 'maybeMissed'), 'without positions a possible loss is reported');
   }
 
-  // The dashboard lists the killed node DOWN; its picture goes into the docs, with messages
-  // flowing so that messages/s shows.
+  // The dashboard lists the killed node DOWN; its picture is taken with messages flowing so that
+  // messages/s shows.
   if (noWeb) return;
   await waitFor(`the dashboard to show ${victim.name} DOWN`, () =>
     dash.evaluate((n) => document.querySelector(`.row[data-server="${n}"][data-status="DOWN"]`) !== null, victim.name),
@@ -222,5 +225,9 @@ test('the page fails over when its node is SIGKILLed: re-request the list elsewh
     await publish((dashNode === victim ? survivor : dashNode).base, 'prices', `tick ${i}`);
     await new Promise((r) => setTimeout(r, 20));
   }
-  await dash.screenshot({ path: join(repoRoot, 'docs/dashboard.png') });
+  mkdirSync(dirname(dashboardPicture), { recursive: true });
+  const picture = await dash.screenshot({ path: dashboardPicture });
+  assert.deepEqual([...picture.subarray(0, 8)], [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a], 'a PNG');
+  assert.deepEqual(readFileSync(dashboardPicture), picture, `the picture written to ${dashboardPicture}`);
+  t.diagnostic(`dashboard picture: ${dashboardPicture}`);
 });

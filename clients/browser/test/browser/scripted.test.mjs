@@ -1,8 +1,8 @@
 // The browser client in Chromium against a scripted node: the token hook, reconnecting on
-// `online`, and the client duties of the positions protocol (issue 10).
+// `online`, and the client duties of the positions protocol (docs/PROTOCOL.md).
 //
 // Positions:
-// Playwright's routeWebSocket stands in for a node that already sends positions (none does yet),
+// Playwright's routeWebSocket stands in for a node that sends positions, under the test's control,
 // so the driver's part — positions in every `sub`, duplicates dropped, replayed messages marked,
 // recovery and gaps reported — is checked end to end. The farm list comes from a routed /farm.
 import { after, before, test } from 'node:test';

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
 export const repoRoot = fileURLToPath(new URL('../../../../', import.meta.url));
-const targetDir = process.env.CARGO_TARGET_DIR ?? join(repoRoot, 'target');
+export const targetDir = process.env.CARGO_TARGET_DIR ?? join(repoRoot, 'target');
 export const binary = process.env.STREAMFARM_BIN ?? join(targetDir, 'release', 'streamfarm');
 export const chromiumPath = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 

@@ -1,4 +1,4 @@
-// The client duties of the positions protocol (/work/notes/positions.md, issue 10).
+// The client duties of the positions protocol (docs/PROTOCOL.md, *Positions and recovery*).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Positions } from '../../dist/streamfarm.min.mjs';

@@ -1,5 +1,5 @@
 // The shared selection vectors, run against the built ES module (the code that ships). The file is
-// the Rust core's copy, which its own test keeps identical to ../shared/vectors/selection.json.
+// the one the Rust core runs too (crates/core/tests/data/selection.json).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';

@@ -1,4 +1,4 @@
-//! The acceptance check of the issue, with the tool operators use: `dig`.
+//! The responder checked with the tool operators use: `dig`.
 
 use std::net::SocketAddr;
 
