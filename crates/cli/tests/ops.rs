@@ -3,7 +3,8 @@
 //! follow draining and a cut-off; logs written to a file carry no colour codes and
 //! `--log-format json` writes JSON lines; the histograms of `/metrics` move under load and
 //! migrations; and the deployment files (Kubernetes, systemd, Grafana, alert rules) name only
-//! flags, variables, ports, paths and metrics that the binary has.
+//! flags, variables, ports, paths and metrics that the binary has (and the systemd unit passes
+//! `systemd-analyze verify` where systemd is installed).
 //!
 //! Every wait polls a condition with a deadline; every child process is killed when its guard
 //! drops, so a failing test leaves nothing running. Files go under Cargo's test temp directory.
@@ -25,7 +26,10 @@ fn exe() -> &'static str {
 
 /// The repository's root (deployment files live under `deploy/`).
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// A scratch directory of its own for one test, emptied first.
@@ -504,6 +508,44 @@ fn deployment_files_name_only_flags_variables_paths_and_metrics_the_binary_has()
             }
         }
     }
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    // Where systemd is not installed there is nothing to check the unit with.
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze not installed: the unit is not verified");
+        return;
+    }
+    let dir = scratch("systemd");
+    let deploy = repo().join("deploy/systemd");
+    // The unit as installed, with the binary and settings of this checkout in place of
+    // /usr/local/bin and /etc (verify checks that ExecStart's program exists).
+    let unit = std::fs::read_to_string(deploy.join("streamfarm.service"))
+        .unwrap()
+        .replace("/usr/local/bin/streamfarm", exe())
+        .replace(
+            "/etc/streamfarm/streamfarm.env",
+            deploy.join("streamfarm.env").to_str().unwrap(),
+        );
+    let path = dir.join("streamfarm.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    // It warns about unknown keys and bad values without failing: any output is a finding.
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
 
 /// The distinct words of `text` that start with `prefix` and go on (letters, digits, `_`).
