@@ -38,6 +38,21 @@ if ! have_nats; then
 fi
 have_nats
 
+# The deployment manifests against Kubernetes' schemas: kubernetes-validate (PyPI) ships them, so
+# once installed in its virtual environment it runs offline. Installed only when missing; where it
+# cannot be installed (no package index), the check says SKIPPED rather than failing the run.
+# The flags, variables, ports and paths the deployment files use are checked against the binary
+# by crates/cli/tests/ops.rs.
+if [ ! -x target/kubernetes-validate-venv/bin/kubernetes-validate ]; then
+  { python3 -m venv target/kubernetes-validate-venv &&
+    target/kubernetes-validate-venv/bin/pip install -q kubernetes-validate; } >/dev/null 2>&1 || true
+fi
+if [ -x target/kubernetes-validate-venv/bin/kubernetes-validate ]; then
+  target/kubernetes-validate-venv/bin/kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
+else
+  echo "SKIPPED: kubernetes-validate could not be installed; deploy/kubernetes/ not checked against the schemas" >&2
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --release --locked

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod logging;
 
 /// A farm of real-time push servers whose clients choose their own server.
 #[derive(Debug, Parser)]
@@ -15,6 +16,16 @@ mod cmd;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on standard error: text (coloured only on a terminal) or json (one object a
+    /// line). RUST_LOG filters it (default warn).
+    #[arg(
+        long,
+        global = true,
+        env = "STREAMFARM_LOG_FORMAT",
+        value_enum,
+        default_value_t = logging::LogFormat::Text
+    )]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,18 +48,16 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Benchmarks beside nats-server: idle, fanout, cross-node, failover, convergence, connect-cost.
     Bench(cmd::bench::Args),
+    /// Farm secrets: `secret new PATH` writes a fresh one, readable only by its owner.
+    Secret(cmd::secret::Args),
+    /// Set a node DRAINING through its admin API and wait until its clients have moved.
+    Drain(cmd::drain::Args),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => cmd::serve::run(args).await,
         Command::Pick(args) => cmd::pick::run(args).await,
@@ -59,6 +68,8 @@ async fn main() -> ExitCode {
         Command::Load(args) => cmd::load::run(args).await,
         Command::Demo(args) => cmd::demo::run(args).await,
         Command::Bench(args) => cmd::bench::run(args).await,
+        Command::Secret(args) => cmd::secret::run(args).await,
+        Command::Drain(args) => cmd::drain::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -111,6 +111,11 @@ pub struct NodeConfig {
     /// file, the command line and the environment. Not with `farm_secret`.
     #[serde(default)]
     pub farm_secret_file: Option<PathBuf>,
+    /// Run without a farm secret although the listen or gossip address is not loopback: node
+    /// traffic is then open to anyone who reaches the ports. Without it such a node refuses to
+    /// start (secure by default); loopback farms need neither.
+    #[serde(default)]
+    pub insecure: bool,
     /// Most bytes of history kept per topic (on its sequencer, its replica, and every node
     /// delivering it), for clients that resume after a failover.
     #[serde(default = "default_history_bytes")]
@@ -463,6 +468,7 @@ impl NodeConfig {
             handshake_timeout_ms: default_handshake_timeout_ms(),
             farm_secret: None,
             farm_secret_file: None,
+            insecure: false,
             history_bytes: default_history_bytes(),
             history_age_ms: default_history_age_ms(),
             publish_timeout_ms: default_publish_timeout_ms(),
@@ -545,7 +551,17 @@ impl NodeConfig {
         if self.handshake_timeout_ms < 100 {
             return invalid("handshake_timeout_ms", "must be at least 100");
         }
-        self.farm_secret_bytes()?;
+        if self.farm_secret_bytes()?.is_none()
+            && !self.insecure
+            && let Some(exposed) = self.exposed_address()
+        {
+            return invalid(
+                "farm_secret",
+                &format!(
+                    "{exposed} is not a loopback address and the node has no farm secret: make one with `streamfarm secret new PATH` and give every node --farm-secret-file PATH, or pass --insecure (insecure = true) to leave node traffic open"
+                ),
+            );
+        }
         if self.priority.is_empty() || self.priority.contains(char::is_whitespace) {
             return invalid("priority", "must be a non-empty label without spaces");
         }
@@ -680,6 +696,16 @@ impl NodeConfig {
         )
         .map(Some)
         .map_err(|(field, problem)| ConfigError::Invalid { field, problem })
+    }
+
+    /// The first of the listen and gossip addresses that is not loopback, if any: other machines
+    /// may reach it, so node traffic through it needs the farm secret. An unspecified address
+    /// (`0.0.0.0`, `::`) listens on every interface.
+    pub fn exposed_address(&self) -> Option<SocketAddr> {
+        [Some(self.listen), self.gossip]
+            .into_iter()
+            .flatten()
+            .find(|addr| !addr.ip().is_loopback())
     }
 
     /// The farm secret, read from `farm_secret` or `farm_secret_file`; `None` when neither is set.
@@ -981,6 +1007,35 @@ mod tests {
         config.failure_timeout_ms = 10;
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("failure_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_node_reachable_from_other_machines_needs_a_secret_or_insecure() {
+        // Loopback farms (the demo, the tests) start as they are.
+        let mut config = NodeConfig::new("a");
+        config.listen = "127.0.0.2:7400".parse().unwrap();
+        config.validate().unwrap();
+        for (listen, gossip) in [
+            ("0.0.0.0:7400", None),
+            ("10.0.0.1:7400", None),
+            ("[::]:7400", None),
+            ("127.0.0.1:7400", Some("0.0.0.0:7401")),
+        ] {
+            config.listen = listen.parse().unwrap();
+            config.gossip = gossip.map(|g| g.parse().unwrap());
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("--insecure"), "{err}");
+            assert!(err.contains("streamfarm secret new"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            config.insecure = true;
+            config.validate().unwrap();
+            config.insecure = false;
+            config.farm_secret = Some("0123456789abcdef-secret".to_string().into());
+            config.validate().unwrap();
+            config.farm_secret = None;
+        }
+        let config = NodeConfig::from_toml("name = \"a\"\ninsecure = true").unwrap();
+        assert!(config.insecure);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! | `POST /admin/status` | `UP`, `DOWN` or `DRAINING` (bearer token from config) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | the node's status; `503` while its gossip is down |
+//! | `GET /livez` | `200` while the process serves HTTP (a liveness probe) |
+//! | `GET /readyz` | `200` when the node should get new clients; `503` with the reason otherwise |
 //! | `GET /internal/relay?node=NAME` | relay link from a peer node (not for clients) |
 //!
 //! The browser routes (`/client/streamfarm.js`, `/dashboard`) and the CORS layers of `/farm` and
@@ -77,6 +79,8 @@ pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
         .route("/admin/status", post(admin_status))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .with_state(shared)
         .merge(web::router())
         .layer(body_timeout)
@@ -95,10 +99,13 @@ async fn rebalance_plan(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 /// The router of plain-text connections to a node that serves over TLS (clients and relay
-/// links alike): `/healthz` for probes, and for anything else a `400` saying to use TLS.
+/// links alike): `/healthz`, `/livez` and `/readyz` for probes, and for anything else a `400`
+/// saying to use TLS.
 pub(crate) fn plain_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .fallback(|| async {
             (
                 StatusCode::BAD_REQUEST,
@@ -285,6 +292,7 @@ async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let arrived = std::time::Instant::now();
     if let Err(problem) = check_topic(&topic) {
         return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response();
     }
@@ -332,19 +340,27 @@ async fn publish(
         ),
     };
     match shared.broker.publish(&topic, data, encoding, key).await {
-        Ok(position) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            format!(
-                "{}\n",
-                serde_json::json!({"topic": topic, "epoch": position.epoch, "offset": position.offset})
-            ),
-        )
-            .into_response(),
+        Ok(position) => {
+            metrics::observe_since(&shared.metrics.publish_seconds, arrived);
+            published(&topic, position)
+        }
         Err(err @ PublishError::TimedOut(_)) => {
             (StatusCode::GATEWAY_TIMEOUT, format!("{err}\n")).into_response()
         }
         Err(err) => (StatusCode::SERVICE_UNAVAILABLE, format!("{err}\n")).into_response(),
     }
+}
+
+/// The answer to a publish the farm acknowledged.
+fn published(topic: &str, position: streamfarm_core::protocol::Position) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!(
+            "{}\n",
+            serde_json::json!({"topic": topic, "epoch": position.epoch, "offset": position.offset})
+        ),
+    )
+        .into_response()
 }
 
 /// Where a topic lives: its sequencer and replica as this node sees the farm, and its position
@@ -445,9 +461,149 @@ fn health(status: Status, users: u64, gossip_up: bool) -> (StatusCode, String) {
     )
 }
 
+/// `/livez`: the process serves HTTP. Nothing else is checked, so that a liveness probe restarts
+/// only a node that is truly stuck, never one that is merely cut off or draining (restarting
+/// those would lose what they still serve).
+async fn livez() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        "{\"live\":true}\n",
+    )
+        .into_response()
+}
+
+/// What a readiness check looks at, read from the node's state at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Readiness {
+    /// This node's own status.
+    status: Status,
+    /// This node's status in the farm list it serves to clients (`None`: not in it).
+    listed: Option<Status>,
+    /// Gossip is running.
+    gossip_up: bool,
+    /// Every peer fell silent at once (see `membership`).
+    cut_off: bool,
+    /// A joining node has heard from the farm (or had nobody to hear from).
+    joined: bool,
+}
+
+impl Readiness {
+    /// Why the node should get no new clients now, if it should not.
+    fn not_ready_because(&self) -> Option<String> {
+        if self.status != Status::Up {
+            return Some(format!("status is {}", self.status));
+        }
+        if !self.gossip_up {
+            return Some("gossip is down: the farm does not hear from this node".into());
+        }
+        if !self.joined {
+            return Some("joining: has not heard from the farm yet".into());
+        }
+        if self.cut_off {
+            return Some("cut off from the farm: every peer fell silent".into());
+        }
+        match self.listed {
+            Some(Status::Up) => None,
+            Some(other) => Some(format!("listed {other} in the farm list")),
+            None => Some("not in the farm list".into()),
+        }
+    }
+}
+
+/// `/readyz`: `200` when this node should get new clients (load balancers, Kubernetes readiness
+/// probes): `UP`, listed `UP`, gossiping, joined and not cut off; else `503` with the reason.
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let readiness = Readiness {
+        status: *shared.status.borrow(),
+        listed: shared
+            .farm_rx
+            .borrow()
+            .servers
+            .iter()
+            .find(|s| s.name == shared.config.name)
+            .map(|s| s.status),
+        gossip_up: shared.metrics.gossip_up.load(Ordering::Relaxed) == 1,
+        cut_off: *shared.isolated_rx.borrow(),
+        joined: shared.peers_rx.borrow().settled,
+    };
+    let (code, body) = match readiness.not_ready_because() {
+        None => (StatusCode::OK, serde_json::json!({"ready": true})),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"ready": false, "reason": reason}),
+        ),
+    };
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_names_the_first_reason_to_send_clients_elsewhere() {
+        let ready = Readiness {
+            status: Status::Up,
+            listed: Some(Status::Up),
+            gossip_up: true,
+            cut_off: false,
+            joined: true,
+        };
+        assert_eq!(ready.not_ready_because(), None);
+        let cases: [(Readiness, &str); 6] = [
+            (
+                Readiness {
+                    status: Status::Draining,
+                    ..ready
+                },
+                "status is DRAINING",
+            ),
+            (
+                Readiness {
+                    gossip_up: false,
+                    ..ready
+                },
+                "gossip is down",
+            ),
+            (
+                Readiness {
+                    joined: false,
+                    ..ready
+                },
+                "joining",
+            ),
+            (
+                Readiness {
+                    cut_off: true,
+                    ..ready
+                },
+                "cut off",
+            ),
+            (
+                Readiness {
+                    listed: Some(Status::Down),
+                    ..ready
+                },
+                "listed DOWN",
+            ),
+            (
+                Readiness {
+                    listed: None,
+                    ..ready
+                },
+                "not in the farm list",
+            ),
+        ];
+        for (readiness, reason) in cases {
+            let why = readiness.not_ready_because().expect("not ready");
+            assert!(why.contains(reason), "{why:?} should say {reason:?}");
+        }
+    }
 
     #[test]
     fn health_fails_while_gossip_is_down() {

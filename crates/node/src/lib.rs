@@ -39,7 +39,7 @@
 //! - `tls` — TLS for clients and relay links: certificate loading and reload, how relay dials
 //!   trust their peers (a CA, or the farm secret bound to the session), mutual TLS.
 //! - `http` — axum routes: stream, `/farm`, `/publish/{topic}`, `/topics/{topic}`,
-//!   `/admin/status`, `/metrics`, `/healthz`.
+//!   `/admin/status`, `/metrics`, `/healthz`, `/livez`, `/readyz`.
 //! - `web` — what browsers get: `/client/streamfarm.js` (the browser client), `/dashboard`, and
 //!   CORS for `/farm` and `/publish`.
 //! - `rebalance` — active rebalancing (this node's row of the farm's plan), and moving every
@@ -165,6 +165,8 @@ pub(crate) struct Shared {
     pub(crate) members_rx: watch::Receiver<u64>,
     /// True while this node is cut off from the farm (see `membership`).
     pub(crate) isolated_rx: watch::Receiver<bool>,
+    /// Whom the membership has heard of: `settled` once a joining node has heard from the farm.
+    pub(crate) peers_rx: watch::Receiver<relay::Peers>,
     /// Peers whose relay links their side ended: gone before the list says so.
     pub(crate) link_ends: Arc<relay::LinkEnds>,
     pub(crate) connection_limit: Arc<Semaphore>,
@@ -173,6 +175,8 @@ pub(crate) struct Shared {
     pub(crate) relay_handshakes: Arc<Semaphore>,
     /// Cancels the drain in progress, if any.
     pub(crate) drain: Mutex<Option<CancellationToken>>,
+    /// When the clients told to move were told (for the migration histogram).
+    pub(crate) move_clock: rebalance::MoveClock,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
 }
@@ -239,6 +243,7 @@ async fn follow_isolation(shared: Arc<Shared>, mut isolated: watch::Receiver<boo
                 moving.cancel();
             }
             shared.hub.forget_moves();
+            shared.move_clock.forget();
             shared.broker.catch_up().await;
         }
     }
@@ -491,8 +496,10 @@ impl NodeHandle {
             farm_rx,
             members_rx,
             isolated_rx: isolated_rx.clone(),
+            peers_rx,
             link_ends,
             drain: Mutex::new(None),
+            move_clock: rebalance::MoveClock::default(),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         });

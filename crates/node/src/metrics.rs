@@ -1,7 +1,16 @@
-//! Counters and gauges of one node, rendered as Prometheus text on `GET /metrics`.
+//! Counters, gauges and histograms of one node, rendered as Prometheus text on `GET /metrics`.
 //!
 //! Plain atomics rather than a metrics framework: the hot paths (fan-out, accept) only add to a
 //! relaxed counter, and the exposition format is a few lines of text.
+//!
+//! Histograms have fixed buckets, the same on every node, rather than an `hdrhistogram` per node:
+//! Prometheus stores buckets anyway (an HDR histogram would have to be folded into fixed `le`
+//! buckets at every scrape), fixed buckets of many nodes add up (`histogram_quantile(0.99,
+//! sum by (le) (rate(..._bucket[5m])))` is the farm's p99), and recording stays one relaxed
+//! atomic add per bucket, sum and nothing else, with no lock on the paths that observe. The cost
+//! is resolution: a quantile is known to within its bucket, and the bounds below are chosen around
+//! the figures BENCHMARKS.md quotes (milliseconds for subscribes and publishes, seconds for
+//! migrations).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +83,104 @@ pub struct Metrics {
     pub relay_auth_failures: AtomicU64,
     /// Times the NATS relay lost its connection to NATS (0 with the embedded relay).
     pub relay_disconnects: AtomicU64,
+    /// `POST /publish` from the request's arrival to the farm's acknowledgement: the message
+    /// stored on its topic's sequencer and replica, and sent out to the nodes delivering it.
+    pub publish_seconds: Histogram<Seconds>,
+    /// A `sub` frame from its arrival to its `subscribed` answer with the missed messages queued
+    /// (peers told of the interest, history fetched where this node had none).
+    pub subscribe_seconds: Histogram<Seconds>,
+    /// Clients told to move (`migrate`) that left by themselves: from the `migrate` frame to the
+    /// old connection's close, which the client sends once it has resumed on its new server.
+    pub migration_seconds: Histogram<Seconds>,
+    /// Resuming subscriptions (a `sub` with positions, after a failover or a move), per topic: the
+    /// messages this node sent from history to catch the client up.
+    pub recovery_messages: Histogram<Messages>,
+    /// `sub` frames with positions: clients resuming after a failover or a move (its rate is the
+    /// resubscriptions per second).
+    pub resubscriptions: AtomicU64,
+}
+
+/// The bucket bounds of one kind of histogram, in the unit it records in.
+pub trait Buckets {
+    /// Upper bounds, ascending, in recorded units; `+Inf` is implied.
+    const BOUNDS: &'static [u64];
+    /// Recorded units per exported unit (microseconds per second: 1e6).
+    const PER_UNIT: f64;
+}
+
+/// Durations: recorded in microseconds, exported in seconds, from 1 ms to 30 s.
+#[derive(Debug, Default)]
+pub struct Seconds;
+
+impl Buckets for Seconds {
+    const BOUNDS: &'static [u64] = &[
+        1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+        2_500_000, 5_000_000, 10_000_000, 30_000_000,
+    ];
+    const PER_UNIT: f64 = 1e6;
+}
+
+/// Counts of messages, from 0 (a client that missed nothing) to 10 000.
+#[derive(Debug, Default)]
+pub struct Messages;
+
+impl Buckets for Messages {
+    const BOUNDS: &'static [u64] = &[0, 1, 10, 100, 1_000, 10_000];
+    const PER_UNIT: f64 = 1.0;
+}
+
+/// Most buckets a histogram has, `+Inf` included.
+const MAX_BUCKETS: usize = 16;
+
+/// A Prometheus histogram with the fixed buckets of `B` (see the module doc for why fixed).
+#[derive(Debug, Default)]
+pub struct Histogram<B> {
+    /// Observations per bucket (not cumulative); the last is `+Inf`.
+    counts: [AtomicU64; MAX_BUCKETS],
+    /// Sum of the observations, in recorded units.
+    sum: AtomicU64,
+    buckets: std::marker::PhantomData<B>,
+}
+
+impl<B: Buckets> Histogram<B> {
+    /// Records one observation, in `B`'s recorded unit.
+    pub fn observe(&self, value: u64) {
+        const { assert!(B::BOUNDS.len() < MAX_BUCKETS) };
+        let bucket = B::BOUNDS.partition_point(|bound| *bound < value);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(value, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts[..=B::BOUNDS.len()]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Appends the histogram as Prometheus text: cumulative `_bucket` series, `_sum`, `_count`.
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP streamfarm_{name} {help}");
+        let _ = writeln!(out, "# TYPE streamfarm_{name} histogram");
+        let mut cumulative = 0;
+        for (i, count) in self.counts[..=B::BOUNDS.len()].iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = match B::BOUNDS.get(i) {
+                Some(bound) => (*bound as f64 / B::PER_UNIT).to_string(),
+                None => "+Inf".to_string(),
+            };
+            let _ = writeln!(out, "streamfarm_{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / B::PER_UNIT;
+        let _ = writeln!(out, "streamfarm_{name}_sum {sum}");
+        let _ = writeln!(out, "streamfarm_{name}_count {cumulative}");
+    }
+}
+
+/// Records the time since `start` in a histogram of seconds.
+pub(crate) fn observe_since(histogram: &Histogram<Seconds>, start: std::time::Instant) {
+    histogram.observe(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
 }
 
 /// Adds one to a counter.
@@ -288,6 +395,32 @@ impl Metrics {
             "Times the NATS relay lost its connection to NATS (it reconnects, then fetches what it missed).",
             get(&self.relay_disconnects),
         );
+        metric(
+            "resubscriptions_total",
+            "counter",
+            "Subscriptions resumed from positions (a client back after a failover or a move).",
+            get(&self.resubscriptions),
+        );
+        self.publish_seconds.render(
+            &mut out,
+            "publish_seconds",
+            "POST /publish from arrival to acknowledgement (stored on sequencer and replica, sent out).",
+        );
+        self.subscribe_seconds.render(
+            &mut out,
+            "subscribe_seconds",
+            "A sub frame from arrival to its subscribed answer with the missed messages queued.",
+        );
+        self.migration_seconds.render(
+            &mut out,
+            "migration_seconds",
+            "Clients told to move that left by themselves: from migrate to the old connection's close.",
+        );
+        self.recovery_messages.render(
+            &mut out,
+            "recovery_messages",
+            "Messages sent from history to a resuming subscription, per topic.",
+        );
         let _ = writeln!(
             out,
             "# HELP streamfarm_farm_servers Servers in this node's farm list, by status."
@@ -346,5 +479,35 @@ mod tests {
         assert!(text.contains("streamfarm_connections 1\n"));
         assert!(text.contains("streamfarm_farm_servers{status=\"UP\"} 1\n"));
         assert!(text.contains("streamfarm_farm_users{server=\"a\\\"\",status=\"UP\"} 3\n"));
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_their_bounds_in_exported_units() {
+        let metrics = Metrics::default();
+        // 0.5 ms, 1 ms (on the bound: le is inclusive), 3 ms, 1 minute.
+        for micros in [500, 1_000, 3_000, 60_000_000] {
+            metrics.subscribe_seconds.observe(micros);
+        }
+        metrics.recovery_messages.observe(0);
+        metrics.recovery_messages.observe(7);
+        let text = metrics.render(&FarmList::new(Vec::new()), 0, 0);
+        for line in [
+            "# TYPE streamfarm_subscribe_seconds histogram\n",
+            "streamfarm_subscribe_seconds_bucket{le=\"0.001\"} 2\n",
+            "streamfarm_subscribe_seconds_bucket{le=\"0.0025\"} 2\n",
+            "streamfarm_subscribe_seconds_bucket{le=\"0.005\"} 3\n",
+            "streamfarm_subscribe_seconds_bucket{le=\"30\"} 3\n",
+            "streamfarm_subscribe_seconds_bucket{le=\"+Inf\"} 4\n",
+            "streamfarm_subscribe_seconds_sum 60.0045\n",
+            "streamfarm_subscribe_seconds_count 4\n",
+            "streamfarm_recovery_messages_bucket{le=\"0\"} 1\n",
+            "streamfarm_recovery_messages_bucket{le=\"1\"} 1\n",
+            "streamfarm_recovery_messages_bucket{le=\"10\"} 2\n",
+            "streamfarm_recovery_messages_sum 7\n",
+            "streamfarm_publish_seconds_count 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(metrics.subscribe_seconds.count(), 4);
     }
 }

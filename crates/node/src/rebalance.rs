@@ -36,8 +36,8 @@ use tracing::{debug, info};
 
 use crate::Shared;
 use crate::drain;
-use crate::hub::{Mover, encode};
-use crate::metrics;
+use crate::hub::{Closer, ConnId, Mover, encode};
+use crate::metrics::{self, Metrics};
 
 /// How often the rebalancer looks at the plan (jittered by ±20 %).
 const TICK: Duration = Duration::from_millis(250);
@@ -122,11 +122,49 @@ impl Shared {
     }
 }
 
+/// When each client still here was told to move: how long migrations take
+/// (`streamfarm_migration_seconds`). An entry lives from the `migrate` frame to the connection's
+/// end, so there are never more than the node's connections.
+#[derive(Debug, Default)]
+pub(crate) struct MoveClock(std::sync::Mutex<std::collections::HashMap<ConnId, Instant>>);
+
+impl MoveClock {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<ConnId, Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connection `id` was just told to move.
+    fn told(&self, id: ConnId) {
+        self.lock().insert(id, Instant::now());
+    }
+
+    /// Connection `id` ended: a move is recorded if it was told to move and left by itself (not
+    /// closed by this node at the deadline or at shutdown).
+    pub(crate) fn gone(&self, id: ConnId, closer: &Closer, metrics: &Metrics) {
+        let Some(told) = self.lock().remove(&id) else {
+            return;
+        };
+        let closed_here = matches!(
+            closer.reason(),
+            Some((code, _)) if code == close::RECONNECT_ELSEWHERE || code == close::GOING_AWAY
+        );
+        if !closed_here {
+            metrics::observe_since(&metrics.migration_seconds, told.into_std());
+        }
+    }
+
+    /// Forgets every move asked and not made (those clients stay: a cut-off node back in touch).
+    pub(crate) fn forget(&self) {
+        self.lock().clear();
+    }
+}
+
 /// Tells one client to move to `to` (or to a server of its choosing), or closes it with `4000`
 /// when it cannot follow a `migrate`.
 fn tell(shared: &Shared, mover: &Mover, to: Option<String>, why: Why) {
     if mover.migrates {
         metrics::inc(&shared.metrics.migrations_started);
+        shared.move_clock.told(mover.id);
         let frame = ServerFrame::Migrate {
             to,
             reason: why.as_str().to_string(),

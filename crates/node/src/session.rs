@@ -196,6 +196,10 @@ pub(crate) fn serve<P: Send + 'static>(
             .shared
             .hub
             .unregister(session.id, session.topics.iter());
+        session
+            .shared
+            .move_clock
+            .gone(session.id, &session.outlet.closer, &session.shared.metrics);
         // Boxed: only a closing session needs its state.
         Box::pin(session.finish(&mut socket, end)).await;
         session.outlet.queue.close();
@@ -819,6 +823,7 @@ impl Session {
             .collect();
         // The broker answers `subscribed` (with positions), then what was missed, then live.
         let (id, shared, outlet) = (self.id, self.shared.clone(), self.outlet.clone());
+        let asked = std::time::Instant::now();
         self.pending = Some(Box::pin(async move {
             // Dropped at the end, it wakes what the subscription queued.
             let mut wakes = FrameWakes::default();
@@ -826,6 +831,7 @@ impl Session {
                 .broker
                 .subscribe(id, &outlet, &wanted, &mut wakes)
                 .await;
+            record_subscribe(&shared, asked, &wanted);
         }));
     }
 
@@ -858,6 +864,39 @@ impl Session {
                 .await;
         }));
     }
+}
+
+/// Records a `sub` served: its time, and for a resuming one the messages each topic's history
+/// caught it up with (read from the positions: the broker queues exactly those).
+fn record_subscribe(shared: &Shared, asked: std::time::Instant, wanted: &[(String, Resume)]) {
+    let m = &shared.metrics;
+    metrics::observe_since(&m.subscribe_seconds, asked);
+    let mut resumed = false;
+    for (topic, resume) in wanted {
+        let Resume::After(after) = *resume else {
+            continue;
+        };
+        resumed = true;
+        if let Some(sent) = shared.hub.with_log(topic, |log| {
+            recovered_from_history(log.position(), log.first(), after)
+        }) {
+            m.recovery_messages.observe(sent);
+        }
+    }
+    if resumed {
+        metrics::inc(&m.resubscriptions);
+    }
+}
+
+/// Messages a history whose newest is `newest` and oldest held is `first` sends to a client that
+/// resumes after `after`: those after it in the same epoch, all it holds of a newer epoch.
+fn recovered_from_history(newest: Position, first: u64, after: Position) -> u64 {
+    let from = if after.epoch == newest.epoch {
+        after.offset.max(first.saturating_sub(1))
+    } else {
+        first.saturating_sub(1)
+    };
+    newest.offset.saturating_sub(from)
 }
 
 /// The topics of one connection: a sorted vector, one allocation plus one per topic. A hash
@@ -940,6 +979,30 @@ mod tests {
             std::mem::size_of::<Writer>()
         );
         assert!(size <= 1024, "the session future takes {size} bytes");
+    }
+
+    #[test]
+    fn recovery_counts_what_history_holds_after_the_position() {
+        let epoch = streamfarm_core::protocol::Epoch(7);
+        let newest = Position::new(epoch, 100);
+        // Behind by 10, all held.
+        assert_eq!(
+            recovered_from_history(newest, 50, Position::new(epoch, 90)),
+            10
+        );
+        // Up to date.
+        assert_eq!(recovered_from_history(newest, 50, newest), 0);
+        // Behind further than history reaches: only what is held is sent (after a gap).
+        assert_eq!(
+            recovered_from_history(newest, 50, Position::new(epoch, 10)),
+            51
+        );
+        // Another epoch: everything held of this one.
+        let older = streamfarm_core::protocol::Epoch(3);
+        assert_eq!(
+            recovered_from_history(newest, 50, Position::new(older, 99)),
+            51
+        );
     }
 
     #[test]

@@ -106,6 +106,10 @@ struct Settings {
     /// File holding the farm secret (trailing newline ignored).
     #[arg(long, env = "STREAMFARM_FARM_SECRET_FILE", value_name = "PATH")]
     farm_secret_file: Option<PathBuf>,
+    /// Start without a farm secret although the listen or gossip address is not loopback:
+    /// gossip and relay links are then open to anyone who reaches the ports.
+    #[arg(long, env = "STREAMFARM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    insecure: Option<bool>,
     /// Most bytes of history kept per topic, for clients that resume after a failover.
     #[arg(long, env = "STREAMFARM_HISTORY_BYTES")]
     history_bytes: Option<usize>,
@@ -299,7 +303,8 @@ impl Settings {
             allow_anonymous,
             anonymous_topics,
             tls_reload_ms,
-            relay_mtls
+            relay_mtls,
+            insecure
         );
         overlay_option!(
             gossip,
