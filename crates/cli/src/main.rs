@@ -37,6 +37,10 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Benchmarks beside nats-server: idle, fanout, cross-node, failover, convergence, connect-cost.
     Bench(cmd::bench::Args),
+    /// Make a private CA, and node certificates signed by it (TLS for clients and relay links).
+    Cert(cmd::cert::Args),
+    /// Print a connection token (JWT) that nodes with the key accept.
+    Token(cmd::token::Args),
 }
 
 #[tokio::main]
@@ -59,6 +63,8 @@ async fn main() -> ExitCode {
         Command::Load(args) => cmd::load::run(args).await,
         Command::Demo(args) => cmd::demo::run(args).await,
         Command::Bench(args) => cmd::bench::run(args).await,
+        Command::Cert(args) => cmd::cert::run(args).await,
+        Command::Token(args) => cmd::token::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,7 @@
 //! One module per subcommand: its `Args` and its `run`.
 
 pub(crate) mod bench;
+pub(crate) mod cert;
 pub(crate) mod demo;
 pub(crate) mod list;
 pub(crate) mod load;
@@ -9,3 +10,4 @@ pub(crate) mod publish;
 pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod sub;
+pub(crate) mod token;
