@@ -969,7 +969,11 @@ impl Driver {
     /// before the machine retries. An application that is gone is seen at the next event.
     async fn tell_rejection(&mut self, err: &Error) {
         if let Some(rejection) = err.rejection() {
-            let error = err.to_string();
+            // The server that rejected the client, rather than "no server answered".
+            let error = match err {
+                Error::Unreachable { last, .. } => last.to_string(),
+                other => other.to_string(),
+            };
             self.tell(Event::Rejected { rejection, error }).await;
         }
     }

@@ -151,7 +151,8 @@ pub enum CertificateProblem {
     /// (`openssl req -x509` marks it as a CA), which is refused even when `--ca-file` names it.
     SelfSigned,
     /// The certificate is not signed by a CA this client trusts: a private CA not given with
-    /// `--ca-file` ([`TlsSettings::from_ca_file`]), another farm's CA, or a self-signed certificate.
+    /// `--ca-file` ([`TlsSettings::from_ca_file`]), another farm's CA (also when it bears the
+    /// name of a trusted one: webpki's `BadSignature`), or a self-signed certificate.
     UnknownIssuer,
     /// The certificate does not name the host the client dialed.
     WrongName {
@@ -178,9 +179,10 @@ impl std::fmt::Display for CertificateProblem {
                  certificate (--ca-file)",
             ),
             CertificateProblem::UnknownIssuer => f.write_str(
-                "it is not signed by a CA this client trusts (UnknownIssuer): an unknown or \
-                 private CA, or a self-signed certificate; give the client the CA certificate \
-                 that signed it (--ca-file)",
+                "it is not signed by a CA this client trusts (UnknownIssuer, or BadSignature for \
+                 a CA of the same name): a private CA not given, another farm's CA, or a \
+                 self-signed certificate; give the client the CA certificate that signed it \
+                 (--ca-file)",
             ),
             CertificateProblem::WrongName { host, names } if names.is_empty() => write!(
                 f,
@@ -217,7 +219,8 @@ pub(crate) fn certificate_problem(
         return None;
     };
     Some(match cert {
-        Cert::UnknownIssuer => CertificateProblem::UnknownIssuer,
+        // A trusted CA of the issuer's name whose key did not sign it: another CA, same name.
+        Cert::UnknownIssuer | Cert::BadSignature => CertificateProblem::UnknownIssuer,
         Cert::NotValidForName => CertificateProblem::WrongName {
             host: host.to_string(),
             names: Vec::new(),

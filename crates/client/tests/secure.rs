@@ -625,7 +625,7 @@ async fn certificate_problems_are_named_apart_from_unreachable_servers() {
         .pem();
     let (good_cert, good_key) = ca.issue("good");
 
-    let serve = |name: &str, cert: String, key: String| {
+    let serve = |name: &'static str, cert: String, key: String| {
         let cert = write(&format!("{name}.pem"), &cert);
         let key = write(&format!("{name}.key"), &key);
         async move { tls_node_joining(name, &cert, &key, None).await }
