@@ -76,7 +76,8 @@ fn make_ca(args: &CaArgs) -> anyhow::Result<()> {
     let (cert_path, key_path) = (args.dir.join(CA_CERT), args.dir.join(CA_KEY));
     refuse_existing(&[&cert_path, &key_path])?;
     let mut params = CertificateParams::default();
-    params.distinguished_name = name("streamfarm CA");
+    // A name of its own: a client trusting several CAs finds a certificate's issuer by name.
+    params.distinguished_name = name(&format!("streamfarm CA {:08x}", rand::random::<u32>()));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
