@@ -108,7 +108,8 @@ pub enum Event {
     /// [`Rejection`]): its certificate was refused, or the token or a subscription was. The
     /// client carries on as for any failure — it fails over and retries, so a renewed
     /// certificate or token (`token_provider`) is picked up when it comes — and an application
-    /// that has nothing to renew may stop here instead, as `streamfarm sub` does.
+    /// that has nothing to renew may stop here instead, as `streamfarm sub` does. Not sent for
+    /// a migration's new server, which leaves the client connected ([`Event::MigrationFailed`]).
     Rejected {
         /// What was rejected.
         rejection: Rejection,
@@ -701,7 +702,11 @@ impl Driver {
                             Input::Connected { server, list }
                         }
                         Done::Connect { server, result: Err(err) } => {
-                            self.tell_rejection(&err).await;
+                            // A migration that fails leaves the client connected where it was
+                            // (`MigrationFailed`): nothing an application should stop for.
+                            if !matches!(self.machine.state(), State::Migrating { .. }) {
+                                self.tell_rejection(&err).await;
+                            }
                             Input::ConnectFailed {
                                 server,
                                 elsewhere: err.sends_elsewhere(),
