@@ -52,6 +52,10 @@ enum Command {
     Secret(cmd::secret::Args),
     /// Set a node DRAINING through its admin API and wait until its clients have moved.
     Drain(cmd::drain::Args),
+    /// Make a private CA, and node certificates signed by it (TLS for clients and relay links).
+    Cert(cmd::cert::Args),
+    /// Print a connection token (JWT) that nodes with the key accept.
+    Token(cmd::token::Args),
 }
 
 #[tokio::main]
@@ -70,6 +74,8 @@ async fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args).await,
         Command::Secret(args) => cmd::secret::run(args).await,
         Command::Drain(args) => cmd::drain::run(args).await,
+        Command::Cert(args) => cmd::cert::run(args).await,
+        Command::Token(args) => cmd::token::run(args).await,
     };
     match result {
         Ok(code) => code,

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 
 use crate::address::{Endpoint, Resolver, ServiceAddress, Target};
 use crate::connection::{self, Conn, Dialer, Incoming};
-use crate::error::Error;
+use crate::error::{Error, Rejection};
 use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice, State};
 use crate::options::ClientOptions;
 use crate::token::{self, TokenFuture};
@@ -103,6 +103,18 @@ pub enum Event {
         /// lost with the nodes that held it), `unavailable` (the history could not be reached),
         /// or `unannounced` (offsets jumped without a `gap` frame).
         reason: String,
+    },
+    /// A server rejected the client for a reason that the client's retries meet again (see
+    /// [`Rejection`]): its certificate was refused, or the token or a subscription was. The
+    /// client carries on as for any failure — it fails over and retries, so a renewed
+    /// certificate or token (`token_provider`) is picked up when it comes — and an application
+    /// that has nothing to renew may stop here instead, as `streamfarm sub` does. Not sent for
+    /// a migration's new server, which leaves the client connected ([`Event::MigrationFailed`]).
+    Rejected {
+        /// What was rejected.
+        rejection: Rejection,
+        /// The whole error, naming the server and the likely fix.
+        error: String,
     },
     /// A round found no server; the client tries again after `delay`.
     Retrying {
@@ -636,7 +648,10 @@ impl Driver {
                             list_conn = Some(conn);
                             input
                         }
-                        Done::List(Err(err)) => Input::ListFailed { error: err.to_string() },
+                        Done::List(Err(err)) => {
+                            self.tell_rejection(&err).await;
+                            Input::ListFailed { error: err.to_string() }
+                        }
                         Done::Connect { server, result: Ok(Subscribed { conn, topics, early }) } => {
                             let list = Some(conn.list.clone());
                             let migrating = matches!(
@@ -686,11 +701,18 @@ impl Driver {
                             greeted = true;
                             Input::Connected { server, list }
                         }
-                        Done::Connect { server, result: Err(err) } => Input::ConnectFailed {
-                            server,
-                            elsewhere: err.sends_elsewhere(),
-                            error: err.to_string(),
-                        },
+                        Done::Connect { server, result: Err(err) } => {
+                            // A migration that fails leaves the client connected where it was
+                            // (`MigrationFailed`): nothing an application should stop for.
+                            if !matches!(self.machine.state(), State::Migrating { .. }) {
+                                self.tell_rejection(&err).await;
+                            }
+                            Input::ConnectFailed {
+                                server,
+                                elsewhere: err.sends_elsewhere(),
+                                error: err.to_string(),
+                            }
+                        }
                     }
                 },
                 id = run_timer(&mut timer) => {
@@ -946,6 +968,19 @@ impl Driver {
     /// Gives the application an event; false when it is gone.
     async fn tell(&mut self, event: Event) -> bool {
         self.events.send(event).await.is_ok()
+    }
+
+    /// Tells the application of a failure that retrying meets again ([`Event::Rejected`]),
+    /// before the machine retries. An application that is gone is seen at the next event.
+    async fn tell_rejection(&mut self, err: &Error) {
+        if let Some(rejection) = err.rejection() {
+            // The server that rejected the client, rather than "no server answered".
+            let error = match err {
+                Error::Unreachable { last, .. } => last.to_string(),
+                other => other.to_string(),
+            };
+            self.tell(Event::Rejected { rejection, error }).await;
+        }
     }
 
     async fn tell_all(&mut self, notices: Vec<TopicNotice>) -> bool {
@@ -1286,7 +1321,13 @@ pub(crate) async fn discover<R: Rng + ?Sized>(
             Ok(conn) => return Ok(conn),
             Err(err) => {
                 debug!(endpoint = %endpoint.addr, %err, "no list here");
-                last = Some(err);
+                // A rejection says more than a server that did not answer: keep it.
+                let rejected = last
+                    .as_ref()
+                    .is_some_and(|l: &Error| l.rejection().is_some());
+                if !rejected || err.rejection().is_some() {
+                    last = Some(err);
+                }
             }
         }
     }

@@ -283,10 +283,7 @@ async fn confirmed<S: AsyncRead + AsyncWrite + Unpin>(
                 .await
                 .map_err(|e| ws_error(&url, e))?,
             ServerFrame::Error { code, message } => {
-                return Err(Error::Protocol {
-                    url,
-                    detail: format!("subscribe refused: {code}: {message}"),
-                });
+                return Err(Error::SubscribeRefused { url, code, message });
             }
             ServerFrame::Farm(list) => conn.list = list,
             frame @ (ServerFrame::Msg { .. } | ServerFrame::Feed { .. }) => early.push(frame),
@@ -351,9 +348,18 @@ pub(crate) async fn dial(
             .map_err(connect_error)?;
         let _ = tcp.set_nodelay(true);
         let stream = if endpoint.target.tls {
-            crate::tls::connect(&dialer.tls, &endpoint.target.host, tcp)
+            let host = &endpoint.target.host;
+            crate::tls::connect(&dialer.tls, host, tcp)
                 .await
-                .map_err(connect_error)?
+                .map_err(
+                    |source| match crate::tls::certificate_problem(&source, host) {
+                        Some(problem) => Error::Certificate {
+                            url: url.clone(),
+                            problem,
+                        },
+                        None => connect_error(source),
+                    },
+                )?
         } else {
             ClientStream::Plain(tcp)
         };
@@ -654,6 +660,12 @@ pub(crate) mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("bad_topic"), "{err}");
+        assert_eq!(
+            err.rejection(),
+            Some(crate::error::Rejection::Subscription {
+                code: "bad_topic".into()
+            })
+        );
     }
 
     #[tokio::test]

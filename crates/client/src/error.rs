@@ -6,6 +6,9 @@
 use std::time::Duration;
 
 use streamfarm_core::SelectionError;
+use streamfarm_core::protocol::close;
+
+use crate::tls::CertificateProblem;
 
 /// What went wrong in the client.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,25 @@ pub enum Error {
         /// The reason the server gave.
         reason: String,
     },
+    /// The server refused a subscription (an `error` frame: a topic the token does not allow,
+    /// a bad topic name).
+    #[error("{url} refused the subscription: {code}: {message}")]
+    SubscribeRefused {
+        /// The server's url.
+        url: String,
+        /// The error code (`forbidden`, `bad_topic`, …).
+        code: String,
+        /// What the server said.
+        message: String,
+    },
+    /// The server's TLS certificate was not accepted.
+    #[error("the certificate of {url} was refused: {problem}")]
+    Certificate {
+        /// The server's url.
+        url: String,
+        /// What is wrong with it, and the likely fix.
+        problem: CertificateProblem,
+    },
     /// No server of the service address answered.
     #[error("no server of {address} answered ({tried} tried); last error: {last}")]
     Unreachable {
@@ -80,7 +102,8 @@ pub enum Error {
         address: String,
         /// How many addresses were tried.
         tried: usize,
-        /// The last error seen.
+        /// The last error seen; the last [rejection](Error::rejection) when a server rejected
+        /// the client, as that says more than a server that did not answer.
         last: Box<Error>,
     },
     /// The list had no server to choose.
@@ -129,7 +152,7 @@ pub enum ErrorKind {
     TimedOut,
     /// See [`Error::Protocol`].
     Protocol,
-    /// See [`Error::Refused`].
+    /// See [`Error::Refused`] and [`Error::SubscribeRefused`].
     Refused,
     /// See [`Error::Unreachable`].
     Unreachable,
@@ -141,14 +164,63 @@ pub enum ErrorKind {
     Token,
     /// See [`Error::Tls`].
     Tls,
+    /// See [`Error::Certificate`].
+    Certificate,
     /// See [`Error::Closed`].
     Closed,
+}
+
+/// Why a server rejected this client where a retry, with the same settings, meets the same
+/// answer: the client's own retries cannot fix it, only a new certificate, CA file or token can.
+/// See [`Error::rejection`] and [`Event::Rejected`](crate::Event::Rejected).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The server's certificate was not accepted.
+    Certificate(CertificateProblem),
+    /// The server refused the token: close code `4010` (missing), `4011` (invalid), `4012`
+    /// (expired) or `4013` (forbidden), as `docs/AUTH.md` lists them.
+    Token {
+        /// The close code.
+        code: u16,
+    },
+    /// The server refused a subscription with this error code (`forbidden`: the token does not
+    /// allow the topic; `bad_topic`).
+    Subscription {
+        /// The error code.
+        code: String,
+    },
 }
 
 impl Error {
     /// The server refused with a close code that sends clients to another server.
     pub fn sends_elsewhere(&self) -> bool {
         matches!(self, Error::Refused { code, .. } if crate::machine::sends_elsewhere(*code))
+    }
+
+    /// Why the server rejected the client, when a retry with the same settings cannot help
+    /// (looking inside [`Error::Unreachable`]); `None` for everything a retry may fix (an
+    /// unreachable, draining or full server, a timeout).
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            Error::Certificate { problem, .. } => Some(Rejection::Certificate(problem.clone())),
+            Error::Refused { code, .. }
+                if matches!(
+                    *code,
+                    close::AUTH_MISSING
+                        | close::AUTH_INVALID
+                        | close::AUTH_EXPIRED
+                        | close::AUTH_FORBIDDEN
+                ) =>
+            {
+                Some(Rejection::Token { code: *code })
+            }
+            Error::SubscribeRefused { code, .. } => {
+                Some(Rejection::Subscription { code: code.clone() })
+            }
+            Error::Unreachable { last, .. } => last.rejection(),
+            _ => None,
+        }
     }
 
     /// The category of this error.
@@ -159,7 +231,8 @@ impl Error {
             Error::Connect { .. } | Error::WebSocket { .. } => ErrorKind::Connect,
             Error::TimedOut { .. } => ErrorKind::TimedOut,
             Error::Protocol { .. } => ErrorKind::Protocol,
-            Error::Refused { .. } => ErrorKind::Refused,
+            Error::Refused { .. } | Error::SubscribeRefused { .. } => ErrorKind::Refused,
+            Error::Certificate { .. } => ErrorKind::Certificate,
             Error::Unreachable { .. } => ErrorKind::Unreachable,
             Error::Selection(_) => ErrorKind::NoServerAvailable,
             Error::Http { .. } => ErrorKind::Http,

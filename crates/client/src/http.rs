@@ -107,7 +107,12 @@ async fn post(
     let stream = if endpoint.target.tls {
         crate::tls::connect(&dialer.tls, &endpoint.target.host, tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?
+            .map_err(
+                |e| match crate::tls::certificate_problem(&e, &endpoint.target.host) {
+                    Some(problem) => format!("the certificate was refused: {problem}"),
+                    None => format!("TLS: {e}"),
+                },
+            )?
     } else {
         ClientStream::Plain(tcp)
     };

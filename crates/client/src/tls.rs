@@ -141,3 +141,114 @@ pub(crate) async fn connect(
     let stream = connector.connect(name, tcp).await?;
     Ok(ClientStream::Tls(Box::new(stream)))
 }
+
+/// What was wrong with a server's certificate, as the client's errors name it: the likely cause
+/// and what fixes it (`Display`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CertificateProblem {
+    /// The server presented a CA certificate as its own: typically a self-signed certificate
+    /// (`openssl req -x509` marks it as a CA), which is refused even when `--ca-file` names it.
+    SelfSigned,
+    /// The certificate is not signed by a CA this client trusts: a private CA not given with
+    /// `--ca-file` ([`TlsSettings::from_ca_file`]), another farm's CA (also when it bears the
+    /// name of a trusted one: webpki's `BadSignature`), or a self-signed certificate.
+    UnknownIssuer,
+    /// The certificate does not name the host the client dialed.
+    WrongName {
+        /// The host dialed.
+        host: String,
+        /// The names the certificate holds (when known).
+        names: Vec<String>,
+    },
+    /// The certificate has expired.
+    Expired,
+    /// The certificate is not valid yet (or this machine's clock is behind).
+    NotValidYet,
+    /// Something else the verifier refused; its words.
+    Other(String),
+}
+
+impl std::fmt::Display for CertificateProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertificateProblem::SelfSigned => f.write_str(
+                "it is a CA certificate used as the server's own, as a self-signed certificate is \
+                 (CaUsedAsEndEntity): give the node a certificate signed by a CA \
+                 (`streamfarm cert ca` and `streamfarm cert node`) and the client that CA's \
+                 certificate (--ca-file)",
+            ),
+            CertificateProblem::UnknownIssuer => f.write_str(
+                "it is not signed by a CA this client trusts (UnknownIssuer, or BadSignature for \
+                 a CA of the same name): a private CA not given, another farm's CA, or a \
+                 self-signed certificate; give the client the CA certificate that signed it \
+                 (--ca-file)",
+            ),
+            CertificateProblem::WrongName { host, names } if names.is_empty() => write!(
+                f,
+                "it does not name {host} (NotValidForName): make one that does \
+                 (`streamfarm cert node NAME --host {host}`) or dial a name it holds"
+            ),
+            CertificateProblem::WrongName { host, names } => write!(
+                f,
+                "it names {} but not {host} (NotValidForName): make one that does \
+                 (`streamfarm cert node NAME --host {host}`) or dial a name it holds",
+                names.join(", ")
+            ),
+            CertificateProblem::Expired => {
+                f.write_str("it has expired (Expired): the node needs a new certificate")
+            }
+            CertificateProblem::NotValidYet => f.write_str(
+                "it is not valid yet (NotValidYet): check this machine's clock and the \
+                 certificate's start date",
+            ),
+            CertificateProblem::Other(detail) => write!(f, "{detail}"),
+        }
+    }
+}
+
+/// The certificate problem behind a failed TLS handshake to `host`, if that is why it failed.
+pub(crate) fn certificate_problem(
+    error: &std::io::Error,
+    host: &str,
+) -> Option<CertificateProblem> {
+    use rustls::CertificateError as Cert;
+    let rustls::Error::InvalidCertificate(cert) =
+        error.get_ref()?.downcast_ref::<rustls::Error>()?
+    else {
+        return None;
+    };
+    Some(match cert {
+        // A trusted CA of the issuer's name whose key did not sign it: another CA, same name.
+        Cert::UnknownIssuer | Cert::BadSignature => CertificateProblem::UnknownIssuer,
+        Cert::NotValidForName => CertificateProblem::WrongName {
+            host: host.to_string(),
+            names: Vec::new(),
+        },
+        Cert::NotValidForNameContext { presented, .. } => CertificateProblem::WrongName {
+            host: host.to_string(),
+            names: presented.iter().map(|name| plain_name(name)).collect(),
+        },
+        Cert::Expired | Cert::ExpiredContext { .. } => CertificateProblem::Expired,
+        Cert::NotValidYet | Cert::NotValidYetContext { .. } => CertificateProblem::NotValidYet,
+        Cert::Other(other)
+            if matches!(
+                other.0.downcast_ref::<webpki::Error>(),
+                Some(webpki::Error::CaUsedAsEndEntity)
+            ) =>
+        {
+            CertificateProblem::SelfSigned
+        }
+        other => CertificateProblem::Other(other.to_string()),
+    })
+}
+
+/// A name as webpki presents it (`DnsName("n1")`, `IpAddress(127.0.0.1)`), as people write it.
+fn plain_name(presented: &str) -> String {
+    presented
+        .split_once('(')
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .map(|inner| inner.trim_matches('"'))
+        .unwrap_or(presented)
+        .to_string()
+}

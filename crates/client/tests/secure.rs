@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
-use streamfarm_client::{Client, ClientOptions, ErrorKind, Event};
+use streamfarm_client::{CertificateProblem, Client, ClientOptions, ErrorKind, Event, Rejection};
 use streamfarm_node::{AuthKey, NodeConfig, NodeHandle};
 
 const SECRET: &str = "secure-test-secret-0123456789-0123456789";
@@ -578,5 +578,153 @@ async fn a_connection_stalled_in_its_tls_handshake_is_closed_at_the_handshake_de
         started.elapsed()
     );
     node.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The first [`Event::Rejected`] of `client`, within [`STEP`], and whether a `Retrying` followed.
+async fn rejection_then_retry(client: &mut Client) -> (Rejection, bool) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut rejected = None;
+    loop {
+        let event = tokio::time::timeout_at(deadline, client.next_event())
+            .await
+            .expect("a rejection, then a retry, in time")
+            .expect("client running");
+        match event {
+            Event::Rejected { rejection, .. } if rejected.is_none() => rejected = Some(rejection),
+            Event::Retrying { .. } if rejected.is_some() => return (rejected.unwrap(), true),
+            Event::Connected { server } => panic!("connected to {server}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_problems_are_named_apart_from_unreachable_servers() {
+    let dir = temp_dir("cert-problems");
+    let ca = TestCa::new();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca_path = write("ca.pem", &ca.pem);
+    let other_ca_path = write("other-ca.pem", &TestCa::new().pem);
+    // What `openssl req -x509 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1` makes:
+    // self-signed, marked as a CA.
+    let self_signed_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let self_signed = params.self_signed(&self_signed_key).unwrap().pem();
+    // Signed by the CA, naming only a node name.
+    let only_n1_key = KeyPair::generate().unwrap();
+    let only_n1 = CertificateParams::new(vec!["n1".to_string()])
+        .unwrap()
+        .signed_by(&only_n1_key, &Issuer::from_params(&ca.params, &ca.key))
+        .unwrap()
+        .pem();
+    let (good_cert, good_key) = ca.issue("good");
+
+    let serve = |name: &'static str, cert: String, key: String| {
+        let cert = write(&format!("{name}.pem"), &cert);
+        let key = write(&format!("{name}.key"), &key);
+        async move { tls_node_joining(name, &cert, &key, None).await }
+    };
+    let good = serve("good", good_cert, good_key).await;
+    let self_signed_node =
+        serve("self", self_signed.clone(), self_signed_key.serialize_pem()).await;
+    let wrong_name = serve("wrong", only_n1, only_n1_key.serialize_pem()).await;
+    let self_signed_ca = write("self.pem", &self_signed);
+    let cases = [
+        (&good, &other_ca_path, CertificateProblem::UnknownIssuer),
+        (
+            &self_signed_node,
+            &self_signed_ca,
+            CertificateProblem::SelfSigned,
+        ),
+        (
+            &wrong_name,
+            &ca_path,
+            CertificateProblem::WrongName {
+                host: "127.0.0.1".into(),
+                names: vec!["n1".into()],
+            },
+        ),
+    ];
+    for (node, trusted, problem) in cases {
+        let address = format!("wss://{}", node.listen_addr()).parse().unwrap();
+        let options = ClientOptions::new()
+            .ca_file(trusted)
+            .unwrap()
+            .token(token(60));
+        let err = streamfarm_client::fetch_list(&address, &options)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.rejection(),
+            Some(Rejection::Certificate(problem.clone())),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("certificate of wss://127.0.0.1:"),
+            "{err}"
+        );
+        // The library keeps its choice: it reports the rejection, then retries.
+        let mut client = Client::start(address, options.subscribe(["a.x"]));
+        assert_eq!(
+            rejection_then_retry(&mut client).await,
+            (Rejection::Certificate(problem), true)
+        );
+        client.close().await;
+    }
+    let self_signed_error = streamfarm_client::fetch_list(
+        &format!("wss://{}", self_signed_node.listen_addr())
+            .parse()
+            .unwrap(),
+        &ClientOptions::new().ca_file(&self_signed_ca).unwrap(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        self_signed_error.contains("self-signed") && self_signed_error.contains("streamfarm cert"),
+        "{self_signed_error}"
+    );
+
+    // A token signed with another key: rejected with its close code.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("k1".into());
+    let claims = json!({"sub": "mallory", "exp": now() + 60, "subscribe": ["**"]});
+    let forged =
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&[7; 32])).unwrap();
+    let address = format!("wss://{}", good.listen_addr()).parse().unwrap();
+    let options = ClientOptions::new()
+        .ca_file(&ca_path)
+        .unwrap()
+        .token(forged)
+        .subscribe(["a.x"]);
+    let mut client = Client::start(address, options);
+    assert_eq!(
+        rejection_then_retry(&mut client).await,
+        (Rejection::Token { code: 4011 }, true)
+    );
+    client.close().await;
+
+    // A server that is not there is not a rejection: retrying may fix it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("wss://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let err = streamfarm_client::fetch_list(
+        &address.parse().unwrap(),
+        &ClientOptions::new().ca_file(&ca_path).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.rejection(), None, "{err}");
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err}");
+
+    for node in [good, self_signed_node, wrong_name] {
+        node.shutdown().await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -25,7 +25,7 @@
 //! the crypto provider the rest of the tree (rustls, hickory) already uses.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
@@ -40,6 +40,8 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub const MAX_PATTERNS: usize = 256;
 /// Shortest bearer credential accepted (publish tokens, the admin token), in characters.
 pub const MIN_SECRET_CHARS: usize = 16;
+/// Shortest HS256 secret accepted, in bytes (RFC 7518 §3.2: a key at least as long as the hash).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 /// One key that verifies connection tokens, named by the `kid` tokens carry.
 ///
@@ -549,20 +551,10 @@ fn load_key(spec: &AuthKey) -> Result<Key, String> {
     match spec.alg.as_str() {
         "HS256" => {
             let secret = match (&spec.secret, &spec.secret_file) {
-                (Some(secret), None) => secret.clone().into_bytes(),
-                (None, Some(path)) => {
-                    let bytes = read(path)?;
-                    String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec()
-                }
+                (Some(secret), None) => hs256_secret(secret.as_bytes())?,
+                (None, Some(path)) => read_hs256_secret(path)?,
                 _ => return Err("HS256 needs exactly one of secret and secret_file".into()),
             };
-            // RFC 7518 §3.2: a key at least as long as the hash.
-            if secret.len() < 32 {
-                return Err(format!(
-                    "HS256 secret of {} bytes: use at least 32",
-                    secret.len()
-                ));
-            }
             Ok(Key {
                 alg: Algorithm::HS256,
                 key: DecodingKey::from_secret(&secret),
@@ -592,6 +584,26 @@ fn load_key(spec: &AuthKey) -> Result<Key, String> {
             "algorithm {other:?} not supported: HS256, ES256 or RS256"
         )),
     }
+}
+
+/// The HS256 secret of a key file: its text without surrounding whitespace (a file written by
+/// `openssl rand -hex 32 > FILE` ends with a newline), at least [`MIN_HS256_SECRET_BYTES`] long.
+/// Nodes verifying tokens and `streamfarm token` signing them read a key file alike.
+pub fn read_hs256_secret(path: &Path) -> Result<Vec<u8>, String> {
+    let bytes =
+        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    hs256_secret(String::from_utf8_lossy(&bytes).trim().as_bytes())
+        .map_err(|err| format!("{}: {err}", path.display()))
+}
+
+fn hs256_secret(secret: &[u8]) -> Result<Vec<u8>, String> {
+    if secret.len() < MIN_HS256_SECRET_BYTES {
+        return Err(format!(
+            "HS256 secret of {} bytes: use at least {MIN_HS256_SECRET_BYTES}",
+            secret.len()
+        ));
+    }
+    Ok(secret.to_vec())
 }
 
 /// Seconds since the Unix epoch.

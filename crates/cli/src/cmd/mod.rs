@@ -1,6 +1,7 @@
 //! One module per subcommand: its `Args` and its `run`.
 
 pub(crate) mod bench;
+pub(crate) mod cert;
 pub(crate) mod demo;
 pub(crate) mod drain;
 pub(crate) mod list;
@@ -11,3 +12,4 @@ pub(crate) mod secret;
 pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod sub;
+pub(crate) mod token;

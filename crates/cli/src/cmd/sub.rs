@@ -1,11 +1,16 @@
 //! `streamfarm sub SERVICE TOPIC...`: subscribe and print every message and connection event,
 //! one per line — readable text, or one JSON object per line with `--json`.
+//!
+//! It retries what a retry may fix (an unreachable, draining or full farm) for as long as it
+//! runs, and stops with an error on a rejection that retrying meets again
+//! ([`Event::Rejected`]): a refused certificate, or a refused token or subscription — unless the
+//! token comes from `--token-file`, which may be renewed meanwhile.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
-use streamfarm_client::{Client, Event, ServiceAddress};
+use streamfarm_client::{Client, Event, Rejection, ServiceAddress};
 
 use super::list::ClientArgs;
 use super::load::stop_after;
@@ -57,12 +62,39 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 event_text(&event)
             }
         );
+        if let Event::Rejected { rejection, .. } = &event
+            && let Some(why) = stop_for(rejection, args.client.token_file.is_some())
+        {
+            client.close().await;
+            anyhow::bail!("sub stops: {why}");
+        }
         if args.count.is_some_and(|n| messages >= n) {
             break;
         }
     }
     client.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Why `sub` stops on `rejection` rather than retry, or `None` when a retry may yet work: a
+/// token read from a file (`--token-file`) may be renewed, and is read again at each retry.
+fn stop_for(rejection: &Rejection, token_file: bool) -> Option<&'static str> {
+    match rejection {
+        Rejection::Certificate(_) => {
+            Some("retrying cannot fix a refused certificate (fix it, or --ca-file)")
+        }
+        Rejection::Token { .. } | Rejection::Subscription { .. } if token_file => None,
+        Rejection::Token { .. } => Some(
+            "retrying cannot fix a refused token (a new one can; --token-file is read again at \
+             each retry)",
+        ),
+        Rejection::Subscription { code } if code == "forbidden" => Some(
+            "the token does not allow these topics (a new one can; --token-file is read again \
+             at each retry)",
+        ),
+        Rejection::Subscription { .. } => Some("retrying cannot fix a refused subscription"),
+        _ => Some("retrying cannot fix this"),
+    }
 }
 
 /// One line of text per event: messages as `TOPIC PAYLOAD`, connection events behind `#`.
@@ -124,6 +156,7 @@ pub(crate) fn event_text(event: &Event) -> String {
             code,
             message,
         } => format!("# error from {server}: {code}: {message}"),
+        Event::Rejected { error, .. } => format!("# rejected: {error}"),
         other => format!("# {other:?}"),
     }
 }
@@ -193,6 +226,22 @@ pub(crate) fn event_json(event: &Event) -> String {
             code,
             message,
         } => json!({"event": "server_error", "server": server, "code": code, "message": message}),
+        Event::Rejected { rejection, error } => {
+            let mut value = json!({"event": "rejected", "error": error});
+            match rejection {
+                Rejection::Certificate(_) => value["what"] = json!("certificate"),
+                Rejection::Token { code } => {
+                    value["what"] = json!("token");
+                    value["code"] = json!(code);
+                }
+                Rejection::Subscription { code } => {
+                    value["what"] = json!("subscription");
+                    value["code"] = json!(code);
+                }
+                _ => value["what"] = json!("other"),
+            }
+            value
+        }
         other => json!({"event": "other", "debug": format!("{other:?}")}),
     };
     value.to_string()
