@@ -36,6 +36,7 @@ use tokio::sync::{Notify, watch};
 use tracing::warn;
 
 use crate::broker::log::{Entry, Limits, Log, Offered};
+use crate::interest::InterestLog;
 use crate::broker::wire::{LogState, WireEntry};
 use crate::metrics::{self, Metrics};
 use crate::queue::{PushError, SendQueue, Wakes};
@@ -263,7 +264,11 @@ pub(crate) struct Hub {
     sessions: Mutex<Sessions>,
     next_id: AtomicU64,
     /// Bumped whenever the set of subscribed topics changes.
+    /// The interest version, for the relay links to wake on (see [`Hub::interest_since`]).
     interest_tx: watch::Sender<u64>,
+    /// The interest's recent changes, recorded under the topics' write lock so that versions
+    /// follow the order of the changes.
+    interest_log: Mutex<InterestLog>,
     metrics: Arc<Metrics>,
     limits: Limits,
 }
@@ -275,6 +280,10 @@ impl Hub {
             sessions: Mutex::new(Sessions::default()),
             next_id: AtomicU64::new(1),
             interest_tx: watch::channel(0).0,
+            interest_log: Mutex::new(InterestLog::new(
+                rand::random::<u64>().max(1),
+                crate::interest::LOG_BYTES,
+            )),
             metrics,
             limits,
         }
@@ -446,21 +455,22 @@ impl Hub {
         if let Some(session) = self.lock_sessions().open.get_mut(&id) {
             session.subscribing += 1;
         }
-        let mut interest_changed = false;
-        {
+        let mut added: Vec<&str> = Vec::new();
+        let version = {
             let mut map = self.write_topics();
             for topic in topics {
                 let entry = map.entry(topic.to_string()).or_insert_with(|| {
-                    interest_changed = true;
+                    added.push(topic);
                     Topic::default()
                 });
                 if !entry.subscribers.contains_key(&id) {
                     entry.joining.insert(id);
                 }
             }
-        }
-        if interest_changed {
-            self.interest_tx.send_modify(|v| *v += 1);
+            lock(&self.interest_log).record(added.iter().copied(), [])
+        };
+        if !added.is_empty() {
+            self.interest_tx.send_replace(version);
         }
     }
 
@@ -571,8 +581,8 @@ impl Hub {
     /// Unsubscribes a connection from topics it may or may not hold.
     pub(crate) fn unsubscribe<'a>(&self, id: ConnId, topics: impl IntoIterator<Item = &'a str>) {
         let mut removed = 0u64;
-        let mut interest_changed = false;
-        {
+        let mut gone_topics: Vec<&str> = Vec::new();
+        let version = {
             let mut map = self.write_topics();
             for topic in topics {
                 if let Some(entry) = map.get_mut(topic) {
@@ -587,16 +597,17 @@ impl Hub {
                                 .history_bytes
                                 .fetch_sub(bytes as u64, Ordering::Relaxed);
                         }
-                        interest_changed = true;
+                        gone_topics.push(topic);
                     }
                 }
             }
-        }
+            lock(&self.interest_log).record([], gone_topics.iter().copied())
+        };
         self.metrics
             .subscriptions
             .fetch_sub(removed, Ordering::Relaxed);
-        if interest_changed {
-            self.interest_tx.send_modify(|v| *v += 1);
+        if !gone_topics.is_empty() {
+            self.interest_tx.send_replace(version);
         }
     }
 
@@ -788,13 +799,26 @@ impl Hub {
         }
     }
 
-    /// The topics some local connection subscribes to, with the interest version they belong to.
-    pub(crate) fn interest(&self) -> (u64, HashSet<String>) {
+    /// The topics some local connection subscribes to, with the interest's run and the version
+    /// they belong to.
+    pub(crate) fn interest(&self) -> (u64, u64, Vec<String>) {
         let map = self.read_topics();
-        // Read the version under the lock: writers bump it after releasing the lock, so the
-        // version read here is never newer than the set.
-        let version = *self.interest_tx.borrow();
-        (version, map.keys().cloned().collect())
+        // Read the version under the lock: writers record it under the write lock.
+        let log = lock(&self.interest_log);
+        (log.run(), log.version(), map.keys().cloned().collect())
+    }
+
+    /// The changes `(version, added, removed)` that take a peer holding `version` of the
+    /// interest's run `run` to the current version; `None` when only the whole set can (see
+    /// [`InterestLog::since`]).
+    pub(crate) fn interest_since(
+        &self,
+        run: u64,
+        version: u64,
+    ) -> Option<(u64, Vec<String>, Vec<String>)> {
+        let log = lock(&self.interest_log);
+        let (added, removed) = log.since(run, version)?;
+        Some((log.version(), added, removed))
     }
 
     /// How many of `topics` this node's interest lacks, and how many topics it holds.
@@ -809,7 +833,7 @@ impl Hub {
 
     /// The current interest version (see [`Hub::interest`]).
     pub(crate) fn interest_version(&self) -> u64 {
-        *self.interest_tx.borrow()
+        lock(&self.interest_log).version()
     }
 
     /// Watches the interest version.
@@ -1176,15 +1200,20 @@ mod tests {
         let a_id = hub.register(a.clone());
         let b_id = hub.register(b.clone());
         subscribe(&hub, a_id, &a, &a_rx, &["t"]);
-        let (v1, topics) = hub.interest();
-        assert_eq!(topics, HashSet::from(["t".to_string()]));
+        let (run, v1, topics) = hub.interest();
+        assert_eq!(topics, vec!["t".to_string()]);
         subscribe(&hub, b_id, &b, &b_rx, &["t"]);
-        assert_eq!(hub.interest().0, v1);
+        assert_eq!(hub.interest().1, v1);
         hub.unregister(a_id, ["t"]);
-        assert_eq!(hub.interest().0, v1);
+        assert_eq!(hub.interest().1, v1);
         hub.unregister(b_id, ["t"]);
-        let (v2, topics) = hub.interest();
+        let (_, v2, topics) = hub.interest();
         assert!(v2 > v1 && topics.is_empty());
+        // A peer that held v1 learns just the removal.
+        assert_eq!(
+            hub.interest_since(run, v1),
+            Some((v2, vec![], vec!["t".to_string()]))
+        );
         assert_eq!(hub.users(), 0);
         assert_eq!(hub.metrics().subscriptions.load(Ordering::Relaxed), 0);
     }

@@ -82,6 +82,7 @@ mod drain;
 mod fuzz;
 mod http;
 mod hub;
+mod interest;
 mod listener;
 mod membership;
 pub mod metrics;

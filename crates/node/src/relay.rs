@@ -12,7 +12,8 @@
 //! [`EmbeddedRelay`] needs nothing but the nodes. Every node dials a *relay link* — a WebSocket
 //! to the peer's `/internal/relay` endpoint, learned from gossip — to every live peer. On the link
 //! it dials, a node sends its **interest** (the topics its clients subscribe to, as versioned
-//! add/remove deltas) and receives the peer's messages on exactly those topics, each `msg` frame
+//! add/remove deltas in bounded frames; the peer keeps what it learnt across link resets, and a
+//! new link sends only what changed since: see `crate::interest`) and receives the peer's messages on exactly those topics, each `msg` frame
 //! byte-for-byte the one the peer's own subscribers get. Broker frames go both ways on either
 //! link (the one the receiving node dialed first).
 //!
@@ -30,7 +31,9 @@
 //! how a dialer trusts its peer, and how the farm secret's handshake is bound to the session.
 //!
 //! The link frames are internal (node to node) and documented in `docs/PROTOCOL.md`:
-//! dialer → acceptor `{"type":"interest","version":3,"add":["t"],"remove":[]}`;
+//! acceptor → dialer first `{"type":"interest_held","run":8,"version":2}`;
+//! dialer → acceptor `{"type":"interest","version":3,"run":8,"add":["t"],"remove":[]}` (with
+//! `"reset":true` on the first frame of a whole set);
 //! acceptor → dialer `{"type":"interest_ack","version":3}` and `msg` frames; both ways the
 //! broker's frames ([`PeerFrame`]).
 
@@ -55,6 +58,7 @@ use crate::broker::log::{Entry, PublishId};
 use crate::broker::wire::PeerFrame;
 use crate::broker::{self, BrokerInput};
 use crate::hub::{Closer, FrameWakes, Hub, next_or_wake};
+use crate::interest::{self, InterestFrame, PeerInterest};
 use crate::metrics::{self, Metrics};
 use crate::trust::{RelayAuth, Side, Transcript};
 use streamfarm_core::protocol::Epoch;
@@ -74,9 +78,12 @@ const WRITE_BURST: usize = 256;
 const LINK_READ_BUFFER: usize = 16 * 1024;
 /// Delay before redialing a peer after a failed or lost link (with jitter up to twice this).
 const REDIAL_DELAY: Duration = Duration::from_millis(200);
-/// Largest interest frame a dialer sends: a larger interest goes out in several frames, so that a
-/// node with a very large interest can still link (one frame must fit the peer's frame limit).
-const INTEREST_FRAME_BYTES: usize = 1 << 20;
+/// How long a dialer waits for the acceptor to say what interest it holds before sending the
+/// whole set anyway.
+const HELD_WAIT: Duration = Duration::from_secs(2);
+/// How long an acceptor keeps what a peer's closed link taught it of the peer's interest, for
+/// the next link to send only what changed meanwhile.
+const HELD_FOR: Duration = Duration::from_secs(120);
 /// Close code for a relay link refused: failed handshake, or interest over the limit.
 const POLICY_VIOLATION: u16 = 1008;
 /// Bytes counted for a queued frame beyond its text: the queue slot and message header.
@@ -200,14 +207,8 @@ pub(crate) struct Peers {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum LinkUp {
-    /// Topics to start and stop sending, as of interest `version`.
-    Interest {
-        version: u64,
-        #[serde(default)]
-        add: Vec<String>,
-        #[serde(default)]
-        remove: Vec<String>,
-    },
+    /// Topics to start and stop sending, as of interest `version` (see `crate::interest`).
+    Interest(InterestFrame),
     /// A frame of the broker (parsed again as a [`PeerFrame`]).
     #[serde(other)]
     Broker,
@@ -219,6 +220,9 @@ pub(crate) enum LinkUp {
 pub(crate) enum LinkDown {
     /// The acceptor now sends by interest `version`.
     InterestAck { version: u64 },
+    /// What the acceptor holds of the dialer's interest when a link opens: the dialer's run and
+    /// version it learnt on earlier links (0 and 0: nothing).
+    InterestHeld { run: u64, version: u64 },
     /// A message as clients receive it; only the topic and position are read here, the frame
     /// itself is delivered unchanged.
     Msg {
@@ -303,7 +307,8 @@ impl LinkEnds {
 /// A link a peer opened to us: we send it the messages it wants, and broker frames.
 #[derive(Debug)]
 struct Inbound {
-    interest: RwLock<HashSet<String>>,
+    /// What the peer told us of its interest, kept in `EmbeddedRelay::held` between links.
+    interest: RwLock<PeerInterest>,
     tx: mpsc::Sender<Message>,
     /// Bytes in `tx`.
     queued: Budget,
@@ -363,6 +368,8 @@ pub(crate) struct EmbeddedRelay {
     broker: BrokerInput,
     /// Links that peers ended (for the membership's isolation verdict).
     link_ends: Arc<LinkEnds>,
+    /// What closed links from peers taught us of their interest, with when they closed.
+    held: Mutex<HashMap<String, (PeerInterest, std::time::Instant)>>,
     /// Our links to peers: the interest version each acknowledged (absent: not connected).
     acked: Mutex<HashMap<String, u64>>,
     /// Ticks whenever `acked` changes.
@@ -393,6 +400,7 @@ impl EmbeddedRelay {
             warned_refusal: std::sync::atomic::AtomicBool::new(false),
             inbound: RwLock::new(HashMap::new()),
             outbound: RwLock::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             broker,
             link_ends,
             acked: Mutex::new(HashMap::new()),
@@ -464,8 +472,17 @@ impl EmbeddedRelay {
         };
         drop(handshake_slot);
         let (tx, mut rx) = mpsc::channel(self.settings.queue);
+        let held = self
+            .lock_held()
+            .remove(&peer)
+            .map(|(interest, _)| interest)
+            .unwrap_or_default();
+        let held_frame = LinkDown::InterestHeld {
+            run: held.run,
+            version: held.version,
+        };
         let link = Arc::new(Inbound {
-            interest: RwLock::new(HashSet::new()),
+            interest: RwLock::new(held),
             tx,
             queued: Budget::default(),
             closer: Closer::default(),
@@ -487,6 +504,13 @@ impl EmbeddedRelay {
             }
         }
         info!(peer = %peer, "relay link accepted");
+        let held_frame = serde_json::to_string(&held_frame).expect("frames always serialize");
+        if link
+            .offer(Message::Text(held_frame.into()), self.settings.queue_bytes)
+            .is_err()
+        {
+            return;
+        }
         let (mut sink, mut stream) = socket.split();
         let reader = async {
             loop {
@@ -505,20 +529,20 @@ impl EmbeddedRelay {
                         Ok(frame) => self.broker.peer(&peer, frame).await,
                         Err(err) => warn!(peer = %peer, error = %err, "bad relay frame"),
                     },
-                    Ok(LinkUp::Interest {
-                        version,
-                        add,
-                        remove,
-                    }) => {
-                        let fits = {
+                    Ok(LinkUp::Interest(frame)) => {
+                        let valid = frame
+                            .add
+                            .iter()
+                            .all(|t| crate::session::check_topic(t).is_ok());
+                        let (fits, version) = {
                             let mut interest =
                                 link.interest.write().unwrap_or_else(|e| e.into_inner());
-                            for topic in remove {
-                                interest.remove(&topic);
-                            }
-                            let valid = add.iter().all(|t| crate::session::check_topic(t).is_ok());
-                            interest.extend(add);
-                            valid && interest.len() <= self.settings.max_interest_topics
+                            let version = interest.apply(frame);
+                            (
+                                valid
+                                    && interest.topics.len() <= self.settings.max_interest_topics,
+                                version,
+                            )
                         };
                         if !fits {
                             let why = format!(
@@ -584,11 +608,29 @@ impl EmbeddedRelay {
             .await;
         };
         tokio::join!(reader, writer);
-        let mut inbound = self.inbound.write().unwrap_or_else(|e| e.into_inner());
-        if inbound.get(&peer).is_some_and(|l| Arc::ptr_eq(l, &link)) {
-            inbound.remove(&peer);
+        {
+            let mut inbound = self.inbound.write().unwrap_or_else(|e| e.into_inner());
+            if inbound.get(&peer).is_some_and(|l| Arc::ptr_eq(l, &link)) {
+                inbound.remove(&peer);
+            }
         }
+        // What the peer taught this link waits for its next one (a refused interest is not
+        // kept: the next link starts over).
+        let interest = std::mem::take(&mut *link.interest.write().unwrap_or_else(|e| e.into_inner()));
+        let now = std::time::Instant::now();
+        let mut held = self.lock_held();
+        held.retain(|_, (_, closed)| now.duration_since(*closed) < HELD_FOR);
+        if link.closer.reason().is_none_or(|(code, _)| code != POLICY_VIOLATION) {
+            held.insert(peer.clone(), (interest, now));
+        }
+        drop(held);
         info!(peer = %peer, "relay link from peer closed");
+    }
+
+    fn lock_held(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (PeerInterest, std::time::Instant)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether to upgrade a relay request from `peer`: with a farm secret, its upgrade ticket
@@ -731,6 +773,7 @@ impl Relay for EmbeddedRelay {
                 .interest
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
+                .topics
                 .contains(topic);
             if !wanted {
                 continue;
@@ -1091,36 +1134,52 @@ async fn run_link_io(
     cancel: &CancellationToken,
 ) {
     let mut interest_rx = relay.hub.interest_watch();
-    let mut sent: HashSet<String> = HashSet::new();
-    // The interest version the peer holds all of once it acknowledges it.
-    let mut sent_version = 0;
+    // The interest's run and version the peer holds once it has applied what was sent: unknown
+    // until it says what it kept from earlier links (`interest_held`), or after [`HELD_WAIT`].
+    let mut held: Option<(u64, u64)> = None;
+    let held_wait = tokio::time::sleep(HELD_WAIT);
+    tokio::pin!(held_wait);
     // Messages read at once from the link are delivered as one batch (see `next_or_wake`).
     let mut wakes = FrameWakes::default();
-    // The whole interest goes out first; afterwards only deltas.
-    let mut dirty = true;
+    let mut dirty = false;
     loop {
-        if dirty {
+        if let Some((run, version)) = held.filter(|_| dirty) {
             dirty = false;
             wakes.wake_all();
             interest_rx.mark_unchanged();
-            let (version, now) = relay.hub.interest();
-            let add: Vec<String> = now.difference(&sent).cloned().collect();
-            let remove: Vec<String> = sent.difference(&now).cloned().collect();
-            sent = now;
-            for frame in interest_frames(sent_version, version, add, remove) {
-                if sink.feed(WsMessage::text(frame)).await.is_err() {
+            // What changed since the version the peer holds, or else the whole set.
+            let frames = match relay.hub.interest_since(run, version) {
+                Some((now, add, remove)) => {
+                    held = Some((run, now));
+                    interest::frames(run, version, now, false, add, remove)
+                }
+                None => {
+                    let (run, now, all) = relay.hub.interest();
+                    held = Some((run, now));
+                    interest::frames(run, 0, now, true, all, Vec::new())
+                }
+            };
+            for frame in frames {
+                let text = serde_json::to_string(&LinkUp::Interest(frame))
+                    .expect("frames always serialize");
+                if sink.feed(WsMessage::text(text)).await.is_err() {
                     return;
                 }
             }
             if sink.flush().await.is_err() {
                 return;
             }
-            sent_version = version;
         }
         let next = tokio::select! {
             _ = cancel.cancelled() => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
                 return;
+            }
+            _ = &mut held_wait, if held.is_none() => {
+                debug!(peer, "the peer did not say what interest it holds: sending all of it");
+                held = Some((0, 0));
+                dirty = true;
+                continue;
             }
             changed = interest_rx.changed() => {
                 if changed.is_err() {
@@ -1172,6 +1231,12 @@ async fn run_link_io(
                 }
             }
             Ok(LinkDown::InterestAck { version }) => relay.set_acked(peer, Some(version)),
+            Ok(LinkDown::InterestHeld { run, version }) => {
+                if held.is_none() {
+                    held = Some((run, version));
+                    dirty = true;
+                }
+            }
             Ok(LinkDown::Broker) => match serde_json::from_str::<PeerFrame>(&text) {
                 Ok(frame) => {
                     wakes.wake_all();
@@ -1184,78 +1249,9 @@ async fn run_link_io(
     }
 }
 
-/// The interest frames that take a peer from `sent_version` to `version` by adding `add` and
-/// removing `remove`: as many as needed to keep each within [`INTEREST_FRAME_BYTES`]. All but the
-/// last carry `sent_version`, so the peer's acknowledgement of `version` means it has all of it.
-fn interest_frames(
-    sent_version: u64,
-    version: u64,
-    add: Vec<String>,
-    remove: Vec<String>,
-) -> Vec<String> {
-    // Removals first (they only shrink the peer's interest), then additions.
-    let mut items: Vec<(bool, String)> = remove.into_iter().map(|t| (false, t)).collect();
-    items.extend(add.into_iter().map(|t| (true, t)));
-    let mut frames = Vec::new();
-    let mut items = items.into_iter().peekable();
-    loop {
-        let (mut add, mut remove) = (Vec::new(), Vec::new());
-        let mut bytes = 0;
-        while let Some((_, topic)) = items.peek() {
-            // A topic costs at most its JSON string (6 bytes per byte if every byte were
-            // escaped as `\u00XX`), its quotes and a comma.
-            let cost = topic.len() * 6 + 3;
-            if bytes + cost > INTEREST_FRAME_BYTES && bytes > 0 {
-                break;
-            }
-            bytes += cost;
-            let (adding, topic) = items.next().expect("peeked");
-            if adding {
-                add.push(topic);
-            } else {
-                remove.push(topic);
-            }
-        }
-        let last = items.peek().is_none();
-        let frame = LinkUp::Interest {
-            version: if last { version } else { sent_version },
-            add,
-            remove,
-        };
-        frames.push(serde_json::to_string(&frame).expect("frames always serialize"));
-        if last {
-            return frames;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_large_interest_is_split_into_frames_that_each_fit() {
-        let add: Vec<String> = (0..100_000).map(|i| format!("topic-{i:08}")).collect();
-        let frames = interest_frames(3, 9, add.clone(), vec!["gone".into()]);
-        assert!(frames.len() > 1, "{} frames", frames.len());
-        let mut seen = Vec::new();
-        for (i, frame) in frames.iter().enumerate() {
-            assert!(
-                frame.len() <= INTEREST_FRAME_BYTES,
-                "frame {i}: {}",
-                frame.len()
-            );
-            let LinkUp::Interest { version, add, .. } = serde_json::from_str(frame).unwrap() else {
-                panic!("not an interest frame");
-            };
-            let expected = if i + 1 == frames.len() { 9 } else { 3 };
-            assert_eq!(version, expected);
-            seen.extend(add);
-        }
-        assert_eq!(seen, add);
-        // Nothing to say: one frame, the new version.
-        assert_eq!(interest_frames(1, 2, vec![], vec![]).len(), 1);
-    }
 
     /// A relay whose peer list the test drives; no peer it lists ever answers.
     fn relay(peers: watch::Receiver<Peers>) -> (Arc<EmbeddedRelay>, CancellationToken) {

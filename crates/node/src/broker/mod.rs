@@ -362,17 +362,10 @@ impl BrokerInput {
         });
     }
 
-    /// As [`BrokerInput::fill`], waiting while the broker's queue is full: a catch-up after the
-    /// relay lost frames must not lose its own requests.
-    pub(crate) async fn fill_waiting(&self, topic: &str, after: Position) {
-        let _ = self
-            .0
-            .send(Input::Fetch {
-                topic: topic.to_string(),
-                after: Some(after),
-                done: None,
-            })
-            .await;
+    /// Fetches, for every topic delivered here, what follows its position from every live node
+    /// (see [`Core::catch_up_all`]); waits while the broker's queue is full.
+    pub(crate) async fn catch_up(&self) {
+        let _ = self.0.send(Input::CatchUp).await;
     }
 }
 

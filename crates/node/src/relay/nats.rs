@@ -684,6 +684,8 @@ async fn read(
     let (_node_handle, registration) = AbortHandle::new_pair();
     subscriptions.push(Abortable::new(node_sub, registration));
     let mut subscribed: HashMap<String, AbortHandle> = HashMap::new();
+    // The interest's run and version `subscribed` follows: later changes come as deltas.
+    let mut followed: Option<(u64, u64)> = None;
     let mut wakes = FrameWakes::default();
     let mut dirty = true;
     // A second catch-up, once peers that reconnected later than this node are back too.
@@ -693,7 +695,7 @@ async fn read(
             dirty = false;
             wakes.wake_all();
             interest_rx.mark_unchanged();
-            follow_interest(&relay, &mut subscriptions, &mut subscribed).await;
+            follow_interest(&relay, &mut subscriptions, &mut subscribed, &mut followed).await;
         }
         let again = async {
             match catch_up_again {
@@ -712,7 +714,7 @@ async fn read(
             }
             _ = again => {
                 catch_up_again = None;
-                catch_up(&relay, &broker).await;
+                catch_up(&broker).await;
                 continue;
             }
             event = events.recv() => {
@@ -727,7 +729,7 @@ async fn read(
                         // async-nats subscribed again on its own; the interest is confirmed
                         // once NATS has those subscriptions.
                         dirty = true;
-                        catch_up(&relay, &broker).await;
+                        catch_up(&broker).await;
                         catch_up_again = Some(settled);
                     }
                     Event::Disconnected => {
@@ -738,7 +740,7 @@ async fn read(
                     Event::SlowConsumer(sid) => {
                         metrics::inc(&relay.metrics.relay_drops);
                         warn!(sid, "NATS dropped frames for this node (slow consumer): fetching what was missed");
-                        catch_up(&relay, &broker).await;
+                        catch_up(&broker).await;
                     }
                     other => debug!(event = %other, "NATS event"),
                 }
@@ -814,22 +816,36 @@ impl NatsRelay {
 }
 
 /// Subscribes to the topics of the interest and unsubscribes from the others, then confirms the
-/// interest once NATS has processed it.
+/// interest once NATS has processed it. Only what changed since `followed` is looked at, when the
+/// interest's log still holds it (see `crate::interest`).
 async fn follow_interest(
     relay: &NatsRelay,
     topics: &mut SelectAll<Abortable<async_nats::Subscriber>>,
     subscribed: &mut HashMap<String, AbortHandle>,
+    followed: &mut Option<(u64, u64)>,
 ) {
-    let (version, now) = relay.hub.interest();
-    subscribed.retain(|topic, handle| {
-        let keep = now.contains(topic);
-        if !keep {
+    let delta = followed.and_then(|(run, version)| relay.hub.interest_since(run, version));
+    let (version, add, remove) = match delta {
+        Some(delta) => delta,
+        None => {
+            let (run, version, now) = relay.hub.interest();
+            *followed = Some((run, 0));
+            let now: std::collections::HashSet<String> = now.into_iter().collect();
+            let remove = subscribed
+                .keys()
+                .filter(|t| !now.contains(*t))
+                .cloned()
+                .collect();
+            (version, now.into_iter().collect(), remove)
+        }
+    };
+    for topic in remove {
+        if let Some(handle) = subscribed.remove(&topic) {
             // The stream ends, `SelectAll` drops it, and the subscriber's drop unsubscribes.
             handle.abort();
         }
-        keep
-    });
-    for topic in now {
+    }
+    for topic in add {
         if subscribed.contains_key(&topic) {
             continue;
         }
@@ -841,9 +857,14 @@ async fn follow_interest(
             }
             Err(err) => {
                 warn!(topic = %topic, error = %err, "cannot subscribe on NATS");
+                // Looked at whole next time.
+                *followed = None;
                 return;
             }
         }
+    }
+    if let Some((_, followed_version)) = followed {
+        *followed_version = version;
     }
     if relay.is_connected() {
         let flushed = tokio::time::timeout(SYNC_TIMEOUT, relay.client.flush()).await;
@@ -853,11 +874,10 @@ async fn follow_interest(
     }
 }
 
-/// Fetches, for every topic this node delivers, what follows its position.
-async fn catch_up(relay: &NatsRelay, broker: &BrokerInput) {
-    for (topic, position) in relay.hub.positions() {
-        broker.fill_waiting(&topic, position).await;
-    }
+/// Fetches, for every topic this node delivers, what follows its position, from every live node
+/// (in bounded frames: see `crate::broker`'s catch-up).
+async fn catch_up(broker: &BrokerInput) {
+    broker.catch_up().await;
 }
 
 /// Probes the peers listed `UP` (see the module docs): a peer NATS says nobody listens for has
