@@ -20,6 +20,8 @@
 //!   duplicated and out-of-order messages (failover's messages flowing).
 //! - `idle`, `fanout` (also cross-node), `failover`, `convergence`, `connect_cost`, `rebalance`,
 //!   `auth` — one module per benchmark, each `run(&Options) -> Section`.
+//! - `balance` — bursts of arrivals on live farms (rebalancing off), each case beside the
+//!   simulator's figure for it (`streamfarm_sim::burst`).
 //! - `nats_farm` — a farm of 20 nodes relaying through NATS beside the embedded relay: relay
 //!   links counted, messages across.
 //! - `gossip` — convergence `--in-process`: chitchat farms of up to thousands of nodes in this
@@ -29,6 +31,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod auth;
+mod balance;
 mod connect_cost;
 mod convergence;
 mod failover;
@@ -71,6 +74,10 @@ pub enum Which {
     /// A farm of N nodes relaying through NATS, beside its embedded relay: relay links counted
     /// (`ss`, `/metrics`), messages lost/duplicated, latency.
     NatsFarm,
+    /// Bursts of arrivals on 3 and 10 nodes with rebalancing off, each policy, through one list
+    /// server and through the DNS name: max/mean when the last client connects, live and
+    /// simulated.
+    Balance,
     /// Every benchmark above, in that order.
     All,
 }
@@ -88,6 +95,7 @@ impl Which {
             (Which::Rebalance, "rebalance"),
             (Which::Auth, "auth"),
             (Which::NatsFarm, "nats-farm"),
+            (Which::Balance, "balance"),
         ];
         all.into_iter()
             .filter(|(w, _)| self == Which::All || *w == self)
@@ -141,6 +149,14 @@ pub struct Options {
     pub rebalance_publish_rate: f64,
     /// Nodes of the NATS farm benchmark.
     pub nats_farm_nodes: usize,
+    /// Balance: the farm sizes (3 and 10), each with its client counts.
+    pub balance_farms: Vec<(usize, Vec<usize>)>,
+    /// Balance: arrivals per second.
+    pub balance_rates: Vec<f64>,
+    /// Balance: where clients get their lists.
+    pub balance_vias: Vec<streamfarm_sim::burst::Via>,
+    /// Balance: the policies the clients select with.
+    pub balance_policies: Vec<streamfarm_core::Policy>,
 }
 
 impl Options {
@@ -167,6 +183,13 @@ impl Options {
             rebalance_clients: 900,
             rebalance_publish_rate: 100.0,
             nats_farm_nodes: 20,
+            balance_farms: vec![(3, vec![300, 900]), (10, vec![1000, 3000])],
+            balance_rates: vec![100.0, 1000.0, 10_000.0],
+            balance_vias: vec![
+                streamfarm_sim::burst::Via::ListServer,
+                streamfarm_sim::burst::Via::Dns,
+            ],
+            balance_policies: streamfarm_core::Policy::ALL.to_vec(),
         }
     }
 
@@ -193,6 +216,13 @@ impl Options {
             rebalance_clients: 30,
             rebalance_publish_rate: 100.0,
             nats_farm_nodes: 4,
+            balance_farms: vec![(3, vec![60])],
+            balance_rates: vec![200.0],
+            balance_vias: vec![
+                streamfarm_sim::burst::Via::ListServer,
+                streamfarm_sim::burst::Via::Dns,
+            ],
+            balance_policies: vec![streamfarm_core::Policy::default()],
         }
     }
 }
@@ -226,6 +256,7 @@ pub async fn run(which: Which, options: &Options, mut on_section: impl FnMut(&Re
             Which::Rebalance => rebalance::run(options).await,
             Which::Auth => auth::run(options).await,
             Which::NatsFarm => nats_farm::run(options).await,
+            Which::Balance => balance::run(options).await,
             Which::All => unreachable!("expand() lists single benchmarks"),
         };
         let mut section = result.unwrap_or_else(|err| Section {

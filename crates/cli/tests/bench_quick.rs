@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "idle",
     "fanout",
     "cross-node",
@@ -14,6 +14,7 @@ const SECTIONS: [&str; 9] = [
     "auth",
     "rebalance",
     "nats-farm",
+    "balance",
 ];
 
 #[test]

@@ -483,7 +483,10 @@ mod tests {
         list.servers[0].join_rate = Some(500.0);
         for policy in Policy::ALL {
             let p = probabilities(policy, &list, &[]).unwrap();
-            assert!(p.iter().all(|x| (x - 1.0 / 3.0).abs() < 1e-9), "{policy}: {p:?}");
+            assert!(
+                p.iter().all(|x| (x - 1.0 / 3.0).abs() < 1e-9),
+                "{policy}: {p:?}"
+            );
         }
     }
 

@@ -9,10 +9,11 @@
 //!   phase): it writes its count and join rate into its gossip state, and builds its list. The
 //!   join rate is the node's own measure: accepted connections over the last
 //!   [`Burst::join_rate_window`] seconds (0 until half a second of samples).
-//! - **Gossip.** Node `s` hears peer `j`'s state once per gossip interval (a phase per pair): the
-//!   state `j` last wrote. On farms of more than four nodes a node gossips with three peers a
-//!   round, so a state comes straight from its owner only part of the time; otherwise it comes a
-//!   round late through a third node. The loop notices a new state at its next tick and lists
+//! - **Gossip.** A node starts an exchange with up to three peers a round, and either side of an
+//!   exchange learns the other's state. So on farms of up to four nodes node `s` hears peer `j`'s
+//!   state twice per gossip interval (a phase per pair): the state `j` last wrote. On larger farms
+//!   it hears of `j` once per interval, straight from `j` with probability `6 / (n − 1)`, else
+//!   `j`'s state as a third node holds it. The loop notices a new state at its next tick and lists
 //!   the peer's count with the age the node states: time since noticed plus half an interval.
 //! - **The list server's own count.** Listed now with no age ([`Burst::aligned`] false: what the
 //!   nodes did before), or as of the median instant of its live peers' counts, with that age
@@ -167,11 +168,16 @@ pub fn run(burst: &Burst, policy: Policy, seed: u64) -> f64 {
         seq += 1;
         events.push(Timed { time, seq, event });
     };
+    let hear_every = if n <= 4 {
+        burst.gossip_interval / 2.0
+    } else {
+        burst.gossip_interval
+    };
     for i in 0..n {
         push(&mut events, rng.random::<f64>() * tick, Event::Tick(i));
         for j in 0..n {
             if i != j {
-                let phase = rng.random::<f64>() * burst.gossip_interval;
+                let phase = rng.random::<f64>() * hear_every;
                 push(&mut events, phase, Event::Heard { to: i, from: j });
             }
         }
@@ -283,11 +289,7 @@ pub fn run(burst: &Burst, policy: Policy, seed: u64) -> f64 {
                     arrived: time,
                     noticed: None,
                 };
-                push(
-                    &mut events,
-                    time + burst.gossip_interval,
-                    Event::Heard { to, from },
-                );
+                push(&mut events, time + hear_every, Event::Heard { to, from });
             }
         }
     }
@@ -318,7 +320,10 @@ fn hand_out(log: &mut VecDeque<f64>, list: &FarmList, server: usize, time: f64) 
         log.pop_front();
     }
     log.push_back(time);
-    log.iter().rev().take_while(|&&at| at >= time - since).count() as u64
+    log.iter()
+        .rev()
+        .take_while(|&&at| at >= time - since)
+        .count() as u64
 }
 
 /// A state of `from` that some third node holds (the freshest, as gossip spreads the newest).
@@ -346,7 +351,8 @@ fn build_list(
         if j == me {
             continue;
         }
-        let mut entry = ServerEntry::new(format!("s{j}"), url(j), Status::Up, view.state.users, "A");
+        let mut entry =
+            ServerEntry::new(format!("s{j}"), url(j), Status::Up, view.state.users, "A");
         entry.join_rate = Some(view.state.join_rate);
         let noticed = view.noticed.unwrap_or(0.0);
         let age = now - noticed + burst.gossip_interval / 2.0;

@@ -321,16 +321,18 @@ fn server() -> impl Strategy<Value = ServerEntry> {
         extras(SERVER_FIELDS),
     )
         .prop_map(
-            |(name, url, status, users, priority, capacity, join_rate, users_age_ms, extra)| ServerEntry {
-                name,
-                url,
-                status,
-                users,
-                priority,
-                capacity,
-                join_rate,
-                users_age_ms,
-                extra,
+            |(name, url, status, users, priority, capacity, join_rate, users_age_ms, extra)| {
+                ServerEntry {
+                    name,
+                    url,
+                    status,
+                    users,
+                    priority,
+                    capacity,
+                    join_rate,
+                    users_age_ms,
+                    extra,
+                }
             },
         )
 }
