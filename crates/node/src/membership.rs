@@ -629,7 +629,8 @@ pub(crate) struct HandedOut {
 }
 
 impl HandedOut {
-    /// Longer than any count age a live peer has (`failure_timeout` bounds it).
+    /// Longer than a live peer's count age can be at sane settings (it stays below
+    /// `failure_timeout`, 2 s by default): older lists are not in flight any more.
     const KEEP: Duration = Duration::from_secs(10);
     /// 1 MiB of instants.
     const MAX: usize = 65_536;
