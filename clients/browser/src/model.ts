@@ -21,6 +21,8 @@ export interface ServerEntry {
   capacity?: number;
   /** Recent arrivals per second, when it says. */
   join_rate?: number;
+  /** How long before `generated_at_ms` the `users` count was true, ms (absent: as old as the list). */
+  users_age_ms?: number;
 }
 
 /** The farm list. */
@@ -28,6 +30,8 @@ export interface FarmList {
   servers: ServerEntry[];
   /** When the list server made it, ms since the Unix epoch. */
   generated_at_ms?: number;
+  /** Lists the list server handed out since its own count, this one included: clients in flight. */
+  in_flight?: number;
 }
 
 /** A source of uniform numbers in `[0, 1)`: `Math.random`, or a seeded one in tests. */

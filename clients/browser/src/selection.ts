@@ -93,8 +93,21 @@ export function probabilities(
   return weigh(policy, list, candidates(list, exclude), context);
 }
 
+/**
+ * The candidates' users brought to the instant of the freshest count among them (each older
+ * count plus its join rate times the difference in age), and that count's age in seconds
+ * (`FarmList::users_at_one_instant` in Rust).
+ */
+export function usersAtOneInstant(list: FarmList, indices: number[]): { users: number[]; ageS: number } {
+  const age = (i: number) => (list.servers[i]!.users_age_ms ?? 0) / 1000;
+  const freshest = indices.length > 0 ? Math.min(...indices.map(age)) : 0;
+  const users = indices.map((i) => list.servers[i]!.users + sane(list.servers[i]!.join_rate) * (age(i) - freshest));
+  return { users, ageS: freshest };
+}
+
 function weigh(policy: Policy, list: FarmList, c: Candidates, context: Context): number[] {
-  const users = c.indices.map((i) => list.servers[i]!.users);
+  // Counts of different ages are compared as of one instant (the freshest among them).
+  const { users, ageS } = usersAtOneInstant(list, c.indices);
   let weights: number[];
   switch (policy) {
     case 'patent':
@@ -110,7 +123,8 @@ function weigh(policy: Policy, list: FarmList, c: Candidates, context: Context):
       weights = p2cWeights(users);
       break;
     case 'waterfill':
-      weights = waterfillWeights(list, c.indices, context);
+      // Arrivals since the counts were true are unseen too, not only since the list.
+      weights = waterfillWeights(list, c.indices, users, { ...context, listAgeS: context.listAgeS + ageS });
       break;
     default:
       throw new Error(`unknown policy ${JSON.stringify(policy)}: expected one of ${POLICIES.join(', ')}`);
@@ -156,17 +170,17 @@ function sane(x: number | undefined): number {
   return x !== undefined && Number.isFinite(x) && x > 0 ? x : 0;
 }
 
-function waterfillWeights(list: FarmList, indices: number[], context: Context): number[] {
+function waterfillWeights(list: FarmList, indices: number[], users: number[], context: Context): number[] {
   const servers = indices.map((i) => list.servers[i]!);
   const rate =
     context.arrivalRate ?? servers.reduce((sum, s) => sum + (s.join_rate === undefined ? 0 : sane(s.join_rate)), 0);
   const age = context.listAgeS;
-  const water = sane(rate) * age + 1;
+  const water = Math.max(sane(rate) * age + 1, list.in_flight ?? 0);
   const byCapacity = servers.every((s) => s.capacity !== undefined && s.capacity > 0);
-  const loads = servers.map((s) => ({
-    users: s.users,
+  const loads = servers.map((s, k) => ({
+    users: users[k]!,
     weight: byCapacity ? s.capacity! : 1,
-    projected: s.users + sane(s.join_rate) * age,
+    projected: users[k]! + sane(s.join_rate) * age,
   }));
   const levelOf = (l: { users: number; weight: number }) => l.users / l.weight;
   const order = loads.map((_, i) => i).sort((a, b) => levelOf(loads[a]!) - levelOf(loads[b]!));

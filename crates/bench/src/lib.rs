@@ -22,6 +22,8 @@
 //!   `auth` — one module per benchmark, each `run(&Options) -> Section`.
 //! - `topics` — subscribe rate, CPU and RSS per topic from 10^4 to 10^6 topics, a peer restart
 //!   under a large interest.
+//! - `balance` — bursts of arrivals on live farms (rebalancing off), each case beside the
+//!   simulator's figure for it (`streamfarm_sim::burst`).
 //! - `nats_farm` — a farm of 20 nodes relaying through NATS beside the embedded relay: relay
 //!   links counted, messages across.
 //! - `gossip` — convergence `--in-process`: chitchat farms of up to thousands of nodes in this
@@ -31,6 +33,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod auth;
+mod balance;
 mod connect_cost;
 mod convergence;
 mod failover;
@@ -77,6 +80,10 @@ pub enum Which {
     /// Many topics: subscribe rate and CPU per new topic from 10^4 to 10^6 topics, RSS per topic,
     /// a peer restart under a large interest.
     Topics,
+    /// Bursts of arrivals on 3 and 10 nodes with rebalancing off, each policy, through one list
+    /// server and through the DNS name: max/mean when the last client connects, live and
+    /// simulated.
+    Balance,
     /// Every benchmark above, in that order.
     All,
 }
@@ -95,6 +102,7 @@ impl Which {
             (Which::Auth, "auth"),
             (Which::NatsFarm, "nats-farm"),
             (Which::Topics, "topics"),
+            (Which::Balance, "balance"),
         ];
         all.into_iter()
             .filter(|(w, _)| self == Which::All || *w == self)
@@ -152,6 +160,14 @@ pub struct Options {
     pub topic_counts: Vec<usize>,
     /// Topics: topics each client subscribes to.
     pub topics_per_client: usize,
+    /// Balance: the farm sizes (3 and 10), each with its client counts.
+    pub balance_farms: Vec<(usize, Vec<usize>)>,
+    /// Balance: arrivals per second.
+    pub balance_rates: Vec<f64>,
+    /// Balance: where clients get their lists.
+    pub balance_vias: Vec<streamfarm_sim::burst::Via>,
+    /// Balance: the policies the clients select with.
+    pub balance_policies: Vec<streamfarm_core::Policy>,
 }
 
 impl Options {
@@ -180,6 +196,13 @@ impl Options {
             nats_farm_nodes: 20,
             topic_counts: vec![10_000, 100_000, 1_000_000],
             topics_per_client: 1000,
+            balance_farms: vec![(3, vec![300, 900]), (10, vec![1000, 3000])],
+            balance_rates: vec![100.0, 1000.0, 10_000.0],
+            balance_vias: vec![
+                streamfarm_sim::burst::Via::ListServer,
+                streamfarm_sim::burst::Via::Dns,
+            ],
+            balance_policies: streamfarm_core::Policy::ALL.to_vec(),
         }
     }
 
@@ -208,6 +231,13 @@ impl Options {
             nats_farm_nodes: 4,
             topic_counts: vec![1_000, 4_000],
             topics_per_client: 200,
+            balance_farms: vec![(3, vec![60])],
+            balance_rates: vec![200.0],
+            balance_vias: vec![
+                streamfarm_sim::burst::Via::ListServer,
+                streamfarm_sim::burst::Via::Dns,
+            ],
+            balance_policies: vec![streamfarm_core::Policy::default()],
         }
     }
 }
@@ -242,6 +272,7 @@ pub async fn run(which: Which, options: &Options, mut on_section: impl FnMut(&Re
             Which::Auth => auth::run(options).await,
             Which::NatsFarm => nats_farm::run(options).await,
             Which::Topics => topics::run(options).await,
+            Which::Balance => balance::run(options).await,
             Which::All => unreachable!("expand() lists single benchmarks"),
         };
         let mut section = result.unwrap_or_else(|err| Section {

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "idle",
     "fanout",
     "cross-node",
@@ -15,6 +15,7 @@ const SECTIONS: [&str; 10] = [
     "rebalance",
     "nats-farm",
     "topics",
+    "balance",
 ];
 
 #[test]
@@ -78,7 +79,13 @@ fn bench_all_quick_writes_every_section_with_sane_figures() {
             }
         }
         // The peer is in every section it can be in, whenever it is installed.
-        if nats && name != "convergence" && name != "rebalance" && name != "nats-farm" {
+        // (Balance has no peer: nats-server's clients choose no server.)
+        if nats
+            && name != "convergence"
+            && name != "rebalance"
+            && name != "nats-farm"
+            && name != "balance"
+        {
             assert!(
                 rows.iter().any(|r| r["system"] == "nats-server"),
                 "{name}: no nats-server row although it is installed"

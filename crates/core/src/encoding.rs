@@ -311,10 +311,11 @@ pub(crate) const SERVER_FIELDS: &[&str] = &[
     "priority",
     "capacity",
     "join_rate",
+    "users_age_ms",
 ];
 
 /// The fields of a list that the model names.
-pub(crate) const LIST_FIELDS: &[&str] = &["servers", "generated_at_ms"];
+pub(crate) const LIST_FIELDS: &[&str] = &["servers", "generated_at_ms", "in_flight"];
 
 /// Readers of the typed fields that text and XML spell as strings; `field` names the field in
 /// the error, as the format calls it.
@@ -330,7 +331,7 @@ pub(crate) mod field {
         })
     }
 
-    /// A number of users (`users`, `capacity`).
+    /// A number of users (`users`, `capacity`), or of milliseconds (`users_age_ms`).
     pub(crate) fn count(format: Format, field: &str, value: &str) -> Result<u64, ParseError> {
         value.trim().parse().map_err(|_| {
             ParseError::new(format, "a non-negative integer", quoted(value)).in_field(field)

@@ -1,8 +1,9 @@
 //! The farm model: one [`ServerEntry`] per server, gathered in a [`FarmList`].
 //!
 //! The four facts of the seeds — identity (`url`, plus a short `name`), [`Status`], connected
-//! `users` and `priority` group — are required. `capacity` and `join_rate` are what we add so a
-//! client can choose well from a list that is a second or two old. Fields this crate does not know
+//! `users` and `priority` group — are required. `capacity`, `join_rate` and `users_age_ms` are
+//! what we add so a client can choose well from a list that is a second or two old, and whose
+//! counts are not all of the same moment. Fields this crate does not know
 //! are kept in `extra`, so a list passed through one of our tools loses nothing.
 //!
 //! Priority groups are labels; preference is ascending (`A` before `B`), and when every label in a
@@ -89,6 +90,13 @@ pub struct ServerEntry {
     /// will have joined since its list was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_rate: Option<f64>,
+    /// How long before the list's `generated_at_ms` the `users` count (and `join_rate`) was
+    /// true, in milliseconds: a list server knows its own count now and its peers' only as of
+    /// their last gossip, so counts of one list differ in age. Absent: as old as the list. A
+    /// client compares counts of one age ([`FarmList::users_at_one_instant`]) and adds this to
+    /// the list's age where the policy allows for arrivals it cannot see (`waterfill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_age_ms: Option<u64>,
     /// Fields this version does not know, kept so that nothing is lost on the way through.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -111,6 +119,7 @@ impl ServerEntry {
             priority: priority.into(),
             capacity: None,
             join_rate: None,
+            users_age_ms: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -125,6 +134,12 @@ pub struct FarmList {
     /// tell how stale its view is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generated_at_ms: Option<u64>,
+    /// Lists the list server handed out since the instant of its own count (its entry's
+    /// `users_age_ms` before `generated_at_ms`), this one included: clients that may be on their
+    /// way to a server and that no count shows yet. During a burst through one list server it is
+    /// every client in flight, known at once, where the join rates lag by their window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -136,6 +151,7 @@ impl FarmList {
         FarmList {
             servers,
             generated_at_ms: None,
+            in_flight: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -143,6 +159,57 @@ impl FarmList {
     /// The entry with this url, if any.
     pub fn by_url(&self, url: &str) -> Option<&ServerEntry> {
         self.servers.iter().find(|s| s.url == url)
+    }
+
+    /// The same list stamped `now_ms` instead of its `generated_at_ms`: every stated count age
+    /// grows by the time in between, so the counts keep saying when they were true.
+    pub fn restamp(&mut self, now_ms: u64) {
+        let since = self
+            .generated_at_ms
+            .map_or(0, |made| now_ms.saturating_sub(made));
+        for server in &mut self.servers {
+            if let Some(age) = &mut server.users_age_ms {
+                *age = age.saturating_add(since);
+            }
+        }
+        self.generated_at_ms = Some(now_ms);
+    }
+
+    /// The users of the servers at `indices`, each brought to the instant of the freshest count
+    /// among them, and that count's age (seconds before `generated_at_ms`).
+    ///
+    /// A count `a` seconds older than the freshest misses the clients that server took in those
+    /// seconds: about `join_rate × a` (0 without a join rate). Comparing raw counts of different
+    /// ages makes the server whose count is freshest — the list server's own — look busier than
+    /// its peers during a burst, and clients avoid it. The nodes already hand out counts of one
+    /// instant (`docs/PROTOCOL.md`, *The farm list*), for which this changes nothing; it matters
+    /// for lists from anywhere else.
+    ///
+    /// ```
+    /// use streamfarm_core::{FarmList, ServerEntry, Status};
+    /// let mut a = ServerEntry::new("a", "ws://a/s", Status::Up, 150, "A");
+    /// a.users_age_ms = Some(0);
+    /// let mut b = ServerEntry::new("b", "ws://b/s", Status::Up, 100, "A");
+    /// (b.users_age_ms, b.join_rate) = (Some(100), Some(500.0));
+    /// let (users, age) = FarmList::new(vec![a, b]).users_at_one_instant(&[0, 1]);
+    /// assert_eq!((users, age), (vec![150.0, 150.0], 0.0));
+    /// ```
+    pub fn users_at_one_instant(&self, indices: &[usize]) -> (Vec<f64>, f64) {
+        let age = |i: usize| self.servers[i].users_age_ms.unwrap_or(0) as f64 / 1000.0;
+        let freshest = indices
+            .iter()
+            .map(|&i| age(i))
+            .fold(f64::INFINITY, f64::min);
+        let freshest = if freshest.is_finite() { freshest } else { 0.0 };
+        let users = indices
+            .iter()
+            .map(|&i| {
+                let s = &self.servers[i];
+                let rate = s.join_rate.filter(|r| r.is_finite() && *r > 0.0);
+                s.users as f64 + rate.unwrap_or(0.0) * (age(i) - freshest)
+            })
+            .collect();
+        (users, freshest)
     }
 }
 
@@ -231,6 +298,17 @@ mod tests {
     #[test]
     fn mixed_labels_fall_back_to_string_order() {
         assert_eq!(group_order(["2", "10", "x"]), vec!["10", "2", "x"]);
+    }
+
+    #[test]
+    fn restamping_ages_the_counts() {
+        let mut list = test_farm(&[1, 2]);
+        list.servers[0].users_age_ms = Some(40);
+        list.generated_at_ms = Some(1_000);
+        list.restamp(1_025);
+        assert_eq!(list.generated_at_ms, Some(1_025));
+        assert_eq!(list.servers[0].users_age_ms, Some(65));
+        assert_eq!(list.servers[1].users_age_ms, None);
     }
 
     #[test]

@@ -19,8 +19,14 @@
 //! Each has exact probabilities ([`probabilities`]); [`choose`] samples them with an injected RNG
 //! and says why ([`Explanation`]). No clock and no global RNG: the same seed gives the same pick.
 //!
+//! Every policy that compares counts compares them as of one instant: a list whose entries carry
+//! `users_age_ms` of different ages has the older counts brought forward by their join rates
+//! ([`FarmList::users_at_one_instant`]), so that the list server's fresh count of its own users is
+//! not set against its peers' older ones.
+//!
 //! Only `waterfill` needs more than (list, exclusions, RNG): the age of the list and, when the
-//! client knows it better than the list's `join_rate` fields, the farm's arrival rate. Those come
+//! client knows it better than the list's `join_rate` fields, the farm's arrival rate. It adds
+//! the counts' own age (`users_age_ms`) to the list's age. Those come
 //! in a [`Context`], through [`probabilities_with`] and [`choose_with`]; [`probabilities`] and
 //! [`choose`] use [`Context::default`] (a fresh list), under which `waterfill` is least-users.
 //!
@@ -297,17 +303,19 @@ pub fn probabilities_with(
 }
 
 fn weigh(policy: Policy, list: &FarmList, candidates: &Candidates, context: &Context) -> Vec<f64> {
-    let users: Vec<u64> = candidates
-        .indices
-        .iter()
-        .map(|&i| list.servers[i].users)
-        .collect();
+    // Counts of different ages are compared as of one instant (the freshest among them).
+    let (users, count_age) = list.users_at_one_instant(&candidates.indices);
     let weights = match policy {
         Policy::Patent => patent_weights(&users),
         Policy::Random => vec![1.0 / users.len() as f64; users.len()],
         Policy::LeastUsers => least_users_weights(&users),
         Policy::P2c => p2c_weights(&users),
-        Policy::Waterfill => waterfill::weights(list, &candidates.indices, context),
+        Policy::Waterfill => waterfill::weights(list, &candidates.indices, &users, {
+            // Arrivals since the counts were true are unseen too, not only since the list.
+            let mut context = *context;
+            context.list_age += Duration::from_secs_f64(count_age);
+            context
+        }),
     };
     let mut all = vec![0.0; list.servers.len()];
     for (&i, w) in candidates.indices.iter().zip(weights) {
@@ -317,23 +325,26 @@ fn weigh(policy: Policy, list: &FarmList, candidates: &Candidates, context: &Con
 }
 
 /// `p_i = (1 - u_i / total) / (n - 1)`; 1 for a lone server; uniform when `total` is 0.
-fn patent_weights(users: &[u64]) -> Vec<f64> {
+///
+/// Counts are whole numbers below 2^53 whenever they came straight from a list, so the sum and
+/// the ratios are the same as in integers: the shared vectors hold exactly.
+fn patent_weights(users: &[f64]) -> Vec<f64> {
     let n = users.len();
-    let total: u64 = users.iter().sum();
+    let total: f64 = users.iter().sum();
     if n == 1 {
         return vec![1.0];
     }
-    if total == 0 {
+    if total == 0.0 {
         return vec![1.0 / n as f64; n];
     }
     users
         .iter()
-        .map(|&u| (1.0 - u as f64 / total as f64) / (n - 1) as f64)
+        .map(|&u| (1.0 - u / total) / (n - 1) as f64)
         .collect()
 }
 
-fn least_users_weights(users: &[u64]) -> Vec<f64> {
-    let fewest = users.iter().copied().min().unwrap_or(0);
+fn least_users_weights(users: &[f64]) -> Vec<f64> {
+    let fewest = users.iter().copied().fold(f64::INFINITY, f64::min);
     let ties = users.iter().filter(|&&u| u == fewest).count() as f64;
     users
         .iter()
@@ -343,7 +354,7 @@ fn least_users_weights(users: &[u64]) -> Vec<f64> {
 
 /// Each of the `n (n - 1) / 2` pairs is equally likely; server `i` wins a pair against a server with
 /// more users, and half of the pairs against one with as many.
-fn p2c_weights(users: &[u64]) -> Vec<f64> {
+fn p2c_weights(users: &[f64]) -> Vec<f64> {
     let n = users.len();
     if n == 1 {
         return vec![1.0];
@@ -357,7 +368,7 @@ fn p2c_weights(users: &[u64]) -> Vec<f64> {
                 .iter()
                 .enumerate()
                 .filter(|&(j, _)| j != i)
-                .map(|(_, &v)| match u.cmp(&v) {
+                .map(|(_, &v)| match u.total_cmp(&v) {
                     std::cmp::Ordering::Less => 1.0,
                     std::cmp::Ordering::Equal => 0.5,
                     std::cmp::Ordering::Greater => 0.0,
@@ -458,6 +469,42 @@ mod tests {
         for (c, e) in counts.iter().zip(expected) {
             assert!((*c as f64 / 20_000.0 - e).abs() < 0.015, "{counts:?}");
         }
+    }
+
+    #[test]
+    fn a_fresh_count_is_not_set_against_older_ones() {
+        // The list server's own 150 users are of now; its peers' 100 are 0.1 s old and they take
+        // 500 a second each: at one instant all three hold 150, so every policy is even.
+        let mut list = farm(&[150, 100, 100]);
+        list.servers[0].users_age_ms = Some(0);
+        for s in &mut list.servers[1..] {
+            (s.users_age_ms, s.join_rate) = (Some(100), Some(500.0));
+        }
+        list.servers[0].join_rate = Some(500.0);
+        for policy in Policy::ALL {
+            let p = probabilities(policy, &list, &[]).unwrap();
+            assert!(
+                p.iter().all(|x| (x - 1.0 / 3.0).abs() < 1e-9),
+                "{policy}: {p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn waterfill_counts_the_age_of_the_counts_as_list_age() {
+        // Counts 1 s old at 300/s in all: 300 in flight over 0 and 300, as if the list were 1 s old.
+        let mut list = farm(&[0, 300]);
+        for s in &mut list.servers {
+            (s.users_age_ms, s.join_rate) = (Some(1000), Some(150.0));
+        }
+        let aged = probabilities(Policy::Waterfill, &list, &[]).unwrap();
+        for s in &mut list.servers {
+            s.users_age_ms = None;
+        }
+        let context = Context::with_age(Duration::from_secs(1));
+        let stale = probabilities_with(Policy::Waterfill, &list, &[], &context).unwrap();
+        assert_eq!(aged, stale);
+        assert!(aged[1] > 0.0, "{aged:?}");
     }
 
     #[test]

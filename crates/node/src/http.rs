@@ -264,7 +264,7 @@ async fn farm(
             }
         }
     };
-    let list = shared.farm_now();
+    let list = shared.list_for_client();
     let body = match (format, query.get("callback")) {
         (Format::Js, Some(callback)) => match encoding::render_js(&list, callback) {
             Ok(body) => body,

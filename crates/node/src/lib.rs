@@ -162,6 +162,8 @@ pub(crate) struct Shared {
     pub(crate) embedded: Option<Arc<EmbeddedRelay>>,
     pub(crate) status: watch::Sender<Status>,
     pub(crate) farm_rx: watch::Receiver<FarmList>,
+    /// When this node handed out its recent lists to clients.
+    pub(crate) handed_out: membership::HandedOut,
     /// Changes with the farm's membership (not its users): pushed to clients watching the list.
     pub(crate) members_rx: watch::Receiver<u64>,
     /// True while this node is cut off from the farm (see `membership`).
@@ -183,10 +185,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The farm list, stamped now.
+    /// The farm list, stamped now (its counts' ages grown by the time since it was made).
     pub(crate) fn farm_now(&self) -> FarmList {
         let mut list = self.farm_rx.borrow().clone();
-        list.generated_at_ms = Some(now_ms());
+        list.restamp(now_ms());
+        list
+    }
+
+    /// The farm list for a client that may choose from it: stamped now, with the lists handed
+    /// out since this node's own count was true (`in_flight`, `docs/PROTOCOL.md`).
+    pub(crate) fn list_for_client(&self) -> FarmList {
+        let mut list = self.farm_now();
+        let since = list
+            .by_url(&self.url)
+            .and_then(|own| own.users_age_ms)
+            .map_or(Duration::ZERO, Duration::from_millis);
+        list.in_flight = Some(self.handed_out.record(tokio::time::Instant::now(), since));
         list
     }
 
@@ -495,6 +509,7 @@ impl NodeHandle {
             embedded,
             status: status_tx,
             farm_rx,
+            handed_out: membership::HandedOut::default(),
             members_rx,
             isolated_rx: isolated_rx.clone(),
             peers_rx,

@@ -22,6 +22,12 @@
 //! restarts chitchat on the same address as a new generation (peers hold the old generation's
 //! versions, so the same id would not be heard), with a growing delay while that fails.
 //!
+//! # Count ages
+//! Each live entry of the list says how old its `users` count is (`users_age_ms`): a peer's, the
+//! time since its state was last heard; this node's own, listed as of the median instant of its
+//! peers' counts (from the counts it kept), so that a client compares counts of one moment and
+//! the list server does not look busier than its peers during a burst.
+//!
 //! # Liveness
 //! A peer is listed with its advertised status while its gossip heartbeat keeps advancing, and
 //! `DOWN` once the heartbeat has not advanced for `failure_timeout` minus one gossip interval (the
@@ -280,6 +286,8 @@ impl Loop {
         // Names seen claimed by two live generations at once (warned once each).
         let mut conflicts: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut joins: VecDeque<(Instant, u64)> = VecDeque::new();
+        // This node's recent counts, to list its own as of the instant of its peers' (below).
+        let mut own_counts: VecDeque<(Instant, u64)> = VecDeque::new();
         let mut advertised: BTreeMap<&'static str, String> = BTreeMap::new();
         let started = Instant::now();
         let mut isolated = false;
@@ -358,7 +366,14 @@ impl Loop {
                 .collect();
             drop(guard);
 
-            let mut list = vec![self_entry(&self.setup.me, status, users, join_rate)];
+            own_counts.push_back((now, users));
+            while own_counts
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > self.failure_timeout)
+            {
+                own_counts.pop_front();
+            }
+            let mut list = Vec::new();
             let mut relays = BTreeMap::new();
             seen.retain(|id, _| states.iter().any(|(s, _)| s == id));
             for (id, entry) in &states {
@@ -484,8 +499,15 @@ impl Loop {
                 {
                     relays.insert(id.node_id.to_string(), relay.clone());
                 }
+                if server.status.is_live() {
+                    server.users_age_ms = Some(self.peer_count_age(record, now).as_millis() as u64);
+                }
                 list.push(server);
             }
+            let (own_users, own_age) = own_count_as_of(&own_counts, &list, now);
+            let mut own = self_entry(&self.setup.me, status, own_users, join_rate);
+            own.users_age_ms = Some(own_age.as_millis() as u64);
+            list.push(own);
             list.sort_by(|a, b| a.name.cmp(&b.name));
             let stamp = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -498,7 +520,11 @@ impl Loop {
             };
             let mut members_changed = false;
             self.farm_tx.send_if_modified(|current| {
-                if current.servers == list {
+                // Ages change every tick: kept current, but only a change of anything else is
+                // news to the list's watchers.
+                if without_ages(&current.servers) == without_ages(&list) {
+                    current.servers = list;
+                    current.generated_at_ms = Some(stamp);
                     return false;
                 }
                 members_changed = members(&current.servers) != members(&list);
@@ -542,6 +568,101 @@ impl Loop {
             }
         }
     }
+}
+
+impl Loop {
+    /// How old a live peer's count is: since its heartbeat last advanced here, plus half a gossip
+    /// round for what this node cannot see (the peer writes its count into its state twice a
+    /// round, and this loop reads the states twice a round: a quarter round late each, on
+    /// average). The time a datagram takes is not counted: well under a millisecond on one
+    /// network, up to a round more when the state came through a third node.
+    fn peer_count_age(&self, record: &Seen, now: Instant) -> Duration {
+        let heard = record.advanced_at.unwrap_or(record.first_seen);
+        now.duration_since(heard) + self.gossip_interval / 2
+    }
+}
+
+/// This node's count as of the instant of its live peers' counts in `list` (the median of their
+/// ages), from its recent counts, and that count's age; its count now when it has no live peer.
+///
+/// A list server knows its own count at once and its peers' only a gossip round or more late.
+/// During a burst of arrivals every count grows, so a fresh own count set beside older ones makes
+/// the list server look busier than its peers, and the clients it serves avoid it. Listing its
+/// own count of the peers' instant makes the counts comparable (`users_age_ms` says that instant
+/// to clients, `docs/PROTOCOL.md`).
+fn own_count_as_of(
+    own_counts: &VecDeque<(Instant, u64)>,
+    list: &[ServerEntry],
+    now: Instant,
+) -> (u64, Duration) {
+    let mut ages: Vec<u64> = list
+        .iter()
+        .filter(|s| s.status.is_live())
+        .filter_map(|s| s.users_age_ms)
+        .collect();
+    let latest = own_counts.back().map_or(0, |(_, users)| *users);
+    if ages.is_empty() {
+        return (latest, Duration::ZERO);
+    }
+    ages.sort_unstable();
+    let target = Duration::from_millis(ages[ages.len() / 2]);
+    // The newest count at or before the target instant; the oldest kept if none is that old.
+    let chosen = own_counts
+        .iter()
+        .rev()
+        .find(|(at, _)| now.duration_since(*at) >= target)
+        .or(own_counts.front());
+    match chosen {
+        Some((at, users)) => (*users, now.duration_since(*at)),
+        None => (latest, Duration::ZERO),
+    }
+}
+
+/// When this node handed out its recent lists: what the next one says in `in_flight`.
+///
+/// Bounded: entries older than [`HandedOut::KEEP`] are dropped, and at most [`HandedOut::MAX`]
+/// are kept (a list server handing out more than that within its peers' count age reports the
+/// most it kept).
+#[derive(Debug, Default)]
+pub(crate) struct HandedOut {
+    at: std::sync::Mutex<VecDeque<Instant>>,
+}
+
+impl HandedOut {
+    /// Longer than a live peer's count age can be at sane settings (it stays below
+    /// `failure_timeout`, 2 s by default): older lists are not in flight any more.
+    const KEEP: Duration = Duration::from_secs(10);
+    /// 1 MiB of instants.
+    const MAX: usize = 65_536;
+
+    /// Records a list handed out `now`, and returns how many were handed out within `since`
+    /// before it, this one included.
+    pub(crate) fn record(&self, now: Instant, since: Duration) -> u64 {
+        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        while at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Self::KEEP)
+            || at.len() >= Self::MAX
+        {
+            at.pop_front();
+        }
+        at.push_back(now);
+        at.iter()
+            .rev()
+            .take_while(|t| now.duration_since(**t) <= since)
+            .count() as u64
+    }
+}
+
+/// The entries with their count ages left out: what watchers of the list are told about.
+fn without_ages(servers: &[ServerEntry]) -> Vec<ServerEntry> {
+    servers
+        .iter()
+        .map(|s| ServerEntry {
+            users_age_ms: None,
+            ..s.clone()
+        })
+        .collect()
 }
 
 /// How often a node that has heard from no seed says so again.
@@ -823,6 +944,29 @@ mod tests {
         .await;
         assert_eq!(b.metrics.gossip_up.load(Ordering::Relaxed), 1);
         cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_count_is_listed_as_of_the_peers_instant() {
+        let start = Instant::now();
+        let counts: VecDeque<(Instant, u64)> = (0..10)
+            .map(|k| (start + Duration::from_millis(50 * k), 100 * k))
+            .collect();
+        let now = start + Duration::from_millis(450);
+        let peer = |age| {
+            let mut s = ServerEntry::new("p", "ws://p/", Status::Up, 0, "A");
+            s.users_age_ms = Some(age);
+            s
+        };
+        // Peers 90, 120 and 400 ms old: the median, 120 ms, falls between the samples of 400
+        // and 300 ms ago; the newest count at least that old is the one of 150 ms ago.
+        let list = [peer(90), peer(120), peer(400)];
+        assert_eq!(
+            own_count_as_of(&counts, &list, now),
+            (600, Duration::from_millis(150))
+        );
+        // No live peer: the count of now.
+        assert_eq!(own_count_as_of(&counts, &[], now), (900, Duration::ZERO));
     }
 
     #[tokio::test(start_paused = true)]

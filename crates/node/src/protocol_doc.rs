@@ -184,5 +184,7 @@ fn the_text_list_example_parses_with_its_header_and_fields() {
     assert_eq!(list.servers.len(), 2);
     assert_eq!(list.servers[0].name, "a");
     assert_eq!(list.servers[0].capacity, Some(100_000));
+    assert_eq!(list.servers[0].users_age_ms, Some(130));
+    assert_eq!(list.in_flight, Some(3));
     assert_eq!(list.servers[1].priority, "B");
 }

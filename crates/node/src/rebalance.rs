@@ -89,13 +89,15 @@ impl Shared {
     /// whose relay links their side ended taken as `DOWN` — a killed node is gone at once, not a
     /// failure timeout later, and no client is sent to it meanwhile (the broker's placement does
     /// the same). Users are as listed, a consistent snapshot: every node computes the same
-    /// targets from it.
+    /// targets from it — but for this node's own, which the list gives as of its peers' instant
+    /// (for clients to compare, see `membership`) and the plan takes as it is now.
     fn balance_view(&self) -> FarmList {
         let mut list = self.farm_now();
         let status = *self.status.borrow();
         for server in &mut list.servers {
             if server.url == self.url {
                 server.status = status;
+                server.users = self.hub.users();
             } else if self.link_ends.is_ended(&server.name) {
                 server.status = Status::Down;
             }

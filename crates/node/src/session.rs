@@ -380,7 +380,7 @@ impl Session {
             heartbeat_timeout_ms: config.heartbeat_timeout_ms,
             max_frame_bytes: config.max_frame_bytes,
         });
-        self.send(&ServerFrame::Farm(self.shared.farm_rx.borrow().clone()));
+        self.send(&ServerFrame::Farm(self.shared.list_for_client()));
         if *self.shared.isolated_rx.borrow() {
             self.send(&ServerFrame::Feed { complete: false });
         }
@@ -719,7 +719,7 @@ impl Session {
                     (true, true) => Watch::Users,
                 };
                 self.shared.hub.watch(self.id, watch);
-                self.send(&ServerFrame::Farm(self.shared.farm_rx.borrow().clone()));
+                self.send(&ServerFrame::Farm(self.shared.list_for_client()));
             }
             ClientFrame::Auth { token } | ClientFrame::Refresh { token } => self.refresh(&token),
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),

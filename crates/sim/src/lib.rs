@@ -17,6 +17,8 @@
 //!   ([`Balance`]), at the end and at the worst point of a run ([`Summary`]).
 //! - [`report`] — Markdown tables and JSON of many runs.
 //! - [`plot`] — users per server over time, as SVG (with `plotters`).
+//! - [`burst`] — bursts of arrivals as a live farm serves them: each count of a list with its own
+//!   age, one list server or the DNS name (`streamfarm sim --bursts`, `streamfarm bench balance`).
 //!
 //! ```
 //! use streamfarm_core::Policy;
@@ -28,6 +30,7 @@
 //! assert_eq!(runs[0].summary.end.max_over_mean, 1.0);
 //! ```
 
+pub mod burst;
 pub mod engine;
 pub mod plot;
 pub mod report;

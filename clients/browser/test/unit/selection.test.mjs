@@ -118,3 +118,33 @@ test('waterfill: capacities compare fill fractions; nonsense rates count as zero
     assert.deepEqual(sf.probabilities('waterfill', farm([3, 1]), [], { listAgeS: 1, arrivalRate: rate }), [0, 1]);
   }
 });
+
+// The count-age cases of crates/core/src/selection.rs, with the same numbers.
+test('every policy compares counts of one instant', () => {
+  const list = farm([150, 100, 100]);
+  list.servers[0].users_age_ms = 0;
+  list.servers[0].join_rate = 500;
+  for (const s of list.servers.slice(1)) {
+    s.users_age_ms = 100;
+    s.join_rate = 500;
+  }
+  for (const policy of sf.POLICIES) {
+    const p = sf.probabilities(policy, list);
+    assert.ok(p.every((x) => Math.abs(x - 1 / 3) < 1e-9), `${policy}: ${p}`);
+  }
+});
+
+test('waterfill: the counts age adds to the list age, and in_flight is the least water', () => {
+  const list = farm([0, 300]);
+  for (const s of list.servers) {
+    s.users_age_ms = 1000;
+    s.join_rate = 150;
+  }
+  const aged = sf.probabilities('waterfill', list);
+  for (const s of list.servers) delete s.users_age_ms;
+  assert.deepEqual(aged, sf.probabilities('waterfill', list, [], { listAgeS: 1 }));
+  // 301 in flight over 0 and 300: level 300.5, the same as 300 arrivals over a 1 s-old list.
+  const fresh = farm([0, 300]);
+  fresh.in_flight = 301;
+  assert.ok(close(sf.probabilities('waterfill', fresh), [300.5 / 301, 0.5 / 301]), String(sf.probabilities('waterfill', fresh)));
+});

@@ -52,6 +52,18 @@ pub(crate) struct Args {
     /// Convergence: the nodes' gossip interval in ms (default: the node's default).
     #[arg(long)]
     gossip_interval_ms: Option<u64>,
+    /// Balance: farms as NODESxCLIENTS, comma-separated (default 3x300,3x900,10x1000,10x3000).
+    #[arg(long, value_delimiter = ',')]
+    farms: Vec<String>,
+    /// Balance: arrivals per second, comma-separated (default 100,1000,10000).
+    #[arg(long, value_delimiter = ',')]
+    arrival_rates: Vec<f64>,
+    /// Balance: where clients get their lists, comma-separated: list-server, dns (default both).
+    #[arg(long, value_delimiter = ',')]
+    via: Vec<String>,
+    /// Balance: the clients' policies, comma-separated (default all).
+    #[arg(long, value_delimiter = ',')]
+    policy: Vec<streamfarm_core::Policy>,
     /// NATS farm: nodes (default 20; 4 with --quick).
     #[arg(long)]
     nodes: Option<usize>,
@@ -89,6 +101,8 @@ enum What {
     NatsFarm,
     /// Many topics: subscribe rate and CPU per new topic at 10^4 to 10^6 topics, RSS per topic.
     Topics,
+    /// Arrival bursts on live farms, each policy, beside the simulator.
+    Balance,
     All,
 }
 
@@ -151,6 +165,48 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         options.nats_farm_nodes = nodes;
     }
+    if !args.farms.is_empty() {
+        let mut farms: Vec<(usize, Vec<usize>)> = Vec::new();
+        for farm in &args.farms {
+            let parsed = farm
+                .split_once('x')
+                .and_then(|(n, c)| Some((n.trim().parse().ok()?, c.trim().parse().ok()?)))
+                .filter(|&(n, c): &(usize, usize)| n >= 2 && c >= n);
+            let Some((nodes, clients)) = parsed else {
+                anyhow::bail!(
+                    "--farms {farm:?}: expected NODESxCLIENTS with at least 2 nodes and a client per node, e.g. 3x300"
+                );
+            };
+            match farms.iter_mut().find(|(n, _)| *n == nodes) {
+                Some((_, sizes)) => sizes.push(clients),
+                None => farms.push((nodes, vec![clients])),
+            }
+        }
+        options.balance_farms = farms;
+    }
+    if !args.arrival_rates.is_empty() {
+        anyhow::ensure!(
+            args.arrival_rates.iter().all(|r| *r > 0.0 && r.is_finite()),
+            "--arrival-rates must be above 0"
+        );
+        options.balance_rates = args.arrival_rates.clone();
+    }
+    if !args.via.is_empty() {
+        options.balance_vias = args
+            .via
+            .iter()
+            .map(|v| match v.as_str() {
+                "list-server" => Ok(streamfarm_sim::burst::Via::ListServer),
+                "dns" => Ok(streamfarm_sim::burst::Via::Dns),
+                other => Err(anyhow::anyhow!(
+                    "--via {other:?}: expected list-server or dns"
+                )),
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if !args.policy.is_empty() {
+        options.balance_policies = args.policy.clone();
+    }
     if let Some(secs) = args.phase_secs {
         options.phase = std::time::Duration::from_secs_f64(secs.max(0.05));
     }
@@ -165,6 +221,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::Auth => Which::Auth,
         What::NatsFarm => Which::NatsFarm,
         What::Topics => Which::Topics,
+        What::Balance => Which::Balance,
         What::All => Which::All,
     };
     let out = match args.out {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use streamfarm_core::Policy;
-use streamfarm_sim::{Knobs, Scenario, ScenarioKind, plot, report, simulate};
+use streamfarm_sim::{Knobs, Scenario, ScenarioKind, burst, plot, report, simulate};
 
 /// Arguments of `streamfarm sim`.
 #[derive(Debug, clap::Args)]
@@ -66,9 +66,50 @@ pub(crate) struct Args {
     /// scale-out-idle, rolling, failback; default policy: waterfill.
     #[arg(long)]
     rebalance: bool,
+    /// Bursts of arrivals as a live farm serves them (each count of a list with its own age, one
+    /// list server or the DNS name): max/mean when the last client connects, median over 21
+    /// seeds, with the lists the nodes make and with the lists they made before counts carried
+    /// their age and lists their clients in flight. The live runs: `streamfarm bench balance`.
+    #[arg(long)]
+    bursts: bool,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.bursts {
+        let policies = if args.policies.is_empty() {
+            Policy::ALL.to_vec()
+        } else {
+            args.policies.clone()
+        };
+        let started = Instant::now();
+        let tables = tokio::task::spawn_blocking(move || {
+            let now = burst::default_bursts();
+            let before: Vec<_> = now
+                .iter()
+                .map(|b| burst::Burst {
+                    aligned: false,
+                    in_flight: false,
+                    ..*b
+                })
+                .collect();
+            (
+                burst::table(&now, &policies, 21),
+                burst::table(&before, &policies, 21),
+            )
+        })
+        .await
+        .context("the simulation stopped")?;
+        println!("### Bursts: lists as the nodes make them\n\n{}", tables.0);
+        println!(
+            "### Bursts: lists as they were made before (own count fresh, no count ages, no in-flight count)\n\n{}",
+            tables.1
+        );
+        println!(
+            "max/mean when the last client connects, median over seeds 1-21; {:.1} s.",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let kinds = match (args.scenarios.is_empty(), args.rebalance) {
         (true, false) => ScenarioKind::ALL.to_vec(),
         (true, true) => ScenarioKind::REBALANCING.to_vec(),

@@ -1,8 +1,8 @@
 //! JSON, the reference encoding and the list server's default.
 //!
 //! The shape is DESIGN.md's: `{"servers":[{"name":"a","url":"ws://127.0.0.1:7400/stream",
-//! "status":"UP","users":12,"priority":"A"}]}`, with `capacity`, `join_rate` and
-//! `generated_at_ms` when known and any unknown field kept (see [`crate::model`]). `name` may be
+//! "status":"UP","users":12,"priority":"A"}]}`, with `capacity`, `join_rate`, `users_age_ms`
+//! and `generated_at_ms` when known and any unknown field kept (see [`crate::model`]). `name` may be
 //! left out (it is then empty). Rendering is compact, one line.
 
 use super::{Format, ParseError};

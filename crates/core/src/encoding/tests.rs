@@ -30,6 +30,7 @@ fn full() -> FarmList {
     );
     a.capacity = Some(10_000);
     a.join_rate = Some(2.5);
+    a.users_age_ms = Some(150);
     a.extra.insert("zone".into(), Value::from("eu west"));
     a.extra.insert("weight".into(), Value::from(3));
     a.extra.insert("looks_numeric".into(), Value::from("12"));
@@ -40,6 +41,7 @@ fn full() -> FarmList {
     let b = ServerEntry::new("b\tc\u{2028}", "ws://b/s", Status::Draining, 0, "10");
     let mut list = FarmList::new(vec![a, b]);
     list.generated_at_ms = Some(1_700_000_000_123);
+    list.in_flight = Some(42);
     list.extra.insert("farm".into(), Value::from("f1"));
     list
 }
@@ -66,14 +68,14 @@ fn text_allows_comments_blank_lines_and_any_whitespace() {
 #[test]
 fn text_optional_fields_are_read() {
     let list = parse(
-        "ws://a/s UP 1 A name=a capacity=100 join_rate=0.5 zone=eu",
+        "ws://a/s UP 1 A name=a capacity=100 join_rate=0.5 users_age_ms=120 zone=eu",
         Format::Text,
     )
     .unwrap();
     let s = &list.servers[0];
     assert_eq!(
-        (s.name.as_str(), s.capacity, s.join_rate),
-        ("a", Some(100), Some(0.5))
+        (s.name.as_str(), s.capacity, s.join_rate, s.users_age_ms),
+        ("a", Some(100), Some(0.5), Some(120))
     );
     assert_eq!(s.extra["zone"], "eu");
 }
@@ -315,18 +317,22 @@ fn server() -> impl Strategy<Value = ServerEntry> {
         token(),
         prop::option::of(any::<u64>()),
         prop::option::of(prop_oneof![0.0f64..1e9, Just(0.0), Just(f64::MAX)]),
+        prop::option::of(any::<u64>()),
         extras(SERVER_FIELDS),
     )
         .prop_map(
-            |(name, url, status, users, priority, capacity, join_rate, extra)| ServerEntry {
-                name,
-                url,
-                status,
-                users,
-                priority,
-                capacity,
-                join_rate,
-                extra,
+            |(name, url, status, users, priority, capacity, join_rate, users_age_ms, extra)| {
+                ServerEntry {
+                    name,
+                    url,
+                    status,
+                    users,
+                    priority,
+                    capacity,
+                    join_rate,
+                    users_age_ms,
+                    extra,
+                }
             },
         )
 }
@@ -335,11 +341,13 @@ fn farm_list() -> impl Strategy<Value = FarmList> {
     (
         prop::collection::vec(server(), 0..6),
         prop::option::of(any::<u64>()),
+        prop::option::of(any::<u64>()),
         extras(LIST_FIELDS),
     )
-        .prop_map(|(servers, generated_at_ms, extra)| FarmList {
+        .prop_map(|(servers, generated_at_ms, in_flight, extra)| FarmList {
             servers,
             generated_at_ms,
+            in_flight,
             extra,
         })
 }

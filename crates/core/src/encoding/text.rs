@@ -4,12 +4,12 @@
 //! # comments and blank lines are ignored
 //! http://serverA.caplin.com UP 2963 A
 //! http://serverB.caplin.com DOWN 0 B
-//! ws://10.0.0.3:7400/stream UP 12 A name=c capacity=10000 join_rate=2.5
+//! ws://10.0.0.3:7400/stream UP 12 A name=c capacity=10000 join_rate=2.5 users_age_ms=150
 //! ```
 //!
 //! Each line is `URL STATUS USERS PRIORITY`, separated by whitespace, then optionally `key=value`
-//! fields for what the four facts of the seeds do not cover: `name`, `capacity`, `join_rate`, and
-//! any unknown field (kept in `extra`, its value read as in [`crate::encoding`]). A token starting
+//! fields for what the four facts of the seeds do not cover: `name`, `capacity`, `join_rate`,
+//! `users_age_ms`, and any unknown field (kept in `extra`, its value read as in [`crate::encoding`]). A token starting
 //! with `#` after the four fields starts a trailing comment. The renderer writes the optional
 //! fields only when present, so a list with just the four facts renders exactly as the
 //! description shows it, and the name is then empty (the description's lists carry no names).
@@ -40,10 +40,13 @@ const POSITIONAL: [&str; 4] = ["url", "status", "users", "priority"];
 /// Writes `list` in the text format.
 pub fn render(list: &FarmList) -> String {
     let mut out = String::new();
-    if list.generated_at_ms.is_some() || !list.extra.is_empty() {
+    if list.generated_at_ms.is_some() || list.in_flight.is_some() || !list.extra.is_empty() {
         out.push_str("#@");
         if let Some(at) = list.generated_at_ms {
             let _ = write!(out, " generated_at_ms={at}");
+        }
+        if let Some(n) = list.in_flight {
+            let _ = write!(out, " in_flight={n}");
         }
         for (key, value) in &list.extra {
             let _ = write!(out, " {}={}", encode(key), encode(&extra_to_plain(value)));
@@ -67,6 +70,9 @@ pub fn render(list: &FarmList) -> String {
         }
         if let Some(rate) = s.join_rate {
             let _ = write!(out, " join_rate={rate}");
+        }
+        if let Some(age) = s.users_age_ms {
+            let _ = write!(out, " users_age_ms={age}");
         }
         for (key, value) in &s.extra {
             let _ = write!(out, " {}={}", encode(key), encode(&extra_to_plain(value)));
@@ -124,6 +130,9 @@ fn parse_server(line: &str) -> Result<ServerEntry, ParseError> {
             "name" => entry.name = value,
             "capacity" => entry.capacity = Some(field::count(Format::Text, &key, &value)?),
             "join_rate" => entry.join_rate = Some(field::rate(Format::Text, &key, &value)?),
+            "users_age_ms" => {
+                entry.users_age_ms = Some(field::count(Format::Text, &key, &value)?);
+            }
             _ => {
                 entry.extra.insert(key, plain_to_extra(&value));
             }
@@ -144,6 +153,11 @@ fn parse_list_fields(fields: &str, list: &mut FarmList) -> Result<(), ParseError
                 return Err(field::repeated(Format::Text, &key));
             }
             list.generated_at_ms = Some(field::timestamp(Format::Text, &key, &value)?);
+        } else if key == "in_flight" {
+            if list.in_flight.is_some() {
+                return Err(field::repeated(Format::Text, &key));
+            }
+            list.in_flight = Some(field::count(Format::Text, &key, &value)?);
         } else {
             extra.insert(key, plain_to_extra(&value));
         }

@@ -3,7 +3,7 @@
 //! ```xml
 //! <?xml version="1.0" encoding="UTF-8"?>
 //! <farm generated_at_ms="1700000000000">
-//!   <server name="a" url="ws://10.0.0.1:7400/stream" status="UP" users="12" priority="A" capacity="10000" join_rate="2.5"/>
+//!   <server name="a" url="ws://10.0.0.1:7400/stream" status="UP" users="12" priority="A" capacity="10000" join_rate="2.5" users_age_ms="150"/>
 //!   <server name="b" url="ws://10.0.0.2:7400/stream" status="DOWN" users="0" priority="B">
 //!     <extra key="zone" value="eu-west"/>
 //!   </server>
@@ -11,7 +11,7 @@
 //! ```
 //!
 //! `url`, `status`, `users` and `priority` are required; `name` may be left out (it is then empty);
-//! `capacity`, `join_rate` and the farm's `generated_at_ms` are written when known. Unknown fields
+//! `capacity`, `join_rate`, `users_age_ms` and the farm's `generated_at_ms` are written when known. Unknown fields
 //! are `<extra key="…" value="…"/>` children of `<server>` (or of `<farm>` for the list's own), the
 //! value read as in [`crate::encoding`]. When reading, an unknown attribute of `<server>` or
 //! `<farm>` is kept the same way, and unknown elements, comments and text are skipped.
@@ -38,6 +38,9 @@ pub fn render(list: &FarmList) -> String {
     if let Some(at) = list.generated_at_ms {
         let _ = write!(out, " generated_at_ms=\"{at}\"");
     }
+    if let Some(n) = list.in_flight {
+        let _ = write!(out, " in_flight=\"{n}\"");
+    }
     out.push_str(">\n");
     write_extras(&mut out, &list.extra, "  ");
     for s in &list.servers {
@@ -54,6 +57,9 @@ pub fn render(list: &FarmList) -> String {
         }
         if let Some(rate) = s.join_rate {
             attribute(&mut out, "join_rate", &rate.to_string());
+        }
+        if let Some(age) = s.users_age_ms {
+            attribute(&mut out, "users_age_ms", &age.to_string());
         }
         if s.extra.is_empty() {
             out.push_str("/>\n");
@@ -212,6 +218,8 @@ fn read_farm_attributes(start: &BytesStart<'_>, farm: &mut FarmList) -> Result<(
     for (name, value) in attributes(start)? {
         if name == "generated_at_ms" {
             farm.generated_at_ms = Some(field::timestamp(Format::Xml, &name, &value)?);
+        } else if name == "in_flight" {
+            farm.in_flight = Some(field::count(Format::Xml, &name, &value)?);
         } else if name != "servers" {
             farm.extra.insert(name, plain_to_extra(&value));
         }
@@ -227,6 +235,7 @@ fn read_server(start: &BytesStart<'_>) -> Result<ServerEntry, ParseError> {
     let mut priority = None;
     let mut capacity = None;
     let mut join_rate = None;
+    let mut users_age_ms = None;
     let mut extra = Map::new();
     for (key, value) in attributes(start)? {
         match key.as_str() {
@@ -237,6 +246,7 @@ fn read_server(start: &BytesStart<'_>) -> Result<ServerEntry, ParseError> {
             "priority" => priority = Some(value.into_owned()),
             "capacity" => capacity = Some(field::count(Format::Xml, &key, &value)?),
             "join_rate" => join_rate = Some(field::rate(Format::Xml, &key, &value)?),
+            "users_age_ms" => users_age_ms = Some(field::count(Format::Xml, &key, &value)?),
             _ => {
                 extra.insert(key, plain_to_extra(&value));
             }
@@ -254,6 +264,7 @@ fn read_server(start: &BytesStart<'_>) -> Result<ServerEntry, ParseError> {
     );
     entry.capacity = capacity;
     entry.join_rate = join_rate;
+    entry.users_age_ms = users_age_ms;
     entry.extra = extra;
     Ok(entry)
 }

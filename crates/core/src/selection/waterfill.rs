@@ -7,7 +7,11 @@
 //! of the farm, plus this one, as water poured over the servers' loads:
 //!
 //! 1. `rate` is [`Context::arrival_rate`] when the client gives it, else the sum of the candidates'
-//!    `join_rate` fields (servers that do not say count 0); `t` is [`Context::list_age`].
+//!    `join_rate` fields (servers that do not say count 0); `t` is [`Context::list_age`] plus the
+//!    age of the counts (`users_age_ms`, after they are brought to one instant).
+//!    When the list states `in_flight` (the lists its server handed out since its counts, this
+//!    one included), `A + 1` is at least that: through one list server it is every client in
+//!    flight, known at once, where a join rate lags a burst by its window.
 //! 2. Find the level `L` with `Σ max(0, L − u_i) = A + 1` over the candidates' users `u_i`.
 //! 3. Choose server `i` with probability `max(0, L − u_i) / (A + 1)`: the emptiest servers get the
 //!    most, servers above the level get nothing, and the expected arrivals bring every server they
@@ -35,25 +39,34 @@
 use super::Context;
 use crate::model::FarmList;
 
-/// The probability of each candidate (in the order of `indices`, which is non-empty).
-pub(super) fn weights(list: &FarmList, indices: &[usize], context: &Context) -> Vec<f64> {
+/// The probability of each candidate (in the order of `indices`, which is non-empty), given
+/// their `users` at one instant and a context whose age counts from that instant.
+pub(super) fn weights(
+    list: &FarmList,
+    indices: &[usize],
+    users: &[f64],
+    context: Context,
+) -> Vec<f64> {
     let servers: Vec<_> = indices.iter().map(|&i| &list.servers[i]).collect();
     let rate = context
         .arrival_rate
         .unwrap_or_else(|| servers.iter().filter_map(|s| s.join_rate).map(sane).sum());
     let age = context.list_age.as_secs_f64();
-    let water = sane(rate) * age + 1.0;
+    // A list server that says how many lists it handed out since its counts knows the clients
+    // in flight through it at once; the join rates take their window to catch up with a burst.
+    let water = (sane(rate) * age + 1.0).max(list.in_flight.unwrap_or(0) as f64);
     let by_capacity = servers.iter().all(|s| s.capacity.is_some_and(|c| c > 0));
     let loads: Vec<Load> = servers
         .iter()
-        .map(|s| Load {
-            users: s.users as f64,
+        .zip(users)
+        .map(|(s, &users)| Load {
+            users,
             weight: if by_capacity {
                 s.capacity.unwrap_or(1) as f64
             } else {
                 1.0
             },
-            projected: s.users as f64 + s.join_rate.map_or(0.0, sane) * age,
+            projected: users + s.join_rate.map_or(0.0, sane) * age,
         })
         .collect();
     let (level, open) = deficits(&loads, water);
