@@ -34,6 +34,8 @@
 //!   admin.
 //! - `session` — one WebSocket connection: frames, heartbeats, limits, its token's grant and
 //!   expiry.
+//! - `sse` — one server-sent event stream (`GET /sse`, `POST /sse/{stream}`): a session whose
+//!   frames are written as events, for networks that refuse WebSockets.
 //! - [`auth`] — client tokens (JWT by `kid`), topic patterns, publish and admin credentials
 //!   (`docs/AUTH.md`).
 //! - `tls` — TLS for clients and relay links: certificate loading and reload, how relay dials
@@ -91,6 +93,7 @@ mod queue;
 mod rebalance;
 mod relay;
 mod session;
+mod sse;
 mod tls;
 mod trust;
 mod web;
@@ -173,6 +176,8 @@ pub(crate) struct Shared {
     pub(crate) relay_handshakes: Arc<Semaphore>,
     /// Cancels the drain in progress, if any.
     pub(crate) drain: Mutex<Option<CancellationToken>>,
+    /// Open server-sent event streams, where their clients' `POST`s go.
+    pub(crate) sse: sse::Streams,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
 }
@@ -493,6 +498,7 @@ impl NodeHandle {
             isolated_rx: isolated_rx.clone(),
             link_ends,
             drain: Mutex::new(None),
+            sse: sse::Streams::default(),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         });
