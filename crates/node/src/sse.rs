@@ -42,6 +42,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tracing::{debug, info};
 
 use crate::auth::AuthError;
+use crate::hub::encode;
 use crate::queue::Cost;
 use crate::session::{Session, check_topic};
 use crate::{Shared, metrics};
@@ -224,13 +225,15 @@ fn auth_refused(shared: &Shared, err: &AuthError) -> Response {
         .into_response()
 }
 
-/// The `hello` frame with the stream's key, which the client's `POST`s name.
+/// The `hello` frame with the stream's key, which the client's `POST`s name: the frame's JSON
+/// with one more field (after `type`, which stays first, as nodes write it).
 fn hello_with_stream(session: &Session, key: &str) -> Message {
-    let mut hello = serde_json::to_value(session.hello()).expect("a frame serializes");
-    if let serde_json::Value::Object(fields) = &mut hello {
-        fields.insert("stream".into(), key.into());
-    }
-    Message::Text(Utf8Bytes::from(hello.to_string()))
+    let Message::Text(hello) = encode(&session.hello()) else {
+        unreachable!("frames are text");
+    };
+    let fields = hello.strip_suffix('}').unwrap_or(&hello);
+    // The key is hexadecimal: nothing in it needs escaping.
+    Message::Text(Utf8Bytes::from(format!(r#"{fields},"stream":"{key}"}}"#)))
 }
 
 /// `POST /sse/{stream}`: one client frame (JSON) for the stream `stream` of this node.
@@ -525,7 +528,6 @@ fn frame_type(frame: &ServerFrame) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::encode;
 
     #[test]
     fn a_msg_frame_is_read_without_its_payload() {
