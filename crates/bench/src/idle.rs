@@ -115,6 +115,9 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
     Ok(section)
 }
 
+/// An idle connection of either transport, held open until dropped.
+type Held = Box<dyn Send>;
+
 /// One streamfarm run, over WebSockets or (`sse`) event streams: (RSS with C connections, RSS
 /// with none, connects/s).
 async fn streamfarm_once(
@@ -140,11 +143,11 @@ async fn streamfarm_once(
     let (held, rate) = open_all(c, move |i| async move {
         if sse {
             let stream = sse_connect(addr, Some(source(i)), "idle", 4096).await?;
-            return anyhow::Ok(Held::Sse(stream));
+            return anyhow::Ok(Box::new(stream) as Held);
         }
         let mut ws = ws_connect(addr, Some(source(i)), 4096).await?;
         ws_subscribe(&mut ws, "idle").await?;
-        anyhow::Ok(Held::Ws(ws))
+        anyhow::Ok(Box::new(ws) as Held)
     })
     .await?;
     tokio::time::sleep(SETTLE).await;
@@ -156,12 +159,6 @@ async fn streamfarm_once(
     let rss = rss_bytes(node.guard.pid())?;
     drop(held);
     Ok((rss, base, rate))
-}
-
-/// An idle connection of either transport, held open.
-enum Held {
-    Ws(#[allow(dead_code, reason = "held open, never read")] crate::wire::Ws),
-    Sse(#[allow(dead_code, reason = "held open, never read")] crate::wire::Sse),
 }
 
 /// One nats-server run: (RSS with C connections, RSS with none, connects/s).

@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::extract::{Path, Query, State};
@@ -43,6 +44,7 @@ use tracing::{debug, info};
 
 use crate::auth::AuthError;
 use crate::hub::encode;
+use crate::listener::HttpSlot;
 use crate::queue::Cost;
 use crate::session::{Session, check_topic};
 use crate::{Shared, metrics};
@@ -91,6 +93,7 @@ fn refuse(code: StatusCode, why: impl Into<String>) -> Response {
 pub(crate) async fn open(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
+    slot: Option<Extension<HttpSlot>>,
     headers: HeaderMap,
 ) -> Response {
     match *shared.status.borrow() {
@@ -155,6 +158,11 @@ pub(crate) async fn open(
     let migrates = flag("features").is_some_and(|f| f.split(',').any(|f| f == feature::MIGRATE));
     let migrating = flag("migrating") == Some("true");
 
+    // A stream from now on: under the streaming limit, no longer among the HTTP connections
+    // that a flood of new ones may close.
+    if let Some(Extension(slot)) = slot {
+        slot.give_back();
+    }
     let (key, inbox) = shared.sse.open();
     let mut session = Session::new(shared.clone(), grant);
     let hello = hello_with_stream(&session, &key);
@@ -195,6 +203,8 @@ pub(crate) async fn open(
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-store"),
+            // The connection has left the HTTP connections' count: it ends with the stream.
+            (header::CONNECTION, "close"),
             // Proxies that buffer responses (nginx) pass this one through as it comes.
             (header::HeaderName::from_static("x-accel-buffering"), "no"),
         ],
