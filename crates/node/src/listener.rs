@@ -125,12 +125,19 @@ impl Slots {
 pub(crate) struct HttpSlot {
     slots: Arc<Slots>,
     id: u64,
+    /// Ends the connection's task, and with it the connection.
+    connection: CancellationToken,
 }
 
 impl HttpSlot {
     /// The connection is a stream from now on.
     pub(crate) fn give_back(&self) {
         self.slots.give_back(self.id);
+    }
+
+    /// Drops the connection now, whatever hyper is waiting for (a client that stopped reading).
+    pub(crate) fn close_connection(&self) {
+        self.connection.cancel();
     }
 }
 
@@ -201,6 +208,7 @@ pub(crate) async fn serve(
         let slot = HttpSlot {
             slots: slots.clone(),
             id,
+            connection: evicted.clone(),
         };
         connections.spawn(async move {
             let served = async {
@@ -320,6 +328,7 @@ mod tests {
         HttpSlot {
             slots: slots.clone(),
             id: 1,
+            connection: stream.clone(),
         }
         .give_back();
         for id in 2..10 {

@@ -40,10 +40,11 @@ use streamfarm_core::protocol::{
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
 
 use crate::auth::AuthError;
-use crate::hub::encode;
+use crate::hub::{Closer, encode};
 use crate::listener::HttpSlot;
 use crate::queue::Cost;
 use crate::session::{Session, check_topic};
@@ -160,11 +161,18 @@ pub(crate) async fn open(
 
     // A stream from now on: under the streaming limit, no longer among the HTTP connections
     // that a flood of new ones may close.
-    if let Some(Extension(slot)) = slot {
-        slot.give_back();
-    }
     let (key, inbox) = shared.sse.open();
     let mut session = Session::new(shared.clone(), grant);
+    let ended = CancellationToken::new();
+    if let Some(Extension(slot)) = slot {
+        slot.give_back();
+        shared.tracker.spawn(drop_if_stuck(
+            &shared,
+            session.closer().clone(),
+            slot,
+            ended.clone(),
+        ));
+    }
     let hello = hello_with_stream(&session, &key);
     session.greet_with(hello);
     session.register();
@@ -197,6 +205,7 @@ pub(crate) async fn open(
         positions,
         preamble: true,
         done: false,
+        _ended: ended.drop_guard(),
         _permit: permit,
     };
     (
@@ -293,7 +302,34 @@ struct EventStream {
     preamble: bool,
     /// The `close` event is written: the body ends.
     done: bool,
+    /// Tells [`drop_if_stuck`] the stream is gone.
+    _ended: DropGuard,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Drops the connection of a stream asked to close that has not ended `heartbeat_timeout` later,
+/// as a WebSocket session gives up its close: hyper writes the body only as the client reads, so
+/// a client that stopped reading (a slow consumer) would otherwise keep the stream, its user and
+/// its descriptor for as long as its TCP connection lives. Ends with the stream (`ended`).
+fn drop_if_stuck(
+    shared: &Shared,
+    closer: Closer,
+    slot: HttpSlot,
+    ended: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let grace = shared.config.heartbeat_timeout();
+    async move {
+        tokio::select! {
+            () = ended.cancelled() => {}
+            () = async {
+                closer.closed().await;
+                tokio::time::sleep(grace).await;
+            } => {
+                debug!("dropping an event stream that did not end after its close");
+                slot.close_connection();
+            }
+        }
+    }
 }
 
 impl Drop for EventStream {
