@@ -215,8 +215,14 @@ async fn a_draining_node_moves_its_event_streams_and_refuses_new_ones() {
     let a = farm.nodes[0].listen;
     let mut events = Events::open(a, "topics=t", None).await;
     events.next_named("subscribed").await;
+    let mut follower = Events::open(a, "topics=t&features=migrate", None).await;
+    follower.next_named("subscribed").await;
     farm.nodes[0].set_status("DRAINING").await;
-    // Without the `migrate` feature it is told to reconnect elsewhere, as a WebSocket would be.
+    // With the `migrate` feature it is told to move (a drain names no server: the client
+    // picks one), make-before-break.
+    let migrate = follower.next_named("migrate").await;
+    assert_eq!(migrate.data["reason"], "drain", "{:?}", migrate.data);
+    // Without it, it is told to reconnect elsewhere, as a WebSocket would be.
     let close = events.next_named("close").await;
     assert_eq!(close.data["code"], 4000, "{:?}", close.data);
     assert!(
