@@ -36,10 +36,10 @@ use crate::nats::NatsProc;
 use crate::proc::{NodeProc, NodeSpec, free_port, poll};
 use crate::report::{RowBuilder, Section, quantile};
 use crate::wire::{
-    Nats, NatsEvent, msg_data, nats_pub, now_ns, parse_payload, payload, ws_connect, ws_pub_frame,
-    ws_subscribe,
+    Nats, NatsEvent, msg_data, nats_pub, now_ns, parse_payload, payload, sse_connect, ws_connect,
+    ws_pub_frame, ws_subscribe,
 };
-use crate::{NATS, Options, STREAMFARM, STREAMFARM_NATS, ratio};
+use crate::{NATS, Options, STREAMFARM, STREAMFARM_NATS, STREAMFARM_SSE, ratio};
 
 /// Which servers publisher and subscribers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,11 +274,15 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
     let mut section = Section::default();
     for size in sizes {
         let setting = format!("S={subscribers} {size} B");
-        let systems: Vec<&str> = if options.nats.is_some() {
+        let mut systems: Vec<&str> = if options.nats.is_some() {
             vec![STREAMFARM, STREAMFARM_NATS, NATS]
         } else {
             vec![STREAMFARM]
         };
+        // On one node, the same fan-out to subscribers reading event streams.
+        if shape == Shape::OneNode {
+            systems.insert(1, STREAMFARM_SSE);
+        }
         for system in systems {
             let mut row = RowBuilder::default();
             let mut closed = 0;
@@ -318,6 +322,20 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
         match shape {
             Shape::OneNode => {
                 let rate = get(STREAMFARM, "deliveries_per_s");
+                let sse = get(STREAMFARM_SSE, "deliveries_per_s");
+                let sse_note = format!(
+                    "{setting}: deliveries/s event streams/WebSockets = {}, p99 at half load event streams/WebSockets = {}; target >= 0.7: {}",
+                    ratio(sse, rate),
+                    ratio(
+                        get(STREAMFARM_SSE, "half_load_p99_ms"),
+                        get(STREAMFARM, "half_load_p99_ms")
+                    ),
+                    match (sse, rate) {
+                        (Some(e), Some(w)) if e >= 0.7 * w => "met",
+                        (Some(_), Some(_)) => "NOT met",
+                        _ => "n/a",
+                    }
+                );
                 section.notes.push(format!(
                     "{setting}: deliveries/s streamfarm/nats = {}, p99 at half load streamfarm/nats = {}; target >= 1M deliveries/s and >= nats: {}",
                     ratio(rate, get(NATS, "deliveries_per_s")),
@@ -329,6 +347,7 @@ pub(crate) async fn run(options: &Options, shape: Shape) -> anyhow::Result<Secti
                         _ => "n/a",
                     }
                 ));
+                section.notes.push(sse_note);
             }
             Shape::CrossNode => {
                 let through_nats = format!(
@@ -388,6 +407,21 @@ async fn run_once(
                         Ok(NatsEvent::Msg) => counters.on_payload(&buf, &mut samples),
                         Ok(_) => {}
                         Err(_) => break,
+                    }
+                }
+                counters.closed.fetch_add(1, Ordering::Relaxed);
+                counters.keep(&mut samples);
+                anyhow::Ok(())
+            });
+        } else if system == STREAMFARM_SSE {
+            tasks.spawn(async move {
+                let mut sse = sse_connect(at, source, TOPIC, SUBSCRIBER_READ_BUFFER).await?;
+                ready.send(()).await?;
+                let mut samples = Samples::new(cap);
+                // Pings are events like the others; an event stream's client answers none.
+                while let Ok(data) = sse.next_data().await {
+                    if let Some(data) = msg_data(data) {
+                        counters.on_payload(data, &mut samples);
                     }
                 }
                 counters.closed.fetch_add(1, Ordering::Relaxed);

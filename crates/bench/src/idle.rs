@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use crate::nats::NatsProc;
 use crate::proc::{NodeProc, NodeSpec, free_port, raise_nofile, rss_bytes};
 use crate::report::{RowBuilder, Section};
-use crate::wire::{Nats, ws_connect, ws_subscribe};
-use crate::{NATS, Options, STREAMFARM, ratio};
+use crate::wire::{Nats, sse_connect, ws_connect, ws_subscribe};
+use crate::{NATS, Options, STREAMFARM, STREAMFARM_SSE, ratio};
 
 /// Connects in flight at once.
 const IN_FLIGHT: usize = 256;
@@ -63,12 +63,23 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
     let mut sf = RowBuilder::default();
     let outcome = async {
         for _ in 0..options.repeats {
-            add(&mut sf, streamfarm_once(options, connections).await?);
+            add(&mut sf, streamfarm_once(options, connections, false).await?);
         }
         anyhow::Ok(())
     }
     .await;
     section.rows.push(sf.finish(STREAMFARM, &setting, outcome));
+    let mut sse = RowBuilder::default();
+    let outcome = async {
+        for _ in 0..options.repeats {
+            add(&mut sse, streamfarm_once(options, connections, true).await?);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    section
+        .rows
+        .push(sse.finish(STREAMFARM_SSE, &setting, outcome));
     if let Some(nats) = &options.nats {
         let mut row = RowBuilder::default();
         let outcome = async {
@@ -82,6 +93,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
     }
     let get = |sys, fig| section.median(sys, &setting, fig);
     let per_conn = get(STREAMFARM, "rss_per_conn_bytes");
+    let sse_per_ws = ratio(get(STREAMFARM_SSE, "rss_per_conn_bytes"), per_conn);
     section.notes.push(format!(
         "RSS/connection streamfarm/nats = {}; connects/s streamfarm/nats = {}; target <= 4096 B/conn: {}",
         ratio(per_conn, get(NATS, "rss_per_conn_bytes")),
@@ -92,11 +104,27 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
             None => "n/a",
         }
     ));
+    section.notes.push(format!(
+        "RSS/connection event stream/WebSocket = {sse_per_ws}; target <= 1.5: {}",
+        match sse_per_ws.parse::<f64>() {
+            Ok(r) if r <= 1.5 => "met",
+            Ok(_) => "NOT met",
+            Err(_) => "n/a",
+        }
+    ));
     Ok(section)
 }
 
-/// One streamfarm run: (RSS with C connections, RSS with none, connects/s).
-async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<(u64, u64, f64)> {
+/// An idle connection of either transport, held open until dropped.
+type Held = Box<dyn Send>;
+
+/// One streamfarm run, over WebSockets or (`sse`) event streams: (RSS with C connections, RSS
+/// with none, connects/s).
+async fn streamfarm_once(
+    options: &Options,
+    c: usize,
+    sse: bool,
+) -> anyhow::Result<(u64, u64, f64)> {
     let mut spec = NodeSpec::new("idle", free_port(SERVER_IP.into())?);
     spec.extra = [
         "--heartbeat-interval-ms",
@@ -113,9 +141,13 @@ async fn streamfarm_once(options: &Options, c: usize) -> anyhow::Result<(u64, u6
     let base = rss_bytes(node.guard.pid())?;
     let addr = node.listen;
     let (held, rate) = open_all(c, move |i| async move {
+        if sse {
+            let stream = sse_connect(addr, Some(source(i)), "idle", 4096).await?;
+            return anyhow::Ok(Box::new(stream) as Held);
+        }
         let mut ws = ws_connect(addr, Some(source(i)), 4096).await?;
         ws_subscribe(&mut ws, "idle").await?;
-        anyhow::Ok(ws)
+        anyhow::Ok(Box::new(ws) as Held)
     })
     .await?;
     tokio::time::sleep(SETTLE).await;

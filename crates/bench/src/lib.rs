@@ -306,5 +306,8 @@ pub(crate) const STREAMFARM: &str = "streamfarm";
 /// The name under which the rows of streamfarm relaying through a nats-server appear
 /// (`relay = "nats://…"`, see `docs/NATS.md`).
 pub(crate) const STREAMFARM_NATS: &str = "streamfarm+nats";
+/// The name under which the rows of streamfarm's clients over server-sent events appear
+/// (`GET /sse`), beside its WebSocket clients' rows.
+pub(crate) const STREAMFARM_SSE: &str = "streamfarm-sse";
 /// The name under which the peer's rows appear.
 pub(crate) const NATS: &str = "nats-server";

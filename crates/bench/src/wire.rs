@@ -1,9 +1,9 @@
-//! The two wire clients the benchmarks drive, kept minimal so the bench process spends little CPU
+//! The wire clients the benchmarks drive, kept minimal so the bench process spends little CPU
 //! beside the servers it measures: a raw streamfarm WebSocket client (frames of
 //! `docs/PROTOCOL.md`, no failover — that is the client library's job, measured separately) and a
 //! NATS TCP client speaking the text protocol (`INFO`, `CONNECT`, `SUB`, `PUB`, `MSG`,
-//! `PING`/`PONG`), and a keep-alive HTTP/1.1 connection for a publisher that posts thousands of
-//! messages a second (`POST /publish/{topic}`). Plus the timestamped payload they all carry.
+//! `PING`/`PONG`), a reader of the node's server-sent event stream, and a keep-alive HTTP/1.1
+//! connection for a publisher that posts thousands of messages a second (`POST /publish/{topic}`). Plus the timestamped payload they all carry.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
@@ -64,6 +64,70 @@ pub(crate) async fn tcp(server: SocketAddr, source: Option<IpAddr>) -> anyhow::R
     let stream = socket.connect(server).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A streamfarm event stream (`GET /sse`, `docs/PROTOCOL.md` section 10), read as lines: the
+/// benchmarks need only the `data` lines. The response is chunked, and every chunk the node
+/// writes holds whole events, so a chunk's size line is a line of its own and never starts with
+/// `data: `: the lines can be read without decoding the chunks.
+pub(crate) struct Sse {
+    reader: BufReader<TcpStream>,
+    line: Vec<u8>,
+}
+
+/// Opens the event stream of the node at `server` subscribed to `topic`, and reads until the
+/// `subscribed` event. `read_buffer`: the client's buffer, as for [`ws_connect`].
+pub(crate) async fn sse_connect(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    topic: &str,
+    read_buffer: usize,
+) -> anyhow::Result<Sse> {
+    let open = async {
+        let mut stream = tcp(server, source).await?;
+        let request = format!("GET /sse?topics={topic} HTTP/1.1\r\nHost: {server}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut sse = Sse {
+            reader: BufReader::with_capacity(read_buffer, stream),
+            line: Vec::new(),
+        };
+        let status = sse.next_line().await?.to_vec();
+        if !status.starts_with(b"HTTP/1.1 200") {
+            bail!(
+                "GET /sse on {server}: {}",
+                String::from_utf8_lossy(&status).trim()
+            );
+        }
+        while sse.next_line().await? != b"event: subscribed".as_slice() {}
+        anyhow::Ok(sse)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, open)
+        .await
+        .with_context(|| format!("event stream from {server}: timed out"))?
+}
+
+impl Sse {
+    /// The next line, without its line end; an error once the stream ends.
+    async fn next_line(&mut self) -> anyhow::Result<&[u8]> {
+        self.line.clear();
+        if self.reader.read_until(b'\n', &mut self.line).await? == 0 {
+            bail!("the event stream ended");
+        }
+        while matches!(self.line.last(), Some(b'\n' | b'\r')) {
+            self.line.pop();
+        }
+        Ok(&self.line)
+    }
+
+    /// The `data` of the next event that has one (the frame's JSON).
+    pub(crate) async fn next_data(&mut self) -> anyhow::Result<&str> {
+        loop {
+            self.next_line().await?;
+            if self.line.starts_with(b"data: ") {
+                return std::str::from_utf8(&self.line[6..]).context("event data is not UTF-8");
+            }
+        }
+    }
 }
 
 /// A streamfarm WebSocket.

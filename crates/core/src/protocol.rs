@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{FarmList, Status};
 
+pub mod event_id;
+
 /// Identifies one run of a topic's offsets: a topic keeps its epoch for as long as its history
 /// survives, and starts a new one only when it was truly lost (every node that held it is gone).
 ///

@@ -13,6 +13,7 @@
 //! | `GET /healthz` | the node's status; `503` while its gossip is down |
 //! | `GET /livez` | `200` while the process serves HTTP (a liveness probe) |
 //! | `GET /readyz` | `200` when the node should get new clients; `503` with the reason otherwise |
+//! | `GET /sse?topics=…`, `POST /sse/{stream}` | the streaming connection as server-sent events, and its client's frames (`sse`) |
 //! | `GET /internal/relay?node=NAME` | relay link from a peer node (not for clients) |
 //!
 //! The browser routes (`/client/streamfarm.js`, `/dashboard`) and the CORS layers of `/farm` and
@@ -39,7 +40,7 @@ use crate::auth::{self, PublisherCheck};
 use crate::broker::{PublishError, placement};
 use crate::session::{self, check_topic};
 use crate::tls::TlsInfo;
-use crate::{Shared, metrics, web};
+use crate::{Shared, metrics, sse, web};
 
 /// Path of the relay endpoint on every node.
 pub(crate) const RELAY_PATH: &str = "/internal/relay";
@@ -81,6 +82,14 @@ pub(crate) fn router(shared: Arc<Shared>, stream_path: &str) -> Router {
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
+        .route("/sse", web::farm_cors(get(sse::open), &shared.config))
+        .route(
+            "/sse/{stream}",
+            web::stream_post_cors(
+                post(sse::post).layer(DefaultBodyLimit::max(shared.config.max_frame_bytes)),
+                &shared.config,
+            ),
+        )
         .with_state(shared)
         .merge(web::router())
         .layer(body_timeout)
@@ -117,7 +126,10 @@ pub(crate) fn plain_router(shared: Arc<Shared>) -> Router {
 
 /// The connection token a client presented when upgrading: `?token=` (browsers cannot set
 /// headers on a WebSocket) or `Authorization: Bearer`.
-fn presented_token(query: &HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
+pub(crate) fn presented_token(
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Option<String> {
     query.get("token").cloned().or_else(|| {
         headers
             .get(header::AUTHORIZATION)

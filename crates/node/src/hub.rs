@@ -36,8 +36,8 @@ use tokio::sync::{Notify, watch};
 use tracing::warn;
 
 use crate::broker::log::{Entry, Limits, Log, Offered};
-use crate::interest::InterestLog;
 use crate::broker::wire::{LogState, WireEntry};
+use crate::interest::InterestLog;
 use crate::metrics::{self, Metrics};
 use crate::queue::{PushError, SendQueue, Wakes};
 

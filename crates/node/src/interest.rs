@@ -329,7 +329,11 @@ mod tests {
         assert!(out.len() > 1);
         for (i, frame) in out.iter().enumerate() {
             let text = serde_json::to_string(frame).unwrap();
-            assert!(text.len() <= FRAME_BYTES + 256, "frame of {} bytes", text.len());
+            assert!(
+                text.len() <= FRAME_BYTES + 256,
+                "frame of {} bytes",
+                text.len()
+            );
             assert_eq!(frame.version, if i + 1 == out.len() { 9 } else { 3 });
         }
         let sent: Vec<String> = out.iter().flat_map(|f| f.add.clone()).collect();

@@ -34,6 +34,8 @@
 //!   admin.
 //! - `session` — one WebSocket connection: frames, heartbeats, limits, its token's grant and
 //!   expiry.
+//! - `sse` — one server-sent event stream (`GET /sse`, `POST /sse/{stream}`): a session whose
+//!   frames are written as events, for networks that refuse WebSockets.
 //! - [`auth`] — client tokens (JWT by `kid`), topic patterns, publish and admin credentials
 //!   (`docs/AUTH.md`).
 //! - `tls` — TLS for clients and relay links: certificate loading and reload, how relay dials
@@ -92,6 +94,7 @@ mod queue;
 mod rebalance;
 mod relay;
 mod session;
+mod sse;
 mod tls;
 mod trust;
 mod web;
@@ -180,6 +183,8 @@ pub(crate) struct Shared {
     pub(crate) drain: Mutex<Option<CancellationToken>>,
     /// When the clients told to move were told (for the migration histogram).
     pub(crate) move_clock: rebalance::MoveClock,
+    /// Open server-sent event streams, where their clients' `POST`s go.
+    pub(crate) sse: sse::Streams,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
 }
@@ -516,6 +521,7 @@ impl NodeHandle {
             link_ends,
             drain: Mutex::new(None),
             move_clock: rebalance::MoveClock::default(),
+            sse: sse::Streams::default(),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         });

@@ -10,7 +10,8 @@
 //!   descriptors can answer nothing, `/healthz` included. So streaming connections are capped
 //!   below the process's descriptor limit ([`stream_limit`]: [`RESERVED_FDS`] and
 //!   [`MIN_HTTP_SLOTS`] are never theirs), and connections that are not (yet) WebSockets — HTTP
-//!   requests, upgrades in progress — may use the descriptors the streams leave. Only when those
+//!   requests, upgrades in progress — may use the descriptors the streams leave (an event stream,
+//!   `GET /sse`, leaves their count as it starts: [`HttpSlot`]). Only when those
 //!   run out is the oldest of them closed for the new one: a flood of silent connections cannot
 //!   keep `/healthz` or the admin API out, and a storm of clients reconnecting at once, with
 //!   descriptors to spare, loses none.
@@ -26,9 +27,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::{Extension, Router};
+use hyper::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -115,6 +117,30 @@ impl Slots {
     }
 }
 
+/// A connection's place among those that are not streams. A request that makes its connection a
+/// stream without an upgrade (an event stream, `GET /sse`) gives it back, as an upgrade ends the
+/// connection's task: a stream holds its place under the streaming limit instead, and is never
+/// closed as the oldest HTTP connection for a new one.
+#[derive(Clone)]
+pub(crate) struct HttpSlot {
+    slots: Arc<Slots>,
+    id: u64,
+    /// Ends the connection's task, and with it the connection.
+    connection: CancellationToken,
+}
+
+impl HttpSlot {
+    /// The connection is a stream from now on.
+    pub(crate) fn give_back(&self) {
+        self.slots.give_back(self.id);
+    }
+
+    /// Drops the connection now, whatever hyper is waiting for (a client that stopped reading).
+    pub(crate) fn close_connection(&self) {
+        self.connection.cancel();
+    }
+}
+
 /// TLS on the listener: the handshake's settings, and what plain connections are served.
 pub(crate) struct Tls {
     pub(crate) acceptor: TlsAcceptor,
@@ -179,10 +205,15 @@ pub(crate) async fn serve(
         let router = router.clone();
         let tls = tls.clone();
         let stop = cancel.clone();
+        let slot = HttpSlot {
+            slots: slots.clone(),
+            id,
+            connection: evicted.clone(),
+        };
         connections.spawn(async move {
             let served = async {
                 let Some(tls) = tls else {
-                    return http(tcp, router, head_timeout, &remote, &stop).await;
+                    return http(tcp, router, slot, head_timeout, &remote, &stop).await;
                 };
                 // The handshake has the request head's deadline: a client silent or slow in
                 // it is closed like a slowloris.
@@ -190,12 +221,13 @@ pub(crate) async fn serve(
                     Ok(Ok(Sorted::Tls(stream))) => match TlsInfo::of(stream.get_ref().1) {
                         Ok(info) => {
                             let router = router.layer(Extension(Arc::new(info)));
-                            http(*stream, router, head_timeout, &remote, &stop).await
+                            http(*stream, router, slot, head_timeout, &remote, &stop).await
                         }
                         Err(why) => debug!(%remote, why, "TLS connection refused"),
                     },
                     Ok(Ok(Sorted::Plain(tcp))) => {
-                        http(tcp, tls.plain_router.clone(), head_timeout, &remote, &stop).await
+                        let router = tls.plain_router.clone();
+                        http(tcp, router, slot, head_timeout, &remote, &stop).await
                     }
                     Ok(Err(err)) => debug!(%remote, error = %err, "TLS handshake failed"),
                     Err(_) => debug!(%remote, "TLS handshake timed out"),
@@ -219,6 +251,7 @@ pub(crate) async fn serve(
 async fn http<Io>(
     io: Io,
     router: Router,
+    slot: HttpSlot,
     head_timeout: Duration,
     remote: &std::net::SocketAddr,
     stop: &CancellationToken,
@@ -229,9 +262,15 @@ async fn http<Io>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(head_timeout);
+    // Every request can find its connection's slot (see [`HttpSlot`]).
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(slot.clone());
+        let mut router = router.clone();
+        async move { tower_service::Service::call(&mut router, request).await }
+    });
     let mut connection = pin!(
         builder
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(router))
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades()
     );
     tokio::select! {
@@ -277,5 +316,24 @@ mod tests {
         let _fourth = slots.take(4);
         assert!(first.is_cancelled(), "the oldest is closed for the newest");
         assert!(!third.is_cancelled());
+    }
+
+    #[test]
+    fn a_connection_that_became_a_stream_is_never_closed_for_a_newer_one() {
+        let slots = Arc::new(Slots {
+            room: Arc::new(|| 2),
+            open: Mutex::default(),
+        });
+        let stream = slots.take(1);
+        HttpSlot {
+            slots: slots.clone(),
+            id: 1,
+            connection: stream.clone(),
+        }
+        .give_back();
+        for id in 2..10 {
+            slots.take(id);
+        }
+        assert!(!stream.is_cancelled());
     }
 }

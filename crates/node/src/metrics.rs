@@ -24,6 +24,9 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Streaming connections accepted since start.
     pub connections_accepted: AtomicU64,
+    /// Gauge: open streaming connections that are server-sent event streams (in `connections`
+    /// too).
+    pub sse_connections: AtomicU64,
     /// Streaming connections refused (full, draining, down).
     pub connections_refused: AtomicU64,
     /// Gauge: (connection, topic) subscriptions held.
@@ -214,6 +217,12 @@ impl Metrics {
             "gauge",
             "Open streaming connections.",
             get(&self.connections),
+        );
+        metric(
+            "sse_connections",
+            "gauge",
+            "Open streaming connections that are server-sent event streams.",
+            get(&self.sse_connections),
         );
         metric(
             "connections_accepted_total",

@@ -539,8 +539,7 @@ impl EmbeddedRelay {
                                 link.interest.write().unwrap_or_else(|e| e.into_inner());
                             let version = interest.apply(frame);
                             (
-                                valid
-                                    && interest.topics.len() <= self.settings.max_interest_topics,
+                                valid && interest.topics.len() <= self.settings.max_interest_topics,
                                 version,
                             )
                         };
@@ -616,11 +615,16 @@ impl EmbeddedRelay {
         }
         // What the peer taught this link waits for its next one (a refused interest is not
         // kept: the next link starts over).
-        let interest = std::mem::take(&mut *link.interest.write().unwrap_or_else(|e| e.into_inner()));
+        let interest =
+            std::mem::take(&mut *link.interest.write().unwrap_or_else(|e| e.into_inner()));
         let now = std::time::Instant::now();
         let mut held = self.lock_held();
         held.retain(|_, (_, closed)| now.duration_since(*closed) < HELD_FOR);
-        if link.closer.reason().is_none_or(|(code, _)| code != POLICY_VIOLATION) {
+        if link
+            .closer
+            .reason()
+            .is_none_or(|(code, _)| code != POLICY_VIOLATION)
+        {
             held.insert(peer.clone(), (interest, now));
         }
         drop(held);

@@ -178,7 +178,7 @@ pub(crate) fn serve<P: Send + 'static>(
         // Greeted before it is registered: nothing the node pushes to every session (a `feed`
         // frame) can come before its `hello`.
         session.greet();
-        session.id = session.shared.hub.register(session.outlet.clone());
+        session.register();
         debug!(conn = session.id, "connection open");
         // Shutdown closes every registered session; one registered as it began is closed here.
         if session.shared.cancel.is_cancelled() {
@@ -188,18 +188,10 @@ pub(crate) fn serve<P: Send + 'static>(
                 .close(close::GOING_AWAY, "node shutting down");
         }
         let end = session.run(&mut socket).await;
-        // A `sub` or `pub` still waiting on the broker is abandoned: unregistering below undoes
-        // what a half-done subscription reserved.
-        session.pending = None;
-        // No longer a user from the moment it is closing, even while the close frame is flushed.
-        session
-            .shared
-            .hub
-            .unregister(session.id, session.topics.iter());
-        session
-            .shared
-            .move_clock
-            .gone(session.id, &session.outlet.closer, &session.shared.metrics);
+        // A `sub` or `pub` still waiting on the broker is abandoned: unregistering undoes what a
+        // half-done subscription reserved. No longer a user from the moment it is closing, even
+        // while the close frame is flushed.
+        session.unregister();
         // Boxed: only a closing session needs its state.
         Box::pin(session.finish(&mut socket, end)).await;
         session.outlet.queue.close();
@@ -295,7 +287,7 @@ enum Event {
 /// same socket, with one timer for its pings, heartbeat timeout and token expiry. Not split into
 /// a reading and a writing half: the halves would share the socket behind a lock (one more
 /// allocation) and each keep its own set of futures in the task, on every idle connection.
-struct Session {
+pub(crate) struct Session {
     id: ConnId,
     shared: Arc<Shared>,
     outlet: Outlet,
@@ -327,7 +319,7 @@ struct Writer {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, grant: Grant) -> Session {
+    pub(crate) fn new(shared: Arc<Shared>, grant: Grant) -> Session {
         let config = &shared.config;
         let queue = Arc::new(SendQueue::new(config.send_queue, config.send_queue_bytes));
         let now = Instant::now();
@@ -369,17 +361,27 @@ impl Session {
         });
     }
 
-    /// The `hello` and `farm` frames every connection starts with.
-    fn greet(&self) {
+    /// The `hello` frame every connection starts with.
+    pub(crate) fn hello(&self) -> ServerFrame {
         let config = &self.shared.config;
-        self.send(&ServerFrame::Hello {
+        ServerFrame::Hello {
             server: config.name.clone(),
             url: self.shared.url.clone(),
             status: *self.shared.status.borrow(),
             heartbeat_interval_ms: config.heartbeat_interval_ms,
             heartbeat_timeout_ms: config.heartbeat_timeout_ms,
             max_frame_bytes: config.max_frame_bytes,
-        });
+        }
+    }
+
+    /// The `hello` and `farm` frames every connection starts with.
+    fn greet(&self) {
+        self.greet_with(encode(&self.hello()));
+    }
+
+    /// [`Session::greet`] with a `hello` of the transport's own (an event stream's names it).
+    pub(crate) fn greet_with(&self, hello: Message) {
+        self.outlet.offer(hello, self.shared.hub.metrics());
         self.send(&ServerFrame::Farm(self.shared.list_for_client()));
         if *self.shared.isolated_rx.borrow() {
             self.send(&ServerFrame::Feed { complete: false });
@@ -440,14 +442,90 @@ impl Session {
     /// may fire early, and is then set again (one timer reset per heartbeat interval, rather
     /// than one per frame read or written).
     fn deadline(&self) -> Instant {
-        let mut deadline = self.writer.next_ping;
+        let deadline = self.ping_or_expiry();
         if self.pending.is_none() {
-            deadline = deadline.min(self.heard + self.shared.config.heartbeat_timeout());
+            deadline.min(self.heard + self.shared.config.heartbeat_timeout())
+        } else {
+            deadline
         }
-        if let Some(expiry) = self.expiry {
-            deadline = deadline.min(expiry);
+    }
+
+    /// The earlier of the next ping and the token's expiry: the deadlines of a connection whose
+    /// client sends nothing on it (an event stream), which is not closed for its silence.
+    pub(crate) fn ping_or_expiry(&self) -> Instant {
+        match self.expiry {
+            Some(expiry) => self.writer.next_ping.min(expiry),
+            None => self.writer.next_ping,
         }
-        deadline
+    }
+
+    /// Whether the token has expired by `now`.
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        self.expiry.is_some_and(|at| at <= now)
+    }
+
+    /// Queues a `ping` when nothing was sent for a heartbeat interval, so that the client can
+    /// tell a quiet node from a hung one.
+    pub(crate) fn ping_if_quiet(&mut self, now: Instant) {
+        if self.writer.next_ping <= now {
+            self.writer.ping_id += 1;
+            let ping = encode(&ServerFrame::Ping {
+                id: Some(self.writer.ping_id),
+            });
+            self.outlet.offer(ping, self.shared.hub.metrics());
+            self.writer.next_ping = now + self.shared.config.heartbeat_interval();
+        }
+    }
+
+    /// Frames were written at `now`: the next ping is a heartbeat interval away.
+    pub(crate) fn sent(&mut self, now: Instant) {
+        self.writer.next_ping = now + self.shared.config.heartbeat_interval();
+    }
+
+    /// Completes the `sub` or `pub` in progress, if it is done.
+    pub(crate) fn poll_pending(&mut self, cx: &mut Context<'_>) {
+        if let Some(pending) = &mut self.pending
+            && pending.as_mut().poll(cx).is_ready()
+        {
+            self.pending = None;
+            self.heard = Instant::now();
+        }
+    }
+
+    /// A `sub` or `pub` is in progress: the client's next frame waits for it.
+    pub(crate) fn busy(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Registers the connection with the hub: a user from now on.
+    pub(crate) fn register(&mut self) {
+        self.id = self.shared.hub.register(self.outlet.clone());
+    }
+
+    /// Forgets the connection's subscriptions and registration (a `sub` or `pub` in progress
+    /// is abandoned): no longer a user.
+    pub(crate) fn unregister(&mut self) {
+        self.pending = None;
+        self.shared.hub.unregister(self.id, self.topics.iter());
+        self.shared
+            .move_clock
+            .gone(self.id, &self.outlet.closer, &self.shared.metrics);
+    }
+
+    pub(crate) fn id(&self) -> ConnId {
+        self.id
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn outlet(&self) -> &Outlet {
+        &self.outlet
+    }
+
+    pub(crate) fn closer(&self) -> &Closer {
+        &self.outlet.closer
     }
 
     fn poll_event(
@@ -459,12 +537,7 @@ impl Session {
         if self.outlet.closer.poll_closed(cx).is_ready() {
             return Poll::Ready(Event::Closing);
         }
-        if let Some(pending) = &mut self.pending
-            && pending.as_mut().poll(cx).is_ready()
-        {
-            self.pending = None;
-            self.heard = Instant::now();
-        }
+        self.poll_pending(cx);
         while timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             if self.expiry.is_some_and(|at| at <= now) {
@@ -474,16 +547,7 @@ impl Session {
             {
                 return Poll::Ready(Event::HeartbeatTimeout);
             }
-            if self.writer.next_ping <= now {
-                // Nothing sent for a heartbeat interval: a ping, so that the client can tell a
-                // quiet node from a hung one.
-                self.writer.ping_id += 1;
-                let ping = encode(&ServerFrame::Ping {
-                    id: Some(self.writer.ping_id),
-                });
-                self.outlet.offer(ping, self.shared.hub.metrics());
-                self.writer.next_ping = now + self.shared.config.heartbeat_interval();
-            }
+            self.ping_if_quiet(now);
             let deadline = self.deadline();
             timer.as_mut().reset(deadline);
         }
@@ -649,7 +713,7 @@ impl Session {
     }
 
     /// Serves one message; returns false when the connection is over.
-    fn handle(&mut self, message: Message) -> bool {
+    pub(crate) fn handle(&mut self, message: Message) -> bool {
         let text = match message {
             Message::Text(text) => text,
             Message::Binary(_) => {
@@ -779,7 +843,7 @@ impl Session {
         });
     }
 
-    fn subscribe(&mut self, topics: Vec<String>, positions: BTreeMap<String, Position>) {
+    pub(crate) fn subscribe(&mut self, topics: Vec<String>, positions: BTreeMap<String, Position>) {
         // Nothing of ours waits while we wait for the peers.
         if let Some(problem) = topics.iter().find_map(|t| check_topic(t).err()) {
             self.error("bad_topic", problem);

@@ -77,6 +77,19 @@ where
     )
 }
 
+/// `POST /sse/{stream}` (a client frame, JSON) with CORS for the origins that may open the
+/// event stream (`cors_farm_origins`): the stream's key, not the origin, is what admits a frame.
+pub(crate) fn stream_post_cors<S>(route: MethodRouter<S>, config: &NodeConfig) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    route.layer(
+        cors(&config.cors_farm_origins)
+            .allow_methods([Method::POST])
+            .allow_headers([header::CONTENT_TYPE]),
+    )
+}
+
 fn cors(origins: &[String]) -> CorsLayer {
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()

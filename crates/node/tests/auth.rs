@@ -539,3 +539,50 @@ async fn a_node_without_keys_checks_nothing_and_weak_credentials_do_not_start() 
         assert!(err.to_string().contains(field), "{err}");
     }
 }
+
+/// The body of an event stream, read until it holds `wanted` (within [`STEP`]).
+async fn stream_until(response: &mut reqwest::Response, wanted: &str) -> String {
+    let mut body = String::new();
+    let read = async {
+        while !body.contains(wanted) {
+            match response.chunk().await {
+                Ok(Some(bytes)) => body.push_str(&String::from_utf8_lossy(&bytes)),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(STEP, read).await;
+    assert!(body.contains(wanted), "no {wanted:?} in {body}");
+    body
+}
+
+#[tokio::test]
+async fn event_streams_take_the_same_tokens_as_websockets() {
+    let node = node(|_| {}).await;
+    let sse = |query: String| {
+        let url = format!("http://{}/sse?{query}", node.listen_addr());
+        async move { reqwest::get(url).await.expect("GET /sse") }
+    };
+    // No `auth` frame over this transport: without a token, refused at once, saying why.
+    let refused = sse("topics=a.x".into()).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let why = refused.text().await.unwrap();
+    assert!(why.contains("4010") && why.contains("token"), "{why}");
+    let refused = sse("topics=a.x&token=not-a-jwt".into()).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert!(refused.text().await.unwrap().contains("4011"));
+    let expired = token(json!({"sub": "u", "exp": now() - 60, "subscribe": ["a.*"]}));
+    let refused = sse(format!("topics=a.x&token={expired}")).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert!(refused.text().await.unwrap().contains("4012"));
+    // A valid token: its topics, and no others.
+    let good = token(user(60));
+    let mut allowed = sse(format!("topics=a.x&token={good}")).await;
+    assert_eq!(allowed.status(), StatusCode::OK);
+    stream_until(&mut allowed, "event: subscribed").await;
+    let mut forbidden = sse(format!("topics=b.x&token={good}")).await;
+    assert_eq!(forbidden.status(), StatusCode::OK);
+    let body = stream_until(&mut forbidden, "\"code\":\"forbidden\"").await;
+    assert!(!body.contains("event: subscribed"), "{body}");
+    node.shutdown().await;
+}

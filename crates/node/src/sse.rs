@@ -1,0 +1,609 @@
+//! Server-sent events: a streaming connection over plain HTTP, for clients whose network refuses
+//! the WebSocket upgrade (`docs/PROTOCOL.md`, Server-sent events).
+//!
+//! `GET /sse?topics=…` answers `text/event-stream`. The stream is a [`Session`] like any
+//! WebSocket's — the same send queue and byte budget, the same registration in the hub (it is a
+//! user, rebalanced and drained like the others), the same handling of client frames, token
+//! expiry and limits — whose queued frames are written as events instead of WebSocket messages:
+//! - a `msg` frame is an unnamed event (`onmessage` in a browser) whose `data` is the frame's
+//!   JSON and whose `id` is every topic's position after it ([`event_id`]), so a request
+//!   carrying it back as `Last-Event-ID` resumes every topic exactly, on any node;
+//! - every other frame is an event named by its `type` (`hello`, `farm`, `subscribed`, `gap`,
+//!   `feed`, `migrate`, `ping`, `error`, …); `subscribed`, `unsubscribed` and `gap` carry an
+//!   `id` too, since they move positions;
+//! - the close a WebSocket would get is an event `close` (`{"code":4000,"reason":"…"}`), and
+//!   the response ends.
+//!
+//! The client's frames (`sub`, `unsub`, `pub`, `list`, `refresh`, `hello`, `ping`) come as
+//! `POST /sse/{stream}` to the node serving the stream: `stream` is a random key named in the
+//! `hello` event, known only to the client, and the frames wait in a small bounded inbox. The
+//! stream is written by the HTTP connection's own task, as the response body: no task, no
+//! socket state of its own.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::Extension;
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use streamfarm_core::Status;
+use streamfarm_core::protocol::{
+    ClientFrame, Epoch, Position, ServerFrame, close, event_id, feature,
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{debug, info};
+
+use crate::auth::AuthError;
+use crate::hub::{Closer, encode};
+use crate::listener::HttpSlot;
+use crate::queue::Cost;
+use crate::session::{Session, check_topic};
+use crate::{Shared, metrics};
+
+/// Client frames that may wait for a stream to take them; beyond, `POST` answers `429`.
+const INBOX_FRAMES: usize = 16;
+/// Most frames written into one chunk of the response (one write to the socket).
+const WRITE_BURST: usize = 64;
+/// How long a browser waits before reconnecting by itself (the `retry` field), in ms.
+const RETRY_MS: u64 = 1000;
+
+/// The open event streams of this node, by key: where `POST /sse/{stream}` puts a frame.
+#[derive(Debug, Default)]
+pub(crate) struct Streams {
+    inboxes: Mutex<HashMap<String, mpsc::Sender<String>>>,
+}
+
+impl Streams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<String>>> {
+        self.inboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new stream's key and inbox.
+    fn open(&self) -> (String, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(INBOX_FRAMES);
+        let key = format!("{:032x}", rand::random::<u128>());
+        self.lock().insert(key.clone(), tx);
+        (key, rx)
+    }
+
+    fn close(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    fn inbox(&self, key: &str) -> Option<mpsc::Sender<String>> {
+        self.lock().get(key).cloned()
+    }
+}
+
+/// A response for a request that opens no stream: a status and why, as text.
+fn refuse(code: StatusCode, why: impl Into<String>) -> Response {
+    (code, format!("{}\n", why.into())).into_response()
+}
+
+/// `GET /sse?topics=T1,T2[&token=…][&lastEventId=…][&features=migrate][&migrating=true]`.
+pub(crate) async fn open(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    slot: Option<Extension<HttpSlot>>,
+    headers: HeaderMap,
+) -> Response {
+    match *shared.status.borrow() {
+        Status::Up => {}
+        status => {
+            metrics::inc(&shared.metrics.connections_refused);
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("node is {status}: connect to another server"),
+            );
+        }
+    }
+    let last_id = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::to_string))
+        .or_else(|| query.get("lastEventId").cloned().map(Ok));
+    let resume = match last_id {
+        None => BTreeMap::new(),
+        Some(Err(_)) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "Last-Event-ID: not visible ASCII (send back the id of the last event as it came)",
+            );
+        }
+        Some(Ok(id)) => match event_id::parse(&id) {
+            Ok(positions) => positions,
+            Err(why) => return refuse(StatusCode::BAD_REQUEST, format!("Last-Event-ID: {why}")),
+        },
+    };
+    // The topics of the url, and those of the id: a browser reconnecting by itself sends the
+    // url it opened, and the id names the topics subscribed since.
+    let mut topics: Vec<String> = query
+        .get("topics")
+        .map(|t| {
+            t.split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    topics.extend(resume.keys().cloned());
+    topics.sort();
+    topics.dedup();
+    if let Some(problem) = topics.iter().find_map(|t| check_topic(t).err()) {
+        return refuse(StatusCode::BAD_REQUEST, format!("topics: {problem}"));
+    }
+    let token = crate::http::presented_token(&query, &headers);
+    let grant = match shared.auth.admit(token.as_deref()) {
+        Ok(Some(grant)) => grant,
+        // No `auth` frame over this transport: the token comes with the request or not at all.
+        Ok(None) => return auth_refused(&shared, &AuthError::Missing),
+        Err(err) => return auth_refused(&shared, &err),
+    };
+    let Ok(permit) = shared.connection_limit.clone().try_acquire_owned() else {
+        metrics::inc(&shared.metrics.connections_refused);
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server full: connect to another server",
+        );
+    };
+    let flag = |name: &str| query.get(name).map(String::as_str);
+    let migrates = flag("features").is_some_and(|f| f.split(',').any(|f| f == feature::MIGRATE));
+    let migrating = flag("migrating") == Some("true");
+
+    // A stream from now on: under the streaming limit, no longer among the HTTP connections
+    // that a flood of new ones may close.
+    let (key, inbox) = shared.sse.open();
+    let mut session = Session::new(shared.clone(), grant);
+    let ended = CancellationToken::new();
+    if let Some(Extension(slot)) = slot {
+        slot.give_back();
+        shared.tracker.spawn(drop_if_stuck(
+            &shared,
+            session.closer().clone(),
+            slot,
+            ended.clone(),
+        ));
+    }
+    let hello = hello_with_stream(&session, &key);
+    session.greet_with(hello);
+    session.register();
+    shared.hub.hello(session.id(), migrates, migrating);
+    metrics::inc(&shared.metrics.sse_connections);
+    debug!(conn = session.id(), "event stream open");
+    if shared.cancel.is_cancelled() {
+        session
+            .closer()
+            .close(close::GOING_AWAY, "node shutting down");
+    }
+    let positions: BTreeMap<String, Option<Position>> = topics
+        .iter()
+        .map(|t| (t.clone(), None))
+        .chain(resume)
+        .collect();
+    if !topics.is_empty() {
+        let held = positions
+            .iter()
+            .filter_map(|(t, p)| p.map(|p| (t.clone(), p)))
+            .collect();
+        session.subscribe(topics, held);
+    }
+    let deadline = session.ping_or_expiry();
+    let events = EventStream {
+        session,
+        key,
+        inbox,
+        timer: Box::pin(sleep_until(deadline)),
+        positions,
+        preamble: true,
+        done: false,
+        _ended: ended.drop_guard(),
+        _permit: permit,
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-store"),
+            // The connection has left the HTTP connections' count: it ends with the stream.
+            (header::CONNECTION, "close"),
+            // Proxies that buffer responses (nginx) pass this one through as it comes.
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(events),
+    )
+        .into_response()
+}
+
+/// `401` or `403` for a token the stream cannot have, counted like a WebSocket's refusal.
+fn auth_refused(shared: &Shared, err: &AuthError) -> Response {
+    let code = if matches!(err, AuthError::Forbidden(_)) {
+        metrics::inc(&shared.metrics.auth_forbidden);
+        StatusCode::FORBIDDEN
+    } else {
+        metrics::inc(&shared.metrics.auth_failures);
+        StatusCode::UNAUTHORIZED
+    };
+    info!(code = err.close_code(), reason = %err, "refusing event stream");
+    (
+        code,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        format!(
+            "{} ({}): present a token as ?token= or Authorization: Bearer\n",
+            err.close_reason(),
+            err.close_code()
+        ),
+    )
+        .into_response()
+}
+
+/// The `hello` frame with the stream's key, which the client's `POST`s name: the frame's JSON
+/// with one more field (after `type`, which stays first, as nodes write it).
+fn hello_with_stream(session: &Session, key: &str) -> Message {
+    let Message::Text(hello) = encode(&session.hello()) else {
+        unreachable!("frames are text");
+    };
+    let fields = hello.strip_suffix('}').unwrap_or(&hello);
+    // The key is hexadecimal: nothing in it needs escaping.
+    Message::Text(Utf8Bytes::from(format!(r#"{fields},"stream":"{key}"}}"#)))
+}
+
+/// `POST /sse/{stream}`: one client frame (JSON) for the stream `stream` of this node.
+pub(crate) async fn post(
+    State(shared): State<Arc<Shared>>,
+    Path(key): Path<String>,
+    body: String,
+) -> Response {
+    if let Err(err) = serde_json::from_str::<ClientFrame>(&body) {
+        metrics::inc(&shared.metrics.bad_frames);
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("not a client frame: {err}"),
+        );
+    }
+    let Some(inbox) = shared.sse.inbox(&key) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "no such stream on this node: it ended, or another node serves it \
+             (post to the node whose hello named the stream)",
+        );
+    };
+    match inbox.try_send(body) {
+        Ok(()) => (StatusCode::ACCEPTED, "accepted\n").into_response(),
+        Err(mpsc::error::TrySendError::Full(_)) => refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{INBOX_FRAMES} frames already wait for this stream: send the next one after an answer"
+            ),
+        ),
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            refuse(StatusCode::NOT_FOUND, "the stream has ended")
+        }
+    }
+}
+
+/// The response body of one event stream: see the module docs.
+struct EventStream {
+    session: Session,
+    key: String,
+    inbox: mpsc::Receiver<String>,
+    /// The next ping, or the token's expiry.
+    timer: Pin<Box<Sleep>>,
+    /// Each subscribed topic's position after the last event written: the events' `id`.
+    positions: BTreeMap<String, Option<Position>>,
+    /// The `retry` field is still to be written.
+    preamble: bool,
+    /// The `close` event is written: the body ends.
+    done: bool,
+    /// Tells [`drop_if_stuck`] the stream is gone.
+    _ended: DropGuard,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Drops the connection of a stream asked to close that has not ended `heartbeat_timeout` later,
+/// as a WebSocket session gives up its close: hyper writes the body only as the client reads, so
+/// a client that stopped reading (a slow consumer) would otherwise keep the stream, its user and
+/// its descriptor for as long as its TCP connection lives. Ends with the stream (`ended`).
+fn drop_if_stuck(
+    shared: &Shared,
+    closer: Closer,
+    slot: HttpSlot,
+    ended: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let grace = shared.config.heartbeat_timeout();
+    async move {
+        tokio::select! {
+            () = ended.cancelled() => {}
+            () = async {
+                closer.closed().await;
+                tokio::time::sleep(grace).await;
+            } => {
+                debug!("dropping an event stream that did not end after its close");
+                slot.close_connection();
+            }
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.shared().sse.close(&self.key);
+        metrics::dec(&self.shared().metrics.sse_connections);
+        self.session.unregister();
+        self.session.outlet().queue.close();
+        debug!(conn = self.session.id(), "event stream closed");
+    }
+}
+
+impl EventStream {
+    fn shared(&self) -> &Arc<Shared> {
+        self.session.shared()
+    }
+
+    /// The last chunk: what is still queued (unless the client is too slow for it) and the
+    /// `close` event.
+    fn closing(&mut self, out: &mut String) {
+        let (code, reason) = self
+            .session
+            .closer()
+            .reason()
+            .unwrap_or((1000, String::new()));
+        let queue = self.session.outlet().queue.clone();
+        queue.close();
+        while let Some(message) = queue.try_pop() {
+            if code != close::SLOW_CONSUMER {
+                self.write_event(out, &message);
+            }
+        }
+        let data = serde_json::json!({"code": code, "reason": reason});
+        out.push_str(&format!("event: close\ndata: {data}\n\n"));
+    }
+
+    /// Appends `message` to `out` as one event.
+    fn write_event(&mut self, out: &mut String, message: &Message) {
+        let Message::Text(text) = message else {
+            return;
+        };
+        let (name, moves) = match msg_head(text) {
+            Some(head) => {
+                if let (Some(epoch), Some(offset)) = (head.epoch, head.offset) {
+                    self.positions
+                        .insert(head.topic.into_owned(), Some(Position::new(epoch, offset)));
+                }
+                (None, true)
+            }
+            None => match serde_json::from_str::<ServerFrame>(text) {
+                Ok(frame) => (Some(frame_type(&frame)), self.follow(frame)),
+                Err(_) => (None, false),
+            },
+        };
+        if moves {
+            out.push_str("id: ");
+            out.push_str(&event_id::encode(&self.positions));
+            out.push('\n');
+        }
+        if let Some(name) = name {
+            out.push_str("event: ");
+            out.push_str(name);
+            out.push('\n');
+        }
+        // The node's JSON holds no line break; were there one, each line is a `data` line.
+        for line in text.split('\n') {
+            out.push_str("data: ");
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+
+    /// Follows the positions a frame other than `msg` moves; returns whether it moved any.
+    fn follow(&mut self, frame: ServerFrame) -> bool {
+        match frame {
+            ServerFrame::Subscribed { topics, positions } => {
+                for topic in topics {
+                    let held = self.positions.entry(topic.clone()).or_default();
+                    if held.is_none() {
+                        *held = positions.get(&topic).copied();
+                    }
+                }
+                true
+            }
+            ServerFrame::Unsubscribed { topics } => {
+                for topic in &topics {
+                    self.positions.remove(topic);
+                }
+                true
+            }
+            ServerFrame::Gap {
+                topic, epoch, to, ..
+            } => {
+                let held = self.positions.entry(topic).or_default();
+                *held = after_gap(*held, epoch, to);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Serves the client's frames waiting in the inbox, while no `sub` or `pub` is in progress.
+    fn take_inbox(&mut self, cx: &mut Context<'_>) {
+        while !self.session.busy() {
+            match self.inbox.poll_recv(cx) {
+                Poll::Ready(Some(text)) => {
+                    self.session.handle(Message::Text(Utf8Bytes::from(text)));
+                }
+                Poll::Ready(None) | Poll::Pending => return,
+            }
+        }
+    }
+
+    /// Fires the timer: the token's expiry closes the stream, the heartbeat queues a `ping`.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if self.session.expired(now) {
+                metrics::inc(&self.shared().metrics.auth_failures);
+                let err = AuthError::Expired;
+                self.session
+                    .closer()
+                    .close(err.close_code(), &err.close_reason());
+                return;
+            }
+            self.session.ping_if_quiet(now);
+            let deadline = self.session.ping_or_expiry();
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut out = String::new();
+        if this.preamble {
+            this.preamble = false;
+            out.push_str(&format!("retry: {RETRY_MS}\n\n"));
+        }
+        this.session.poll_pending(cx);
+        this.take_inbox(cx);
+        this.poll_timer(cx);
+        if this.session.closer().poll_closed(cx).is_ready() {
+            this.done = true;
+            this.closing(&mut out);
+            return Poll::Ready(Some(Ok(Bytes::from(out))));
+        }
+        let queue = this.session.outlet().queue.clone();
+        let mut written = 0;
+        let mut cost = 0;
+        while written < WRITE_BURST {
+            let message = match queue.try_pop() {
+                Some(message) => message,
+                None => match queue.poll_pop(cx) {
+                    Poll::Ready(Some(message)) => message,
+                    Poll::Ready(None) | Poll::Pending => break,
+                },
+            };
+            cost += message.cost();
+            written += 1;
+            this.write_event(&mut out, &message);
+        }
+        // The chunk goes to the connection, which takes the next one only once the socket has
+        // taken this one: at most one burst is out of the queue's byte count.
+        queue.written(cost);
+        if written > 0 {
+            this.session.sent(Instant::now());
+            if this.session.ping_or_expiry() < this.timer.deadline() {
+                let deadline = this.session.ping_or_expiry();
+                this.timer.as_mut().reset(deadline);
+            }
+        }
+        if out.is_empty() {
+            return Poll::Pending;
+        }
+        if written == WRITE_BURST {
+            // More may be queued: come back after this chunk.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Some(Ok(Bytes::from(out))))
+    }
+}
+
+/// The position held after a `gap` of `epoch` up to `to` (to the end of the epoch: `None`).
+fn after_gap(held: Option<Position>, epoch: Epoch, to: Option<u64>) -> Option<Position> {
+    match (held, to) {
+        // The rest of the held epoch is gone: whatever epoch comes next is taken as it is.
+        (Some(held), None) if held.epoch == epoch => None,
+        (Some(held), Some(to)) if held.epoch == epoch && to > held.offset => {
+            Some(Position::new(epoch, to))
+        }
+        (None, Some(to)) => Some(Position::new(epoch, to)),
+        (held, _) => held,
+    }
+}
+
+/// What an event needs of a `msg` frame, read without its payload.
+#[derive(Deserialize)]
+struct MsgHead<'a> {
+    #[serde(borrow)]
+    topic: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    epoch: Option<Epoch>,
+    #[serde(default)]
+    offset: Option<u64>,
+}
+
+/// The topic and position of a `msg` frame as the node writes it (`type` first); `None` for any
+/// other frame.
+fn msg_head(text: &str) -> Option<MsgHead<'_>> {
+    if !text.starts_with(r#"{"type":"msg","#) {
+        return None;
+    }
+    serde_json::from_str(text).ok()
+}
+
+/// The event name of a frame: its `type`.
+fn frame_type(frame: &ServerFrame) -> &'static str {
+    match frame {
+        ServerFrame::Hello { .. } => "hello",
+        ServerFrame::Farm(_) => "farm",
+        ServerFrame::Subscribed { .. } => "subscribed",
+        ServerFrame::Unsubscribed { .. } => "unsubscribed",
+        ServerFrame::Msg { .. } => "msg",
+        ServerFrame::Gap { .. } => "gap",
+        ServerFrame::Feed { .. } => "feed",
+        ServerFrame::Migrate { .. } => "migrate",
+        ServerFrame::Refreshed { .. } => "refreshed",
+        ServerFrame::Error { .. } => "error",
+        ServerFrame::Ping { .. } => "ping",
+        ServerFrame::Pong { .. } => "pong",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_msg_frame_is_read_without_its_payload() {
+        let frame = ServerFrame::Msg {
+            topic: "prices".into(),
+            data: "{\"bid\":1}".into(),
+            encoding: Default::default(),
+            epoch: Some(Epoch(9)),
+            offset: Some(4),
+        };
+        let text = encode(&frame);
+        let Message::Text(text) = text else {
+            panic!("a text frame")
+        };
+        let head = msg_head(&text).expect("a msg frame");
+        assert_eq!(
+            (&*head.topic, head.epoch, head.offset),
+            ("prices", Some(Epoch(9)), Some(4))
+        );
+        assert!(msg_head(r#"{"type":"gap","topic":"t"}"#).is_none());
+    }
+
+    #[test]
+    fn gaps_move_the_held_position_as_a_client_does() {
+        let e = Epoch(3);
+        let at = |o| Some(Position::new(e, o));
+        assert_eq!(after_gap(at(2), e, Some(7)), at(7));
+        assert_eq!(after_gap(at(9), e, Some(7)), at(9));
+        assert_eq!(after_gap(at(2), e, None), None);
+        assert_eq!(after_gap(None, e, Some(7)), at(7));
+        assert_eq!(after_gap(at(2), Epoch(4), None), at(2));
+    }
+}
