@@ -6,8 +6,9 @@
 //!
 //! # Positions: one sequencer and one replica per topic
 //! Every message of a topic gets a position — an [`Epoch`] and an offset — that is the same on
-//! every node. The live nodes of the farm list rank themselves per topic by rendezvous hashing
-//! ([`placement`]): the first is the topic's **sequencer**, the second its **replica**. A message
+//! every node. The live nodes of the farm list rank themselves per topic's partition by
+//! rendezvous hashing ([`placement`]): the first is the topic's **sequencer**, the second its
+//! **replica**. A message
 //! published on any node (its *origin*) goes:
 //!
 //! ```text
@@ -49,9 +50,33 @@
 //! Subscriptions that resume the same topic while a fetch is under way wait on that fetch when
 //! it brings what they need (one fetch for the thousands of clients a failover brings at once).
 //!
+//! # Many topics
+//! Feeds have 10^5–10^6 topics, and a failover brings hundreds of thousands of resubscriptions at
+//! once, so nothing a node does per topic may cost in proportion to the topics it holds:
+//! - **placement** is per partition (4 096 of them): one cached placement per partition, rebuilt
+//!   when the farm changes;
+//! - the **tick** looks only at what is due — claims at their deadline, fetches to resend or give
+//!   up, replicas waiting for a log, logs to report — each queued when it was set ([`Timers`]),
+//!   and the housekeeping that does touch every topic (history by age, chains no longer ours) runs
+//!   less often the more topics there are;
+//! - a subscription finds the fetch it can wait on by topic;
+//! - **catching up** after a partition or a link reset asks in bounded frames, a few at a time,
+//!   and is answered only with what is newer than the positions sent ([`catch_up`]);
+//! - the **interest** between nodes travels as changes (`crate::interest`).
+//!
+//! Claims, terms and fencing stay per topic. Claiming per partition (as Kafka, Redpanda and
+//! JetStream place, elect and fence per partition) would let a sequencer that has claimed a
+//! partition answer for every topic of it — a topic it does not hold is one nobody holds — so a
+//! first subscription would cost no claim at all, and a node failure would move 4 096 / N claims
+//! instead of one per topic. It is the next step: it changes what a claim carries (every topic of
+//! the partition, in bounded frames) and what a replica fences, which the chaos test must cover
+//! first. Today a new topic costs a claim (two frames per peer), a sync and a fetch: work per
+//! topic that does not grow with the topics held (`streamfarm bench topics` in BENCHMARKS.md).
+//!
 //! # Layout
 //! - [`log`] — one topic's bounded history ([`log::Log`]).
-//! - [`placement`] — the sequencer and replica of a topic.
+//! - [`placement`] — the partition, sequencer and replica of a topic.
+//! - [`catch_up`] — catching up from every live node in bounded frames.
 //! - [`wire`] — the frames between nodes about topics.
 //! - this module — the broker task: sequencing, replication, claims, fetches, retries.
 
