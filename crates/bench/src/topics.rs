@@ -205,17 +205,24 @@ pub(crate) async fn farm(options: &Options, extra: &[&str]) -> anyhow::Result<Ve
     Ok(nodes)
 }
 
-/// The settings every node of these runs gets: interest as large as the largest run needs, and
-/// no rebalancing (the clients connect to the nodes in turn, so the farm is even; a move would
-/// only add its own cost to what is measured).
+/// The settings every node of these runs gets: interest as large as the largest run needs, no
+/// rebalancing (the clients connect to the nodes in turn, so the farm is even; a move would only
+/// add its own cost to what is measured), and heartbeats slow enough that clients which read
+/// nothing while the nodes settle are not closed for it.
 fn node_flags(options: &Options) -> Vec<String> {
     let most = options.topic_counts.iter().max().copied().unwrap_or(0);
-    vec![
-        "--max-interest-topics".to_string(),
-        most.max(1024).to_string(),
-        "--rebalance".to_string(),
-        "false".to_string(),
+    [
+        "--max-interest-topics",
+        &most.max(1024).to_string(),
+        "--rebalance",
+        "false",
+        "--heartbeat-interval-ms",
+        "300000",
+        "--heartbeat-timeout-ms",
+        "900000",
     ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Sends one `sub` frame of `topics` and reads until its `subscribed`.
