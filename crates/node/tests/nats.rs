@@ -61,6 +61,25 @@ async fn metric(node: &NodeHandle, name: &str) -> u64 {
         .expect("a number")
 }
 
+/// A topic named `prefix…` whose replica is `replica` as `node` sees the farm
+/// (`GET /topics/{topic}`): the tests below need its messages to come from that node over NATS.
+async fn topic_replicated_by(node: &NodeHandle, replica: &str, prefix: &str) -> String {
+    for i in 0..200 {
+        let topic = format!("{prefix}{i}");
+        let text = reqwest::get(format!("http://{}/topics/{topic}", node.listen_addr()))
+            .await
+            .expect("topic info answers")
+            .text()
+            .await
+            .expect("topic info text");
+        let info: serde_json::Value = serde_json::from_str(&text).expect("topic info is JSON");
+        if info["replica"] == replica {
+            return topic;
+        }
+    }
+    panic!("no topic {prefix}… has {replica} as its replica");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_links_are_counted_and_a_farm_on_nats_has_none() {
     // The embedded relay links every node to every other: the gauge counts them.
@@ -75,11 +94,13 @@ async fn relay_links_are_counted_and_a_farm_on_nats_has_none() {
 
     let nats = NatsServer::start([127, 0, 0, 8]);
     let nodes = nats_farm(&nats, 3, None, |_| {}).await;
+    // Replicated by the publishing node: each message crosses NATS to both others.
+    let across = topic_replicated_by(&nodes[0], nodes[0].name(), "across").await;
     let mut controls = Vec::new();
     for node in &nodes[1..] {
-        controls.push(Control::on(node, "across").await);
+        controls.push(Control::on(node, &across).await);
     }
-    let sent = publish(&nodes[0], "across", "m", 20).await;
+    let sent = publish(&nodes[0], &across, "m", 20).await;
     for control in controls {
         control.finish(&sent).await;
     }
@@ -224,14 +245,16 @@ async fn sequencer(node: &NodeHandle, topic: &str) -> String {
 async fn an_outsider_on_nats_without_the_farm_secret_can_neither_inject_nor_replay() {
     let nats = NatsServer::start([127, 0, 0, 5]);
     let nodes = nats_farm(&nats, 2, Some(SECRET), |_| {}).await;
-    let mut control = Control::on(&nodes[1], "guarded").await;
-    let sent = publish(&nodes[0], "guarded", "real", 3).await;
+    // Replicated by n1: n2 gets its messages over NATS, where the outsider records them.
+    let guarded = topic_replicated_by(&nodes[0], nodes[0].name(), "guarded").await;
+    let mut control = Control::on(&nodes[1], &guarded).await;
+    let sent = publish(&nodes[0], &guarded, "real", 3).await;
     control.has(3).await;
 
     // An outsider with NATS access, listening to everything and then sending.
     let outsider = async_nats::connect(nats.url()).await.expect("connects");
     let mut everything = outsider.subscribe(">").await.unwrap();
-    let more = publish(&nodes[0], "guarded", "seen", 1).await;
+    let more = publish(&nodes[0], &guarded, "seen", 1).await;
     let recorded = timeout(Duration::from_secs(5), async {
         use futures_util::StreamExt;
         loop {
@@ -270,14 +293,14 @@ async fn an_outsider_on_nats_without_the_farm_secret_can_neither_inject_nor_repl
     let node_subject = recorded
         .subject
         .as_str()
-        .replace(".topic.guarded", ".node.n2");
+        .replace(&format!(".topic.{guarded}"), ".node.n2");
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Sf-From", "n1");
     outsider
         .publish_with_headers(
             node_subject,
             headers,
-            r#"{"type":"fenced","topic":"guarded","term":99}"#.into(),
+            format!(r#"{{"type":"fenced","topic":"{guarded}","term":99}}"#).into(),
         )
         .await
         .unwrap();
@@ -286,7 +309,7 @@ async fn an_outsider_on_nats_without_the_farm_secret_can_neither_inject_nor_repl
         load(&nodes[1].metrics().relay_auth_failures) >= before + 3
     })
     .await;
-    let last = publish(&nodes[0], "guarded", "after", 2).await;
+    let last = publish(&nodes[0], &guarded, "after", 2).await;
     let expected: Vec<String> = sent.into_iter().chain(more).chain(last).collect();
     control.finish(&expected).await;
 }
