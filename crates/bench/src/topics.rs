@@ -225,6 +225,23 @@ fn node_flags(options: &Options) -> Vec<String> {
     .to_vec()
 }
 
+/// The clients' connections once every client's subscription is confirmed, within
+/// [`SUBSCRIBE_DEADLINE`]; the first client's failure otherwise.
+async fn every_client_subscribed<T: 'static>(
+    mut tasks: JoinSet<anyhow::Result<T>>,
+) -> anyhow::Result<Vec<T>> {
+    let all = async {
+        let mut open = Vec::with_capacity(tasks.len());
+        while let Some(done) = tasks.join_next().await {
+            open.push(done??);
+        }
+        anyhow::Ok(open)
+    };
+    tokio::time::timeout(SUBSCRIBE_DEADLINE, all)
+        .await
+        .context("every client subscribed: timed out")?
+}
+
 /// Sends one `sub` frame of `topics` and reads until its `subscribed`.
 async fn subscribe_all(ws: &mut Ws, topics: Vec<String>) -> anyhow::Result<()> {
     let frame = serde_json::json!({"type": "sub", "topics": topics}).to_string();
@@ -270,16 +287,7 @@ async fn streamfarm_subscribe(
         });
     }
     // The sockets stay open until the figures are read: closing them would unsubscribe.
-    let mut open = Vec::with_capacity(clients);
-    let all = async {
-        while let Some(done) = tasks.join_next().await {
-            open.push(done??);
-        }
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(SUBSCRIBE_DEADLINE, all)
-        .await
-        .context("every client subscribed: timed out")??;
+    let open = every_client_subscribed(tasks).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (cpu_after, rss_after) = until_quiet(&pids).await?;
     let mut link_resets = 0.0;
@@ -328,16 +336,7 @@ async fn nats_subscribe(
             anyhow::Ok(nats)
         });
     }
-    let mut open = Vec::with_capacity(clients);
-    let all = async {
-        while let Some(done) = tasks.join_next().await {
-            open.push(done??);
-        }
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(SUBSCRIBE_DEADLINE, all)
-        .await
-        .context("every client subscribed: timed out")??;
+    let open = every_client_subscribed(tasks).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (cpu_after, rss_after) = until_quiet(&pids).await?;
     drop(open);
