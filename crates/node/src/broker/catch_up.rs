@@ -18,12 +18,14 @@
 //! Pure: time is passed in, and what to send is returned.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use streamfarm_core::protocol::Position;
-use tokio::time::Instant;
+
+use tracing::debug;
 
 use super::wire::{LogState, PeerFrame};
+use super::{CATCH_UP_AGAIN, FETCH_WAIT, RESEND_AFTER};
 
 /// Topics per `catch_up` frame: about 50 KiB of names and positions.
 pub(crate) const TOPICS_PER_FRAME: usize = 1024;
@@ -171,6 +173,95 @@ pub(crate) fn reply_frames(request: u64, states: Vec<(String, LogState)>) -> Vec
 /// epoch.
 pub(crate) fn is_newer(state: &LogState, after: Position) -> bool {
     state.epoch > after.epoch || (state.epoch == after.epoch && state.last > after.offset)
+}
+
+/// Catching up, as the broker's core does it.
+impl super::Core {
+    /// A peer's link ended or opened again. Once one opens again, what went out while it was
+    /// down may have missed this node, and a message missed at the end of a topic shows no hole
+    /// until the next one: every topic delivered here is fetched after its position, now and
+    /// once more [`CATCH_UP_AGAIN`] later (for what went out while the peers learned this node's
+    /// interest again).
+    pub(super) fn links_ended(&mut self, ended: HashSet<String>) {
+        let reopened = self.ended.iter().any(|peer| !ended.contains(peer));
+        self.ended = ended;
+        self.view_changed();
+        if reopened {
+            self.catch_up_all();
+            self.catch_up_at = Some(self.now + CATCH_UP_AGAIN);
+        }
+    }
+
+    /// Fetches every topic delivered here after its stream's position, from every live node,
+    /// merging every answer: after a partition or a link reset, the topic's replica in this
+    /// node's view may not be the node that holds what went out meanwhile.
+    pub(super) fn catch_up_all(&mut self) {
+        let positions = self.hub.positions();
+        debug!(topics = positions.len(), "catching up from every live node");
+        self.catch_ups.start(positions);
+        self.pump_catch_ups(self.now);
+    }
+
+    /// Sends the catch-up frames due now (see [`catch_up::CatchUps::due`]).
+    pub(super) fn pump_catch_ups(&mut self, now: Instant) {
+        if self.catch_ups.is_idle() {
+            return;
+        }
+        let peers: Vec<String> = self
+            .live
+            .iter()
+            .filter(|n| **n != self.me)
+            .cloned()
+            .collect();
+        for (peer, frame) in self.catch_ups.due(now, &peers, RESEND_AFTER, FETCH_WAIT) {
+            self.send(&peer, frame);
+        }
+    }
+
+    /// Answers a catch-up: the topics whose history here goes beyond the position asked.
+    pub(super) fn on_catch_up(
+        &mut self,
+        from: &str,
+        request: u64,
+        topics: Vec<(String, Position)>,
+    ) {
+        let states: Vec<(String, LogState)> = topics
+            .into_iter()
+            .filter_map(|(topic, after)| {
+                let state = self.fetch_state(&topic, Some(after))?;
+                is_newer(&state, after).then_some((topic, state))
+            })
+            .collect();
+        for frame in reply_frames(request, states) {
+            self.send(from, frame);
+        }
+    }
+
+    pub(super) fn on_catch_up_reply(
+        &mut self,
+        from: &str,
+        request: u64,
+        states: Vec<(String, LogState)>,
+        done: bool,
+    ) {
+        for (topic, state) in states {
+            debug!(%topic, %from, last = state.last, "catch-up answer");
+            self.hub.merge(&topic, &state, &mut self.wakes);
+        }
+        if done {
+            self.catch_ups.answered(from, request);
+            self.pump_catch_ups(self.now);
+        }
+    }
+
+    /// Catching up: the second round after links reopened, and the frames due.
+    pub(super) fn catch_up_due(&mut self, now: Instant) {
+        if self.catch_up_at.is_some_and(|at| now >= at) {
+            self.catch_up_at = None;
+            self.catch_up_all();
+        }
+        self.pump_catch_ups(now);
+    }
 }
 
 #[cfg(test)]
