@@ -69,5 +69,7 @@ cargo build --workspace --release --locked
 )
 
 cargo test --workspace --locked
+# The farm's deterministic simulation, a bounded number of seeds (TESTING.md).
+target/release/streamfarm chaos --seeds 150 --kinds kill,hang,drop,duplicate,delay,reorder,clock-skew >/dev/null
 # The same farm tests with the nodes relaying through NATS instead of the embedded relay.
 STREAMFARM_TEST_RELAY=nats cargo test -p streamfarm-node --locked --test farm

@@ -56,6 +56,8 @@ enum Command {
     Cert(cmd::cert::Args),
     /// Print a connection token (JWT) that nodes with the key accept.
     Token(cmd::token::Args),
+    /// Run the farm's deterministic simulation, seed after seed, checking its guarantees.
+    Chaos(cmd::chaos::Args),
 }
 
 #[tokio::main]
@@ -76,6 +78,7 @@ async fn main() -> ExitCode {
         Command::Drain(args) => cmd::drain::run(args).await,
         Command::Cert(args) => cmd::cert::run(args).await,
         Command::Token(args) => cmd::token::run(args).await,
+        Command::Chaos(args) => cmd::chaos::run(args).await,
     };
     match result {
         Ok(code) => code,

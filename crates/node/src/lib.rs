@@ -78,6 +78,7 @@ use tracing::{info, warn};
 
 pub mod auth;
 mod broker;
+pub mod chaos;
 pub mod config;
 mod drain;
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 pub(crate) mod bench;
 pub(crate) mod cert;
+pub(crate) mod chaos;
 pub(crate) mod demo;
 pub(crate) mod drain;
 pub(crate) mod list;

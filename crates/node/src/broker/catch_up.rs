@@ -17,7 +17,7 @@
 //!
 //! Pure: time is passed in, and what to send is returned.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use streamfarm_core::protocol::Position;
@@ -51,7 +51,7 @@ pub(crate) struct CatchUps {
     /// Chunks not sent yet.
     queued: VecDeque<Vec<(String, Position)>>,
     /// Chunks sent, by request number.
-    in_flight: HashMap<u64, Chunk>,
+    in_flight: BTreeMap<u64, Chunk>,
     next_request: u64,
 }
 
@@ -196,7 +196,10 @@ impl super::Core {
     /// merging every answer: after a partition or a link reset, the topic's replica in this
     /// node's view may not be the node that holds what went out meanwhile.
     pub(super) fn catch_up_all(&mut self) {
-        let positions = self.hub.positions();
+        let mut positions = self.hub.positions();
+        // In a stable order: the same inputs send the same frames (see the module docs of
+        // `broker`).
+        positions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         debug!(topics = positions.len(), "catching up from every live node");
         self.catch_ups.start(positions);
         self.pump_catch_ups(self.now);

@@ -206,6 +206,11 @@ impl Core {
             self.timers.stalled.insert(topic.to_string());
             return;
         }
+        #[cfg(test)]
+        let claim = Claim {
+            best: claim.best.filter(|_| !self.breaks.ignore_claim_answers),
+            ..claim
+        };
         let log = match newer(claim.best, own) {
             Some(state) => log_from_state(topic, &state),
             None => {
@@ -215,12 +220,7 @@ impl Core {
             }
         };
         debug!(%topic, term = claim.term, position = %log.position(), "sequencing");
-        chain.seq = Some(Sequencing {
-            term: claim.term,
-            replicated: log.position().offset,
-            log,
-            synced: None,
-        });
+        chain.seq = Some(Sequencing::new(claim.term, log));
         let queued = std::mem::take(&mut chain.queued);
         self.sync_replica(topic);
         for (_, id, data, encoding, retry) in queued {

@@ -79,7 +79,7 @@
 //! time all reach it as an [`Input`] handled at a [`Now`] ([`Core::handle`]); it reaches other
 //! nodes through a [`Network`] and this node's subscribers through the [`Hub`]. On a node, the
 //! task in [`task`] feeds it from sockets and timers; in a test, a farm of cores runs in one
-//! thread on a simulated clock and network, in an order drawn from a seed (`simulated`).
+//! thread on a simulated clock and network, in an order drawn from a seed (`crate::chaos`).
 //!
 //! # Layout
 //! - this module — the [`Core`], its inputs, and what every job shares: a topic's [`Chain`] on
@@ -105,8 +105,6 @@ pub(crate) mod placement;
 mod publishing;
 mod replication;
 mod sequencing;
-#[cfg(test)]
-mod simulated;
 mod task;
 mod timers;
 mod view;
@@ -141,7 +139,7 @@ use wire::{LogState, PeerFrame, WireEntry};
 /// After a peer's link opens again, when every delivered topic is fetched once more.
 const CATCH_UP_AGAIN: Duration = Duration::from_secs(1);
 /// How often the broker task retries, times out and trims.
-const TICK: Duration = Duration::from_millis(50);
+pub(crate) const TICK: Duration = Duration::from_millis(50);
 /// How often the broker trims history by age and forgets chains it no longer has a part in:
 /// work in proportion to every topic held, so not every tick, and less often the more topics
 /// there are (one more second per [`HOUSEKEEPING_TOPICS`] topics): its cost per topic stays
@@ -318,6 +316,19 @@ pub(crate) struct Core {
     publish_timeout: Duration,
     /// When [`HOUSEKEEPING`] is next due.
     housekeeping_at: Instant,
+    /// Faults put in on purpose, to show that the simulation finds them.
+    #[cfg(test)]
+    pub(crate) breaks: Breaks,
+}
+
+/// Faults a test puts into a core on purpose (see `crate::chaos`'s tests).
+#[cfg(test)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Breaks {
+    /// A replica stores what any sequencer sends, whatever its term.
+    pub(crate) skip_fencing: bool,
+    /// A claimant continues from its own log, not the newest one the farm holds.
+    pub(crate) ignore_claim_answers: bool,
 }
 
 /// What a [`Core`] is made of.
@@ -413,6 +424,8 @@ impl Core {
             wakes: FrameWakes::default(),
             publish_timeout: config.publish_timeout,
             housekeeping_at: now.at + HOUSEKEEPING,
+            #[cfg(test)]
+            breaks: Breaks::default(),
         }
     }
 

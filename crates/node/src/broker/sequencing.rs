@@ -12,9 +12,52 @@ pub(super) struct Sequencing {
     /// The replica reported everything up to this offset stored: what went out, so this node can
     /// serve fetches up to it (the replica may be the node just lost).
     pub(super) replicated: u64,
+    /// The highest publish sequence numbered for each origin's run, in the log it continues
+    /// from or since: a first send at or below it was sent before — a copy of a frame, or a
+    /// publish a hung node finds in its queue when it resumes, sent meanwhile to the sequencer
+    /// that took over — and is searched for like a retry.
+    pub(super) highest: HashMap<(String, u64), u64>,
+}
+
+impl Sequencing {
+    /// Sequencing in `term`, from `log`.
+    pub(super) fn new(term: u64, log: Log) -> Sequencing {
+        let mut highest: HashMap<(String, u64), u64> = HashMap::new();
+        for entry in log.after(0) {
+            if !entry.id.origin.is_empty() {
+                let seq = highest
+                    .entry((entry.id.origin.clone(), entry.id.run))
+                    .or_default();
+                *seq = (*seq).max(entry.id.seq);
+            }
+        }
+        Sequencing {
+            term,
+            replicated: log.position().offset,
+            log,
+            synced: None,
+            highest,
+        }
+    }
+
+    /// Whether publish `id` may have been numbered before: sent again, or not above what its
+    /// origin's run sent before. Notes `id` as seen.
+    fn may_have_numbered(&mut self, id: &PublishId, retry: bool) -> bool {
+        let highest = self.highest.entry((id.origin.clone(), id.run)).or_default();
+        let copy = id.seq <= *highest;
+        *highest = (*highest).max(id.seq);
+        retry || copy
+    }
 }
 
 impl Core {
+    /// The topics this node sequences, each with its term.
+    pub(crate) fn sequencing(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.chains
+            .iter()
+            .filter_map(|(topic, chain)| Some((topic.as_str(), chain.seq.as_ref()?.term)))
+    }
+
     /// As sequencer: number the publish, or queue it while the claim runs.
     pub(super) fn on_pub(
         &mut self,
@@ -63,8 +106,13 @@ impl Core {
             return;
         };
         let epoch = seq.log.epoch();
-        // Only a retry can have been numbered before: a first send skips the search.
-        let before = if retry { seq.log.offset_of(&id) } else { None };
+        // Only a retry, or a copy of a frame seen before, can have been numbered before: a first
+        // send skips the search.
+        let before = if seq.may_have_numbered(&id, retry) {
+            seq.log.offset_of(&id)
+        } else {
+            None
+        };
         let wire = match before {
             // Sequenced before: the replica is sent it again (with this sender's id, so that the
             // acknowledgement reaches it) and acknowledges it without sending it out again.

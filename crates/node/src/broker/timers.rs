@@ -2,6 +2,8 @@
 //! set so that a tick costs what is due, not what is held, and the housekeeping that does touch
 //! every topic, less often the more topics there are.
 
+use std::collections::BTreeSet;
+
 use super::*;
 
 /// What the broker's tick looks at, each queued when it was set so that a tick costs what is due,
@@ -23,9 +25,9 @@ pub(super) struct Timers {
     /// Topics whose replica holds fetches: by when the oldest is answered empty.
     pub(super) held_deadlines: VecDeque<(Instant, String)>,
     /// Topics whose claim ended without sequencing them: publishes may wait in their queue.
-    pub(super) stalled: HashSet<String>,
+    pub(super) stalled: BTreeSet<String>,
     /// Topics whose replica log grew since it was last reported to the sequencer.
-    pub(super) unreported: HashSet<String>,
+    pub(super) unreported: BTreeSet<String>,
 }
 
 /// Pops the entries of `queue` due at `now`.

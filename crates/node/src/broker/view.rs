@@ -15,7 +15,10 @@ impl Core {
         }
         self.live = live;
         self.placements.borrow_mut().fill(None);
-        let topics: Vec<String> = self.chains.keys().cloned().collect();
+        // In a stable order, as every set the core sends from: the same inputs send the same
+        // frames.
+        let mut topics: Vec<String> = self.chains.keys().cloned().collect();
+        topics.sort_unstable();
         // One line for every topic handed over (a node may hand over hundreds of thousands).
         let mut handed_over = 0;
         for topic in topics {
@@ -61,12 +64,13 @@ impl Core {
         for id in moved {
             self.resend(&id);
         }
-        let refetch: Vec<u64> = self
+        let mut refetch: Vec<u64> = self
             .fetches
             .iter()
             .filter(|(_, f)| self.placement(&f.topic).replica != f.sent_to)
             .map(|(request, _)| *request)
             .collect();
+        refetch.sort_unstable();
         for request in refetch {
             self.refetch(request);
         }
