@@ -666,6 +666,7 @@ export class Client extends Emitter<ClientEvents> {
     this.active = undefined;
     this.stopHeartbeat();
     this.awaySince ??= Date.now();
+    this.positions.lost();
     for (const topic of this.subs.keys()) this.setSubState(topic, 'subscribing');
     this.feed({ type: 'lost', server, cause });
   }
@@ -753,7 +754,11 @@ export class Client extends Emitter<ClientEvents> {
         const topic = String(frame.topic);
         const sub = this.subs.get(topic);
         if (!sub) break;
-        const { verdict, recovery } = this.positions.message(topic, frame.epoch, frame.offset);
+        const { verdict, recovery, gap } = this.positions.message(topic, frame.epoch, frame.offset);
+        if (gap) {
+          sub._emit('gap', gap);
+          this.emit('gap', gap);
+        }
         if (verdict.deliver) {
           const m: Message = { topic, data: String(frame.data), recovered: verdict.recovered };
           if (frame.encoding === 'base64') m.encoding = 'base64';

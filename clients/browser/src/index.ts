@@ -16,6 +16,7 @@ export {
 } from './machine.js';
 export type { Action, Backoff, Input, ListSource, LossCause, MachineConfig, Notice, RetryMode, State } from './machine.js';
 export { type FarmList, type Rng, type ServerEntry, type Status, groupComparator, groupOrder, seededRng, shuffle } from './model.js';
+export { MAX_EVENT_ID_BYTES, encodeEventId, parseEventId } from './eventid.js';
 export { Positions } from './positions.js';
 export type { Gap, Position, Recovery, Verdict } from './positions.js';
 export { NoServerAvailable, POLICIES, candidates, choose, probabilities, reconnectingContext } from './selection.js';
