@@ -3,8 +3,8 @@
  * streaming connection, fail over by the same machine as the Rust client, and resume topics from
  * their positions. See `docs/CLIENT.md` (Browser).
  */
-export { Client, Emitter, Subscription, refreshDelayMs, seedBase, tokenExpiry } from './client.js';
-export type { ClientEvents, ClientOptions, Message, SubscriptionEvents, SubscriptionState } from './client.js';
+export { Client, Emitter, Subscription, catchUp, refreshDelayMs, seedBase, sseUrl, tokenExpiry } from './client.js';
+export type { ClientEvents, ClientOptions, Message, SubscriptionEvents, SubscriptionState, Transport } from './client.js';
 export {
   CLOSE,
   DEFAULT_MACHINE_CONFIG,
