@@ -84,7 +84,11 @@ fn run(vector: &Value) -> Result<(), String> {
                 (verdict.notice.into_iter().collect(), Some(verdict.deliver))
             }
             "gap" => {
-                let epoch = step["epoch"].as_str().expect("epoch").parse().expect("epoch");
+                let epoch = step["epoch"]
+                    .as_str()
+                    .expect("epoch")
+                    .parse()
+                    .expect("epoch");
                 let notices = topics.on_gap(
                     step["topic"].as_str().expect("topic"),
                     epoch,
@@ -99,7 +103,10 @@ fn run(vector: &Value) -> Result<(), String> {
         let got: Vec<Value> = notices.iter().map(notice_json).collect();
         let want = step.get("notices").cloned().unwrap_or(json!([]));
         if json!(got) != want {
-            return Err(format!("step {i} ({}): notices {got:?}, expected {want}", step["op"]));
+            return Err(format!(
+                "step {i} ({}): notices {got:?}, expected {want}",
+                step["op"]
+            ));
         }
         if let Some(want) = step.get("deliver")
             && deliver != want.as_bool()
