@@ -458,7 +458,10 @@ class SseConnection extends Connection {
         }
         conn.end(handshake, typeof close.code === 'number' ? { kind: 'closed', code: close.code, reason: close.reason ?? '' } : undefined);
       });
-      es.onerror = () => conn.end(handshake, undefined);
+      es.onerror = (ev) => {
+        // The node's `error` frames come to this handler too; only the stream's own failure ends it.
+        if (!(ev instanceof MessageEvent)) conn.end(handshake, undefined);
+      };
     });
   }
 

@@ -11,6 +11,8 @@
 // - with the WebSocket allowed again, the next failover (a kill) upgrades it to a WebSocket
 //   make-before-break: 0 lost, 0 duplicated;
 // - a drain moves it make-before-break over WebSockets: 0 lost, 0 duplicated.
+// The dashboard, open on the publisher's node all along, counts the page among the SSE users,
+// shows every server's rebalancing target, and charts the moves and failovers.
 // Every wait polls with a deadline; every process is killed at the end.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -31,7 +33,9 @@ const FAST = [
 
 let nodes;
 let publisher;
+let browser;
 let page;
+let dash;
 
 const pageHtml = (seeds) => `<!doctype html><html><head><meta charset="utf-8"><title>transports</title>
 <script src="/streamfarm.js"></script></head><body><script>
@@ -60,7 +64,7 @@ before(async () => {
   });
   const bundle = readFileSync(new URL('../../dist/streamfarm.min.js', import.meta.url), 'utf8');
   const site = await pageServer('127.0.0.4', { '/feed.html': pageHtml(nodes.map((n) => n.base)), '/streamfarm.js': bundle });
-  const browser = await launchBrowser();
+  browser = await launchBrowser();
   page = await browser.newPage();
   page.on('pageerror', (err) => console.error('page error:', err));
   // Every WebSocket the page opens goes to a closed port while `wsBlocked` holds.
@@ -150,6 +154,35 @@ test('with the WebSocket blocked the page falls back to server-sent events and r
   assert.equal(change.transport, 'sse', JSON.stringify(change));
   const connected = await lastEvent('connected', 0);
   assert.equal(connected.transport, 'sse');
+
+  // Frames up are POSTs to the serving node: the page's own publish comes back down its stream;
+  // a bad one is answered with the node's error frame, and the stream stays.
+  await page.evaluate(() => window.client.subscribe('echo'));
+  await waitFor('echo subscribed', () => page.evaluate(() => window.client.subscribe('echo').state === 'subscribed'));
+  assert.equal(await page.evaluate(() => window.client.publish('echo', 'from the page')), true);
+  await waitFor("the page's own message", () => page.evaluate(() => window.received.some((m) => m.topic === 'echo' && m.data === 'from the page')));
+  const mark = await page.evaluate(() => window.log.length);
+  await page.evaluate(() => window.client.publish('not a topic', 'x'));
+  const error = await waitFor("the node's error frame", () => lastEvent('error', mark));
+  assert.notEqual(error.code, 'send_failed', JSON.stringify(error));
+  // The stream still carries the page's frames both ways, and was never lost.
+  await page.evaluate(() => window.client.publish('echo', 'after the error'));
+  await waitFor('a message after the error', () => page.evaluate(() => window.received.some((m) => m.data === 'after the error')));
+  assert.equal(await lastEvent('disconnected', mark), undefined, 'the stream stays');
+  assert.equal(await page.evaluate(() => window.client.transport()), 'sse');
+});
+
+test('the dashboard counts the page among the SSE users and shows every server against its target', async () => {
+  dash = await browser.newPage();
+  dash.on('pageerror', (err) => console.error('dashboard error:', err));
+  await dash.goto(`${publisher.base}/dashboard`);
+  const server = nodeOf(await page.evaluate(() => window.client.server()));
+  await waitFor(`the dashboard to show an SSE user on ${server.name}`, () =>
+    dash.evaluate((n) => Number(document.querySelector(`.row[data-server="${n}"]`)?.dataset.sse) >= 1 && Number(document.getElementById('sse').textContent) >= 1, server.name),
+  );
+  await waitFor('a target on every server', () =>
+    dash.evaluate(() => [...document.querySelectorAll('.row')].length === 4 && [...document.querySelectorAll('.row')].every((r) => r.dataset.target !== undefined && r.querySelector('.target'))),
+  );
 });
 
 test('a drain moves the page make-before-break over event streams: 0 lost, 0 duplicated', async (t) => {
@@ -213,4 +246,9 @@ test('a drain moves the page make-before-break over WebSockets: 0 lost, 0 duplic
   assert.equal(migrated.from, from.url);
   assert.equal(migrated.transport, 'websocket');
   assert.equal(await lastEvent('disconnected', mark), undefined, 'never disconnected');
+  // The dashboard's node received the page: a move; two nodes died with the page on them.
+  await waitFor('the dashboard to chart the moves and failovers', () =>
+    dash.evaluate(() => Number(document.getElementById('moves').textContent) >= 1 && Number(document.getElementById('failovers').textContent) >= 2),
+  );
+  assert.ok(await dash.evaluate(() => document.querySelectorAll('#chart rect.moves').length >= 1));
 });
