@@ -26,7 +26,9 @@ const FAST = [
   '--heartbeat-interval-ms', '300',
   '--heartbeat-timeout-ms', '1500',
   '--drain-period-ms', '300',
-  '--rebalance-cooldown-ms', '0',
+  // No rebalancing: the page moves only when the test moves it (a drain, a kill); a rebalance
+  // racing a kill would make that failover a migration.
+  '--rebalance', 'false',
   '--migrate-deadline-ms', '5000',
   '--admin-token', ADMIN,
 ];
