@@ -1181,7 +1181,8 @@ export class Client extends Emitter<ClientEvents> {
         if (refresh > 0 && now - listAt >= refresh) {
           listAt = now;
           conn.send({ type: 'list' });
-        } else if (now - conn.lastSent >= interval) {
+        } else if (conn.transport === 'websocket' && now - conn.lastSent >= interval) {
+          // An event stream's node pings it, and waits for nothing from its client.
           conn.send({ type: 'ping' });
         }
       },
