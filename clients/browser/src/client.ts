@@ -26,6 +26,7 @@ import {
   describeLoss as describe,
   sendsElsewhere,
 } from './machine.js';
+import { encodeEventId } from './eventid.js';
 import { type Gap, type Position, Positions, type Recovery } from './positions.js';
 import type { Policy } from './selection.js';
 
@@ -51,6 +52,14 @@ export interface ClientOptions {
   backoff?: Backoff;
   /** Connect timeout (open + `hello` + `farm`), ms (default 3000). */
   connectTimeoutMs?: number;
+  /**
+   * The transports to use, in order of preference (default both: `['websocket', 'sse']`). A
+   * WebSocket that gets no answer falls back to server-sent events (see `docs/CLIENT.md`).
+   */
+  transports?: Transport[];
+  /** How long a WebSocket may take to open and greet before the event stream is tried, ms
+   * (default 1500). */
+  webSocketTimeoutMs?: number;
   /** Connect timeout of the one retry of a server just lost, ms (default 250). */
   retryTimeoutMs?: number;
   /** How long to wait for `subscribed`, ms (default 3000). */
@@ -99,12 +108,19 @@ export type SubscriptionState = 'subscribing' | 'subscribed' | 'unsubscribed';
 
 /** The events of a {@link Client}, by name. */
 export interface ClientEvents {
-  /** Connected and subscribed to `server`. */
-  connected: { server: string };
+  /** Connected and subscribed to `server`, over `transport`. */
+  connected: { server: string; transport: Transport };
   /** The connection to `server` ended. */
   disconnected: { server: string; cause: LossCause; reason: string };
   /** Connected again after a loss (`to` may equal `from` when the retry worked). */
-  failover: { from: string; to: string; tookMs: number };
+  failover: { from: string; to: string; tookMs: number; transport: Transport };
+  /** The session's transport changed: `sse` after a WebSocket got no answer, `websocket` when it
+   * is allowed again (tried after each failover). */
+  transport: { server: string; transport: Transport; reason: string };
+  /** Moved from `from` to `to` at `from`'s request, make-before-break (nothing lost, nothing twice). */
+  migrated: { from: string; to: string; reason: string; tookMs: number; transport: Transport };
+  /** A migration's new connection failed: the client stays on `server`. */
+  migrationFailed: { server: string; to: string; error: string };
   /** A round found no server; the next starts after `delayMs`. */
   retrying: { reason: string; delayMs: number };
   /** A farm list arrived (`hello`'s, a refresh, or a watched change). `ageMs`: since the node made it. */
@@ -212,24 +228,99 @@ class OpenError extends Error {
   }
 }
 
-/** One WebSocket to a node: `hello` + `farm` first, then frames. */
-class Connection {
+/** How a connection streams: a WebSocket, or server-sent events with the client's frames sent up
+ * as `POST`s (`docs/PROTOCOL.md`, Server-sent events). */
+export type Transport = 'websocket' | 'sse';
+
+/** Most frames, and bytes, a connection holds for the client before it takes them. */
+const MAX_HELD_FRAMES = 65_536;
+const MAX_HELD_BYTES = 16 * 1024 * 1024;
+
+/** A streaming connection to a node, over either transport: `hello` + `farm` first, then frames. */
+abstract class Connection {
+  abstract readonly transport: Transport;
   hello: Hello = {};
   list: FarmList | undefined;
   lastReceived = Date.now();
   lastSent = Date.now();
-  listAskedAt = 0;
-  onFrame: (frame: Frame) => void = () => {};
+  /** The subscription travelled with the request (an event stream's `lastEventId`). */
+  subscribedOnOpen = false;
   onClose: (cause: LossCause) => void = () => {};
-  private closed = false;
+  /** A frame could not be sent (an event stream's `POST` failed). */
+  onSendError: (why: string) => void = () => {};
+  protected closed = false;
+  private handler: ((frame: Frame) => void) | undefined;
+  /** Frames that arrived after the handshake, before a handler took them. */
+  private early: Frame[] = [];
+
+  constructor(readonly url: string) {}
+
+  /** Takes every frame after the handshake: first those that arrived before it was set. */
+  set onFrame(handler: (frame: Frame) => void) {
+    this.handler = handler;
+    const early = this.early.splice(0);
+    for (const frame of early) handler(frame);
+  }
+
+  abstract send(frame: object): void;
+
+  /** Closes without reporting a loss. */
+  abstract close(): void;
+
+  protected dispatch(frame: Frame): void {
+    if (this.handler) this.handler(frame);
+    else if (this.early.length < MAX_HELD_FRAMES) this.early.push(frame);
+  }
+
+  /**
+   * Takes one frame of the handshake, or after it; resolves once `hello` and `farm` are in. The
+   * timer rejects when they are not within the connect timeout.
+   */
+  protected handshake(timeoutMs: number, resolve: () => void, reject: (err: OpenError) => void) {
+    let ready = false;
+    const timer = setTimeout(() => finish(new OpenError(`no hello and farm within ${timeoutMs} ms`)), timeoutMs);
+    const finish = (err?: OpenError) => {
+      if (ready) return;
+      ready = true;
+      clearTimeout(timer);
+      if (err) {
+        this.close();
+        reject(err);
+      } else resolve();
+    };
+    return {
+      frame: (frame: Frame) => {
+        this.lastReceived = Date.now();
+        if (ready) return this.dispatch(frame);
+        if (frame.type === 'hello') this.hello = frame as Hello;
+        else if (frame.type === 'farm') {
+          this.list = frame as unknown as FarmList;
+          finish();
+        }
+      },
+      /** The connection ended: before the handshake, a failed open; true when it was after. */
+      ended: (err: OpenError): boolean => {
+        if (ready) return true;
+        finish(err);
+        return false;
+      },
+    };
+  }
+}
+
+/** One WebSocket to a node. */
+class WsConnection extends Connection {
+  readonly transport = 'websocket';
 
   private constructor(
-    readonly url: string,
+    url: string,
     private readonly ws: WebSocket,
-  ) {}
+  ) {
+    super(url);
+  }
 
   /** Opens `url` and waits for `hello` and `farm`, at most `timeoutMs`. */
-  static open(url: string, timeoutMs: number): Promise<Connection> {
+  static open(url: string, timeoutMs: number): Promise<WsConnection> {
     return new Promise((resolve, reject) => {
       let ws: WebSocket;
       try {
@@ -238,44 +329,23 @@ class Connection {
         reject(new OpenError(String((err as Error).message ?? err)));
         return;
       }
-      const conn = new Connection(url, ws);
-      let ready = false;
-      const timer = setTimeout(() => {
-        if (ready) return;
-        ready = true;
-        conn.close();
-        reject(new OpenError(`no hello and farm within ${timeoutMs} ms`));
-      }, timeoutMs);
+      const conn = new WsConnection(url, ws);
+      const handshake = conn.handshake(timeoutMs, () => resolve(conn), reject);
       ws.onmessage = (ev) => {
-        conn.lastReceived = Date.now();
         let frame: Frame;
         try {
           frame = JSON.parse(String(ev.data));
         } catch {
           return;
         }
-        if (!ready) {
-          if (frame.type === 'hello') conn.hello = frame as Hello;
-          else if (frame.type === 'farm') {
-            conn.list = frame as unknown as FarmList;
-            ready = true;
-            clearTimeout(timer);
-            resolve(conn);
-          }
-          return;
-        }
-        conn.onFrame(frame);
+        handshake.frame(frame);
       };
       ws.onclose = (ev) => {
         const wasClosed = conn.closed;
         conn.closed = true;
-        if (!ready) {
-          ready = true;
-          clearTimeout(timer);
-          reject(new OpenError(ev.code === 1006 ? 'connection failed' : `closed (${ev.code}: ${ev.reason})`, ev.code));
-          return;
-        }
-        if (wasClosed) return;
+        const failed = ev.code === 1006 ? 'connection failed' : `closed (${ev.code}: ${ev.reason})`;
+        // A close code is the node's answer; 1006 is no answer at all (refused, blocked, broken).
+        if (!handshake.ended(new OpenError(failed, ev.code === 1006 ? undefined : ev.code)) || wasClosed) return;
         conn.onClose(
           ev.code === 1006
             ? { kind: 'broken', detail: 'connection lost without a close frame' }
@@ -291,7 +361,6 @@ class Connection {
     this.lastSent = Date.now();
   }
 
-  /** Closes without reporting a loss. */
   close(): void {
     if (this.closed) return;
     this.closed = true;
@@ -301,6 +370,199 @@ class Connection {
       // Already closing.
     }
   }
+}
+
+/** The events of an event stream other than `msg` (unnamed) and `close`. */
+const SSE_EVENTS = ['hello', 'farm', 'subscribed', 'unsubscribed', 'gap', 'feed', 'migrate', 'refreshed', 'error', 'ping', 'pong'];
+/** Most bytes of frames waiting to be posted to an event stream's node. */
+const MAX_POST_QUEUE_BYTES = 1024 * 1024;
+/** How long one `POST` of a frame may take. */
+const POST_TIMEOUT_MS = 5000;
+
+/** What an event stream is opened with. */
+interface SseRequest {
+  /** The subscription as an event id: every topic, from its position (`lastEventId`). */
+  lastEventId?: string;
+  token?: string;
+  /** The new end of a migration. */
+  migrating: boolean;
+}
+
+/** The event stream of a server: its streaming url with `ws`→`http` and the path `/sse`. */
+export function sseUrl(server: string): URL {
+  const url = new URL(server);
+  url.protocol = url.protocol === 'wss:' || url.protocol === 'https:' ? 'https:' : 'http:';
+  url.pathname = '/sse';
+  url.search = '';
+  return url;
+}
+
+/**
+ * One event stream from a node (`GET /sse`, read by `EventSource`), with the client's frames sent
+ * up as `POST /sse/{stream}` to the node that serves it, one at a time and in order.
+ */
+class SseConnection extends Connection {
+  readonly transport = 'sse';
+  private posting: Promise<void> = Promise.resolve();
+  private queuedBytes = 0;
+
+  private constructor(
+    url: string,
+    private readonly es: EventSource,
+  ) {
+    super(url);
+  }
+
+  /** Opens the event stream of `server` and waits for `hello` and `farm`, at most `timeoutMs`. */
+  static open(server: string, timeoutMs: number, request: SseRequest): Promise<SseConnection> {
+    return new Promise((resolve, reject) => {
+      const url = sseUrl(server);
+      url.searchParams.set('features', 'migrate');
+      if (request.migrating) url.searchParams.set('migrating', 'true');
+      if (request.lastEventId) url.searchParams.set('lastEventId', request.lastEventId);
+      if (request.token) url.searchParams.set('token', request.token);
+      let es: EventSource;
+      try {
+        es = new EventSource(url.toString());
+      } catch (err) {
+        reject(new OpenError(String((err as Error).message ?? err)));
+        return;
+      }
+      const conn = new SseConnection(server, es);
+      conn.subscribedOnOpen = request.lastEventId !== undefined;
+      const handshake = conn.handshake(timeoutMs, () => resolve(conn), reject);
+      const take = (ev: Event) => {
+        let frame: Frame;
+        try {
+          frame = JSON.parse(String((ev as MessageEvent).data));
+        } catch {
+          return;
+        }
+        handshake.frame(frame);
+      };
+      es.onmessage = take;
+      for (const name of SSE_EVENTS) {
+        es.addEventListener(name, (ev) => {
+          // The node's `error` frame is a named event with data; the stream's own failure is a
+          // plain `error` event without.
+          if (name === 'error' && !(ev instanceof MessageEvent)) return;
+          take(ev);
+        });
+      }
+      es.addEventListener('close', (ev) => {
+        let close: { code?: number; reason?: string } = {};
+        try {
+          close = JSON.parse(String((ev as MessageEvent).data));
+        } catch {
+          // A close event without its code: taken as a broken stream below.
+        }
+        conn.end(handshake, typeof close.code === 'number' ? { kind: 'closed', code: close.code, reason: close.reason ?? '' } : undefined);
+      });
+      es.onerror = (ev) => {
+        // The node's `error` frames come to this handler too; only the stream's own failure ends it.
+        if (!(ev instanceof MessageEvent)) conn.end(handshake, undefined);
+      };
+    });
+  }
+
+  /** The stream ended (`cause` absent: it failed, or the node went away). */
+  private end(handshake: { ended: (err: OpenError) => boolean }, cause: LossCause | undefined): void {
+    // Not EventSource's own reconnection: the client resumes where the machine says.
+    this.es.close();
+    const wasClosed = this.closed;
+    this.closed = true;
+    const err =
+      cause?.kind === 'closed'
+        ? new OpenError(`closed (${cause.code}: ${cause.reason})`, cause.code)
+        : new OpenError('event stream failed');
+    if (!handshake.ended(err) || wasClosed) return;
+    this.onClose(cause ?? { kind: 'broken', detail: 'event stream ended' });
+  }
+
+  send(frame: object): void {
+    const stream = (this.hello as { stream?: string }).stream;
+    if (this.closed || !stream) return;
+    const body = JSON.stringify(frame);
+    if (this.queuedBytes + body.length > MAX_POST_QUEUE_BYTES) {
+      this.onSendError(`${MAX_POST_QUEUE_BYTES} bytes of frames already wait to be posted; ${(frame as Frame).type} not sent`);
+      return;
+    }
+    this.queuedBytes += body.length;
+    this.lastSent = Date.now();
+    const url = `${sseUrl(this.url).toString()}/${encodeURIComponent(stream)}`;
+    this.posting = this.posting
+      .then(() => this.post(url, body))
+      .finally(() => {
+        this.queuedBytes -= body.length;
+      });
+  }
+
+  /** Posts one frame; a node with 16 frames waiting answers `429`, and the frame is posted again. */
+  private async post(url: string, body: string): Promise<void> {
+    for (let attempt = 0; attempt < 5 && !this.closed; attempt++) {
+      let status: number;
+      try {
+        const res = await fetch(url, {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json' },
+          body,
+          signal: AbortSignal.timeout(POST_TIMEOUT_MS),
+        });
+        status = res.status;
+      } catch (err) {
+        this.onSendError(`POST ${url}: ${(err as Error).message}`);
+        return;
+      }
+      if (status === 202) return;
+      if (status !== 429) {
+        this.onSendError(`POST ${url}: ${status}`);
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 50 * 2 ** attempt));
+    }
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.es.close();
+  }
+}
+
+/** Longest a move waits for the old connection to catch up with the new one. */
+const CATCH_UP_MS = 5000;
+
+/** A move's new connection once subscribed, until it takes over from the old one. */
+interface Arriving {
+  conn: Connection;
+  server: string;
+  kind: 'migration' | 'upgrade';
+  /** What it sent since subscribing (`subscribed` first), taken once it takes over. */
+  held: Frame[];
+  /** Per topic, the position its live delivery starts after. */
+  until: Record<string, Position>;
+  /** It takes over then, caught up or not. */
+  timer: ReturnType<typeof setTimeout>;
+}
+
+/**
+ * Whether the client has everything up to `until`, a move's new connection's start: `done`,
+ * `waiting`, or `never` (a topic moved to another epoch: the old connection will not get there).
+ * As the Rust client's `catch_up`.
+ */
+export function catchUp(
+  positions: Positions,
+  subscribed: { has(topic: string): boolean },
+  until: Record<string, Position>,
+): 'done' | 'waiting' | 'never' {
+  let state: 'done' | 'waiting' = 'done';
+  for (const [topic, start] of Object.entries(until)) {
+    if (!subscribed.has(topic) || start.offset === 0) continue;
+    const held = positions.get(topic);
+    if (held && held.epoch !== start.epoch) return 'never';
+    if (!held || held.offset < start.offset) state = 'waiting';
+  }
+  return state;
 }
 
 /** `http(s)://host:port` of a seed given as a URL, a streaming url or `host[:port]`. */
@@ -342,6 +604,11 @@ export class Client extends Emitter<ClientEvents> {
   private awaySince: number | undefined;
   private stopped = false;
   private readonly announced = new Set<string>();
+  private readonly transports: Transport[];
+  /** The transport of this session: WebSocket until one gets no answer. */
+  private transportInUse: Transport;
+  /** A move's new connection, subscribed, while the old one catches up with it. */
+  private arriving: Arriving | undefined;
   private readonly onOnline = () => this.wakeUp();
 
   constructor(readonly options: ClientOptions) {
@@ -350,6 +617,8 @@ export class Client extends Emitter<ClientEvents> {
     this.seeds = seeds.filter((s) => s.trim()).map(seedBase);
     if (this.seeds.length === 0) throw new Error('streamfarm: no seed in the service address');
     this.rng = options.rng ?? Math.random;
+    this.transports = options.transports?.length ? options.transports : ['websocket', 'sse'];
+    this.transportInUse = this.transports[0]!;
     this.machine = new Machine(
       {
         policy: options.policy ?? DEFAULT_MACHINE_CONFIG.policy,
@@ -375,6 +644,7 @@ export class Client extends Emitter<ClientEvents> {
     this.stopped = true;
     if (typeof window !== 'undefined') window.removeEventListener('online', this.onOnline);
     this.feed({ type: 'stop' });
+    this.cancelUpgrade();
     this.active?.close();
     this.active = undefined;
     for (const t of this.timers.values()) clearTimeout(t);
@@ -390,7 +660,13 @@ export class Client extends Emitter<ClientEvents> {
   /** The url of the server connected to, if any. */
   server(): string | undefined {
     const s = this.machine.current();
+    if (s.type === 'migrating') return s.from;
     return s.type === 'connected' ? s.server : undefined;
+  }
+
+  /** How the client streams now (`undefined` while not connected). */
+  transport(): Transport | undefined {
+    return this.active?.transport;
   }
 
   /** The most recent farm list. */
@@ -426,7 +702,7 @@ export class Client extends Emitter<ClientEvents> {
 
   /** Publishes over the connection (when the node allows client publishing); false when not connected. */
   publish(topic: string, data: string): boolean {
-    if (!this.active || this.machine.current().type !== 'connected') return false;
+    if (!this.active || !this.server()) return false;
     this.active.send({ type: 'pub', topic, data });
     return true;
   }
@@ -454,6 +730,10 @@ export class Client extends Emitter<ClientEvents> {
       case 'connect':
         void this.connect(action.server, action.reuseListConnection, action.retry);
         break;
+      case 'migrate':
+        this.cancelUpgrade();
+        void this.moveTo(action.server, 'migration');
+        break;
       case 'drop_list_connection':
         this.listConn?.close();
         this.listConn = undefined;
@@ -468,20 +748,35 @@ export class Client extends Emitter<ClientEvents> {
       }
       case 'notify': {
         const n = action.notice;
-        if (n.type === 'connected') this.emit('connected', { server: n.server });
+        const transport = this.active?.transport ?? this.transportInUse;
+        if (n.type === 'connected') this.emit('connected', { server: n.server, transport });
         else if (n.type === 'disconnected')
           this.emit('disconnected', { server: n.server, cause: n.cause, reason: describe(n.cause) });
-        else if (n.type === 'failed_over') this.emit('failover', { from: n.from, to: n.to, tookMs: n.tookMs });
+        else if (n.type === 'failed_over') this.emit('failover', { from: n.from, to: n.to, tookMs: n.tookMs, transport });
         else if (n.type === 'retrying') this.emit('retrying', { reason: n.reason, delayMs: n.delayMs });
+        else if (n.type === 'migrated')
+          this.emit('migrated', { from: n.from, to: n.to, reason: n.reason, tookMs: n.tookMs, transport });
+        else if (n.type === 'migration_failed') this.emit('migrationFailed', { server: n.server, to: n.to, error: n.error });
         break;
       }
       case 'close':
+        this.cancelUpgrade();
         this.active?.close();
         this.active = undefined;
         this.listConn?.close();
         this.listConn = undefined;
         break;
     }
+  }
+
+  /** Drops a move's new connection that has not taken over (an upgrade that a migration or the
+   * end of the client overtakes). */
+  private cancelUpgrade(): void {
+    const a = this.arriving;
+    if (!a) return;
+    this.arriving = undefined;
+    clearTimeout(a.timer);
+    a.conn.close();
   }
 
   private async wsUrl(server: string): Promise<string> {
@@ -495,38 +790,49 @@ export class Client extends Emitter<ClientEvents> {
 
   private async fetchList(source: ListSource): Promise<void> {
     let error = 'no seed answered';
+    // An event-stream session asks `GET /farm`: its WebSockets get no answer.
+    const overWebSocket = this.transportInUse === 'websocket';
     if (source.kind === 'service_address') {
       const avoid = new Set(source.avoid.map(hostOf));
       const order = shuffle([...this.seeds], this.rng);
       const seeds = [...order.filter((s) => !avoid.has(hostOf(s))), ...order.filter((s) => avoid.has(hostOf(s)))];
       for (const seed of seeds) {
         if (this.stopped) return;
-        try {
-          const list = await this.getFarm(seed);
-          const ageMs = list.generated_at_ms ? Math.max(0, Date.now() - list.generated_at_ms) : 0;
-          this.emit('farm', { list, ageMs, via: seed });
-          // No connection is held: `via` names the seed, which no server url matches.
-          this.feed({ type: 'list_fetched', list, via: `${seed}/farm`, ageMs });
-          return;
-        } catch (err) {
-          error = `${seed}: ${(err as Error).message}`;
-        }
+        const failure = await this.listOverHttp(seed);
+        if (failure === true) return;
+        error = failure;
+        if (!overWebSocket) continue;
         // A node that does not allow this page's origin to read /farm (CORS), or answers it
         // badly, still greets a WebSocket with the list (WebSockets are not subject to CORS):
         // the first contact of the Rust client.
-        const failure = await this.listOverWebSocket(seed.replace(/^http/, 'ws') + DEFAULT_STREAM_PATH);
-        if (failure === true) return;
-        error += `; ${failure}`;
+        const wsFailure = await this.listOverWebSocket(seed.replace(/^http/, 'ws') + DEFAULT_STREAM_PATH);
+        if (wsFailure === true) return;
+        error += `; ${wsFailure}`;
       }
     } else {
       for (const url of source.urls) {
         if (this.stopped) return;
-        const failure = await this.listOverWebSocket(url);
+        const failure = overWebSocket ? await this.listOverWebSocket(url) : await this.listOverHttp(seedBase(url));
         if (failure === true) return;
         error = failure;
       }
     }
     if (!this.stopped) this.feed({ type: 'list_failed', error });
+  }
+
+  /** `GET /farm` of `base` and reports the list; true when it did, else why not. */
+  private async listOverHttp(base: string): Promise<true | string> {
+    try {
+      const list = await this.getFarm(base);
+      if (this.stopped) return true;
+      const ageMs = list.generated_at_ms ? Math.max(0, Date.now() - list.generated_at_ms) : 0;
+      this.emit('farm', { list, ageMs, via: base });
+      // No connection is held: `via` names the seed, which no server url matches.
+      this.feed({ type: 'list_fetched', list, via: `${base}/farm`, ageMs });
+      return true;
+    } catch (err) {
+      return `${base}: ${(err as Error).message}`;
+    }
   }
 
   /**
@@ -535,7 +841,7 @@ export class Client extends Emitter<ClientEvents> {
    */
   private async listOverWebSocket(url: string): Promise<true | string> {
     try {
-      const conn = await Connection.open(await this.wsUrl(url), this.options.connectTimeoutMs ?? 3000);
+      const conn = await WsConnection.open(await this.wsUrl(url), this.options.connectTimeoutMs ?? 3000);
       if (this.stopped) {
         conn.close();
         return true;
@@ -583,29 +889,91 @@ export class Client extends Emitter<ClientEvents> {
         const timeout = retry
           ? Math.min(this.options.retryTimeoutMs ?? 250, this.options.connectTimeoutMs ?? 3000)
           : (this.options.connectTimeoutMs ?? 3000);
-        conn = await Connection.open(await this.wsUrl(server), timeout);
+        conn = await this.open(server, timeout, false);
       }
       if (this.stopped) return conn.close();
-      await this.subscribeAll(conn);
+      await this.subscribeAll(conn, false, false);
     } catch (err) {
       conn?.close();
-      const code = err instanceof OpenError ? err.code : undefined;
-      this.feed({
-        type: 'connect_failed',
-        server,
-        error: (err as Error).message,
-        elsewhere: code !== undefined && sendsElsewhere(code),
-      });
+      this.feed(this.connectFailed(server, err));
       return;
     }
     this.adopt(conn, server);
   }
 
-  /** Sends `sub` for every topic (with held positions) and waits for `subscribed`. */
-  private subscribeAll(conn: Connection): Promise<void> {
+  private connectFailed(server: string, err: unknown): Input {
+    const code = err instanceof OpenError ? err.code : undefined;
+    return {
+      type: 'connect_failed',
+      server,
+      error: (err as Error).message,
+      elsewhere: code !== undefined && sendsElsewhere(code),
+    };
+  }
+
+  /**
+   * Opens a connection to `server` by the transport this session uses. A WebSocket that gets no
+   * answer at all — refused, closed before it opened, or silent past `webSocketTimeoutMs` — is
+   * retried at once as an event stream; when that works, the session stays with event streams
+   * (tried again as a WebSocket after each failover, see {@link upgrade}). A close code is the
+   * node's answer (draining, full) and is not retried.
+   */
+  private async open(server: string, timeoutMs: number, migrating: boolean): Promise<Connection> {
+    const sse = this.transports.includes('sse');
+    if (this.transportInUse === 'sse' && sse) return this.openSse(server, timeoutMs, migrating);
+    if (!this.transports.includes('websocket')) return this.openSse(server, timeoutMs, migrating);
+    const wsTimeout = sse ? Math.min(timeoutMs, this.options.webSocketTimeoutMs ?? 1500) : timeoutMs;
+    let wsError: OpenError;
+    try {
+      return await WsConnection.open(await this.wsUrl(server), wsTimeout);
+    } catch (err) {
+      if (!sse || !(err instanceof OpenError) || err.code !== undefined) throw err;
+      wsError = err;
+    }
+    let conn: Connection;
+    try {
+      conn = await this.openSse(server, timeoutMs, migrating);
+    } catch (err) {
+      throw new OpenError(`WebSocket: ${wsError.message}; event stream: ${(err as Error).message}`, (err as OpenError).code);
+    }
+    this.useTransport('sse', server, `WebSocket: ${wsError.message}`);
+    return conn;
+  }
+
+  /** An event stream to `server`, subscribed to every topic from its held position. */
+  private async openSse(server: string, timeoutMs: number, migrating: boolean): Promise<Connection> {
     const topics = [...this.subs.keys()];
-    conn.onFrame = (frame) => this.onFrame(conn, frame);
-    if (topics.length === 0) return Promise.resolve();
+    const request: SseRequest = { migrating };
+    if (topics.length > 0) {
+      request.lastEventId = encodeEventId(Object.fromEntries(topics.map((t) => [t, this.positions.get(t) ?? null])));
+    }
+    const token = await this.options.getToken?.();
+    this.token = token;
+    if (token) request.token = token;
+    return SseConnection.open(server, timeoutMs, request);
+  }
+
+  /** Remembers the transport for the session and tells the application when it changed. */
+  private useTransport(transport: Transport, server: string, reason: string): void {
+    if (this.transportInUse === transport) return;
+    this.transportInUse = transport;
+    this.emit('transport', { server, transport, reason });
+  }
+
+  /**
+   * Sends `hello` and `sub` for every topic (with held positions) and waits for `subscribed`.
+   * With `hold`, the frames are not taken but held back, and returned (make-before-break).
+   */
+  private subscribeAll(conn: Connection, migrating: boolean, hold: boolean): Promise<Frame[]> {
+    const topics = [...this.subs.keys()];
+    const held: Frame[] = [];
+    conn.onFrame = hold ? (frame) => held.push(frame) : (frame) => this.onFrame(conn, frame);
+    conn.onSendError = (why) => this.emit('error', { code: 'send_failed', message: why });
+    // What this client can do: the node moves it with `migrate` rather than closing it.
+    if (conn.transport === 'websocket') {
+      conn.send(migrating ? { type: 'hello', features: ['migrate'], migrating } : { type: 'hello', features: ['migrate'] });
+    }
+    if (topics.length === 0) return Promise.resolve(held);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         conn.onClose = () => {};
@@ -615,14 +983,23 @@ export class Client extends Emitter<ClientEvents> {
         clearTimeout(timer);
         reject(new OpenError(describe(cause), cause.kind === 'closed' ? cause.code : undefined));
       };
-      conn.onFrame = (frame) => {
-        this.onFrame(conn, frame);
-        if (frame.type === 'subscribed') {
-          clearTimeout(timer);
-          resolve();
-        }
+      const subscribed = (frame: Frame) => {
+        if (frame.type !== 'subscribed') return;
+        clearTimeout(timer);
+        resolve(held);
       };
-      this.sendSub(conn, topics);
+      if (hold) {
+        conn.onFrame = (frame) => {
+          held.push(frame);
+          subscribed(frame);
+        };
+      } else {
+        conn.onFrame = (frame) => {
+          this.onFrame(conn, frame);
+          subscribed(frame);
+        };
+      }
+      if (!conn.subscribedOnOpen) this.sendSub(conn, topics);
     });
   }
 
@@ -646,6 +1023,19 @@ export class Client extends Emitter<ClientEvents> {
       return;
     }
     this.awaySince = undefined;
+    this.started(conn, server);
+    const unpositioned = [...this.subs.keys()].filter((t) => !this.positions.get(t));
+    if (wasAway !== undefined && unpositioned.length > 0) {
+      this.emit('maybeMissed', { topics: unpositioned, awayMs: Date.now() - wasAway });
+    }
+    // An event stream after a failover: the WebSocket may be allowed again.
+    if (wasAway !== undefined && conn.transport === 'sse' && this.transports.includes('websocket')) {
+      void this.upgrade(conn, server);
+    }
+  }
+
+  /** What a connection the client takes starts with: late topics, the watch, heartbeats. */
+  private started(conn: Connection, server: string): void {
     // Topics added while the connection was being made were not in its `sub`.
     const late = [...this.subs.values()].filter((sub) => sub.state !== 'subscribed').map((sub) => sub.topic);
     if (late.length > 0) this.sendSub(conn, late);
@@ -654,20 +1044,123 @@ export class Client extends Emitter<ClientEvents> {
     }
     this.startHeartbeat(conn, server);
     this.scheduleRefresh(conn, this.token);
-    const unpositioned = [...this.subs.keys()].filter((t) => !this.positions.get(t));
-    if (wasAway !== undefined && unpositioned.length > 0) {
-      this.emit('maybeMissed', { topics: unpositioned, awayMs: Date.now() - wasAway });
-    }
   }
 
   private lose(conn: Connection, server: string, cause: LossCause): void {
     if (this.active !== conn) return;
+    if (this.arriving) {
+      // The old connection of a move ended first: the new one takes over at once, and its
+      // `subscribed` positions recover what the old one did not deliver.
+      this.takeOver(false);
+      return;
+    }
     conn.close();
     this.active = undefined;
     this.stopHeartbeat();
     this.awaySince ??= Date.now();
+    this.positions.lost();
     for (const topic of this.subs.keys()) this.setSubState(topic, 'subscribing');
     this.feed({ type: 'lost', server, cause });
+  }
+
+  /**
+   * Make-before-break to `server` (a migration the node asked for, or the upgrade of an event
+   * stream to a WebSocket): a second connection subscribes from the held positions while the
+   * first keeps delivering; its frames are held back until the first has delivered every topic
+   * up to where the second starts, then the first is closed and the second takes over.
+   */
+  private async moveTo(server: string, kind: 'migration' | 'upgrade', conn?: Connection): Promise<void> {
+    let held: Frame[];
+    try {
+      conn ??= await this.open(server, this.options.connectTimeoutMs ?? 3000, kind === 'migration');
+      if (this.stopped) return conn.close();
+      held = await this.subscribeAll(conn, kind === 'migration', true);
+    } catch (err) {
+      conn?.close();
+      if (kind === 'migration') this.feed(this.connectFailed(server, err));
+      return;
+    }
+    const state = this.machine.current();
+    if (kind === 'migration' && state.type === 'connecting' && state.server === server) {
+      // The old connection ended before this one was up: it is the failover's now.
+      conn.onFrame = (frame) => this.onFrame(conn, frame);
+      for (const frame of held) this.onFrame(conn, frame);
+      this.adopt(conn, server);
+      return;
+    }
+    const moving =
+      kind === 'migration'
+        ? state.type === 'migrating' && state.to === server
+        : state.type === 'connected' && state.server === server;
+    if (!moving || !this.active || this.arriving) {
+      conn.close();
+      return;
+    }
+    const until: Record<string, Position> = {};
+    for (const frame of held) {
+      if (frame.type === 'subscribed') Object.assign(until, frame.positions as Record<string, Position> | undefined);
+    }
+    const newConn = conn;
+    let bytes = 0;
+    conn.onFrame = (frame) => {
+      held.push(frame);
+      bytes += JSON.stringify(frame).length;
+      if (held.length >= MAX_HELD_FRAMES || bytes >= MAX_HELD_BYTES) this.takeOver(false);
+    };
+    conn.onClose = () => {
+      if (this.arriving?.conn !== newConn) return;
+      clearTimeout(this.arriving.timer);
+      this.arriving = undefined;
+      if (kind === 'migration') this.feed({ type: 'connect_failed', server, error: 'the new connection ended', elsewhere: false });
+    };
+    this.arriving = {
+      conn,
+      server,
+      kind,
+      held,
+      until,
+      timer: setTimeout(() => this.takeOver(false), CATCH_UP_MS),
+    };
+    this.checkArrival();
+  }
+
+  /** The new connection of a move takes over once the old one has caught up with it. */
+  private checkArrival(): void {
+    const a = this.arriving;
+    if (!a) return;
+    const state = catchUp(this.positions, this.subs, a.until);
+    if (state !== 'waiting') this.takeOver(state === 'done');
+  }
+
+  private takeOver(caughtUp: boolean): void {
+    const a = this.arriving;
+    if (!a) return;
+    this.arriving = undefined;
+    clearTimeout(a.timer);
+    this.active?.close();
+    this.stopHeartbeat();
+    const conn = a.conn;
+    this.active = conn;
+    conn.onClose = (cause) => this.lose(conn, a.server, cause);
+    // Caught up: the new connection's `subscribed` has nothing to recover.
+    for (const frame of a.held) if (!(caughtUp && frame.type === 'subscribed')) this.onFrame(conn, frame);
+    conn.onFrame = (frame) => this.onFrame(conn, frame);
+    if (a.kind === 'migration') this.feed({ type: 'migrated', server: a.server });
+    else this.useTransport(conn.transport, a.server, 'WebSocket allowed again');
+    if (this.active === conn) this.started(conn, a.server);
+  }
+
+  /** After a failover over an event stream: tries the WebSocket again, and moves to it
+   * make-before-break when it works. */
+  private async upgrade(stream: Connection, server: string): Promise<void> {
+    let conn: Connection;
+    try {
+      conn = await WsConnection.open(await this.wsUrl(server), this.options.connectTimeoutMs ?? 3000);
+    } catch {
+      return; // Still refused: the event stream stays.
+    }
+    if (this.active !== stream || this.arriving || this.stopped) return conn.close();
+    await this.moveTo(server, 'upgrade', conn);
   }
 
   private startHeartbeat(conn: Connection, server: string): void {
@@ -688,7 +1181,8 @@ export class Client extends Emitter<ClientEvents> {
         if (refresh > 0 && now - listAt >= refresh) {
           listAt = now;
           conn.send({ type: 'list' });
-        } else if (now - conn.lastSent >= interval) {
+        } else if (conn.transport === 'websocket' && now - conn.lastSent >= interval) {
+          // An event stream's node pings it, and waits for nothing from its client.
           conn.send({ type: 'ping' });
         }
       },
@@ -732,8 +1226,17 @@ export class Client extends Emitter<ClientEvents> {
   private onFrame(conn: Connection, frame: Frame): void {
     switch (frame.type) {
       case 'ping':
-        conn.send(frame.id === undefined ? { type: 'pong' } : { type: 'pong', id: frame.id });
+        // An event stream's client sends no heartbeats (its node does not wait for them).
+        if (conn.transport === 'websocket') conn.send(frame.id === undefined ? { type: 'pong' } : { type: 'pong', id: frame.id });
         break;
+      case 'migrate': {
+        const server = this.server();
+        if (conn !== this.active || !server) break;
+        const input: Input = { type: 'migrate_asked', server, reason: String(frame.reason ?? '') };
+        if (typeof frame.to === 'string') input.to = frame.to;
+        this.feed(input);
+        break;
+      }
       case 'farm': {
         const list = frame as unknown as FarmList;
         conn.list = list;
@@ -753,7 +1256,11 @@ export class Client extends Emitter<ClientEvents> {
         const topic = String(frame.topic);
         const sub = this.subs.get(topic);
         if (!sub) break;
-        const { verdict, recovery } = this.positions.message(topic, frame.epoch, frame.offset);
+        const { verdict, recovery, gap } = this.positions.message(topic, frame.epoch, frame.offset);
+        if (gap) {
+          sub._emit('gap', gap);
+          this.emit('gap', gap);
+        }
         if (verdict.deliver) {
           const m: Message = { topic, data: String(frame.data), recovered: verdict.recovered };
           if (frame.encoding === 'base64') m.encoding = 'base64';
@@ -763,6 +1270,7 @@ export class Client extends Emitter<ClientEvents> {
           this.emit('message', m);
         }
         if (recovery) this.recovered(recovery);
+        if (conn === this.active) this.checkArrival();
         break;
       }
       case 'gap': {
@@ -777,6 +1285,7 @@ export class Client extends Emitter<ClientEvents> {
         this.subs.get(gap.topic)?._emit('gap', gap);
         this.emit('gap', gap);
         if (recovery) this.recovered(recovery);
+        if (conn === this.active) this.checkArrival();
         break;
       }
       case 'error':

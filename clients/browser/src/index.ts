@@ -3,8 +3,8 @@
  * streaming connection, fail over by the same machine as the Rust client, and resume topics from
  * their positions. See `docs/CLIENT.md` (Browser).
  */
-export { Client, Emitter, Subscription, refreshDelayMs, seedBase, tokenExpiry } from './client.js';
-export type { ClientEvents, ClientOptions, Message, SubscriptionEvents, SubscriptionState } from './client.js';
+export { Client, Emitter, Subscription, catchUp, refreshDelayMs, seedBase, sseUrl, tokenExpiry } from './client.js';
+export type { ClientEvents, ClientOptions, Message, SubscriptionEvents, SubscriptionState, Transport } from './client.js';
 export {
   CLOSE,
   DEFAULT_MACHINE_CONFIG,
@@ -16,6 +16,7 @@ export {
 } from './machine.js';
 export type { Action, Backoff, Input, ListSource, LossCause, MachineConfig, Notice, RetryMode, State } from './machine.js';
 export { type FarmList, type Rng, type ServerEntry, type Status, groupComparator, groupOrder, seededRng, shuffle } from './model.js';
+export { MAX_EVENT_ID_BYTES, encodeEventId, parseEventId } from './eventid.js';
 export { Positions } from './positions.js';
 export type { Gap, Position, Recovery, Verdict } from './positions.js';
 export { NoServerAvailable, POLICIES, candidates, choose, probabilities, reconnectingContext } from './selection.js';

@@ -15,6 +15,13 @@
  *    from the pick and still shows it as a candidate, the pick stands (one connection per failover).
  * 4. **Backoff**: the first round after a good connection starts at once; each further round
  *    waits a full-jitter delay, uniform in `[0, min(cap, base · 2^n))`.
+ * 5. **Migration** (make-before-break): a server that asks its client to move (`migrate_asked`)
+ *    names where, or leaves it to the policy (without the asking server). The machine asks for a
+ *    `migrate` action — a second connection, subscribed from the held positions while the first
+ *    keeps delivering — and is connected to the new server once the driver reports it caught up
+ *    (`migrated`). A migration whose connection fails leaves the client where it was, with the
+ *    target excluded; losing the old server meanwhile makes the migration's connection the
+ *    failover's.
  */
 import { type FarmList, type Rng, shuffle } from './model.js';
 import { type Context, type Policy, candidates, choose, reconnectingContext } from './selection.js';
@@ -115,6 +122,10 @@ export type Input =
   | { type: 'connected'; server: string; list?: FarmList }
   | { type: 'connect_failed'; server: string; error: string; elsewhere: boolean }
   | { type: 'lost'; server: string; cause: LossCause }
+  /** The connected server asked the client to move (a `migrate` frame): to `to`, or anywhere else. */
+  | { type: 'migrate_asked'; server: string; to?: string; reason: string }
+  /** The migration's new connection caught up and the old one is closed. */
+  | { type: 'migrated'; server: string }
   | { type: 'timer_fired'; timer: number }
   | { type: 'stop' };
 
@@ -123,12 +134,19 @@ export type Notice =
   | { type: 'connected'; server: string }
   | { type: 'disconnected'; server: string; cause: LossCause }
   | { type: 'failed_over'; from: string; to: string; tookMs: number }
+  /** Moved from `from` to `to` at `from`'s request, make-before-break; `tookMs` from the request. */
+  | { type: 'migrated'; from: string; to: string; reason: string; tookMs: number }
+  /** A migration's new connection failed: the client stays on `server`. */
+  | { type: 'migration_failed'; server: string; to: string; error: string }
   | { type: 'retrying'; reason: string; delayMs: number };
 
 /** Something for the driver to do. */
 export type Action =
   | { type: 'fetch_list'; source: ListSource }
   | { type: 'connect'; server: string; reuseListConnection: boolean; retry: boolean }
+  /** Connect to `server` and subscribe from the held positions while the old connection keeps
+   * delivering; report `migrated` once caught up and the old one closed, or `connect_failed`. */
+  | { type: 'migrate'; server: string }
   | { type: 'drop_list_connection' }
   | { type: 'sleep'; delayMs: number; timer: number }
   | { type: 'notify'; notice: Notice }
@@ -140,6 +158,8 @@ export type State =
   | { type: 'fetching_list'; fromServiceAddress: boolean; fallback: boolean }
   | { type: 'connecting'; server: string; retry: boolean }
   | { type: 'connected'; server: string }
+  /** Connected to `from`, connecting to `to` to move there. */
+  | { type: 'migrating'; from: string; to: string; reason: string; since: number }
   | { type: 'waiting'; timer: number }
   | { type: 'stopped' };
 
@@ -277,6 +297,35 @@ export class Machine {
         actions.push({ type: 'connect', server, reuseListConnection: false, retry: true });
         this.state = { type: 'connecting', server, retry: true };
       }
+    } else if (state.type === 'connected' && input.type === 'migrate_asked' && input.server === state.server) {
+      const to = this.migrationTarget(state.server, input.to, now);
+      if (to === undefined) {
+        // Nowhere to go: stay; the server closes the connection at its deadline and the failover
+        // takes over then.
+        this.state = state;
+      } else {
+        actions.push({ type: 'migrate', server: to });
+        this.state = { type: 'migrating', from: state.server, to, reason: input.reason, since: now };
+      }
+    } else if (state.type === 'migrating' && input.type === 'migrated' && input.server === state.to) {
+      this.round = 0;
+      const { from, to, reason } = state;
+      actions.push({ type: 'notify', notice: { type: 'migrated', from, to, reason, tookMs: Math.max(0, now - state.since) } });
+      this.state = { type: 'connected', server: to };
+    } else if (state.type === 'migrating' && input.type === 'connect_failed' && input.server === state.to) {
+      this.exclude(state.to, now);
+      actions.push({
+        type: 'notify',
+        notice: { type: 'migration_failed', server: state.from, to: state.to, error: input.error },
+      });
+      this.state = { type: 'connected', server: state.from };
+    } else if (state.type === 'migrating' && input.type === 'lost' && input.server === state.from) {
+      // The old connection ended before the new one was up: the migration's connect goes on as
+      // the failover's.
+      this.away = [state.from, now];
+      this.exclude(state.from, now);
+      actions.push({ type: 'notify', notice: { type: 'disconnected', server: state.from, cause: input.cause } });
+      this.state = { type: 'connecting', server: state.to, retry: false };
     } else if (state.type === 'waiting' && input.type === 'timer_fired' && input.timer === state.timer) {
       this.requestList(now, actions);
     } else {
@@ -382,6 +431,21 @@ export class Machine {
     return (this.lastList?.servers ?? [])
       .filter((s) => s.status !== 'DOWN' && !exclude.includes(s.url))
       .map((s) => s.url);
+  }
+
+  /** Where to move from `from`: the server named, unless the client just failed to reach it;
+   * else the policy's pick on the last list, without `from`. */
+  private migrationTarget(from: string, to: string | undefined, now: number): string | undefined {
+    const exclude = this.excluded(now);
+    if (to !== undefined && to !== from && !exclude.includes(to)) return to;
+    exclude.push(from);
+    const list = this.lastList;
+    if (!list) return undefined;
+    try {
+      return list.servers[choose(this.config.policy, list, exclude, this.rng).index]?.url;
+    } catch {
+      return undefined;
+    }
   }
 
   private exclude(server: string, now: number): void {

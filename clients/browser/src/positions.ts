@@ -80,6 +80,11 @@ export class Positions {
     return any ? out : undefined;
   }
 
+  /** The connection broke: recoveries in progress start over on the next server. */
+  lost(): void {
+    this.pending.clear();
+  }
+
   /**
    * A `subscribed` frame arrived with these current positions (absent from old nodes). Returns
    * the recoveries that are already complete (nothing was missed).
@@ -96,8 +101,7 @@ export class Positions {
         this.held.set(topic, { epoch: now.epoch, offset: now.offset });
         continue;
       }
-      if (held.epoch !== now.epoch) continue; // the node reports the lost epoch as a gap
-      if (now.offset <= held.offset) {
+      if (held.epoch === now.epoch && now.offset <= held.offset) {
         done.push({ topic, recovered: 0, from: held, to: now });
       } else {
         this.pending.set(topic, { from: { ...held }, to: { ...now }, count: 0 });
@@ -108,46 +112,55 @@ export class Positions {
 
   /**
    * A `msg` on `topic` with this position (either may be absent: an old node). Returns whether to
-   * deliver it, and the recovery it completes, if any.
+   * deliver it, the recovery it completes, if any, and a jump in offsets that no `gap` frame
+   * announced (which a node never sends), so that nothing is ever lost silently.
    */
-  message(topic: string, epoch: unknown, offset: unknown): { verdict: Verdict; recovery?: Recovery } {
+  message(topic: string, epoch: unknown, offset: unknown): { verdict: Verdict; recovery?: Recovery; gap?: Gap } {
     if (typeof epoch !== 'string' || typeof offset !== 'number') {
       return { verdict: { deliver: true, recovered: false } };
     }
     const held = this.held.get(topic);
-    if (held && held.epoch === epoch && offset <= held.offset) {
-      return { verdict: { deliver: false } };
+    let gap: Gap | undefined;
+    if (held && held.epoch === epoch) {
+      if (offset <= held.offset) return { verdict: { deliver: false } };
+      if (offset > held.offset + 1) {
+        gap = { topic, epoch, from: held.offset + 1, to: offset - 1, reason: 'unannounced' };
+      }
+    } else if (held) {
+      gap = { topic, epoch: held.epoch, from: held.offset + 1, reason: 'unannounced' };
     }
     this.held.set(topic, { epoch, offset });
     const pending = this.pending.get(topic);
-    if (!pending) return { verdict: { deliver: true, recovered: false } };
-    const replayed = epoch === pending.to.epoch && offset <= pending.to.offset;
-    if (replayed) pending.count += 1;
-    if (replayed && offset < pending.to.offset) {
-      return { verdict: { deliver: true, recovered: true } };
+    const replayed = pending !== undefined && epoch === pending.to.epoch && offset <= pending.to.offset;
+    if (!pending || !replayed) {
+      const out: { verdict: Verdict; gap?: Gap } = { verdict: { deliver: true, recovered: false } };
+      if (gap) out.gap = gap;
+      return out;
     }
-    // The last replayed message, or a live one past it: recovery is over.
-    this.pending.delete(topic);
-    return {
-      verdict: { deliver: true, recovered: replayed },
-      recovery: { topic, recovered: pending.count, from: pending.from, to: pending.to },
-    };
+    pending.count += 1;
+    const out: { verdict: Verdict; recovery?: Recovery; gap?: Gap } = { verdict: { deliver: true, recovered: true } };
+    if (gap) out.gap = gap;
+    if (offset === pending.to.offset) {
+      this.pending.delete(topic);
+      out.recovery = { topic, recovered: pending.count, from: pending.from, to: pending.to };
+    }
+    return out;
   }
 
-  /** A `gap` frame: what cannot be recovered. Moves the held position past it. */
+  /** A `gap` frame: what cannot be recovered. Moves the held position past it; returns the
+   * recovery it completes, if any. */
   gap(gap: Gap): Recovery | undefined {
     const topic = gap.topic;
+    const held = this.held.get(topic);
     if (gap.to === undefined) {
-      // The epoch is lost: the next message starts the new epoch.
-      this.held.delete(topic);
-    } else {
-      const held = this.held.get(topic);
-      if (!held || held.epoch !== gap.epoch || held.offset < gap.to) {
-        this.held.set(topic, { epoch: gap.epoch, offset: gap.to });
-      }
+      // The rest of the held epoch is gone: whatever epoch comes next is taken as it is.
+      if (held && held.epoch === gap.epoch) this.held.delete(topic);
+    } else if (!held || (held.epoch === gap.epoch && gap.to > held.offset)) {
+      this.held.set(topic, { epoch: gap.epoch, offset: gap.to });
     }
+    const now = this.held.get(topic);
     const pending = this.pending.get(topic);
-    if (pending && (gap.to === undefined || (gap.epoch === pending.to.epoch && gap.to >= pending.to.offset))) {
+    if (pending && now && now.epoch === pending.to.epoch && now.offset === pending.to.offset) {
       this.pending.delete(topic);
       return { topic, recovered: pending.count, from: pending.from, to: pending.to };
     }

@@ -1,6 +1,7 @@
-//! The failover machine's shared transition vectors (`tests/data/machine_transitions.json`): the
-//! browser client's port of the machine (`clients/browser/src/machine.ts`) runs the same file, so
-//! a change to either machine that the other does not make fails a test.
+//! The failover machine's shared transition vectors (`tests/data/machine_transitions.json`, and
+//! its migrations in `tests/data/migration_vectors.json`): the browser client's port of the
+//! machine (`clients/browser/src/machine.ts`) runs the same files, so a change to either machine
+//! that the other does not make fails a test.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,9 +12,10 @@ use streamfarm_client::machine::{
 };
 use streamfarm_core::FarmList;
 
-fn load() -> Value {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/machine_transitions.json");
+fn load(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
     let text = std::fs::read_to_string(&path).expect("the vector file is readable");
     serde_json::from_str(&text).expect("the vector file is JSON")
 }
@@ -233,9 +235,8 @@ fn run(vector: &Value) -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn every_machine_vector_passes() {
-    let file = load();
+fn run_file(name: &str) {
+    let file = load(name);
     let vectors = file["vectors"].as_array().expect("vectors");
     assert!(!vectors.is_empty());
     let failures: Vec<String> = vectors
@@ -247,4 +248,14 @@ fn every_machine_vector_passes() {
         "failing vectors:\n{}",
         failures.join("\n")
     );
+}
+
+#[test]
+fn every_machine_vector_passes() {
+    run_file("machine_transitions.json");
+}
+
+#[test]
+fn every_migration_vector_passes() {
+    run_file("migration_vectors.json");
 }

@@ -1,8 +1,9 @@
 //! Shared farm state over gossip (quickwit's `chitchat`: scuttlebutt reconciliation over UDP).
 //!
 //! Each node advertises, as chitchat keys of its own node state:
-//! `url`, `status` (`UP`/`DOWN`/`DRAINING`), `users`, `priority`, `capacity`, `join_rate` and
-//! `relay` (the url of its relay endpoint). Its chitchat id is `(name, generation, gossip address)`
+//! `url`, `status` (`UP`/`DOWN`/`DRAINING`), `users`, `sse_users` (those of them on server-sent
+//! events, listed as the entry's `sse_users` for dashboards), `priority`, `capacity`, `join_rate`
+//! and `relay` (the url of its relay endpoint). Its chitchat id is `(name, generation, gossip address)`
 //! with the generation = start time in milliseconds, so a restarted node is a new generation and
 //! its old state is superseded.
 //!
@@ -84,6 +85,7 @@ mod key {
     pub(super) const URL: &str = "url";
     pub(super) const STATUS: &str = "status";
     pub(super) const USERS: &str = "users";
+    pub(super) const SSE_USERS: &str = "sse_users";
     pub(super) const PRIORITY: &str = "priority";
     pub(super) const CAPACITY: &str = "capacity";
     pub(super) const JOIN_RATE: &str = "join_rate";
@@ -203,7 +205,7 @@ pub fn gossip_key_values(
     };
     let mut values = fixed_key_values(&me);
     values.extend(
-        mine(Status::Up, users, 0.0)
+        mine(Status::Up, users, 0, 0.0)
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
     );
@@ -251,11 +253,13 @@ struct Seen {
     advanced_at: Option<Instant>,
 }
 
-/// The values of this node that change: status, users, join rate.
-fn mine(status: Status, users: u64, join_rate: f64) -> [(&'static str, String); 3] {
+/// The values of this node that change: status, users (`sse_users` of them on event streams),
+/// join rate.
+fn mine(status: Status, users: u64, sse_users: u64, join_rate: f64) -> [(&'static str, String); 4] {
     [
         (key::STATUS, status.as_str().to_string()),
         (key::USERS, users.to_string()),
+        (key::SSE_USERS, sse_users.to_string()),
         (key::JOIN_RATE, format!("{join_rate:.2}")),
     ]
 }
@@ -267,8 +271,12 @@ impl Loop {
         self,
         cancel: CancellationToken,
     ) -> Result<impl Future<Output = ()> + Send, String> {
-        let first =
-            start_gossip(&self.setup, next_generation(0), &mine(Status::Up, 0, 0.0)).await?;
+        let first = start_gossip(
+            &self.setup,
+            next_generation(0),
+            &mine(Status::Up, 0, 0, 0.0),
+        )
+        .await?;
         self.metrics.gossip_up.store(1, Ordering::Relaxed);
         Ok(self.watch(first, cancel))
     }
@@ -327,7 +335,8 @@ impl Loop {
             // The load the farm sees is the broker's own count, not a metric.
             let users = self.hub.users();
             let join_rate = join_rate(&mut joins, now, self.hub.accepted());
-            let mine = mine(status, users, join_rate);
+            let sse_users = self.metrics.sse_connections.load(Ordering::Relaxed);
+            let mine = mine(status, users, sse_users, join_rate);
             if gossip.is_none() && now >= restart_at {
                 // A new generation: peers hold the old one's versions, so a restart under the
                 // same id would not be heard.
@@ -487,6 +496,7 @@ impl Loop {
                     server.status = Status::Down;
                     server.users = 0;
                     server.join_rate = None;
+                    server.extra.remove(key::SSE_USERS);
                 }
                 // Not judged yet: just seen, heartbeat not yet seen advancing. It is linked to
                 // meanwhile (a failed dial costs nothing), so that a peer which is in fact live —
@@ -507,6 +517,8 @@ impl Loop {
             let (own_users, own_age) = own_count_as_of(&own_counts, &list, now);
             let mut own = self_entry(&self.setup.me, status, own_users, join_rate);
             own.users_age_ms = Some(own_age.as_millis() as u64);
+            own.extra
+                .insert(key::SSE_USERS.to_string(), sse_users.into());
             list.push(own);
             list.sort_by(|a, b| a.name.cmp(&b.name));
             let stamp = SystemTime::now()
@@ -710,6 +722,7 @@ struct Entry {
     url: Option<String>,
     status: Option<String>,
     users: Option<String>,
+    sse_users: Option<String>,
     priority: Option<String>,
     capacity: Option<String>,
     join_rate: Option<String>,
@@ -724,6 +737,7 @@ impl Entry {
             url: get(key::URL),
             status: get(key::STATUS),
             users: get(key::USERS),
+            sse_users: get(key::SSE_USERS),
             priority: get(key::PRIORITY),
             capacity: get(key::CAPACITY),
             join_rate: get(key::JOIN_RATE),
@@ -754,6 +768,15 @@ impl Entry {
         );
         server.capacity = self.capacity.as_deref().and_then(|c| c.parse().ok());
         server.join_rate = self.join_rate.as_deref().and_then(|r| r.parse().ok());
+        if let Some(sse_users) = self
+            .sse_users
+            .as_deref()
+            .and_then(|u| u.parse::<u64>().ok())
+        {
+            server
+                .extra
+                .insert(key::SSE_USERS.to_string(), sse_users.into());
+        }
         Some(server)
     }
 }
@@ -992,6 +1015,7 @@ mod tests {
             url: Some("ws://b/stream".into()),
             status: Some("DRAINING".into()),
             users: Some("12".into()),
+            sse_users: Some("5".into()),
             priority: Some("B".into()),
             capacity: Some("100".into()),
             join_rate: Some("1.5".into()),
@@ -1000,6 +1024,7 @@ mod tests {
         let server = entry.server("b").unwrap();
         assert_eq!(server.status, Status::Draining);
         assert_eq!(server.users, 12);
+        assert_eq!(server.extra["sse_users"], 5);
         assert_eq!(server.priority, "B");
         assert_eq!(server.capacity, Some(100));
         assert_eq!(server.join_rate, Some(1.5));

@@ -1,4 +1,4 @@
-// The failover machine's shared transition vectors, the same file the Rust machine's tests run
+// The failover machine's shared transition vectors, the same files the Rust machine's tests run
 // (crates/client/tests/machine_vectors.rs): the two machines cannot drift apart unnoticed.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -6,9 +6,8 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import * as sf from '../../dist/streamfarm.min.mjs';
 
-const file = JSON.parse(
-  readFileSync(fileURLToPath(new URL('../../../../crates/client/tests/data/machine_transitions.json', import.meta.url)), 'utf8'),
-);
+const load = (name) =>
+  JSON.parse(readFileSync(fileURLToPath(new URL(`../../../../crates/client/tests/data/${name}`, import.meta.url)), 'utf8'));
 
 /** The vectors' input (snake_case) as the TypeScript machine's. */
 function input(v) {
@@ -31,6 +30,9 @@ function shape(a, expected = {}) {
     case 'notify': {
       const n = a.notice;
       if (n.type === 'failed_over') return { type: 'notify', notice: { type: n.type, from: n.from, to: n.to, took_ms: n.tookMs } };
+      if (n.type === 'migrated')
+        return { type: 'notify', notice: { type: n.type, from: n.from, to: n.to, reason: n.reason, took_ms: n.tookMs } };
+      if (n.type === 'migration_failed') return { type: 'notify', notice: { type: n.type, server: n.server, to: n.to } };
       if (n.type === 'retrying') return { type: 'notify', notice: { type: n.type, delay_below_ms: below(n.delayMs, expected.notice?.delay_below_ms) } };
       return { type: 'notify', notice: n };
     }
@@ -43,24 +45,29 @@ function state(s) {
   switch (s.type) {
     case 'fetching_list':
       return { type: s.type, from_service_address: s.fromServiceAddress, fallback: s.fallback };
+    case 'migrating':
+      return { type: s.type, from: s.from, to: s.to };
     default:
       return s;
   }
 }
 
-assert.ok(file.vectors.length > 0);
-for (const vector of file.vectors) {
-  test(`machine vector ${vector.name}`, () => {
-    const m = new sf.Machine({ ...sf.DEFAULT_MACHINE_CONFIG, retry: vector.retry }, sf.seededRng(1));
-    vector.steps.forEach((step, i) => {
-      const actions = m.handle(input(step.input), step.at_ms);
-      const got = actions.map((a, k) => shape(a, step.expect[k]));
-      assert.deepEqual(got, step.expect, `step ${i} (${step.input.type})`);
-      if (step.state) assert.deepEqual(state(m.current()), step.state, `step ${i} state`);
-      if (step.excluded) assert.deepEqual(m.excluded(step.at_ms), step.excluded, `step ${i} excluded`);
+for (const name of ['machine_transitions.json', 'migration_vectors.json']) {
+  const file = load(name);
+  assert.ok(file.vectors.length > 0, name);
+  for (const vector of file.vectors) {
+    test(`machine vector ${vector.name}`, () => {
+      const m = new sf.Machine({ ...sf.DEFAULT_MACHINE_CONFIG, retry: vector.retry }, sf.seededRng(1));
+      vector.steps.forEach((step, i) => {
+        const actions = m.handle(input(step.input), step.at_ms);
+        const got = actions.map((a, k) => shape(a, step.expect[k]));
+        assert.deepEqual(got, step.expect, `step ${i} (${step.input.type})`);
+        if (step.state) assert.deepEqual(state(m.current()), step.state, `step ${i} state`);
+        if (step.excluded) assert.deepEqual(m.excluded(step.at_ms), step.excluded, `step ${i} excluded`);
+      });
+      for (const [url, users] of Object.entries(vector.last_list_users ?? {})) {
+        assert.equal(m.list().servers.find((s) => s.url === url).users, users, url);
+      }
     });
-    for (const [url, users] of Object.entries(vector.last_list_users ?? {})) {
-      assert.equal(m.list().servers.find((s) => s.url === url).users, users, url);
-    }
-  });
+  }
 }

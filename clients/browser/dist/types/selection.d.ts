@@ -1,0 +1,75 @@
+/**
+ * Server selection, ported from `streamfarm_core::selection` (and tested on the same shared
+ * vectors): which server of a farm list a client connects to.
+ *
+ * Every policy starts with {@link candidates}: the `UP` servers the client has not excluded, of
+ * the most preferred priority group that has any. The policies differ in how they weigh those:
+ * `patent` (the seeds' formula, the default), `random`, `least-users`, `p2c` and `waterfill`
+ * (staleness-aware). Pure functions: no clock, the RNG is passed in.
+ */
+import { type FarmList, type Rng, type Status } from './model.js';
+/** A way of weighing the live servers of the preferred group. */
+export type Policy = 'patent' | 'random' | 'least-users' | 'p2c' | 'waterfill';
+/** Every policy, in the order the Rust CLI lists them. */
+export declare const POLICIES: readonly Policy[];
+/** How the first step judged one server. */
+export type Verdict = {
+    kind: 'candidate';
+} | {
+    kind: 'not_up';
+    status: Status;
+} | {
+    kind: 'excluded';
+} | {
+    kind: 'less_preferred_group';
+};
+/** Why no server could be chosen (code `no_server_available`, as in the vectors). */
+export declare class NoServerAvailable extends Error {
+    readonly listed: number;
+    readonly notUp: number;
+    readonly excluded: number;
+    readonly code = "no_server_available";
+    constructor(listed: number, notUp: number, excluded: number);
+}
+/** The candidates (indices into `list.servers`, list order), the group kept, and every verdict. */
+export interface Candidates {
+    indices: number[];
+    group: string;
+    verdicts: Verdict[];
+}
+/** What a client knows about its list besides the list itself; only `waterfill` uses it. */
+export interface Context {
+    /** How old the list is, in seconds. */
+    listAgeS: number;
+    /** Farm-wide arrivals per second, when the client knows better than the list's `join_rate`s. */
+    arrivalRate?: number;
+}
+/** The first step of every policy; throws {@link NoServerAvailable}. */
+export declare function candidates(list: FarmList, exclude?: readonly string[]): Candidates;
+/** The exact probability with which `policy` chooses each server (list order; 0 for non-candidates). */
+export declare function probabilities(policy: Policy, list: FarmList, exclude?: readonly string[], context?: Context): number[];
+/**
+ * The candidates' users brought to the instant of the freshest count among them (each older
+ * count plus its join rate times the difference in age), and that count's age in seconds
+ * (`FarmList::users_at_one_instant` in Rust).
+ */
+export declare function usersAtOneInstant(list: FarmList, indices: number[]): {
+    users: number[];
+    ageS: number;
+};
+/** A server chosen by a policy, with the reasons. */
+export interface Choice {
+    /** Index of the chosen server in `list.servers`. */
+    index: number;
+    /** The probability of every server of the list under the policy. */
+    probabilities: number[];
+    /** How each server was judged before weighing. */
+    candidates: Candidates;
+}
+/** Chooses a server of `list` with `policy`, drawing from `rng`; throws {@link NoServerAvailable}. */
+export declare function choose(policy: Policy, list: FarmList, exclude: readonly string[], rng: Rng, context?: Context): Choice;
+/**
+ * The context of a client whose server `lost` just went away: everyone that server had is
+ * reconnecting too, over the reconnect window (`Context::reconnecting` in Rust).
+ */
+export declare function reconnectingContext(list: FarmList, lost: string, listAgeS: number, reconnectWindowS: number): Context;
