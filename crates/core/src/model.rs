@@ -140,6 +140,14 @@ pub struct FarmList {
     /// every client in flight, known at once, where the join rates lag by their window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u64>,
+    /// A number in `[0, 1)` that the list server gave this list alone, for the client's pick in
+    /// place of a random draw of its own. The list server takes its draws from an evenly spread
+    /// sequence ([`crate::selection::Draws`]), so that the clients it serves one after another
+    /// split between the servers as the probabilities say, not only on average: independent
+    /// draws leave each server a binomial spread, which on a small farm is most of the imbalance
+    /// after a burst. `None` (a list pushed to many clients, or from elsewhere): the client draws.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draw: Option<f64>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -152,6 +160,7 @@ impl FarmList {
             servers,
             generated_at_ms: None,
             in_flight: None,
+            draw: None,
             extra: serde_json::Map::new(),
         }
     }
