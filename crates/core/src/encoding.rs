@@ -359,8 +359,12 @@ pub(crate) mod field {
             .ok()
             .filter(|d| (0.0..1.0).contains(d))
             .ok_or_else(|| {
-                ParseError::new(format, "a number from 0 up to (not including) 1", quoted(value))
-                    .in_field(field)
+                ParseError::new(
+                    format,
+                    "a number from 0 up to (not including) 1",
+                    quoted(value),
+                )
+                .in_field(field)
             })
     }
 

@@ -577,7 +577,11 @@ mod tests {
             for _ in 0..64 {
                 seen[choose(Policy::Random, &list, &[], &mut rng).unwrap().index] = true;
             }
-            assert_eq!(seen, [true, true], "{bad}: the client's own draws pick both");
+            assert_eq!(
+                seen,
+                [true, true],
+                "{bad}: the client's own draws pick both"
+            );
         }
     }
 

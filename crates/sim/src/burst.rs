@@ -483,7 +483,10 @@ mod tests {
         let own = median(&burst, Policy::Random, 1, 21);
         burst.draws = true;
         let listed = median(&burst, Policy::Random, 1, 21);
-        assert!(listed <= 1.02 && own > 1.04, "own draws {own}, the list's {listed}");
+        assert!(
+            listed <= 1.02 && own > 1.04,
+            "own draws {own}, the list's {listed}"
+        );
     }
 
     #[test]

@@ -346,13 +346,15 @@ fn farm_list() -> impl Strategy<Value = FarmList> {
         prop::option::of(0.0..1.0f64),
         extras(LIST_FIELDS),
     )
-        .prop_map(|(servers, generated_at_ms, in_flight, draw, extra)| FarmList {
-            servers,
-            generated_at_ms,
-            in_flight,
-            draw,
-            extra,
-        })
+        .prop_map(
+            |(servers, generated_at_ms, in_flight, draw, extra)| FarmList {
+                servers,
+                generated_at_ms,
+                in_flight,
+                draw,
+                extra,
+            },
+        )
 }
 
 fn format() -> impl Strategy<Value = Format> {
