@@ -187,6 +187,13 @@ impl FarmList {
     /// The users of the servers at `indices`, each brought to the instant of the freshest count
     /// among them, and that count's age (seconds before `generated_at_ms`).
     ///
+    /// Each also counts an even share of the other clients in flight (`in_flight` less this
+    /// list's own client, over the servers at `indices`). On a nearly empty farm the counts alone
+    /// are a few clients each, and `patent`, which weighs `1 − users_i / total`, swings hard on a
+    /// count or two of a gossip round ago, while the clients in flight, spread evenly by the list
+    /// server's draws, are many. The same number added to every candidate changes no other
+    /// policy: the order of the counts, and waterfill's deficits, stay as they were.
+    ///
     /// A count `a` seconds older than the freshest misses the clients that server took in those
     /// seconds: about `join_rate × a` (0 without a join rate). Comparing raw counts of different
     /// ages makes the server whose count is freshest — the list server's own — look busier than
@@ -210,12 +217,18 @@ impl FarmList {
             .map(|&i| age(i))
             .fold(f64::INFINITY, f64::min);
         let freshest = if freshest.is_finite() { freshest } else { 0.0 };
+        // The other clients in flight through this list's server (`in_flight` counts this list
+        // too), spread evenly: they are on their way, and no count shows them yet.
+        let in_flight_share = match (self.in_flight, indices.len()) {
+            (Some(n), k) if k > 0 => n.saturating_sub(1) as f64 / k as f64,
+            _ => 0.0,
+        };
         let users = indices
             .iter()
             .map(|&i| {
                 let s = &self.servers[i];
                 let rate = s.join_rate.filter(|r| r.is_finite() && *r > 0.0);
-                s.users as f64 + rate.unwrap_or(0.0) * (age(i) - freshest)
+                s.users as f64 + rate.unwrap_or(0.0) * (age(i) - freshest) + in_flight_share
             })
             .collect();
         (users, freshest)
