@@ -490,6 +490,21 @@ mod tests {
     }
 
     #[test]
+    fn patent_spreads_a_burst_once_the_clients_in_flight_are_counted() {
+        // The same burst under the default policy: on counts of a few clients each, patent
+        // swings; with the other clients in flight counted in every candidate's users it does not.
+        let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer);
+        burst.in_flight = false;
+        let uncounted = median(&burst, Policy::Patent, 1, 21);
+        burst.in_flight = true;
+        let counted = median(&burst, Policy::Patent, 1, 21);
+        assert!(
+            counted <= 1.05 && counted < uncounted,
+            "in flight counted {counted}, not {uncounted}"
+        );
+    }
+
+    #[test]
     fn a_slow_trickle_is_even_under_least_users() {
         // Lists catch up between arrivals: every server within a user or two.
         let burst = Burst::new(3, 300, 20.0, Via::ListServer);
