@@ -1,6 +1,6 @@
 //! The simulator against a live farm: `streamfarm bench balance` on three real nodes (rebalancing
-//! off), clients arriving through one list server, and the simulator's figure for the same case
-//! beside each live one. The model must match what the farm does: its max/mean within 0.03 of the
+//! off), a burst of clients arriving through one list server, and the simulator's figure for the
+//! same case beside each live one. The model must match what the farm does: its max/mean within 0.03 of the
 //! live one.
 
 use std::process::Command;
@@ -45,14 +45,14 @@ fn live_and_simulated(policy: &str, farm: &str, rate: &str) -> (f64, f64, String
 }
 
 #[test]
-fn simulated_balance_matches_a_live_farm_within_three_hundredths() {
-    // 300 clients on three nodes at 200/s through one list server: waterfill on lists whose
-    // counts are of one instant keeps the nodes within a few clients of each other, live and
-    // simulated alike.
-    let (live, simulated, stdout) = live_and_simulated("waterfill", "3x300", "200");
+fn simulated_balance_matches_a_live_burst_within_three_hundredths() {
+    // 300 clients on three nodes at 1000/s through one list server, uniform picks: the list
+    // server's draws split the burst within a client or two of even, live and simulated alike
+    // (each client drawing for itself, both would read about 1.09, give or take 0.04 a run).
+    let (live, simulated, stdout) = live_and_simulated("random", "3x300", "1000");
     assert!(
         (live - simulated).abs() <= 0.03,
         "live {live:.3} against simulated {simulated:.3}:\n{stdout}"
     );
-    assert!(live < 1.10, "live {live:.3}:\n{stdout}");
+    assert!(live <= 1.05, "live {live:.3}:\n{stdout}");
 }

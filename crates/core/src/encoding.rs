@@ -315,7 +315,7 @@ pub(crate) const SERVER_FIELDS: &[&str] = &[
 ];
 
 /// The fields of a list that the model names.
-pub(crate) const LIST_FIELDS: &[&str] = &["servers", "generated_at_ms", "in_flight"];
+pub(crate) const LIST_FIELDS: &[&str] = &["servers", "generated_at_ms", "in_flight", "draw"];
 
 /// Readers of the typed fields that text and XML spell as strings; `field` names the field in
 /// the error, as the format calls it.
@@ -348,6 +348,23 @@ pub(crate) mod field {
             .ok_or_else(|| {
                 ParseError::new(format, "a finite non-negative number", quoted(value))
                     .in_field(field)
+            })
+    }
+
+    /// The list's `draw`: a number in `[0, 1)`.
+    pub(crate) fn draw(format: Format, field: &str, value: &str) -> Result<f64, ParseError> {
+        value
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|d| (0.0..1.0).contains(d))
+            .ok_or_else(|| {
+                ParseError::new(
+                    format,
+                    "a number from 0 up to (not including) 1",
+                    quoted(value),
+                )
+                .in_field(field)
             })
     }
 

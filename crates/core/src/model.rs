@@ -140,6 +140,14 @@ pub struct FarmList {
     /// every client in flight, known at once, where the join rates lag by their window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u64>,
+    /// A number in `[0, 1)` that the list server gave this list alone, for the client's pick in
+    /// place of a random draw of its own. The list server takes its draws from an evenly spread
+    /// sequence ([`crate::selection::Draws`]), so that the clients it serves one after another
+    /// split between the servers as the probabilities say, not only on average: independent
+    /// draws leave each server a binomial spread, which on a small farm is most of the imbalance
+    /// after a burst. `None` (a list pushed to many clients, or from elsewhere): the client draws.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draw: Option<f64>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -152,6 +160,7 @@ impl FarmList {
             servers,
             generated_at_ms: None,
             in_flight: None,
+            draw: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -178,6 +187,13 @@ impl FarmList {
     /// The users of the servers at `indices`, each brought to the instant of the freshest count
     /// among them, and that count's age (seconds before `generated_at_ms`).
     ///
+    /// Each also counts an even share of the other clients in flight (`in_flight` less this
+    /// list's own client, over the servers at `indices`). On a nearly empty farm the counts alone
+    /// are a few clients each, and `patent`, which weighs `1 − users_i / total`, swings hard on a
+    /// count or two of a gossip round ago, while the clients in flight, spread evenly by the list
+    /// server's draws, are many. The same number added to every candidate changes no other
+    /// policy: the order of the counts, and waterfill's deficits, stay as they were.
+    ///
     /// A count `a` seconds older than the freshest misses the clients that server took in those
     /// seconds: about `join_rate × a` (0 without a join rate). Comparing raw counts of different
     /// ages makes the server whose count is freshest — the list server's own — look busier than
@@ -201,12 +217,18 @@ impl FarmList {
             .map(|&i| age(i))
             .fold(f64::INFINITY, f64::min);
         let freshest = if freshest.is_finite() { freshest } else { 0.0 };
+        // The other clients in flight through this list's server (`in_flight` counts this list
+        // too), spread evenly: they are on their way, and no count shows them yet.
+        let in_flight_share = match (self.in_flight, indices.len()) {
+            (Some(n), k) if k > 0 => n.saturating_sub(1) as f64 / k as f64,
+            _ => 0.0,
+        };
         let users = indices
             .iter()
             .map(|&i| {
                 let s = &self.servers[i];
                 let rate = s.join_rate.filter(|r| r.is_finite() && *r > 0.0);
-                s.users as f64 + rate.unwrap_or(0.0) * (age(i) - freshest)
+                s.users as f64 + rate.unwrap_or(0.0) * (age(i) - freshest) + in_flight_share
             })
             .collect();
         (users, freshest)

@@ -18,6 +18,10 @@
 //!
 //! Each has exact probabilities ([`probabilities`]); [`choose`] samples them with an injected RNG
 //! and says why ([`Explanation`]). No clock and no global RNG: the same seed gives the same pick.
+//! A list that carries a `draw` (a list server gives each list it hands to a client one, from
+//! [`Draws`]) is sampled with that number instead of the RNG: the probabilities are the same, but
+//! the clients of one list server split between the servers as evenly as the probabilities allow,
+//! where independent draws leave every server a binomial spread.
 //!
 //! Every policy that compares counts compares them as of one instant: a list whose entries carry
 //! `users_age_ms` of different ages has the older counts brought forward by their join rates
@@ -410,7 +414,11 @@ pub fn choose_with<R: Rng + ?Sized>(
 ) -> Result<Choice, SelectionError> {
     let candidates = candidates(list, exclude)?;
     let probabilities = weigh(policy, list, &candidates, context);
-    let index = sample(&probabilities, &candidates.indices, rng);
+    let draw = match list.draw {
+        Some(draw) if (0.0..1.0).contains(&draw) => draw,
+        _ => rng.random(),
+    };
+    let index = sample(&probabilities, &candidates.indices, draw);
     Ok(Choice {
         index,
         probabilities,
@@ -418,11 +426,11 @@ pub fn choose_with<R: Rng + ?Sized>(
     })
 }
 
-/// Draws an index with the given probabilities. `candidates` is non-empty and holds every index
-/// whose probability is positive; rounding that leaves the draw past the last bucket lands on the
-/// last candidate.
-fn sample<R: Rng + ?Sized>(probabilities: &[f64], candidates: &[usize], rng: &mut R) -> usize {
-    let draw: f64 = rng.random();
+/// The index whose bucket holds `draw` (in `[0, 1)`), the buckets laid end to end in candidate
+/// order with the given probabilities. `candidates` is non-empty and holds every index whose
+/// probability is positive; rounding that leaves the draw past the last bucket lands on the last
+/// candidate.
+fn sample(probabilities: &[f64], candidates: &[usize], draw: f64) -> usize {
     let mut cumulative = 0.0;
     for &i in candidates {
         cumulative += probabilities[i];
@@ -435,6 +443,39 @@ fn sample<R: Rng + ?Sized>(probabilities: &[f64], candidates: &[usize], rng: &mu
         .rev()
         .find(|&&i| probabilities[i] > 0.0)
         .unwrap_or(&candidates[candidates.len() - 1])
+}
+
+/// The draws a list server hands out with its lists (`FarmList::draw`): a golden-ratio sequence,
+/// `x_k = x_0 + k·(φ − 1) mod 1`, from a random start.
+///
+/// Any stretch of `m` consecutive draws falls into every interval of `[0, 1)` about `m ×` its
+/// length times, give or take a few (it is the most evenly spread such sequence), so the clients
+/// of one list server land on each server about as often as its probability says, with an error
+/// that does not grow with their number. Each draw on its own is uniform over `[0, 1)` for a
+/// random start, so a client's pick keeps its exact probabilities. Successive draws are not
+/// independent: a list pushed to many clients at once must not carry one (they would all pick the
+/// same server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draws {
+    /// The next draw in 64-bit fixed point: `x = state / 2^64`.
+    state: u64,
+}
+
+impl Draws {
+    /// `2^64 × (φ − 1)`, odd: the step visits every state before repeating.
+    const STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// A sequence starting at `start / 2^64` (a random `start` for a list server).
+    pub fn new(start: u64) -> Self {
+        Draws { state: start }
+    }
+
+    /// The next draw, in `[0, 1)`.
+    pub fn next_draw(&mut self) -> f64 {
+        let draw = (self.state >> 11) as f64 / (1u64 << 53) as f64;
+        self.state = self.state.wrapping_add(Self::STEP);
+        draw
+    }
 }
 
 #[cfg(test)]
@@ -505,6 +546,43 @@ mod tests {
         let stale = probabilities_with(Policy::Waterfill, &list, &[], &context).unwrap();
         assert_eq!(aged, stale);
         assert!(aged[1] > 0.0, "{aged:?}");
+    }
+
+    #[test]
+    fn a_list_servers_draws_split_its_clients_as_the_probabilities_say() {
+        // 300 clients of one list server over three equal servers: independent draws leave some
+        // server several clients over 100 most of the time; the sequence's draws at most one or
+        // two, from any start.
+        let list = farm(&[10, 10, 10]);
+        for start in [0, 1, u64::MAX / 3, 0x1234_5678_9abc_def0] {
+            let mut draws = Draws::new(start);
+            let mut rng = StdRng::seed_from_u64(start);
+            let mut counts = [0u32; 3];
+            for _ in 0..300 {
+                let mut list = list.clone();
+                list.draw = Some(draws.next_draw());
+                counts[choose(Policy::Patent, &list, &[], &mut rng).unwrap().index] += 1;
+            }
+            assert!(counts.iter().all(|c| c.abs_diff(100) <= 2), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn a_draw_out_of_range_is_ignored() {
+        let mut list = farm(&[0, 0]);
+        for bad in [1.0, -0.5, f64::NAN, f64::INFINITY] {
+            list.draw = Some(bad);
+            let mut seen = [false; 2];
+            let mut rng = StdRng::seed_from_u64(3);
+            for _ in 0..64 {
+                seen[choose(Policy::Random, &list, &[], &mut rng).unwrap().index] = true;
+            }
+            assert_eq!(
+                seen,
+                [true, true],
+                "{bad}: the client's own draws pick both"
+            );
+        }
     }
 
     #[test]

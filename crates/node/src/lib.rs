@@ -199,14 +199,17 @@ impl Shared {
     }
 
     /// The farm list for a client that may choose from it: stamped now, with the lists handed
-    /// out since this node's own count was true (`in_flight`, `docs/PROTOCOL.md`).
+    /// out since this node's own count was true (`in_flight`, `docs/PROTOCOL.md`) and a draw of
+    /// its own for the client's pick (`draw`). Only for a list that goes to one client.
     pub(crate) fn list_for_client(&self) -> FarmList {
         let mut list = self.farm_now();
         let since = list
             .by_url(&self.url)
             .and_then(|own| own.users_age_ms)
             .map_or(Duration::ZERO, Duration::from_millis);
-        list.in_flight = Some(self.handed_out.record(tokio::time::Instant::now(), since));
+        let handout = self.handed_out.record(tokio::time::Instant::now(), since);
+        list.in_flight = Some(handout.in_flight);
+        list.draw = Some(handout.draw);
         list
     }
 

@@ -60,6 +60,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chitchat::transport::Transport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
+use streamfarm_core::selection::Draws;
 use streamfarm_core::{FarmList, ServerEntry, Status};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -630,14 +631,42 @@ fn own_count_as_of(
     }
 }
 
-/// When this node handed out its recent lists: what the next one says in `in_flight`.
+/// When this node handed out its recent lists: what the next one says in `in_flight`; and the
+/// sequence its `draw`s come from.
 ///
 /// Bounded: entries older than [`HandedOut::KEEP`] are dropped, and at most [`HandedOut::MAX`]
 /// are kept (a list server handing out more than that within its peers' count age reports the
 /// most it kept).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct HandedOut {
-    at: std::sync::Mutex<VecDeque<Instant>>,
+    state: std::sync::Mutex<Handed>,
+}
+
+#[derive(Debug)]
+struct Handed {
+    at: VecDeque<Instant>,
+    draws: Draws,
+}
+
+impl Default for HandedOut {
+    fn default() -> Self {
+        HandedOut {
+            state: std::sync::Mutex::new(Handed {
+                at: VecDeque::new(),
+                // A start of its own per node: through the DNS name, the nodes' sequences are
+                // not in step.
+                draws: Draws::new(rand::random()),
+            }),
+        }
+    }
+}
+
+/// What a list handed to one client says besides the farm.
+pub(crate) struct Handout {
+    /// Lists handed out since this node's count, this one included.
+    pub(crate) in_flight: u64,
+    /// This list's own draw.
+    pub(crate) draw: f64,
 }
 
 impl HandedOut {
@@ -647,10 +676,11 @@ impl HandedOut {
     /// 1 MiB of instants.
     const MAX: usize = 65_536;
 
-    /// Records a list handed out `now`, and returns how many were handed out within `since`
-    /// before it, this one included.
-    pub(crate) fn record(&self, now: Instant, since: Duration) -> u64 {
-        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+    /// Records a list handed out `now`: how many were handed out within `since` before it, this
+    /// one included, and its draw.
+    pub(crate) fn record(&self, now: Instant, since: Duration) -> Handout {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let at = &mut state.at;
         while at
             .front()
             .is_some_and(|t| now.duration_since(*t) > Self::KEEP)
@@ -659,10 +689,15 @@ impl HandedOut {
             at.pop_front();
         }
         at.push_back(now);
-        at.iter()
+        let in_flight = at
+            .iter()
             .rev()
             .take_while(|t| now.duration_since(**t) <= since)
-            .count() as u64
+            .count() as u64;
+        Handout {
+            in_flight,
+            draw: state.draws.next_draw(),
+        }
     }
 }
 

@@ -22,7 +22,10 @@
 //!   at the request, as `GET /farm` does) from one list server ([`Via::ListServer`]) or from a
 //!   server drawn at random ([`Via::Dns`], round-robin DNS with shuffled answers), picks with
 //!   [`streamfarm_core::selection::choose_with`], and is counted on its server
-//!   [`Burst::connect_delay`] seconds later.
+//!   [`Burst::connect_delay`] seconds later. Every list a node hands to a client carries the
+//!   node's next draw ([`streamfarm_core::selection::Draws`], from a start of its own;
+//!   [`Burst::draws`] false: none, each client draws for itself, as before), the greeting of a
+//!   client's new connection included.
 //!
 //! The figure is max/mean of users per server when the last client has connected; [`median`]
 //! takes it over seeds.
@@ -33,7 +36,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use streamfarm_core::selection::{self, Context};
+use streamfarm_core::selection::{self, Context, Draws};
 use streamfarm_core::{FarmList, Policy, ServerEntry, Status};
 
 /// Where clients get their lists.
@@ -78,6 +81,8 @@ pub struct Burst {
     /// Whether a list server says how many lists it handed out since its own count
     /// (`in_flight`).
     pub in_flight: bool,
+    /// Whether each list handed to a client carries the list server's next draw (`draw`).
+    pub draws: bool,
 }
 
 impl Burst {
@@ -94,6 +99,7 @@ impl Burst {
             connect_delay: 0.005,
             aligned: true,
             in_flight: true,
+            draws: true,
         }
     }
 }
@@ -193,6 +199,7 @@ pub fn run(burst: &Burst, policy: Policy, seed: u64) -> f64 {
     let mut lists: Vec<FarmList> = (0..n).map(|_| FarmList::new(Vec::new())).collect();
     // Per node: when it handed out its recent lists.
     let mut served: Vec<VecDeque<f64>> = vec![VecDeque::new(); n];
+    let mut draws: Vec<Draws> = (0..n).map(|_| Draws::new(rng.random())).collect();
     let mut connected = 0;
     let direct = if n <= 4 {
         1.0
@@ -220,6 +227,9 @@ pub fn run(burst: &Burst, policy: Policy, seed: u64) -> f64 {
                 if burst.in_flight {
                     list.in_flight = Some(in_flight);
                 }
+                if burst.draws {
+                    list.draw = Some(draws[server].next_draw());
+                }
                 let choice =
                     selection::choose_with(policy, &list, &[], &Context::default(), &mut pick_rng)
                         .expect("every server is up");
@@ -240,6 +250,9 @@ pub fn run(burst: &Burst, policy: Policy, seed: u64) -> f64 {
                     users[via] -= 1;
                     let list = lists[to].clone();
                     hand_out(&mut served[to], &list, to, time);
+                    // Its greeting takes a draw too, which the client does not use: its pick
+                    // stands.
+                    draws[to].next_draw();
                 }
                 connected += 1;
                 if connected == burst.clients {
@@ -459,6 +472,36 @@ mod tests {
         burst.aligned = true;
         let after = median(&burst, Policy::Patent, 1, 21);
         assert!(after < before, "before {before}, after {after}");
+    }
+
+    #[test]
+    fn a_list_servers_draws_spread_a_burst_as_evenly_as_a_trickle() {
+        // 300 clients at 1000/s through one list server, uniform picks: each client's own draw
+        // leaves the binomial spread (about 1.09); the list server's draws leave a client or two.
+        let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer);
+        burst.draws = false;
+        let own = median(&burst, Policy::Random, 1, 21);
+        burst.draws = true;
+        let listed = median(&burst, Policy::Random, 1, 21);
+        assert!(
+            listed <= 1.02 && own > 1.04,
+            "own draws {own}, the list's {listed}"
+        );
+    }
+
+    #[test]
+    fn patent_spreads_a_burst_once_the_clients_in_flight_are_counted() {
+        // The same burst under the default policy: on counts of a few clients each, patent
+        // swings; with the other clients in flight counted in every candidate's users it does not.
+        let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer);
+        burst.in_flight = false;
+        let uncounted = median(&burst, Policy::Patent, 1, 21);
+        burst.in_flight = true;
+        let counted = median(&burst, Policy::Patent, 1, 21);
+        assert!(
+            counted <= 1.05 && counted < uncounted,
+            "in flight counted {counted}, not {uncounted}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use streamfarm_core::encoding::{self, Format};
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ClientArgs {
     /// Selection policy: patent, random, least-users, p2c, waterfill.
-    #[arg(long, default_value = "patent", value_parser = parse_policy)]
+    #[arg(long, default_value = "patent")]
     pub(crate) policy: Policy,
     /// Resolve the service name through this DNS server instead of the system resolver.
     #[arg(long, value_name = "IP:PORT")]
@@ -47,10 +47,6 @@ pub(crate) struct ClientArgs {
     /// instead of the usual public roots.
     #[arg(long, value_name = "PATH")]
     pub(crate) ca_file: Option<PathBuf>,
-}
-
-fn parse_policy(text: &str) -> Result<Policy, String> {
-    text.parse::<Policy>().map_err(|e| e.to_string())
 }
 
 impl ClientArgs {

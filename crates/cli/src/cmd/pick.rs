@@ -37,7 +37,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "FILE_OR_URL")]
     list: String,
     /// Selection policy: patent, random, least-users, p2c, waterfill.
-    #[arg(long, default_value = "patent", value_parser = parse_policy)]
+    #[arg(long, default_value = "patent")]
     policy: Policy,
     /// Say why: the group chosen, each server's verdict and the policy's formula.
     #[arg(long)]
@@ -52,10 +52,6 @@ pub(crate) struct Args {
     /// 0 when it has none).
     #[arg(long, value_name = "SECONDS")]
     list_age: Option<f64>,
-}
-
-fn parse_policy(name: &str) -> Result<Policy, String> {
-    name.parse::<Policy>().map_err(|e| e.to_string())
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {

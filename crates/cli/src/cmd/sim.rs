@@ -68,8 +68,8 @@ pub(crate) struct Args {
     rebalance: bool,
     /// Bursts of arrivals as a live farm serves them (each count of a list with its own age, one
     /// list server or the DNS name): max/mean when the last client connects, median over 21
-    /// seeds, with the lists the nodes make and with the lists they made before counts carried
-    /// their age and lists their clients in flight. The live runs: `streamfarm bench balance`.
+    /// seeds, with the lists the nodes make and with the same lists without a draw (each client
+    /// drawing for itself). The live runs: `streamfarm bench balance`.
     #[arg(long)]
     bursts: bool,
 }
@@ -86,11 +86,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let now = burst::default_bursts();
             let before: Vec<_> = now
                 .iter()
-                .map(|b| burst::Burst {
-                    aligned: false,
-                    in_flight: false,
-                    ..*b
-                })
+                .map(|b| burst::Burst { draws: false, ..*b })
                 .collect();
             (
                 burst::table(&now, &policies, 21),
@@ -101,7 +97,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .context("the simulation stopped")?;
         println!("### Bursts: lists as the nodes make them\n\n{}", tables.0);
         println!(
-            "### Bursts: lists as they were made before (own count fresh, no count ages, no in-flight count)\n\n{}",
+            "### Bursts: lists without a draw (each client draws for itself)\n\n{}",
             tables.1
         );
         println!(

@@ -42,6 +42,7 @@ fn full() -> FarmList {
     let mut list = FarmList::new(vec![a, b]);
     list.generated_at_ms = Some(1_700_000_000_123);
     list.in_flight = Some(42);
+    list.draw = Some(0.618_033_988_749_894_8);
     list.extra.insert("farm".into(), Value::from("f1"));
     list
 }
@@ -342,14 +343,18 @@ fn farm_list() -> impl Strategy<Value = FarmList> {
         prop::collection::vec(server(), 0..6),
         prop::option::of(any::<u64>()),
         prop::option::of(any::<u64>()),
+        prop::option::of(0.0..1.0f64),
         extras(LIST_FIELDS),
     )
-        .prop_map(|(servers, generated_at_ms, in_flight, extra)| FarmList {
-            servers,
-            generated_at_ms,
-            in_flight,
-            extra,
-        })
+        .prop_map(
+            |(servers, generated_at_ms, in_flight, draw, extra)| FarmList {
+                servers,
+                generated_at_ms,
+                in_flight,
+                draw,
+                extra,
+            },
+        )
 }
 
 fn format() -> impl Strategy<Value = Format> {

@@ -40,13 +40,20 @@ const POSITIONAL: [&str; 4] = ["url", "status", "users", "priority"];
 /// Writes `list` in the text format.
 pub fn render(list: &FarmList) -> String {
     let mut out = String::new();
-    if list.generated_at_ms.is_some() || list.in_flight.is_some() || !list.extra.is_empty() {
+    if list.generated_at_ms.is_some()
+        || list.in_flight.is_some()
+        || list.draw.is_some()
+        || !list.extra.is_empty()
+    {
         out.push_str("#@");
         if let Some(at) = list.generated_at_ms {
             let _ = write!(out, " generated_at_ms={at}");
         }
         if let Some(n) = list.in_flight {
             let _ = write!(out, " in_flight={n}");
+        }
+        if let Some(d) = list.draw {
+            let _ = write!(out, " draw={d}");
         }
         for (key, value) in &list.extra {
             let _ = write!(out, " {}={}", encode(key), encode(&extra_to_plain(value)));
@@ -158,6 +165,11 @@ fn parse_list_fields(fields: &str, list: &mut FarmList) -> Result<(), ParseError
                 return Err(field::repeated(Format::Text, &key));
             }
             list.in_flight = Some(field::count(Format::Text, &key, &value)?);
+        } else if key == "draw" {
+            if list.draw.is_some() {
+                return Err(field::repeated(Format::Text, &key));
+            }
+            list.draw = Some(field::draw(Format::Text, &key, &value)?);
         } else {
             extra.insert(key, plain_to_extra(&value));
         }

@@ -41,6 +41,9 @@ pub fn render(list: &FarmList) -> String {
     if let Some(n) = list.in_flight {
         let _ = write!(out, " in_flight=\"{n}\"");
     }
+    if let Some(d) = list.draw {
+        let _ = write!(out, " draw=\"{d}\"");
+    }
     out.push_str(">\n");
     write_extras(&mut out, &list.extra, "  ");
     for s in &list.servers {
@@ -220,6 +223,8 @@ fn read_farm_attributes(start: &BytesStart<'_>, farm: &mut FarmList) -> Result<(
             farm.generated_at_ms = Some(field::timestamp(Format::Xml, &name, &value)?);
         } else if name == "in_flight" {
             farm.in_flight = Some(field::count(Format::Xml, &name, &value)?);
+        } else if name == "draw" {
+            farm.draw = Some(field::draw(Format::Xml, &name, &value)?);
         } else if name != "servers" {
             farm.extra.insert(name, plain_to_extra(&value));
         }
