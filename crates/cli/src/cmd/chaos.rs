@@ -97,19 +97,36 @@ fn simulate(args: &Args, options: &Options) -> anyhow::Result<ExitCode> {
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut violations = 0;
     let mut ran = 0;
-    for seed in args.seed_start..args.seed_start.saturating_add(args.seeds) {
-        let outcome = chaos::run(seed, options, false);
-        ran += 1;
-        for (kind, count) in &outcome.faults {
-            *faults.entry(kind).or_default() += count;
-        }
-        print_outcome(&mut out, args.json, &outcome)?;
-        if outcome.violation.is_some() {
-            violations += 1;
-            for line in &outcome.trace {
-                writeln!(out, "{line}")?;
+    // Seeds run on every core, a batch at a time, and are reported in seed order: each seed's run
+    // is its own, so the output is the same whatever the number of cores.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let end = args.seed_start.saturating_add(args.seeds);
+    let mut next = args.seed_start;
+    'batches: while next < end {
+        let batch: Vec<u64> = (next..end.min(next.saturating_add(threads))).collect();
+        next = batch.last().map_or(end, |last| last + 1);
+        let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+            let runs: Vec<_> = batch
+                .iter()
+                .map(|seed| scope.spawn(move || chaos::run(*seed, options, false)))
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("a simulation thread panicked"))
+                .collect()
+        });
+        for outcome in outcomes {
+            ran += 1;
+            for (kind, count) in &outcome.faults {
+                *faults.entry(kind).or_default() += count;
             }
-            break;
+            print_outcome(&mut out, args.json, &outcome)?;
+            if outcome.violation.is_some() {
+                violations += 1;
+                for line in &outcome.trace {
+                    writeln!(out, "{line}")?;
+                }
+                break 'batches;
+            }
         }
     }
     let seconds = started.elapsed().as_secs_f64();

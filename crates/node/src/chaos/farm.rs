@@ -347,16 +347,22 @@ impl SimFarm {
         let envelope = {
             let mut wires = self.wires.lock().expect("one thread");
             wires.ms = self.ms;
-            let due: Vec<usize> = (0..wires.in_flight.len())
-                .filter(|k| {
-                    let f = &wires.in_flight[*k];
-                    f.at <= self.ms && !self.nodes[f.to].hung
-                })
-                .collect();
-            if due.is_empty() {
+            let is_due = |f: &InFlight| f.at <= self.ms && !self.nodes[f.to].hung;
+            let due = wires.in_flight.iter().filter(|f| is_due(f)).count();
+            if due == 0 {
                 return false;
             }
-            let drawn = due[self.rng.random_range(0..due.len())];
+            let nth = self.rng.random_range(0..due);
+            let Some(drawn) = wires
+                .in_flight
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| is_due(f))
+                .nth(nth)
+                .map(|(k, _)| k)
+            else {
+                return false;
+            };
             let link = (wires.in_flight[drawn].from, wires.in_flight[drawn].to);
             let oldest = wires
                 .in_flight
