@@ -17,11 +17,11 @@ use streamfarm_core::protocol::{ClientFrame, Position, ServerFrame, feature};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
-use tracing::debug;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tracing::debug;
 
 use crate::address::{Endpoint, Resolver, Target};
 use crate::error::Error;
@@ -627,7 +627,9 @@ pub(crate) mod tests {
         node_sends(&mut node, &ServerFrame::Ping { id: Some(1) }).await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let conn = greet(Channel::WebSocket(client), "ws://127.0.0.1:1/stream").await.unwrap();
+        let conn = greet(Channel::WebSocket(client), "ws://127.0.0.1:1/stream")
+            .await
+            .unwrap();
         assert_eq!(conn.hello.url, "ws://a/stream");
         assert_eq!(conn.hello.heartbeat_timeout, Duration::from_secs(3));
         assert_eq!(conn.list.servers.len(), 1);
@@ -641,7 +643,9 @@ pub(crate) mod tests {
     async fn greeting_out_of_order_is_a_protocol_error() {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let err = greet(Channel::WebSocket(client), "ws://x/stream").await.unwrap_err();
+        let err = greet(Channel::WebSocket(client), "ws://x/stream")
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Protocol);
         assert!(err.to_string().contains("expected hello first"), "{err}");
     }
@@ -655,7 +659,9 @@ pub(crate) mod tests {
         }))
         .await
         .unwrap();
-        let err = greet(Channel::WebSocket(client), "ws://x/stream").await.unwrap_err();
+        let err = greet(Channel::WebSocket(client), "ws://x/stream")
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("closed (4003) full"), "{err}");
         assert_eq!(err.kind(), crate::ErrorKind::Refused);
         assert!(err.sends_elsewhere());
@@ -666,7 +672,9 @@ pub(crate) mod tests {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream").await.unwrap();
+        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream")
+            .await
+            .unwrap();
         let topics = vec!["t1".to_string(), "t2".to_string()];
         let at = Position::new(streamfarm_core::protocol::Epoch(3), 9);
         let node_task = tokio::spawn(async move {
@@ -736,7 +744,9 @@ pub(crate) mod tests {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream").await.unwrap();
+        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream")
+            .await
+            .unwrap();
         let ahead = vec!["t1".to_string()];
         send_subscription(&mut conn, &ahead, &BTreeMap::new(), false)
             .await
@@ -779,7 +789,9 @@ pub(crate) mod tests {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream").await.unwrap();
+        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream")
+            .await
+            .unwrap();
         node_sends(
             &mut node,
             &ServerFrame::Error {

@@ -231,7 +231,11 @@ impl EventStream {
         // A kept connection the node has closed since is opened again, once.
         let mut fresh = false;
         loop {
-            if self.poster.as_ref().is_none_or(|(sender, _)| sender.is_closed()) {
+            if self
+                .poster
+                .as_ref()
+                .is_none_or(|(sender, _)| sender.is_closed())
+            {
                 fresh = true;
                 let connection = http_connection(&self.endpoint, &self.dialer, &self.url)
                     .await
