@@ -16,14 +16,14 @@
 //!
 //! The client's frames (`sub`, `unsub`, `pub`, `list`, `refresh`, `hello`, `ping`) come as
 //! `POST /sse/{stream}` to the node serving the stream: `stream` is a random key named in the
-//! `hello` event, known only to the client, and the frames wait in a small bounded inbox. The
-//! stream is written by the HTTP connection's own task, as the response body: no task, no
-//! socket state of its own.
+//! `hello` event, known only to the client, and the frames wait in a small bounded inbox, which
+//! holds no buffer while empty. The stream is written by the HTTP connection's own task, as the
+//! response body: no task, no socket state of its own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use axum::Extension;
@@ -33,12 +33,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
+use futures_util::task::AtomicWaker;
 use serde::Deserialize;
 use streamfarm_core::Status;
 use streamfarm_core::protocol::{
     ClientFrame, Epoch, Position, ServerFrame, close, event_id, feature,
 };
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
@@ -57,30 +58,65 @@ const WRITE_BURST: usize = 64;
 /// How long a browser waits before reconnecting by itself (the `retry` field), in ms.
 const RETRY_MS: u64 = 1000;
 
+/// The client's frames for one stream, waiting for the stream to take them: at most
+/// [`INBOX_FRAMES`]. Empty, it holds no buffer: an idle stream pays a few words for it, where a
+/// tokio channel would hold a block of 32 slots for every stream.
+#[derive(Debug, Default)]
+struct Inbox {
+    frames: Mutex<VecDeque<String>>,
+    /// The stream's task, woken by a frame.
+    waker: AtomicWaker,
+}
+
+impl Inbox {
+    fn frames(&self) -> MutexGuard<'_, VecDeque<String>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame; false when [`INBOX_FRAMES`] already wait.
+    fn put(&self, frame: String) -> bool {
+        {
+            let mut frames = self.frames();
+            if frames.len() >= INBOX_FRAMES {
+                return false;
+            }
+            frames.push_back(frame);
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// The next frame, or `None` with `cx` woken when one comes.
+    fn take(&self, cx: &mut Context<'_>) -> Option<String> {
+        self.waker.register(cx.waker());
+        self.frames().pop_front()
+    }
+}
+
 /// The open event streams of this node, by key: where `POST /sse/{stream}` puts a frame.
 #[derive(Debug, Default)]
 pub(crate) struct Streams {
-    inboxes: Mutex<HashMap<String, mpsc::Sender<String>>>,
+    inboxes: Mutex<HashMap<String, Arc<Inbox>>>,
 }
 
 impl Streams {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<String>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Inbox>>> {
         self.inboxes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new stream's key and inbox.
-    fn open(&self) -> (String, mpsc::Receiver<String>) {
-        let (tx, rx) = mpsc::channel(INBOX_FRAMES);
+    fn open(&self) -> (String, Arc<Inbox>) {
+        let inbox = Arc::new(Inbox::default());
         let key = format!("{:032x}", rand::random::<u128>());
-        self.lock().insert(key.clone(), tx);
-        (key, rx)
+        self.lock().insert(key.clone(), inbox.clone());
+        (key, inbox)
     }
 
     fn close(&self, key: &str) {
         self.lock().remove(key);
     }
 
-    fn inbox(&self, key: &str) -> Option<mpsc::Sender<String>> {
+    fn inbox(&self, key: &str) -> Option<Arc<Inbox>> {
         self.lock().get(key).cloned()
     }
 }
@@ -275,17 +311,15 @@ pub(crate) async fn post(
              (post to the node whose hello named the stream)",
         );
     };
-    match inbox.try_send(body) {
-        Ok(()) => (StatusCode::ACCEPTED, "accepted\n").into_response(),
-        Err(mpsc::error::TrySendError::Full(_)) => refuse(
+    if inbox.put(body) {
+        (StatusCode::ACCEPTED, "accepted\n").into_response()
+    } else {
+        refuse(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
                 "{INBOX_FRAMES} frames already wait for this stream: send the next one after an answer"
             ),
-        ),
-        Err(mpsc::error::TrySendError::Closed(_)) => {
-            refuse(StatusCode::NOT_FOUND, "the stream has ended")
-        }
+        )
     }
 }
 
@@ -293,7 +327,7 @@ pub(crate) async fn post(
 struct EventStream {
     session: Session,
     key: String,
-    inbox: mpsc::Receiver<String>,
+    inbox: Arc<Inbox>,
     /// The next ping, or the token's expiry.
     timer: Pin<Box<Sleep>>,
     /// Each subscribed topic's position after the last event written: the events' `id`.
@@ -435,11 +469,11 @@ impl EventStream {
     /// Serves the client's frames waiting in the inbox, while no `sub` or `pub` is in progress.
     fn take_inbox(&mut self, cx: &mut Context<'_>) {
         while !self.session.busy() {
-            match self.inbox.poll_recv(cx) {
-                Poll::Ready(Some(text)) => {
+            match self.inbox.take(cx) {
+                Some(text) => {
                     self.session.handle(Message::Text(Utf8Bytes::from(text)));
                 }
-                Poll::Ready(None) | Poll::Pending => return,
+                None => return,
             }
         }
     }
