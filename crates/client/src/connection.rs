@@ -46,7 +46,7 @@ pub(crate) struct Hello {
 #[derive(Debug)]
 pub(crate) enum Channel<S = ClientStream> {
     WebSocket(WebSocketStream<S>),
-    EventStream(Box<EventStream>),
+    EventStream(EventStream),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
@@ -520,7 +520,7 @@ async fn dial_websocket(
 async fn dial_event_stream(endpoint: &Endpoint, dialer: &Dialer, url: &str) -> Result<Conn, Error> {
     let token = dialer.token(url).await?;
     let events = event_stream::open(endpoint, dialer, token.as_deref()).await?;
-    let mut conn = greet(Channel::EventStream(Box::new(events)), url).await?;
+    let mut conn = greet(Channel::EventStream(events), url).await?;
     conn.token_exp = token.as_deref().and_then(crate::token::expiry);
     Ok(conn)
 }
