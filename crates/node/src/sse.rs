@@ -22,23 +22,27 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
 use futures_util::Stream;
 use futures_util::task::AtomicWaker;
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use streamfarm_core::Status;
 use streamfarm_core::protocol::{
     ClientFrame, Epoch, Position, ServerFrame, close, event_id, feature,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -552,6 +556,189 @@ impl Stream for EventStream {
         }
         Poll::Ready(Some(Ok(Bytes::from(out))))
     }
+}
+
+/// How a plain connection's first request starts when it opens an event stream.
+const PLAIN_REQUEST: &[u8] = b"GET /sse";
+/// Longest request head read for an event stream served past hyper.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers in that head.
+const MAX_HEADERS: usize = 64;
+/// Longest body of a refusal written past hyper.
+const MAX_REFUSAL_BYTES: usize = 64 * 1024;
+/// How long an event stream goes on once the node stops (its session is closed meanwhile).
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves a plain connection whose first request opens an event stream (`GET /sse`) past hyper;
+/// returns any other connection untouched, for hyper.
+///
+/// hyper keeps an HTTP/1 connection's read buffer and write buffer (8 KiB each, none smaller)
+/// for as long as its response lasts, and an event stream's lasts as long as the stream: most of
+/// an idle stream's memory. Here the request head is read and parsed once, the router answers it
+/// as it answers hyper's requests, and the response is written on the socket as it comes — a
+/// chunk per burst of events, as a WebSocket session writes its frames — with no buffer held
+/// between chunks. The response is delimited by the connection's end (`connection: close`),
+/// which every HTTP/1.1 client reads. A connection silent for `head_timeout`, or whose head is
+/// not complete by then, is closed, as hyper closes it.
+pub(crate) async fn serve_plain(
+    tcp: TcpStream,
+    router: &Router,
+    slot: &HttpSlot,
+    head_timeout: Duration,
+    stop: &CancellationToken,
+) -> Option<TcpStream> {
+    let deadline = Instant::now() + head_timeout;
+    let mut start = [0u8; PLAIN_REQUEST.len() + 1];
+    let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut start)).await;
+    match peeked {
+        Ok(Ok(n)) if n == start.len() && start.starts_with(PLAIN_REQUEST) => {
+            // `/sse` or `/sse?…`, not `/sse/…` (a frame's POST) nor `/ssex`.
+            if !matches!(start[PLAIN_REQUEST.len()], b' ' | b'?') {
+                return Some(tcp);
+            }
+        }
+        // Nothing by the deadline: closed, as hyper would.
+        Err(_) | Ok(Err(_)) => return None,
+        // Another request, or a first segment too short to tell: hyper's.
+        Ok(Ok(_)) => return Some(tcp),
+    }
+    let mut tcp = tcp;
+    let head = match tokio::time::timeout_at(deadline, read_head(&mut tcp)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(why)) => {
+            let _ = write_plain(&mut tcp, StatusCode::BAD_REQUEST, why).await;
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let request = match parse_head(&head) {
+        Ok(mut request) => {
+            request.extensions_mut().insert(slot.clone());
+            request
+        }
+        Err(why) => {
+            let _ = write_plain(&mut tcp, StatusCode::BAD_REQUEST, &why).await;
+            return None;
+        }
+    };
+    drop(head);
+    let mut router = router.clone();
+    let Ok(response) = tower_service::Service::call(&mut router, request).await;
+    let _ = write_response(&mut tcp, response, stop).await;
+    None
+}
+
+/// The request head, up to its blank line.
+async fn read_head(tcp: &mut TcpStream) -> Result<Vec<u8>, &'static str> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tcp.read(&mut buf).await.map_err(|_| "read failed")?;
+        if n == 0 {
+            return Err("the connection ended in the request head");
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(head);
+        }
+        if head.len() > MAX_HEAD_BYTES {
+            return Err("request head too large");
+        }
+    }
+}
+
+/// The request of a head, with no body.
+fn parse_head(head: &[u8]) -> Result<axum::http::Request<Body>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err("incomplete request head".into()),
+        Err(err) => return Err(format!("bad request head: {err}")),
+    }
+    let version = match parsed.version {
+        Some(0) => axum::http::Version::HTTP_10,
+        _ => axum::http::Version::HTTP_11,
+    };
+    let mut request = axum::http::Request::builder()
+        .method(parsed.method.unwrap_or("GET"))
+        .uri(parsed.path.unwrap_or("/"))
+        .version(version);
+    for header in parsed.headers.iter() {
+        request = request.header(header.name, header.value);
+    }
+    request
+        .body(Body::empty())
+        .map_err(|err| format!("bad request head: {err}"))
+}
+
+/// A small response of its own, and the end of the connection.
+async fn write_plain(tcp: &mut TcpStream, status: StatusCode, why: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{why}\n",
+        why.len() + 1
+    );
+    tcp.write_all(head.as_bytes()).await
+}
+
+/// Writes the router's response: a refusal whole, with its length; an event stream as its
+/// chunks come, until it ends, the client goes, or the node has stopped for [`STOP_GRACE`].
+async fn write_response(
+    tcp: &mut TcpStream,
+    response: Response,
+    stop: &CancellationToken,
+) -> std::io::Result<()> {
+    let (parts, mut body) = response.into_parts();
+    let streaming = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut head = format!("HTTP/1.1 {}\r\n", parts.status).into_bytes();
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n");
+    if !streaming {
+        let whole = http_body_util::Limited::new(body, MAX_REFUSAL_BYTES)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        head.extend_from_slice(format!("content-length: {}\r\n\r\n", whole.len()).as_bytes());
+        head.extend_from_slice(&whole);
+        return tcp.write_all(&head).await;
+    }
+    head.extend_from_slice(b"\r\n");
+    tcp.write_all(&head).await?;
+    drop(head);
+    let (mut reader, mut writer) = tcp.split();
+    let mut stopped = pin!(async {
+        stop.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    });
+    loop {
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            frame = body.frame() => match frame {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        writer.write_all(&data).await?;
+                    }
+                }
+                Some(Err(_)) | None => break,
+            },
+            // The client sends nothing on an event stream: its end, or anything, ends it.
+            _ = reader.read(&mut byte) => break,
+            () = &mut stopped => break,
+        }
+    }
+    writer.shutdown().await
 }
 
 /// The position held after a `gap` of `epoch` up to `to` (to the end of the epoch: `None`).
