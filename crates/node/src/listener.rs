@@ -140,6 +140,11 @@ impl HttpSlot {
     pub(crate) fn close_connection(&self) {
         self.connection.cancel();
     }
+
+    /// Fires when [`HttpSlot::close_connection`] is called (or the connection is evicted).
+    pub(crate) fn connection_closed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.connection.clone().cancelled_owned()
+    }
 }
 
 /// TLS on the listener: the handshake's settings, and what plain connections are served.

@@ -33,8 +33,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
-use futures_util::Stream;
 use futures_util::task::AtomicWaker;
+use futures_util::{FutureExt, Stream};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use streamfarm_core::Status;
@@ -566,6 +566,8 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Longest body of a refusal written past hyper.
 const MAX_REFUSAL_BYTES: usize = 64 * 1024;
+/// Most bytes of ready chunks gathered into one write.
+const GATHER_BYTES: usize = 64 * 1024;
 /// How long an event stream goes on once the node stops (its session is closed meanwhile).
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
@@ -624,7 +626,16 @@ pub(crate) async fn serve_plain(
     drop(head);
     let mut router = router.clone();
     let Ok(response) = tower_service::Service::call(&mut router, request).await;
-    let _ = write_response(&mut tcp, response, stop).await;
+    // The stream gets a task of its own, and the connection's task ends here: that task's
+    // state is sized for hyper's connection and a TLS handshake too, more than a stream needs.
+    let closed = slot.connection_closed();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = write_response(&mut tcp, response, &stop) => {}
+            () = closed => {}
+        }
+    });
     None
 }
 
@@ -727,9 +738,18 @@ async fn write_response(
         tokio::select! {
             frame = body.frame() => match frame {
                 Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        writer.write_all(&data).await?;
+                    let Ok(data) = frame.into_data() else { continue };
+                    // Chunks ready now leave in one write, as hyper gathers them.
+                    let mut more = None;
+                    while let Some(Some(Ok(frame))) = body.frame().now_or_never() {
+                        let Ok(next) = frame.into_data() else { continue };
+                        let gathered: &mut Vec<u8> = more.get_or_insert_with(|| data.to_vec());
+                        gathered.extend_from_slice(&next);
+                        if gathered.len() >= GATHER_BYTES {
+                            break;
+                        }
                     }
+                    writer.write_all(more.as_deref().unwrap_or(&data)).await?;
                 }
                 Some(Err(_)) | None => break,
             },
