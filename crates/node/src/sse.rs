@@ -17,8 +17,9 @@
 //! The client's frames (`sub`, `unsub`, `pub`, `list`, `refresh`, `hello`, `ping`) come as
 //! `POST /sse/{stream}` to the node serving the stream: `stream` is a random key named in the
 //! `hello` event, known only to the client, and the frames wait in a small bounded inbox, which
-//! holds no buffer while empty. The stream is written by the HTTP connection's own task, as the
-//! response body: no task, no socket state of its own.
+//! holds no buffer while empty. The stream is the response body: on a plain connection it is
+//! written on the socket past hyper, in a task of its own ([`serve_plain`]); over TLS, by
+//! hyper's connection task.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
