@@ -252,7 +252,7 @@ impl Farm {
                     tokio::select! {
                         _ = &mut close_rx => break,
                         event = client.next_event() => match event {
-                            Some(Event::Connected { server }) => {
+                            Some(Event::Connected { server, .. }) => {
                                 let _ = tx.try_send((k, server, started.elapsed()));
                             }
                             Some(_) => {}

@@ -807,7 +807,7 @@ async fn streamfarm_once(options: &Options, retry: RetryMode, case: Case) -> any
                         _ => log.receipts.event(&event),
                     }
                     match event {
-                        Event::Connected { server } => server,
+                        Event::Connected { server, .. } => server,
                         Event::FailedOver { to, .. } => to,
                         _ => continue,
                     }

@@ -30,15 +30,18 @@ use crate::machine::{Action, Input, ListSource, LossCause, Machine, Notice, Stat
 use crate::options::ClientOptions;
 use crate::token::{self, TokenFuture};
 use crate::topics::{TopicNotice, Topics};
+use crate::transport::{Transport, TransportChoice};
 
 /// What the client tells the application.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// Connected to `server` (its url) with every topic subscribed.
+    /// Connected to `server` (its url) with every topic subscribed, over `transport`.
     Connected {
         /// The server's url.
         server: String,
+        /// A WebSocket, or an event stream where the WebSocket upgrade was refused.
+        transport: Transport,
     },
     /// The connection to `server` ended; the client is failing over.
     Disconnected {
@@ -69,6 +72,8 @@ pub enum Event {
         reason: String,
         /// From the request to the switch.
         took: Duration,
+        /// How `to` is connected.
+        transport: Transport,
     },
     /// A migration could not connect to `to`: the client stays on `server` for now.
     MigrationFailed {
@@ -234,6 +239,7 @@ impl Client {
         let (server_tx, server) = watch::channel(None);
         let seed = options.seed.unwrap_or_else(rand::random);
         let dials = Arc::new(DialCounters::default());
+        let options_transports = options.transports;
         let mut machine = Machine::new(options.machine.clone(), seed);
         machine
             .topics_mut()
@@ -249,6 +255,8 @@ impl Client {
             server: server_tx,
             commands: command_rx,
             feed_partial: false,
+            transport: TransportChoice::new(options_transports),
+            in_use: Transport::WebSocket,
         };
         let task = tokio::spawn(driver.run());
         Client {
@@ -445,9 +453,20 @@ struct Driver {
     commands: mpsc::UnboundedReceiver<Command>,
     /// The application was last told the feed is partial (`Event::Feed`).
     feed_partial: bool,
+    /// Which transport the next connection tries.
+    transport: TransportChoice,
+    /// The transport of the live connection.
+    in_use: Transport,
 }
 
 impl Driver {
+    /// How the next connection is opened: the options', by the transport choice.
+    fn dialer(&self) -> Dialer {
+        let mut dialer = self.options.dialer();
+        dialer.plan = self.transport.plan();
+        dialer
+    }
+
     async fn run(mut self) {
         let mut actions: VecDeque<Action> = self.machine.handle(Input::Start, now_std()).into();
         let mut operation: Option<Operation> = None;
@@ -478,9 +497,10 @@ impl Driver {
                     let pending = arriving.take().expect("checked above");
                     if let Some(new) = arriving_live.take() {
                         let server = new.server.clone();
+                        self.in_use = new.conn.channel.transport();
                         refreshing = None;
                         if let Some(old) = live.replace(new) {
-                            tokio::spawn(connection::close(old.conn.ws));
+                            tokio::spawn(connection::close(old.conn.channel));
                         }
                         // Caught up: the new connection's `subscribed` has nothing to recover.
                         let caught_up = state == CatchUp::Done;
@@ -517,7 +537,7 @@ impl Driver {
                             self.address.clone(),
                             self.resolver.clone(),
                             source,
-                            self.options.dialer(),
+                            self.dialer(),
                             self.options.connect_timeout,
                             seed,
                             ahead,
@@ -541,7 +561,7 @@ impl Driver {
                             way,
                             self.machine.topics().clone(),
                             self.resolver.clone(),
-                            self.options.dialer(),
+                            self.dialer(),
                             if retry {
                                 self.options.retry_timeout.min(self.options.connect_timeout)
                             } else {
@@ -556,13 +576,13 @@ impl Driver {
                             Way::Migration,
                             self.machine.topics().clone(),
                             self.resolver.clone(),
-                            self.options.dialer(),
+                            self.dialer(),
                             self.options.connect_timeout,
                         )));
                     }
                     Action::DropListConnection => {
                         if let Some(conn) = list_conn.take() {
-                            tokio::spawn(connection::close(conn.ws));
+                            tokio::spawn(connection::close(conn.channel));
                         }
                     }
                     Action::Sleep { delay, timer: id } => {
@@ -576,10 +596,10 @@ impl Driver {
                     Action::Close => {
                         self.server.send_replace(None);
                         if let Some(arriving) = arriving_live.take() {
-                            tokio::spawn(connection::close(arriving.conn.ws));
+                            tokio::spawn(connection::close(arriving.conn.channel));
                         }
                         if let Some(live) = live.take() {
-                            connection::close(live.conn.ws).await;
+                            connection::close(live.conn.channel).await;
                         }
                         return;
                     }
@@ -640,6 +660,7 @@ impl Driver {
                     operation = None;
                     match done {
                         Done::List(Ok(conn)) => {
+                            self.transport.opened(conn.channel.transport());
                             let input = Input::ListFetched {
                                 age: list_age(&conn.list),
                                 list: conn.list.clone(),
@@ -653,11 +674,13 @@ impl Driver {
                             Input::ListFailed { error: err.to_string() }
                         }
                         Done::Connect { server, result: Ok(Subscribed { conn, topics, early }) } => {
+                            self.transport.opened(conn.channel.transport());
                             let list = Some(conn.list.clone());
                             let migrating = matches!(
                                 self.machine.state(),
                                 State::Migrating { to, .. } if *to == server
                             );
+                            let conn_transport = conn.channel.transport();
                             let mut new = Some(self.live(conn, server.clone()));
                             // The application may have changed its topics while this connection
                             // was being made.
@@ -696,6 +719,7 @@ impl Driver {
                             }
                             // The old connection's token refresh, if one was under way, is moot.
                             refreshing = None;
+                            self.in_use = conn_transport;
                             live = new;
                             backlog = early;
                             greeted = true;
@@ -752,6 +776,8 @@ impl Driver {
                         Some(LiveOutcome::Lost(cause)) => {
                             // The connection is over whatever the machine decides: drop it.
                             live = None;
+                            // A failover: the next connection tries a WebSocket again.
+                            self.transport.failover();
                             if arriving.is_some() {
                                 // A migration's new connection is up: it takes over now.
                                 continue;
@@ -996,9 +1022,10 @@ impl Driver {
     async fn notify(&mut self, notice: Notice) -> bool {
         let events = match notice {
             Notice::Connected { server } => {
-                debug!(server = %server, "connected");
+                let transport = self.in_use;
+                debug!(server = %server, %transport, "connected");
                 self.server.send_replace(Some(server.clone()));
-                vec![Event::Connected { server }]
+                vec![Event::Connected { server, transport }]
             }
             Notice::Disconnected { server, cause } => {
                 debug!(server = %server, %cause, "disconnected");
@@ -1015,13 +1042,15 @@ impl Driver {
                 reason,
                 took,
             } => {
-                debug!(from = %from, to = %to, %reason, ?took, "migrated");
+                let transport = self.in_use;
+                debug!(from = %from, to = %to, %reason, ?took, %transport, "migrated");
                 self.server.send_replace(Some(to.clone()));
                 vec![Event::Migrated {
                     from,
                     to,
                     reason,
                     took,
+                    transport,
                 }]
             }
             Notice::MigrationFailed { server, to, error } => {
@@ -1120,10 +1149,9 @@ async fn watch_live(live: &mut Option<Live>) -> LiveEvent {
     let Some(live) = live else {
         return std::future::pending().await;
     };
-    use futures_util::StreamExt;
     loop {
         tokio::select! {
-            message = live.conn.ws.next() => {
+            message = live.conn.channel.next() => {
                 live.last_received = Instant::now();
                 return LiveEvent::Message(message.map(|m| m.map_err(|e| e.to_string())));
             }
@@ -1148,7 +1176,7 @@ async fn watch_live(live: &mut Option<Live>) -> LiveEvent {
                 } else {
                     ClientFrame::Ping { id: None }
                 };
-                if let Err(err) = connection::send(&mut live.conn.ws, &frame).await {
+                if let Err(err) = connection::send(&mut live.conn.channel, &frame).await {
                     return LiveEvent::SendFailed(err.to_string());
                 }
             }
@@ -1161,7 +1189,7 @@ async fn watch_live(live: &mut Option<Live>) -> LiveEvent {
 async fn send_on(live: &mut Option<Live>, frame: ClientFrame) {
     if let Some(live) = live {
         live.last_sent = Instant::now();
-        if let Err(err) = connection::send(&mut live.conn.ws, &frame).await {
+        if let Err(err) = connection::send(&mut live.conn.channel, &frame).await {
             debug!(server = %live.server, %err, "send failed");
         }
     }

@@ -1,8 +1,11 @@
-//! One WebSocket connection to a node: open it, read its greeting (`hello`, then `farm`),
-//! subscribe, and turn incoming WebSocket messages into protocol frames.
+//! One connection to a node: open it, read its greeting (`hello`, then `farm`), subscribe, and
+//! turn incoming messages into protocol frames.
 //!
-//! The greeting and subscription steps are generic over the byte stream, so they are tested over
-//! an in-memory pipe; [`dial`] adds the TCP part (optionally from a chosen source address).
+//! A connection is a [`Channel`]: a WebSocket, or an event stream whose events read as the same
+//! messages (`crate::event_stream`). The greeting and subscription steps are generic over the
+//! WebSocket's byte stream, so they are tested over an in-memory pipe; [`dial`] adds the TCP
+//! part (optionally from a chosen source address) and the transport plan: a WebSocket first, an
+//! event stream on the same node when its upgrade is refused (`crate::transport`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,14 +17,18 @@ use streamfarm_core::protocol::{ClientFrame, Position, ServerFrame, feature};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tracing::debug;
 
 use crate::address::{Endpoint, Resolver, Target};
 use crate::error::Error;
+use crate::event_stream::{self, EventStream};
 use crate::tls::{ClientStream, TlsSettings};
 use crate::token::TokenSource;
+use crate::transport::{Plan, Transport, Transports};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// What a node said about itself in its `hello`.
@@ -35,10 +42,50 @@ pub(crate) struct Hello {
     pub(crate) heartbeat_timeout: Duration,
 }
 
+/// What carries a connection's messages.
+#[derive(Debug)]
+pub(crate) enum Channel<S = ClientStream> {
+    WebSocket(WebSocketStream<S>),
+    EventStream(EventStream),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
+    pub(crate) fn transport(&self) -> Transport {
+        match self {
+            Channel::WebSocket(_) => Transport::WebSocket,
+            Channel::EventStream(_) => Transport::EventStream,
+        }
+    }
+
+    /// The next message; `None` once the connection has ended. Cancel-safe.
+    pub(crate) async fn next(&mut self) -> Option<Result<Message, WsError>> {
+        match self {
+            Channel::WebSocket(ws) => ws.next().await,
+            Channel::EventStream(events) => events.next().await,
+        }
+    }
+
+    /// Sends a message, and everything fed before it.
+    pub(crate) async fn send(&mut self, message: Message) -> Result<(), WsError> {
+        match self {
+            Channel::WebSocket(ws) => ws.send(message).await,
+            Channel::EventStream(events) => events.send(message).await,
+        }
+    }
+
+    /// Queues a message for the next [`Channel::send`] (an event stream posts it at once).
+    async fn feed(&mut self, message: Message) -> Result<(), WsError> {
+        match self {
+            Channel::WebSocket(ws) => ws.feed(message).await,
+            Channel::EventStream(events) => events.send(message).await,
+        }
+    }
+}
+
 /// An open, greeted connection.
 #[derive(Debug)]
 pub(crate) struct Conn<S = ClientStream> {
-    pub(crate) ws: WebSocketStream<S>,
+    pub(crate) channel: Channel<S>,
     pub(crate) hello: Hello,
     /// The list the node sent right after `hello`.
     pub(crate) list: FarmList,
@@ -50,12 +97,24 @@ pub(crate) struct Conn<S = ClientStream> {
 }
 
 /// How the client opens connections: from which address, trusting which TLS roots, with
-/// which token.
-#[derive(Debug, Clone, Default)]
+/// which token, over which transport.
+#[derive(Debug, Clone)]
 pub(crate) struct Dialer {
     pub(crate) source: Option<IpAddr>,
     pub(crate) tls: TlsSettings,
     pub(crate) token: Option<TokenSource>,
+    pub(crate) plan: Plan,
+}
+
+impl Default for Dialer {
+    fn default() -> Self {
+        Dialer {
+            source: None,
+            tls: TlsSettings::default(),
+            token: None,
+            plan: crate::transport::TransportChoice::new(Transports::Auto).plan(),
+        }
+    }
 }
 
 impl Dialer {
@@ -106,18 +165,18 @@ pub(crate) fn decode(message: Message) -> Incoming {
 }
 
 pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
+    ws: &mut Channel<S>,
     frame: &ClientFrame,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+) -> Result<(), WsError> {
     ws.send(message(frame)).await
 }
 
 /// Queues a frame to go out with the next [`send`]: frames sent together leave in one write
 /// (one segment, one wake-up of the node) rather than one each.
 async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
+    ws: &mut Channel<S>,
     frame: &ClientFrame,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+) -> Result<(), WsError> {
     ws.feed(message(frame)).await
 }
 
@@ -125,8 +184,12 @@ fn message(frame: &ClientFrame) -> Message {
     Message::text(serde_json::to_string(frame).expect("client frames always serialize"))
 }
 
-/// Closes with a normal close frame, not waiting long for the node's answer.
-pub(crate) async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>) {
+/// Closes with a normal close frame, not waiting long for the node's answer; an event stream
+/// ends with its connection.
+pub(crate) async fn close<S: AsyncRead + AsyncWrite + Unpin>(channel: Channel<S>) {
+    let Channel::WebSocket(mut ws) = channel else {
+        return;
+    };
     let frame = CloseFrame {
         code: CloseCode::Normal,
         reason: "".into(),
@@ -136,7 +199,7 @@ pub(crate) async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketSt
 
 /// Reads the greeting: `hello` first, then `farm`, answering pings on the way.
 pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
-    mut ws: WebSocketStream<S>,
+    mut ws: Channel<S>,
     url: &str,
 ) -> Result<Conn<S>, Error> {
     let protocol = |detail: String| Error::Protocol {
@@ -172,7 +235,7 @@ pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
             }
             (ServerFrame::Farm(list), Some(hello)) => {
                 return Ok(Conn {
-                    ws,
+                    channel: ws,
                     hello,
                     list,
                     token_exp: None,
@@ -232,11 +295,11 @@ pub(crate) async fn send_subscription<S: AsyncRead + AsyncWrite + Unpin>(
         migrating,
     };
     if topics.is_empty() {
-        return send(&mut conn.ws, &hello)
+        return send(&mut conn.channel, &hello)
             .await
             .map_err(|e| ws_error(&url, e));
     }
-    feed(&mut conn.ws, &hello)
+    feed(&mut conn.channel, &hello)
         .await
         .map_err(|e| ws_error(&url, e))?;
     let sub = ClientFrame::Sub {
@@ -247,12 +310,12 @@ pub(crate) async fn send_subscription<S: AsyncRead + AsyncWrite + Unpin>(
             .map(|(topic, p)| (topic.clone(), *p))
             .collect(),
     };
-    feed(&mut conn.ws, &sub)
+    feed(&mut conn.channel, &sub)
         .await
         .map_err(|e| ws_error(&url, e))?;
     // A connected client keeps its list current: the node pushes it when the farm changes.
     send(
-        &mut conn.ws,
+        &mut conn.channel,
         &ClientFrame::List {
             watch: true,
             users: false,
@@ -272,14 +335,14 @@ async fn confirmed<S: AsyncRead + AsyncWrite + Unpin>(
     let mut early = Vec::new();
     let mut missing: Vec<&String> = topics.iter().collect();
     while !missing.is_empty() {
-        match next_frame(&mut conn.ws, &url).await? {
+        match next_frame(&mut conn.channel, &url).await? {
             frame @ ServerFrame::Subscribed { .. } => {
                 if let ServerFrame::Subscribed { topics, .. } = &frame {
                     missing.retain(|t| !topics.contains(t));
                 }
                 early.push(frame);
             }
-            ServerFrame::Ping { id } => send(&mut conn.ws, &ClientFrame::Pong { id })
+            ServerFrame::Ping { id } => send(&mut conn.channel, &ClientFrame::Pong { id })
                 .await
                 .map_err(|e| ws_error(&url, e))?,
             ServerFrame::Error { code, message } => {
@@ -294,7 +357,7 @@ async fn confirmed<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
+    ws: &mut Channel<S>,
     url: &str,
 ) -> Result<ServerFrame, Error> {
     let protocol = |detail: String| Error::Protocol {
@@ -322,75 +385,144 @@ async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn ws_error(url: &str, source: tokio_tungstenite::tungstenite::Error) -> Error {
+fn ws_error(url: &str, source: WsError) -> Error {
     Error::WebSocket {
         url: url.to_string(),
         source: Box::new(source),
     }
 }
 
-/// Opens a greeted connection to `endpoint` within `timeout`: over TLS for a `wss://` target,
-/// with the dialer's token in an `Authorization: Bearer` header.
+/// The TCP connection to `endpoint` (from the dialer's source address), over TLS for a TLS
+/// target.
+pub(crate) async fn open_stream(
+    endpoint: &Endpoint,
+    dialer: &Dialer,
+    url: &str,
+) -> Result<ClientStream, Error> {
+    let connect_error = |source| Error::Connect {
+        url: url.to_string(),
+        source,
+    };
+    let tcp = tcp_connect(endpoint.addr, dialer.source)
+        .await
+        .map_err(connect_error)?;
+    let _ = tcp.set_nodelay(true);
+    if !endpoint.target.tls {
+        return Ok(ClientStream::Plain(tcp));
+    }
+    let host = &endpoint.target.host;
+    crate::tls::connect(&dialer.tls, host, tcp)
+        .await
+        .map_err(
+            |source| match crate::tls::certificate_problem(&source, host) {
+                Some(problem) => Error::Certificate {
+                    url: url.to_string(),
+                    problem,
+                },
+                None => connect_error(source),
+            },
+        )
+}
+
+/// Opens a greeted connection to `endpoint` within `timeout`, by the dialer's transport plan
+/// (with its token in an `Authorization: Bearer` header): a WebSocket, or an event stream, or a
+/// WebSocket and, when the node was reached but its upgrade refused, an event stream on the same
+/// node within another `timeout`.
 pub(crate) async fn dial(
     endpoint: &Endpoint,
     dialer: &Dialer,
     timeout: Duration,
 ) -> Result<Conn, Error> {
     let url = endpoint.url();
-    let attempt = async {
-        let token = dialer.token(&url).await?;
-        let connect_error = |source| Error::Connect {
-            url: url.clone(),
-            source,
-        };
-        let tcp = tcp_connect(endpoint.addr, dialer.source)
-            .await
-            .map_err(connect_error)?;
-        let _ = tcp.set_nodelay(true);
-        let stream = if endpoint.target.tls {
-            let host = &endpoint.target.host;
-            crate::tls::connect(&dialer.tls, host, tcp)
+    if dialer.plan.first == Transport::EventStream {
+        let attempt = dial_event_stream(endpoint, dialer, &url);
+        return within(timeout, &url, "connecting", attempt).await;
+    }
+    let mut reached = false;
+    let attempt = dial_websocket(endpoint, dialer, &url, &mut reached);
+    let result = within(timeout, &url, "connecting", attempt).await;
+    match result {
+        Err(err) if dialer.plan.fall_back && reached && upgrade_refused(&err) => {
+            debug!(%url, %err, "WebSocket refused; opening an event stream");
+            let attempt = dial_event_stream(endpoint, dialer, &url);
+            within(timeout, &url, "opening an event stream", attempt)
                 .await
-                .map_err(
-                    |source| match crate::tls::certificate_problem(&source, host) {
-                        Some(problem) => Error::Certificate {
-                            url: url.clone(),
-                            problem,
-                        },
-                        None => connect_error(source),
-                    },
-                )?
-        } else {
-            ClientStream::Plain(tcp)
-        };
-        let mut request = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| ws_error(&url, e))?;
-        if let Some(token) = &token {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| Error::Token {
-                    url: url.clone(),
-                    detail: "the token has characters a header cannot carry".into(),
-                })?;
-            request.headers_mut().insert("authorization", value);
+                // Both failed: the WebSocket's error says more when the event stream found no
+                // stream at all (an old node), the event stream's when it was refused too.
+                .map_err(|sse| match sse {
+                    Error::Http { .. } => err,
+                    sse => sse,
+                })
         }
-        let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
-                .await
-                .map_err(|e| ws_error(&url, e))?;
-        let mut conn = greet(ws, &url).await?;
-        conn.token_exp = token.as_deref().and_then(crate::token::expiry);
-        Ok(conn)
-    };
+        result => result,
+    }
+}
+
+/// `attempt`, given up after `timeout`.
+async fn within(
+    timeout: Duration,
+    url: &str,
+    what: &'static str,
+    attempt: impl Future<Output = Result<Conn, Error>>,
+) -> Result<Conn, Error> {
     tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| Error::TimedOut {
-            what: "connecting",
-            url: url.clone(),
+            what,
+            url: url.to_string(),
             after: timeout,
         })?
+}
+
+/// A WebSocket attempt that reached the node (TCP and TLS up) failed in a way that an event
+/// stream may not: the upgrade was answered with a status, the socket closed before the
+/// greeting, or nothing came in time. A node that closed it with a code answered over the
+/// WebSocket: its refusal stands.
+fn upgrade_refused(err: &Error) -> bool {
+    match err {
+        Error::WebSocket { source, .. } => !matches!(
+            **source,
+            WsError::Tls(_) | WsError::Url(_) | WsError::AttackAttempt
+        ),
+        Error::Protocol { .. } | Error::TimedOut { .. } => true,
+        _ => false,
+    }
+}
+
+async fn dial_websocket(
+    endpoint: &Endpoint,
+    dialer: &Dialer,
+    url: &str,
+    reached: &mut bool,
+) -> Result<Conn, Error> {
+    let token = dialer.token(url).await?;
+    let stream = open_stream(endpoint, dialer, url).await?;
+    *reached = true;
+    let mut request = url.into_client_request().map_err(|e| ws_error(url, e))?;
+    if let Some(token) = &token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Error::Token {
+                url: url.to_string(),
+                detail: "the token has characters a header cannot carry".into(),
+            })?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (ws, _response) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
+            .await
+            .map_err(|e| ws_error(url, e))?;
+    let mut conn = greet(Channel::WebSocket(ws), url).await?;
+    conn.token_exp = token.as_deref().and_then(crate::token::expiry);
+    Ok(conn)
+}
+
+async fn dial_event_stream(endpoint: &Endpoint, dialer: &Dialer, url: &str) -> Result<Conn, Error> {
+    let token = dialer.token(url).await?;
+    let events = event_stream::open(endpoint, dialer, token.as_deref()).await?;
+    let mut conn = greet(Channel::EventStream(events), url).await?;
+    conn.token_exp = token.as_deref().and_then(crate::token::expiry);
+    Ok(conn)
 }
 
 /// Small buffers: a process may hold thousands of idle connections (`streamfarm load`), and
@@ -495,7 +627,9 @@ pub(crate) mod tests {
         node_sends(&mut node, &ServerFrame::Ping { id: Some(1) }).await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let conn = greet(client, "ws://127.0.0.1:1/stream").await.unwrap();
+        let conn = greet(Channel::WebSocket(client), "ws://127.0.0.1:1/stream")
+            .await
+            .unwrap();
         assert_eq!(conn.hello.url, "ws://a/stream");
         assert_eq!(conn.hello.heartbeat_timeout, Duration::from_secs(3));
         assert_eq!(conn.list.servers.len(), 1);
@@ -509,7 +643,9 @@ pub(crate) mod tests {
     async fn greeting_out_of_order_is_a_protocol_error() {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let err = greet(client, "ws://x/stream").await.unwrap_err();
+        let err = greet(Channel::WebSocket(client), "ws://x/stream")
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Protocol);
         assert!(err.to_string().contains("expected hello first"), "{err}");
     }
@@ -523,7 +659,9 @@ pub(crate) mod tests {
         }))
         .await
         .unwrap();
-        let err = greet(client, "ws://x/stream").await.unwrap_err();
+        let err = greet(Channel::WebSocket(client), "ws://x/stream")
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("closed (4003) full"), "{err}");
         assert_eq!(err.kind(), crate::ErrorKind::Refused);
         assert!(err.sends_elsewhere());
@@ -534,7 +672,9 @@ pub(crate) mod tests {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let mut conn = greet(client, "ws://a/stream").await.unwrap();
+        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream")
+            .await
+            .unwrap();
         let topics = vec!["t1".to_string(), "t2".to_string()];
         let at = Position::new(streamfarm_core::protocol::Epoch(3), 9);
         let node_task = tokio::spawn(async move {
@@ -604,7 +744,9 @@ pub(crate) mod tests {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let mut conn = greet(client, "ws://a/stream").await.unwrap();
+        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream")
+            .await
+            .unwrap();
         let ahead = vec!["t1".to_string()];
         send_subscription(&mut conn, &ahead, &BTreeMap::new(), false)
             .await
@@ -647,7 +789,9 @@ pub(crate) mod tests {
         let (client, mut node) = pipe().await;
         node_sends(&mut node, &hello("ws://a/stream")).await;
         node_sends(&mut node, &farm("ws://a/stream")).await;
-        let mut conn = greet(client, "ws://a/stream").await.unwrap();
+        let mut conn = greet(Channel::WebSocket(client), "ws://a/stream")
+            .await
+            .unwrap();
         node_sends(
             &mut node,
             &ServerFrame::Error {

@@ -37,7 +37,7 @@ pub async fn fetch_list(
     )
     .await?;
     let result = (conn.list, conn.hello.url);
-    connection::close(conn.ws).await;
+    connection::close(conn.channel).await;
     Ok(result)
 }
 

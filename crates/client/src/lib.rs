@@ -35,7 +35,9 @@
 //! - [`machine`] — the failover state machine: pure, every transition unit-tested.
 //! - [`topics`] — the machine's topics and the position held in each: duplicates, recoveries, gaps.
 //! - [`backoff`] — capped exponential backoff with full jitter.
-//! - `connection` — one WebSocket: greeting (`hello`, `farm`), subscribing, frame decoding.
+//! - `connection` — one connection: greeting (`hello`, `farm`), subscribing, frame decoding.
+//! - [`transport`] — WebSocket or event stream: the choice, pure; `event_stream` — one event
+//!   stream (`GET /sse`, frames as `POST /sse/{stream}`).
 //! - `client` — [`Client`], the handle, and the task that runs the machine over real sockets.
 //! - [`options`] — [`ClientOptions`], the builder.
 //! - `http` — one-shot requests: [`fetch_list`] and [`publish`].
@@ -49,12 +51,14 @@ pub mod backoff;
 mod client;
 mod connection;
 pub mod error;
+mod event_stream;
 mod http;
 pub mod machine;
 pub mod options;
 pub mod tls;
 pub mod token;
 pub mod topics;
+pub mod transport;
 
 pub use address::{Resolver, ServiceAddress};
 pub use backoff::Backoff;
@@ -68,3 +72,4 @@ pub use streamfarm_core::protocol::{Epoch, Position};
 pub use tls::{CertificateProblem, TlsSettings};
 pub use token::TokenSource;
 pub use topics::TopicNotice;
+pub use transport::{Transport, Transports};

@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::machine::{MachineConfig, RetryMode};
 use crate::tls::TlsSettings;
 use crate::token::TokenSource;
+use crate::transport::{TransportChoice, Transports};
 
 /// The options of a [`Client`], built by chaining; every option has a default.
 ///
@@ -40,6 +41,7 @@ pub struct ClientOptions {
     pub(crate) event_capacity: usize,
     pub(crate) tls: TlsSettings,
     pub(crate) token: Option<TokenSource>,
+    pub(crate) transports: Transports,
 }
 
 impl Default for ClientOptions {
@@ -57,6 +59,7 @@ impl Default for ClientOptions {
             event_capacity: 1024,
             tls: TlsSettings::default(),
             token: None,
+            transports: Transports::Auto,
         }
     }
 }
@@ -145,7 +148,28 @@ impl ClientOptions {
             source: self.source_address,
             tls: self.tls.clone(),
             token: self.token.clone(),
+            plan: TransportChoice::new(self.transports).plan(),
         }
+    }
+
+    /// Which transports the client may use: [`Transports::Auto`] (the default) opens a
+    /// WebSocket, or an event stream on the same node when the upgrade is refused, and tries a
+    /// WebSocket again at each failover; [`Transports::WebSocket`] and
+    /// [`Transports::EventStream`] use one only.
+    ///
+    /// ```
+    /// use streamfarm_client::{ClientOptions, Transports};
+    /// let options = ClientOptions::new().transports(Transports::EventStream);
+    /// assert_eq!(options.transports_used(), Transports::EventStream);
+    /// ```
+    pub fn transports(mut self, transports: Transports) -> Self {
+        self.transports = transports;
+        self
+    }
+
+    /// The transports these options allow.
+    pub fn transports_used(&self) -> Transports {
+        self.transports
     }
 
     /// The policy these options select with.

@@ -196,7 +196,7 @@ async fn expect<T>(
 
 async fn connected(client: &mut streamfarm_client::Client) -> String {
     expect(client, "connection", |e| match e {
-        Event::Connected { server } => Some(server.clone()),
+        Event::Connected { server, .. } => Some(server.clone()),
         _ => None,
     })
     .await

@@ -593,7 +593,7 @@ async fn rejection_then_retry(client: &mut Client) -> (Rejection, bool) {
         match event {
             Event::Rejected { rejection, .. } if rejected.is_none() => rejected = Some(rejection),
             Event::Retrying { .. } if rejected.is_some() => return (rejected.unwrap(), true),
-            Event::Connected { server } => panic!("connected to {server}"),
+            Event::Connected { server, .. } => panic!("connected to {server}"),
             _ => {}
         }
     }

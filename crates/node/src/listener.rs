@@ -11,7 +11,8 @@
 //!   below the process's descriptor limit ([`stream_limit`]: [`RESERVED_FDS`] and
 //!   [`MIN_HTTP_SLOTS`] are never theirs), and connections that are not (yet) WebSockets — HTTP
 //!   requests, upgrades in progress — may use the descriptors the streams leave (an event stream,
-//!   `GET /sse`, leaves their count as it starts: [`HttpSlot`]). Only when those
+//!   `GET /sse`, leaves their count as it starts: [`HttpSlot`]; on a plain connection it is
+//!   served past hyper, `crate::sse::serve_plain`). Only when those
 //!   run out is the oldest of them closed for the new one: a flood of silent connections cannot
 //!   keep `/healthz` or the admin API out, and a storm of clients reconnecting at once, with
 //!   descriptors to spare, loses none.
@@ -139,6 +140,11 @@ impl HttpSlot {
     pub(crate) fn close_connection(&self) {
         self.connection.cancel();
     }
+
+    /// Fires when [`HttpSlot::close_connection`] is called (or the connection is evicted).
+    pub(crate) fn connection_closed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.connection.clone().cancelled_owned()
+    }
 }
 
 /// TLS on the listener: the handshake's settings, and what plain connections are served.
@@ -213,6 +219,9 @@ pub(crate) async fn serve(
         connections.spawn(async move {
             let served = async {
                 let Some(tls) = tls else {
+                    // An event stream is written past hyper, without its buffers.
+                    let served = crate::sse::serve_plain(tcp, &router, &slot, head_timeout, &stop);
+                    let Some(tcp) = served.await else { return };
                     return http(tcp, router, slot, head_timeout, &remote, &stop).await;
                 };
                 // The handshake has the request head's deadline: a client silent or slow in

@@ -16,29 +16,35 @@
 //!
 //! The client's frames (`sub`, `unsub`, `pub`, `list`, `refresh`, `hello`, `ping`) come as
 //! `POST /sse/{stream}` to the node serving the stream: `stream` is a random key named in the
-//! `hello` event, known only to the client, and the frames wait in a small bounded inbox. The
-//! stream is written by the HTTP connection's own task, as the response body: no task, no
-//! socket state of its own.
+//! `hello` event, known only to the client, and the frames wait in a small bounded inbox, which
+//! holds no buffer while empty. The stream is the response body: on a plain connection it is
+//! written on the socket past hyper, in a task of its own ([`serve_plain`]); over TLS, by
+//! hyper's connection task.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
+use axum::{Extension, Router};
+use futures_util::task::AtomicWaker;
+use futures_util::{FutureExt, Stream};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use streamfarm_core::Status;
 use streamfarm_core::protocol::{
     ClientFrame, Epoch, Position, ServerFrame, close, event_id, feature,
 };
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info};
@@ -57,30 +63,65 @@ const WRITE_BURST: usize = 64;
 /// How long a browser waits before reconnecting by itself (the `retry` field), in ms.
 const RETRY_MS: u64 = 1000;
 
+/// The client's frames for one stream, waiting for the stream to take them: at most
+/// [`INBOX_FRAMES`]. Empty, it holds no buffer: an idle stream pays a few words for it, where a
+/// tokio channel would hold a block of 32 slots for every stream.
+#[derive(Debug, Default)]
+struct Inbox {
+    frames: Mutex<VecDeque<String>>,
+    /// The stream's task, woken by a frame.
+    waker: AtomicWaker,
+}
+
+impl Inbox {
+    fn frames(&self) -> MutexGuard<'_, VecDeque<String>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame; false when [`INBOX_FRAMES`] already wait.
+    fn put(&self, frame: String) -> bool {
+        {
+            let mut frames = self.frames();
+            if frames.len() >= INBOX_FRAMES {
+                return false;
+            }
+            frames.push_back(frame);
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// The next frame, or `None` with `cx` woken when one comes.
+    fn take(&self, cx: &mut Context<'_>) -> Option<String> {
+        self.waker.register(cx.waker());
+        self.frames().pop_front()
+    }
+}
+
 /// The open event streams of this node, by key: where `POST /sse/{stream}` puts a frame.
 #[derive(Debug, Default)]
 pub(crate) struct Streams {
-    inboxes: Mutex<HashMap<String, mpsc::Sender<String>>>,
+    inboxes: Mutex<HashMap<String, Arc<Inbox>>>,
 }
 
 impl Streams {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<String>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Inbox>>> {
         self.inboxes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new stream's key and inbox.
-    fn open(&self) -> (String, mpsc::Receiver<String>) {
-        let (tx, rx) = mpsc::channel(INBOX_FRAMES);
+    fn open(&self) -> (String, Arc<Inbox>) {
+        let inbox = Arc::new(Inbox::default());
         let key = format!("{:032x}", rand::random::<u128>());
-        self.lock().insert(key.clone(), tx);
-        (key, rx)
+        self.lock().insert(key.clone(), inbox.clone());
+        (key, inbox)
     }
 
     fn close(&self, key: &str) {
         self.lock().remove(key);
     }
 
-    fn inbox(&self, key: &str) -> Option<mpsc::Sender<String>> {
+    fn inbox(&self, key: &str) -> Option<Arc<Inbox>> {
         self.lock().get(key).cloned()
     }
 }
@@ -275,17 +316,15 @@ pub(crate) async fn post(
              (post to the node whose hello named the stream)",
         );
     };
-    match inbox.try_send(body) {
-        Ok(()) => (StatusCode::ACCEPTED, "accepted\n").into_response(),
-        Err(mpsc::error::TrySendError::Full(_)) => refuse(
+    if inbox.put(body) {
+        (StatusCode::ACCEPTED, "accepted\n").into_response()
+    } else {
+        refuse(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
                 "{INBOX_FRAMES} frames already wait for this stream: send the next one after an answer"
             ),
-        ),
-        Err(mpsc::error::TrySendError::Closed(_)) => {
-            refuse(StatusCode::NOT_FOUND, "the stream has ended")
-        }
+        )
     }
 }
 
@@ -293,7 +332,7 @@ pub(crate) async fn post(
 struct EventStream {
     session: Session,
     key: String,
-    inbox: mpsc::Receiver<String>,
+    inbox: Arc<Inbox>,
     /// The next ping, or the token's expiry.
     timer: Pin<Box<Sleep>>,
     /// Each subscribed topic's position after the last event written: the events' `id`.
@@ -435,11 +474,11 @@ impl EventStream {
     /// Serves the client's frames waiting in the inbox, while no `sub` or `pub` is in progress.
     fn take_inbox(&mut self, cx: &mut Context<'_>) {
         while !self.session.busy() {
-            match self.inbox.poll_recv(cx) {
-                Poll::Ready(Some(text)) => {
+            match self.inbox.take(cx) {
+                Some(text) => {
                     self.session.handle(Message::Text(Utf8Bytes::from(text)));
                 }
-                Poll::Ready(None) | Poll::Pending => return,
+                None => return,
             }
         }
     }
@@ -518,6 +557,209 @@ impl Stream for EventStream {
         }
         Poll::Ready(Some(Ok(Bytes::from(out))))
     }
+}
+
+/// How a plain connection's first request starts when it opens an event stream.
+const PLAIN_REQUEST: &[u8] = b"GET /sse";
+/// Longest request head read for an event stream served past hyper.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers in that head.
+const MAX_HEADERS: usize = 64;
+/// Longest body of a refusal written past hyper.
+const MAX_REFUSAL_BYTES: usize = 64 * 1024;
+/// Most bytes of ready chunks gathered into one write.
+const GATHER_BYTES: usize = 64 * 1024;
+/// How long an event stream goes on once the node stops (its session is closed meanwhile).
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves a plain connection whose first request opens an event stream (`GET /sse`) past hyper;
+/// returns any other connection untouched, for hyper.
+///
+/// hyper keeps an HTTP/1 connection's read buffer and write buffer (8 KiB each, none smaller)
+/// for as long as its response lasts, and an event stream's lasts as long as the stream: most of
+/// an idle stream's memory. Here the request head is read and parsed once, the router answers it
+/// as it answers hyper's requests, and the response is written on the socket as it comes — a
+/// chunk per burst of events, as a WebSocket session writes its frames — with no buffer held
+/// between chunks. The response is delimited by the connection's end (`connection: close`),
+/// which every HTTP/1.1 client reads. A connection silent for `head_timeout`, or whose head is
+/// not complete by then, is closed, as hyper closes it.
+pub(crate) async fn serve_plain(
+    tcp: TcpStream,
+    router: &Router,
+    slot: &HttpSlot,
+    head_timeout: Duration,
+    stop: &CancellationToken,
+) -> Option<TcpStream> {
+    let deadline = Instant::now() + head_timeout;
+    let mut start = [0u8; PLAIN_REQUEST.len() + 1];
+    let peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut start)).await;
+    match peeked {
+        Ok(Ok(n)) if n == start.len() && start.starts_with(PLAIN_REQUEST) => {
+            // `/sse` or `/sse?…`, not `/sse/…` (a frame's POST) nor `/ssex`.
+            if !matches!(start[PLAIN_REQUEST.len()], b' ' | b'?') {
+                return Some(tcp);
+            }
+        }
+        // Nothing by the deadline: closed, as hyper would.
+        Err(_) | Ok(Err(_)) => return None,
+        // Another request, or a first segment too short to tell: hyper's.
+        Ok(Ok(_)) => return Some(tcp),
+    }
+    let mut tcp = tcp;
+    let head = match tokio::time::timeout_at(deadline, read_head(&mut tcp)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(why)) => {
+            let _ = write_plain(&mut tcp, StatusCode::BAD_REQUEST, why).await;
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let request = match parse_head(&head) {
+        Ok(mut request) => {
+            request.extensions_mut().insert(slot.clone());
+            request
+        }
+        Err(why) => {
+            let _ = write_plain(&mut tcp, StatusCode::BAD_REQUEST, &why).await;
+            return None;
+        }
+    };
+    drop(head);
+    let mut router = router.clone();
+    let Ok(response) = tower_service::Service::call(&mut router, request).await;
+    // The stream gets a task of its own, and the connection's task ends here: that task's
+    // state is sized for hyper's connection and a TLS handshake too, more than a stream needs.
+    let closed = slot.connection_closed();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = write_response(&mut tcp, response, &stop) => {}
+            () = closed => {}
+        }
+    });
+    None
+}
+
+/// The request head, up to its blank line.
+async fn read_head(tcp: &mut TcpStream) -> Result<Vec<u8>, &'static str> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tcp.read(&mut buf).await.map_err(|_| "read failed")?;
+        if n == 0 {
+            return Err("the connection ended in the request head");
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(head);
+        }
+        if head.len() > MAX_HEAD_BYTES {
+            return Err("request head too large");
+        }
+    }
+}
+
+/// The request of a head, with no body.
+fn parse_head(head: &[u8]) -> Result<axum::http::Request<Body>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err("incomplete request head".into()),
+        Err(err) => return Err(format!("bad request head: {err}")),
+    }
+    let version = match parsed.version {
+        Some(0) => axum::http::Version::HTTP_10,
+        _ => axum::http::Version::HTTP_11,
+    };
+    let mut request = axum::http::Request::builder()
+        .method(parsed.method.unwrap_or("GET"))
+        .uri(parsed.path.unwrap_or("/"))
+        .version(version);
+    for header in parsed.headers.iter() {
+        request = request.header(header.name, header.value);
+    }
+    request
+        .body(Body::empty())
+        .map_err(|err| format!("bad request head: {err}"))
+}
+
+/// A small response of its own, and the end of the connection.
+async fn write_plain(tcp: &mut TcpStream, status: StatusCode, why: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{why}\n",
+        why.len() + 1
+    );
+    tcp.write_all(head.as_bytes()).await
+}
+
+/// Writes the router's response: a refusal whole, with its length; an event stream as its
+/// chunks come, until it ends, the client goes, or the node has stopped for [`STOP_GRACE`].
+async fn write_response(
+    tcp: &mut TcpStream,
+    response: Response,
+    stop: &CancellationToken,
+) -> std::io::Result<()> {
+    let (parts, mut body) = response.into_parts();
+    let streaming = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut head = format!("HTTP/1.1 {}\r\n", parts.status).into_bytes();
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n");
+    if !streaming {
+        let whole = http_body_util::Limited::new(body, MAX_REFUSAL_BYTES)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        head.extend_from_slice(format!("content-length: {}\r\n\r\n", whole.len()).as_bytes());
+        head.extend_from_slice(&whole);
+        return tcp.write_all(&head).await;
+    }
+    head.extend_from_slice(b"\r\n");
+    tcp.write_all(&head).await?;
+    drop(head);
+    let (mut reader, mut writer) = tcp.split();
+    let mut stopped = pin!(async {
+        stop.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    });
+    loop {
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            frame = body.frame() => match frame {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    // Chunks ready now leave in one write, as hyper gathers them.
+                    let mut more = None;
+                    while let Some(Some(Ok(frame))) = body.frame().now_or_never() {
+                        let Ok(next) = frame.into_data() else { continue };
+                        let gathered: &mut Vec<u8> = more.get_or_insert_with(|| data.to_vec());
+                        gathered.extend_from_slice(&next);
+                        if gathered.len() >= GATHER_BYTES {
+                            break;
+                        }
+                    }
+                    writer.write_all(more.as_deref().unwrap_or(&data)).await?;
+                }
+                Some(Err(_)) | None => break,
+            },
+            // The client sends nothing on an event stream: its end, or anything, ends it.
+            _ = reader.read(&mut byte) => break,
+            () = &mut stopped => break,
+        }
+    }
+    writer.shutdown().await
 }
 
 /// The position held after a `gap` of `epoch` up to `to` (to the end of the epoch: `None`).

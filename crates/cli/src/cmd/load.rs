@@ -263,7 +263,7 @@ impl Stats {
 
     fn record(&self, event: &Event) {
         match event {
-            Event::Connected { server } => {
+            Event::Connected { server, .. } => {
                 *self
                     .per_server
                     .lock()
@@ -623,13 +623,22 @@ mod tests {
         let stats = Stats::default();
         let a = "ws://a/stream".to_string();
         let b = "ws://b/stream".to_string();
-        stats.record(&Event::Connected { server: a.clone() });
-        stats.record(&Event::Connected { server: a.clone() });
+        stats.record(&Event::Connected {
+            server: a.clone(),
+            transport: streamfarm_client::Transport::WebSocket,
+        });
+        stats.record(&Event::Connected {
+            server: a.clone(),
+            transport: streamfarm_client::Transport::WebSocket,
+        });
         stats.record(&Event::Disconnected {
             server: a.clone(),
             cause: streamfarm_client::LossCause::HeartbeatTimeout,
         });
-        stats.record(&Event::Connected { server: b.clone() });
+        stats.record(&Event::Connected {
+            server: b.clone(),
+            transport: streamfarm_client::Transport::WebSocket,
+        });
         stats.record(&Event::FailedOver {
             from: a.clone(),
             to: b.clone(),

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::json;
-use streamfarm_client::{Client, Event, Rejection, ServiceAddress};
+use streamfarm_client::{Client, Event, Rejection, ServiceAddress, Transports};
 
 use super::list::ClientArgs;
 use super::load::stop_after;
@@ -32,6 +32,10 @@ pub(crate) struct Args {
     /// Exit after this long (e.g. `30s`, `500ms`, `2m`).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// `auto`: a WebSocket, or an event stream (`GET /sse`) where the upgrade is refused; `ws`
+    /// or `sse`: that one only.
+    #[arg(long, default_value = "auto", value_name = "auto|ws|sse")]
+    transport: Transports,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -40,6 +44,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let options = args
         .client
         .options()?
+        .transports(args.transport)
         .subscribe(args.topics.iter().cloned());
     let mut client = Client::start(args.service.clone(), options);
     let stop = stop_after(args.duration);
@@ -131,7 +136,7 @@ pub(crate) fn event_text(event: &Event) -> String {
             }
             None => format!("# gap in {topic}: offsets {from}.. of epoch {epoch} lost ({reason})"),
         },
-        Event::Connected { server } => format!("# connected {server}"),
+        Event::Connected { server, transport } => format!("# connected {server} over {transport}"),
         Event::Disconnected { server, cause } => format!("# disconnected {server}: {cause}"),
         Event::FailedOver { from, to, took } => {
             format!("# failed over {from} -> {to} in {} ms", took.as_millis())
@@ -141,6 +146,7 @@ pub(crate) fn event_text(event: &Event) -> String {
             to,
             reason,
             took,
+            ..
         } => format!(
             "# migrated {from} -> {to} ({reason}) in {} ms, nothing missed",
             took.as_millis()
@@ -199,7 +205,9 @@ pub(crate) fn event_json(event: &Event) -> String {
             "event": "gap", "topic": topic, "epoch": epoch.to_string(), "from": from, "to": to,
             "reason": reason
         }),
-        Event::Connected { server } => json!({"event": "connected", "server": server}),
+        Event::Connected { server, transport } => {
+            json!({"event": "connected", "server": server, "transport": transport.to_string()})
+        }
         Event::Disconnected { server, cause } => {
             json!({"event": "disconnected", "server": server, "reason": cause.to_string()})
         }
@@ -211,9 +219,10 @@ pub(crate) fn event_json(event: &Event) -> String {
             to,
             reason,
             took,
+            transport,
         } => json!({
             "event": "migrated", "from": from, "to": to, "reason": reason,
-            "took_ms": took.as_secs_f64() * 1e3
+            "took_ms": took.as_secs_f64() * 1e3, "transport": transport.to_string()
         }),
         Event::MigrationFailed { server, to, error } => json!({
             "event": "migration_failed", "server": server, "to": to, "error": error

@@ -266,7 +266,7 @@ impl Crowd {
                     let Some(event) = event else { break };
                     let mut seen = seen.lock().unwrap();
                     match event {
-                        Event::Connected { server } => seen.server = Some(server),
+                        Event::Connected { server, .. } => seen.server = Some(server),
                         Event::Disconnected { server, cause } => {
                             seen.server = None;
                             seen.losses.push(format!("{server}: {cause}"));
