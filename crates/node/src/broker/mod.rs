@@ -577,15 +577,18 @@ fn new_epoch() -> Epoch {
 
 /// A log entry as it travels between nodes (its payload read back from its client frame).
 pub(crate) fn entry_to_wire(entry: &Entry) -> WireEntry {
-    let (data, encoding) = match ServerFrame::from_json(&entry.frame) {
-        Ok(ServerFrame::Msg { data, encoding, .. }) => (data, encoding),
-        _ => (String::new(), Encoding::Utf8),
+    let (data, encoding, ts) = match ServerFrame::from_json(&entry.frame) {
+        Ok(ServerFrame::Msg {
+            data, encoding, ts, ..
+        }) => (data, encoding, ts),
+        _ => (String::new(), Encoding::Utf8, None),
     };
     WireEntry {
         offset: entry.offset,
         id: entry.id.clone(),
         data,
         encoding,
+        ts,
     }
 }
 
@@ -916,6 +919,7 @@ impl Core {
             return;
         };
         let epoch = seq.log.epoch();
+        let accepted = Some(crate::now_ms());
         // Only a retry can have been numbered before: a first send skips the search.
         let before = if retry { seq.log.offset_of(&id) } else { None };
         let wire = match before {
@@ -926,6 +930,7 @@ impl Core {
                 id,
                 data,
                 encoding,
+                ts: accepted,
             },
             None => {
                 let offset = seq.log.position().offset + 1;
@@ -934,6 +939,7 @@ impl Core {
                     data.clone(),
                     encoding,
                     Some(Position::new(epoch, offset)),
+                    accepted,
                 );
                 seq.log.push(Entry {
                     offset,
@@ -947,6 +953,7 @@ impl Core {
                     id,
                     data,
                     encoding,
+                    ts: accepted,
                 }
             }
         };
@@ -964,6 +971,7 @@ impl Core {
                     wire.data.clone(),
                     wire.encoding,
                     Some(Position::new(epoch, wire.offset)),
+                    wire.ts,
                 )
             });
             let entry = Entry {
