@@ -434,7 +434,10 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
         )
         .await?;
     }
-    // Cores the nodes and this process used while watched, until the kills below.
+    // Watches opened again, and cores the nodes and this process used while watched, until the
+    // kills below (the watches of killed nodes end for good).
+    let reopened: u64 = lock(&views).reopened.iter().sum();
+    row.add("watches_reopened", reopened as f64);
     let wall = watching.elapsed().as_secs_f64();
     if let (Some(before), Some(after)) = (nodes_cpu, farm_cpu(&nodes)) {
         row.add("nodes_cpu_cores", (after - before) / wall);
@@ -456,8 +459,6 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
         record(&mut row, "detect", &times);
     }
     watchers.abort_all();
-    let reopened: u64 = lock(&views).reopened.iter().sum();
-    row.add("watches_reopened", reopened as f64);
     if let (Some(before), Some(after)) = (drops_before, udp_rcvbuf_errors()) {
         row.add(
             "udp_rcvbuf_dropped_msgs",
