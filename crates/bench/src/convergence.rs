@@ -13,22 +13,31 @@
 //! node's pushed list shows it. Changes: a new client connection to node k (users + 1), `POST
 //! /admin/status DOWN` on node k (then `UP` again), and SIGKILL of node k (failure detection).
 //!
-//! Also: `settle_ms`, from every node ready to every node listing every node UP, and
+//! A watch the node closes (a node starved of CPU closes it for heartbeat timeout: it did not get
+//! to read the pings in time) is opened again and counted (`watches_reopened`); a phase that
+//! fails says how many nodes did not agree and, for the first few, what their last list showed
+//! and why their watch ended.
+//!
+//! Also: `settle_ms`, from every node ready to every node listing every node UP;
 //! `udp_rcvbuf_dropped_msgs`, the datagrams the kernel dropped on full socket receive buffers
 //! during the farm's life (machine-wide: /proc/net/snmp `RcvbufErrors`) — gossip that does not
-//! settle loses its datagrams there.
+//! settle loses its datagrams there; and `nodes_cpu_cores` and `bench_cpu_cores`, the cores the
+//! nodes and this process used while watched (the nodes' own gossip, relay links and lists: on a
+//! shared machine, what they could get).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures_util::{SinkExt, StreamExt};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::proc::{NodeProc, NodeSpec, free_port, http, poll};
+use crate::proc::{NodeProc, NodeSpec, cpu_seconds, free_port, http, poll};
 use crate::report::{RowBuilder, Section, quantile};
 use crate::wire::ws_connect;
 use crate::{Options, STREAMFARM};
@@ -59,11 +68,28 @@ impl Probe {
 #[derive(Debug, Default)]
 struct Views {
     latest: Vec<HashMap<String, (String, u64)>>,
+    /// Lists each node has pushed so far.
+    pushes: Vec<u64>,
+    /// Why each node's watch last ended (its error, or the node's close); it is opened again.
+    ended: Vec<Option<String>>,
+    /// Times each node's watch was opened again.
+    reopened: Vec<u64>,
     probe: Option<Probe>,
     seen: Vec<Option<Instant>>,
 }
 
 impl Views {
+    fn new(n: usize) -> Self {
+        Views {
+            latest: vec![HashMap::new(); n],
+            pushes: vec![0; n],
+            ended: vec![None; n],
+            reopened: vec![0; n],
+            probe: None,
+            seen: vec![None; n],
+        }
+    }
+
     fn update(&mut self, i: usize, view: HashMap<String, (String, u64)>) {
         if let Some(probe) = &self.probe
             && self.seen[i].is_none()
@@ -72,6 +98,81 @@ impl Views {
             self.seen[i] = Some(Instant::now());
         }
         self.latest[i] = view;
+        self.pushes[i] += 1;
+    }
+
+    /// Why a wait failed: how many nodes do not `agree`, and for the first few what their last
+    /// list showed (`shows`), how many lists they pushed, and how their watch ended if it did.
+    fn disagreeing(
+        &self,
+        agrees: impl Fn(usize, &HashMap<String, (String, u64)>) -> bool,
+        shows: impl Fn(&HashMap<String, (String, u64)>) -> String,
+    ) -> String {
+        let behind: Vec<usize> = (0..self.latest.len())
+            .filter(|&i| !agrees(i, &self.latest[i]))
+            .collect();
+        let ended = self.ended.iter().filter(|e| e.is_some()).count();
+        let mut out = format!(
+            "{} of {} nodes do not agree ({ended} watches ended and were opened again)",
+            behind.len(),
+            self.latest.len()
+        );
+        for &i in behind.iter().take(5) {
+            let _ = write!(
+                out,
+                "; n{i}: {} lists pushed, the last shows {}",
+                self.pushes[i],
+                shows(&self.latest[i])
+            );
+            if let Some(end) = &self.ended[i] {
+                let _ = write!(
+                    out,
+                    ", watch opened again {} times, last ended: {end}",
+                    self.reopened[i]
+                );
+            }
+        }
+        if let Some((i, end)) = self
+            .ended
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| e.as_ref().map(|e| (i, e)))
+            .filter(|(i, _)| !behind.iter().take(5).any(|b| b == i))
+        {
+            let _ = write!(out, "; the watch of n{i} ended: {end}");
+        }
+        out
+    }
+}
+
+/// What a list shows of `names` that are not `UP` in it (at most 5 named), and how many it lists.
+fn not_up(view: &HashMap<String, (String, u64)>, names: &[String]) -> String {
+    let missing: Vec<String> = names
+        .iter()
+        .filter_map(|name| match view.get(name) {
+            Some((status, _)) if status == "UP" => None,
+            Some((status, _)) => Some(format!("{name} {status}")),
+            None => Some(format!("{name} absent")),
+        })
+        .collect();
+    format!(
+        "{} servers, {} not UP ({})",
+        view.len(),
+        missing.len(),
+        missing
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// What a list shows of server `name`.
+fn entry_of(view: &HashMap<String, (String, u64)>, name: &str) -> String {
+    match view.get(name) {
+        Some((status, users)) => format!("{name} {status} with {users} users"),
+        None => format!("no {name}"),
     }
 }
 
@@ -100,8 +201,30 @@ fn parse_farm(text: &str) -> Option<HashMap<String, (String, u64)>> {
     )
 }
 
-/// Watches node `i`'s pushed lists until aborted; pings every second to stay alive.
-async fn watcher(i: usize, addr: SocketAddr, views: Shared) -> anyhow::Result<()> {
+/// Watches node `i`'s pushed lists until aborted. A watch that ends (a node too starved of CPU to
+/// read the watcher's pings closes it for heartbeat timeout) is recorded and opened again: the
+/// node answers a new watch with its current list, so no change is missed, only seen late.
+async fn watcher(i: usize, addr: SocketAddr, views: Shared) {
+    loop {
+        let end = match watch(i, addr, &views).await {
+            Ok(never) => match never {},
+            Err(err) => format!("{err:#}"),
+        };
+        {
+            let mut views = lock(&views);
+            views.ended[i] = Some(end);
+            views.reopened[i] += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Follows node `i`'s pushed lists, pinging every second to stay alive; returns only on failure.
+async fn watch(
+    i: usize,
+    addr: SocketAddr,
+    views: &Shared,
+) -> anyhow::Result<std::convert::Infallible> {
     let mut ws = ws_connect(addr, None, 256 * 1024).await?;
     ws.send(Message::text(
         r#"{"type":"list","watch":true,"users":true}"#,
@@ -115,14 +238,16 @@ async fn watcher(i: usize, addr: SocketAddr, views: Shared) -> anyhow::Result<()
                 Some(Ok(Message::Text(text))) => {
                     if text.contains("\"type\":\"farm\"") {
                         if let Some(view) = parse_farm(text.as_str()) {
-                            lock(&views).update(i, view);
+                            lock(views).update(i, view);
                         }
                     } else if text.contains("\"type\":\"ping\"") {
                         ws.send(Message::text(text.replace("\"ping\"", "\"pong\""))).await?;
                     }
                 }
+                Some(Ok(Message::Close(frame))) => anyhow::bail!("node {addr} closed the watch: {frame:?}"),
                 Some(Ok(_)) => {}
-                _ => return Ok(()),
+                Some(Err(err)) => return Err(anyhow::Error::new(err).context(format!("watch of {addr}"))),
+                None => anyhow::bail!("node {addr} ended the watch without a close"),
             },
         }
     }
@@ -206,11 +331,10 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
     for node in &mut nodes {
         node.wait_ready(Duration::from_secs(60)).await?;
     }
-    let views: Shared = Arc::new(Mutex::new(Views {
-        latest: vec![HashMap::new(); n],
-        probe: None,
-        seen: vec![None; n],
-    }));
+    let views: Shared = Arc::new(Mutex::new(Views::new(n)));
+    let watching = Instant::now();
+    let nodes_cpu = farm_cpu(&nodes);
+    let own_cpu = cpu_seconds(std::process::id());
     let mut watchers = JoinSet::new();
     for (i, node) in nodes.iter().enumerate() {
         watchers.spawn(watcher(i, node.listen, views.clone()));
@@ -230,7 +354,17 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
             async move { all.then_some(()) }
         },
     )
-    .await?;
+    .await
+    .with_context(|| {
+        lock(&views).disagreeing(
+            |_, v| {
+                names
+                    .iter()
+                    .all(|name| v.get(name).is_some_and(|(s, _)| s == "UP"))
+            },
+            |v| not_up(v, &names),
+        )
+    })?;
 
     let mut row = RowBuilder::default();
     row.add("settle_ms", settling.elapsed().as_secs_f64() * 1000.0);
@@ -255,7 +389,15 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
                 async move { agreed }
             },
         )
-        .await?;
+        .await
+        .with_context(|| {
+            let views = lock(&views);
+            let first = views.latest[0].get(&name).map(|(_, u)| *u);
+            views.disagreeing(
+                |_, v| v.get(&name).map(|(_, u)| *u) == first,
+                |v| entry_of(v, &name),
+            )
+        })?;
         let addr = nodes[k].listen;
         let (times, extra) = measure(
             &views,
@@ -292,6 +434,17 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
         )
         .await?;
     }
+    // Watches opened again, and cores the nodes and this process used while watched, until the
+    // kills below (the watches of killed nodes end for good).
+    let reopened: u64 = lock(&views).reopened.iter().sum();
+    row.add("watches_reopened", reopened as f64);
+    let wall = watching.elapsed().as_secs_f64();
+    if let (Some(before), Some(after)) = (nodes_cpu, farm_cpu(&nodes)) {
+        row.add("nodes_cpu_cores", (after - before) / wall);
+    }
+    if let (Ok(before), Ok(after)) = (own_cpu, cpu_seconds(std::process::id())) {
+        row.add("bench_cpu_cores", (after - before) / wall);
+    }
     // Failure detection: SIGKILL, no goodbye.
     for r in 0..repeats.min(n - 1) {
         let k = n - 1 - r;
@@ -313,6 +466,11 @@ async fn farm_once(options: &Options, n: usize) -> anyhow::Result<crate::Row> {
         );
     }
     Ok(row.build(STREAMFARM, format!("N={n}")))
+}
+
+/// CPU seconds the nodes have used so far, in all (`None` when one cannot be read).
+fn farm_cpu(nodes: &[NodeProc]) -> Option<f64> {
+    nodes.iter().map(|n| cpu_seconds(n.guard.pid()).ok()).sum()
 }
 
 fn record(row: &mut RowBuilder, what: &str, times: &[f64]) {
@@ -353,7 +511,17 @@ where
             async move { done.then_some(()) }
         },
     )
-    .await?;
+    .await
+    .with_context(|| {
+        let v = lock(views);
+        let name = match &probe {
+            Probe::UsersAtLeast(name, _) | Probe::Status(name, _) => name.clone(),
+        };
+        v.disagreeing(
+            |i, _| !alive[i] || v.seen[i].is_some(),
+            |view| entry_of(view, &name),
+        )
+    })?;
     let mut v = lock(views);
     v.probe = None;
     let times = v

@@ -2,9 +2,10 @@
 //! machines refuses to start without a farm secret (or `--insecure`); `/livez` and `/readyz`
 //! follow draining and a cut-off; logs written to a file carry no colour codes and
 //! `--log-format json` writes JSON lines; the histograms of `/metrics` move under load and
-//! migrations; and the deployment files (Kubernetes, systemd, Grafana, alert rules) name only
-//! flags, variables, ports, paths and metrics that the binary has (and the systemd unit passes
-//! `systemd-analyze verify` where systemd is installed).
+//! migrations (publish-to-delivery on every node, relayed messages included); and the deployment
+//! files (Kubernetes, systemd, Grafana, alert rules) name only flags, variables, ports, paths and
+//! metrics that the binary has (and the systemd unit passes `systemd-analyze verify` where systemd
+//! is installed).
 //!
 //! Every wait polls a condition with a deadline; every child process is killed when its guard
 //! drops, so a failing test leaves nothing running. Files go under Cargo's test temp directory.
@@ -163,18 +164,23 @@ fn a_node_reachable_from_other_machines_needs_a_farm_secret_or_insecure() {
     assert!(stderr.contains("streamfarm secret new"), "{stderr}");
     assert!(get(local, "/livez").is_none(), "nothing serves");
 
-    // --insecure (or STREAMFARM_INSECURE): it serves.
-    let mut insecure = Command::new(exe());
-    insecure
-        .args(["serve", "--name", "open", "--listen", &listen.to_string()])
-        .env("STREAMFARM_INSECURE", "true")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let node = Child::spawn(&mut insecure);
-    eventually(Duration::from_secs(10), "the insecure node serves", || {
-        get(local, "/livez").is_some_and(|(code, _)| code == 200)
-    });
-    drop(node);
+    // --insecure, or STREAMFARM_INSECURE: it serves.
+    for (flags, env) in [(&["--insecure"][..], None), (&[][..], Some("true"))] {
+        let listen = free_port(any).unwrap();
+        let local = SocketAddr::from(([127, 0, 0, 1], listen.port()));
+        let mut insecure = Command::new(exe());
+        insecure
+            .args(["serve", "--name", "open", "--listen", &listen.to_string()])
+            .args(flags)
+            .env_remove("STREAMFARM_INSECURE")
+            .envs(env.map(|value| ("STREAMFARM_INSECURE", value)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _node = Child::spawn(&mut insecure);
+        eventually(Duration::from_secs(10), "the insecure node serves", || {
+            get(local, "/livez").is_some_and(|(code, _)| code == 200)
+        });
+    }
 
     // `streamfarm secret new`: a file only its owner reads, never overwritten; with it, it serves.
     let secret = dir.join("farm.secret");
@@ -246,13 +252,19 @@ fn readyz_fails_within_a_second_of_draining_or_a_cut_off_and_recovers() {
         readyz(a).is_some_and(|(code, _)| code == 200)
     });
 
-    // Every peer silent at once (stopped, sockets open): a is cut off, and not ready.
+    // Every peer silent at once (stopped, sockets open): a is cut off, and not ready. A node
+    // knows it only once its peers were silent for the failure timeout (1 s here): not ready
+    // within a second after that.
     for node in [&node_b, &node_c] {
         signal(node, "-STOP");
     }
-    eventually(Duration::from_secs(5), "a not ready: cut off", || {
+    let cut_off = eventually(Duration::from_secs(5), "a not ready: cut off", || {
         readyz(a).is_some_and(|(code, reason)| code == 503 && reason.contains("cut off"))
     });
+    assert!(
+        cut_off < Duration::from_secs(2),
+        "503 only {cut_off:?} after the cut (failure timeout 1 s)"
+    );
     assert_eq!(get(a, "/livez").unwrap().0, 200, "a cut-off node is alive");
     for node in [&node_b, &node_c] {
         signal(node, "-CONT");
@@ -342,6 +354,14 @@ fn histograms_move_under_load_and_migrations() {
         users(a) + users(b) == CLIENTS
             && count(a, "subscribe_seconds") + count(b, "subscribe_seconds") >= CLIENTS
     });
+    // Clients pick by load, so both nodes hold some: each delivers every message, one of them
+    // as the topic's replica, the other from the relay.
+    assert!(
+        users(a) > 0.0 && users(b) > 0.0,
+        "{} and {}",
+        users(a),
+        users(b)
+    );
     assert!(
         metric(a, "streamfarm_subscribe_seconds_bucket{le=\"+Inf\"}")
             == count(a, "subscribe_seconds")
@@ -352,6 +372,23 @@ fn histograms_move_under_load_and_migrations() {
         assert_eq!(code, 200);
     }
     assert_eq!(count(a, "publish_seconds"), 5.0);
+    // Publish to delivery: once per message on each node, the relayed ones included.
+    eventually(
+        Duration::from_secs(5),
+        "every message timed on both nodes",
+        || count(a, "delivery_seconds") >= 5.0 && count(b, "delivery_seconds") >= 5.0,
+    );
+    let relayed = metric(a, "streamfarm_relay_messages_in_total")
+        + metric(b, "streamfarm_relay_messages_in_total");
+    assert!(relayed >= 5.0, "{relayed} messages relayed");
+    for node in [a, b] {
+        assert_eq!(count(node, "delivery_seconds"), 5.0, "once per message");
+        // Within the buckets: a timestamp read in the wrong unit would land in +Inf.
+        assert_eq!(
+            metric(node, "streamfarm_delivery_seconds_bucket{le=\"30\"}"),
+            5.0
+        );
+    }
 
     // Drain the node with more clients: they move, and resume from their positions elsewhere.
     let (from, to) = if users(a) >= users(b) { (a, b) } else { (b, a) };
@@ -425,6 +462,7 @@ fn deployment_files_name_only_flags_variables_paths_and_metrics_the_binary_has()
         "subscribe_seconds",
         "migration_seconds",
         "recovery_messages",
+        "delivery_seconds",
     ] {
         let bucket = format!("streamfarm_{histogram}_bucket");
         assert!(exported.contains(bucket.as_str()), "{bucket} not exported");

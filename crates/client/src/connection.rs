@@ -714,6 +714,7 @@ pub(crate) mod tests {
                 encoding: Default::default(),
                 epoch: None,
                 offset: None,
+                ts: None,
             };
             node_sends(&mut node, &msg).await;
             node_sends(

@@ -142,7 +142,7 @@ async fn serve(
             control = control.recv() => match control {
                 Ok(Control::Publish { topic, data }) if topics.contains(&topic) => {
                     // These stand-ins are nodes without positions: messages carry none.
-                    let msg = ServerFrame::Msg { topic, data, encoding: Default::default(), epoch: None, offset: None };
+                    let msg = ServerFrame::Msg { topic, data, encoding: Default::default(), epoch: None, offset: None, ts: None };
                     let _ = ws.send(send(msg)).await;
                 }
                 Ok(Control::Close(code)) => {

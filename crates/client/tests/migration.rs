@@ -334,6 +334,7 @@ mod order {
             encoding: Default::default(),
             epoch: Some(E),
             offset: Some(offset),
+            ts: None,
         })
     }
 

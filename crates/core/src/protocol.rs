@@ -283,6 +283,11 @@ pub enum ServerFrame {
         /// The offset of the message's position within `epoch`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         offset: Option<u64>,
+        /// When the farm accepted the message: its sequencer's wall clock when it gave the
+        /// position, in milliseconds since the Unix epoch (absent from nodes that do not stamp).
+        /// Last, so that a node reads it from the end of the frame without parsing the payload.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ts: Option<u64>,
     },
     /// Messages of `topic` that will never be delivered: offsets `from..=to` of `epoch` (`to`
     /// absent: to the end of that epoch). Sent in place of them, before what follows them.
@@ -369,6 +374,7 @@ impl ServerFrame {
                 encoding,
                 epoch,
                 offset,
+                ts,
             } = serde_json::from_str(text)?;
             return Ok(ServerFrame::Msg {
                 topic,
@@ -376,6 +382,7 @@ impl ServerFrame {
                 encoding,
                 epoch,
                 offset,
+                ts,
             });
         }
         serde_json::from_str(text)
@@ -409,6 +416,8 @@ struct MsgFields {
     epoch: Option<Epoch>,
     #[serde(default)]
     offset: Option<u64>,
+    #[serde(default)]
+    ts: Option<u64>,
 }
 
 #[cfg(test)]
@@ -424,6 +433,7 @@ mod tests {
             data in "\\PC{0,40}",
             base64 in proptest::bool::ANY,
             position in proptest::option::of((0u64..u64::MAX, 0u64..u64::MAX)),
+            ts in proptest::option::of(0u64..u64::MAX),
         ) {
             let frame = ServerFrame::Msg {
                 topic: topic.clone(),
@@ -431,6 +441,7 @@ mod tests {
                 encoding: if base64 { Encoding::Base64 } else { Encoding::Utf8 },
                 epoch: position.map(|(e, _)| Epoch(e)),
                 offset: position.map(|(_, o)| o),
+                ts,
             };
             let text = serde_json::to_string(&frame).unwrap();
             proptest::prop_assert!(text.starts_with(MSG_TAG));
@@ -481,6 +492,7 @@ mod tests {
                 encoding: Encoding::Utf8,
                 epoch: None,
                 offset: None,
+                ts: None,
             }
         );
     }
@@ -493,6 +505,7 @@ mod tests {
             encoding: Encoding::Utf8,
             epoch: Some(Epoch(0x5f3a)),
             offset: Some(17),
+            ts: None,
         };
         let text = serde_json::to_string(&frame).unwrap();
         assert_eq!(

@@ -850,17 +850,24 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Queues `frame` to every subscriber; returns how many took it.
+/// Queues `frame` to every subscriber; returns how many took it. A message some subscriber took
+/// is observed once in `delivery_seconds` (see [`Metrics::delivery_seconds`]).
 fn fan_out(
     subscribers: &HashMap<ConnId, Outlet>,
     frame: &Utf8Bytes,
     metrics: &Metrics,
     wakes: &mut FrameWakes,
 ) -> usize {
-    subscribers
+    let taken = subscribers
         .values()
         .filter(|outlet| outlet.offer_deferred(Message::Text(frame.clone()), metrics, wakes))
-        .count()
+        .count();
+    if taken > 0
+        && let Some(accepted) = accepted_ms(frame)
+    {
+        metrics::observe_since_unix_ms(&metrics.delivery_seconds, accepted);
+    }
+    taken
 }
 
 fn gap_frame(topic: &str, epoch: Epoch, from: u64, to: Option<u64>, reason: GapReason) -> Message {
@@ -897,6 +904,7 @@ pub(crate) fn entry_from_wire(topic: &str, epoch: Epoch, wire: &WireEntry) -> En
             wire.data.clone(),
             wire.encoding,
             Some(Position::new(epoch, wire.offset)),
+            wire.ts,
         ),
         stored: Instant::now(),
     }
@@ -923,12 +931,14 @@ where
     })
 }
 
-/// Serializes a `msg` frame once, for every subscriber and peer node.
+/// Serializes a `msg` frame once, for every subscriber and peer node; `ts` is when the farm
+/// accepted it (its sequencer's wall clock, ms since the Unix epoch).
 pub(crate) fn msg_frame(
     topic: &str,
     data: String,
     encoding: Encoding,
     position: Option<Position>,
+    ts: Option<u64>,
 ) -> Utf8Bytes {
     let frame = ServerFrame::Msg {
         topic: topic.to_string(),
@@ -936,8 +946,21 @@ pub(crate) fn msg_frame(
         encoding,
         epoch: position.map(|p| p.epoch),
         offset: position.map(|p| p.offset),
+        ts,
     };
     frame_text(&frame)
+}
+
+/// The `ts` of a `msg` frame as nodes write it: the last field, so it is read from the frame's
+/// end without parsing the payload. `None` when the frame ends otherwise (no `ts`). A string
+/// cannot end a frame this way: inside one, every `"` is escaped.
+fn accepted_ms(frame: &str) -> Option<u64> {
+    let body = frame.strip_suffix('}')?;
+    let digits = body.len() - body.bytes().rev().take_while(u8::is_ascii_digit).count();
+    if !body[..digits].ends_with(r#","ts":"#) {
+        return None;
+    }
+    body[digits..].parse().ok()
 }
 
 #[cfg(test)]
@@ -977,6 +1000,7 @@ mod tests {
                 format!("m{offset}"),
                 Encoding::Utf8,
                 Some(Position::new(E, offset)),
+                None,
             ),
             stored: Instant::now(),
         }
@@ -1055,6 +1079,7 @@ mod tests {
                     id: PublishId::default(),
                     data: format!("m{o}"),
                     encoding: Encoding::Utf8,
+                    ts: None,
                 })
                 .collect(),
         };
@@ -1216,5 +1241,74 @@ mod tests {
         );
         assert_eq!(hub.users(), 0);
         assert_eq!(hub.metrics().subscriptions.load(Ordering::Relaxed), 0);
+    }
+
+    fn stamped(topic: &str, offset: u64, ts: u64) -> Entry {
+        Entry {
+            frame: msg_frame(
+                topic,
+                format!("m{offset}"),
+                Encoding::Utf8,
+                Some(Position::new(E, offset)),
+                Some(ts),
+            ),
+            ..entry(topic, offset)
+        }
+    }
+
+    #[test]
+    fn the_acceptance_time_is_read_from_the_frames_end() {
+        let frame = msg_frame(
+            "t",
+            "x".into(),
+            Encoding::Utf8,
+            None,
+            Some(1_796_659_200_123),
+        );
+        assert!(frame.as_str().ends_with(r#","ts":1796659200123}"#));
+        assert_eq!(accepted_ms(&frame), Some(1_796_659_200_123));
+        // No ts: whatever the payload holds is not read as one.
+        for data in [r#","ts":5}"#, "7", r#""ts":5"#] {
+            let frame = msg_frame("t", data.into(), Encoding::Utf8, None, None);
+            assert_eq!(accepted_ms(&frame), None, "{}", frame.as_str());
+        }
+        let positioned = msg_frame(
+            "t",
+            "x".into(),
+            Encoding::Utf8,
+            Some(Position::new(E, 3)),
+            None,
+        );
+        assert_eq!(accepted_ms(&positioned), None);
+    }
+
+    #[test]
+    fn a_delivered_message_is_timed_once_whatever_its_subscribers() {
+        let hub = hub();
+        let (a, a_rx) = outlet(4);
+        let (b, b_rx) = outlet(4);
+        let a_id = hub.register(a.clone());
+        let b_id = hub.register(b.clone());
+        subscribe(&hub, a_id, &a, &a_rx, &["t"]);
+        subscribe(&hub, b_id, &b, &b_rx, &["t"]);
+        let delivered = |entry| hub.deliver("t", E, entry, &mut FrameWakes::default()).count;
+        let now = crate::now_ms();
+        // Accepted 40 ms ago: one observation of about 40 ms for two subscribers.
+        assert_eq!(delivered(stamped("t", 1, now - 40)), 2);
+        assert_eq!(hub.metrics().delivery_seconds.count(), 1);
+        let sum = hub.metrics().delivery_seconds.sum();
+        assert!((40_000..10_000_000).contains(&sum), "{sum} us");
+        // A sequencer's clock ahead of this node's: counted as 0, not as a huge wrap-around.
+        assert_eq!(delivered(stamped("t", 2, now + 60_000)), 2);
+        assert_eq!(hub.metrics().delivery_seconds.count(), 2);
+        assert_eq!(hub.metrics().delivery_seconds.sum(), sum);
+        // Unstamped, or taken by nobody: not observed.
+        assert_eq!(delivered(entry("t", 3)), 2);
+        assert_eq!(
+            hub.deliver("u", E, stamped("u", 1, now), &mut FrameWakes::default())
+                .count,
+            0
+        );
+        assert_eq!(hub.metrics().delivery_seconds.count(), 2);
     }
 }

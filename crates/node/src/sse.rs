@@ -825,6 +825,7 @@ mod tests {
             encoding: Default::default(),
             epoch: Some(Epoch(9)),
             offset: Some(4),
+            ts: None,
         };
         let text = encode(&frame);
         let Message::Text(text) = text else {

@@ -360,6 +360,7 @@ mod tests {
                 id: PublishId::default(),
                 data: "x".repeat(REPLY_BYTES / 3),
                 encoding: Encoding::Utf8,
+                ts: None,
             }],
         };
         let states: Vec<(String, LogState)> =

@@ -347,15 +347,18 @@ pub(crate) struct CoreConfig {
 
 /// A log entry as it travels between nodes (its payload read back from its client frame).
 pub(crate) fn entry_to_wire(entry: &Entry) -> WireEntry {
-    let (data, encoding) = match ServerFrame::from_json(&entry.frame) {
-        Ok(ServerFrame::Msg { data, encoding, .. }) => (data, encoding),
-        _ => (String::new(), Encoding::Utf8),
+    let (data, encoding, ts) = match ServerFrame::from_json(&entry.frame) {
+        Ok(ServerFrame::Msg {
+            data, encoding, ts, ..
+        }) => (data, encoding, ts),
+        _ => (String::new(), Encoding::Utf8, None),
     };
     WireEntry {
         offset: entry.offset,
         id: entry.id.clone(),
         data,
         encoding,
+        ts,
     }
 }
 

@@ -106,6 +106,8 @@ impl Core {
             return;
         };
         let epoch = seq.log.epoch();
+        // When the farm accepted it: the `msg` frame's `ts`, for publish-to-delivery latency.
+        let accepted = Some(self.unix_ms);
         // Only a retry, or a copy of a frame seen before, can have been numbered before: a first
         // send skips the search.
         let before = if seq.may_have_numbered(&id, retry) {
@@ -121,6 +123,7 @@ impl Core {
                 id,
                 data,
                 encoding,
+                ts: accepted,
             },
             None => {
                 let offset = seq.log.position().offset + 1;
@@ -129,6 +132,7 @@ impl Core {
                     data.clone(),
                     encoding,
                     Some(Position::new(epoch, offset)),
+                    accepted,
                 );
                 seq.log.push(Entry {
                     offset,
@@ -142,6 +146,7 @@ impl Core {
                     id,
                     data,
                     encoding,
+                    ts: accepted,
                 }
             }
         };
@@ -159,6 +164,7 @@ impl Core {
                     wire.data.clone(),
                     wire.encoding,
                     Some(Position::new(epoch, wire.offset)),
+                    wire.ts,
                 )
             });
             let entry = Entry {

@@ -17,6 +17,9 @@ pub(crate) struct WireEntry {
     pub(crate) data: String,
     #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
     pub(crate) encoding: Encoding,
+    /// When its sequencer gave it its position (ms since the Unix epoch): the `msg` frame's `ts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ts: Option<u64>,
 }
 
 /// A log as it travels between nodes: its position and the entries it holds.
