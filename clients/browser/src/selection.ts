@@ -5,7 +5,8 @@
  * Every policy starts with {@link candidates}: the `UP` servers the client has not excluded, of
  * the most preferred priority group that has any. The policies differ in how they weigh those:
  * `patent` (the seeds' formula, the default), `random`, `least-users`, `p2c` and `waterfill`
- * (staleness-aware). Pure functions: no clock, the RNG is passed in.
+ * (staleness-aware). Pure functions: no clock, the RNG is passed in (a list's `draw` stands in for
+ * it, as in Rust).
  */
 import { type FarmList, type Rng, type Status, groupComparator } from './model.js';
 
@@ -95,13 +96,22 @@ export function probabilities(
 
 /**
  * The candidates' users brought to the instant of the freshest count among them (each older
- * count plus its join rate times the difference in age), and that count's age in seconds
- * (`FarmList::users_at_one_instant` in Rust).
+ * count plus its join rate times the difference in age), each plus an even share of the other
+ * clients in flight (`in_flight` less this list's own client, over the candidates), and that
+ * count's age in seconds (`FarmList::users_at_one_instant` in Rust, sum for sum).
  */
 export function usersAtOneInstant(list: FarmList, indices: number[]): { users: number[]; ageS: number } {
   const age = (i: number) => (list.servers[i]!.users_age_ms ?? 0) / 1000;
   const freshest = indices.length > 0 ? Math.min(...indices.map(age)) : 0;
-  const users = indices.map((i) => list.servers[i]!.users + sane(list.servers[i]!.join_rate) * (age(i) - freshest));
+  // The other clients in flight through this list's server: on their way, and no count shows them.
+  const inFlight = list.in_flight;
+  const inFlightShare =
+    inFlight !== undefined && Number.isFinite(inFlight) && indices.length > 0
+      ? Math.max(inFlight - 1, 0) / indices.length
+      : 0;
+  const users = indices.map(
+    (i) => list.servers[i]!.users + sane(list.servers[i]!.join_rate) * (age(i) - freshest) + inFlightShare,
+  );
   return { users, ageS: freshest };
 }
 
@@ -214,7 +224,10 @@ export interface Choice {
   candidates: Candidates;
 }
 
-/** Chooses a server of `list` with `policy`, drawing from `rng`; throws {@link NoServerAvailable}. */
+/**
+ * Chooses a server of `list` with `policy`; throws {@link NoServerAvailable}. The pick samples with
+ * the list's `draw` when it is in `[0, 1)`, else with a draw from `rng` (`choose_with` in Rust).
+ */
 export function choose(
   policy: Policy,
   list: FarmList,
@@ -224,12 +237,17 @@ export function choose(
 ): Choice {
   const c = candidates(list, exclude);
   const p = weigh(policy, list, c, context);
-  return { index: sample(p, c.indices, rng), probabilities: p, candidates: c };
+  // A list from JSON may carry anything: only a number in [0, 1) stands in for the client's draw.
+  const listed = list.draw;
+  const draw = typeof listed === 'number' && listed >= 0 && listed < 1 ? listed : rng();
+  return { index: sample(p, c.indices, draw), probabilities: p, candidates: c };
 }
 
-/** Draws an index; rounding that leaves the draw past the last bucket lands on the last positive one. */
-function sample(p: number[], indices: number[], rng: Rng): number {
-  const draw = rng();
+/**
+ * The index whose bucket holds `draw`, the buckets laid end to end in candidate order; rounding
+ * that leaves the draw past the last bucket lands on the last positive one.
+ */
+function sample(p: number[], indices: number[], draw: number): number {
   let cumulative = 0;
   for (const i of indices) {
     cumulative += p[i]!;

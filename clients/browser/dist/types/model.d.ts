@@ -29,6 +29,11 @@ export interface FarmList {
     generated_at_ms?: number;
     /** Lists the list server handed out since its own count, this one included: clients in flight. */
     in_flight?: number;
+    /**
+     * A number in `[0, 1)` the list server gave this list alone: the pick samples with it in place
+     * of the client's own draw. Absent, or outside `[0, 1)`: the client draws for itself.
+     */
+    draw?: number;
 }
 /** A source of uniform numbers in `[0, 1)`: `Math.random`, or a seeded one in tests. */
 export type Rng = () => number;

@@ -5,7 +5,8 @@
  * Every policy starts with {@link candidates}: the `UP` servers the client has not excluded, of
  * the most preferred priority group that has any. The policies differ in how they weigh those:
  * `patent` (the seeds' formula, the default), `random`, `least-users`, `p2c` and `waterfill`
- * (staleness-aware). Pure functions: no clock, the RNG is passed in.
+ * (staleness-aware). Pure functions: no clock, the RNG is passed in (a list's `draw` stands in for
+ * it, as in Rust).
  */
 import { type FarmList, type Rng, type Status } from './model.js';
 /** A way of weighing the live servers of the preferred group. */
@@ -50,8 +51,9 @@ export declare function candidates(list: FarmList, exclude?: readonly string[]):
 export declare function probabilities(policy: Policy, list: FarmList, exclude?: readonly string[], context?: Context): number[];
 /**
  * The candidates' users brought to the instant of the freshest count among them (each older
- * count plus its join rate times the difference in age), and that count's age in seconds
- * (`FarmList::users_at_one_instant` in Rust).
+ * count plus its join rate times the difference in age), each plus an even share of the other
+ * clients in flight (`in_flight` less this list's own client, over the candidates), and that
+ * count's age in seconds (`FarmList::users_at_one_instant` in Rust, sum for sum).
  */
 export declare function usersAtOneInstant(list: FarmList, indices: number[]): {
     users: number[];
@@ -66,7 +68,10 @@ export interface Choice {
     /** How each server was judged before weighing. */
     candidates: Candidates;
 }
-/** Chooses a server of `list` with `policy`, drawing from `rng`; throws {@link NoServerAvailable}. */
+/**
+ * Chooses a server of `list` with `policy`; throws {@link NoServerAvailable}. The pick samples with
+ * the list's `draw` when it is in `[0, 1)`, else with a draw from `rng` (`choose_with` in Rust).
+ */
 export declare function choose(policy: Policy, list: FarmList, exclude: readonly string[], rng: Rng, context?: Context): Choice;
 /**
  * The context of a client whose server `lost` just went away: everyone that server had is
