@@ -382,7 +382,10 @@ impl Session {
     /// [`Session::greet`] with a `hello` of the transport's own (an event stream's names it).
     pub(crate) fn greet_with(&self, hello: Message) {
         self.outlet.offer(hello, self.shared.hub.metrics());
-        self.send(&ServerFrame::Farm(self.shared.list_for_client()));
+        // The list of a client that has chosen: neither in flight (it is counted among this
+        // node's users) nor given a draw. Taking one would also skew the next list's pick: the
+        // draws are a sequence, and those taken here would follow the picks of this node.
+        self.send(&ServerFrame::Farm(self.shared.farm_now()));
         if *self.shared.isolated_rx.borrow() {
             self.send(&ServerFrame::Feed { complete: false });
         }

@@ -24,8 +24,8 @@
 //!   [`streamfarm_core::selection::choose_with`], and is counted on its server
 //!   [`Burst::connect_delay`] seconds later. Every list a node hands to a client carries the
 //!   node's next draw ([`streamfarm_core::selection::Draws`], from a start of its own;
-//!   [`Burst::draws`] false: none, each client draws for itself, as before), the greeting of a
-//!   client's new connection included.
+//!   [`Burst::draws`] false: none, each client draws for itself, as before); the greeting of a
+//!   client's new connection carries neither a draw nor counts in flight: the client has chosen.
 //!
 //! The figure is max/mean of users per server when the last client has connected; [`median`]
 //! takes it over seeds.
@@ -248,11 +248,8 @@ pub fn run(burst: &Burst, policy: Policy, seed: u64) -> f64 {
                     users[to] += 1;
                     accepted[to] += 1;
                     users[via] -= 1;
-                    let list = lists[to].clone();
-                    hand_out(&mut served[to], &list, to, time);
-                    // Its greeting takes a draw too, which the client does not use: its pick
-                    // stands.
-                    draws[to].next_draw();
+                    // Its greeting's list is neither in flight nor given a draw: the client has
+                    // chosen.
                 }
                 connected += 1;
                 if connected == burst.clients {
