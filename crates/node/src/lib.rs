@@ -22,7 +22,10 @@
 //! - `membership` — gossip (chitchat): advertises this node, builds the live [`FarmList`],
 //!   lists silent peers `DOWN`.
 //! - `broker` — the one owner of publishing and subscribing: positions (a sequencer and a replica
-//!   per topic), history, recovery, claims and retries across node failures.
+//!   per topic), history, recovery, claims and retries across node failures; a state machine fed
+//!   by its task.
+//! - `chaos` — the farm's deterministic simulation: broker cores on a simulated clock and
+//!   network, faults drawn from a seed, the guarantees checked (`streamfarm chaos`, TESTING.md).
 //! - `hub` — local topics, their delivery streams in offset order, and fan-out: one serialized
 //!   frame shared by all subscribers, bounded per-connection queues, slow consumers closed.
 //! - `relay` — the `Relay` interface and the embedded relay over links between nodes;
