@@ -16,20 +16,15 @@ pub(super) struct Sequencing {
     /// from or since: a first send at or below it was sent before — a copy of a frame, or a
     /// publish a hung node finds in its queue when it resumes, sent meanwhile to the sequencer
     /// that took over — and is searched for like a retry.
-    pub(super) highest: HashMap<(String, u64), u64>,
+    pub(super) highest: HashMap<String, HashMap<u64, u64>>,
 }
 
 impl Sequencing {
     /// Sequencing in `term`, from `log`.
     pub(super) fn new(term: u64, log: Log) -> Sequencing {
-        let mut highest: HashMap<(String, u64), u64> = HashMap::new();
-        for entry in log.after(0) {
-            if !entry.id.origin.is_empty() {
-                let seq = highest
-                    .entry((entry.id.origin.clone(), entry.id.run))
-                    .or_default();
-                *seq = (*seq).max(entry.id.seq);
-            }
+        let mut highest = HashMap::new();
+        for entry in log.after(0).filter(|e| !e.id.origin.is_empty()) {
+            seen_before(&mut highest, &entry.id);
         }
         Sequencing {
             term,
@@ -43,11 +38,22 @@ impl Sequencing {
     /// Whether publish `id` may have been numbered before: sent again, or not above what its
     /// origin's run sent before. Notes `id` as seen.
     fn may_have_numbered(&mut self, id: &PublishId, retry: bool) -> bool {
-        let highest = self.highest.entry((id.origin.clone(), id.run)).or_default();
-        let copy = id.seq <= *highest;
-        *highest = (*highest).max(id.seq);
+        let copy = seen_before(&mut self.highest, id);
         retry || copy
     }
+}
+
+/// Whether `id` is at or below the highest sequence seen from its origin's run; notes it. On every
+/// publish: the origin's name is copied only the first time that origin is seen.
+fn seen_before(highest: &mut HashMap<String, HashMap<u64, u64>>, id: &PublishId) -> bool {
+    let runs = match highest.get_mut(id.origin.as_str()) {
+        Some(runs) => runs,
+        None => highest.entry(id.origin.clone()).or_default(),
+    };
+    let seq = runs.entry(id.run).or_default();
+    let before = id.seq <= *seq;
+    *seq = (*seq).max(id.seq);
+    before
 }
 
 impl Core {

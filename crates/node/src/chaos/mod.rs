@@ -22,7 +22,6 @@ mod invariants;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -450,19 +449,4 @@ fn heal_all(farm: &mut SimFarm) {
             farm.link_fault(i, j, None);
         }
     }
-}
-
-/// Runs `seeds` seeds from `first`; stops at the first violation.
-pub fn run_many(first: u64, seeds: u64, options: &Options) -> (Vec<Outcome>, f64) {
-    let started = Instant::now();
-    let mut outcomes = Vec::new();
-    for seed in first..first.saturating_add(seeds) {
-        let outcome = run(seed, options, false);
-        let violated = outcome.violation.is_some();
-        outcomes.push(outcome);
-        if violated {
-            break;
-        }
-    }
-    (outcomes, started.elapsed().as_secs_f64())
 }
