@@ -36,6 +36,7 @@ use tokio::sync::{Notify, watch};
 use tracing::warn;
 
 use crate::broker::log::{Entry, Limits, Log, Offered};
+use crate::broker::placement::{PARTITIONS, partition};
 use crate::broker::wire::{LogState, WireEntry};
 use crate::interest::InterestLog;
 use crate::metrics::{self, Metrics};
@@ -260,6 +261,10 @@ pub(crate) struct Hub {
     /// topic → its subscribers and stream. Read-locked by every delivery, write-locked by
     /// (un)subscribing, so that a connection joins a topic's stream between two messages.
     topics: RwLock<HashMap<String, Topic>>,
+    /// The names of `topics` by partition (see `crate::broker::placement`), changed under the
+    /// topics' write lock: a claim asks for what this node holds of one partition, and must not
+    /// look at every topic to find it.
+    by_partition: Mutex<Vec<HashSet<String>>>,
     /// Every open connection, so rebalancing, drain and shutdown can move or close them.
     sessions: Mutex<Sessions>,
     next_id: AtomicU64,
@@ -277,6 +282,7 @@ impl Hub {
     pub(crate) fn new(metrics: Arc<Metrics>, limits: Limits) -> Self {
         Hub {
             topics: RwLock::new(HashMap::new()),
+            by_partition: Mutex::new(vec![HashSet::new(); PARTITIONS]),
             sessions: Mutex::new(Sessions::default()),
             next_id: AtomicU64::new(1),
             interest_tx: watch::channel(0).0,
@@ -467,6 +473,10 @@ impl Hub {
                     entry.joining.insert(id);
                 }
             }
+            let mut by_partition = lock(&self.by_partition);
+            for topic in &added {
+                by_partition[partition(topic)].insert(topic.to_string());
+            }
             lock(&self.interest_log).record(added.iter().copied(), [])
         };
         if !added.is_empty() {
@@ -564,7 +574,10 @@ impl Hub {
         metrics::add(&self.metrics.messages_recovered, recovered as u64);
         let mut added = 0;
         for (topic, _) in topics {
-            let entry = map.entry(topic.clone()).or_default();
+            let entry = map.entry(topic.clone()).or_insert_with(|| {
+                lock(&self.by_partition)[partition(topic)].insert(topic.clone());
+                Topic::default()
+            });
             entry.joining.remove(&id);
             if entry.subscribers.insert(id, outlet.clone()).is_none() {
                 added += 1;
@@ -591,6 +604,7 @@ impl Hub {
                     }
                     entry.joining.remove(&id);
                     if entry.is_empty() {
+                        lock(&self.by_partition)[partition(topic)].remove(topic);
                         if let Some(gone) = map.remove(topic) {
                             let bytes = lock(&gone.stream).log.as_ref().map_or(0, Log::bytes);
                             self.metrics
@@ -753,6 +767,14 @@ impl Hub {
     /// What this node holds of `topic` (for a claim), if it knows the topic's position.
     pub(crate) fn state(&self, topic: &str, after: Option<u64>) -> Option<LogState> {
         self.with_log(topic, |log| LogState::of(log, after))
+    }
+
+    /// The topics of partition `partition` that some connection here subscribes to.
+    pub(crate) fn topics_in_partition(&self, partition: usize) -> Vec<String> {
+        lock(&self.by_partition)
+            .get(partition)
+            .map(|topics| topics.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// `f` of the stream of `topic`, if this node knows the topic's position.

@@ -140,7 +140,23 @@ fn frame(request: u64, topics: &[(String, Position)]) -> PeerFrame {
 /// The `catch_up_reply` frames that answer `request` with `states`: cut after about
 /// [`REPLY_BYTES`], the last one `done` (there is always one, empty when nothing is newer).
 pub(crate) fn reply_frames(request: u64, states: Vec<(String, LogState)>) -> Vec<PeerFrame> {
-    let mut frames = Vec::new();
+    let pieces = cut(states);
+    let last = pieces.len() - 1;
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, states)| PeerFrame::CatchUpReply {
+            request,
+            states,
+            done: i == last,
+        })
+        .collect()
+}
+
+/// `states` cut into pieces of about [`REPLY_BYTES`] each, for the frames that carry many
+/// topics' histories (catch-up and claim answers); always one piece, empty when `states` is.
+pub(crate) fn cut(states: Vec<(String, LogState)>) -> Vec<Vec<(String, LogState)>> {
+    let mut pieces = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;
     for (topic, state) in states {
@@ -153,20 +169,14 @@ pub(crate) fn reply_frames(request: u64, states: Vec<(String, LogState)>) -> Vec
                 .sum::<usize>();
         current.push((topic, state));
         if bytes >= REPLY_BYTES {
-            frames.push(PeerFrame::CatchUpReply {
-                request,
-                states: std::mem::take(&mut current),
-                done: false,
-            });
+            pieces.push(std::mem::take(&mut current));
             bytes = 0;
         }
     }
-    frames.push(PeerFrame::CatchUpReply {
-        request,
-        states: current,
-        done: true,
-    });
-    frames
+    if !current.is_empty() || pieces.is_empty() {
+        pieces.push(current);
+    }
+    pieces
 }
 
 /// Whether `state` holds something after `after`: later messages of the same epoch, or a newer

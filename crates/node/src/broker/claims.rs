@@ -1,15 +1,42 @@
-//! Claims and fencing: a node that the farm places first for a topic, and does not sequence it
-//! yet, raises the topic's term on every live node and continues from the newest log they hold.
+//! Claims and fencing, per partition: a node that the farm places first for a partition, and
+//! needs to sequence one of its topics, raises the partition's term on every live node and
+//! continues each of its topics from the newest log they hold.
+//!
+//! # Why per partition
+//! A claim used to cover one topic: a feed's first subscription to each of 10^5 new topics cost
+//! two frames per peer before its first message, and a node failure one claim per topic it
+//! sequenced. A claim of a partition (as Kafka, Redpanda and JetStream elect and fence per
+//! partition) asks once for every topic of it; the answers come in bounded frames. Once every
+//! live peer has answered, the claimant knows every topic of the partition that has a history
+//! anywhere: a topic it does not hold is one nobody holds, and starts at once in a new epoch —
+//! a new topic costs no claim at all. Fencing follows: a replica refuses a sequencer whose term
+//! is below the highest claim of the topic's partition it has seen.
+//!
+//! A claim not answered by every live peer in [`CLAIM_WAIT`] goes on with what it has (a peer
+//! may be hung): the topics found are sequenced, but a topic nobody answered for waits — its
+//! publishes queued — until the silent peers answer (the claim is sent to them again, in the
+//! same term) or leave the farm, lest a new epoch start beside one a silent peer holds.
+
+use std::collections::BTreeSet;
 
 use super::*;
 
-/// A claim in progress.
+/// A claim of a partition, under way or done.
 pub(super) struct Claim {
     pub(super) term: u64,
+    /// Peers whose answer is not all in yet.
     pub(super) waiting: HashSet<String>,
-    /// Live peers the claim could not be sent to (no link now).
-    pub(super) unreached: usize,
-    pub(super) best: Option<LogState>,
+    /// Peers the claim could not be sent to (no link then).
+    pub(super) unreached: HashSet<String>,
+    /// The newest state found so far of each topic, until the claim is done.
+    pub(super) best: HashMap<String, LogState>,
+    /// Done: every peer answered, or the deadline passed; this node sequences the partition.
+    pub(super) done: bool,
+    /// When the claim was last sent to the peers that have not answered.
+    pub(super) asked_at: Instant,
+    /// Topics asked for while the claim was under way (published to, or a replica asked for
+    /// their log): started when it is done, whether anybody holds them or not.
+    pub(super) wanted: BTreeSet<String>,
 }
 
 /// A new epoch: the wall clock's milliseconds with random low bits, so newer compares greater.
@@ -18,16 +45,56 @@ fn new_epoch(unix_ms: u64, rng: &mut StdRng) -> Epoch {
 }
 
 impl Core {
-    /// Starts a claim of `topic` unless this node sequences it already or is claiming it.
+    /// Makes this node sequence `topic`: at once when its partition is claimed and every peer
+    /// answered; otherwise once the partition's claim (started here if none is) is done.
     pub(super) fn ensure_active(&mut self, topic: &str) {
         if !self.settled {
             // Retried at the next tick (the publishes wait in the queue).
             self.timers.stalled.insert(topic.to_string());
             return;
         }
-        // Every peer that is live or may be (just seen, not yet judged): a node that has just
-        // (re)started lists its peers `DOWN` until their heartbeats are seen advancing, and
-        // must not conclude meanwhile that nobody holds the topic.
+        if self.chains.get(topic).is_some_and(|c| c.seq.is_some()) {
+            return;
+        }
+        let p = partition(topic);
+        match &self.parts[p].claim {
+            None => self.claim_partition(p),
+            // Under way: the topic starts (its publishes waiting in its queue) when it is done.
+            Some(claim) if !claim.done => {
+                let topic = topic.to_string();
+                if let Some(claim) = self.parts[p].claim.as_mut() {
+                    claim.wanted.insert(topic);
+                }
+            }
+            Some(claim) => {
+                let term = claim.term;
+                if self.heard_all(p) {
+                    let own = self.best_state(topic);
+                    self.begin(topic, term, own);
+                } else {
+                    self.ask_again(p);
+                    self.timers.stalled.insert(topic.to_string());
+                }
+            }
+        }
+    }
+
+    /// Whether every peer that is or may be live answered this node's claim of partition `p`.
+    fn heard_all(&self, p: usize) -> bool {
+        let Some(claim) = &self.parts[p].claim else {
+            return false;
+        };
+        claim
+            .waiting
+            .iter()
+            .chain(&claim.unreached)
+            .all(|peer| !self.live.contains(peer) && !self.known.contains(peer))
+    }
+
+    /// Every peer that is live or may be (just seen, not yet judged): a node that has just
+    /// (re)started lists its peers `DOWN` until their heartbeats are seen advancing, and must not
+    /// conclude meanwhile that nobody holds a topic.
+    fn claim_peers(&self) -> Vec<String> {
         let mut peers: Vec<String> = self
             .live
             .iter()
@@ -35,47 +102,123 @@ impl Core {
             .cloned()
             .collect();
         for peer in &self.known {
-            if !peers.contains(peer) {
+            if !peers.contains(peer) && *peer != self.me {
                 peers.push(peer.clone());
             }
         }
-        let chain = self.chains.entry(topic.to_string()).or_default();
-        if chain.seq.is_some() || chain.claim.is_some() {
-            return;
-        }
-        let term = chain.fenced + 1;
-        chain.fenced = term;
-        let deadline = self.now + CLAIM_WAIT;
-        chain.claim = Some(Claim {
+        peers
+    }
+
+    /// Claims partition `p` in a term above any seen.
+    fn claim_partition(&mut self, p: usize) {
+        let peers = self.claim_peers();
+        let part = &mut self.parts[p];
+        let term = part.fenced + 1;
+        part.fenced = term;
+        part.holder = Some(self.me.clone());
+        let mut claim = Claim {
             term,
             waiting: HashSet::new(),
-            unreached: 0,
-            best: None,
-        });
-        self.timers
-            .claims
-            .push_back((deadline, (topic.to_string(), term)));
-        let mut waiting = HashSet::new();
-        let mut unreached = 0;
+            unreached: HashSet::new(),
+            best: HashMap::new(),
+            done: false,
+            asked_at: self.now,
+            wanted: BTreeSet::new(),
+        };
         for peer in peers {
             let frame = PeerFrame::Claim {
-                topic: topic.to_string(),
+                partition: p as u32,
                 term,
             };
             if self.send(&peer, frame) {
-                waiting.insert(peer);
+                claim.waiting.insert(peer);
             } else {
-                unreached += 1;
+                claim.unreached.insert(peer);
             }
         }
-        debug!(%topic, term, peers = waiting.len(), unreached, "claiming");
-        let empty = waiting.is_empty();
-        if let Some(claim) = self.chains.get_mut(topic).and_then(|c| c.claim.as_mut()) {
-            claim.waiting = waiting;
-            claim.unreached = unreached;
-        }
+        debug!(
+            partition = p,
+            term,
+            peers = claim.waiting.len(),
+            unreached = claim.unreached.len(),
+            "claiming"
+        );
+        let empty = claim.waiting.is_empty();
+        self.parts[p].claim = Some(claim);
+        self.timers
+            .claims
+            .push_back((self.now + CLAIM_WAIT, (p, term)));
         if empty {
-            self.finish_claim(topic);
+            self.finish_claim(p);
+        }
+    }
+
+    /// Sends a done claim of `p` again, in its term, to the peers that have not answered it
+    /// (at most once per [`CLAIM_WAIT`]).
+    fn ask_again(&mut self, p: usize) {
+        let now = self.now;
+        let Some(claim) = self.parts[p].claim.as_mut() else {
+            return;
+        };
+        if now < claim.asked_at + CLAIM_WAIT {
+            return;
+        }
+        claim.asked_at = now;
+        let term = claim.term;
+        let mut missing: Vec<String> = claim.waiting.union(&claim.unreached).cloned().collect();
+        missing.sort_unstable();
+        for peer in missing {
+            let frame = PeerFrame::Claim {
+                partition: p as u32,
+                term,
+            };
+            if self.send(&peer, frame)
+                && let Some(claim) = self.parts[p].claim.as_mut()
+                && claim.unreached.remove(&peer)
+            {
+                claim.waiting.insert(peer);
+            }
+        }
+    }
+
+    /// The topics of partition `p` this node has anything of: a chain, or subscribers.
+    fn topics_held(&self, p: usize) -> BTreeSet<String> {
+        let mut topics = self.chains.in_partition(p);
+        topics.extend(self.hub.topics_in_partition(p));
+        topics
+    }
+
+    /// A claim of partition `p` in `term` reached this node, or a replica refused an older term:
+    /// this node stops sequencing the partition below `term`, and its own claim below it ends.
+    /// `holder`: the claimant, when it is a claim.
+    pub(super) fn step_down(&mut self, p: usize, term: u64, holder: Option<&str>) {
+        let part = &mut self.parts[p];
+        if term > part.fenced {
+            part.fenced = term;
+            part.holder = holder.map(str::to_string);
+        }
+        if part.claim.as_ref().is_some_and(|c| c.term < term) {
+            part.claim = None;
+            debug!(
+                partition = p,
+                term, "the partition was claimed by another node"
+            );
+        }
+        for topic in self.chains.in_partition(p) {
+            let Some(chain) = self.chains.get_mut(&topic) else {
+                continue;
+            };
+            if chain.seq.as_ref().is_some_and(|s| s.term < term) {
+                self.stop_sequencing(&topic);
+            }
+            if self
+                .chains
+                .get(&topic)
+                .is_some_and(|c| !c.queued.is_empty())
+            {
+                // Sent back to their origins, or claimed again (see `claims_due`).
+                self.timers.stalled.insert(topic);
+            }
         }
     }
 
@@ -117,38 +260,63 @@ impl Core {
         Some(best)
     }
 
-    pub(super) fn on_claim(&mut self, from: String, topic: String, term: u64) {
-        let granted = term > self.chains.entry(topic.clone()).or_default().fenced;
-        if granted && self.stop_sequencing(&topic) {
-            debug!(%topic, claimant = %from, "topic claimed by another node: no longer sequencing it");
+    pub(super) fn on_claim(&mut self, from: String, p: u32, term: u64) {
+        let p = p as usize;
+        if p >= PARTITIONS {
+            warn!(peer = %from, partition = p, "a claim of a partition that does not exist: ignored");
+            return;
         }
-        let state = self.best_state(&topic);
-        let chain = self.chains.entry(topic.clone()).or_default();
-        if granted {
-            chain.fenced = term;
-            chain.claim = None;
-        }
-        let queued = if granted {
-            std::mem::take(&mut chain.queued)
-        } else {
-            Vec::new()
-        };
-        let fenced = chain.fenced;
-        self.send(
-            &from,
-            PeerFrame::ClaimReply {
-                topic: topic.clone(),
-                term: if granted { term } else { fenced },
-                granted,
-                state: if granted { state } else { None },
-            },
-        );
-        for (origin, id, ..) in queued {
+        let part = &self.parts[p];
+        let granted =
+            term > part.fenced || (term == part.fenced && part.holder.as_deref() == Some(&from));
+        if !granted {
+            let fenced = part.fenced;
             self.send(
-                &origin,
-                PeerFrame::Nack {
-                    topic: topic.clone(),
-                    id,
+                &from,
+                PeerFrame::ClaimReply {
+                    partition: p as u32,
+                    term: fenced,
+                    granted: false,
+                    states: Vec::new(),
+                    done: true,
+                },
+            );
+            return;
+        }
+        self.step_down(p, term, Some(&from));
+        // Publishes queued here for a claim of this node's: to their origins again, which send
+        // them to the sequencer they see.
+        for topic in self.chains.in_partition(p) {
+            let Some(chain) = self.chains.get_mut(&topic) else {
+                continue;
+            };
+            for (origin, id, ..) in std::mem::take(&mut chain.queued) {
+                self.send(
+                    &origin,
+                    PeerFrame::Nack {
+                        topic: topic.clone(),
+                        id,
+                    },
+                );
+            }
+        }
+        let mut states = Vec::new();
+        for topic in self.topics_held(p) {
+            if let Some(state) = self.best_state(&topic) {
+                states.push((topic, state));
+            }
+        }
+        let pieces = catch_up::cut(states);
+        let last = pieces.len() - 1;
+        for (i, states) in pieces.into_iter().enumerate() {
+            self.send(
+                &from,
+                PeerFrame::ClaimReply {
+                    partition: p as u32,
+                    term,
+                    granted: true,
+                    states,
+                    done: i == last,
                 },
             );
         }
@@ -157,61 +325,139 @@ impl Core {
     pub(super) fn on_claim_reply(
         &mut self,
         from: String,
-        topic: String,
+        p: u32,
         term: u64,
         granted: bool,
-        state: Option<LogState>,
+        states: Vec<(String, LogState)>,
+        done: bool,
     ) {
-        let Some(chain) = self.chains.get_mut(&topic) else {
-            return;
-        };
-        let Some(claim) = &mut chain.claim else {
+        let p = p as usize;
+        let Some(claim) = self.parts.get_mut(p).and_then(|part| part.claim.as_mut()) else {
             return;
         };
         if !granted {
             if term >= claim.term {
                 // Someone claimed higher: this claim is over; a later publish starts another.
-                chain.fenced = chain.fenced.max(term);
-                chain.claim = None;
-                self.timers.stalled.insert(topic);
+                self.step_down(p, term, None);
+                self.parts[p].claim = None;
             }
             return;
         }
         if term != claim.term {
             return;
         }
-        claim.best = newer(claim.best.take(), state);
+        let mut late = Vec::new();
+        for (topic, state) in states {
+            if partition(&topic) != p {
+                continue;
+            }
+            if claim.done {
+                late.push((topic, state));
+            } else {
+                let best = claim.best.remove(&topic);
+                if let Some(newest) = newer(best, Some(state)) {
+                    claim.best.insert(topic, newest);
+                }
+            }
+        }
+        // A late answer (the claim went on without it): the topics it holds that this node does
+        // not sequence yet start from it.
+        for (topic, state) in late {
+            if self.chains.get(&topic).is_none_or(|c| c.seq.is_none()) {
+                let own = self.best_state(&topic);
+                self.begin(&topic, term, newer(Some(state), own));
+            }
+        }
+        if !done {
+            return;
+        }
+        let Some(claim) = self.parts[p].claim.as_mut() else {
+            return;
+        };
         claim.waiting.remove(&from);
-        if claim.waiting.is_empty() {
-            self.finish_claim(&topic);
+        claim.unreached.remove(&from);
+        if !claim.done && claim.waiting.is_empty() {
+            self.finish_claim(p);
+        } else if claim.done {
+            self.start_waiting_topics(p);
         }
     }
 
-    /// Ends a claim: sequences from the newest log found (a new epoch if none), syncs the
-    /// replica, and numbers the publishes that waited.
-    pub(super) fn finish_claim(&mut self, topic: &str) {
-        let own = self.best_state(topic);
-        let Some(chain) = self.chains.get_mut(topic) else {
+    /// Ends the claim of partition `p` (every peer answered, or its deadline passed): sequences
+    /// each topic from the newest log found, syncs its replica, and numbers the publishes that
+    /// waited.
+    pub(super) fn finish_claim(&mut self, p: usize) {
+        let Some(claim) = self.parts[p].claim.as_mut() else {
             return;
         };
-        let Some(claim) = chain.claim.take() else {
-            return;
-        };
-        let heard_all = claim.waiting.is_empty() && claim.unreached == 0;
-        if claim.best.is_none() && own.is_none() && !heard_all {
-            // Nobody that answered holds the topic, but not every live peer answered: a new
-            // epoch now could start beside one a silent peer holds. Claim again at the next tick
-            // (by then the silent peer answers, or is listed DOWN and left out).
-            debug!(%topic, term = claim.term, "claim found no history and not every peer answered: again");
-            self.timers.stalled.insert(topic.to_string());
+        if claim.done {
             return;
         }
+        claim.done = true;
+        let term = claim.term;
+        let found = std::mem::take(&mut claim.best);
         #[cfg(test)]
-        let claim = Claim {
-            best: claim.best.filter(|_| !self.breaks.ignore_claim_answers),
-            ..claim
+        let found = if self.breaks.ignore_claim_answers {
+            HashMap::new()
+        } else {
+            found
         };
-        let log = match newer(claim.best, own) {
+        let mut topics = self.topics_held(p);
+        topics.extend(found.keys().cloned());
+        debug!(
+            partition = p,
+            term,
+            topics = topics.len(),
+            "sequencing the partition"
+        );
+        let mut found = found;
+        for topic in topics {
+            let own = self.best_state(&topic);
+            let state = newer(found.remove(&topic), own);
+            if state.is_some() {
+                self.begin(&topic, term, state);
+            }
+        }
+        self.start_waiting_topics(p);
+    }
+
+    /// The topics of claimed partition `p` whose publishes wait and that nobody holds: started
+    /// in a new epoch once every peer answered; until then, asked again.
+    fn start_waiting_topics(&mut self, p: usize) {
+        let Some(claim) = self.parts[p].claim.as_mut() else {
+            return;
+        };
+        let term = claim.term;
+        let mut waiting = std::mem::take(&mut claim.wanted);
+        waiting.extend(
+            self.chains
+                .in_partition(p)
+                .into_iter()
+                .filter(|t| self.chains.get(t).is_some_and(|c| !c.queued.is_empty())),
+        );
+        waiting.retain(|t| self.chains.get(t).is_none_or(|c| c.seq.is_none()));
+        if waiting.is_empty() {
+            return;
+        }
+        if !self.heard_all(p) {
+            debug!(
+                partition = p,
+                "claim not answered by every peer: topics nobody answered for wait"
+            );
+            self.ask_again(p);
+            self.timers.stalled.extend(waiting);
+            return;
+        }
+        for topic in waiting {
+            let own = self.best_state(&topic);
+            self.begin(&topic, term, own);
+        }
+    }
+
+    /// Sequences `topic` in `term` from `state` (a new epoch when none), syncs its replica and
+    /// numbers the publishes that waited.
+    fn begin(&mut self, topic: &str, term: u64, state: Option<LogState>) {
+        let log = match state {
             Some(state) => log_from_state(topic, &state),
             None => {
                 let epoch = new_epoch(self.unix_ms, &mut self.rng);
@@ -219,8 +465,9 @@ impl Core {
                 Log::new(epoch, 0)
             }
         };
-        debug!(%topic, term = claim.term, position = %log.position(), "sequencing");
-        chain.seq = Some(Sequencing::new(claim.term, log));
+        debug!(%topic, term, position = %log.position(), "sequencing");
+        let chain = self.chains.entry(topic);
+        chain.seq = Some(Sequencing::new(term, log));
         let queued = std::mem::take(&mut chain.queued);
         self.sync_replica(topic);
         for (_, id, data, encoding, retry) in queued {
@@ -228,17 +475,16 @@ impl Core {
         }
     }
 
-    /// Claims at their deadline, and claims to start again.
+    /// Claims at their deadline, and topics whose publishes wait.
     pub(super) fn claims_due(&mut self, now: Instant) {
         // Claims that waited long enough go on with the answers they have.
-        for (topic, term) in due(&mut self.timers.claims, now) {
-            let running = self
-                .chains
-                .get(&topic)
-                .and_then(|c| c.claim.as_ref())
-                .is_some_and(|claim| claim.term == term);
+        for (p, term) in due(&mut self.timers.claims, now) {
+            let running = self.parts[p]
+                .claim
+                .as_ref()
+                .is_some_and(|claim| claim.term == term && !claim.done);
             if running {
-                self.finish_claim(&topic);
+                self.finish_claim(p);
             }
         }
         // Publishes queued for a claim that ended without sequencing: claim again, or send them
@@ -247,7 +493,7 @@ impl Core {
             let stalled = self
                 .chains
                 .get(&topic)
-                .is_some_and(|c| !c.queued.is_empty() && c.seq.is_none() && c.claim.is_none());
+                .is_some_and(|c| !c.queued.is_empty() && c.seq.is_none());
             if !stalled {
                 continue;
             }

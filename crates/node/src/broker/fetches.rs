@@ -182,7 +182,7 @@ impl Core {
         after: Option<Position>,
     ) {
         let placement = self.placement(&topic);
-        let chain = self.chains.entry(topic.clone()).or_default();
+        let chain = self.chains.entry(&topic);
         if chain.stored.is_none() && placement.replica == self.me {
             // The topic's replica has no log yet (nothing published since it became replica):
             // the sequencer sends it one, then the fetch is answered.

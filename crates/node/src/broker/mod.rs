@@ -23,12 +23,12 @@
 //! - the **replica** dies: the sequencer sends its whole log to the next replica (`sync`), which
 //!   sends on the newest message; nodes that see a hole fetch it;
 //! - the **sequencer** dies: its replica is, by rendezvous hashing, the new sequencer, and already
-//!   holds every message that went out. It **claims** the topic: every live node stops accepting
-//!   the topic from older sequencers (a *term*) and sends back what it holds; the claimant
-//!   continues from the newest log in the same epoch. Publishes sent to the dead sequencer were
+//!   holds every message that went out. It **claims** the topic's partition: every live node
+//!   stops accepting the partition's topics from older sequencers (a *term*) and sends back what
+//!   it holds of them; the claimant continues each from the newest log in the same epoch. Publishes sent to the dead sequencer were
 //!   never acknowledged: their origins send them again to the new one, which recognizes those it
 //!   already sequenced by their [`PublishId`] and does not number them twice;
-//! - a node **returns** or **joins** and ranks first: it claims the topic the same way, from the
+//! - a node **returns** or **joins** and ranks first: it claims the partition the same way, from the
 //!   node that sequenced it meanwhile. A node that stops sequencing keeps what it numbered aside:
 //!   the publish ids of what its stream delivered come from it, so the next claimant still
 //!   recognizes a publish sent again under its key when the replica dies in the handover.
@@ -37,9 +37,9 @@
 //! were reset or refused by its side (a killed process's kernel does that; a hung or cut-off node
 //! only falls silent, and waits for the failure timeout).
 //!
-//! A new epoch starts only when a claim finds no node holding the topic: its history is truly
-//! gone. Cost on the publish path: up to three hops between nodes (origin → sequencer →
-//! replica → subscribers' node) instead of one, measured in BENCHMARKS.md.
+//! A new epoch starts only when a claim answered by every live node finds none holding the
+//! topic: its history is truly gone. Cost on the publish path: up to three hops between nodes
+//! (origin → sequencer → replica → subscribers' node) instead of one, measured in BENCHMARKS.md.
 //!
 //! # Delivery, holes and recovery
 //! Each node delivers a topic from one stream ([`Hub`]): in offset order, duplicates dropped,
@@ -62,16 +62,14 @@
 //! - a subscription finds the fetch it can wait on by topic;
 //! - **catching up** after a partition or a link reset asks in bounded frames, a few at a time,
 //!   and is answered only with what is newer than the positions sent ([`catch_up`]);
-//! - the **interest** between nodes travels as changes (`crate::interest`).
-//!
-//! Claims, terms and fencing stay per topic. Claiming per partition (as Kafka, Redpanda and
-//! JetStream place, elect and fence per partition) would let a sequencer that has claimed a
-//! partition answer for every topic of it — a topic it does not hold is one nobody holds — so a
-//! first subscription would cost no claim at all, and a node failure would move 4 096 / N claims
-//! instead of one per topic. It is the next step: it changes what a claim carries (every topic of
-//! the partition, in bounded frames) and what a replica fences, which the chaos test must cover
-//! first. Today a new topic costs a claim (two frames per peer), a sync and a fetch: work per
-//! topic that does not grow with the topics held (`streamfarm bench topics` in BENCHMARKS.md).
+//! - the **interest** between nodes travels as changes (`crate::interest`);
+//! - **claims, terms and fencing** are per partition too ([`claims`]): a claim asks every live
+//!   node once for all it holds of a partition, answered in bounded frames; once every live node
+//!   has answered, a topic none of them holds is new, and starts at once — a first subscription
+//!   or publish costs no claim — and a node failure moves 4 096 / N claims, not one per topic.
+//!   A new topic costs a `prime` to its sequencer, a `sync` to its replica and the fetch that
+//!   asked (`streamfarm bench topics` in BENCHMARKS.md);
+//! - a **view change** looks only at the partitions whose sequencer or replica moved.
 //!
 //! # A state machine, and the task around it
 //! The broker's [`Core`] reads no clock, draws no random number of its own and does no I/O:
@@ -87,7 +85,9 @@
 //! - [`publishing`] — publishes made here, until their acknowledgement.
 //! - [`sequencing`] — numbering publishes and keeping a topic's log, as its sequencer.
 //! - [`replication`] — storing, sending out and acknowledging, as a topic's replica; fencing.
-//! - [`claims`] — claiming a topic: raising its term, continuing from the newest log.
+//! - [`claims`] — claiming a partition: raising its term, continuing each topic from the newest
+//!   log.
+//! - [`chains`] — this node's part in each topic's chain, by name and by partition.
 //! - [`fetches`] — what subscriptions and holes need from the replica, and the answers.
 //! - [`catch_up`] — catching up from every live node in bounded frames.
 //! - [`view`] — following the farm list: placements move, what was sent goes again.
@@ -98,6 +98,7 @@
 //! - [`wire`] — the frames between nodes about topics.
 
 mod catch_up;
+mod chains;
 mod claims;
 mod fetches;
 pub(crate) mod log;
@@ -110,7 +111,7 @@ mod timers;
 mod view;
 pub(crate) mod wire;
 
-use claims::Claim;
+use chains::{Chains, Part};
 use fetches::{FetchWait, HeldFetch};
 use publishing::Pending;
 use sequencing::Sequencing;
@@ -244,12 +245,9 @@ pub(crate) trait Network: Send {
 /// This node's part in one topic's chain.
 #[derive(Default)]
 struct Chain {
-    /// Highest claim term seen: sequencers below it are refused.
-    fenced: u64,
     /// Set while this node sequences the topic.
     seq: Option<Sequencing>,
-    claim: Option<Claim>,
-    /// Publishes waiting for this node's claim to finish.
+    /// Publishes waiting for this node's claim of the topic's partition to finish.
     queued: Vec<(String, PublishId, String, Encoding, bool)>,
     /// What this node stored as the topic's replica.
     stored: Option<Log>,
@@ -296,7 +294,9 @@ pub(crate) struct Core {
     /// The placement of each partition on `live`, computed when first needed (cleared whenever
     /// `live` changes).
     placements: std::cell::RefCell<Vec<Option<Placement>>>,
-    chains: HashMap<String, Chain>,
+    chains: Chains,
+    /// Each partition's claim term and this node's claim of it, by partition.
+    parts: Vec<Part>,
     pending: HashMap<PublishId, Pending>,
     pending_bytes: usize,
     next_seq: u64,
@@ -413,7 +413,8 @@ impl Core {
             catch_up_at: None,
             live: Vec::new(),
             placements: std::cell::RefCell::new(vec![None; PARTITIONS]),
-            chains: HashMap::new(),
+            chains: Chains::default(),
+            parts: (0..PARTITIONS).map(|_| Part::default()).collect(),
             pending: HashMap::new(),
             pending_bytes: 0,
             next_seq: 0,
@@ -505,11 +506,16 @@ impl Core {
     /// The topic's sequencer and replica as this node sees the farm: its partition's, computed
     /// once per partition until the farm changes.
     fn placement(&self, topic: &str) -> Placement {
-        let partition = partition(topic);
+        self.partition_placement(partition(topic))
+    }
+
+    /// The sequencer and replica of partition `p` as this node sees the farm (this node alone
+    /// when no node is live), computed once until the farm changes.
+    fn partition_placement(&self, p: usize) -> Placement {
         let mut cache = self.placements.borrow_mut();
-        cache[partition]
+        cache[p]
             .get_or_insert_with(|| {
-                place_partition(partition, &self.live).unwrap_or_else(|| Placement {
+                place_partition(p, &self.live).unwrap_or_else(|| Placement {
                     sequencer: self.me.clone(),
                     replica: self.me.clone(),
                 })
@@ -547,13 +553,14 @@ impl Core {
             } => self.on_stored(&topic, epoch, offset),
             PeerFrame::Fenced { topic, term } => self.on_fenced(topic, term),
             PeerFrame::Prime { topic } => self.on_prime(topic),
-            PeerFrame::Claim { topic, term } => self.on_claim(from, topic, term),
+            PeerFrame::Claim { partition, term } => self.on_claim(from, partition, term),
             PeerFrame::ClaimReply {
-                topic,
+                partition,
                 term,
                 granted,
-                state,
-            } => self.on_claim_reply(from, topic, term, granted, state),
+                states,
+                done,
+            } => self.on_claim_reply(from, partition, term, granted, states, done),
             PeerFrame::Fetch {
                 topic,
                 request,

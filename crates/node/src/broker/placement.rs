@@ -95,6 +95,12 @@ fn mix(mut hash: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// docs/PROTOCOL.md's example frames name this partition for the topic `prices`.
+    #[test]
+    fn the_documented_partition_of_prices() {
+        assert_eq!(partition("prices"), 2998);
+    }
+
     fn nodes(names: &[&str]) -> Vec<String> {
         names.iter().map(|n| n.to_string()).collect()
     }

@@ -30,7 +30,7 @@ impl Core {
         if self.fenced_out(&from, &topic, term) {
             return;
         }
-        let chain = self.chains.entry(topic.clone()).or_default();
+        let chain = self.chains.entry(&topic);
         let (id, offset) = (entry.id.clone(), entry.offset);
         let stored = match &mut chain.stored {
             Some(log) if log.epoch() == epoch => log,
@@ -83,15 +83,16 @@ impl Core {
     }
 
     /// A sequencer's frame of `term` for `topic`: refused (and the sender told `fenced`) when a
-    /// newer claim fenced the topic; otherwise the term is the newest this node has seen.
+    /// newer claim fenced the topic's partition; otherwise the term is the newest this node has
+    /// seen.
     pub(super) fn fenced_out(&mut self, from: &str, topic: &str, term: u64) -> bool {
         #[cfg(test)]
         if self.breaks.skip_fencing {
             return false;
         }
-        let chain = self.chains.entry(topic.to_string()).or_default();
-        if term < chain.fenced {
-            let fenced = chain.fenced;
+        let part = &mut self.parts[partition(topic)];
+        if term < part.fenced {
+            let fenced = part.fenced;
             self.send(
                 from,
                 PeerFrame::Fenced {
@@ -101,7 +102,10 @@ impl Core {
             );
             return true;
         }
-        chain.fenced = term;
+        if term > part.fenced {
+            part.fenced = term;
+            part.holder = Some(from.to_string());
+        }
         false
     }
 
@@ -109,7 +113,7 @@ impl Core {
         if self.fenced_out(&from, &topic, term) {
             return;
         }
-        let chain = self.chains.entry(topic.clone()).or_default();
+        let chain = self.chains.entry(&topic);
         let current = chain.stored.as_ref().map(|log| LogState::of(log, None));
         let take = current
             .as_ref()

@@ -78,7 +78,7 @@ impl Core {
             self.send(&from, PeerFrame::Nack { topic, id });
             return;
         }
-        let chain = self.chains.entry(topic.clone()).or_default();
+        let chain = self.chains.entry(&topic);
         if chain.seq.is_none() {
             chain.queued.push((from, id, data, encoding, retry));
             self.ensure_active(&topic);
@@ -223,19 +223,15 @@ impl Core {
         }
     }
 
-    /// A node claimed the topic in `term`: a sequencer of an older term steps down.
+    /// A node claimed the topic's partition in `term`: a sequencer of an older term steps down.
     pub(super) fn on_fenced(&mut self, topic: String, term: u64) {
-        let chain = self.chains.entry(topic.clone()).or_default();
-        chain.fenced = chain.fenced.max(term);
-        if chain.seq.as_ref().is_some_and(|s| s.term < term) {
-            debug!(%topic, term, "a newer sequencer claimed the topic: no longer sequencing it");
-            self.stop_sequencing(&topic);
-        }
+        debug!(%topic, term, "a replica refused an older term of the topic's partition");
+        self.step_down(partition(&topic), term, None);
     }
 
     /// The replica asks for the whole log: sent, or the topic claimed first.
     pub(super) fn on_prime(&mut self, topic: String) {
-        let chain = self.chains.entry(topic.clone()).or_default();
+        let chain = self.chains.entry(&topic);
         if let Some(seq) = &mut chain.seq {
             seq.synced = None;
             self.sync_replica(&topic);

@@ -13,8 +13,8 @@ use super::*;
 /// again) is skipped when it comes due.
 #[derive(Default)]
 pub(super) struct Timers {
-    /// Claims by deadline, with their term.
-    pub(super) claims: VecDeque<(Instant, (String, u64))>,
+    /// Claims of partitions by deadline, with their term.
+    pub(super) claims: VecDeque<(Instant, (usize, u64))>,
     /// Fetches by when they may be sent again ([`RESEND_AFTER`] after they were last sent).
     pub(super) resends: VecDeque<(Instant, u64)>,
     /// Fetches by deadline.
@@ -63,9 +63,14 @@ impl Core {
         self.housekeeping_at = now + HOUSEKEEPING * rounds;
         let std_now = self.now;
         let limits = self.limits;
-        let me = self.me.clone();
-        let placements = &self.placements;
-        let live = &self.live;
+        let involved: Vec<bool> = (0..PARTITIONS)
+            .map(|p| {
+                self.chains.holds_partition(p) && {
+                    let placement = self.partition_placement(p);
+                    placement.sequencer == self.me || placement.replica == self.me
+                }
+            })
+            .collect();
         self.chains.retain(|topic, chain| {
             if let Some(seq) = &mut chain.seq {
                 seq.log.trim(limits, std_now);
@@ -73,18 +78,8 @@ impl Core {
             if let Some(log) = &mut chain.stored {
                 log.trim(limits, std_now);
             }
-            let partition = partition(topic);
-            let mut cache = placements.borrow_mut();
-            let placement = cache[partition].get_or_insert_with(|| {
-                place_partition(partition, live).unwrap_or_else(|| Placement {
-                    sequencer: me.clone(),
-                    replica: me.clone(),
-                })
-            });
-            let involved = placement.sequencer == me || placement.replica == me;
-            involved
+            involved[partition(topic)]
                 || chain.seq.is_some()
-                || chain.claim.is_some()
                 || !chain.queued.is_empty()
                 || chain.stored.as_ref().is_some_and(|l| l.bytes() > 0)
         });

@@ -13,36 +13,67 @@ impl Core {
         if live == self.live {
             return;
         }
+        // The partitions this node has a part in: placing all 4 096 on every change costs more
+        // than the change itself in a farm of a few topics.
+        let before: Vec<(usize, Option<Placement>)> = (0..PARTITIONS)
+            .filter(|&p| self.chains.holds_partition(p) || self.parts[p].claim.is_some())
+            .map(|p| (p, place_partition(p, &self.live)))
+            .collect();
         self.live = live;
         self.placements.borrow_mut().fill(None);
-        // In a stable order, as every set the core sends from: the same inputs send the same
-        // frames.
-        let mut topics: Vec<String> = self.chains.keys().cloned().collect();
-        topics.sort_unstable();
+        // Only the partitions whose sequencer or replica moved: a view change costs the topics
+        // that move, not every topic held. In partition order, and each partition's topics in
+        // order, as every set the core sends from: the same inputs send the same frames.
         // One line for every topic handed over (a node may hand over hundreds of thousands).
         let mut handed_over = 0;
-        for topic in topics {
-            let placement = self.placement(&topic);
-            if placement.sequencer != self.me && self.stop_sequencing(&topic) {
-                debug!(%topic, sequencer = %placement.sequencer, "no longer sequencing the topic");
-                handed_over += 1;
-            }
-            let Some(chain) = self.chains.get_mut(&topic) else {
+        for (p, before) in before {
+            let placement = self.partition_placement(p);
+            let moved = before.as_ref() != Some(&placement);
+            if !moved && !self.parts[p].claim.as_ref().is_some_and(|c| !c.done) {
                 continue;
-            };
+            }
             if placement.sequencer != self.me {
-                if let Some(claim) = chain.claim.take() {
-                    debug!(%topic, term = claim.term, "claim abandoned");
-                    self.timers.stalled.insert(topic.clone());
+                if let Some(claim) = self.parts[p].claim.take() {
+                    debug!(
+                        partition = p,
+                        term = claim.term,
+                        "no longer claiming the partition"
+                    );
                 }
-            } else if let Some(seq) = &chain.seq {
-                if seq.synced.as_ref() != Some(&placement.replica) {
-                    self.sync_replica(&topic);
+                for topic in self.chains.in_partition(p) {
+                    if self.stop_sequencing(&topic) {
+                        debug!(%topic, sequencer = %placement.sequencer, "no longer sequencing the topic");
+                        handed_over += 1;
+                    }
+                    if self
+                        .chains
+                        .get(&topic)
+                        .is_some_and(|c| !c.queued.is_empty())
+                    {
+                        self.timers.stalled.insert(topic);
+                    }
                 }
-            } else if let Some(claim) = &mut chain.claim {
+                continue;
+            }
+            let under_way = self.parts[p].claim.as_mut().filter(|c| !c.done);
+            if let Some(claim) = under_way {
                 claim.waiting.retain(|peer| self.live.contains(peer));
                 if claim.waiting.is_empty() {
-                    self.finish_claim(&topic);
+                    self.finish_claim(p);
+                }
+                continue;
+            }
+            if !moved {
+                continue;
+            }
+            for topic in self.chains.in_partition(p) {
+                let unsynced = self
+                    .chains
+                    .get(&topic)
+                    .and_then(|c| c.seq.as_ref())
+                    .is_some_and(|seq| seq.synced.as_ref() != Some(&placement.replica));
+                if unsynced {
+                    self.sync_replica(&topic);
                 }
             }
         }

@@ -83,19 +83,23 @@ pub(crate) enum PeerFrame {
     },
     /// Sequencer → origin: not sequenced here (not the sequencer, or no longer): try again.
     Nack { topic: String, id: PublishId },
-    /// Replica → sequencer: a newer sequencer has claimed the topic; stop sequencing it.
+    /// Replica → sequencer: a newer sequencer has claimed the topic's partition; stop sequencing
+    /// it.
     Fenced { topic: String, term: u64 },
     /// Replica → sequencer: I have no log of this topic yet; send me one.
     Prime { topic: String },
-    /// New sequencer → every live node: stop sequencing `topic` below `term`, send me your log.
-    Claim { topic: String, term: u64 },
-    /// Answer to a claim: granted with what the node holds, or refused (a higher term fenced it).
+    /// New sequencer → every live node: stop sequencing the topics of `partition` below `term`,
+    /// send me what you hold of them.
+    Claim { partition: u32, term: u64 },
+    /// Answer to a claim, in one or more frames (`done` on the last): granted with what the node
+    /// holds of the partition's topics, or refused (a higher term fenced it).
     ClaimReply {
-        topic: String,
+        partition: u32,
         term: u64,
         granted: bool,
         #[serde(default)]
-        state: Option<LogState>,
+        states: Vec<(String, LogState)>,
+        done: bool,
     },
     /// Any node → replica: the messages after `after` (none: only the current position).
     Fetch {
