@@ -376,22 +376,37 @@ fn log_from_state(topic: &str, state: &LogState) -> Log {
 
 /// The newer of two states: a later epoch, then a later offset; between equals, the one that
 /// knows more of its messages' publish ids (a replica's log does, a node's delivery stream does
-/// not), so that a publish sent again is still recognized.
+/// not), so that a publish sent again is still recognized. The ids the newer one lacks are taken
+/// from the other where it holds the same message (same epoch, offset and payload): the newest
+/// state a claim finds may be a delivery stream, and the only ids of its messages in another
+/// node's log.
 fn newer(a: Option<LogState>, b: Option<LogState>) -> Option<LogState> {
     let rank = |s: &LogState| {
         let known = s.entries.iter().filter(|e| !e.id.origin.is_empty()).count();
         (s.epoch, s.last, known)
     };
-    match (a, b) {
-        (Some(a), Some(b)) => {
-            if rank(&b) > rank(&a) {
-                Some(b)
-            } else {
-                Some(a)
+    let (mut kept, other) = match (a, b) {
+        (Some(a), Some(b)) if rank(&b) > rank(&a) => (b, a),
+        (Some(a), Some(b)) => (a, b),
+        (a, b) => return a.or(b),
+    };
+    if kept.epoch == other.epoch {
+        let known: HashMap<u64, &WireEntry> = other
+            .entries
+            .iter()
+            .filter(|e| !e.id.origin.is_empty())
+            .map(|e| (e.offset, e))
+            .collect();
+        for entry in kept.entries.iter_mut().filter(|e| e.id.origin.is_empty()) {
+            if let Some(found) = known.get(&entry.offset)
+                && found.data == entry.data
+                && found.encoding == entry.encoding
+            {
+                entry.id = found.id.clone();
             }
         }
-        (a, b) => a.or(b),
     }
+    Some(kept)
 }
 
 impl Core {
