@@ -60,7 +60,8 @@ fn vectors_path() -> PathBuf {
 }
 
 fn load() -> VectorFile {
-    let text = std::fs::read_to_string(vectors_path()).expect("tests/data/selection.json is readable");
+    let text =
+        std::fs::read_to_string(vectors_path()).expect("tests/data/selection.json is readable");
     serde_json::from_str(&text).expect("tests/data/selection.json has the vector file's shape")
 }
 

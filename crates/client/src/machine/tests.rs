@@ -11,9 +11,7 @@ fn list(servers: &[(&str, Status, u64, &str)]) -> FarmList {
     FarmList::new(
         servers
             .iter()
-            .map(|&(url, status, users, group)| {
-                ServerEntry::new(url, url, status, users, group)
-            })
+            .map(|&(url, status, users, group)| ServerEntry::new(url, url, status, users, group))
             .collect(),
     )
 }

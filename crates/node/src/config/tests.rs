@@ -13,8 +13,7 @@ fn shipped_example_config_parses_and_validates() {
 
 #[test]
 fn unknown_keys_are_errors_that_name_the_key() {
-    let err =
-        NodeConfig::from_toml("name = \"a\"\nlisten_addr = \"127.0.0.1:1\"\n").unwrap_err();
+    let err = NodeConfig::from_toml("name = \"a\"\nlisten_addr = \"127.0.0.1:1\"\n").unwrap_err();
     assert!(err.to_string().contains("listen_addr"), "{err}");
 }
 
@@ -34,10 +33,9 @@ fn cors_origins_default_to_any_for_the_list_and_none_for_publishing() {
     let config = NodeConfig::new("a");
     assert_eq!(config.cors_farm_origins, vec!["*"]);
     assert!(config.cors_publish_origins.is_empty());
-    let mut config = NodeConfig::from_toml(
-        "name = \"a\"\ncors_publish_origins = [\"https://app.example.com\"]",
-    )
-    .unwrap();
+    let mut config =
+        NodeConfig::from_toml("name = \"a\"\ncors_publish_origins = [\"https://app.example.com\"]")
+            .unwrap();
     config.validate().unwrap();
     config.cors_farm_origins = vec!["app.example.com".into()];
     let err = config.validate().unwrap_err();
@@ -138,8 +136,7 @@ fn hostile_settings_are_refused_with_the_setting_named() {
 #[test]
 fn the_farm_secret_comes_from_the_config_or_a_file_never_both_and_is_not_printed() {
     let mut config =
-        NodeConfig::from_toml("name = \"a\"\nfarm_secret = \"0123456789abcdef-secret\"")
-            .unwrap();
+        NodeConfig::from_toml("name = \"a\"\nfarm_secret = \"0123456789abcdef-secret\"").unwrap();
     config.validate().unwrap();
     assert_eq!(
         config.farm_secret_bytes().unwrap().unwrap(),

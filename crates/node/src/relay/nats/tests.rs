@@ -24,8 +24,8 @@ fn tokens_keep_subjects_intact_and_differ_for_different_text() {
 
 #[test]
 fn the_relay_setting_is_parsed_or_refused_with_the_setting_named() {
-    let s = NatsSettings::parse("nats://u:p@127.0.0.1:4222, tls://n2:4223", None, "farm a")
-        .unwrap();
+    let s =
+        NatsSettings::parse("nats://u:p@127.0.0.1:4222, tls://n2:4223", None, "farm a").unwrap();
     assert_eq!(s.servers.len(), 2);
     assert_eq!(s.credentials, Some(("u".into(), Some("p".into()))));
     assert_eq!(s.prefix, "streamfarm.farm~20a");
