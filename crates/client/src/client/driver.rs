@@ -117,6 +117,50 @@ fn catch_up(topics: &Topics, until: &BTreeMap<String, Position>) -> CatchUp {
     state
 }
 
+/// What the driver's loop holds between turns, besides the machine: the actions still to carry
+/// out, the one network operation in flight, the timer, the connections and the token refresh.
+struct RunState {
+    actions: VecDeque<Action>,
+    operation: Option<Operation>,
+    timer: Option<(u64, Pin<Box<Sleep>>)>,
+    /// The connection the last list came over, until the machine reuses or drops it.
+    list_conn: Option<Conn>,
+    live: Option<Live>,
+    /// Messages that arrived while subscribing, delivered once `Connected` is out.
+    backlog: Vec<ServerFrame>,
+    /// The backlog is a new connection's: its server says in it if its feed is partial.
+    greeted: bool,
+    /// A migration's new connection, subscribed, while the old one catches up with it.
+    arriving_live: Option<Live>,
+    arriving: Option<Arriving>,
+    /// A fresh token being fetched for the live connection.
+    refreshing: Option<TokenFuture>,
+}
+
+impl RunState {
+    fn new(actions: Vec<Action>) -> Self {
+        RunState {
+            actions: actions.into(),
+            operation: None,
+            timer: None,
+            list_conn: None,
+            live: None,
+            backlog: Vec::new(),
+            greeted: false,
+            arriving_live: None,
+            arriving: None,
+            refreshing: None,
+        }
+    }
+}
+
+/// Whether carrying out the actions closed the client.
+#[derive(Debug, PartialEq, Eq)]
+enum Carried {
+    All,
+    Closed,
+}
+
 pub(super) struct Driver {
     pub(super) machine: Machine,
     pub(super) dials: Arc<DialCounters>,
@@ -143,341 +187,393 @@ impl Driver {
         dialer
     }
 
+    /// Runs the client until the machine closes it: each turn hands a caught-up migration over,
+    /// carries out the machine's actions, delivers what a new connection brought, then waits for
+    /// the next thing to happen and feeds it to the machine.
     pub(super) async fn run(mut self) {
-        let mut actions: VecDeque<Action> = self.machine.handle(Input::Start, now_std()).into();
-        let mut operation: Option<Operation> = None;
-        let mut timer: Option<(u64, Pin<Box<Sleep>>)> = None;
-        let mut list_conn: Option<Conn> = None;
-        let mut live: Option<Live> = None;
-        // Messages that arrived while subscribing, delivered once `Connected` is out.
-        let mut backlog: Vec<ServerFrame> = Vec::new();
-        // The backlog is a new connection's: its server says in it if its feed is partial.
-        let mut greeted = false;
-        // A migration's new connection, subscribed, while the old one catches up with it.
-        let mut arriving_live: Option<Live> = None;
-        let mut arriving: Option<Arriving> = None;
-        // A fresh token being fetched for the live connection.
-        let mut refreshing: Option<TokenFuture> = None;
+        let mut run = RunState::new(self.machine.handle(Input::Start, now_std()));
         loop {
-            // The migration's new connection takes over once the old one caught up with it (or
-            // at its deadline, or when the old one is gone).
-            if let Some(pending) = &arriving {
-                let state = catch_up(self.machine.topics(), &pending.until);
-                let overdue = Instant::now() >= pending.deadline
-                    || pending.buffer.len() >= MAX_ARRIVING_FRAMES
-                    || live.is_none()
-                    // The old server's feed is partial (it is cut off): it will not catch up,
-                    // and the new connection recovers from the positions held.
-                    || self.feed_partial;
-                if state != CatchUp::Waiting || overdue {
-                    let pending = arriving.take().expect("checked above");
-                    if let Some(new) = arriving_live.take() {
-                        let server = new.server.clone();
-                        self.in_use = new.conn.channel.transport();
-                        refreshing = None;
-                        if let Some(old) = live.replace(new) {
-                            tokio::spawn(connection::close(old.conn.channel));
-                        }
-                        // Caught up: the new connection's `subscribed` has nothing to recover.
-                        let caught_up = state == CatchUp::Done;
-                        backlog.extend(pending.buffer.into_iter().filter(|frame| {
-                            !(caught_up && matches!(frame, ServerFrame::Subscribed { .. }))
-                        }));
-                        greeted = true;
-                        actions.extend(self.machine.handle(Input::Migrated { server }, now_std()));
-                        continue;
-                    }
-                }
+            if self.take_over_when_caught_up(&mut run) {
+                continue;
             }
-            while let Some(action) = actions.pop_front() {
-                match action {
-                    Action::FetchList(source) => {
-                        let seed = self.rng.random();
-                        // The pick of the last list, asked first, is kept by nearly every
-                        // failover: subscribe on it at once (a client with no topics has
-                        // nothing to gain).
-                        let ahead = match (&source, self.machine.asked()) {
-                            (ListSource::Servers(urls), Some(pick))
-                                if urls.first().is_some_and(|u| u == pick)
-                                    && !self.machine.topics().is_empty() =>
-                            {
-                                Some(Ahead {
-                                    server: pick.to_string(),
-                                    topics: self.machine.topics().clone(),
-                                })
-                            }
-                            _ => None,
-                        };
-                        operation = Some(Box::pin(dial::fetch_list(
-                            self.dials.clone(),
-                            self.address.clone(),
-                            self.resolver.clone(),
-                            source,
-                            self.dialer(),
-                            self.options.connect_timeout,
-                            seed,
-                            ahead,
-                        )));
-                    }
-                    Action::Connect {
-                        server,
-                        reuse_list_connection,
-                        retry,
-                    } => {
-                        let reused = if reuse_list_connection {
-                            list_conn.take()
-                        } else {
-                            None
-                        };
-                        let way =
-                            reused.map_or(Way::Dial, |conn| Way::ListConnection(Box::new(conn)));
-                        operation = Some(Box::pin(dial::connect(
-                            self.dials.clone(),
-                            server,
-                            way,
-                            self.machine.topics().clone(),
-                            self.resolver.clone(),
-                            self.dialer(),
-                            if retry {
-                                self.options.retry_timeout.min(self.options.connect_timeout)
-                            } else {
-                                self.options.connect_timeout
-                            },
-                        )));
-                    }
-                    Action::Migrate { server } => {
-                        operation = Some(Box::pin(dial::connect(
-                            self.dials.clone(),
-                            server,
-                            Way::Migration,
-                            self.machine.topics().clone(),
-                            self.resolver.clone(),
-                            self.dialer(),
-                            self.options.connect_timeout,
-                        )));
-                    }
-                    Action::DropListConnection => {
-                        if let Some(conn) = list_conn.take() {
-                            tokio::spawn(connection::close(conn.channel));
-                        }
-                    }
-                    Action::Sleep { delay, timer: id } => {
-                        timer = Some((id, Box::pin(tokio::time::sleep(delay))));
-                    }
-                    Action::Notify(notice) => {
-                        if !self.notify(notice).await {
-                            actions.extend(self.machine.handle(Input::Stop, now_std()));
-                        }
-                    }
-                    Action::Close => {
-                        self.server.send_replace(None);
-                        if let Some(arriving) = arriving_live.take() {
-                            tokio::spawn(connection::close(arriving.conn.channel));
-                        }
-                        if let Some(live) = live.take() {
-                            connection::close(live.conn.channel).await;
-                        }
-                        return;
-                    }
-                }
+            if self.carry_out(&mut run).await == Carried::Closed {
+                return;
             }
-            if let Some(live) = &live {
-                // A server sends `feed` on a new connection only while its feed is partial: one
-                // that does not, after a partial one, means the feed is whole again.
-                if std::mem::take(&mut greeted)
-                    && self.feed_partial
-                    && !backlog
-                        .iter()
-                        .any(|f| matches!(f, ServerFrame::Feed { complete: false }))
-                {
-                    self.feed_partial = false;
-                    let whole = Event::Feed {
-                        server: live.server.clone(),
-                        complete: true,
-                    };
-                    if !self.tell(whole).await {
-                        actions.extend(self.machine.handle(Input::Stop, now_std()));
-                    }
-                }
-                for frame in backlog.drain(..) {
-                    if !self.deliver(frame, &live.server).await {
-                        actions.extend(self.machine.handle(Input::Stop, now_std()));
-                    }
-                }
-                if !actions.is_empty() {
-                    continue;
-                }
+            if self.deliver_backlog(&mut run).await {
+                continue;
             }
-
-            let refresh_at = live.as_ref().and_then(|l| l.refresh_at);
-            let input = tokio::select! {
-                command = self.commands.recv() => match command {
-                    None | Some(Command::Stop) => Input::Stop,
-                    Some(Command::Subscribe(topics)) => {
-                        let topics = self.machine.topics_mut().subscribe(topics);
-                        if !topics.is_empty() {
-                            let sub = ClientFrame::Sub { topics, positions: BTreeMap::new() };
-                            send_on(&mut arriving_live, sub.clone()).await;
-                            send_on(&mut live, sub).await;
-                        }
-                        continue;
-                    }
-                    Some(Command::Unsubscribe(topics)) => {
-                        let topics = self.machine.topics_mut().unsubscribe(topics);
-                        if !topics.is_empty() {
-                            let unsub = ClientFrame::Unsub { topics };
-                            send_on(&mut arriving_live, unsub.clone()).await;
-                            send_on(&mut live, unsub).await;
-                        }
-                        continue;
-                    }
-                },
-                done = run_operation(&mut operation) => {
-                    operation = None;
-                    match done {
-                        Done::List(Ok(conn)) => {
-                            self.transport.opened(conn.channel.transport());
-                            let input = Input::ListFetched {
-                                age: list_age(&conn.list),
-                                list: conn.list.clone(),
-                                via: conn.hello.url.clone(),
-                            };
-                            list_conn = Some(conn);
-                            input
-                        }
-                        Done::List(Err(err)) => {
-                            self.tell_rejection(&err).await;
-                            Input::ListFailed { error: err.to_string() }
-                        }
-                        Done::Connect { server, result: Ok(Subscribed { conn, topics, early }) } => {
-                            self.transport.opened(conn.channel.transport());
-                            let list = Some(conn.list.clone());
-                            let migrating = matches!(
-                                self.machine.state(),
-                                State::Migrating { to, .. } if *to == server
-                            );
-                            let conn_transport = conn.channel.transport();
-                            let mut new = Some(self.live(conn, server.clone()));
-                            // The application may have changed its topics while this connection
-                            // was being made.
-                            let now_topics = self.machine.topics();
-                            let added: Vec<String> =
-                                now_topics.names().into_iter().filter(|t| !topics.contains(t)).collect();
-                            let removed: Vec<String> =
-                                topics.into_iter().filter(|t| !now_topics.contains(t)).collect();
-                            if !added.is_empty() {
-                                send_on(&mut new, ClientFrame::Sub { topics: added, positions: BTreeMap::new() }).await;
-                            }
-                            if !removed.is_empty() {
-                                send_on(&mut new, ClientFrame::Unsub { topics: removed }).await;
-                            }
-                            if migrating {
-                                // Make-before-break: the old connection keeps delivering until it
-                                // has caught up with where this one starts.
-                                let until = early
-                                    .iter()
-                                    .filter_map(|frame| match frame {
-                                        ServerFrame::Subscribed { positions, .. } => Some(positions.clone()),
-                                        _ => None,
-                                    })
-                                    .flatten()
-                                    .collect();
-                                arriving_live = new;
-                                arriving = Some(Arriving {
-                                    buffer: early,
-                                    until,
-                                    deadline: Instant::now() + CATCH_UP,
-                                });
-                                if let Some(list) = list {
-                                    self.list_updated(list);
-                                }
-                                continue;
-                            }
-                            // The old connection's token refresh, if one was under way, is moot.
-                            refreshing = None;
-                            self.in_use = conn_transport;
-                            live = new;
-                            backlog = early;
-                            greeted = true;
-                            Input::Connected { server, list }
-                        }
-                        Done::Connect { server, result: Err(err) } => {
-                            // A migration that fails leaves the client connected where it was
-                            // (`MigrationFailed`): nothing an application should stop for.
-                            if !matches!(self.machine.state(), State::Migrating { .. }) {
-                                self.tell_rejection(&err).await;
-                            }
-                            Input::ConnectFailed {
-                                server,
-                                elsewhere: err.sends_elsewhere(),
-                                error: err.to_string(),
-                            }
-                        }
-                    }
-                },
-                id = run_timer(&mut timer) => {
-                    timer = None;
-                    Input::TimerFired { timer: id }
-                },
-                () = refresh_due(refresh_at), if refreshing.is_none() => {
-                    if let (Some(live), Some(source)) = (&mut live, &self.options.token) {
-                        live.refresh_at = None;
-                        refreshing = Some(source.fetch());
-                    }
-                    continue;
-                },
-                fetched = run_refresh(&mut refreshing) => {
-                    refreshing = None;
-                    match fetched {
-                        Ok(token) => {
-                            if let Some(live) = &mut live {
-                                live.refresh_at = token::expiry(&token)
-                                    .map(|exp| Instant::now() + token::refresh_in(exp));
-                                debug!(server = %live.server, "refreshing the token");
-                            }
-                            send_on(&mut live, ClientFrame::Refresh { token }).await;
-                        }
-                        Err(err) => {
-                            warn!(%err, "no fresh token; trying again in a second");
-                            if let Some(live) = &mut live {
-                                live.refresh_at = Some(Instant::now() + TOKEN_RETRY);
-                            }
-                        }
-                    }
-                    continue;
-                },
-                event = watch_live(&mut live) => {
-                    let server = live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
-                    match self.on_live_event(event, &mut live).await {
-                        Some(LiveOutcome::Lost(cause)) => {
-                            // The connection is over whatever the machine decides: drop it.
-                            live = None;
-                            // A failover: the next connection tries a WebSocket again.
-                            self.transport.failover();
-                            if arriving.is_some() {
-                                // A migration's new connection is up: it takes over now.
-                                continue;
-                            }
-                            Input::Lost { server, cause }
-                        }
-                        Some(LiveOutcome::Migrate { to, reason }) => Input::MigrateAsked { server, to, reason },
-                        None => continue,
-                    }
-                },
-                event = watch_live(&mut arriving_live) => {
-                    let server = arriving_live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
-                    match self.on_arriving_event(event, &mut arriving_live, arriving.as_mut()).await {
-                        Some(error) => {
-                            arriving_live = None;
-                            arriving = None;
-                            Input::ConnectFailed { server, error, elsewhere: false }
-                        }
-                        None => continue,
-                    }
-                },
-            };
-            actions.extend(self.machine.handle(input, now_std()));
+            if let Some(input) = self.next_input(&mut run).await {
+                run.actions.extend(self.machine.handle(input, now_std()));
+            }
         }
+    }
+
+    /// The migration's new connection takes over once the old one caught up with it (or at its
+    /// deadline, or when the old one is gone). True when it did.
+    fn take_over_when_caught_up(&mut self, run: &mut RunState) -> bool {
+        let Some(pending) = &run.arriving else {
+            return false;
+        };
+        let state = catch_up(self.machine.topics(), &pending.until);
+        let overdue = Instant::now() >= pending.deadline
+            || pending.buffer.len() >= MAX_ARRIVING_FRAMES
+            || run.live.is_none()
+            // The old server's feed is partial (it is cut off): it will not catch up, and the
+            // new connection recovers from the positions held.
+            || self.feed_partial;
+        if state == CatchUp::Waiting && !overdue {
+            return false;
+        }
+        let pending = run.arriving.take().expect("checked above");
+        let Some(new) = run.arriving_live.take() else {
+            return false;
+        };
+        let server = new.server.clone();
+        self.in_use = new.conn.channel.transport();
+        run.refreshing = None;
+        if let Some(old) = run.live.replace(new) {
+            tokio::spawn(connection::close(old.conn.channel));
+        }
+        // Caught up: the new connection's `subscribed` has nothing to recover.
+        let caught_up = state == CatchUp::Done;
+        run.backlog.extend(
+            pending
+                .buffer
+                .into_iter()
+                .filter(|frame| !(caught_up && matches!(frame, ServerFrame::Subscribed { .. }))),
+        );
+        run.greeted = true;
+        run.actions
+            .extend(self.machine.handle(Input::Migrated { server }, now_std()));
+        true
+    }
+
+    /// Carries out the machine's actions, and those it returns meanwhile, until none is left
+    /// or one closes the client.
+    async fn carry_out(&mut self, run: &mut RunState) -> Carried {
+        while let Some(action) = run.actions.pop_front() {
+            match action {
+                Action::FetchList(source) => {
+                    let seed = self.rng.random();
+                    // The pick of the last list, asked first, is kept by nearly every failover:
+                    // subscribe on it at once (a client with no topics has nothing to gain).
+                    let ahead = match (&source, self.machine.asked()) {
+                        (ListSource::Servers(urls), Some(pick))
+                            if urls.first().is_some_and(|u| u == pick)
+                                && !self.machine.topics().is_empty() =>
+                        {
+                            Some(Ahead {
+                                server: pick.to_string(),
+                                topics: self.machine.topics().clone(),
+                            })
+                        }
+                        _ => None,
+                    };
+                    run.operation = Some(Box::pin(dial::fetch_list(
+                        self.dials.clone(),
+                        self.address.clone(),
+                        self.resolver.clone(),
+                        source,
+                        self.dialer(),
+                        self.options.connect_timeout,
+                        seed,
+                        ahead,
+                    )));
+                }
+                Action::Connect {
+                    server,
+                    reuse_list_connection,
+                    retry,
+                } => {
+                    let reused = if reuse_list_connection {
+                        run.list_conn.take()
+                    } else {
+                        None
+                    };
+                    let way = reused.map_or(Way::Dial, |conn| Way::ListConnection(Box::new(conn)));
+                    run.operation = Some(Box::pin(dial::connect(
+                        self.dials.clone(),
+                        server,
+                        way,
+                        self.machine.topics().clone(),
+                        self.resolver.clone(),
+                        self.dialer(),
+                        if retry {
+                            self.options.retry_timeout.min(self.options.connect_timeout)
+                        } else {
+                            self.options.connect_timeout
+                        },
+                    )));
+                }
+                Action::Migrate { server } => {
+                    run.operation = Some(Box::pin(dial::connect(
+                        self.dials.clone(),
+                        server,
+                        Way::Migration,
+                        self.machine.topics().clone(),
+                        self.resolver.clone(),
+                        self.dialer(),
+                        self.options.connect_timeout,
+                    )));
+                }
+                Action::DropListConnection => {
+                    if let Some(conn) = run.list_conn.take() {
+                        tokio::spawn(connection::close(conn.channel));
+                    }
+                }
+                Action::Sleep { delay, timer: id } => {
+                    run.timer = Some((id, Box::pin(tokio::time::sleep(delay))));
+                }
+                Action::Notify(notice) => {
+                    if !self.notify(notice).await {
+                        run.actions
+                            .extend(self.machine.handle(Input::Stop, now_std()));
+                    }
+                }
+                Action::Close => {
+                    self.server.send_replace(None);
+                    if let Some(arriving) = run.arriving_live.take() {
+                        tokio::spawn(connection::close(arriving.conn.channel));
+                    }
+                    if let Some(live) = run.live.take() {
+                        connection::close(live.conn.channel).await;
+                    }
+                    return Carried::Closed;
+                }
+            }
+        }
+        Carried::All
+    }
+
+    /// Delivers what a new connection brought (its `feed`, `subscribed` and early messages) once
+    /// the application was told it is connected. True when that gave the machine something to
+    /// do (the application stopped listening).
+    async fn deliver_backlog(&mut self, run: &mut RunState) -> bool {
+        let Some(live) = &run.live else {
+            return false;
+        };
+        // A server sends `feed` on a new connection only while its feed is partial: one that
+        // does not, after a partial one, means the feed is whole again.
+        if std::mem::take(&mut run.greeted)
+            && self.feed_partial
+            && !run
+                .backlog
+                .iter()
+                .any(|f| matches!(f, ServerFrame::Feed { complete: false }))
+        {
+            self.feed_partial = false;
+            let whole = Event::Feed {
+                server: live.server.clone(),
+                complete: true,
+            };
+            if !self.tell(whole).await {
+                run.actions
+                    .extend(self.machine.handle(Input::Stop, now_std()));
+            }
+        }
+        for frame in std::mem::take(&mut run.backlog) {
+            if !self.deliver(frame, &live.server).await {
+                run.actions
+                    .extend(self.machine.handle(Input::Stop, now_std()));
+            }
+        }
+        !run.actions.is_empty()
+    }
+
+    /// Waits for the next thing to happen: a command, the operation in flight, the timer, the
+    /// token refresh, or a frame on either connection. Returns the machine's input, or `None`
+    /// when it was handled here.
+    async fn next_input(&mut self, run: &mut RunState) -> Option<Input> {
+        let refresh_at = run.live.as_ref().and_then(|l| l.refresh_at);
+        tokio::select! {
+            command = self.commands.recv() => self.on_command(run, command).await,
+            done = run_operation(&mut run.operation) => {
+                run.operation = None;
+                self.on_done(run, done).await
+            },
+            id = run_timer(&mut run.timer) => {
+                run.timer = None;
+                Some(Input::TimerFired { timer: id })
+            },
+            () = refresh_due(refresh_at), if run.refreshing.is_none() => {
+                if let (Some(live), Some(source)) = (&mut run.live, &self.options.token) {
+                    live.refresh_at = None;
+                    run.refreshing = Some(source.fetch());
+                }
+                None
+            },
+            fetched = run_refresh(&mut run.refreshing) => {
+                run.refreshing = None;
+                on_refreshed(&mut run.live, fetched).await;
+                None
+            },
+            event = watch_live(&mut run.live) => {
+                let server = run.live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
+                match self.on_live_event(event, &mut run.live).await? {
+                    LiveOutcome::Lost(cause) => {
+                        // The connection is over whatever the machine decides: drop it.
+                        run.live = None;
+                        // A failover: the next connection tries a WebSocket again.
+                        self.transport.failover();
+                        // A migration's new connection, if one is up, takes over now.
+                        run.arriving.is_none().then_some(Input::Lost { server, cause })
+                    }
+                    LiveOutcome::Migrate { to, reason } => {
+                        Some(Input::MigrateAsked { server, to, reason })
+                    }
+                }
+            },
+            event = watch_live(&mut run.arriving_live) => {
+                let server = run.arriving_live.as_ref().map(|l| l.server.clone()).unwrap_or_default();
+                let error = self
+                    .on_arriving_event(event, &mut run.arriving_live, run.arriving.as_mut())
+                    .await?;
+                run.arriving_live = None;
+                run.arriving = None;
+                Some(Input::ConnectFailed { server, error, elsewhere: false })
+            },
+        }
+    }
+
+    /// A command of the application: stop, or change the topics (sent on both connections).
+    async fn on_command(&mut self, run: &mut RunState, command: Option<Command>) -> Option<Input> {
+        match command {
+            None | Some(Command::Stop) => return Some(Input::Stop),
+            Some(Command::Subscribe(topics)) => {
+                let topics = self.machine.topics_mut().subscribe(topics);
+                if !topics.is_empty() {
+                    let sub = ClientFrame::Sub {
+                        topics,
+                        positions: BTreeMap::new(),
+                    };
+                    send_on(&mut run.arriving_live, sub.clone()).await;
+                    send_on(&mut run.live, sub).await;
+                }
+            }
+            Some(Command::Unsubscribe(topics)) => {
+                let topics = self.machine.topics_mut().unsubscribe(topics);
+                if !topics.is_empty() {
+                    let unsub = ClientFrame::Unsub { topics };
+                    send_on(&mut run.arriving_live, unsub.clone()).await;
+                    send_on(&mut run.live, unsub).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// The network operation in flight is done: a list fetched (its connection kept for the
+    /// machine to reuse), a connection subscribed, or either failed.
+    async fn on_done(&mut self, run: &mut RunState, done: Done) -> Option<Input> {
+        match done {
+            Done::List(Ok(conn)) => {
+                self.transport.opened(conn.channel.transport());
+                let input = Input::ListFetched {
+                    age: list_age(&conn.list),
+                    list: conn.list.clone(),
+                    via: conn.hello.url.clone(),
+                };
+                run.list_conn = Some(conn);
+                Some(input)
+            }
+            Done::List(Err(err)) => {
+                self.tell_rejection(&err).await;
+                Some(Input::ListFailed {
+                    error: err.to_string(),
+                })
+            }
+            Done::Connect {
+                server,
+                result: Ok(subscribed),
+            } => self.on_subscribed(run, server, subscribed).await,
+            Done::Connect {
+                server,
+                result: Err(err),
+            } => {
+                // A migration that fails leaves the client connected where it was
+                // (`MigrationFailed`): nothing an application should stop for.
+                if !matches!(self.machine.state(), State::Migrating { .. }) {
+                    self.tell_rejection(&err).await;
+                }
+                Some(Input::ConnectFailed {
+                    server,
+                    elsewhere: err.sends_elsewhere(),
+                    error: err.to_string(),
+                })
+            }
+        }
+    }
+
+    /// A connection to `server` is subscribed: it becomes the live one, or, for a migration, the
+    /// arriving one until the old connection has caught up with it.
+    async fn on_subscribed(
+        &mut self,
+        run: &mut RunState,
+        server: String,
+        Subscribed {
+            conn,
+            topics,
+            early,
+        }: Subscribed,
+    ) -> Option<Input> {
+        self.transport.opened(conn.channel.transport());
+        let list = Some(conn.list.clone());
+        let migrating = matches!(
+            self.machine.state(),
+            State::Migrating { to, .. } if *to == server
+        );
+        let conn_transport = conn.channel.transport();
+        let mut new = Some(self.live(conn, server.clone()));
+        // The application may have changed its topics while this connection was being made.
+        let now_topics = self.machine.topics();
+        let added: Vec<String> = now_topics
+            .names()
+            .into_iter()
+            .filter(|t| !topics.contains(t))
+            .collect();
+        let removed: Vec<String> = topics
+            .into_iter()
+            .filter(|t| !now_topics.contains(t))
+            .collect();
+        if !added.is_empty() {
+            let sub = ClientFrame::Sub {
+                topics: added,
+                positions: BTreeMap::new(),
+            };
+            send_on(&mut new, sub).await;
+        }
+        if !removed.is_empty() {
+            send_on(&mut new, ClientFrame::Unsub { topics: removed }).await;
+        }
+        if migrating {
+            // Make-before-break: the old connection keeps delivering until it has caught up
+            // with where this one starts.
+            let until = early
+                .iter()
+                .filter_map(|frame| match frame {
+                    ServerFrame::Subscribed { positions, .. } => Some(positions.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            run.arriving_live = new;
+            run.arriving = Some(Arriving {
+                buffer: early,
+                until,
+                deadline: Instant::now() + CATCH_UP,
+            });
+            if let Some(list) = list {
+                self.list_updated(list);
+            }
+            return None;
+        }
+        // The old connection's token refresh, if one was under way, is moot.
+        run.refreshing = None;
+        self.in_use = conn_transport;
+        run.live = new;
+        run.backlog = early;
+        run.greeted = true;
+        Some(Input::Connected { server, list })
     }
 
     /// A new `Live` over `conn` to `server`, its heartbeats starting now.
@@ -807,6 +903,27 @@ async fn run_refresh(refreshing: &mut Option<TokenFuture>) -> Result<String, Str
     match refreshing {
         Some(fetch) => fetch.await,
         None => std::future::pending().await,
+    }
+}
+
+/// A token fetch is done: the fresh token goes to the live connection's node, and its next
+/// refresh is set from its expiry; a failed fetch is tried again in [`TOKEN_RETRY`].
+async fn on_refreshed(live: &mut Option<Live>, fetched: Result<String, String>) {
+    match fetched {
+        Ok(token) => {
+            if let Some(live) = live {
+                live.refresh_at =
+                    token::expiry(&token).map(|exp| Instant::now() + token::refresh_in(exp));
+                debug!(server = %live.server, "refreshing the token");
+            }
+            send_on(live, ClientFrame::Refresh { token }).await;
+        }
+        Err(err) => {
+            warn!(%err, "no fresh token; trying again in a second");
+            if let Some(live) = live {
+                live.refresh_at = Some(Instant::now() + TOKEN_RETRY);
+            }
+        }
     }
 }
 
