@@ -16,6 +16,8 @@
 //! - [`balance`] — active rebalancing: every server's fair share of the list and who moves how many
 //!   clients where, computed alike by every node, the CLI and the simulator.
 //! - [`protocol`] — the JSON frames exchanged on the streaming WebSocket (see `docs/PROTOCOL.md`).
+//! - [`stats`] — the nearest-rank quantile that load runs and benchmarks report.
+//! - [`time`] — a wall-clock instant as milliseconds since the Unix epoch.
 //!
 //! It must not touch sockets, files or time: callers pass those in.
 
@@ -24,6 +26,8 @@ pub mod encoding;
 pub mod model;
 pub mod protocol;
 pub mod selection;
+pub mod stats;
+pub mod time;
 
 pub use encoding::{Format, ParseError};
 pub use model::{FarmList, ServerEntry, Status};

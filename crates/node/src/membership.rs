@@ -56,7 +56,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chitchat::transport::Transport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
@@ -218,10 +218,7 @@ pub const USERS_KEY: &str = key::USERS;
 
 /// A generation number for a chitchat start now: milliseconds since the epoch, above `after`.
 fn next_generation(after: u64) -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    now.max(after + 1)
+    crate::now_ms().max(after + 1)
 }
 
 /// Everything the membership loop reads and writes.
@@ -582,9 +579,7 @@ impl Loop {
     /// current, but only a change of anything else is news to the list's watchers, and only a
     /// change of a member (name, url, status, group) to the clients watching it.
     fn publish_list(&self, list: Vec<ServerEntry>) {
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let stamp = crate::now_ms();
         let members = |servers: &[ServerEntry]| -> Vec<(String, String, Status, String)> {
             servers
                 .iter()

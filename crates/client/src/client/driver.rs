@@ -14,6 +14,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 use streamfarm_core::FarmList;
 use streamfarm_core::protocol::{ClientFrame, Encoding, Position, ServerFrame};
+use streamfarm_core::time::unix_ms;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn};
@@ -869,11 +870,7 @@ fn list_age(list: &FarmList) -> Duration {
     let Some(generated) = list.generated_at_ms else {
         return Duration::ZERO;
     };
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    Duration::from_millis(now_ms.saturating_sub(generated))
+    Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(generated))
 }
 
 /// The machine's clock: tokio's, so that tests with paused time drive it too.
