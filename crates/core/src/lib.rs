@@ -7,6 +7,7 @@
 //! implementation and tests can drive it deterministically.
 //!
 //! # Layout
+//! - [`address`] — a server url (or `host[:port]`) cut into scheme, host, port and path.
 //! - [`model`] — [`ServerEntry`], [`Status`], [`FarmList`] and the priority-group order.
 //! - [`encoding`] — the list's encodings (JSON, text, XML, JavaScript): [`Format`], [`render`](encoding::render),
 //!   [`parse`](encoding::parse), format detection and HTTP `Accept` negotiation.
@@ -21,6 +22,7 @@
 //!
 //! It must not touch sockets, files or time: callers pass those in.
 
+pub mod address;
 pub mod balance;
 pub mod encoding;
 pub mod model;

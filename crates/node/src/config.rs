@@ -770,10 +770,9 @@ impl NodeConfig {
     /// The HTTP path of the WebSocket: the path of the url, `/stream` by default.
     pub fn stream_path(&self, bound: SocketAddr) -> String {
         let url = self.stream_url(bound);
-        let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
-        match rest.find('/') {
-            Some(at) => rest[at..].to_string(),
-            None => "/".to_string(),
+        match streamfarm_core::address::split_url(&url) {
+            Ok(parts) if !parts.path.is_empty() => parts.path.to_string(),
+            _ => "/".to_string(),
         }
     }
 
