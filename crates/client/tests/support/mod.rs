@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 /// Waits until `check` holds, polling every 20 ms; fails the test, naming `what`, when it does not
 /// within `within`.
-pub async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub(crate) async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !check() {
         assert!(Instant::now() < deadline, "timed out: {what}");
