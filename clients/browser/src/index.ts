@@ -3,8 +3,12 @@
  * streaming connection, fail over by the same machine as the Rust client, and resume topics from
  * their positions. See `docs/CLIENT.md` (Browser).
  */
-export { Client, Emitter, Subscription, catchUp, refreshDelayMs, seedBase, sseUrl, tokenExpiry } from './client.js';
-export type { ClientEvents, ClientOptions, Message, SubscriptionEvents, SubscriptionState, Transport } from './client.js';
+export { Client, Emitter, Subscription, catchUp } from './client.js';
+export type { ClientEvents, ClientOptions, Message, SubscriptionEvents, SubscriptionState } from './client.js';
+export { seedBase } from './address.js';
+export { sseUrl } from './connection.js';
+export type { Transport } from './connection.js';
+export { refreshDelayMs, tokenExpiry } from './token.js';
 export {
   CLOSE,
   DEFAULT_MACHINE_CONFIG,

@@ -18,10 +18,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
+use streamfarm_core::time::unix_ms;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -197,9 +198,7 @@ impl Files {
 }
 
 fn token(publish: bool) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = unix_ms(SystemTime::now()) / 1000;
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     header.kid = Some("k1".into());
     let mut claims = serde_json::json!({"sub": "bench", "iat": now, "exp": now + 3600,

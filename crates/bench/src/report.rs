@@ -45,14 +45,8 @@ impl Figure {
     }
 }
 
-/// The value at quantile `q` (0..=1) of `sorted`, by nearest rank; `None` when empty.
-pub fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
+/// The value at quantile `q` of `sorted`, by nearest rank (the CLI's load runs use the same).
+pub use streamfarm_core::stats::quantile;
 
 /// One system under one setting, with its figures by name (units in the name: `_ms`, `_per_s`, …).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -273,15 +267,5 @@ mod tests {
         assert_eq!(back.rows[0].failed.as_deref(), Some("timed out"));
         let ok = RowBuilder::default().finish("a", "b", Ok(()));
         assert!(!serde_json::to_string(&ok).unwrap().contains("failed"));
-    }
-
-    #[test]
-    fn quantile_by_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&v, 0.5), Some(50.0));
-        assert_eq!(quantile(&v, 0.99), Some(99.0));
-        assert_eq!(quantile(&v, 1.0), Some(100.0));
-        assert_eq!(quantile(&v, 0.0), Some(1.0));
-        assert_eq!(quantile(&[], 0.5), None);
     }
 }

@@ -281,6 +281,20 @@ async fn every_client_gets_each_message_once(crowd: &Crowd, publisher: Publisher
     acked
 }
 
+/// Waits until every client has received `more` messages beyond what it holds now.
+async fn every_client_receives_more(crowd: &Crowd, more: usize, what: &str) {
+    let before: Vec<usize> = crowd.snapshot().iter().map(|s| s.messages.len()).collect();
+    let received = eventually(Duration::from_secs(10), || async {
+        crowd
+            .snapshot()
+            .iter()
+            .zip(&before)
+            .all(|(s, held)| s.messages.len() >= held + more)
+    })
+    .await;
+    assert!(received, "{what}: {:?}", crowd.per_server());
+}
+
 /// The topic's sequencer as `node` sees the farm (`GET /topics/{topic}`).
 async fn sequencer_of(farm: &Farm, topic: &str) -> String {
     let text = reqwest::get(format!("http://{}/topics/{topic}", farm.nodes[0].listen))
@@ -328,7 +342,7 @@ async fn no_message_lost_when(signal: &str) {
     if signal == "STOP" {
         farm.node(&victim).signal("CONT");
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    every_client_receives_more(&crowd, 20, "messages flow after the move").await;
     let acked = every_client_gets_each_message_once(&crowd, publisher).await;
     let seen = crowd.snapshot();
     let recovered = seen.iter().filter(|s| s.recovered > 0).count();
@@ -398,14 +412,14 @@ async fn a_node_cut_off_sends_its_clients_to_the_rest_and_nothing_is_lost() {
             .all(|s| s.server.as_ref().is_some_and(|url| *url != cut.url()))
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    partition.heal().expect("partition healed");
     assert!(
         left,
         "clients still on the cut-off node: {:?}",
         crowd.per_server()
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    every_client_receives_more(&crowd, 20, "messages flow while c is cut off").await;
+    partition.heal().expect("partition healed");
+    every_client_receives_more(&crowd, 20, "messages flow once healed").await;
     let acked = every_client_gets_each_message_once(&crowd, publisher).await;
     eprintln!(
         "c cut off with {on_cut} clients: they moved to a and b; {} messages acknowledged, each client got each once, in order",
@@ -471,8 +485,14 @@ async fn clients_that_reach_only_a_cut_off_node_hear_the_feed_is_partial_and_los
         .iter()
         .map(|s| s.messages.len())
         .collect::<Vec<_>>();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The farm publishes on while c is cut off: c has that much to catch up once healed.
+    let acked_before = publisher.acked().len();
+    let published = eventually(Duration::from_secs(10), || async {
+        publisher.acked().len() >= acked_before + 100
+    })
+    .await;
     partition.heal().expect("partition healed");
+    assert!(published, "the farm kept publishing while c was cut off");
     assert!(
         told,
         "not every client heard the feed is partial: {:#?}",

@@ -22,7 +22,7 @@
 //! ```
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ use hickory_resolver::config::{NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use rand::Rng;
 use rand::seq::SliceRandom;
+use streamfarm_core::address::{default_port, split_url};
 
 use crate::error::Error;
 
@@ -77,38 +78,27 @@ impl Target {
         if text.is_empty() {
             return Err(invalid("empty target"));
         }
-        let (scheme, rest) = match text.split_once("://") {
-            Some((scheme, rest)) => (Some(scheme.to_ascii_lowercase()), rest),
-            None => (None, text),
-        };
+        let parts = split_url(text).map_err(|err| invalid(&err.to_string()))?;
+        let scheme = parts.scheme.map(str::to_ascii_lowercase);
         let default_port = match scheme.as_deref() {
             None => DEFAULT_PORT,
-            Some("ws") | Some("http") => 80,
-            Some("wss") | Some("https") => 443,
-            Some(_) => {
-                return Err(invalid(
-                    "the scheme must be ws://, wss://, http:// or https://",
-                ));
-            }
+            Some(scheme) => default_port(scheme)
+                .ok_or_else(|| invalid("the scheme must be ws://, wss://, http:// or https://"))?,
         };
         let tls = matches!(scheme.as_deref(), Some("wss") | Some("https"));
-        let (authority, path) = match rest.find(['/', '?', '#']) {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
         // Only a ws:// URL names the streaming path; anything else (an HTTP base, `/farm`) means
         // the node's default endpoint.
-        let path = path.split(['?', '#']).next().unwrap_or("");
-        let path = if matches!(scheme.as_deref(), Some("ws") | Some("wss")) && !path.is_empty() {
-            path.to_string()
-        } else {
-            DEFAULT_PATH.to_string()
-        };
-        let (host, port) = split_host_port(authority).map_err(|reason| invalid(&reason))?;
+        let path =
+            if matches!(scheme.as_deref(), Some("ws") | Some("wss")) && !parts.path.is_empty() {
+                parts.path.to_string()
+            } else {
+                DEFAULT_PATH.to_string()
+            };
+        let (host, port) = (parts.host.to_string(), parts.port);
         if host.is_empty() {
             return Err(invalid("no host"));
         }
-        if host.contains(['@', ' ']) {
+        if parts.userinfo.is_some() || host.contains(' ') {
             return Err(invalid("the host has characters a host name cannot have"));
         }
         Ok(Target {
@@ -138,31 +128,6 @@ impl Target {
         } else {
             format!("http://{addr}")
         }
-    }
-}
-
-/// `host`, `host:port`, `[v6]`, `[v6]:port`, or a bare IPv6 address.
-fn split_host_port(authority: &str) -> Result<(String, Option<u16>), String> {
-    let parse_port = |p: &str| {
-        p.parse::<u16>()
-            .map_err(|_| format!("port {p:?} is not a number from 0 to 65535"))
-    };
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) = rest
-            .split_once(']')
-            .ok_or_else(|| "an opening [ without its ]".to_string())?;
-        let port = match after {
-            "" => None,
-            _ => Some(parse_port(after.strip_prefix(':').ok_or("junk after ]")?)?),
-        };
-        return Ok((host.to_string(), port));
-    }
-    if authority.parse::<Ipv6Addr>().is_ok() {
-        return Ok((authority.to_string(), None));
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) => Ok((host.to_string(), Some(parse_port(port)?))),
-        None => Ok((authority.to_string(), None)),
     }
 }
 

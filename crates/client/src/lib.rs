@@ -38,7 +38,8 @@
 //! - `connection` — one connection: greeting (`hello`, `farm`), subscribing, frame decoding.
 //! - [`transport`] — WebSocket or event stream: the choice, pure; `event_stream` — one event
 //!   stream (`GET /sse`, frames as `POST /sse/{stream}`).
-//! - `client` — [`Client`], the handle, and the task that runs the machine over real sockets.
+//! - `client` — [`Client`], the handle; its task (`client::driver`) runs the machine over real
+//!   sockets, one network operation (`client::dial`: a list, a connection) at a time.
 //! - [`options`] — [`ClientOptions`], the builder.
 //! - `http` — one-shot requests: [`fetch_list`] and [`publish`].
 //! - [`error`] — [`Error`] and [`ErrorKind`].

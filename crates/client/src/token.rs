@@ -9,9 +9,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
+use streamfarm_core::time::unix_ms;
 
 /// What a token provider returns: the token, or why there is none (for the logs).
 pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
@@ -69,9 +70,7 @@ const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
 /// How long from now the client should send a fresh token for one that expires at `exp`: 30 s
 /// before, or half-way for a token that has less than a minute left (zero once it is due).
 pub fn refresh_in(exp: u64) -> Duration {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = unix_ms(SystemTime::now());
     // At most a year away: an `exp` far in the future must not overflow the clock.
     let left = exp.saturating_mul(1000).saturating_sub(now).min(YEAR_MS);
     let early = left.saturating_sub(30_000).max(left / 2);
@@ -103,10 +102,7 @@ mod tests {
 
     #[test]
     fn refresh_comes_30_s_early_or_half_way() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = unix_ms(SystemTime::now()) / 1000;
         let long = refresh_in(now + 3600);
         assert!(long > Duration::from_secs(3500) && long <= Duration::from_secs(3570));
         let short = refresh_in(now + 10);

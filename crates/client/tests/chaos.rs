@@ -25,6 +25,9 @@ use streamfarm_node::{NodeConfig, NodeHandle};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+mod support;
+use support::eventually;
+
 const TOPIC: &str = "chaos";
 const NODES: usize = 3;
 
@@ -368,7 +371,16 @@ async fn run(steps: Vec<Step>) {
         clients.push((seen, task));
     }
     let (acked, publisher) = publisher(addrs.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        Duration::from_secs(10),
+        "every client received a message",
+        || {
+            clients
+                .iter()
+                .all(|(seen, _)| !seen.lock().unwrap().messages.is_empty())
+        },
+    )
+    .await;
     for step in &steps {
         farm.apply(step).await;
         *addrs.lock().unwrap() = farm.live().iter().map(|n| n.listen).collect();
@@ -379,7 +391,14 @@ async fn run(steps: Vec<Step>) {
     }
     farm.apply(&Step::Restart).await;
     *addrs.lock().unwrap() = farm.live().iter().map(|n| n.listen).collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The farm publishes on, whole again, before the count.
+    let before = acked.lock().unwrap().len();
+    eventually(
+        Duration::from_secs(10),
+        "publishes acknowledged after the restart",
+        || acked.lock().unwrap().len() >= before + 20,
+    )
+    .await;
     publisher.abort();
     let acked = acked.lock().unwrap().clone();
     let last = *acked.keys().last().expect("messages acknowledged");

@@ -14,7 +14,9 @@ use streamfarm_client::{Client, ClientOptions, Event, ServiceAddress};
 use streamfarm_core::Status;
 use streamfarm_node::{NodeConfig, NodeHandle};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+
+mod support;
+use support::eventually;
 
 const TOPIC: &str = "moving";
 
@@ -103,14 +105,6 @@ fn publisher(node: Arc<NodeHandle>) -> (Arc<Mutex<Option<u64>>>, JoinHandle<()>)
     (last, task)
 }
 
-async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn lists_up(node: &NodeHandle, names: &[&str]) -> bool {
     let list = node.farm().borrow().clone();
     names.iter().all(|name| {
@@ -181,7 +175,12 @@ async fn a_new_node_gets_just_the_surplus_moved_make_before_break() {
     }
     assert_eq!(a.users(), 12);
     let (last, publishing) = publisher(a.clone());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(
+        Duration::from_secs(5),
+        "a first publish acknowledged",
+        || last.lock().unwrap().is_some(),
+    )
+    .await;
 
     let b = NodeHandle::start(config("b", 2, "A", Some(a.gossip_addr())))
         .await

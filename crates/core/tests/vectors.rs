@@ -1,8 +1,5 @@
-//! The shared selection vectors (`shared/vectors/selection.json`): every vector must pass.
-//!
-//! The vectors are read from the copy in `tests/data/selection.json`, so the crate's tests run
-//! without `../shared`; `copy_matches_the_shared_vectors` fails when the shared file is present and
-//! the copy has fallen behind it.
+//! The selection vectors (`tests/data/selection.json`): every vector must pass. The browser
+//! client runs the same file (`clients/browser/test/unit/selection.test.mjs`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -58,12 +55,13 @@ struct TextFormat {
     entries: Vec<ServerEntry>,
 }
 
-fn copy_path() -> PathBuf {
+fn vectors_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/selection.json")
 }
 
 fn load() -> VectorFile {
-    let text = std::fs::read_to_string(copy_path()).expect("tests/data/selection.json is readable");
+    let text =
+        std::fs::read_to_string(vectors_path()).expect("tests/data/selection.json is readable");
     serde_json::from_str(&text).expect("tests/data/selection.json has the vector file's shape")
 }
 
@@ -180,20 +178,4 @@ fn a_vector_with_an_unknown_policy_fails_loudly() {
     };
     let why = check(&vector, 1e-9).unwrap_err();
     assert!(why.contains("telepathy"), "{why}");
-}
-
-#[test]
-fn copy_matches_the_shared_vectors() {
-    let shared =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors/selection.json");
-    let Ok(shared_text) = std::fs::read(&shared) else {
-        eprintln!("{} is absent: only the copy is checked", shared.display());
-        return;
-    };
-    let copy = std::fs::read(copy_path()).expect("the copy is readable");
-    assert!(
-        copy == shared_text,
-        "tests/data/selection.json differs from {}: copy the shared file over it",
-        shared.display()
-    );
 }

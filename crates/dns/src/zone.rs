@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+use streamfarm_core::address::{default_port, split_url};
 use streamfarm_core::model::{group_comparator, group_order};
 use streamfarm_core::{FarmList, ServerEntry, Status};
 use tracing::warn;
@@ -362,30 +363,16 @@ fn node_name(apex: &Name, name: &str) -> Option<Name> {
 /// anywhere), so such servers are left out of DNS. The port defaults by scheme (80 for ws/http,
 /// 443 for wss/https). Unspecified addresses (`0.0.0.0`, `::`) are not reachable and give `None`.
 pub(crate) fn url_endpoint(url: &str) -> Option<(IpAddr, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    // Userinfo (`user:pass@host`) is never ours, but must not be mistaken for the host.
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
-        let (host, after) = bracketed.split_once(']')?;
-        (host, after.strip_prefix(':'))
-    } else {
-        match host_port.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (host_port, None),
-        }
-    };
-    let ip: IpAddr = host.parse().ok()?;
+    // Userinfo (`user:pass@host`) is never ours, but is not mistaken for the host.
+    let parts = split_url(url).ok()?;
+    let scheme = parts.scheme?;
+    let ip: IpAddr = parts.host.parse().ok()?;
     if ip.is_unspecified() {
         return None;
     }
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None => match scheme.to_ascii_lowercase().as_str() {
-            "ws" | "http" => 80,
-            "wss" | "https" => 443,
-            _ => return None,
-        },
+    let port = match parts.port {
+        Some(port) => port,
+        None => default_port(scheme)?,
     };
     Some((ip, port))
 }

@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -608,9 +608,7 @@ fn hs256_secret(secret: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Seconds since the Unix epoch.
 pub(crate) fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::now_ms() / 1000
 }
 
 #[cfg(test)]

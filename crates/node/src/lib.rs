@@ -68,7 +68,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use streamfarm_core::protocol::{Encoding, close};
 use streamfarm_core::{FarmList, Status};
@@ -302,10 +302,9 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener>
     socket.listen(backlog)
 }
 
+/// This machine's wall clock in milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    streamfarm_core::time::unix_ms(SystemTime::now())
 }
 
 /// A running node. Dropping it stops the node abruptly; [`NodeHandle::shutdown`] stops it

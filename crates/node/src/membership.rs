@@ -50,13 +50,13 @@
 //! confirms subscriptions; it is `settled` once any peer has been heard of (or there is no seed,
 //! or `failure_timeout` has passed).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chitchat::transport::Transport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
@@ -218,10 +218,7 @@ pub const USERS_KEY: &str = key::USERS;
 
 /// A generation number for a chitchat start now: milliseconds since the epoch, above `after`.
 fn next_generation(after: u64) -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    now.max(after + 1)
+    crate::now_ms().max(after + 1)
 }
 
 /// Everything the membership loop reads and writes.
@@ -282,284 +279,50 @@ impl Loop {
         Ok(self.watch(first, cancel))
     }
 
+    /// Runs the node's membership until `cancel` fires: on every turn (a tick, twice per gossip
+    /// round, or a status change) it restarts gossip if it died, advertises this node's values,
+    /// reads its peers', judges who is alive and whether this node is cut off, and publishes the
+    /// farm list and the peers to link to.
     async fn watch(mut self, first: Gossip, cancel: CancellationToken) {
-        let mut chitchat = first.handle.chitchat();
-        let mut self_id = first.handle.chitchat_id().clone();
-        let mut gossip = Some(first);
-        let mut restart_delay = self.gossip_interval;
-        let mut restart_at = Instant::now();
+        let mut watch = Watch::new(first, self.gossip_interval);
         // Twice per gossip round, so news and verdicts wait at most half a round here.
         let mut tick = tokio::time::interval(self.gossip_interval / 2);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut seen: HashMap<ChitchatId, Seen> = HashMap::new();
-        // Names seen claimed by two live generations at once (warned once each).
-        let mut conflicts: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut joins: VecDeque<(Instant, u64)> = VecDeque::new();
-        // This node's recent counts, to list its own as of the instant of its peers' (below).
-        let mut own_counts: VecDeque<(Instant, u64)> = VecDeque::new();
-        let mut advertised: BTreeMap<&'static str, String> = BTreeMap::new();
-        let started = Instant::now();
-        let mut isolated = false;
-        // When a seed that does not answer was last reported (see `report_seeds`).
-        let mut seeds_reported: Option<Instant> = None;
-        loop {
-            let ended = async {
-                match gossip.as_mut() {
-                    Some(gossip) => (&mut gossip.ended).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tick.tick() => {}
-                // A status change goes out at once, not at the next tick.
-                changed = self.status_rx.changed() => if changed.is_err() { break },
-                // Not asked to stop: whatever the reason, this node has left the farm.
-                result = ended => {
-                    let reason = match result {
-                        Ok(()) => "it ended".to_string(),
-                        Err(err) => err,
-                    };
-                    error!(
-                        reason = %reason,
-                        generation = self_id.generation_id,
-                        "gossip stopped: the farm no longer hears from this node; restarting it"
-                    );
-                    self.metrics.gossip_up.store(0, Ordering::Relaxed);
-                    metrics::inc(&self.metrics.gossip_failures);
-                    gossip = None;
-                    restart_at = Instant::now();
-                }
-            }
+        while self.next_turn(&mut watch, &mut tick, &cancel).await {
             let now = Instant::now();
             let status = *self.status_rx.borrow_and_update();
             // The load the farm sees is the broker's own count, not a metric.
             let users = self.hub.users();
-            let join_rate = join_rate(&mut joins, now, self.hub.accepted());
+            let join_rate = join_rate(&mut watch.joins, now, self.hub.accepted());
             let sse_users = self.metrics.sse_connections.load(Ordering::Relaxed);
             let mine = mine(status, users, sse_users, join_rate);
-            if gossip.is_none() && now >= restart_at {
-                // A new generation: peers hold the old one's versions, so a restart under the
-                // same id would not be heard.
-                let generation = next_generation(self_id.generation_id);
-                match start_gossip(&self.setup, generation, &mine).await {
-                    Ok(restarted) => {
-                        info!(generation, "gossip restarted");
-                        chitchat = restarted.handle.chitchat();
-                        self_id = restarted.handle.chitchat_id().clone();
-                        gossip = Some(restarted);
-                        advertised = mine.iter().cloned().collect();
-                        restart_delay = self.gossip_interval;
-                        self.metrics.gossip_up.store(1, Ordering::Relaxed);
-                    }
-                    Err(err) => {
-                        error!(error = %err, retry_in = ?restart_delay, "gossip cannot restart");
-                        restart_at = now + restart_delay;
-                        restart_delay = (restart_delay * 2).min(MAX_RESTART_DELAY);
-                    }
-                }
-            }
-            // While gossip is down, the last state it held is read: peers fall silent in it and
-            // are listed `DOWN` in time, which is this node's true view.
-            let mut guard = chitchat.lock().await;
-            for (key, value) in mine {
-                if advertised.get(key) != Some(&value) {
-                    guard.self_node_state().set(key, &value);
-                    advertised.insert(key, value);
-                }
-            }
-            let states: Vec<(ChitchatId, Entry)> = guard
-                .node_states()
-                .iter()
-                .filter(|(id, _)| **id != self_id)
-                .map(|(id, state)| (id.clone(), Entry::read(state)))
-                .collect();
-            drop(guard);
-
-            own_counts.push_back((now, users));
-            while own_counts
-                .front()
-                .is_some_and(|(at, _)| now.duration_since(*at) > self.failure_timeout)
-            {
-                own_counts.pop_front();
-            }
-            let mut list = Vec::new();
-            let mut relays = BTreeMap::new();
-            seen.retain(|id, _| states.iter().any(|(s, _)| s == id));
-            for (id, entry) in &states {
-                let record = seen.entry(id.clone()).or_insert(Seen {
-                    heartbeat: entry.heartbeat,
-                    first_seen: now,
-                    advanced_at: None,
-                });
-                if entry.heartbeat > record.heartbeat {
-                    record.heartbeat = entry.heartbeat;
-                    record.advanced_at = Some(now);
-                }
-            }
-            // The heartbeat we saw last was sent up to a gossip round before it reached us:
-            // allow for that round so that the verdict comes within `failure_timeout` of the
-            // peer's last heartbeat, not later.
-            let alive_within = |record: &Seen, within: Duration| {
-                record
-                    .advanced_at
-                    .is_some_and(|at| now.duration_since(at) + self.gossip_interval < within)
-            };
-            // One generation per name: the newest live one, else the newest. A dead generation
-            // (kept by chitchat for an hour) never hides a live one, even if it is newer: a
-            // second node that took the name for a while, then died, does not keep the real one
-            // listed DOWN.
-            let rank = |id: &ChitchatId| {
-                let live = seen
-                    .get(id)
-                    .is_some_and(|r| alive_within(r, self.failure_timeout));
-                (live, id.generation_id)
-            };
-            let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
-            for (id, _) in &states {
-                let slot = newest.entry(&*id.node_id).or_insert(id);
-                if rank(id) > rank(slot) {
-                    *slot = id;
-                }
-            }
-            // Two live generations of one name: two processes claim it.
-            for (id, _) in &states {
-                let chosen = newest.get(&*id.node_id).copied();
-                // At one gossip address it is a restart (two processes cannot share it).
-                if chosen.is_some_and(|c| {
-                    c != id
-                        && c.gossip_advertise_addr != id.gossip_advertise_addr
-                        && rank(id).0
-                        && rank(c).0
-                }) && conflicts.insert(id.node_id.to_string())
-                {
-                    warn!(
-                        name = %id.node_id,
-                        other = %id.gossip_advertise_addr,
-                        "two live nodes at different addresses gossip under one name: names must be unique in the farm (a node restarted at another address also looks like this, for up to failure_timeout_ms); the newest is listed"
-                    );
-                }
-            }
-            let peers: Vec<&ChitchatId> = states
-                .iter()
-                .map(|(id, _)| id)
-                .filter(|id| {
-                    newest.get(&*id.node_id) == Some(id) && *id.node_id != *self.setup.me.name
-                })
-                .collect();
-            let alive_peers = peers
-                .iter()
-                .filter(|id| {
-                    seen.get(**id)
-                        .is_some_and(|r| alive_within(r, self.failure_timeout))
-                })
-                .count();
-            // Cut off: every peer fell silent, at least two of them within one failure timeout of
-            // each other, and none of those closed, reset or refused its relay links (a process
-            // that dies leaves its kernel to say so; a network that drops packets says nothing).
-            // Two nodes rarely hang in the same second; one node losing its network loses them
-            // all at once. It lasts until a peer is heard again.
-            let window = self.failure_timeout * 2;
-            let vanished_together = peers
-                .iter()
-                .filter(|id| {
-                    seen.get(**id).is_some_and(|r| alive_within(r, window))
-                        && !self.link_ends.ended_within(&id.node_id, window)
-                })
-                .count()
-                >= 2;
-            let now_isolated = alive_peers == 0 && (isolated || vanished_together);
-            if now_isolated != isolated {
-                isolated = now_isolated;
-                if isolated {
-                    warn!(
-                        peers = peers.len(),
-                        "cut off from the farm: every peer fell silent at once; peers stay listed as last seen, clients are sent elsewhere"
-                    );
-                } else {
-                    info!("back in touch with the farm");
-                }
-                self.isolated_tx.send_replace(isolated);
-            }
-            for (id, entry) in &states {
-                let Some(record) = seen.get(id) else { continue };
-                if newest.get(&*id.node_id) != Some(&id) || *id.node_id == *self.setup.me.name {
-                    continue;
-                }
-                let alive = alive_within(record, self.failure_timeout);
-                let Some(mut server) = entry.server(&id.node_id) else {
-                    continue;
-                };
-                // Cut off, a node cannot tell whether its peers live: it lists them as it last
-                // saw them, so that clients asking it try them too.
-                if !alive && !isolated {
-                    // Its connections are gone with it: a silent node holds nobody.
-                    server.status = Status::Down;
-                    server.users = 0;
-                    server.join_rate = None;
-                    server.extra.remove(key::SSE_USERS);
-                }
-                // Not judged yet: just seen, heartbeat not yet seen advancing. It is linked to
-                // meanwhile (a failed dial costs nothing), so that a peer which is in fact live —
-                // a peer found at start, or one just restarted — gets this node's interest
-                // before this node confirms a subscription (see `Peers`).
-                let unjudged = record.advanced_at.is_none()
-                    && now.duration_since(record.first_seen) < self.failure_timeout;
-                if (alive || unjudged)
-                    && let Some(relay) = &entry.relay
-                {
-                    relays.insert(id.node_id.to_string(), relay.clone());
-                }
-                if server.status.is_live() {
-                    server.users_age_ms = Some(self.peer_count_age(record, now).as_millis() as u64);
-                }
-                list.push(server);
-            }
-            let (own_users, own_age) = own_count_as_of(&own_counts, &list, now);
+            self.restart_gossip_when_due(&mut watch, &mine, now).await;
+            let states = watch.advertise_and_read(mine).await;
+            watch.remember_own_count(now, users, self.failure_timeout);
+            watch.note_heartbeats(&states, now);
+            let newest = self.newest_generations(&watch, &states, now);
+            self.warn_of_name_conflicts(&mut watch, &states, &newest, now);
+            self.judge_isolation(&mut watch, &states, &newest, now);
+            let (mut list, relays) = self.peer_entries(&watch, &states, &newest, now);
+            let (own_users, own_age) = own_count_as_of(&watch.own_counts, &list, now);
             let mut own = self_entry(&self.setup.me, status, own_users, join_rate);
             own.users_age_ms = Some(own_age.as_millis() as u64);
             own.extra
                 .insert(key::SSE_USERS.to_string(), sse_users.into());
             list.push(own);
             list.sort_by(|a, b| a.name.cmp(&b.name));
-            let stamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let members = |servers: &[ServerEntry]| -> Vec<(String, String, Status, String)> {
-                servers
-                    .iter()
-                    .map(|s| (s.name.clone(), s.url.clone(), s.status, s.priority.clone()))
-                    .collect()
-            };
-            let mut members_changed = false;
-            self.farm_tx.send_if_modified(|current| {
-                // Ages change every tick: kept current, but only a change of anything else is
-                // news to the list's watchers.
-                if without_ages(&current.servers) == without_ages(&list) {
-                    current.servers = list;
-                    current.generated_at_ms = Some(stamp);
-                    return false;
-                }
-                members_changed = members(&current.servers) != members(&list);
-                for server in &list {
-                    let before = current.servers.iter().find(|s| s.name == server.name);
-                    if before.map(|b| b.status) != Some(server.status) {
-                        info!(server = %server.name, status = %server.status, "farm member status");
-                    }
-                }
-                current.servers = list;
-                current.generated_at_ms = Some(stamp);
-                true
-            });
-            if members_changed {
-                self.members_tx.send_modify(|version| *version += 1);
-            }
-            self.report_seeds(states.is_empty(), now, started, &mut seeds_reported);
+            self.publish_list(list);
+            self.report_seeds(
+                states.is_empty(),
+                now,
+                watch.started,
+                &mut watch.seeds_reported,
+            );
             // Settled once a peer has been heard of, or when there is nobody to hear from.
             let peers = Peers {
                 settled: self.alone
                     || !states.is_empty()
-                    || now.duration_since(started) >= self.failure_timeout,
+                    || now.duration_since(watch.started) >= self.failure_timeout,
                 relays,
             };
             self.peers_tx.send_if_modified(|current| {
@@ -570,9 +333,379 @@ impl Loop {
                 true
             });
         }
-        if let Some(mut gossip) = gossip {
-            // Bounded: a gossip task that does not answer is aborted (on drop) rather than
-            // waited for.
+        watch.stop_gossip().await;
+    }
+
+    /// Waits for the next turn: a tick, a status change (which goes out at once, not at the
+    /// next tick), or the end of the gossip task (then noted for a restart). False once the
+    /// node stops.
+    async fn next_turn(
+        &mut self,
+        watch: &mut Watch,
+        tick: &mut tokio::time::Interval,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let ended = async {
+            match watch.gossip.as_mut() {
+                Some(gossip) => (&mut gossip.ended).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tick.tick() => true,
+            changed = self.status_rx.changed() => changed.is_ok(),
+            // Not asked to stop: whatever the reason, this node has left the farm.
+            result = ended => {
+                let reason = match result {
+                    Ok(()) => "it ended".to_string(),
+                    Err(err) => err,
+                };
+                error!(
+                    reason = %reason,
+                    generation = watch.self_id.generation_id,
+                    "gossip stopped: the farm no longer hears from this node; restarting it"
+                );
+                self.metrics.gossip_up.store(0, Ordering::Relaxed);
+                metrics::inc(&self.metrics.gossip_failures);
+                watch.gossip = None;
+                watch.restart_at = Instant::now();
+                true
+            }
+        }
+    }
+
+    /// Starts a new generation of gossip when it is down and its restart is due, advertising
+    /// `mine` from the first round; a failed start is tried again later, backing off.
+    async fn restart_gossip_when_due(
+        &self,
+        watch: &mut Watch,
+        mine: &[(&'static str, String)],
+        now: Instant,
+    ) {
+        if watch.gossip.is_some() || now < watch.restart_at {
+            return;
+        }
+        // A new generation: peers hold the old one's versions, so a restart under the same id
+        // would not be heard.
+        let generation = next_generation(watch.self_id.generation_id);
+        match start_gossip(&self.setup, generation, mine).await {
+            Ok(restarted) => {
+                info!(generation, "gossip restarted");
+                watch.chitchat = restarted.handle.chitchat();
+                watch.self_id = restarted.handle.chitchat_id().clone();
+                watch.gossip = Some(restarted);
+                watch.advertised = mine.iter().cloned().collect();
+                watch.restart_delay = self.gossip_interval;
+                self.metrics.gossip_up.store(1, Ordering::Relaxed);
+            }
+            Err(err) => {
+                error!(error = %err, retry_in = ?watch.restart_delay, "gossip cannot restart");
+                watch.restart_at = now + watch.restart_delay;
+                watch.restart_delay = (watch.restart_delay * 2).min(MAX_RESTART_DELAY);
+            }
+        }
+    }
+
+    /// Whether `record`'s heartbeat advanced within `within` of `now`. The heartbeat seen last
+    /// was sent up to a gossip round before it reached this node: that round is allowed for, so
+    /// that the verdict comes within `failure_timeout` of the peer's last heartbeat, not later.
+    fn alive_within(&self, record: &Seen, within: Duration, now: Instant) -> bool {
+        record
+            .advanced_at
+            .is_some_and(|at| now.duration_since(at) + self.gossip_interval < within)
+    }
+
+    /// How a generation ranks for its name: live first, then newest.
+    fn rank(&self, watch: &Watch, id: &ChitchatId, now: Instant) -> (bool, u64) {
+        let live = watch
+            .seen
+            .get(id)
+            .is_some_and(|r| self.alive_within(r, self.failure_timeout, now));
+        (live, id.generation_id)
+    }
+
+    /// One generation per name: the newest live one, else the newest. A dead generation (kept
+    /// by chitchat for an hour) never hides a live one, even if it is newer: a second node that
+    /// took the name for a while, then died, does not keep the real one listed DOWN.
+    fn newest_generations<'s>(
+        &self,
+        watch: &Watch,
+        states: &'s [(ChitchatId, Entry)],
+        now: Instant,
+    ) -> HashMap<&'s str, &'s ChitchatId> {
+        let rank = |id: &ChitchatId| self.rank(watch, id, now);
+        let mut newest: HashMap<&str, &ChitchatId> = HashMap::new();
+        for (id, _) in states {
+            let slot = newest.entry(&*id.node_id).or_insert(id);
+            if rank(id) > rank(slot) {
+                *slot = id;
+            }
+        }
+        newest
+    }
+
+    /// Two live generations of one name at different gossip addresses: two processes claim it
+    /// (at one address it is a restart: two processes cannot share it). Warned once per name.
+    fn warn_of_name_conflicts(
+        &self,
+        watch: &mut Watch,
+        states: &[(ChitchatId, Entry)],
+        newest: &HashMap<&str, &ChitchatId>,
+        now: Instant,
+    ) {
+        for (id, _) in states {
+            let chosen = newest.get(&*id.node_id).copied();
+            if chosen.is_some_and(|c| {
+                c != id
+                    && c.gossip_advertise_addr != id.gossip_advertise_addr
+                    && self.rank(watch, id, now).0
+                    && self.rank(watch, c, now).0
+            }) && watch.conflicts.insert(id.node_id.to_string())
+            {
+                warn!(
+                    name = %id.node_id,
+                    other = %id.gossip_advertise_addr,
+                    "two live nodes at different addresses gossip under one name: names must be unique in the farm (a node restarted at another address also looks like this, for up to failure_timeout_ms); the newest is listed"
+                );
+            }
+        }
+    }
+
+    /// Whether this node is cut off: every peer fell silent, at least two of them within one
+    /// failure timeout of each other, and none of those closed, reset or refused its relay links
+    /// (a process that dies leaves its kernel to say so; a network that drops packets says
+    /// nothing). Two nodes rarely hang in the same second; one node losing its network loses
+    /// them all at once. It lasts until a peer is heard again.
+    fn judge_isolation(
+        &self,
+        watch: &mut Watch,
+        states: &[(ChitchatId, Entry)],
+        newest: &HashMap<&str, &ChitchatId>,
+        now: Instant,
+    ) {
+        let peers: Vec<&ChitchatId> = states
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| newest.get(&*id.node_id) == Some(id) && *id.node_id != *self.setup.me.name)
+            .collect();
+        let alive_peers = peers
+            .iter()
+            .filter(|id| {
+                watch
+                    .seen
+                    .get(**id)
+                    .is_some_and(|r| self.alive_within(r, self.failure_timeout, now))
+            })
+            .count();
+        let window = self.failure_timeout * 2;
+        let vanished_together = peers
+            .iter()
+            .filter(|id| {
+                watch
+                    .seen
+                    .get(**id)
+                    .is_some_and(|r| self.alive_within(r, window, now))
+                    && !self.link_ends.ended_within(&id.node_id, window)
+            })
+            .count()
+            >= 2;
+        let now_isolated = alive_peers == 0 && (watch.isolated || vanished_together);
+        if now_isolated != watch.isolated {
+            watch.isolated = now_isolated;
+            if now_isolated {
+                warn!(
+                    peers = peers.len(),
+                    "cut off from the farm: every peer fell silent at once; peers stay listed as last seen, clients are sent elsewhere"
+                );
+            } else {
+                info!("back in touch with the farm");
+            }
+            self.isolated_tx.send_replace(now_isolated);
+        }
+    }
+
+    /// The peers' entries for the list, as this node judges them now, and the relay urls of
+    /// those to link to.
+    fn peer_entries(
+        &self,
+        watch: &Watch,
+        states: &[(ChitchatId, Entry)],
+        newest: &HashMap<&str, &ChitchatId>,
+        now: Instant,
+    ) -> (Vec<ServerEntry>, BTreeMap<String, String>) {
+        let mut list = Vec::new();
+        let mut relays = BTreeMap::new();
+        for (id, entry) in states {
+            let Some(record) = watch.seen.get(id) else {
+                continue;
+            };
+            if newest.get(&*id.node_id) != Some(&id) || *id.node_id == *self.setup.me.name {
+                continue;
+            }
+            let alive = self.alive_within(record, self.failure_timeout, now);
+            let Some(mut server) = entry.server(&id.node_id) else {
+                continue;
+            };
+            // Cut off, a node cannot tell whether its peers live: it lists them as it last saw
+            // them, so that clients asking it try them too.
+            if !alive && !watch.isolated {
+                // Its connections are gone with it: a silent node holds nobody.
+                server.status = Status::Down;
+                server.users = 0;
+                server.join_rate = None;
+                server.extra.remove(key::SSE_USERS);
+            }
+            // Not judged yet: just seen, heartbeat not yet seen advancing. It is linked to
+            // meanwhile (a failed dial costs nothing), so that a peer which is in fact live — a
+            // peer found at start, or one just restarted — gets this node's interest before this
+            // node confirms a subscription (see `Peers`).
+            let unjudged = record.advanced_at.is_none()
+                && now.duration_since(record.first_seen) < self.failure_timeout;
+            if (alive || unjudged)
+                && let Some(relay) = &entry.relay
+            {
+                relays.insert(id.node_id.to_string(), relay.clone());
+            }
+            if server.status.is_live() {
+                server.users_age_ms = Some(self.peer_count_age(record, now).as_millis() as u64);
+            }
+            list.push(server);
+        }
+        (list, relays)
+    }
+
+    /// Publishes `list` as the farm list, stamped now. Ages change every turn: they are kept
+    /// current, but only a change of anything else is news to the list's watchers, and only a
+    /// change of a member (name, url, status, group) to the clients watching it.
+    fn publish_list(&self, list: Vec<ServerEntry>) {
+        let stamp = crate::now_ms();
+        let members = |servers: &[ServerEntry]| -> Vec<(String, String, Status, String)> {
+            servers
+                .iter()
+                .map(|s| (s.name.clone(), s.url.clone(), s.status, s.priority.clone()))
+                .collect()
+        };
+        let mut members_changed = false;
+        self.farm_tx.send_if_modified(|current| {
+            if without_ages(&current.servers) == without_ages(&list) {
+                current.servers = list;
+                current.generated_at_ms = Some(stamp);
+                return false;
+            }
+            members_changed = members(&current.servers) != members(&list);
+            for server in &list {
+                let before = current.servers.iter().find(|s| s.name == server.name);
+                if before.map(|b| b.status) != Some(server.status) {
+                    info!(server = %server.name, status = %server.status, "farm member status");
+                }
+            }
+            current.servers = list;
+            current.generated_at_ms = Some(stamp);
+            true
+        });
+        if members_changed {
+            self.members_tx.send_modify(|version| *version += 1);
+        }
+    }
+}
+
+/// What the membership loop keeps from one turn to the next.
+struct Watch {
+    /// The state of the running gossip, or of the last one while it is down: peers fall silent
+    /// in it and are listed `DOWN` in time, which is this node's true view.
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    self_id: ChitchatId,
+    gossip: Option<Gossip>,
+    restart_delay: Duration,
+    restart_at: Instant,
+    seen: HashMap<ChitchatId, Seen>,
+    /// Names seen claimed by two live generations at once (warned once each).
+    conflicts: HashSet<String>,
+    joins: VecDeque<(Instant, u64)>,
+    /// This node's recent counts, to list its own as of the instant of its peers'.
+    own_counts: VecDeque<(Instant, u64)>,
+    advertised: BTreeMap<&'static str, String>,
+    started: Instant,
+    isolated: bool,
+    /// When a seed that does not answer was last reported (see `report_seeds`).
+    seeds_reported: Option<Instant>,
+}
+
+impl Watch {
+    fn new(first: Gossip, gossip_interval: Duration) -> Self {
+        let now = Instant::now();
+        Watch {
+            chitchat: first.handle.chitchat(),
+            self_id: first.handle.chitchat_id().clone(),
+            gossip: Some(first),
+            restart_delay: gossip_interval,
+            restart_at: now,
+            seen: HashMap::new(),
+            conflicts: HashSet::new(),
+            joins: VecDeque::new(),
+            own_counts: VecDeque::new(),
+            advertised: BTreeMap::new(),
+            started: now,
+            isolated: false,
+            seeds_reported: None,
+        }
+    }
+
+    /// Sets this node's values that changed in its gossip state, and reads its peers' states.
+    async fn advertise_and_read(
+        &mut self,
+        mine: [(&'static str, String); 4],
+    ) -> Vec<(ChitchatId, Entry)> {
+        let mut guard = self.chitchat.lock().await;
+        for (key, value) in mine {
+            if self.advertised.get(key) != Some(&value) {
+                guard.self_node_state().set(key, &value);
+                self.advertised.insert(key, value);
+            }
+        }
+        guard
+            .node_states()
+            .iter()
+            .filter(|(id, _)| **id != self.self_id)
+            .map(|(id, state)| (id.clone(), Entry::read(state)))
+            .collect()
+    }
+
+    /// Keeps this node's count of `now`, and those of the last `failure_timeout`.
+    fn remember_own_count(&mut self, now: Instant, users: u64, failure_timeout: Duration) {
+        self.own_counts.push_back((now, users));
+        while self
+            .own_counts
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > failure_timeout)
+        {
+            self.own_counts.pop_front();
+        }
+    }
+
+    /// Notes which peers' heartbeats advanced since the last turn; forgets peers gone from the
+    /// state.
+    fn note_heartbeats(&mut self, states: &[(ChitchatId, Entry)], now: Instant) {
+        self.seen
+            .retain(|id, _| states.iter().any(|(s, _)| s == id));
+        for (id, entry) in states {
+            let record = self.seen.entry(id.clone()).or_insert(Seen {
+                heartbeat: entry.heartbeat,
+                first_seen: now,
+                advanced_at: None,
+            });
+            if entry.heartbeat > record.heartbeat {
+                record.heartbeat = entry.heartbeat;
+                record.advanced_at = Some(now);
+            }
+        }
+    }
+
+    /// Stops the gossip task, if one runs. Bounded: a gossip task that does not answer is
+    /// aborted (on drop) rather than waited for.
+    async fn stop_gossip(self) {
+        if let Some(mut gossip) = self.gossip {
             let _ = gossip.handle.initiate_shutdown();
             match tokio::time::timeout(STOP_GRACE, &mut gossip.ended).await {
                 Ok(Ok(())) => {}
@@ -842,228 +975,4 @@ fn join_rate(samples: &mut VecDeque<(Instant, u64)>, now: Instant, accepted: u64
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use async_trait::async_trait;
-    use chitchat::ChitchatEnvelope;
-    use chitchat::transport::{RecvOutcome, SendOutcome, Socket, UdpTransport};
-
-    /// Real UDP whose sockets the test can break: once a socket's token is cancelled, its `recv`
-    /// fails the way a broken socket does (chitchat's gossip task then ends).
-    #[derive(Default)]
-    struct BreakableUdp {
-        opened: std::sync::Mutex<Vec<CancellationToken>>,
-    }
-
-    impl BreakableUdp {
-        fn opened(&self) -> Vec<CancellationToken> {
-            self.opened.lock().unwrap().clone()
-        }
-    }
-
-    struct Breakable {
-        inner: Box<dyn Socket>,
-        broken: CancellationToken,
-    }
-
-    #[async_trait]
-    impl Transport for BreakableUdp {
-        async fn open(&self, addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-            let inner = UdpTransport.open(addr).await?;
-            let broken = CancellationToken::new();
-            self.opened.lock().unwrap().push(broken.clone());
-            Ok(Box::new(Breakable { inner, broken }))
-        }
-    }
-
-    #[async_trait]
-    impl Socket for Breakable {
-        fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-            self.inner.local_addr()
-        }
-
-        async fn send(
-            &mut self,
-            to: SocketAddr,
-            envelope: ChitchatEnvelope,
-        ) -> anyhow::Result<SendOutcome> {
-            self.inner.send(to, envelope).await
-        }
-
-        async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
-            tokio::select! {
-                _ = self.broken.cancelled() => Err(anyhow::anyhow!("injected: socket broken")),
-                received = self.inner.recv() => received,
-            }
-        }
-    }
-
-    /// A free UDP address on loopback (bound, then released for chitchat to bind).
-    fn free_addr() -> SocketAddr {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.local_addr().unwrap()
-    }
-
-    struct TestNode {
-        metrics: Arc<Metrics>,
-        status: watch::Sender<Status>,
-        farm: watch::Receiver<FarmList>,
-    }
-
-    async fn node(
-        name: &str,
-        addr: SocketAddr,
-        join: Option<SocketAddr>,
-        transport: Arc<dyn Transport>,
-        cancel: &CancellationToken,
-    ) -> TestNode {
-        let mut config = NodeConfig::new(name);
-        config.join = join.iter().map(ToString::to_string).collect();
-        config.gossip_interval_ms = 50;
-        config.failure_timeout_ms = 1_000;
-        let me = SelfInfo {
-            name: name.into(),
-            url: format!("ws://{addr}/stream"),
-            relay_url: format!("ws://{addr}/internal/relay"),
-            priority: "A".into(),
-            capacity: 10,
-        };
-        let metrics = Arc::new(Metrics::default());
-        let (status, status_rx) = watch::channel(Status::Up);
-        let (farm_tx, farm) = watch::channel(FarmList::new(Vec::new()));
-        let run = Loop {
-            setup: GossipSetup {
-                me,
-                addr,
-                transport,
-                config: config.clone(),
-            },
-            metrics: metrics.clone(),
-            hub: Arc::new(Hub::new(metrics.clone(), config.history_limits())),
-            status_rx,
-            farm_tx,
-            members_tx: watch::channel(0).0,
-            peers_tx: watch::channel(Peers::default()).0,
-            gossip_interval: config.gossip_interval(),
-            failure_timeout: config.failure_timeout(),
-            alone: join.is_none(),
-            isolated_tx: watch::channel(false).0,
-            link_ends: Arc::default(),
-        }
-        .start(cancel.clone())
-        .await
-        .expect("gossip starts");
-        tokio::spawn(run);
-        TestNode {
-            metrics,
-            status,
-            farm,
-        }
-    }
-
-    async fn until(what: &str, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !check() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn listed(farm: &watch::Receiver<FarmList>, name: &str) -> Option<Status> {
-        let list = farm.borrow();
-        list.servers
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| s.status)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn gossip_that_dies_is_reported_and_restarted_as_a_new_generation() {
-        let cancel = CancellationToken::new();
-        let (a_addr, b_addr) = (free_addr(), free_addr());
-        let udp = Arc::new(BreakableUdp::default());
-        let b = node("b", b_addr, None, Arc::new(UdpTransport), &cancel).await;
-        let a = node("a", a_addr, Some(b_addr), udp.clone(), &cancel).await;
-        until("b lists a UP", || listed(&b.farm, "a") == Some(Status::Up)).await;
-        assert_eq!(a.metrics.gossip_up.load(Ordering::Relaxed), 1);
-
-        udp.opened()[0].cancel();
-        until("a's gossip restarted", || {
-            a.metrics.gossip_failures.load(Ordering::Relaxed) == 1
-                && a.metrics.gossip_up.load(Ordering::Relaxed) == 1
-                && udp.opened().len() == 2
-        })
-        .await;
-        // Only the new generation can carry news now: b hears it.
-        a.status.send_replace(Status::Draining);
-        until("b lists a DRAINING", || {
-            listed(&b.farm, "a") == Some(Status::Draining)
-        })
-        .await;
-        assert_eq!(b.metrics.gossip_up.load(Ordering::Relaxed), 1);
-        cancel.cancel();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn own_count_is_listed_as_of_the_peers_instant() {
-        let start = Instant::now();
-        let counts: VecDeque<(Instant, u64)> = (0..10)
-            .map(|k| (start + Duration::from_millis(50 * k), 100 * k))
-            .collect();
-        let now = start + Duration::from_millis(450);
-        let peer = |age| {
-            let mut s = ServerEntry::new("p", "ws://p/", Status::Up, 0, "A");
-            s.users_age_ms = Some(age);
-            s
-        };
-        // Peers 90, 120 and 400 ms old: the median, 120 ms, falls between the samples of 400
-        // and 300 ms ago; the newest count at least that old is the one of 150 ms ago.
-        let list = [peer(90), peer(120), peer(400)];
-        assert_eq!(
-            own_count_as_of(&counts, &list, now),
-            (600, Duration::from_millis(150))
-        );
-        // No live peer: the count of now.
-        assert_eq!(own_count_as_of(&counts, &[], now), (900, Duration::ZERO));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn join_rate_counts_recent_arrivals_per_second() {
-        let mut samples = VecDeque::new();
-        let start = Instant::now();
-        assert_eq!(join_rate(&mut samples, start, 0), 0.0);
-        assert_eq!(
-            join_rate(&mut samples, start + Duration::from_secs(2), 20),
-            10.0
-        );
-        // Old samples leave the window.
-        assert_eq!(
-            join_rate(&mut samples, start + Duration::from_secs(8), 20),
-            0.0
-        );
-    }
-
-    #[test]
-    fn peer_entry_reads_every_key() {
-        let entry = Entry {
-            heartbeat: 3,
-            url: Some("ws://b/stream".into()),
-            status: Some("DRAINING".into()),
-            users: Some("12".into()),
-            sse_users: Some("5".into()),
-            priority: Some("B".into()),
-            capacity: Some("100".into()),
-            join_rate: Some("1.5".into()),
-            relay: None,
-        };
-        let server = entry.server("b").unwrap();
-        assert_eq!(server.status, Status::Draining);
-        assert_eq!(server.users, 12);
-        assert_eq!(server.extra["sse_users"], 5);
-        assert_eq!(server.priority, "B");
-        assert_eq!(server.capacity, Some(100));
-        assert_eq!(server.join_rate, Some(1.5));
-        let no_url = Entry { url: None, ..entry };
-        assert!(no_url.server("b").is_none());
-    }
-}
+mod tests;

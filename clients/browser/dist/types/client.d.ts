@@ -15,6 +15,7 @@ import { type FarmList, type Rng } from './model.js';
 import { type Action, type Backoff, CLOSE, type Input, type LossCause, type RetryMode, type State } from './machine.js';
 import { type Gap, type Position, Positions, type Recovery } from './positions.js';
 import type { Policy } from './selection.js';
+import { type Transport } from './connection.js';
 /** Options of a {@link Client}; only `seeds` is required. */
 export interface ClientOptions {
     /**
@@ -196,11 +197,6 @@ export declare class Subscription extends Emitter<SubscriptionEvents> {
     /** @internal */
     _emit<K extends keyof SubscriptionEvents>(name: K, event: SubscriptionEvents[K]): void;
 }
-/** How a connection streams: a WebSocket, or server-sent events with the client's frames sent up
- * as `POST`s (`docs/PROTOCOL.md`, Server-sent events). */
-export type Transport = 'websocket' | 'sse';
-/** The event stream of a server: its streaming url with `ws`→`http` and the path `/sse`. */
-export declare function sseUrl(server: string): URL;
 /**
  * Whether the client has everything up to `until`, a move's new connection's start: `done`,
  * `waiting`, or `never` (a topic moved to another epoch: the old connection will not get there).
@@ -209,8 +205,6 @@ export declare function sseUrl(server: string): URL;
 export declare function catchUp(positions: Positions, subscribed: {
     has(topic: string): boolean;
 }, until: Record<string, Position>): 'done' | 'waiting' | 'never';
-/** `http(s)://host:port` of a seed given as a URL, a streaming url or `host[:port]`. */
-export declare function seedBase(seed: string): string;
 /**
  * The streamfarm browser client. Create it with the service address (a seed list); it fetches
  * the farm list, picks its server with the policy, subscribes, keeps heartbeats, and fails over
@@ -323,9 +317,4 @@ export declare class Client extends Emitter<ClientEvents> {
     private recovered;
     private setSubState;
 }
-/** The `exp` claim of a JWT (seconds since the epoch), read without checking its signature. */
-export declare function tokenExpiry(token: string): number | undefined;
-/** How long from `nowMs` to send a fresh token for one expiring at `exp`: 30 s before, or
- * half-way for a token with less than a minute left. */
-export declare function refreshDelayMs(exp: number, nowMs: number): number;
 export { CLOSE };

@@ -227,9 +227,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let out = match args.out {
         Some(path) => path,
         None => {
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let stamp = streamfarm_core::time::unix_ms(std::time::SystemTime::now()) / 1000;
             let name = which.expand().first().map_or("all", |(_, n)| *n);
             let name = if matches!(which, Which::All) {
                 "all"

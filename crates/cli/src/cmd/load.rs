@@ -17,6 +17,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use streamfarm_client::{Client, ClientOptions, Event, ServiceAddress};
 use streamfarm_core::FarmList;
+use streamfarm_core::stats::quantile;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -388,15 +389,6 @@ pub(crate) fn millis(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
 
-/// Nearest-rank quantile of sorted values.
-pub(crate) fn quantile(sorted: &[Duration], q: f64) -> Option<Duration> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
-
 /// Many clients in this process, each in its own task, reporting into shared [`Stats`].
 pub(crate) struct Swarm {
     pub(crate) stats: Arc<Stats>,
@@ -603,20 +595,6 @@ impl LiveTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantiles_by_nearest_rank() {
-        let ms = |v: &[u64]| {
-            v.iter()
-                .map(|&m| Duration::from_millis(m))
-                .collect::<Vec<_>>()
-        };
-        let values = ms(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
-        assert_eq!(quantile(&values, 0.5), Some(Duration::from_millis(5)));
-        assert_eq!(quantile(&values, 0.99), Some(Duration::from_millis(10)));
-        assert_eq!(quantile(&values, 0.0), Some(Duration::from_millis(1)));
-        assert_eq!(quantile(&[], 0.5), None);
-    }
 
     #[test]
     fn stats_follow_connections_and_failovers() {

@@ -19,7 +19,7 @@
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
 use rand::SeedableRng;
@@ -27,6 +27,7 @@ use rand::rngs::StdRng;
 use streamfarm_core::encoding;
 use streamfarm_core::model::group_order;
 use streamfarm_core::selection::{self, Context, Policy, Verdict};
+use streamfarm_core::time::unix_ms;
 use streamfarm_core::{FarmList, SelectionError};
 
 /// Arguments of `streamfarm pick`.
@@ -159,9 +160,7 @@ fn list_age(args: &Args, list: &FarmList) -> anyhow::Result<Duration> {
             anyhow::anyhow!("--list-age {seconds}: expected a non-negative number of seconds")
         });
     }
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now_ms = unix_ms(SystemTime::now());
     Ok(list.generated_at_ms.map_or(Duration::ZERO, |at| {
         Duration::from_millis(now_ms.saturating_sub(at))
     }))
