@@ -88,3 +88,52 @@ fn the_simulation_finds_a_claimant_that_ignores_the_farms_logs() {
         found.seed, violation.invariant, violation.detail
     );
 }
+
+/// Two topics of one partition, so a test can follow what a second topic of a claimed partition
+/// costs.
+fn topics_of_one_partition() -> (String, String) {
+    use crate::broker::placement::partition;
+    let first = "t0".to_string();
+    let second = (1..)
+        .map(|i| format!("t{i}"))
+        .find(|t| partition(t) == partition(&first))
+        .expect("some topic shares the partition");
+    (first, second)
+}
+
+#[test]
+fn a_new_topic_of_a_claimed_partition_starts_without_a_claim() {
+    let (first, second) = topics_of_one_partition();
+    let mut farm = SimFarm::new(3, 1, &[first.clone(), second.clone()]);
+    farm.trace = Some(Vec::new());
+    let claims = |farm: &SimFarm| {
+        farm.trace.as_ref().map_or(0, |t| {
+            t.iter().filter(|line| line.contains(" Claim {")).count()
+        })
+    };
+    let mut reply = farm.publish(0, &first, "a", None);
+    farm.run_for(2_000);
+    assert!(
+        matches!(reply.try_recv(), Ok(Ok(_))),
+        "the first topic's publish acknowledged"
+    );
+    let after_first = claims(&farm);
+    assert!(
+        after_first >= 2,
+        "the first topic's partition was claimed from both peers"
+    );
+    let mut reply = farm.publish(1, &second, "b", None);
+    farm.run_for(2_000);
+    let position = reply.try_recv();
+    assert!(
+        matches!(position, Ok(Ok(_))),
+        "the second topic's publish acknowledged: {position:?}"
+    );
+    assert_eq!(claims(&farm), after_first, "the second topic cost no claim");
+    let delivered = farm.delivered(2, &second).map(|(_, messages)| messages);
+    assert_eq!(
+        delivered,
+        Some(vec![(1, "b".to_string())]),
+        "delivered at offset 1 on every node"
+    );
+}
