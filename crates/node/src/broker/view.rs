@@ -29,7 +29,7 @@ impl Core {
         for (p, before) in before {
             let placement = self.partition_placement(p);
             let moved = before.as_ref() != Some(&placement);
-            if !moved && !self.parts[p].claim.as_ref().is_some_and(|c| !c.done) {
+            if !moved && self.parts[p].claim.as_ref().is_none_or(|c| c.done) {
                 continue;
             }
             if placement.sequencer != self.me {
