@@ -86,7 +86,7 @@ impl Core {
         let request = self.next_request;
         // To the replica, which holds everything that went out; sent again (after
         // `RESEND_AFTER`) to every live node, the sequencer included, when it does not answer.
-        let to = self.placement(&topic).replica;
+        let to = self.placement(&topic).replica.clone();
         self.send(
             &to,
             PeerFrame::Fetch {
@@ -149,7 +149,7 @@ impl Core {
         let Some(wait) = self.fetches.get(&request) else {
             return;
         };
-        let replica = self.placement(&wait.topic).replica;
+        let replica = self.placement(&wait.topic).replica.clone();
         let frame = PeerFrame::Fetch {
             topic: wait.topic.clone(),
             request,
@@ -310,7 +310,7 @@ impl Core {
                 .get(&topic)
                 .is_some_and(|c| c.stored.is_none() && !c.held.is_empty());
             if waiting {
-                let sequencer = self.placement(&topic).sequencer;
+                let sequencer = self.placement(&topic).sequencer.clone();
                 self.send(
                     &sequencer,
                     PeerFrame::Prime {

@@ -293,7 +293,8 @@ pub(crate) struct Core {
     live: Vec<String>,
     /// The placement of each partition on `live`, computed when first needed (cleared whenever
     /// `live` changes).
-    placements: std::cell::RefCell<Vec<Option<Placement>>>,
+    /// Shared, not copied: a placement is read several times for every frame.
+    placements: std::cell::RefCell<Vec<Option<Arc<Placement>>>>,
     chains: Chains,
     /// Each partition's claim term and this node's claim of it, by partition.
     parts: Vec<Part>,
@@ -520,20 +521,20 @@ impl Core {
 
     /// The topic's sequencer and replica as this node sees the farm: its partition's, computed
     /// once per partition until the farm changes.
-    fn placement(&self, topic: &str) -> Placement {
+    fn placement(&self, topic: &str) -> Arc<Placement> {
         self.partition_placement(partition(topic))
     }
 
     /// The sequencer and replica of partition `p` as this node sees the farm (this node alone
     /// when no node is live), computed once until the farm changes.
-    fn partition_placement(&self, p: usize) -> Placement {
+    fn partition_placement(&self, p: usize) -> Arc<Placement> {
         let mut cache = self.placements.borrow_mut();
         cache[p]
             .get_or_insert_with(|| {
-                place_partition(p, &self.live).unwrap_or_else(|| Placement {
+                Arc::new(place_partition(p, &self.live).unwrap_or_else(|| Placement {
                     sequencer: self.me.clone(),
                     replica: self.me.clone(),
-                })
+                }))
             })
             .clone()
     }

@@ -40,7 +40,7 @@ impl Core {
             run: self.run,
             key,
         };
-        let to = self.placement(&topic).sequencer;
+        let to = self.placement(&topic).sequencer.clone();
         let now = self.now;
         self.pending_bytes += data.len();
         self.send(
@@ -89,7 +89,7 @@ impl Core {
         let Some(pending) = self.pending.get(id) else {
             return;
         };
-        let to = self.placement(&pending.topic).sequencer;
+        let to = self.placement(&pending.topic).sequencer.clone();
         let frame = PeerFrame::Pub {
             topic: pending.topic.clone(),
             id: id.clone(),

@@ -152,7 +152,7 @@ impl Core {
                 continue;
             }
             chain.reported = at.offset;
-            let sequencer = self.placement(&topic).sequencer;
+            let sequencer = self.placement(&topic).sequencer.clone();
             self.send(
                 &sequencer,
                 PeerFrame::Stored {

@@ -106,7 +106,7 @@ impl Core {
         {
             self.sync_replica(topic);
         }
-        let replica = self.placement(topic).replica;
+        let replica = self.placement(topic).replica.clone();
         let limits = self.limits;
         let Some(seq) = self.chains.get_mut(topic).and_then(|c| c.seq.as_mut()) else {
             return;
@@ -196,7 +196,7 @@ impl Core {
 
     /// Sends the replica the whole log of a topic this node sequences.
     pub(super) fn sync_replica(&mut self, topic: &str) {
-        let replica = self.placement(topic).replica;
+        let replica = self.placement(topic).replica.clone();
         let Some(seq) = self.chains.get_mut(topic).and_then(|c| c.seq.as_mut()) else {
             return;
         };
