@@ -461,13 +461,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_fresh_own_count_beside_stale_ones_unbalances_patent_and_aligning_fixes_it() {
+    fn a_fresh_own_count_beside_stale_ones_unbalances_weighted_and_aligning_fixes_it() {
         // The case: 3 nodes, 300 clients at 1000/s through one list server.
         let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer);
         burst.aligned = false;
-        let before = median(&burst, Policy::Patent, 1, 21);
+        let before = median(&burst, Policy::Weighted, 1, 21);
         burst.aligned = true;
-        let after = median(&burst, Policy::Patent, 1, 21);
+        let after = median(&burst, Policy::Weighted, 1, 21);
         assert!(after < before, "before {before}, after {after}");
     }
 
@@ -487,14 +487,14 @@ mod tests {
     }
 
     #[test]
-    fn patent_spreads_a_burst_once_the_clients_in_flight_are_counted() {
-        // The same burst under the default policy: on counts of a few clients each, patent
+    fn weighted_spreads_a_burst_once_the_clients_in_flight_are_counted() {
+        // The same burst under the default policy: on counts of a few clients each, weighted
         // swings; with the other clients in flight counted in every candidate's users it does not.
         let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer);
         burst.in_flight = false;
-        let uncounted = median(&burst, Policy::Patent, 1, 21);
+        let uncounted = median(&burst, Policy::Weighted, 1, 21);
         burst.in_flight = true;
-        let counted = median(&burst, Policy::Patent, 1, 21);
+        let counted = median(&burst, Policy::Weighted, 1, 21);
         assert!(
             counted <= 1.05 && counted < uncounted,
             "in flight counted {counted}, not {uncounted}"
