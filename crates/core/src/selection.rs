@@ -522,7 +522,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let mut counts = [0u32; 3];
         for _ in 0..20_000 {
-            counts[choose(Policy::Weighted, &list, &[], &mut rng).unwrap().index] += 1;
+            counts[choose(Policy::Weighted, &list, &[], &mut rng)
+                .unwrap()
+                .index] += 1;
         }
         let expected = [0.45, 0.40, 0.15];
         for (c, e) in counts.iter().zip(expected) {
@@ -579,7 +581,9 @@ mod tests {
             for _ in 0..300 {
                 let mut list = list.clone();
                 list.draw = Some(draws.next_draw());
-                counts[choose(Policy::Weighted, &list, &[], &mut rng).unwrap().index] += 1;
+                counts[choose(Policy::Weighted, &list, &[], &mut rng)
+                    .unwrap()
+                    .index] += 1;
             }
             assert!(counts.iter().all(|c| c.abs_diff(100) <= 2), "{counts:?}");
         }
