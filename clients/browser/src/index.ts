@@ -23,8 +23,8 @@ export { type FarmList, type Rng, type ServerEntry, type Status, groupComparator
 export { MAX_EVENT_ID_BYTES, encodeEventId, parseEventId } from './eventid.js';
 export { Positions } from './positions.js';
 export type { Gap, Position, Recovery, Verdict } from './positions.js';
-export { NoServerAvailable, POLICIES, candidates, choose, probabilities, reconnectingContext } from './selection.js';
-export type { Candidates, Choice, Context, Policy } from './selection.js';
+export { NoServerAvailable, POLICIES, POLICY_ALIASES, candidates, choose, probabilities, reconnectingContext } from './selection.js';
+export type { Candidates, Choice, Context, Policy, PolicyAlias } from './selection.js';
 
 /** The library's version. */
 export const VERSION = '0.1.0';

@@ -82,9 +82,9 @@ export interface MachineConfig {
   backoff: Backoff;
 }
 
-/** The defaults of the Rust client: patent, immediate, 10 s cool-down, 100 ms doubling to 5 s. */
+/** The defaults of the Rust client: weighted, immediate, 10 s cool-down, 100 ms doubling to 5 s. */
 export const DEFAULT_MACHINE_CONFIG: MachineConfig = {
-  policy: 'patent',
+  policy: 'weighted',
   retry: 'immediate',
   coolDownMs: 10_000,
   backoff: { baseMs: 100, capMs: 5_000 },

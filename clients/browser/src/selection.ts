@@ -4,17 +4,27 @@
  *
  * Every policy starts with {@link candidates}: the `UP` servers the client has not excluded, of
  * the most preferred priority group that has any. The policies differ in how they weigh those:
- * `patent` (the seeds' formula, the default), `random`, `least-users`, `p2c` and `waterfill`
+ * `weighted` (the default; `patent`, the seeds' name, is an alias), `random`, `least-users`, `p2c` and `waterfill`
  * (staleness-aware). Pure functions: no clock, the RNG is passed in (a list's `draw` stands in for
  * it, as in Rust).
  */
 import { type FarmList, type Rng, type Status, groupComparator } from './model.js';
 
-/** A way of weighing the live servers of the preferred group. */
-export type Policy = 'patent' | 'random' | 'least-users' | 'p2c' | 'waterfill';
+/**
+ * A way of weighing the live servers of the preferred group, by name or by an alias
+ * ({@link POLICY_ALIASES}). `weighted`: every live server, weighted by the share of the users
+ * connected elsewhere (`Policy::Weighted` in Rust, where the name is argued).
+ */
+export type Policy = 'weighted' | 'random' | 'least-users' | 'p2c' | 'waterfill' | PolicyAlias;
+
+/** Other names of a policy: `patent`, the seeds' name of `weighted`, which options and scripts use. */
+export type PolicyAlias = 'patent';
+
+/** The policy each alias names (`Policy::ALIASES` in Rust). */
+export const POLICY_ALIASES: Readonly<Record<PolicyAlias, Policy>> = { patent: 'weighted' };
 
 /** Every policy, in the order the Rust CLI lists them. */
-export const POLICIES: readonly Policy[] = ['patent', 'random', 'least-users', 'p2c', 'waterfill'];
+export const POLICIES: readonly Policy[] = ['weighted', 'random', 'least-users', 'p2c', 'waterfill'];
 
 /** How the first step judged one server. */
 export type Verdict =
@@ -119,9 +129,10 @@ function weigh(policy: Policy, list: FarmList, c: Candidates, context: Context):
   // Counts of different ages are compared as of one instant (the freshest among them).
   const { users, ageS } = usersAtOneInstant(list, c.indices);
   let weights: number[];
-  switch (policy) {
-    case 'patent':
-      weights = patentWeights(users);
+  const named = Object.prototype.hasOwnProperty.call(POLICY_ALIASES, policy) ? POLICY_ALIASES[policy as PolicyAlias] : policy;
+  switch (named) {
+    case 'weighted':
+      weights = weightedWeights(users);
       break;
     case 'random':
       weights = users.map(() => 1 / users.length);
@@ -137,7 +148,9 @@ function weigh(policy: Policy, list: FarmList, c: Candidates, context: Context):
       weights = waterfillWeights(list, c.indices, users, { ...context, listAgeS: context.listAgeS + ageS });
       break;
     default:
-      throw new Error(`unknown policy ${JSON.stringify(policy)}: expected one of ${POLICIES.join(', ')}`);
+      throw new Error(
+        `unknown policy ${JSON.stringify(policy)}: expected one of weighted (or patent), random, least-users, p2c, waterfill`,
+      );
   }
   const all = list.servers.map(() => 0);
   c.indices.forEach((i, k) => (all[i] = weights[k]!));
@@ -145,7 +158,7 @@ function weigh(policy: Policy, list: FarmList, c: Candidates, context: Context):
 }
 
 /** `p_i = (1 - u_i / total) / (n - 1)`; 1 for a lone server; uniform when `total` is 0. */
-function patentWeights(users: number[]): number[] {
+function weightedWeights(users: number[]): number[] {
   const n = users.length;
   const total = users.reduce((a, b) => a + b, 0);
   if (n === 1) return [1];

@@ -8,8 +8,9 @@
 //! batches every 10 ms, and each one's server is read from its `Connected` event. The figure is
 //! max/mean of clients per node at the moment the last one connects. Beside it: the rate at which
 //! the box started clients (a shared 2-core box caps it), the median time from a client's start to
-//! its connection, and the simulator's figure for the same case at that rate and connect time
-//! ([`streamfarm_sim::burst`], the median over 21 seeds).
+//! its connection, and the simulator's figure for the same case at that rate, batch size and
+//! connect time ([`streamfarm_sim::burst`], the median over 21 seeds, clients picking from their
+//! list connection's greeting as the Rust client does).
 //!
 //! Between runs every client closes, and the next run waits until every node lists 0 users and a
 //! join rate of 0 (the nodes measure it over 5 s), as the simulator's farm starts.
@@ -101,6 +102,7 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
                     let mut model =
                         Burst::new(case.nodes, case.clients as u64, live.rate, case.via);
                     model.connect_delay = live.connect_delay;
+                    model.batch = per_batch(case.rate) as u64;
                     row.add(
                         "sim_max_over_mean",
                         burst::median(&model, case.policy, 1, SIM_SEEDS),
@@ -121,6 +123,11 @@ pub(crate) async fn run(options: &Options) -> anyhow::Result<Section> {
             .to_string(),
     );
     Ok(section)
+}
+
+/// Clients started together, a batch every 10 ms: as many as `rate` arrivals per second make.
+fn per_batch(rate: f64) -> usize {
+    ((rate / 100.0).ceil() as usize).max(1)
 }
 
 fn print_row(row: &crate::report::Row) {
@@ -226,7 +233,7 @@ impl Farm {
             mpsc::channel::<(usize, String, Duration)>(case.clients);
         let mut tasks = JoinSet::new();
         let started_count = Arc::new(AtomicUsize::new(0));
-        let per_batch = ((case.rate / 100.0).ceil() as usize).max(1);
+        let per_batch = per_batch(case.rate);
         let begin = Instant::now();
         let mut last_start = begin;
         let mut closers = Vec::new();

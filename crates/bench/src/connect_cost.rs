@@ -2,7 +2,7 @@
 //!
 //! - `seeds method` — the client library (`streamfarm-client`) given the three nodes' addresses
 //!   as the service: it reaches one node, reads the farm list that node sends on connecting,
-//!   picks a server (`patent` policy) and connects and subscribes there (the same connection
+//!   picks a server (`weighted` policy) and connects and subscribes there (the same connection
 //!   when it picked the node it reached).
 //! - `direct` — this crate's minimal WebSocket client straight to a known node: connect, read
 //!   `hello` and `farm`, subscribe.

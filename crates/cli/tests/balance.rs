@@ -1,7 +1,7 @@
 //! The simulator against a live farm: `streamfarm bench balance` on three real nodes (rebalancing
 //! off), a burst of clients arriving through one list server, and the simulator's figure for the
-//! same case beside each live one. The model must match what the farm does: its max/mean within 0.03 of the
-//! live one.
+//! same case beside each live one. The model must match what the farm does: its max/mean within
+//! 0.03 of the live one.
 
 use std::process::Command;
 
@@ -46,13 +46,13 @@ fn live_and_simulated(policy: &str, farm: &str, rate: &str) -> (f64, f64, String
 
 #[test]
 fn simulated_balance_matches_a_live_burst_within_three_hundredths() {
-    // 300 clients on three nodes at 1000/s through one list server, uniform picks: the list
-    // server's draws split the burst within a client or two of even, live and simulated alike
-    // (each client drawing for itself, both would read about 1.09, give or take 0.04 a run).
-    let (live, simulated, stdout) = live_and_simulated("random", "3x300", "1000");
+    // 900 clients on three nodes at 1000/s through one list server, uniform picks. The Rust
+    // client picks from its list connection's greeting, which carries no draw: each client draws
+    // for itself, from its seed, so the live split is the binomial one (about 1.05), and so is the
+    // simulator's. A model that gave the greeting the list server's draws would read 1.003.
+    let (live, simulated, stdout) = live_and_simulated("random", "3x900", "1000");
     assert!(
         (live - simulated).abs() <= 0.03,
         "live {live:.3} against simulated {simulated:.3}:\n{stdout}"
     );
-    assert!(live <= 1.05, "live {live:.3}:\n{stdout}");
 }

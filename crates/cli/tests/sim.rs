@@ -26,6 +26,7 @@ const SMALL: &[&str] = &["--servers", "3", "--clients", "300", "--load", "100"];
 fn prints_a_table_per_scenario_with_a_row_per_policy() {
     let mut args = SMALL.to_vec();
     args.extend(["--scenario", "steady,failure", "--staleness", "0"]);
+    // `patent` is the weighted policy's other name: the table names it `weighted`.
     args.extend(["--policy", "least-users", "--policy", "patent"]);
     let out = stdout(&sim(&args));
     assert!(
@@ -37,7 +38,7 @@ fn prints_a_table_per_scenario_with_a_row_per_policy() {
         out.contains("| least-users | 1.000 | 1.000 | 0.0000 |"),
         "{out}"
     );
-    assert_eq!(out.matches("| patent |").count(), 2, "{out}");
+    assert_eq!(out.matches("| weighted |").count(), 2, "{out}");
     assert!(!out.contains("| waterfill |"), "{out}");
     assert!(out.contains("4 runs in"), "{out}");
 }

@@ -65,12 +65,12 @@ impl Default for ClientOptions {
 }
 
 impl ClientOptions {
-    /// The defaults: `patent` policy, immediate re-request, 10 s cool-down, 100 ms–5 s backoff, 1 s connect
+    /// The defaults: `weighted` policy, immediate re-request, 10 s cool-down, 100 ms–5 s backoff, 1 s connect
     /// timeout, the node's heartbeat timeout, the system resolver.
     ///
     /// ```
     /// use streamfarm_client::{ClientOptions, Policy};
-    /// assert_eq!(ClientOptions::new().policy_used(), Policy::Patent);
+    /// assert_eq!(ClientOptions::new().policy_used(), Policy::Weighted);
     /// ```
     pub fn new() -> Self {
         Self::default()

@@ -11,7 +11,7 @@
 //! - [`model`] — [`ServerEntry`], [`Status`], [`FarmList`] and the priority-group order.
 //! - [`encoding`] — the list's encodings (JSON, text, XML, JavaScript): [`Format`], [`render`](encoding::render),
 //!   [`parse`](encoding::parse), format detection and HTTP `Accept` negotiation.
-//! - [`selection`] — the policies (`patent`, `random`, `least-users`, `p2c`, `waterfill`) as pure
+//! - [`selection`] — the policies (`weighted`, `random`, `least-users`, `p2c`, `waterfill`) as pure
 //!   functions of (list, exclusions, RNG, and for `waterfill` the list's age), with exact
 //!   probabilities and an explanation.
 //! - [`balance`] — active rebalancing: every server's fair share of the list and who moves how many

@@ -189,7 +189,7 @@ impl FarmList {
     ///
     /// Each also counts an even share of the other clients in flight (`in_flight` less this
     /// list's own client, over the servers at `indices`). On a nearly empty farm the counts alone
-    /// are a few clients each, and `patent`, which weighs `1 − users_i / total`, swings hard on a
+    /// are a few clients each, and `weighted`, which weighs `1 − users_i / total`, swings hard on a
     /// count or two of a gossip round ago, while the clients in flight, spread evenly by the list
     /// server's draws, are many. The same number added to every candidate changes no other
     /// policy: the order of the counts, and waterfill's deficits, stay as they were.

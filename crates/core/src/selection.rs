@@ -5,8 +5,9 @@
 //! most preferred priority group that has a live server. The policies differ only in how they
 //! weigh the live servers of that group:
 //!
-//! - [`Policy::Patent`] — the seeds' weighting, `p_i = (1 - users_i / total) / (live - 1)`: 1 for a
-//!   lone live server, uniform when nobody is connected anywhere.
+//! - [`Policy::Weighted`] — every live server, weighted by the share of the users that are
+//!   elsewhere: `p_i = (1 - users_i / total) / (live - 1)`; 1 for a lone live server, uniform when
+//!   nobody is connected anywhere. The default; `patent` is its other name.
 //! - [`Policy::Random`] — uniform, what DNS round-robin gives.
 //! - [`Policy::LeastUsers`] — uniform among the servers with the fewest users. Herds on stale lists.
 //! - [`Policy::P2c`] — power of two choices: two distinct live servers at random, the one with fewer
@@ -41,7 +42,7 @@
 //!     ServerEntry::new("b", "ws://b/s", Status::Down, 0, "B"),
 //!     ServerEntry::new("n", "ws://n/s", Status::Up, 2979, "A"),
 //! ]);
-//! let p = selection::probabilities(Policy::Patent, &list, &[]).unwrap();
+//! let p = selection::probabilities(Policy::Weighted, &list, &[]).unwrap();
 //! assert!((p[0] - 0.501).abs() < 0.001 && p[1] == 0.0 && (p[2] - 0.499).abs() < 0.001);
 //! ```
 
@@ -59,9 +60,17 @@ mod waterfill;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Policy {
-    /// The seeds' formula: weighted against connected users. The default.
+    /// Every live server, weighted by the share of the users connected elsewhere:
+    /// `p_i = (1 − users_i / total) / (live − 1)`. The default.
+    ///
+    /// Named for what it does: it is the one policy that keeps every live server in the draw
+    /// and only tilts it against the busier ones (least-users, p2c and waterfill send nobody to a
+    /// server above the others' counts or level; random ignores the counts). The seeds call it
+    /// `patent`, after where the formula came from, and clients, config files and scripts name it
+    /// so: [`FromStr`] takes `patent` as an alias of `weighted`, in the CLI, configs and the
+    /// browser client alike ([`Policy::ALIASES`]).
     #[default]
-    Patent,
+    Weighted,
     /// Uniform over the live servers.
     Random,
     /// Uniform over the live servers with the fewest users.
@@ -84,7 +93,7 @@ pub enum Policy {
 impl Policy {
     /// Every policy, in the order the CLI lists them.
     pub const ALL: [Policy; 5] = [
-        Policy::Patent,
+        Policy::Weighted,
         Policy::Random,
         Policy::LeastUsers,
         Policy::P2c,
@@ -94,13 +103,17 @@ impl Policy {
     /// The policy's name on the command line and in config files.
     pub fn name(self) -> &'static str {
         match self {
-            Policy::Patent => "patent",
+            Policy::Weighted => "weighted",
             Policy::Random => "random",
             Policy::LeastUsers => "least-users",
             Policy::P2c => "p2c",
             Policy::Waterfill => "waterfill",
         }
     }
+
+    /// Other names that name a policy wherever one is read: `patent`, the seeds' name of
+    /// [`Policy::Weighted`], which clients and config files already use.
+    pub const ALIASES: [(&'static str, Policy); 1] = [("patent", Policy::Weighted)];
 }
 
 impl fmt::Display for Policy {
@@ -115,7 +128,10 @@ impl FromStr for Policy {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Policy::ALL
             .into_iter()
-            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .map(|p| (p.name(), p))
+            .chain(Policy::ALIASES)
+            .find(|(name, _)| name.eq_ignore_ascii_case(s))
+            .map(|(_, p)| p)
             .ok_or_else(|| SelectionError::UnknownPolicy(s.to_string()))
     }
 }
@@ -137,7 +153,9 @@ pub enum SelectionError {
         excluded: usize,
     },
     /// The policy name is not one we know.
-    #[error("unknown policy {0:?}: expected one of patent, random, least-users, p2c, waterfill")]
+    #[error(
+        "unknown policy {0:?}: expected one of weighted (or patent), random, least-users, p2c, waterfill"
+    )]
     UnknownPolicy(String),
 }
 
@@ -310,7 +328,7 @@ fn weigh(policy: Policy, list: &FarmList, candidates: &Candidates, context: &Con
     // Counts of different ages are compared as of one instant (the freshest among them).
     let (users, count_age) = list.users_at_one_instant(&candidates.indices);
     let weights = match policy {
-        Policy::Patent => patent_weights(&users),
+        Policy::Weighted => weighted_weights(&users),
         Policy::Random => vec![1.0 / users.len() as f64; users.len()],
         Policy::LeastUsers => least_users_weights(&users),
         Policy::P2c => p2c_weights(&users),
@@ -332,7 +350,7 @@ fn weigh(policy: Policy, list: &FarmList, candidates: &Candidates, context: &Con
 ///
 /// Counts are whole numbers below 2^53 whenever they came straight from a list, so the sum and
 /// the ratios are the same as in integers: the shared vectors hold exactly.
-fn patent_weights(users: &[f64]) -> Vec<f64> {
+fn weighted_weights(users: &[f64]) -> Vec<f64> {
     let n = users.len();
     let total: f64 = users.iter().sum();
     if n == 1 {
@@ -504,7 +522,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let mut counts = [0u32; 3];
         for _ in 0..20_000 {
-            counts[choose(Policy::Patent, &list, &[], &mut rng).unwrap().index] += 1;
+            counts[choose(Policy::Weighted, &list, &[], &mut rng)
+                .unwrap()
+                .index] += 1;
         }
         let expected = [0.45, 0.40, 0.15];
         for (c, e) in counts.iter().zip(expected) {
@@ -561,7 +581,9 @@ mod tests {
             for _ in 0..300 {
                 let mut list = list.clone();
                 list.draw = Some(draws.next_draw());
-                counts[choose(Policy::Patent, &list, &[], &mut rng).unwrap().index] += 1;
+                counts[choose(Policy::Weighted, &list, &[], &mut rng)
+                    .unwrap()
+                    .index] += 1;
             }
             assert!(counts.iter().all(|c| c.abs_diff(100) <= 2), "{counts:?}");
         }
@@ -588,6 +610,17 @@ mod tests {
     #[test]
     fn unknown_policy_names_the_choices() {
         let err = "fastest".parse::<Policy>().unwrap_err();
-        assert!(err.to_string().contains("patent, random"));
+        assert!(err.to_string().contains("weighted (or patent), random"));
+    }
+
+    #[test]
+    fn patent_names_the_weighted_policy() {
+        for name in ["patent", "PATENT", "weighted"] {
+            assert_eq!(name.parse::<Policy>(), Ok(Policy::Weighted), "{name}");
+        }
+        assert_eq!(Policy::Weighted.to_string(), "weighted");
+        for policy in Policy::ALL {
+            assert_eq!(policy.name().parse::<Policy>(), Ok(policy));
+        }
     }
 }

@@ -18,14 +18,20 @@
 //! - **The list server's own count.** Listed now with no age ([`Burst::aligned`] false: what the
 //!   nodes did before), or as of the median instant of its live peers' counts, with that age
 //!   (true: what they do now).
-//! - **Clients.** `clients` arrive evenly at `rate` per second; each fetches the list (restamped
-//!   at the request, as `GET /farm` does) from one list server ([`Via::ListServer`]) or from a
-//!   server drawn at random ([`Via::Dns`], round-robin DNS with shuffled answers), picks with
-//!   [`streamfarm_core::selection::choose_with`], and is counted on its server
-//!   [`Burst::connect_delay`] seconds later. Every list a node hands to a client carries the
-//!   node's next draw ([`streamfarm_core::selection::Draws`], from a start of its own;
-//!   [`Burst::draws`] false: none, each client draws for itself, as before); the greeting of a
-//!   client's new connection carries neither a draw nor counts in flight: the client has chosen.
+//! - **Clients.** `clients` arrive at `rate` per second, in batches of [`Burst::batch`] started
+//!   together (`streamfarm bench balance` starts a batch every 10 ms); each gets its list from one
+//!   list server ([`Via::ListServer`]) or from a server drawn at random ([`Via::Dns`], round-robin
+//!   DNS with shuffled answers), picks with [`streamfarm_core::selection::choose_with`], and is
+//!   counted on its server [`Burst::connect_delay`] seconds later.
+//! - **The list a client picks from.** The Rust client picks from the greeting of its list
+//!   connection (`hello`, then the list), which a node gives every new connection: the counts with
+//!   their ages, but neither a draw nor `in_flight` (a node cannot tell a client that is about to
+//!   choose from one that has chosen). A list asked for (`GET /farm`, as the browser client does,
+//!   or a `list` frame) carries both: the node's next draw ([`streamfarm_core::selection::Draws`],
+//!   from a start of its own) and the lists it handed out since its own count. [`Burst::draws`]
+//!   and [`Burst::in_flight`] say which the client picks from; [`Burst::new`] is the greeting.
+//!   Once connected, a client asks its server for the list to watch (`list` with `watch`), which
+//!   takes one of that server's draws and counts in its `in_flight`.
 //!
 //! The figure is max/mean of users per server when the last client has connected; [`median`]
 //! takes it over seeds.
@@ -76,18 +82,26 @@ pub struct Burst {
     pub join_rate_window: f64,
     /// Seconds from a client's list request to its connection being counted.
     pub connect_delay: f64,
+    /// Clients started at the same instant (at least 1): the next batch starts `batch / rate`
+    /// seconds later.
+    pub batch: u64,
     /// Whether a list server lists its own count as of its peers' instant.
     pub aligned: bool,
-    /// Whether a list server says how many lists it handed out since its own count
-    /// (`in_flight`).
+    /// Whether the list a client picks from says how many lists its server handed out since
+    /// its own count (`in_flight`): a list asked for does, a greeting does not.
     pub in_flight: bool,
-    /// Whether each list handed to a client carries the list server's next draw (`draw`).
+    /// Whether the list a client picks from carries its server's next draw (`draw`): a list
+    /// asked for does, a greeting does not.
     pub draws: bool,
+    /// Whether the list a connected client asks its server for, to watch, is handed out as a
+    /// list to choose from (a draw taken, counted in flight), as the nodes do now.
+    pub watch_takes_draw: bool,
 }
 
 impl Burst {
-    /// A burst with the node's defaults: gossip every 0.1 s, join rates over 5 s, counted 5 ms
-    /// after the list, the list server's own count aligned.
+    /// A burst as the nodes and the Rust client meet it: gossip every 0.1 s, join rates over 5 s,
+    /// counted 5 ms after the list, one client at a time, the list server's own count aligned,
+    /// and each client picking from its list connection's greeting (no draw, no `in_flight`).
     pub fn new(servers: usize, clients: u64, rate: f64, via: Via) -> Burst {
         Burst {
             servers,
@@ -97,9 +111,21 @@ impl Burst {
             gossip_interval: 0.1,
             join_rate_window: 5.0,
             connect_delay: 0.005,
+            batch: 1,
             aligned: true,
+            in_flight: false,
+            draws: false,
+            watch_takes_draw: true,
+        }
+    }
+
+    /// The same burst with every client picking from a list it asked for (`GET /farm`, as the
+    /// browser client does): the list server's draw and its clients in flight in each.
+    pub fn asked_for(self) -> Burst {
+        Burst {
             in_flight: true,
             draws: true,
+            ..self
         }
     }
 }
@@ -210,7 +236,8 @@ pub fn run(burst: &Burst, policy: Policy, seed: u64) -> f64 {
         match event {
             Event::Arrival(k) => {
                 if k + 1 < burst.clients {
-                    let next = start + (k + 1) as f64 / burst.rate;
+                    let batch = burst.batch.max(1);
+                    let next = start + ((k + 1) / batch * batch) as f64 / burst.rate;
                     push(&mut events, next, Event::Arrival(k + 1));
                 }
                 let server = match burst.via {
@@ -244,12 +271,18 @@ pub fn run(burst: &Burst, policy: Policy, seed: u64) -> f64 {
             }
             Event::Connected { to, via } => {
                 if to != via {
-                    // A new connection, which gets a list too; then the list's one closes.
+                    // A new connection, greeted with a list that is neither in flight nor given
+                    // a draw; then the list's connection closes.
                     users[to] += 1;
                     accepted[to] += 1;
                     users[via] -= 1;
-                    // Its greeting's list is neither in flight nor given a draw: the client has
-                    // chosen.
+                }
+                // The client asks its server for the list to watch: a list handed out there.
+                if burst.watch_takes_draw {
+                    let mut watched = lists[to].clone();
+                    watched.restamp((time * 1000.0) as u64);
+                    hand_out(&mut served[to], &watched, to, time);
+                    draws[to].next_draw();
                 }
                 connected += 1;
                 if connected == burst.clients {
@@ -461,13 +494,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_fresh_own_count_beside_stale_ones_unbalances_patent_and_aligning_fixes_it() {
+    fn a_fresh_own_count_beside_stale_ones_unbalances_weighted_and_aligning_fixes_it() {
         // The case: 3 nodes, 300 clients at 1000/s through one list server.
         let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer);
         burst.aligned = false;
-        let before = median(&burst, Policy::Patent, 1, 21);
+        let before = median(&burst, Policy::Weighted, 1, 21);
         burst.aligned = true;
-        let after = median(&burst, Policy::Patent, 1, 21);
+        let after = median(&burst, Policy::Weighted, 1, 21);
         assert!(after < before, "before {before}, after {after}");
     }
 
@@ -475,7 +508,8 @@ mod tests {
     fn a_list_servers_draws_spread_a_burst_as_evenly_as_a_trickle() {
         // 300 clients at 1000/s through one list server, uniform picks: each client's own draw
         // leaves the binomial spread (about 1.09); the list server's draws leave a client or two.
-        let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer);
+        let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer).asked_for();
+        burst.watch_takes_draw = false;
         burst.draws = false;
         let own = median(&burst, Policy::Random, 1, 21);
         burst.draws = true;
@@ -487,14 +521,32 @@ mod tests {
     }
 
     #[test]
-    fn patent_spreads_a_burst_once_the_clients_in_flight_are_counted() {
-        // The same burst under the default policy: on counts of a few clients each, patent
+    fn draws_taken_by_watch_requests_undo_the_spread() {
+        // A client that picked the list server asks it for the list to watch at once: the draw
+        // it takes is the one after a draw that picked that server, so the list server's own
+        // share of the sequence is skipped over and it is starved (or flooded), worse than
+        // independent draws.
+        let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer).asked_for();
+        burst.draws = false;
+        let own = median(&burst, Policy::Random, 1, 21);
+        burst.draws = true;
+        let skipped = median(&burst, Policy::Random, 1, 21);
+        assert!(
+            skipped > own,
+            "own draws {own}, the list's with skips {skipped}"
+        );
+    }
+
+    #[test]
+    fn weighted_spreads_a_burst_once_the_clients_in_flight_are_counted() {
+        // The same burst under the default policy: on counts of a few clients each, weighted
         // swings; with the other clients in flight counted in every candidate's users it does not.
-        let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer);
+        let mut burst = Burst::new(3, 300, 1000.0, Via::ListServer).asked_for();
+        burst.watch_takes_draw = false;
         burst.in_flight = false;
-        let uncounted = median(&burst, Policy::Patent, 1, 21);
+        let uncounted = median(&burst, Policy::Weighted, 1, 21);
         burst.in_flight = true;
-        let counted = median(&burst, Policy::Patent, 1, 21);
+        let counted = median(&burst, Policy::Weighted, 1, 21);
         assert!(
             counted <= 1.05 && counted < uncounted,
             "in flight counted {counted}, not {uncounted}"

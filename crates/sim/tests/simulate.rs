@@ -75,17 +75,17 @@ fn clients_are_conserved_in_every_scenario_and_policy() {
 fn scenarios_do_what_they_say() {
     let s = small(ScenarioKind::Steady, 1.0);
     assert_eq!(one(s, Policy::Random, 1).trace.counts.arrivals, 3000);
-    let failure = one(small(ScenarioKind::Failure, 1.0), Policy::Patent, 1);
+    let failure = one(small(ScenarioKind::Failure, 1.0), Policy::Weighted, 1);
     // Node 0 had its 600 and its share of 5 s of arrivals.
     let lost = failure.trace.counts.disconnected;
     assert!((600..600 + 1500).contains(&lost), "{lost}");
-    let rolling = one(small(ScenarioKind::Rolling, 1.0), Policy::Patent, 1);
+    let rolling = one(small(ScenarioKind::Rolling, 1.0), Policy::Weighted, 1);
     assert!(
         rolling.trace.counts.disconnected > 5 * 500,
         "{:?}",
         rolling.trace.counts
     );
-    let churn = one(small(ScenarioKind::Churn, 1.0), Policy::Patent, 1);
+    let churn = one(small(ScenarioKind::Churn, 1.0), Policy::Weighted, 1);
     assert!(
         churn.trace.counts.departures > 3000,
         "{:?}",
@@ -118,20 +118,20 @@ fn least_users_and_waterfill_on_fresh_lists_are_perfectly_balanced() {
 }
 
 #[test]
-fn a_new_server_fills_under_waterfill_and_not_under_patent() {
+fn a_new_server_fills_under_waterfill_and_not_under_weighted() {
     let share = |policy| {
         let outcome = one(small(ScenarioKind::ScaleOut, 0.5), policy, 9);
         outcome.summary.new_server.unwrap().share_at_end
     };
-    let (patent, p2c, waterfill) = (
-        share(Policy::Patent),
+    let (weighted, p2c, waterfill) = (
+        share(Policy::Weighted),
         share(Policy::P2c),
         share(Policy::Waterfill),
     );
-    assert!(patent < 0.5, "patent {patent}");
+    assert!(weighted < 0.5, "weighted {weighted}");
     assert!(
-        patent < p2c && p2c < waterfill,
-        "{patent} {p2c} {waterfill}"
+        weighted < p2c && p2c < waterfill,
+        "{weighted} {p2c} {waterfill}"
     );
     assert!(waterfill > 0.95, "waterfill {waterfill}");
 }
@@ -164,7 +164,7 @@ fn worst_point_is_the_highest_max_over_mean_after_the_perturbation() {
 
 #[test]
 fn json_has_a_row_per_run() {
-    let outcomes = simulate(&all_small(1.0)[..2], &[Policy::Patent, Policy::P2c], 1);
+    let outcomes = simulate(&all_small(1.0)[..2], &[Policy::Weighted, Policy::P2c], 1);
     let rows: serde_json::Value = serde_json::from_str(&report::json(&outcomes)).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 4);

@@ -25,7 +25,7 @@ export interface ClientOptions {
     seeds: string | string[];
     /** Topics to subscribe from the start. */
     topics?: string[];
-    /** Selection policy (default `patent`). */
+    /** Selection policy (default `weighted`; `patent` names it too). */
     policy?: Policy;
     /** `immediate` (default: re-request the list at once) or `retry-once` (the same server once more first). */
     retry?: RetryMode;

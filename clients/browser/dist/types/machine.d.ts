@@ -62,7 +62,7 @@ export interface MachineConfig {
     coolDownMs: number;
     backoff: Backoff;
 }
-/** The defaults of the Rust client: patent, immediate, 10 s cool-down, 100 ms doubling to 5 s. */
+/** The defaults of the Rust client: weighted, immediate, 10 s cool-down, 100 ms doubling to 5 s. */
 export declare const DEFAULT_MACHINE_CONFIG: MachineConfig;
 /** Why an established connection ended. */
 export type LossCause = {

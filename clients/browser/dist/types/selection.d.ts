@@ -4,13 +4,21 @@
  *
  * Every policy starts with {@link candidates}: the `UP` servers the client has not excluded, of
  * the most preferred priority group that has any. The policies differ in how they weigh those:
- * `patent` (the seeds' formula, the default), `random`, `least-users`, `p2c` and `waterfill`
+ * `weighted` (the default; `patent`, the seeds' name, is an alias), `random`, `least-users`, `p2c` and `waterfill`
  * (staleness-aware). Pure functions: no clock, the RNG is passed in (a list's `draw` stands in for
  * it, as in Rust).
  */
 import { type FarmList, type Rng, type Status } from './model.js';
-/** A way of weighing the live servers of the preferred group. */
-export type Policy = 'patent' | 'random' | 'least-users' | 'p2c' | 'waterfill';
+/**
+ * A way of weighing the live servers of the preferred group, by name or by an alias
+ * ({@link POLICY_ALIASES}). `weighted`: every live server, weighted by the share of the users
+ * connected elsewhere (`Policy::Weighted` in Rust, where the name is argued).
+ */
+export type Policy = 'weighted' | 'random' | 'least-users' | 'p2c' | 'waterfill' | PolicyAlias;
+/** Other names of a policy: `patent`, the seeds' name of `weighted`, which options and scripts use. */
+export type PolicyAlias = 'patent';
+/** The policy each alias names (`Policy::ALIASES` in Rust). */
+export declare const POLICY_ALIASES: Readonly<Record<PolicyAlias, Policy>>;
 /** Every policy, in the order the Rust CLI lists them. */
 export declare const POLICIES: readonly Policy[];
 /** How the first step judged one server. */

@@ -17,7 +17,7 @@ test('the vector file has patent and random vectors', () => {
 
 for (const v of vectors.vectors) {
   test(`vector ${v.name} (${v.policy})`, () => {
-    assert.ok(sf.POLICIES.includes(v.policy), `policy ${v.policy} is not implemented`);
+    assert.ok(sf.POLICIES.includes(v.policy) || v.policy in sf.POLICY_ALIASES, `policy ${v.policy} is not implemented`);
     const list = { servers: v.servers };
     const exclude = v.exclude ?? [];
     if (v.expect.error) {
@@ -147,4 +147,12 @@ test('waterfill: the counts age adds to the list age, and in_flight is the least
   const fresh = farm([0, 300]);
   fresh.in_flight = 301;
   assert.ok(close(sf.probabilities('waterfill', fresh), [300.5 / 301, 0.5 / 301]), String(sf.probabilities('waterfill', fresh)));
+});
+
+test('patent names the weighted policy: the same probabilities and the same pick', () => {
+  const list = farm([100, 200, 700]);
+  assert.deepEqual(sf.probabilities('patent', list), sf.probabilities('weighted', list));
+  assert.deepEqual(sf.POLICY_ALIASES, { patent: 'weighted' });
+  assert.equal(sf.choose('patent', list, [], sf.seededRng(5)).index, sf.choose('weighted', list, [], sf.seededRng(5)).index);
+  assert.throws(() => sf.probabilities('toString', list), /unknown policy "toString"/);
 });

@@ -14,8 +14,8 @@ use streamfarm_core::encoding::{self, Format};
 /// Flags shared by `list`, `sub`, `pub` and `load`: how the client reaches and chooses.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ClientArgs {
-    /// Selection policy: patent, random, least-users, p2c, waterfill.
-    #[arg(long, default_value = "patent")]
+    /// Selection policy: weighted (also called patent), random, least-users, p2c, waterfill.
+    #[arg(long, default_value = "weighted")]
     pub(crate) policy: Policy,
     /// Resolve the service name through this DNS server instead of the system resolver.
     #[arg(long, value_name = "IP:PORT")]

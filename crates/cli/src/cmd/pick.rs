@@ -37,8 +37,8 @@ pub(crate) struct Args {
     /// XML or JavaScript, detected.
     #[arg(long, value_name = "FILE_OR_URL")]
     list: String,
-    /// Selection policy: patent, random, least-users, p2c, waterfill.
-    #[arg(long, default_value = "patent")]
+    /// Selection policy: weighted (also called patent), random, least-users, p2c, waterfill.
+    #[arg(long, default_value = "weighted")]
     policy: Policy,
     /// Say why: the group chosen, each server's verdict and the policy's formula.
     #[arg(long)]
@@ -284,9 +284,9 @@ fn explain(
         let detail = match verdict {
             Verdict::Candidate => {
                 let why = match policy {
-                    Policy::Patent if n == 1 => "the only live server".to_string(),
-                    Policy::Patent if total == 0 => format!("nobody connected anywhere: 1/{n}"),
-                    Policy::Patent => {
+                    Policy::Weighted if n == 1 => "the only live server".to_string(),
+                    Policy::Weighted if total == 0 => format!("nobody connected anywhere: 1/{n}"),
+                    Policy::Weighted => {
                         format!("(1 - {}/{total}) / ({n} - 1)", server.users)
                     }
                     Policy::Random => format!("1/{n}"),
@@ -318,7 +318,7 @@ fn explain(
 /// The policy's rule, with the numbers of this list.
 fn formula(policy: Policy, n: usize, total: u64, context: &Context) -> String {
     match policy {
-        Policy::Patent => format!(
+        Policy::Weighted => format!(
             "p_i = (1 - users_i / total) / (live - 1), total = {total} users on live = {n} servers \
              (1 for a lone live server; uniform when total is 0)"
         ),

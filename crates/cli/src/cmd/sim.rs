@@ -68,8 +68,10 @@ pub(crate) struct Args {
     rebalance: bool,
     /// Bursts of arrivals as a live farm serves them (each count of a list with its own age, one
     /// list server or the DNS name): max/mean when the last client connects, median over 21
-    /// seeds, with the lists the nodes make and with the same lists without a draw (each client
-    /// drawing for itself). The live runs: `streamfarm bench balance`.
+    /// seeds, with clients picking from their list connection's greeting (as the Rust client
+    /// does), from a list asked for (`GET /farm`: a draw and the clients in flight), and from
+    /// one asked for where a connected client's watch request takes no draw. The live runs:
+    /// `streamfarm bench balance`.
     #[arg(long)]
     bursts: bool,
 }
@@ -83,22 +85,32 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         let started = Instant::now();
         let tables = tokio::task::spawn_blocking(move || {
-            let now = burst::default_bursts();
-            let before: Vec<_> = now
+            let greeting = burst::default_bursts();
+            let asked_for: Vec<_> = greeting.iter().map(|b| b.asked_for()).collect();
+            let watch_without_draw: Vec<_> = asked_for
                 .iter()
-                .map(|b| burst::Burst { draws: false, ..*b })
+                .map(|b| burst::Burst {
+                    watch_takes_draw: false,
+                    ..*b
+                })
                 .collect();
-            (
-                burst::table(&now, &policies, 21),
-                burst::table(&before, &policies, 21),
-            )
+            [
+                burst::table(&greeting, &policies, 21),
+                burst::table(&asked_for, &policies, 21),
+                burst::table(&watch_without_draw, &policies, 21),
+            ]
         })
         .await
         .context("the simulation stopped")?;
-        println!("### Bursts: lists as the nodes make them\n\n{}", tables.0);
+        let [greeting, asked_for, watch_without_draw] = tables;
         println!(
-            "### Bursts: lists without a draw (each client draws for itself)\n\n{}",
-            tables.1
+            "### Bursts: picks from the list connection's greeting (the Rust client)\n\n{greeting}"
+        );
+        println!(
+            "### Bursts: picks from a list asked for, with a draw and in_flight (GET /farm)\n\n{asked_for}"
+        );
+        println!(
+            "### Bursts: the same, the watch request's list taking no draw\n\n{watch_without_draw}"
         );
         println!(
             "max/mean when the last client connects, median over seeds 1-21; {:.1} s.",

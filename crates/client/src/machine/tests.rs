@@ -462,7 +462,7 @@ fn the_pick_stands_while_its_fresh_list_still_has_it_as_a_candidate() {
 
 #[test]
 fn the_pick_on_the_last_list_follows_the_policy() {
-    // B 300 users, C 100, A lost: the patent policy gives B (1 - 300/400) / 1 = 0.25.
+    // B 300 users, C 100, A lost: the weighted policy gives B (1 - 300/400) / 1 = 0.25.
     let t0 = Instant::now();
     let runs = 4000;
     let mut to_b = 0;
