@@ -325,6 +325,48 @@ pub(crate) async fn send_subscription<S: AsyncRead + AsyncWrite + Unpin>(
     .map_err(|e| ws_error(&url, e))
 }
 
+/// Asks the node of a list connection for a list to choose from, and keeps it as the
+/// connection's list: the greeting's list is the one every connection gets, without the draw and
+/// the clients in flight a list server hands out with a list a client chooses from
+/// (`docs/PROTOCOL.md`, "The farm list"). Sent before any subscription, so the answer is the next
+/// frame but pings.
+pub(crate) async fn ask_list<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    within: Duration,
+) -> Result<(), Error> {
+    let url = conn.hello.url.clone();
+    let ask = ClientFrame::List {
+        watch: false,
+        users: false,
+    };
+    send(&mut conn.channel, &ask)
+        .await
+        .map_err(|e| ws_error(&url, e))?;
+    let answer = async {
+        loop {
+            match next_frame(&mut conn.channel, &url).await? {
+                ServerFrame::Ping { id } => send(&mut conn.channel, &ClientFrame::Pong { id })
+                    .await
+                    .map_err(|e| ws_error(&url, e))?,
+                ServerFrame::Farm(list) => return Ok(list),
+                other => {
+                    return Err(Error::Protocol {
+                        url: url.clone(),
+                        detail: format!("expected the farm list asked for, got {other:?}"),
+                    });
+                }
+            }
+        }
+    };
+    conn.list = tokio::time::timeout(within, answer)
+        .await
+        .map_err(|_| Error::Protocol {
+            url: url.clone(),
+            detail: format!("no farm list within {within:?} of asking"),
+        })??;
+    Ok(())
+}
+
 /// Waits until the node confirms every one of `topics`; returns the `subscribed` frames, then
 /// the messages that arrived meanwhile, in order.
 async fn confirmed<S: AsyncRead + AsyncWrite + Unpin>(

@@ -355,14 +355,20 @@ mod order {
         ws
     }
 
-    /// The client frames up to and including its `sub`.
-    async fn until_sub(ws: &mut Ws) -> Vec<ClientFrame> {
+    /// The client frames up to and including its `sub`; a list asked for is answered with
+    /// `list`, as a node answers a client that chooses from it.
+    async fn until_sub(ws: &mut Ws, list: &FarmList) -> Vec<ClientFrame> {
         let mut frames = Vec::new();
         while let Some(Ok(message)) = ws.next().await {
-            let Message::Text(text) = message else {
+            let Message::Text(body) = message else {
                 continue;
             };
-            let frame: ClientFrame = serde_json::from_str(&text).unwrap();
+            let frame: ClientFrame = serde_json::from_str(&body).unwrap();
+            if let ClientFrame::List { watch: false, .. } = frame {
+                ws.send(text(&ServerFrame::Farm(list.clone())))
+                    .await
+                    .unwrap();
+            }
             let done = matches!(frame, ClientFrame::Sub { .. });
             frames.push(frame);
             if done {
@@ -398,7 +404,7 @@ mod order {
                 (log.clone(), list.clone(), b_url.clone(), a_url.clone());
             async move {
                 let mut ws = accept(&a, &a_url, &list).await;
-                until_sub(&mut ws).await;
+                until_sub(&mut ws, &list).await;
                 ws.send(subscribed(0)).await.unwrap();
                 for offset in 1..=3 {
                     ws.send(msg(offset)).await.unwrap();
@@ -437,7 +443,7 @@ mod order {
             let (log, list, b_url) = (log.clone(), list.clone(), b_url.clone());
             async move {
                 let mut ws = accept(&b, &b_url, &list).await;
-                let frames = until_sub(&mut ws).await;
+                let frames = until_sub(&mut ws, &list).await;
                 assert!(
                     frames.contains(&ClientFrame::Hello {
                         features: vec!["migrate".into()],

@@ -786,7 +786,14 @@ impl Session {
                     (true, true) => Watch::Users,
                 };
                 self.shared.hub.watch(self.id, watch);
-                self.send(&ServerFrame::Farm(self.shared.list_for_client()));
+                // A client that watches the list has chosen this node: its list takes no draw
+                // and counts in no flight. One that asks once may choose from it.
+                let list = if watch == Watch::Nothing {
+                    self.shared.list_for_client()
+                } else {
+                    self.shared.farm_now()
+                };
+                self.send(&ServerFrame::Farm(list));
             }
             ClientFrame::Auth { token } | ClientFrame::Refresh { token } => self.refresh(&token),
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id }),

@@ -101,7 +101,9 @@ pub struct Burst {
 impl Burst {
     /// A burst as the nodes and the Rust client meet it: gossip every 0.1 s, join rates over 5 s,
     /// counted 5 ms after the list, one client at a time, the list server's own count aligned,
-    /// and each client picking from its list connection's greeting (no draw, no `in_flight`).
+    /// each client picking from a list it asked for on its list connection (the list server's
+    /// draw and its clients in flight in it), and the list a connected client watches taking no
+    /// draw.
     pub fn new(servers: usize, clients: u64, rate: f64, via: Via) -> Burst {
         Burst {
             servers,
@@ -113,18 +115,31 @@ impl Burst {
             connect_delay: 0.005,
             batch: 1,
             aligned: true,
-            in_flight: false,
-            draws: false,
-            watch_takes_draw: true,
+            in_flight: true,
+            draws: true,
+            watch_takes_draw: false,
         }
     }
 
-    /// The same burst with every client picking from a list it asked for (`GET /farm`, as the
-    /// browser client does): the list server's draw and its clients in flight in each.
+    /// The same burst with every client picking from its list connection's greeting (no draw,
+    /// no `in_flight`) and the watched list taking a draw: how the Rust client and the nodes met
+    /// a burst before the client asked for its list, kept to show what the draws are worth.
+    pub fn from_greeting(self) -> Burst {
+        Burst {
+            in_flight: false,
+            draws: false,
+            watch_takes_draw: true,
+            ..self
+        }
+    }
+
+    /// The same burst with every client picking from a list it asked for, the watched list
+    /// taking a draw.
     pub fn asked_for(self) -> Burst {
         Burst {
             in_flight: true,
             draws: true,
+            watch_takes_draw: true,
             ..self
         }
     }

@@ -85,15 +85,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         let started = Instant::now();
         let tables = tokio::task::spawn_blocking(move || {
-            let greeting = burst::default_bursts();
-            let asked_for: Vec<_> = greeting.iter().map(|b| b.asked_for()).collect();
-            let watch_without_draw: Vec<_> = asked_for
+            let watch_without_draw = burst::default_bursts();
+            let greeting: Vec<_> = watch_without_draw
                 .iter()
-                .map(|b| burst::Burst {
-                    watch_takes_draw: false,
-                    ..*b
-                })
+                .map(|b| b.from_greeting())
                 .collect();
+            let asked_for: Vec<_> = watch_without_draw.iter().map(|b| b.asked_for()).collect();
             [
                 burst::table(&greeting, &policies, 21),
                 burst::table(&asked_for, &policies, 21),
@@ -110,7 +107,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "### Bursts: picks from a list asked for, with a draw and in_flight (GET /farm)\n\n{asked_for}"
         );
         println!(
-            "### Bursts: the same, the watch request's list taking no draw\n\n{watch_without_draw}"
+            "### Bursts: a list asked for, the watch request's list taking no draw (the Rust client and the nodes)\n\n{watch_without_draw}"
         );
         println!(
             "max/mean when the last client connects, median over seeds 1-21; {:.1} s.",

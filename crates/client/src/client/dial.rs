@@ -131,10 +131,16 @@ pub(super) async fn fetch_list(
         ListSource::ServiceAddress { avoid } => {
             let mut rng = StdRng::seed_from_u64(seed);
             let count = |result: &Result<Conn, Error>| dials.count(true, result);
-            discover(
+            match discover(
                 &address, &resolver, &avoid, &dialer, timeout, &mut rng, count,
             )
             .await
+            {
+                Ok(mut conn) => connection::ask_list(&mut conn, timeout)
+                    .await
+                    .map(|()| conn),
+                Err(err) => Err(err),
+            }
         }
         ListSource::Servers(urls) => {
             let mut last = None;
@@ -144,6 +150,11 @@ pub(super) async fn fetch_list(
                 let mut result = connection::dial_url(url, &resolver, &dialer, timeout).await;
                 debug!(%url, ok = result.is_ok(), took_ms = started.elapsed().as_millis() as u64, "list dial");
                 dials.count(true, &result);
+                if let Ok(conn) = &mut result
+                    && let Err(err) = connection::ask_list(conn, timeout).await
+                {
+                    result = Err(err);
+                }
                 if let (Ok(conn), Some(ahead)) = (&mut result, &ahead)
                     && ahead.server == *url
                 {
