@@ -1105,7 +1105,10 @@ mod tests {
         held.write_msg(&mut out, &msg);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            format!("id: prices:0000019ad1a0b2e7:21\ndata: {}\n\n", frame.as_str())
+            format!(
+                "id: prices:0000019ad1a0b2e7:21\ndata: {}\n\n",
+                frame.as_str()
+            )
         );
     }
 
@@ -1120,7 +1123,9 @@ mod tests {
         ]);
         let mut held = Held::new(expected.clone());
         let mut out = Vec::new();
-        let mut check = |held: &mut Held, event: &dyn Fn(&mut Held, &mut Vec<u8>), expected: &BTreeMap<String, Option<Position>>| {
+        let mut check = |held: &mut Held,
+                         event: &dyn Fn(&mut Held, &mut Vec<u8>),
+                         expected: &BTreeMap<String, Option<Position>>| {
             out.clear();
             event(held, &mut out);
             assert_eq!(ids(&out), vec![event_id::encode(expected)]);
@@ -1185,7 +1190,10 @@ mod tests {
         let first = cache.get_or_render(&frame.clone()).expect("a msg frame");
         let again = cache.get_or_render(&frame.clone()).expect("a msg frame");
         assert!(Arc::ptr_eq(&first, &again), "rendered twice");
-        assert_eq!(first.data, format!("data: {}\n\n", frame.as_str()).as_bytes());
+        assert_eq!(
+            first.data,
+            format!("data: {}\n\n", frame.as_str()).as_bytes()
+        );
         assert_eq!(first.id_entry, "t:0000000000000001:2");
         // The same text in another buffer is another frame, rendered alike.
         let copy = Utf8Bytes::from(frame.as_str().to_string());
@@ -1205,7 +1213,11 @@ mod tests {
         for frame in &frames {
             let msg = cache.get_or_render(frame).expect("a msg frame");
             assert_eq!(msg.data, format!("data: {}\n\n", frame.as_str()).as_bytes());
-            assert!(cache.by_frame.len() <= RENDERED_EVENTS, "{}", cache.by_frame.len());
+            assert!(
+                cache.by_frame.len() <= RENDERED_EVENTS,
+                "{}",
+                cache.by_frame.len()
+            );
             assert!(cache.bytes <= RENDERED_BYTES, "{}", cache.bytes);
             assert_eq!(cache.oldest_first.len(), cache.by_frame.len());
         }
