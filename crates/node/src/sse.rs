@@ -429,6 +429,9 @@ impl EventStream {
 
     /// Appends `messages` to `out`, one event each: `msg` frames from their shared rendering.
     fn write_events(&mut self, out: &mut Vec<u8>, messages: &[Message]) {
+        if messages.is_empty() {
+            return;
+        }
         let rendered = self.shared().sse.rendered.render(messages);
         let id_len = self.held.id_len();
         out.reserve(
