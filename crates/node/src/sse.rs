@@ -20,6 +20,24 @@
 //! holds no buffer while empty. The stream is the response body: on a plain connection it is
 //! written on the socket past hyper, in a task of its own ([`serve_plain`]); over TLS, by
 //! hyper's connection task.
+//!
+//! # A delivery's cost
+//! A WebSocket subscriber is handed the message's frame serialized once for every subscriber.
+//! An event stream shares as much: what an event of a `msg` frame holds that is the same on every
+//! stream — its `data` lines, its topic and position, and that topic's entry of the id
+//! (`TOPIC:EPOCH:OFFSET`, percent-encoded) — is rendered once per message, on the first stream
+//! that writes it, and kept in a small cache of the node ([`RenderedMsgs`], bounded in entries
+//! and bytes) for the other streams. The cache is keyed by the frame's buffer: the fan-out hands
+//! every subscriber a handle to the same buffer, and an entry holds one too, so an address names
+//! one frame for as long as its entry lives. A frame not found (evicted, or too large to keep)
+//! is rendered again, for that stream alone.
+//!
+//! The id stays per stream, since it carries every topic's position, but costs a copy rather than
+//! formatting: each stream holds every topic's id entry encoded ([`Held`]), a `msg` replaces its
+//! topic's entry with the message's rendered one, and the id is the entries joined, as
+//! [`event_id::encode`] would write them. An event is then a few copies into the burst's buffer,
+//! which is sized before it is written: one allocation per burst of up to [`WRITE_BURST`] events,
+//! as a WebSocket writer fills one buffer per burst.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -102,6 +120,8 @@ impl Inbox {
 #[derive(Debug, Default)]
 pub(crate) struct Streams {
     inboxes: Mutex<HashMap<String, Arc<Inbox>>>,
+    /// The `msg` events the streams are writing, rendered once for all of them.
+    rendered: RenderedMsgs,
 }
 
 impl Streams {
@@ -243,7 +263,7 @@ pub(crate) async fn open(
         key,
         inbox,
         timer: Box::pin(sleep_until(deadline)),
-        positions,
+        held: Held::new(positions),
         preamble: true,
         done: false,
         _ended: ended.drop_guard(),
@@ -336,7 +356,7 @@ struct EventStream {
     /// The next ping, or the token's expiry.
     timer: Pin<Box<Sleep>>,
     /// Each subscribed topic's position after the last event written: the events' `id`.
-    positions: BTreeMap<String, Option<Position>>,
+    held: Held,
     /// The `retry` field is still to be written.
     preamble: bool,
     /// The `close` event is written: the body ends.
@@ -388,7 +408,7 @@ impl EventStream {
 
     /// The last chunk: what is still queued (unless the client is too slow for it) and the
     /// `close` event.
-    fn closing(&mut self, out: &mut String) {
+    fn closing(&mut self, out: &mut Vec<u8>) {
         let (code, reason) = self
             .session
             .closer()
@@ -396,78 +416,43 @@ impl EventStream {
             .unwrap_or((1000, String::new()));
         let queue = self.session.outlet().queue.clone();
         queue.close();
+        let mut left = Vec::new();
         while let Some(message) = queue.try_pop() {
             if code != close::SLOW_CONSUMER {
-                self.write_event(out, &message);
+                left.push(message);
             }
         }
+        self.write_events(out, &left);
         let data = serde_json::json!({"code": code, "reason": reason});
-        out.push_str(&format!("event: close\ndata: {data}\n\n"));
+        out.extend_from_slice(format!("event: close\ndata: {data}\n\n").as_bytes());
     }
 
-    /// Appends `message` to `out` as one event.
-    fn write_event(&mut self, out: &mut String, message: &Message) {
-        let Message::Text(text) = message else {
+    /// Appends `messages` to `out`, one event each: `msg` frames from their shared rendering.
+    fn write_events(&mut self, out: &mut Vec<u8>, messages: &[Message]) {
+        if messages.is_empty() {
             return;
-        };
-        let (name, moves) = match msg_head(text) {
-            Some(head) => {
-                if let (Some(epoch), Some(offset)) = (head.epoch, head.offset) {
-                    self.positions
-                        .insert(head.topic.into_owned(), Some(Position::new(epoch, offset)));
-                }
-                (None, true)
-            }
-            None => match serde_json::from_str::<ServerFrame>(text) {
-                Ok(frame) => (Some(frame_type(&frame)), self.follow(frame)),
-                Err(_) => (None, false),
-            },
-        };
-        if moves {
-            out.push_str("id: ");
-            out.push_str(&event_id::encode(&self.positions));
-            out.push('\n');
         }
-        if let Some(name) = name {
-            out.push_str("event: ");
-            out.push_str(name);
-            out.push('\n');
-        }
-        // The node's JSON holds no line break; were there one, each line is a `data` line.
-        for line in text.split('\n') {
-            out.push_str("data: ");
-            out.push_str(line);
-            out.push('\n');
-        }
-        out.push('\n');
-    }
-
-    /// Follows the positions a frame other than `msg` moves; returns whether it moved any.
-    fn follow(&mut self, frame: ServerFrame) -> bool {
-        match frame {
-            ServerFrame::Subscribed { topics, positions } => {
-                for topic in topics {
-                    let held = self.positions.entry(topic.clone()).or_default();
-                    if held.is_none() {
-                        *held = positions.get(&topic).copied();
+        let rendered = self.shared().sse.rendered.render(messages);
+        let id_len = self.held.id_len();
+        out.reserve(
+            messages
+                .iter()
+                .zip(&rendered)
+                .map(|(message, msg)| match msg {
+                    Some(msg) => EVENT_FIELDS_BYTES + id_len + msg.data.len(),
+                    None => EVENT_FIELDS_BYTES + id_len + message_len(message),
+                })
+                .sum(),
+        );
+        for (message, msg) in messages.iter().zip(rendered) {
+            match msg {
+                Some(msg) => self.held.write_msg(out, &msg),
+                None => {
+                    if let Message::Text(text) = message {
+                        self.held.write_frame(out, text);
                     }
                 }
-                true
             }
-            ServerFrame::Unsubscribed { topics } => {
-                for topic in &topics {
-                    self.positions.remove(topic);
-                }
-                true
-            }
-            ServerFrame::Gap {
-                topic, epoch, to, ..
-            } => {
-                let held = self.positions.entry(topic).or_default();
-                *held = after_gap(*held, epoch, to);
-                true
-            }
-            _ => false,
         }
     }
 
@@ -510,10 +495,10 @@ impl Stream for EventStream {
         if this.done {
             return Poll::Ready(None);
         }
-        let mut out = String::new();
+        let mut out = Vec::new();
         if this.preamble {
             this.preamble = false;
-            out.push_str(&format!("retry: {RETRY_MS}\n\n"));
+            out.extend_from_slice(format!("retry: {RETRY_MS}\n\n").as_bytes());
         }
         this.session.poll_pending(cx);
         this.take_inbox(cx);
@@ -524,9 +509,8 @@ impl Stream for EventStream {
             return Poll::Ready(Some(Ok(Bytes::from(out))));
         }
         let queue = this.session.outlet().queue.clone();
-        let mut written = 0;
-        let mut cost = 0;
-        while written < WRITE_BURST {
+        let mut burst = Vec::new();
+        while burst.len() < WRITE_BURST {
             let message = match queue.try_pop() {
                 Some(message) => message,
                 None => match queue.poll_pop(cx) {
@@ -534,10 +518,15 @@ impl Stream for EventStream {
                     Poll::Ready(None) | Poll::Pending => break,
                 },
             };
-            cost += message.cost();
-            written += 1;
-            this.write_event(&mut out, &message);
+            if burst.is_empty() {
+                burst.reserve_exact(WRITE_BURST);
+            }
+            burst.push(message);
         }
+        let written = burst.len();
+        let cost = burst.iter().map(Cost::cost).sum();
+        this.write_events(&mut out, &burst);
+        drop(burst);
         // The chunk goes to the connection, which takes the next one only once the socket has
         // taken this one: at most one burst is out of the queue's byte count.
         queue.written(cost);
@@ -775,6 +764,268 @@ fn after_gap(held: Option<Position>, epoch: Epoch, to: Option<u64>) -> Option<Po
     }
 }
 
+/// Bytes of an event's fields besides its id's entries and its frame: `id: `, `event: ` and the
+/// longest name, `data: `, the line ends.
+const EVENT_FIELDS_BYTES: usize = 40;
+/// Most `msg` events kept rendered ([`RenderedMsgs`]).
+const RENDERED_EVENTS: usize = 1024;
+/// Most bytes the rendered events hold, their frames counted (an entry keeps its frame alive):
+/// a few bursts of every stream, which write the same messages at about the same time.
+const RENDERED_BYTES: usize = 1024 * 1024;
+/// Most bytes one message may take of [`RENDERED_BYTES`]; a larger one is rendered per stream.
+const RENDERED_MAX_ONE: usize = RENDERED_BYTES / 16;
+/// How the node writes a `msg` frame's JSON.
+const MSG_PREFIX: &str = r#"{"type":"msg","#;
+
+/// What an event of a `msg` frame holds that is the same on every stream.
+#[derive(Debug)]
+struct RenderedMsg {
+    topic: String,
+    position: Option<Position>,
+    /// The topic's entry of the event id after this message (`TOPIC:EPOCH:OFFSET`).
+    id_entry: String,
+    /// The `data` lines and the blank line that ends the event.
+    data: Vec<u8>,
+}
+
+impl RenderedMsg {
+    /// The rendering of a `msg` frame; `None` for any other frame.
+    fn of(text: &str) -> Option<Self> {
+        let head = msg_head(text)?;
+        let position = match (head.epoch, head.offset) {
+            (Some(epoch), Some(offset)) => Some(Position::new(epoch, offset)),
+            _ => None,
+        };
+        let mut data = Vec::with_capacity(text.len() + EVENT_FIELDS_BYTES);
+        push_data(&mut data, text);
+        Some(RenderedMsg {
+            id_entry: id_entry(&head.topic, position),
+            topic: head.topic.into_owned(),
+            position,
+            data,
+        })
+    }
+
+    /// Bytes it holds.
+    fn bytes(&self) -> usize {
+        size_of::<Self>() + self.topic.len() + self.id_entry.len() + self.data.len()
+    }
+}
+
+/// The `msg` events being written, rendered once for every stream (see the module docs).
+#[derive(Debug, Default)]
+struct RenderedMsgs(Mutex<RenderCache>);
+
+#[derive(Debug, Default)]
+struct RenderCache {
+    /// By the address and length of the frame's buffer.
+    by_frame: HashMap<(usize, usize), Arc<RenderedMsg>>,
+    /// The frames of `by_frame`, oldest first, each with the bytes its entry counts. Held, so
+    /// that no other frame takes the address of one while its entry lives.
+    oldest_first: VecDeque<(Utf8Bytes, usize)>,
+    /// Bytes of the entries.
+    bytes: usize,
+}
+
+impl RenderedMsgs {
+    /// Each message's rendering (`None` for a frame other than `msg`), under one lock.
+    fn render(&self, messages: &[Message]) -> Vec<Option<Arc<RenderedMsg>>> {
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        messages
+            .iter()
+            .map(|message| match message {
+                Message::Text(frame) => cache.get_or_render(frame),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl RenderCache {
+    fn get_or_render(&mut self, frame: &Utf8Bytes) -> Option<Arc<RenderedMsg>> {
+        if !frame.as_str().starts_with(MSG_PREFIX) {
+            return None;
+        }
+        let key = frame_key(frame);
+        if let Some(msg) = self.by_frame.get(&key) {
+            return Some(msg.clone());
+        }
+        let msg = Arc::new(RenderedMsg::of(frame)?);
+        let cost = frame.len() + msg.bytes();
+        if cost > RENDERED_MAX_ONE {
+            return Some(msg);
+        }
+        while self.by_frame.len() >= RENDERED_EVENTS || self.bytes + cost > RENDERED_BYTES {
+            let Some((old, old_cost)) = self.oldest_first.pop_front() else {
+                break;
+            };
+            self.by_frame.remove(&frame_key(&old));
+            self.bytes -= old_cost;
+        }
+        self.by_frame.insert(key, msg.clone());
+        self.oldest_first.push_back((frame.clone(), cost));
+        self.bytes += cost;
+        Some(msg)
+    }
+}
+
+/// What names a frame's buffer while a handle to it is held: its address and length.
+fn frame_key(frame: &Utf8Bytes) -> (usize, usize) {
+    (frame.as_str().as_ptr() as usize, frame.len())
+}
+
+/// Appends `text` as the `data` lines of an event, and the blank line that ends it. The node's
+/// JSON holds no line break; were there one, each line is a `data` line.
+fn push_data(out: &mut Vec<u8>, text: &str) {
+    for line in text.split('\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+}
+
+/// Bytes of a queued frame's payload.
+fn message_len(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        _ => 0,
+    }
+}
+
+/// One topic's entry of an event id: [`event_id::encode`] of that topic alone.
+fn id_entry(topic: &str, position: Option<Position>) -> String {
+    event_id::encode(&BTreeMap::from([(topic.to_string(), position)]))
+}
+
+/// Each subscribed topic's position after the last event written, with its entry of the event
+/// id encoded: an id is these entries joined by `,` in the topics' order, as
+/// [`event_id::encode`] writes them, copied rather than formatted.
+#[derive(Debug, Default)]
+struct Held(BTreeMap<String, HeldTopic>);
+
+#[derive(Debug)]
+struct HeldTopic {
+    position: Option<Position>,
+    entry: String,
+}
+
+impl Held {
+    fn new(positions: BTreeMap<String, Option<Position>>) -> Self {
+        let mut held = Held::default();
+        for (topic, position) in positions {
+            held.set(&topic, position);
+        }
+        held
+    }
+
+    fn position(&self, topic: &str) -> Option<Position> {
+        self.0.get(topic).and_then(|held| held.position)
+    }
+
+    fn set(&mut self, topic: &str, position: Option<Position>) {
+        self.set_encoded(topic, position, &id_entry(topic, position));
+    }
+
+    /// Holds `position` for `topic`, whose id entry `entry` is already encoded.
+    fn set_encoded(&mut self, topic: &str, position: Option<Position>, entry: &str) {
+        match self.0.get_mut(topic) {
+            Some(held) => {
+                held.position = position;
+                held.entry.clear();
+                held.entry.push_str(entry);
+            }
+            None => {
+                let entry = entry.to_string();
+                self.0
+                    .insert(topic.to_string(), HeldTopic { position, entry });
+            }
+        }
+    }
+
+    /// Bytes of the id's entries and their separators.
+    fn id_len(&self) -> usize {
+        self.0.values().map(|held| held.entry.len() + 1).sum()
+    }
+
+    /// Appends the `id` line.
+    fn write_id(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"id: ");
+        for (i, held) in self.0.values().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(held.entry.as_bytes());
+        }
+        out.push(b'\n');
+    }
+
+    /// Appends the event of a `msg` frame, its topic's position moved to the message's.
+    fn write_msg(&mut self, out: &mut Vec<u8>, msg: &RenderedMsg) {
+        if let Some(position) = msg.position {
+            self.set_encoded(&msg.topic, Some(position), &msg.id_entry);
+        }
+        self.write_id(out);
+        out.extend_from_slice(&msg.data);
+    }
+
+    /// Appends the event of a frame other than `msg`: named by its `type`, with an id if it
+    /// moves a position.
+    fn write_frame(&mut self, out: &mut Vec<u8>, text: &str) {
+        let (name, moves) = match serde_json::from_str::<ServerFrame>(text) {
+            Ok(frame) => (Some(frame_type(&frame)), self.follow(frame)),
+            Err(_) => (None, false),
+        };
+        if moves {
+            self.write_id(out);
+        }
+        if let Some(name) = name {
+            out.extend_from_slice(b"event: ");
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'\n');
+        }
+        push_data(out, text);
+    }
+
+    /// Follows the positions a frame other than `msg` moves; returns whether it moved any.
+    fn follow(&mut self, frame: ServerFrame) -> bool {
+        match frame {
+            ServerFrame::Subscribed { topics, positions } => {
+                for topic in topics {
+                    // A position is taken only for a topic without one.
+                    if self.position(&topic).is_none() {
+                        self.set(&topic, positions.get(&topic).copied());
+                    }
+                }
+                true
+            }
+            ServerFrame::Unsubscribed { topics } => {
+                for topic in &topics {
+                    self.0.remove(topic);
+                }
+                true
+            }
+            ServerFrame::Gap {
+                topic, epoch, to, ..
+            } => {
+                let moved = after_gap(self.position(&topic), epoch, to);
+                self.set(&topic, moved);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Each topic's position, as [`event_id::encode`] takes them.
+    #[cfg(test)]
+    fn positions(&self) -> BTreeMap<String, Option<Position>> {
+        self.0
+            .iter()
+            .map(|(topic, held)| (topic.clone(), held.position))
+            .collect()
+    }
+}
+
 /// What an event needs of a `msg` frame, read without its payload.
 #[derive(Deserialize)]
 struct MsgHead<'a> {
@@ -789,7 +1040,7 @@ struct MsgHead<'a> {
 /// The topic and position of a `msg` frame as the node writes it (`type` first); `None` for any
 /// other frame.
 fn msg_head(text: &str) -> Option<MsgHead<'_>> {
-    if !text.starts_with(r#"{"type":"msg","#) {
+    if !text.starts_with(MSG_PREFIX) {
         return None;
     }
     serde_json::from_str(text).ok()
@@ -815,7 +1066,172 @@ fn frame_type(frame: &ServerFrame) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use streamfarm_core::protocol::GapReason;
+
     use super::*;
+
+    /// A `msg` frame as the hub queues it.
+    fn msg_frame(topic: &str, epoch: u64, offset: u64, data: &str) -> Utf8Bytes {
+        text(&ServerFrame::Msg {
+            topic: topic.into(),
+            data: data.into(),
+            encoding: Default::default(),
+            epoch: Some(Epoch(epoch)),
+            offset: Some(offset),
+            ts: None,
+        })
+    }
+
+    fn text(frame: &ServerFrame) -> Utf8Bytes {
+        match encode(frame) {
+            Message::Text(text) => text,
+            _ => panic!("frames are text"),
+        }
+    }
+
+    /// The `id` lines of events written to `out`.
+    fn ids(out: &[u8]) -> Vec<String> {
+        std::str::from_utf8(out)
+            .expect("events are text")
+            .lines()
+            .filter_map(|line| line.strip_prefix("id: "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_msg_event_is_the_id_and_the_frame_as_data() {
+        let frame = msg_frame("prices", 0x19ad1a0b2e7, 21, r#"{"bid":101.5}"#);
+        let mut held = Held::new(BTreeMap::from([("prices".to_string(), None)]));
+        let mut out = Vec::new();
+        let msg = RenderedMsg::of(&frame).expect("a msg frame");
+        held.write_msg(&mut out, &msg);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                "id: prices:0000019ad1a0b2e7:21\ndata: {}\n\n",
+                frame.as_str()
+            )
+        );
+    }
+
+    #[test]
+    fn every_event_id_is_what_event_id_encodes_for_every_topic() {
+        let e = 0x19ad1a0b2e7;
+        let at = |offset| Some(Position::new(Epoch(e), offset));
+        let mut expected = BTreeMap::from([
+            ("news/eu".to_string(), at(3)),
+            ("prices".to_string(), None),
+            ("quiet".to_string(), None),
+        ]);
+        let mut held = Held::new(expected.clone());
+        let mut out = Vec::new();
+        let mut check = |held: &mut Held,
+                         event: &dyn Fn(&mut Held, &mut Vec<u8>),
+                         expected: &BTreeMap<String, Option<Position>>| {
+            out.clear();
+            event(held, &mut out);
+            assert_eq!(ids(&out), vec![event_id::encode(expected)]);
+            assert_eq!(&held.positions(), expected);
+        };
+        let write_msg = |topic: &'static str, offset| {
+            move |held: &mut Held, out: &mut Vec<u8>| {
+                let frame = msg_frame(topic, e, offset, "x");
+                held.write_msg(out, &RenderedMsg::of(&frame).unwrap());
+            }
+        };
+        let write_frame = |frame: ServerFrame| {
+            move |held: &mut Held, out: &mut Vec<u8>| held.write_frame(out, &text(&frame))
+        };
+
+        expected.insert("prices".into(), at(21));
+        check(&mut held, &write_msg("prices", 21), &expected);
+        expected.insert("news/eu".into(), at(4));
+        check(&mut held, &write_msg("news/eu", 4), &expected);
+        // A position is taken only for a topic without one.
+        expected.insert("quiet".into(), at(7));
+        let subscribed = ServerFrame::Subscribed {
+            topics: vec!["quiet".into(), "prices".into()],
+            positions: BTreeMap::from([
+                ("quiet".to_string(), Position::new(Epoch(e), 7)),
+                ("prices".to_string(), Position::new(Epoch(e), 1)),
+            ]),
+        };
+        check(&mut held, &write_frame(subscribed), &expected);
+        let gap = |topic: &str, to| ServerFrame::Gap {
+            topic: topic.into(),
+            epoch: Epoch(e),
+            from: 5,
+            to,
+            reason: GapReason::HistoryExceeded,
+        };
+        expected.insert("news/eu".into(), at(9));
+        check(&mut held, &write_frame(gap("news/eu", Some(9))), &expected);
+        expected.insert("prices".into(), None);
+        check(&mut held, &write_frame(gap("prices", None)), &expected);
+        expected.remove("quiet");
+        let unsubscribed = ServerFrame::Unsubscribed {
+            topics: vec!["quiet".into()],
+        };
+        check(&mut held, &write_frame(unsubscribed), &expected);
+        expected.insert("prices".into(), at(22));
+        check(&mut held, &write_msg("prices", 22), &expected);
+
+        // A frame that moves no position has no id, and is named by its type.
+        out.clear();
+        held.write_frame(&mut out, &text(&ServerFrame::Ping { id: Some(1) }));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "event: ping\ndata: {\"type\":\"ping\",\"id\":1}\n\n"
+        );
+    }
+
+    #[test]
+    fn a_message_is_rendered_once_for_every_stream() {
+        let mut cache = RenderCache::default();
+        let frame = msg_frame("t", 1, 2, "hello");
+        let first = cache.get_or_render(&frame.clone()).expect("a msg frame");
+        let again = cache.get_or_render(&frame.clone()).expect("a msg frame");
+        assert!(Arc::ptr_eq(&first, &again), "rendered twice");
+        assert_eq!(
+            first.data,
+            format!("data: {}\n\n", frame.as_str()).as_bytes()
+        );
+        assert_eq!(first.id_entry, "t:0000000000000001:2");
+        // The same text in another buffer is another frame, rendered alike.
+        let copy = Utf8Bytes::from(frame.as_str().to_string());
+        let other = cache.get_or_render(&copy).expect("a msg frame");
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(first.data, other.data);
+        let ping = text(&ServerFrame::Ping { id: None });
+        assert!(cache.get_or_render(&ping).is_none());
+    }
+
+    #[test]
+    fn the_rendered_messages_are_bounded_in_entries_and_bytes() {
+        let mut cache = RenderCache::default();
+        let frames: Vec<Utf8Bytes> = (1..=2 * RENDERED_EVENTS as u64)
+            .map(|offset| msg_frame("t", 1, offset, &"x".repeat(offset as usize % 3000)))
+            .collect();
+        for frame in &frames {
+            let msg = cache.get_or_render(frame).expect("a msg frame");
+            assert_eq!(msg.data, format!("data: {}\n\n", frame.as_str()).as_bytes());
+            assert!(
+                cache.by_frame.len() <= RENDERED_EVENTS,
+                "{}",
+                cache.by_frame.len()
+            );
+            assert!(cache.bytes <= RENDERED_BYTES, "{}", cache.bytes);
+            assert_eq!(cache.oldest_first.len(), cache.by_frame.len());
+        }
+        // An evicted frame is rendered again, as it was.
+        let first = cache.get_or_render(&frames[0]).expect("a msg frame");
+        assert_eq!(first.position, Some(Position::new(Epoch(1), 1)));
+        // A message too large to keep is rendered, not kept.
+        let large = msg_frame("t", 1, 9, &"y".repeat(RENDERED_MAX_ONE));
+        assert!(cache.get_or_render(&large).is_some());
+        assert!(!cache.by_frame.contains_key(&frame_key(&large)));
+    }
 
     #[test]
     fn a_msg_frame_is_read_without_its_payload() {
