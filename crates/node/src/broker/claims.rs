@@ -12,10 +12,14 @@
 //! a new topic costs no claim at all. Fencing follows: a replica refuses a sequencer whose term
 //! is below the highest claim of the topic's partition it has seen.
 //!
+//! A done claim starts each topic when it is first needed (a publish, or its replica asking for
+//! its log), from the newest state the answers held: a claim costs the topics that are used, not
+//! a `sync` for every topic of the partition.
+//!
 //! A claim not answered by every live peer in [`CLAIM_WAIT`] goes on with what it has (a peer
-//! may be hung): the topics found are sequenced, but a topic nobody answered for waits — its
-//! publishes queued — until the silent peers answer (the claim is sent to them again, in the
-//! same term) or leave the farm, lest a new epoch start beside one a silent peer holds.
+//! may be hung): the topics found start, but a topic nobody answered for waits — its publishes
+//! queued — until the silent peers answer (the claim is sent to them again, in the same term) or
+//! leave the farm, lest a new epoch start beside one a silent peer holds.
 
 use std::collections::BTreeSet;
 
@@ -28,7 +32,10 @@ pub(super) struct Claim {
     pub(super) waiting: HashSet<String>,
     /// Peers the claim could not be sent to (no link then).
     pub(super) unreached: HashSet<String>,
-    /// The newest state found so far of each topic, until the claim is done.
+    /// The newest state found of each topic this node does not sequence yet: a topic starts
+    /// from it when it is first needed (published to, or asked for by its replica), not when
+    /// the claim is done — a partition of a million-topic farm holds hundreds of topics, and
+    /// starting them all would send their replica one `sync` each at every claim.
     pub(super) best: HashMap<String, LogState>,
     /// Done: every peer answered, or the deadline passed; this node sequences the partition.
     pub(super) done: bool,
@@ -66,12 +73,8 @@ impl Core {
                     claim.wanted.insert(topic);
                 }
             }
-            Some(claim) => {
-                let term = claim.term;
-                if self.heard_all(p) {
-                    let own = self.best_state(topic);
-                    self.begin(topic, term, own);
-                } else {
+            Some(_) => {
+                if !self.start_found(p, topic) {
                     self.ask_again(p);
                     self.timers.stalled.insert(topic.to_string());
                 }
@@ -346,26 +349,15 @@ impl Core {
         if term != claim.term {
             return;
         }
-        let mut late = Vec::new();
         for (topic, state) in states {
-            if partition(&topic) != p {
+            // A late answer (the claim went on without it) counts for the topics not started.
+            let started = claim.done && self.chains.get(&topic).is_some_and(|c| c.seq.is_some());
+            if partition(&topic) != p || started {
                 continue;
             }
-            if claim.done {
-                late.push((topic, state));
-            } else {
-                let best = claim.best.remove(&topic);
-                if let Some(newest) = newer(best, Some(state)) {
-                    claim.best.insert(topic, newest);
-                }
-            }
-        }
-        // A late answer (the claim went on without it): the topics it holds that this node does
-        // not sequence yet start from it.
-        for (topic, state) in late {
-            if self.chains.get(&topic).is_none_or(|c| c.seq.is_none()) {
-                let own = self.best_state(&topic);
-                self.begin(&topic, term, newer(Some(state), own));
+            let best = claim.best.remove(&topic);
+            if let Some(newest) = newer(best, Some(state)) {
+                claim.best.insert(topic, newest);
             }
         }
         if !done {
@@ -383,9 +375,8 @@ impl Core {
         }
     }
 
-    /// Ends the claim of partition `p` (every peer answered, or its deadline passed): sequences
-    /// each topic from the newest log found, syncs its replica, and numbers the publishes that
-    /// waited.
+    /// Ends the claim of partition `p` (every peer answered, or its deadline passed): the topics
+    /// wanted meanwhile start, each from the newest log found; the others when first needed.
     pub(super) fn finish_claim(&mut self, p: usize) {
         let Some(claim) = self.parts[p].claim.as_mut() else {
             return;
@@ -394,40 +385,42 @@ impl Core {
             return;
         }
         claim.done = true;
-        let term = claim.term;
-        let found = std::mem::take(&mut claim.best);
         #[cfg(test)]
-        let found = if self.breaks.ignore_claim_answers {
-            HashMap::new()
-        } else {
-            found
-        };
-        let mut topics = self.topics_held(p);
-        topics.extend(found.keys().cloned());
+        if self.breaks.ignore_claim_answers {
+            claim.best.clear();
+        }
         debug!(
             partition = p,
-            term,
-            topics = topics.len(),
+            term = claim.term,
+            found = claim.best.len(),
             "sequencing the partition"
         );
-        let mut found = found;
-        for topic in topics {
-            let own = self.best_state(&topic);
-            let state = newer(found.remove(&topic), own);
-            if state.is_some() {
-                self.begin(&topic, term, state);
-            }
-        }
         self.start_waiting_topics(p);
     }
 
-    /// The topics of claimed partition `p` whose publishes wait and that nobody holds: started
-    /// in a new epoch once every peer answered; until then, asked again.
+    /// Starts `topic` of done claim `p` from the newest state found of it (this node's own
+    /// included), or in a new epoch when none was found and every peer answered; false when it
+    /// must wait for peers that have not answered.
+    fn start_found(&mut self, p: usize, topic: &str) -> bool {
+        let Some(claim) = self.parts[p].claim.as_mut() else {
+            return false;
+        };
+        let term = claim.term;
+        let found = claim.best.remove(topic);
+        let state = newer(found, self.best_state(topic));
+        if state.is_none() && !self.heard_all(p) {
+            return false;
+        }
+        self.begin(topic, term, state);
+        true
+    }
+
+    /// The topics of claimed partition `p` that were wanted or whose publishes wait: started from
+    /// what was found, or in a new epoch once every peer answered (until then, asked again).
     fn start_waiting_topics(&mut self, p: usize) {
         let Some(claim) = self.parts[p].claim.as_mut() else {
             return;
         };
-        let term = claim.term;
         let mut waiting = std::mem::take(&mut claim.wanted);
         waiting.extend(
             self.chains
@@ -436,21 +429,19 @@ impl Core {
                 .filter(|t| self.chains.get(t).is_some_and(|c| !c.queued.is_empty())),
         );
         waiting.retain(|t| self.chains.get(t).is_none_or(|c| c.seq.is_none()));
-        if waiting.is_empty() {
-            return;
+        let mut unheard = false;
+        for topic in waiting {
+            if !self.start_found(p, &topic) {
+                unheard = true;
+                self.timers.stalled.insert(topic);
+            }
         }
-        if !self.heard_all(p) {
+        if unheard {
             debug!(
                 partition = p,
                 "claim not answered by every peer: topics nobody answered for wait"
             );
             self.ask_again(p);
-            self.timers.stalled.extend(waiting);
-            return;
-        }
-        for topic in waiting {
-            let own = self.best_state(&topic);
-            self.begin(&topic, term, own);
         }
     }
 
