@@ -118,6 +118,8 @@ async fn serve(
         return;
     }
     let mut topics: Vec<String> = Vec::new();
+    // Whether the connection has set up its watch of the list.
+    let mut watching = false;
     loop {
         tokio::select! {
             message = ws.next() => {
@@ -133,10 +135,12 @@ async fn serve(
                     }
                     Ok(ClientFrame::List { watch, .. }) => {
                         let list = farm.lock().unwrap().clone();
-                        // Counted: the requests of a refresh, not the watch set up on connecting.
-                        if !watch {
+                        // Counted: the requests of a refresh, not the list a client chooses from nor
+                        // the watch set up on connecting.
+                        if watch && watching {
                             lists.fetch_add(1, Ordering::SeqCst);
                         }
+                        watching |= watch;
                         let _ = ws.send(send(ServerFrame::Farm(list))).await;
                     }
                     _ => {}

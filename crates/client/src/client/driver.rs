@@ -959,10 +959,13 @@ async fn watch_live(live: &mut Option<Live>) -> LiveEvent {
                 live.last_sent = now;
                 let next = live.next_heartbeat();
                 live.heartbeat.as_mut().reset(next);
-                // A list request is answered like a ping, with the list instead of a pong.
+                // A list request is answered like a ping, with the list instead of a pong. Asked
+                // with `watch`, as the connection watches the list already: the answer of a
+                // client that has chosen takes none of the list server's draws, and the watch
+                // stays on.
                 let list_due = live.list_refresh.is_some_and(|every| now >= live.list_at + every);
                 let frame = if list_due {
-                    ClientFrame::List { watch: false, users: false }
+                    ClientFrame::List { watch: true, users: false }
                 } else {
                     ClientFrame::Ping { id: None }
                 };
