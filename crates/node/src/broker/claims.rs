@@ -290,18 +290,7 @@ impl Core {
         // Publishes queued here for a claim of this node's: to their origins again, which send
         // them to the sequencer they see.
         for topic in self.chains.in_partition(p) {
-            let Some(chain) = self.chains.get_mut(&topic) else {
-                continue;
-            };
-            for (origin, id, ..) in std::mem::take(&mut chain.queued) {
-                self.send(
-                    &origin,
-                    PeerFrame::Nack {
-                        topic: topic.clone(),
-                        id,
-                    },
-                );
-            }
+            self.send_back_queued(&topic);
         }
         let mut states = Vec::new();
         for topic in self.topics_held(p) {
@@ -490,17 +479,26 @@ impl Core {
             }
             if self.placement(&topic).sequencer == self.me {
                 self.ensure_active(&topic);
-            } else if let Some(chain) = self.chains.get_mut(&topic) {
-                for (origin, id, ..) in std::mem::take(&mut chain.queued) {
-                    self.send(
-                        &origin,
-                        PeerFrame::Nack {
-                            topic: topic.clone(),
-                            id,
-                        },
-                    );
-                }
+            } else {
+                self.send_back_queued(&topic);
             }
+        }
+    }
+
+    /// The publishes queued here for `topic` go back to their origins (`nack`), which send them
+    /// to the sequencer they see.
+    fn send_back_queued(&mut self, topic: &str) {
+        let Some(chain) = self.chains.get_mut(topic) else {
+            return;
+        };
+        for (origin, id, ..) in std::mem::take(&mut chain.queued) {
+            self.send(
+                &origin,
+                PeerFrame::Nack {
+                    topic: topic.to_string(),
+                    id,
+                },
+            );
         }
     }
 }
