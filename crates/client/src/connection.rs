@@ -94,6 +94,9 @@ pub(crate) struct Conn<S = ClientStream> {
     /// The topics a subscription was already sent for on this connection, ahead of the
     /// decision to keep it (see [`send_subscription`]).
     pub(crate) subscription_sent: Option<Vec<String>>,
+    /// Frames read before the subscription was confirmed and kept for the caller, as
+    /// [`confirmed`] keeps them (a `feed` sent while the client waited for its list).
+    pub(crate) early: Vec<ServerFrame>,
 }
 
 /// How the client opens connections: from which address, trusting which TLS roots, with
@@ -240,6 +243,7 @@ pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
                     list,
                     token_exp: None,
                     subscription_sent: None,
+                    early: Vec::new(),
                 });
             }
             (frame, None) => return Err(protocol(format!("expected hello first, got {frame:?}"))),
@@ -328,8 +332,8 @@ pub(crate) async fn send_subscription<S: AsyncRead + AsyncWrite + Unpin>(
 /// Asks the node of a list connection for a list to choose from, and keeps it as the
 /// connection's list: the greeting's list is the one every connection gets, without the draw and
 /// the clients in flight a list server hands out with a list a client chooses from
-/// (`docs/PROTOCOL.md`, "The farm list"). Sent before any subscription, so the answer is the next
-/// frame but pings.
+/// (`docs/PROTOCOL.md`, "The farm list"). Sent before any subscription: what else comes meanwhile
+/// is answered (pings) or kept (a `feed`) as [`confirmed`] does.
 pub(crate) async fn ask_list<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     within: Duration,
@@ -348,13 +352,9 @@ pub(crate) async fn ask_list<S: AsyncRead + AsyncWrite + Unpin>(
                 ServerFrame::Ping { id } => send(&mut conn.channel, &ClientFrame::Pong { id })
                     .await
                     .map_err(|e| ws_error(&url, e))?,
-                ServerFrame::Farm(list) => return Ok(list),
-                other => {
-                    return Err(Error::Protocol {
-                        url: url.clone(),
-                        detail: format!("expected the farm list asked for, got {other:?}"),
-                    });
-                }
+                ServerFrame::Farm(list) => return Ok::<_, Error>(list),
+                frame @ ServerFrame::Feed { .. } => conn.early.push(frame),
+                _ => {}
             }
         }
     };
@@ -374,7 +374,7 @@ async fn confirmed<S: AsyncRead + AsyncWrite + Unpin>(
     topics: &[String],
 ) -> Result<Vec<ServerFrame>, Error> {
     let url = conn.hello.url.clone();
-    let mut early = Vec::new();
+    let mut early = std::mem::take(&mut conn.early);
     let mut missing: Vec<&String> = topics.iter().collect();
     while !missing.is_empty() {
         match next_frame(&mut conn.channel, &url).await? {
@@ -679,6 +679,29 @@ pub(crate) mod tests {
             node_reads(&mut node).await,
             ClientFrame::Pong { id: Some(1) }
         );
+    }
+
+    #[tokio::test]
+    async fn a_list_asked_for_replaces_the_greetings_and_a_feed_meanwhile_is_kept() {
+        let (client, mut node) = pipe().await;
+        node_sends(&mut node, &hello("ws://a/stream")).await;
+        node_sends(&mut node, &farm("ws://a/stream")).await;
+        // A node cut off from the farm says so right after its greeting.
+        node_sends(&mut node, &ServerFrame::Feed { complete: false }).await;
+        node_sends(&mut node, &farm("ws://b/stream")).await;
+        let mut conn = greet(Channel::WebSocket(client), "ws://127.0.0.1:1/stream")
+            .await
+            .unwrap();
+        ask_list(&mut conn, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            node_reads(&mut node).await,
+            ClientFrame::List {
+                watch: false,
+                users: false
+            }
+        );
+        assert_eq!(conn.list.servers[0].url, "ws://b/stream");
+        assert_eq!(conn.early, vec![ServerFrame::Feed { complete: false }]);
     }
 
     #[tokio::test]

@@ -237,28 +237,12 @@ impl Core {
     /// with it the only other copy of the ids.
     pub(super) fn best_state(&self, topic: &str) -> Option<LogState> {
         let chain = self.chains.get(topic);
-        let stored = chain
-            .and_then(|c| c.stored.as_ref())
-            .map(|log| LogState::of(log, None));
-        let mut best = newer(stored.clone(), self.hub.state(topic, None))?;
-        let numbered = chain
-            .and_then(|c| c.numbered.as_ref())
-            .map(|log| LogState::of(log, None));
-        let mut known: HashMap<u64, &WireEntry> = HashMap::new();
-        for source in [&numbered, &stored].into_iter().flatten() {
-            if source.epoch == best.epoch {
-                for entry in &source.entries {
-                    known.entry(entry.offset).or_insert(entry);
-                }
-            }
-        }
-        for entry in best.entries.iter_mut().filter(|e| e.id.origin.is_empty()) {
-            if let Some(found) = known.get(&entry.offset)
-                && found.data == entry.data
-                && found.encoding == entry.encoding
-            {
-                entry.id = found.id.clone();
-            }
+        let state = |log: Option<&Log>| log.map(|log| LogState::of(log, None));
+        // `newer` gives the stream the ids of what this node stored; then those it numbered.
+        let stored = state(chain.and_then(|c| c.stored.as_ref()));
+        let mut best = newer(stored, self.hub.state(topic, None))?;
+        if let Some(numbered) = state(chain.and_then(|c| c.numbered.as_ref())) {
+            take_ids(&mut best, &numbered);
         }
         Some(best)
     }

@@ -391,23 +391,30 @@ fn newer(a: Option<LogState>, b: Option<LogState>) -> Option<LogState> {
         (Some(a), Some(b)) => (a, b),
         (a, b) => return a.or(b),
     };
-    if kept.epoch == other.epoch {
-        let known: HashMap<u64, &WireEntry> = other
-            .entries
-            .iter()
-            .filter(|e| !e.id.origin.is_empty())
-            .map(|e| (e.offset, e))
-            .collect();
-        for entry in kept.entries.iter_mut().filter(|e| e.id.origin.is_empty()) {
-            if let Some(found) = known.get(&entry.offset)
-                && found.data == entry.data
-                && found.encoding == entry.encoding
-            {
-                entry.id = found.id.clone();
-            }
+    take_ids(&mut kept, &other);
+    Some(kept)
+}
+
+/// Gives the entries of `into` that lack a publish id (a delivery stream's) the id `from` holds
+/// for the same message: the same epoch, offset and payload.
+fn take_ids(into: &mut LogState, from: &LogState) {
+    if into.epoch != from.epoch {
+        return;
+    }
+    let known: HashMap<u64, &WireEntry> = from
+        .entries
+        .iter()
+        .filter(|e| !e.id.origin.is_empty())
+        .map(|e| (e.offset, e))
+        .collect();
+    for entry in into.entries.iter_mut().filter(|e| e.id.origin.is_empty()) {
+        if let Some(found) = known.get(&entry.offset)
+            && found.data == entry.data
+            && found.encoding == entry.encoding
+        {
+            entry.id = found.id.clone();
         }
     }
-    Some(kept)
 }
 
 impl Core {
